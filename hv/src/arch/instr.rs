@@ -1,0 +1,222 @@
+//! Privileged x86-64 instructions, each wrapped in the smallest possible `unsafe fn`.
+//!
+//! Reading state is safe where it cannot fault at CPL 0 and has no side effect; anything that
+//! changes processor state is `unsafe` and its caller argues why it is sound. On a host build
+//! (unit tests) these are never called.
+
+use core::arch::asm;
+
+/// Model-specific registers the hv touches (AMD APM vol. 2, appendix A).
+pub mod msr {
+    /// Extended Feature Enable Register.
+    pub const EFER: u32 = 0xC000_0080;
+    /// Page Attribute Table.
+    pub const PAT: u32 = 0x0000_0277;
+    /// VM_CR: SVM lock and disable bits (APM 15.30.1).
+    pub const VM_CR: u32 = 0xC001_0114;
+    /// Physical address of the host save area VMRUN uses (APM 15.30.4).
+    pub const VM_HSAVE_PA: u32 = 0xC001_0117;
+}
+
+/// EFER.SVME: SVM enable (bit 12).
+pub const EFER_SVME: u64 = 1 << 12;
+/// VM_CR.SVMDIS: SVM disabled by firmware (bit 4).
+pub const VM_CR_SVMDIS: u64 = 1 << 4;
+/// CR4.LA57: 5-level paging (bit 12).
+pub const CR4_LA57: u64 = 1 << 12;
+
+/// Reads an MSR.
+///
+/// # Safety
+/// `msr` must exist on this CPU, or RDMSR raises #GP.
+#[inline]
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: the caller guarantees the MSR exists; RDMSR reads only.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    ((hi as u64) << 32) | lo as u64
+}
+
+/// Writes an MSR.
+///
+/// # Safety
+/// `msr` must exist, `value` must be valid for it, and the write must not break the
+/// invariants the running code relies on (paging, the hv's own state).
+#[inline]
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nostack))
+    };
+}
+
+/// CPUID of `leaf`/`subleaf`: (eax, ebx, ecx, edx).
+#[inline]
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Time-stamp counter.
+#[inline]
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects; CR4.TSD is never set at CPL 0 here.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+macro_rules! control_register {
+    ($read:ident, $write:ident, $reg:literal) => {
+        #[doc = concat!("Reads ", $reg, ".")]
+        #[inline]
+        pub fn $read() -> u64 {
+            let v: u64;
+            // SAFETY: reading a control register at CPL 0 has no side effects.
+            unsafe { asm!(concat!("mov {}, ", $reg), out(reg) v, options(nomem, nostack)) };
+            v
+        }
+
+        #[doc = concat!("Writes ", $reg, ".")]
+        ///
+        /// # Safety
+        /// The value must keep the code that runs next mapped and valid (paging mode,
+        /// page tables, protection bits).
+        #[inline]
+        pub unsafe fn $write(v: u64) {
+            // SAFETY: forwarded to the caller.
+            unsafe { asm!(concat!("mov ", $reg, ", {}"), in(reg) v, options(nostack)) };
+        }
+    };
+}
+
+control_register!(read_cr0, write_cr0, "cr0");
+control_register!(read_cr2, write_cr2, "cr2");
+control_register!(read_cr3, write_cr3, "cr3");
+control_register!(read_cr4, write_cr4, "cr4");
+control_register!(read_dr6, write_dr6, "dr6");
+control_register!(read_dr7, write_dr7, "dr7");
+
+/// A descriptor-table register as SGDT/SIDT store it.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DescriptorTablePointer {
+    /// Limit (size - 1).
+    pub limit: u16,
+    /// Linear base address.
+    pub base: u64,
+}
+
+/// Stores GDTR.
+#[inline]
+pub fn sgdt() -> DescriptorTablePointer {
+    let mut p = DescriptorTablePointer::default();
+    // SAFETY: SGDT writes 10 bytes to the operand, which is a local of that size.
+    unsafe { asm!("sgdt [{}]", in(reg) &mut p, options(nostack)) };
+    p
+}
+
+/// Stores IDTR.
+#[inline]
+pub fn sidt() -> DescriptorTablePointer {
+    let mut p = DescriptorTablePointer::default();
+    // SAFETY: SIDT writes 10 bytes to the operand, which is a local of that size.
+    unsafe { asm!("sidt [{}]", in(reg) &mut p, options(nostack)) };
+    p
+}
+
+/// Loads GDTR.
+///
+/// # Safety
+/// The table must stay valid while loaded and describe the segments in use.
+#[inline]
+pub unsafe fn lgdt(p: &DescriptorTablePointer) {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("lgdt [{}]", in(reg) p, options(readonly, nostack)) };
+}
+
+/// Loads IDTR.
+///
+/// # Safety
+/// The table must stay valid while loaded, and every gate the CPU can take must be sound.
+#[inline]
+pub unsafe fn lidt(p: &DescriptorTablePointer) {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("lidt [{}]", in(reg) p, options(readonly, nostack)) };
+}
+
+macro_rules! segment_selector {
+    ($name:ident, $reg:literal) => {
+        #[doc = concat!("Reads the ", $reg, " selector.")]
+        #[inline]
+        pub fn $name() -> u16 {
+            let v: u16;
+            // SAFETY: reading a segment selector has no side effects.
+            unsafe { asm!(concat!("mov {0:x}, ", $reg), out(reg) v, options(nomem, nostack)) };
+            v
+        }
+    };
+}
+
+segment_selector!(read_cs, "cs");
+segment_selector!(read_ss, "ss");
+segment_selector!(read_ds, "ds");
+segment_selector!(read_es, "es");
+
+/// Reads RFLAGS.
+#[inline]
+pub fn read_rflags() -> u64 {
+    let v: u64;
+    // SAFETY: PUSHFQ/POP touch only the stack slot they use.
+    unsafe { asm!("pushfq", "pop {}", out(reg) v, options(nomem, preserves_flags)) };
+    v
+}
+
+/// Clears the global interrupt flag: no interrupt, NMI or SMI is taken until STGI.
+///
+/// # Safety
+/// EFER.SVME must be set (else #UD), and someone must STGI again.
+#[inline]
+pub unsafe fn clgi() {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("clgi", options(nomem, nostack)) };
+}
+
+/// Sets the global interrupt flag: held interrupts, NMIs and machine checks are taken.
+///
+/// # Safety
+/// EFER.SVME must be set, and the IDT and stacks in force must be able to take them.
+#[inline]
+pub unsafe fn stgi() {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("stgi", options(nomem, nostack)) };
+}
+
+/// Writes a byte to an I/O port.
+///
+/// # Safety
+/// Port writes have device side effects; the caller owns the device.
+#[inline]
+pub unsafe fn outb(port: u16, v: u8) {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack)) };
+}
+
+/// Reads a byte from an I/O port.
+///
+/// # Safety
+/// Port reads can have device side effects; the caller owns the device.
+#[inline]
+pub unsafe fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack)) };
+    v
+}
+
+/// Stops this CPU for good: interrupts off, HLT forever.
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: CLI and HLT at CPL 0 only stop this CPU, which is the intent.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
