@@ -1,1 +1,278 @@
-fn main() {}
+//! `qsctl`: control Quicksilver from inside the machine it protects.
+//!
+//! ```text
+//! qsctl status                    dormant or active, hv version, memory, CPUs
+//! qsctl activate                  put the hypervisor under the running kernel, every CPU
+//! qsctl deactivate                return every CPU to native
+//! qsctl stats                     per-CPU exits by reason, time in the hv, refusals
+//! qsctl probe [--expect STATE]    each CPU as a pinned process sees it (STATE: active|native)
+//! qsctl peek OFFSET               the kernel reads 8 bytes of the hv's memory
+//! qsctl poke OFFSET VALUE         the kernel writes 8 bytes of the hv's memory (active only)
+//! qsctl bench-switch N            N activate/deactivate round trips; one JSON line of medians
+//! ```
+
+mod ioctl;
+
+use anyhow::{bail, Context, Result};
+use quicksilver_proto::abi::{self, Status};
+use quicksilver_proto::stats::{ExitKind, Stats};
+use std::fs::{File, OpenOptions};
+
+const DEVICE: &str = "/dev/quicksilver";
+
+fn open() -> Result<File> {
+    OpenOptions::new().read(true).write(true).open(DEVICE).with_context(|| {
+        format!("cannot open {DEVICE}: load the agent first (insmod quicksilver.ko image=PATH)")
+    })
+}
+
+fn status_error(s: i64) -> anyhow::Error {
+    match Status::from_i64(s) {
+        Some(st) => anyhow::anyhow!("{}", st.message()),
+        None => anyhow::anyhow!("the hv answered an unknown status {s}"),
+    }
+}
+
+fn read_stats(dev: &File) -> Result<Stats> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut req =
+        ioctl::StatsRequest { buf: buf.as_mut_ptr() as u64, len: buf.len() as u64, status: 0 };
+    ioctl::call(dev, ioctl::STATS, &mut req).context("statistics request failed")?;
+    if req.status != 0 {
+        return Err(status_error(req.status));
+    }
+    Stats::parse(&buf).map_err(|e| anyhow::anyhow!("the hv's statistics block is bad: {e:?}"))
+}
+
+fn switch(dev: &File, activate: bool) -> Result<ioctl::SwitchResult> {
+    let mut r = ioctl::SwitchResult::default();
+    let req = if activate { ioctl::ACTIVATE } else { ioctl::DEACTIVATE };
+    ioctl::call(dev, req, &mut r).context("switch request failed")?;
+    if r.status != 0 {
+        let cpu = if r.failed_cpu >= 0 { format!(" (CPU {})", r.failed_cpu) } else { String::new() };
+        return Err(status_error(r.status).context(format!(
+            "{} refused{cpu}",
+            if activate { "activate" } else { "deactivate" }
+        )));
+    }
+    Ok(r)
+}
+
+fn online_cpus() -> Vec<u32> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as u32;
+    (0..n)
+        .filter(|c| {
+            std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu{c}/online"))
+                .map(|s| s.trim() == "1")
+                .unwrap_or(true) // cpu0 often has no "online" file: it cannot go offline
+        })
+        .collect()
+}
+
+fn pin_to(cpu: u32) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write inside it; the call reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu as usize, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("cannot pin to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Does CPUID, from user space on this CPU, answer with Quicksilver's signature?
+fn cpuid_signature() -> bool {
+    let r = core::arch::x86_64::__cpuid(abi::CPUID_SIGNATURE_LEAF);
+    let mut sig = [0u8; 12];
+    sig[..4].copy_from_slice(&r.ebx.to_le_bytes());
+    sig[4..8].copy_from_slice(&r.ecx.to_le_bytes());
+    sig[8..].copy_from_slice(&r.edx.to_le_bytes());
+    sig == abi::CPUID_SIGNATURE
+}
+
+fn cmd_status() -> Result<()> {
+    let dev = open()?;
+    let s = read_stats(&dev)?;
+    let h = &s.header;
+    let state = if h.active_cpus > 0 { "active" } else { "dormant" };
+    println!("state: {state} ({} of {} online CPUs in guest mode)", h.active_cpus, online_cpus().len());
+    println!("hv: version {}, {} KiB at {:#x}", s.hv_version(), h.mem_bytes >> 10, h.mem_base_pa);
+    println!("cpus: {} possible, {} online", h.cpus, online_cpus().len());
+    println!(
+        "code: {}",
+        if h.code_intact == 1 { "intact (checksum matches the image)" } else { "MODIFIED" }
+    );
+    println!("switches: {} activations, {} deactivations", h.activations, h.deactivations);
+    Ok(())
+}
+
+fn cmd_switch(activate: bool) -> Result<()> {
+    let dev = open()?;
+    let r = switch(&dev, activate)?;
+    println!(
+        "{} on {} CPUs in {} us",
+        if activate { "active" } else { "native" },
+        r.cpus,
+        r.elapsed_ns / 1000
+    );
+    Ok(())
+}
+
+fn cmd_stats() -> Result<()> {
+    let dev = open()?;
+    let s = read_stats(&dev)?;
+    let h = &s.header;
+    let khz = h.tsc_khz.max(1);
+    print!("cpu  state   ");
+    for k in ExitKind::ALL {
+        print!("{:>9}", k.name());
+    }
+    println!("  hv-time-us  act-us  deact-us");
+    for (i, c) in s.cpus.iter().enumerate().filter(|(_, c)| c.seen == 1) {
+        print!("{i:<4} {:<7} ", if c.active == 1 { "active" } else { "native" });
+        for n in c.exits {
+            print!("{n:>9}");
+        }
+        println!(
+            "  {:>10}  {:>6}  {:>8}",
+            c.cycles_in_hv * 1000 / khz,
+            c.last_activate_cycles * 1000 / khz,
+            c.last_deactivate_cycles * 1000 / khz
+        );
+    }
+    println!(
+        "refused: {} accesses to hv memory (last at {:#x}), {} MSR writes, {} SVM instructions",
+        h.hv_memory_refusals, h.last_refused_gpa, h.msr_refusals, h.svm_insn_refusals
+    );
+    println!("code: {}", if h.code_intact == 1 { "intact" } else { "MODIFIED" });
+    println!("unexpected exits: {}", h.unexpected_exits);
+    let r = &h.last_unexpected;
+    if r.valid == 1 {
+        println!(
+            "last unexpected exit: cpu {} code {:#x} info1 {:#x} info2 {:#x} intinfo {:#x}\n  rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cpl {}\n  cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+            r.cpu, r.exit_code, r.exit_info1, r.exit_info2, r.exit_int_info, r.rip, r.rsp,
+            r.rflags, r.cs, r.cpl, r.cr0, r.cr2, r.cr3, r.cr4, r.efer
+        );
+    }
+    Ok(())
+}
+
+fn cmd_probe(expect: Option<&str>) -> Result<()> {
+    let want = match expect {
+        None => None,
+        Some("active") => Some(true),
+        Some("native") => Some(false),
+        Some(other) => bail!("--expect takes active or native, not {other:?}"),
+    };
+    let dev = open()?;
+    let mut bad = Vec::new();
+    for cpu in online_cpus() {
+        pin_to(cpu)?;
+        let user_sig = cpuid_signature();
+        let mut p = ioctl::Probe { cpu, ..Default::default() };
+        ioctl::call(&dev, ioctl::PROBE, &mut p).context("probe request failed")?;
+        let svme = (p.efer >> 12) & 1;
+        println!(
+            "cpu {cpu}: signature {} (kernel: {}), EFER {:#x} SVME={svme}",
+            if user_sig { "Quicksilver" } else { "none" },
+            if p.signature == 1 { "Quicksilver" } else { "none" },
+            p.efer
+        );
+        if let Some(w) = want {
+            let consistent = user_sig == w && (p.signature == 1) == w && (svme == 1) == w;
+            if !consistent {
+                bad.push(cpu);
+            }
+        }
+    }
+    if !bad.is_empty() {
+        bail!("CPUs {bad:?} are not {}", expect.unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn parse_u64(s: &str) -> Result<u64> {
+    let r = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.with_context(|| format!("{s:?} is not a number"))
+}
+
+fn cmd_peek(offset: &str) -> Result<()> {
+    let dev = open()?;
+    let mut p = ioctl::Peek { offset: parse_u64(offset)?, value: 0 };
+    ioctl::call(&dev, ioctl::PEEK, &mut p).context("peek refused (offset 8-aligned, inside the hv?)")?;
+    let text: String =
+        p.value.to_le_bytes().iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '.' }).collect();
+    println!("{:#018x} {text}", p.value);
+    Ok(())
+}
+
+fn cmd_poke(offset: &str, value: &str) -> Result<()> {
+    let dev = open()?;
+    let mut p = ioctl::Peek { offset: parse_u64(offset)?, value: parse_u64(value)? };
+    ioctl::call(&dev, ioctl::POKE, &mut p)
+        .context("poke refused: only while active (the test of the hv's isolation)")?;
+    println!("wrote {:#x} at offset {:#x}", p.value, p.offset);
+    Ok(())
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+/// N round trips; one JSON line with medians (the request-to-all-switched time measured by
+/// the agent, and the hv's own part from its cycle counters, max over CPUs).
+fn cmd_bench_switch(n: &str) -> Result<()> {
+    let n = parse_u64(n)? as usize;
+    let dev = open()?;
+    let (mut act, mut deact, mut hv_act, mut hv_deact) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..n {
+        let a = switch(&dev, true)?;
+        let s = read_stats(&dev)?;
+        let d = switch(&dev, false)?;
+        let s2 = read_stats(&dev)?;
+        let khz = s.header.tsc_khz.max(1);
+        act.push(a.elapsed_ns);
+        deact.push(d.elapsed_ns);
+        hv_act.push(s.cpus.iter().map(|c| c.last_activate_cycles).max().unwrap_or(0) * 1_000_000 / khz);
+        hv_deact.push(s2.cpus.iter().map(|c| c.last_deactivate_cycles).max().unwrap_or(0) * 1_000_000 / khz);
+    }
+    let ns = |v: &mut Vec<u64>| median(v) as f64 / 1000.0;
+    let (a, d, ha, hd) = (ns(&mut act), ns(&mut deact), ns(&mut hv_act), ns(&mut hv_deact));
+    println!(
+        "QS-BENCH {{\"switches\":{n},\"activate_us\":{a:.1},\"deactivate_us\":{d:.1},\"roundtrip_us\":{:.1},\"roundtrip_hv_us\":{:.1}}}",
+        a + d,
+        ha + hd
+    );
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = match a.as_slice() {
+        ["status"] => cmd_status(),
+        ["activate"] => cmd_switch(true),
+        ["deactivate"] => cmd_switch(false),
+        ["stats"] => cmd_stats(),
+        ["probe"] => cmd_probe(None),
+        ["probe", "--expect", s] => cmd_probe(Some(s)),
+        ["peek", off] => cmd_peek(off),
+        ["poke", off, v] => cmd_poke(off, v),
+        ["bench-switch", n] => cmd_bench_switch(n),
+        _ => {
+            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|peek OFFSET|poke OFFSET VALUE|bench-switch N");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = r {
+        eprintln!("qsctl: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,525 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Quicksilver guest agent: loads the hv image, keeps it dormant, and switches every CPU into
+ * and out of it on request from qsctl (/dev/quicksilver).
+ *
+ * This module is deliberately thin: it validates the image before running a byte of it, gives
+ * it memory, calls its entry points at a stop_machine rendezvous, and passes bytes between
+ * qsctl and the hv. Every decision about SVM lives in the hv (Rust).
+ *
+ * Concurrency: qs_lock serializes every request. CPU hotplug is refused from the start of an
+ * activation to the end of the deactivation (qs_hotplug_blocked), so the set of CPUs in guest
+ * mode never changes under us.
+ */
+#define pr_fmt(fmt) "quicksilver: " fmt
+
+#include <linux/module.h>
+#include <linux/kernel.h>
+#include <linux/fs.h>
+#include <linux/miscdevice.h>
+#include <linux/uaccess.h>
+#include <linux/mutex.h>
+#include <linux/slab.h>
+#include <linux/vmalloc.h>
+#include <linux/gfp.h>
+#include <linux/mm.h>
+#include <linux/crc32.h>
+#include <linux/cpu.h>
+#include <linux/cpuhotplug.h>
+#include <linux/stop_machine.h>
+#include <linux/kernel_read_file.h>
+#include <linux/ktime.h>
+#include <linux/io.h>
+#include <asm/unaligned.h>
+#include <asm/msr.h>
+#include <asm/tsc.h>
+#include <asm/processor.h>
+#include "qs_abi.h"
+
+static char *image = "/lib/quicksilver/hv.img";
+module_param(image, charp, 0444);
+MODULE_PARM_DESC(image, "path of the hv image (default /lib/quicksilver/hv.img)");
+
+static_assert(sizeof(struct qs_image_header) == QS_HEADER_SIZE);
+static_assert(offsetof(struct qs_image_header, checksum) == QS_CHECKSUM_OFFSET);
+static_assert(offsetof(struct qs_image_header, version) == 120);
+static_assert(sizeof(struct qs_init_args) == 40);
+
+typedef long (*qs_init_fn)(const struct qs_init_args *args);
+typedef long (*qs_activate_fn)(u32 cpu);
+typedef long (*qs_control_fn)(u64 op, void *buf, u64 len);
+
+static struct {
+	struct page *pages;
+	unsigned int order;
+	void *base;			/* vmap'd, executable */
+	u64 size;
+	struct qs_image_header header;
+	qs_activate_fn activate;
+	qs_control_fn control;
+} hv;
+
+static DEFINE_MUTEX(qs_lock);
+static bool qs_active;			/* under qs_lock */
+static bool qs_hotplug_blocked;		/* read by the hotplug callbacks */
+static int qs_hp_state = -1;
+static long qs_cpu_status[NR_CPUS];	/* per-CPU result of the last switch */
+
+static const char *qs_status_message(long s)
+{
+	switch (s) {
+	case QS_OK: return "ok";
+	case QS_NO_SVM: return "this CPU has no AMD SVM: Quicksilver needs AMD-V";
+	case QS_SVM_DISABLED: return "SVM is disabled by firmware (VM_CR.SVMDIS): enable SVM/AMD-V in the BIOS";
+	case QS_SVM_IN_USE: return "EFER.SVME is already set: another hypervisor (kvm_amd?) owns SVM; stop its VMs or unload it";
+	case QS_NO_NPT: return "this CPU has no nested paging (NPT) or 1 GiB pages, which the hv needs";
+	case QS_NOT_ENOUGH_MEMORY: return "the hv was given too little memory";
+	case QS_TOO_MANY_CPUS: return "more CPUs than this hv image supports";
+	case QS_BAD_ARGUMENT: return "bad argument to the hv";
+	case QS_ALREADY_ACTIVE: return "the hypervisor is already active";
+	case QS_NOT_ACTIVE: return "the hypervisor is not active (dormant)";
+	case QS_VMRUN_FAILED: return "VMRUN failed its consistency checks; the CPU stayed native";
+	case QS_BAD_OP: return "unknown operation";
+	case QS_BUFFER_TOO_SMALL: return "buffer too small";
+	case QS_NOT_INITIALIZED: return "the hv image is not initialized";
+	case QS_LA57_UNSUPPORTED: return "5-level paging is not supported yet";
+	default: return "unknown status";
+	}
+}
+
+/* Is this CPU running as a guest of our hv? Asked with CPUID, which the hv answers. */
+static bool qs_this_cpu_virtualized(void)
+{
+	unsigned int a, b, c, d;
+
+	cpuid(QS_CPUID_SIGNATURE_LEAF, &a, &b, &c, &d);
+	return b == QS_SIG_EBX && c == QS_SIG_ECX && d == QS_SIG_EDX;
+}
+
+static long qs_hypercall(u64 op, u64 a0, u64 a1)
+{
+	long ret;
+
+	asm volatile("vmmcall"
+		     : "=a"(ret)
+		     : "a"(QS_HYPERCALL_MAGIC | op), "b"(a0), "c"(a1)
+		     : "memory");
+	return ret;
+}
+
+/* ---- image validation: before a byte of the image runs ---- */
+
+static u32 qs_image_checksum(const u8 *p, size_t len)
+{
+	static const u8 zero[4];
+	u32 crc = crc32_le(~0u, p, QS_CHECKSUM_OFFSET);
+
+	crc = crc32_le(crc, zero, sizeof(zero));
+	crc = crc32_le(crc, p + QS_CHECKSUM_OFFSET + 4, len - QS_CHECKSUM_OFFSET - 4);
+	return ~crc;
+}
+
+/* Returns NULL if the image is sound, else what is wrong with it. */
+static const char *qs_validate(const u8 *p, size_t len, struct qs_image_header *h)
+{
+	u64 i, end;
+
+	if (len < QS_HEADER_SIZE)
+		return "shorter than its header";
+	memcpy(h, p, sizeof(*h));
+	if (memcmp(h->magic, QS_IMAGE_MAGIC, 8))
+		return "bad magic: not a Quicksilver hv image";
+	if (h->abi_version != QS_ABI_VERSION)
+		return "ABI version mismatch: rebuild the image and the module from one tree";
+	if (h->header_size != QS_HEADER_SIZE)
+		return "bad header size";
+	if (h->image_size != len || len > QS_MAX_IMAGE_SIZE)
+		return "size mismatch: the file is truncated or padded";
+	if (h->code_start < QS_HEADER_SIZE || h->code_start > h->code_end || h->code_end > len)
+		return "code range out of bounds";
+	if (h->entry_init < h->code_start || h->entry_init >= h->code_end ||
+	    h->entry_activate < h->code_start || h->entry_activate >= h->code_end ||
+	    h->entry_control < h->code_start || h->entry_control >= h->code_end)
+		return "entry point outside the code";
+	if (h->reloc_offset % 8 || h->reloc_count > len / 8 ||
+	    check_add_overflow(h->reloc_offset, h->reloc_count * 8, &end) || end > len)
+		return "relocation table out of bounds";
+	if (qs_image_checksum(p, len) != h->checksum)
+		return "checksum mismatch: the file is corrupt";
+	for (i = 0; i < h->reloc_count; i++) {
+		u64 off = get_unaligned((const u64 *)(p + h->reloc_offset + i * 8));
+
+		if (off < QS_HEADER_SIZE || off > len - 8)
+			return "relocation entry out of bounds";
+	}
+	if (h->max_cpus < nr_cpu_ids)
+		return "more possible CPUs than the image supports";
+	return NULL;
+}
+
+/* ---- load: read, validate, allocate, map executable, init ---- */
+
+static int qs_load(void)
+{
+	void *file = NULL;
+	size_t file_size = 0;
+	struct qs_image_header *h = &hv.header;
+	struct page **pages = NULL;
+	struct qs_init_args args;
+	u64 image_bytes, phys_limit, need, gib;
+	unsigned long i, n;
+	const char *why;
+	ssize_t got;
+	long st;
+	int err;
+
+	got = kernel_read_file_from_path(image, 0, &file, QS_MAX_IMAGE_SIZE, &file_size,
+					 READING_UNKNOWN);
+	if (got < 0) {
+		pr_err("refusing to load: cannot read hv image %s (error %zd): pass image=PATH\n",
+		       image, got);
+		return (int)got;
+	}
+	why = qs_validate(file, got, h);
+	if (why) {
+		pr_err("refusing to load: bad hv image %s: %s; rebuild it with cargo xtask build\n",
+		       image, why);
+		err = -ENOEXEC;
+		goto out_file;
+	}
+
+	phys_limit = __pa(high_memory - 1) + 1;
+	gib = DIV_ROUND_UP(phys_limit, 1ull << 30);
+	image_bytes = PAGE_ALIGN(h->image_size);
+	need = image_bytes + PAGE_ALIGN(h->mem_fixed + h->mem_per_cpu * nr_cpu_ids +
+					h->mem_per_gib * gib);
+	hv.order = get_order(need);
+	if (hv.order > MAX_ORDER - 1) {
+		pr_err("refusing to load: the hv needs %llu KiB in one block, more than the page allocator gives (%lu KiB): fewer possible CPUs (nr_cpus=) help\n",
+		       need >> 10, (PAGE_SIZE << (MAX_ORDER - 1)) >> 10);
+		err = -ENOMEM;
+		goto out_file;
+	}
+	hv.pages = alloc_pages(GFP_KERNEL | __GFP_ZERO | __GFP_NOWARN, hv.order);
+	if (!hv.pages) {
+		pr_err("refusing to load: no %llu KiB contiguous block free for the hv: retry, or load early after boot\n",
+		       (u64)(PAGE_SIZE << hv.order) >> 10);
+		err = -ENOMEM;
+		goto out_file;
+	}
+	n = 1ul << hv.order;
+	hv.size = (u64)n << PAGE_SHIFT;
+	pages = kmalloc_array(n, sizeof(*pages), GFP_KERNEL);
+	if (!pages) {
+		err = -ENOMEM;
+		goto out_pages;
+	}
+	for (i = 0; i < n; i++)
+		pages[i] = hv.pages + i;
+	/* The image runs from here while dormant and, at the same address, in host mode. */
+	hv.base = vmap(pages, n, VM_MAP, PAGE_KERNEL_EXEC);
+	kfree(pages);
+	if (!hv.base) {
+		pr_err("refusing to load: cannot map the hv's memory\n");
+		err = -ENOMEM;
+		goto out_pages;
+	}
+	memcpy(hv.base, file, got);
+
+	args = (struct qs_init_args){
+		.base_va = (u64)hv.base,
+		.base_pa = page_to_phys(hv.pages),
+		.mem_size = hv.size,
+		.phys_limit = phys_limit,
+		.cpus = nr_cpu_ids,
+		.tsc_khz = tsc_khz,
+	};
+	st = ((qs_init_fn)(hv.base + h->entry_init))(&args);
+	if (st != QS_OK) {
+		pr_err("refusing to load: %s\n", qs_status_message(st));
+		err = st == QS_NOT_ENOUGH_MEMORY ? -ENOMEM : -ENODEV;
+		goto out_unmap;
+	}
+	hv.activate = (qs_activate_fn)(hv.base + h->entry_activate);
+	hv.control = (qs_control_fn)(hv.base + h->entry_control);
+	vfree(file);
+	pr_info("hv %.32s loaded: %llu KiB at %pa for %u CPUs; dormant\n", h->version,
+		hv.size >> 10, &args.base_pa, nr_cpu_ids);
+	return 0;
+
+out_unmap:
+	vunmap(hv.base);
+out_pages:
+	__free_pages(hv.pages, hv.order);
+out_file:
+	vfree(file);
+	return err;
+}
+
+/* ---- switching ---- */
+
+static int qs_activate_cpu(void *unused)
+{
+	qs_cpu_status[smp_processor_id()] = hv.activate(smp_processor_id());
+	return 0;
+}
+
+static int qs_deactivate_cpu(void *unused)
+{
+	int cpu = smp_processor_id();
+
+	/* A CPU the hv already let go of (see the README's unexpected-exit policy) is native. */
+	qs_cpu_status[cpu] = qs_this_cpu_virtualized() ?
+		qs_hypercall(QS_OP_DEACTIVATE, 0, 0) : QS_NOT_ACTIVE;
+	return 0;
+}
+
+/* Runs fn on every online CPU at one rendezvous; fills r with the first failure. */
+static void qs_switch(cpu_stop_fn_t fn, struct qs_switch_result *r, long ignore)
+{
+	u64 t0;
+	int cpu;
+
+	memset(qs_cpu_status, 0, sizeof(qs_cpu_status));
+	t0 = ktime_get_ns();
+	stop_machine(fn, NULL, cpu_online_mask);
+	r->elapsed_ns = ktime_get_ns() - t0;
+	r->status = QS_OK;
+	r->failed_cpu = -1;
+	r->cpus = 0;
+	for_each_online_cpu(cpu) {
+		long s = qs_cpu_status[cpu];
+
+		if (s == QS_OK)
+			r->cpus++;
+		else if (s != ignore && r->status == QS_OK) {
+			r->status = s;
+			r->failed_cpu = cpu;
+		}
+	}
+}
+
+static void qs_do_deactivate(struct qs_switch_result *r)
+{
+	qs_switch(qs_deactivate_cpu, r, QS_NOT_ACTIVE);
+	qs_active = false;
+	WRITE_ONCE(qs_hotplug_blocked, false);
+}
+
+static void qs_do_activate(struct qs_switch_result *r)
+{
+	struct qs_switch_result undo;
+
+	WRITE_ONCE(qs_hotplug_blocked, true);
+	qs_switch(qs_activate_cpu, r, -1);
+	if (r->status == QS_OK) {
+		qs_active = true;
+		return;
+	}
+	/* All or nothing: put back the CPUs that did switch. */
+	pr_err("activate refused on CPU %d: %s\n", r->failed_cpu, qs_status_message(r->status));
+	qs_do_deactivate(&undo);
+	r->cpus = 0;
+}
+
+/* Control operation on a kernel buffer: a hypercall from a virtualized CPU, a direct call
+ * from a native one (the hv's memory is only hidden from CPUs in guest mode). */
+static long qs_control(u64 op, void *buf, u64 len)
+{
+	long st;
+
+	preempt_disable();
+	if (qs_this_cpu_virtualized())
+		st = qs_hypercall(op, virt_to_phys(buf), len);
+	else
+		st = hv.control(op, buf, len);
+	preempt_enable();
+	return st;
+}
+
+static void qs_probe_cpu(void *arg)
+{
+	struct qs_probe *p = arg;
+
+	p->signature = qs_this_cpu_virtualized();
+	rdmsrl(MSR_EFER, p->efer);
+}
+
+static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
+{
+	void __user *uarg = (void __user *)arg;
+	long ret = 0;
+
+	mutex_lock(&qs_lock);
+	switch (cmd) {
+	case QS_IOC_ACTIVATE:
+	case QS_IOC_DEACTIVATE: {
+		struct qs_switch_result r = { .failed_cpu = -1 };
+
+		if (cmd == QS_IOC_ACTIVATE && qs_active)
+			r.status = QS_ALREADY_ACTIVE;
+		else if (cmd == QS_IOC_DEACTIVATE && !qs_active)
+			r.status = QS_NOT_ACTIVE;
+		else if (cmd == QS_IOC_ACTIVATE)
+			qs_do_activate(&r);
+		else
+			qs_do_deactivate(&r);
+		if (r.status != QS_OK && r.status != QS_ALREADY_ACTIVE && r.status != QS_NOT_ACTIVE)
+			pr_err("%s failed: %s\n", cmd == QS_IOC_ACTIVATE ? "activate" : "deactivate",
+			       qs_status_message(r.status));
+		if (copy_to_user(uarg, &r, sizeof(r)))
+			ret = -EFAULT;
+		break;
+	}
+	case QS_IOC_STATS: {
+		struct qs_stats_request req;
+		void *buf;
+
+		if (copy_from_user(&req, uarg, sizeof(req))) {
+			ret = -EFAULT;
+			break;
+		}
+		if (req.len == 0 || req.len > (256u << 10)) {
+			ret = -EINVAL;
+			break;
+		}
+		buf = kzalloc(req.len, GFP_KERNEL);	/* physically contiguous: the hv writes by PA */
+		if (!buf) {
+			ret = -ENOMEM;
+			break;
+		}
+		req.status = qs_control(QS_OP_STATS, buf, req.len);
+		if (copy_to_user(u64_to_user_ptr(req.buf), buf, req.len) ||
+		    copy_to_user(uarg, &req, sizeof(req)))
+			ret = -EFAULT;
+		kfree(buf);
+		break;
+	}
+	case QS_IOC_PROBE: {
+		struct qs_probe p;
+
+		if (copy_from_user(&p, uarg, sizeof(p))) {
+			ret = -EFAULT;
+			break;
+		}
+		if (p.cpu >= nr_cpu_ids || !cpu_online(p.cpu)) {
+			ret = -EINVAL;
+			break;
+		}
+		ret = smp_call_function_single(p.cpu, qs_probe_cpu, &p, 1);
+		if (!ret && copy_to_user(uarg, &p, sizeof(p)))
+			ret = -EFAULT;
+		break;
+	}
+	case QS_IOC_PEEK:
+	case QS_IOC_POKE: {
+		struct qs_peek p;
+		u64 *at;
+
+		if (copy_from_user(&p, uarg, sizeof(p))) {
+			ret = -EFAULT;
+			break;
+		}
+		if (p.offset % 8 || p.offset > hv.size - 8) {
+			ret = -EINVAL;
+			break;
+		}
+		/* The kernel touching the hv's memory: allowed while dormant, refused by the hv's
+		 * nested page tables while active (reads see zeros, writes land in scratch). */
+		at = hv.base + p.offset;
+		if (cmd == QS_IOC_PEEK) {
+			p.value = READ_ONCE(*at);
+			if (copy_to_user(uarg, &p, sizeof(p)))
+				ret = -EFAULT;
+		} else if (!qs_active) {
+			ret = -EPERM;	/* never scribble on a dormant hv */
+		} else {
+			WRITE_ONCE(*at, p.value);
+		}
+		break;
+	}
+	default:
+		ret = -ENOTTY;
+	}
+	mutex_unlock(&qs_lock);
+	return ret;
+}
+
+static const struct file_operations qs_fops = {
+	.owner = THIS_MODULE,
+	.unlocked_ioctl = qs_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+};
+
+static struct miscdevice qs_dev = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "quicksilver",
+	.fops = &qs_fops,
+	.mode = 0600,
+};
+
+/* CPU hotplug is refused while any CPU may be in guest mode. */
+static int qs_cpu_online(unsigned int cpu)
+{
+	if (READ_ONCE(qs_hotplug_blocked)) {
+		pr_warn("refusing to online CPU %u while the hypervisor is active: deactivate first\n", cpu);
+		return -EBUSY;
+	}
+	return 0;
+}
+
+static int qs_cpu_offline(unsigned int cpu)
+{
+	if (READ_ONCE(qs_hotplug_blocked)) {
+		pr_warn("refusing to offline CPU %u while the hypervisor is active: deactivate first\n", cpu);
+		return -EBUSY;
+	}
+	return 0;
+}
+
+static int __init qs_init(void)
+{
+	int err = qs_load();
+
+	if (err)
+		return err;
+	qs_hp_state = cpuhp_setup_state_nocalls(CPUHP_AP_ONLINE_DYN, "quicksilver:online",
+						qs_cpu_online, qs_cpu_offline);
+	if (qs_hp_state < 0) {
+		err = qs_hp_state;
+		goto out;
+	}
+	err = misc_register(&qs_dev);
+	if (err)
+		goto out_hp;
+	return 0;
+out_hp:
+	cpuhp_remove_state_nocalls(qs_hp_state);
+out:
+	vunmap(hv.base);
+	__free_pages(hv.pages, hv.order);
+	return err;
+}
+
+static void __exit qs_exit(void)
+{
+	struct qs_switch_result r;
+
+	misc_deregister(&qs_dev);
+	mutex_lock(&qs_lock);
+	if (qs_active) {
+		qs_do_deactivate(&r);
+		pr_info("deactivated %u CPUs before unloading\n", r.cpus);
+	}
+	mutex_unlock(&qs_lock);
+	cpuhp_remove_state_nocalls(qs_hp_state);
+	vunmap(hv.base);
+	__free_pages(hv.pages, hv.order);
+	pr_info("unloaded\n");
+}
+
+module_init(qs_init);
+module_exit(qs_exit);
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("Quicksilver guest agent: a dormant hypervisor for the running kernel");
+MODULE_AUTHOR("The Quicksilver developers");
