@@ -55,8 +55,8 @@ struct qs_init_args {
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 /* "Quicksilver\0" as EBX, ECX, EDX. */
 #define QS_SIG_EBX 0x63697551u	/* "Quic" */
-#define QS_SIG_ECX 0x766c6973u	/* "silv" */
-#define QS_SIG_EDX 0x00007265u	/* "er\0\0" */
+#define QS_SIG_ECX 0x6c69736bu	/* "ksil" */
+#define QS_SIG_EDX 0x00726576u	/* "ver\0" */
 
 /* Status codes (proto abi::Status). */
 enum qs_status {

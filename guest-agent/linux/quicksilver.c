@@ -32,6 +32,8 @@
 #include <linux/io.h>
 #include <asm/unaligned.h>
 #include <asm/msr.h>
+#include <asm/pgtable.h>
+#include <asm/tlbflush.h>
 #include <asm/tsc.h>
 #include <asm/processor.h>
 #include "qs_abi.h"
@@ -159,6 +161,35 @@ static const char *qs_validate(const u8 *p, size_t len, struct qs_image_header *
 
 /* ---- load: read, validate, allocate, map executable, init ---- */
 
+static void qs_flush_tlb(void *unused)
+{
+	__flush_tlb_all();
+}
+
+/*
+ * vmap() forces NX (pgprot_nx, since Linux 5.8) and the kernel exports no other way for a
+ * module to get executable memory (module_alloc, set_memory_x and __vmalloc_node_range are
+ * not exported), so the agent clears NX on the PTEs of its own, fresh mapping and flushes
+ * every CPU's TLB. The mapping is only ever used for the hv image and its working memory.
+ */
+static int qs_make_executable(void *base, unsigned long pages)
+{
+	unsigned long i;
+	unsigned int level;
+
+	for (i = 0; i < pages; i++) {
+		pte_t *pte = lookup_address((unsigned long)base + i * PAGE_SIZE, &level);
+
+		if (!pte || level != PG_LEVEL_4K) {
+			pr_err("refusing to load: unexpected mapping of the hv's memory\n");
+			return -EFAULT;
+		}
+		set_pte(pte, pte_clear_flags(*pte, _PAGE_NX));
+	}
+	on_each_cpu(qs_flush_tlb, NULL, 1);
+	return 0;
+}
+
 static int qs_load(void)
 {
 	void *file = NULL;
@@ -217,13 +248,16 @@ static int qs_load(void)
 	for (i = 0; i < n; i++)
 		pages[i] = hv.pages + i;
 	/* The image runs from here while dormant and, at the same address, in host mode. */
-	hv.base = vmap(pages, n, VM_MAP, PAGE_KERNEL_EXEC);
+	hv.base = vmap(pages, n, VM_MAP, PAGE_KERNEL);
 	kfree(pages);
 	if (!hv.base) {
 		pr_err("refusing to load: cannot map the hv's memory\n");
 		err = -ENOMEM;
 		goto out_pages;
 	}
+	err = qs_make_executable(hv.base, n);
+	if (err)
+		goto out_unmap;
 	memcpy(hv.base, file, got);
 
 	args = (struct qs_init_args){

@@ -12,6 +12,7 @@
 //! - VMMCALL from CPL > 0, or without the Quicksilver tag: #UD, as on bare metal.
 //! - A nested page fault inside the hv's memory: the guest's access is refused by remapping
 //!   that guest page to a scratch page (reads see zeros, writes land in scratch), counted.
+//!   An instruction fetch there is unexpected (below): running scratch would run zeros.
 //! - SHUTDOWN (guest triple fault): the machine is reset, as bare metal would.
 //! - Anything else is unexpected: recorded with a VMCB dump, and the CPU steps out of guest
 //!   mode at the instruction that exited, which then runs natively. The kernel never stops.
@@ -30,7 +31,7 @@ pub enum VmExit {
     Hypercall { rax: u64, rbx: u64, rcx: u64, cpl: u8 },
     /// VMRUN, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, INVLPGA.
     VirtualizationInstruction { vmrun: bool },
-    NestedPageFault { gpa: u64, write: bool },
+    NestedPageFault { gpa: u64, write: bool, fetch: bool },
     Shutdown,
     /// VMRUN refused the guest state (VMEXIT_INVALID).
     VmrunFailed,
@@ -110,7 +111,9 @@ pub fn handle(exit: VmExit, cpu: &mut impl GuestCpu, count: &impl Refusals) -> A
             count.svm_instruction_refused();
             Action::Inject(Event::InvalidOpcode)
         }
-        VmExit::NestedPageFault { gpa, .. } => {
+        // An instruction fetch from hv memory is not refused with scratch (that would run
+        // zeros): it is unexpected, and the CPU steps out to run that code natively.
+        VmExit::NestedPageFault { gpa, fetch: false, .. } => {
             if cpu.refuse_hv_access(gpa) {
                 count.hv_access_refused(gpa);
                 Action::Resume
@@ -118,6 +121,7 @@ pub fn handle(exit: VmExit, cpu: &mut impl GuestCpu, count: &impl Refusals) -> A
                 Action::Unexpected
             }
         }
+        VmExit::NestedPageFault { fetch: true, .. } => Action::Unexpected,
         VmExit::Shutdown => Action::Reset,
         VmExit::VmrunFailed | VmExit::Unexpected { .. } => Action::Unexpected,
     }
@@ -275,10 +279,13 @@ mod tests {
     fn hv_memory_faults_are_refused_others_are_unexpected() {
         let mut cpu = FakeCpu::default();
         let c = Count::default();
-        let inside = VmExit::NestedPageFault { gpa: 0x110_0000, write: true };
+        let inside = VmExit::NestedPageFault { gpa: 0x110_0000, write: true, fetch: false };
         assert_eq!(handle(inside, &mut cpu, &c), Action::Resume);
         assert_eq!(c.0.get(), 10_000);
-        let outside = VmExit::NestedPageFault { gpa: 0x9_0000_0000, write: false };
+        let outside = VmExit::NestedPageFault { gpa: 0x9_0000_0000, write: false, fetch: false };
+        assert_eq!(handle(outside, &mut cpu, &c), Action::Unexpected);
+        let fetch = VmExit::NestedPageFault { gpa: 0x110_0000, write: false, fetch: true };
+        assert_eq!(handle(fetch, &mut cpu, &c), Action::Unexpected);
         assert_eq!(handle(outside, &mut cpu, &c), Action::Unexpected);
         assert_eq!(handle(VmExit::Unexpected { code: 0x60 }, &mut cpu, &c), Action::Unexpected);
         assert_eq!(handle(VmExit::Shutdown, &mut cpu, &c), Action::Reset);

@@ -57,16 +57,15 @@ fn header() -> ImageHeader {
 #[no_mangle]
 #[link_section = ".text.qs_entry_init"]
 pub extern "C" fn qs_entry_init(args: *const InitArgs) -> i64 {
-    let h = header();
-    // SAFETY: the image is loaded at the address of its header, which the agent validated
-    // (magic, sizes, relocation bounds, checksum) before calling.
-    unsafe { vmm::relocate(core::ptr::addr_of!(QS_HEADER) as *mut u8, &h) };
     if args.is_null() {
         return Status::BadArgument as i64;
     }
     // SAFETY: the agent passes a valid InitArgs for the duration of the call.
     let args = unsafe { *args };
-    vmm::init(&h, &args) as i64
+    // SAFETY: base_va is where the agent loaded the image, after validating it (magic,
+    // sizes, relocation bounds, checksum). Nothing before this line uses a static.
+    unsafe { vmm::relocate(args.base_va as *mut u8) };
+    vmm::init(&header(), &args) as i64
 }
 
 /// `control`: operations while dormant, on a buffer in the kernel's address space.

@@ -317,23 +317,32 @@ impl Hv {
     }
 }
 
+/// `ImageHeader::flags` bit the image sets once its relocations are applied.
+pub const FLAG_RELOCATED: u32 = 1;
+
 /// Applies the image's relocations: at each listed offset, add the load address.
 ///
+/// Touches no static: before relocation, a static reached through the GOT would yield an
+/// unrelocated address. Everything is reached from `base` instead, including the guard bit.
+///
 /// # Safety
-/// `base` is where the image was loaded; `header` is its validated header; must run once,
-/// before any code that uses a relocated pointer (formatting, panics, trait objects).
-pub unsafe fn relocate(base: *mut u8, header: &ImageHeader) {
-    static DONE: AtomicBool = AtomicBool::new(false);
-    if DONE.swap(true, AcqRel) {
-        return;
-    }
-    for i in 0..header.reloc_count {
-        // SAFETY: the loader validated that the table and every entry lie inside the image.
-        unsafe {
+/// `base` is where the image was loaded and its header validated; must run before any code
+/// that uses a relocated pointer (formatting, panics, trait objects), on one CPU.
+pub unsafe fn relocate(base: *mut u8) {
+    // SAFETY: the loader validated the header at `base`, the table, and that every entry
+    // lies inside the image; the flags word is the header's own.
+    unsafe {
+        let header = base.cast::<ImageHeader>().read_unaligned();
+        let flags = base.add(core::mem::offset_of!(ImageHeader, flags)).cast::<u32>();
+        if flags.read_volatile() & FLAG_RELOCATED != 0 {
+            return;
+        }
+        for i in 0..header.reloc_count {
             let entry = base.add((header.reloc_offset + i * 8) as usize).cast::<u64>();
             let site = base.add(entry.read_unaligned() as usize).cast::<u64>();
             site.write_unaligned(site.read_unaligned().wrapping_add(base as u64));
         }
+        flags.write_volatile(flags.read_volatile() | FLAG_RELOCATED);
     }
 }
 

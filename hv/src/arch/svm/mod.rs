@@ -329,7 +329,12 @@ pub fn decode_exit(vmcb: &Vmcb, regs: &GuestRegs) -> VmExit {
             VmExit::VirtualizationInstruction { vmrun: x == ExitCode::Vmrun as u64 }
         }
         x if x == ExitCode::Npf as u64 => {
-            VmExit::NestedPageFault { gpa: c.exit_info2, write: c.exit_info1 & 2 != 0 }
+            // EXITINFO1 is a #PF error code: bit 1 write, bit 4 instruction fetch (APM 15.25.6).
+            VmExit::NestedPageFault {
+                gpa: c.exit_info2,
+                write: c.exit_info1 & 2 != 0,
+                fetch: c.exit_info1 & 0x10 != 0,
+            }
         }
         x if x == ExitCode::Shutdown as u64 => VmExit::Shutdown,
         code => VmExit::Unexpected { code },

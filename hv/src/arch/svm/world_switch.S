@@ -6,8 +6,9 @@
 //    returns here only if the CPU stays native (RAX = status).
 // 2. qs_enter_host(cpu, stack_top, host_ctx): after `activate` has built the VMCB and set
 //    EFER.SVME. CLGI first, so that no NMI or interrupt can arrive while CR3, GDT and IDT are
-//    half switched; then the hv's CR3, GDT (with CS reloaded by a far return), IDT and stack,
-//    and on into `host_main`, which never returns.
+//    half switched; then the hv's stack (the kernel's is not mapped in the hv's tables), CR3,
+//    GDT (with CS reloaded by a far return) and IDT, and on into `host_main`, which never
+//    returns.
 // 3. qs_run_guest(regs, vmcb_pa): one VMRUN. VMRUN and #VMEXIT switch only RAX, RSP, RIP and
 //    RFLAGS among the general registers (APM vol. 2, 15.5), so the guest's others are loaded
 //    from and stored to `regs` here. FS, GS, TR, LDTR and the SYSCALL MSRs are never switched:
@@ -46,6 +47,8 @@ qs_entry_activate:
 .global qs_enter_host
 qs_enter_host:
     clgi
+    mov rsp, rsi                // the hv's stack: mapped in both address spaces, unlike the kernel's
+    xor ebp, ebp
     mov rax, [rdx + 0]          // HostContext.cr3
     mov cr3, rax
     lgdt [rdx + 8]              // HostContext.gdtr
@@ -59,8 +62,6 @@ qs_enter_host:
     push rax
     .byte 0x48, 0xCB            // retfq: reload CS from the hv's GDT
 2:
-    mov rsp, rsi
-    xor ebp, ebp
     call {host_main}
     ud2
 
