@@ -1,1 +1,173 @@
-fn main() {}
+//! `cargo xtask`: the developer's and CI's entry point. Each subcommand is a thin layer over
+//! the `xtask` library, which the tests and benchmarks use too.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser};
+use xtask::{note, Artifacts};
+
+#[derive(Parser)]
+#[command(
+    bin_name = "cargo xtask",
+    about = "Quicksilver's setup, build, demo, test and bench tasks"
+)]
+enum Cli {
+    /// Install missing host packages and the Rust target, and fetch the test kernel into
+    /// .cache/kernel (does nothing when already done).
+    Setup,
+    /// Build the hv image, the agent module, the guest tools and the initramfs into target/qs.
+    Build,
+    /// Boot the test guest under QEMU: an interactive shell on this terminal, or a script.
+    Demo(DemoArgs),
+    /// Set up, build, then run the workspace's tests (cargo nextest if installed, else cargo
+    /// test). Arguments after `--` go to the test runner.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Mode-switch and overhead benchmarks.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 4)]
+    smp: u32,
+    /// Guest memory (QEMU syntax: 512M, 2G).
+    #[arg(long, default_value = "1G")]
+    memory: String,
+    /// Run this busybox sh script in the guest instead of a shell, print the console, and exit
+    /// with the script's status.
+    #[arg(long)]
+    script: Option<PathBuf>,
+    /// Boot without loading the Quicksilver agent (kernel parameter qs.noload).
+    #[arg(long)]
+    noload: bool,
+    /// Extra kernel command-line words (repeatable), e.g. quicksilver.<param>=<value>.
+    #[arg(long = "cmdline", value_name = "WORD")]
+    cmdline: Vec<String>,
+    /// With --script: give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli {
+        Cli::Setup => {
+            let kernel = xtask::setup()?;
+            println!("kernel {}:", kernel.release);
+            println!("  vmlinuz  {}", kernel.vmlinuz.display());
+            println!("  headers  {}", kernel.headers_dir.display());
+            println!("  modules  {}", kernel.modules_dir.display());
+            println!("  busybox  {}", kernel.busybox.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cli::Build => {
+            let kernel = xtask::setup()?;
+            xtask::build(&kernel)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cli::Demo(args) => demo(args),
+        Cli::Test { args } => test(&args),
+        Cli::Bench { .. } => {
+            anyhow::bail!("`cargo xtask bench` is not written yet: the benchmarks come with the hv's mode switch")
+        }
+    }
+}
+
+fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let kernel = xtask::setup()?;
+    // A part that does not build (the hv, the agent) should not keep the rest from booting:
+    // /init reports what is missing on the console.
+    if let Err(err) = xtask::build(&kernel) {
+        eprintln!("xtask: warning: {err:#}\nxtask: booting what was built");
+    }
+    let artifacts = Artifacts::locate()?;
+    let mut qemu = artifacts.qemu("demo").smp(args.smp).memory(&args.memory);
+    if args.noload {
+        qemu = qemu.noload();
+    }
+    for word in &args.cmdline {
+        qemu = qemu.cmdline(word);
+    }
+    let Some(script_path) = args.script else {
+        note("booting; leave with `poweroff` in the guest, or Ctrl-A X (Ctrl-A C: QEMU monitor)");
+        let status = qemu.run_interactive()?;
+        return Ok(if status.success() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    };
+    let script = std::fs::read_to_string(&script_path)
+        .with_context(|| format!("reading the script {}", script_path.display()))?;
+    let out = qemu
+        .timeout(Duration::from_secs(args.timeout))
+        .on_line(|line| println!("{line}"))
+        .run_script(&script)?;
+    let booted = out
+        .booted_after
+        .map_or("?".into(), |d| format!("{:.1} s", d.as_secs_f64()));
+    note(format!(
+        "guest booted in {booted}, ran for {:.1} s; console log: {}",
+        out.elapsed.as_secs_f64(),
+        out.log
+            .as_ref()
+            .map_or("none".into(), |p| p.display().to_string())
+    ));
+    match out.script_status {
+        Some(status) => {
+            note(format!("script exited with status {status}"));
+            Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
+        }
+        None => Err(out
+            .ensure_success()
+            .expect_err("no status is an error")
+            .into()),
+    }
+}
+
+fn test(args: &[String]) -> anyhow::Result<ExitCode> {
+    let kernel = xtask::setup()?;
+    xtask::build(&kernel)?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let has_nextest = Command::new(&cargo)
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(xtask::repo_root());
+    if has_nextest {
+        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        note("cargo-nextest is not installed (cargo install cargo-nextest); using cargo test");
+        cmd.args(["test", "--workspace"]);
+    }
+    cmd.args(args);
+    note(xtask::cmd::describe(&cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", xtask::cmd::describe(&cmd)))?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}

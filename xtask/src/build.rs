@@ -1,0 +1,340 @@
+//! `cargo xtask build`: everything the guest needs, in `<target>/qs`:
+//!
+//! ```text
+//! hv.img           the hv image (from the quicksilver-hv ELF, see crate::image)
+//! quicksilver.ko   the agent, built against the cached kernel headers in module/
+//! qsctl            static guest binaries
+//! qs-workload
+//! initrd.cpio      the base initramfs (crate::initrd); runs add a script archive to a copy
+//! logs/            console logs of test runs
+//! run/             per-run initramfs copies (removed when the run ends)
+//! ```
+//!
+//! A part that fails to build is reported and left out; the rest is still built, so that
+//! work on one component does not block testing the others, and `build` returns an error
+//! naming the failed parts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+use object::read::elf::{FileHeader as _, ProgramHeader as _};
+
+use crate::cmd::{describe, run_inherit, tail};
+use crate::initrd::{self, InitrdInputs};
+use crate::kernel::Kernel;
+use crate::qemu::Qemu;
+use crate::{note, LocateError};
+
+/// The Rust target of the guest binaries (built static, so the initramfs needs no libc).
+pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// Modules shipped for the "KVM and Quicksilver exclude each other" checks.
+pub const KVM_MODULES: &[&str] = &["kvm_amd"];
+
+/// Paths of everything `cargo xtask build` makes.
+#[derive(Clone, Debug)]
+pub struct Artifacts {
+    /// `<target>/qs`.
+    pub dir: PathBuf,
+    /// The kernel the guest boots.
+    pub kernel: Kernel,
+    /// `hv.img`.
+    pub hv_image: PathBuf,
+    /// `quicksilver.ko`.
+    pub agent: PathBuf,
+    /// The static `qsctl`.
+    pub qsctl: PathBuf,
+    /// The static `qs-workload`.
+    pub workload: PathBuf,
+    /// The base initramfs.
+    pub initrd: PathBuf,
+}
+
+impl Artifacts {
+    /// Where the artifacts for `kernel` are (or will be); nothing is checked.
+    pub fn at(kernel: Kernel) -> Artifacts {
+        let dir = crate::out_dir();
+        Artifacts {
+            hv_image: dir.join("hv.img"),
+            agent: dir.join("quicksilver.ko"),
+            qsctl: dir.join("qsctl"),
+            workload: dir.join("qs-workload"),
+            initrd: dir.join("initrd.cpio"),
+            kernel,
+            dir,
+        }
+    }
+
+    /// The artifacts of an earlier `cargo xtask build`: checks that the kernel and the
+    /// initramfs are there. (The hv image and the agent may be missing if they failed to
+    /// build; [`Artifacts::require_agent`] checks them.)
+    pub fn locate() -> Result<Artifacts, LocateError> {
+        let artifacts = Artifacts::at(Kernel::locate()?);
+        if !artifacts.initrd.exists() {
+            return Err(LocateError::NotBuilt {
+                what: "the initramfs",
+                path: artifacts.initrd,
+            });
+        }
+        Ok(artifacts)
+    }
+
+    /// Fails unless the hv image and the agent module were built (and so are in the initramfs).
+    pub fn require_agent(&self) -> Result<(), LocateError> {
+        for (what, path) in [
+            ("the hv image", &self.hv_image),
+            ("the agent module", &self.agent),
+        ] {
+            if !path.exists() {
+                return Err(LocateError::NotBuilt {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Where console logs of runs go.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+
+    /// A QEMU runner for this build, logging to `logs/<name>.log`.
+    pub fn qemu(&self, name: &str) -> Qemu {
+        Qemu::new(self, name)
+    }
+}
+
+/// Builds every part for `kernel`; see the module documentation.
+pub fn build(kernel: &Kernel) -> anyhow::Result<Artifacts> {
+    let artifacts = Artifacts::at(kernel.clone());
+    std::fs::create_dir_all(&artifacts.dir)
+        .with_context(|| format!("creating {}", artifacts.dir.display()))?;
+    std::fs::create_dir_all(artifacts.logs_dir())?;
+    let mut failed: Vec<&str> = Vec::new();
+    let mut step = |what: &'static str, out: &Path, result: &dyn Fn() -> anyhow::Result<()>| {
+        // A stale copy from an earlier build must not end up in the initramfs.
+        let _ = std::fs::remove_file(out);
+        match result() {
+            Ok(()) => note(format!("built {what}: {}", out.display())),
+            Err(err) => {
+                eprintln!("xtask: FAILED to build {what}: {err:#}\n");
+                failed.push(what);
+            }
+        }
+    };
+    step("the hv image", &artifacts.hv_image, &|| {
+        build_hv_image(&artifacts.hv_image)
+    });
+    step("the agent module", &artifacts.agent, &|| {
+        let ko = build_module(
+            kernel,
+            &crate::repo_root().join("guest-agent/linux"),
+            &artifacts.dir.join("module"),
+        )?;
+        let built = ko.iter().find(|p| p.file_name().is_some_and(|n| n == "quicksilver.ko")).with_context(|| {
+            format!("the agent's kbuild made {ko:?} but no quicksilver.ko: its Kbuild needs `obj-m := quicksilver.o`")
+        })?;
+        std::fs::copy(built, &artifacts.agent)?;
+        Ok(())
+    });
+    step("qsctl", &artifacts.qsctl, &|| {
+        build_guest_binary("qsctl", "qsctl", &artifacts.qsctl)
+    });
+    step("qs-workload", &artifacts.workload, &|| {
+        build_guest_binary("qs-workload", "qs-workload", &artifacts.workload)
+    });
+
+    let present = |p: &PathBuf| p.exists().then(|| p.clone());
+    let inputs = InitrdInputs {
+        busybox: kernel.busybox.clone(),
+        hv_image: present(&artifacts.hv_image),
+        agent: present(&artifacts.agent),
+        qsctl: present(&artifacts.qsctl),
+        workload: present(&artifacts.workload),
+        kvm_modules: initrd::module_load_order(&kernel.modules_dir, KVM_MODULES)?,
+    };
+    note(format!(
+        "KVM modules in load order: {}",
+        inputs
+            .kvm_modules
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    initrd::write_base(&inputs, &artifacts.initrd)?;
+    note(format!(
+        "built the initramfs: {}",
+        artifacts.initrd.display()
+    ));
+
+    if !failed.is_empty() {
+        bail!(
+            "{} failed to build (see above); the initramfs was built without {}",
+            failed.join(", "),
+            if failed.len() == 1 { "it" } else { "them" }
+        );
+    }
+    Ok(artifacts)
+}
+
+/// The `cargo` that runs us (`$CARGO`), so the same toolchain builds the parts.
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Builds the hv ELF for `x86_64-unknown-none` and converts it to the image at `out`.
+pub fn build_hv_image(out: &Path) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.current_dir(crate::repo_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "quicksilver-hv",
+        "--bin",
+        "qs-hv",
+        "--features",
+        "image",
+        "--target",
+        crate::setup::HV_TARGET,
+    ]);
+    run_inherit(&mut cmd).context("the hv (crate quicksilver-hv, bin qs-hv) does not build")?;
+    let elf = crate::target_dir()
+        .join(crate::setup::HV_TARGET)
+        .join("release/qs-hv");
+    let header = crate::image::build_image_file(&elf, out)?;
+    note(format!(
+        "hv image {} v{}: {} bytes, code [{:#x}, {:#x}), {} relocations",
+        out.display(),
+        header.version_str(),
+        header.image_size,
+        header.code_start,
+        header.code_end,
+        header.reloc_count
+    ));
+    Ok(())
+}
+
+/// Builds the out-of-tree module whose sources (a `Kbuild` or `Makefile` and its C files)
+/// are in `src`, in the build folder `work` against the cached headers; returns the `.ko`
+/// files made.
+///
+/// Sources are copied only when changed, so kbuild's own dependency tracking keeps rebuilds
+/// quick.
+pub fn build_module(kernel: &Kernel, src: &Path, work: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !src.join("Kbuild").exists() && !src.join("Makefile").exists() {
+        bail!(
+            "{} has no Kbuild or Makefile: the module's sources are not there yet",
+            src.display()
+        );
+    }
+    std::fs::create_dir_all(work)?;
+    let mut sources = Vec::new();
+    for entry in std::fs::read_dir(src).with_context(|| format!("listing {}", src.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let name = entry.file_name();
+            let bytes = std::fs::read(entry.path())?;
+            let dest = work.join(&name);
+            if std::fs::read(&dest).ok().as_deref() != Some(&bytes[..]) {
+                std::fs::write(&dest, &bytes)?;
+            }
+            sources.push(name);
+        }
+    }
+    // Sources deleted upstream must not linger and be compiled.
+    for entry in std::fs::read_dir(work)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let n = name.to_string_lossy();
+        let is_source = n.ends_with(".c") || n.ends_with(".h") || n == "Kbuild" || n == "Makefile";
+        if is_source && !sources.contains(&name) {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    let work = work.canonicalize()?;
+    let mut make = Command::new("make");
+    make.arg("-C")
+        .arg(&kernel.headers_dir)
+        .arg(format!("M={}", work.display()))
+        .arg("modules");
+    let output = make
+        .output()
+        .with_context(|| format!("cannot run `{}`: run `cargo xtask setup`", describe(&make)))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if !output.status.success() {
+        bail!(
+            "`{}` failed ({}):\n{}",
+            describe(&make),
+            output.status,
+            tail(&text)
+        );
+    }
+    let mut kos: Vec<PathBuf> = std::fs::read_dir(&work)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ko"))
+        .collect();
+    kos.sort();
+    Ok(kos)
+}
+
+/// Builds package `package`'s binary `bin` statically for the guest and copies it to `out`.
+pub fn build_guest_binary(package: &str, bin: &str, out: &Path) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    let mut rustflags = std::env::var("RUSTFLAGS").unwrap_or_default();
+    // Static: the initramfs has no C library. Without debug info: the release profile keeps
+    // it (for the hv), but here it would triple the initramfs the kernel unpacks at every boot.
+    rustflags.push_str(" -C target-feature=+crt-static -C strip=debuginfo");
+    // The explicit --target keeps these flags off the host build (build scripts, xtask).
+    cmd.current_dir(crate::repo_root())
+        .args([
+            "build",
+            "--release",
+            "-p",
+            package,
+            "--bin",
+            bin,
+            "--target",
+            GUEST_TARGET,
+        ])
+        .env("RUSTFLAGS", rustflags.trim())
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    run_inherit(&mut cmd).with_context(|| format!("the guest tool {package} does not build"))?;
+    let built = crate::target_dir()
+        .join(GUEST_TARGET)
+        .join("release")
+        .join(bin);
+    ensure_static(&built)?;
+    std::fs::copy(&built, out)
+        .with_context(|| format!("copying {} to {}", built.display(), out.display()))?;
+    Ok(())
+}
+
+/// The initramfs has no C library: a binary with an ELF interpreter would not start.
+fn ensure_static(path: &Path) -> anyhow::Result<()> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let header = object::elf::FileHeader64::<object::LittleEndian>::parse(&*data)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("{} is not an ELF file", path.display()))?;
+    let endian = header.endian().map_err(anyhow::Error::msg)?;
+    let dynamic = header
+        .program_headers(endian, &*data)
+        .map_err(anyhow::Error::msg)?
+        .iter()
+        .any(|ph| ph.p_type(endian) == object::elf::PT_INTERP);
+    if dynamic {
+        bail!(
+            "{} is dynamically linked although built with +crt-static: is RUSTFLAGS overridden by a \
+             .cargo/config.toml [target] rustflags entry?",
+            path.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,404 @@
+//! The guest's initramfs: busybox, `/init` ([`INIT_SCRIPT`]), Quicksilver's agent, hv image
+//! and tools, and the stock KVM modules (to check that Quicksilver and KVM exclude each other).
+//!
+//! Guest layout:
+//!
+//! ```text
+//! /init                             busybox sh script, see xtask/src/init.sh
+//! /bin/busybox, /bin/<applet>       links for the applets scripts use
+//! /bin/poweroff, /bin/reboot        wrappers that force it (see below)
+//! /bin/qsctl, /bin/qs-workload      the static guest tools
+//! /lib/quicksilver/hv.img           the hv image
+//! /lib/quicksilver/quicksilver.ko   the agent
+//! /lib/quicksilver/kvm-modules      paths of the KVM modules, one a line, in insmod order
+//! /lib/modules-extra/*.ko           those modules (kvm-amd and what it depends on)
+//! /qs/script.sh                     per run: appended by [`with_script`]
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use object::read::elf::{FileHeader as _, SectionHeader as _};
+
+use crate::cpio::Archive;
+
+/// The guest's `/init`.
+pub const INIT_SCRIPT: &str = include_str!("init.sh");
+
+/// Busybox applets linked in `/bin`: everything `/init` and the tests' scripts use. (`/init`
+/// links the rest at boot for interactive use.)
+pub const APPLETS: &[&str] = &[
+    "sh",
+    "ash",
+    "[",
+    "test",
+    "mount",
+    "umount",
+    "insmod",
+    "rmmod",
+    "lsmod",
+    "modinfo",
+    "dmesg",
+    "cat",
+    "echo",
+    "printf",
+    "sleep",
+    "usleep",
+    "grep",
+    "sed",
+    "awk",
+    "cut",
+    "tr",
+    "sort",
+    "uniq",
+    "head",
+    "tail",
+    "wc",
+    "setsid",
+    "cttyhack",
+    "ls",
+    "ps",
+    "kill",
+    "killall",
+    "pidof",
+    "taskset",
+    "mkdir",
+    "rm",
+    "cp",
+    "mv",
+    "ln",
+    "chmod",
+    "touch",
+    "true",
+    "false",
+    "seq",
+    "date",
+    "uname",
+    "mknod",
+    "hostname",
+    "nproc",
+    "free",
+    "uptime",
+    "timeout",
+    "time",
+    "xargs",
+    "env",
+    "expr",
+    "tee",
+    "find",
+    "stat",
+    "readlink",
+    "basename",
+    "dirname",
+    "hexdump",
+    "od",
+    "dd",
+    "sync",
+    "stty",
+    "id",
+    "top",
+    "watch",
+    "yes",
+    "md5sum",
+    "sha256sum",
+    "vi",
+    "less",
+    "clear",
+];
+
+/// Where the KVM modules go in the guest, and the list that orders them.
+pub const KVM_MODULES_DIR: &str = "lib/modules-extra";
+/// The file listing them in load order.
+pub const KVM_MODULES_LIST: &str = "lib/quicksilver/kvm-modules";
+
+/// A loadable kernel module found in the kernel package.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelModule {
+    /// Its name as the kernel knows it (`kvm_amd`).
+    pub name: String,
+    /// The `.ko` file.
+    pub path: PathBuf,
+}
+
+/// What goes into the base initramfs. Missing optional parts (a component that failed to
+/// build) are left out; `/init` then says so on the console.
+#[derive(Clone, Debug, Default)]
+pub struct InitrdInputs {
+    /// The static busybox.
+    pub busybox: PathBuf,
+    /// `hv.img`.
+    pub hv_image: Option<PathBuf>,
+    /// `quicksilver.ko`.
+    pub agent: Option<PathBuf>,
+    /// The `qsctl` binary.
+    pub qsctl: Option<PathBuf>,
+    /// The `qs-workload` binary.
+    pub workload: Option<PathBuf>,
+    /// Kernel modules to ship, in load order.
+    pub kvm_modules: Vec<KernelModule>,
+}
+
+/// A file added to an initramfs.
+#[derive(Clone, Debug)]
+pub struct ExtraFile {
+    /// Path in the guest (`/qs/data.bin`).
+    pub path: String,
+    /// Permission bits.
+    pub mode: u32,
+    /// Contents.
+    pub data: Vec<u8>,
+}
+
+/// Writes the base initramfs to `out` (atomically: a concurrent reader never sees half of it).
+pub fn write_base(inputs: &InitrdInputs, out: &Path) -> anyhow::Result<()> {
+    let read = |p: &Path| {
+        std::fs::read(p).with_context(|| format!("reading {} for the initramfs", p.display()))
+    };
+    let mut a = Archive::new(Vec::new(), 1);
+    for dir in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "root",
+        "etc",
+        "lib",
+        "lib/quicksilver",
+        KVM_MODULES_DIR,
+    ] {
+        a.dir(dir, 0o755)?;
+    }
+    a.char_dev("dev/console", 0o600, 5, 1)?;
+    a.file("init", 0o755, INIT_SCRIPT.as_bytes())?;
+    a.file("bin/busybox", 0o755, &read(&inputs.busybox)?)?;
+    for applet in APPLETS {
+        a.symlink(&format!("bin/{applet}"), "busybox")?;
+    }
+    // busybox's plain `poweroff` signals init, and /init is a shell script that ignores it while
+    // it waits for the interactive shell: force it, there is nothing on disk to sync.
+    for (name, verb) in [("poweroff", "poweroff"), ("reboot", "reboot")] {
+        a.file(
+            &format!("bin/{name}"),
+            0o755,
+            format!("#!/bin/sh\nexec /bin/busybox {verb} -f\n").as_bytes(),
+        )?;
+    }
+    for (dest, src) in [
+        ("bin/qsctl", &inputs.qsctl),
+        ("bin/qs-workload", &inputs.workload),
+        ("lib/quicksilver/hv.img", &inputs.hv_image),
+        ("lib/quicksilver/quicksilver.ko", &inputs.agent),
+    ] {
+        if let Some(src) = src {
+            a.file(dest, 0o755, &read(src)?)?;
+        }
+    }
+    let mut list = String::new();
+    for m in &inputs.kvm_modules {
+        let file = m
+            .path
+            .file_name()
+            .context("module path has no file name")?
+            .to_string_lossy();
+        a.file(&format!("{KVM_MODULES_DIR}/{file}"), 0o644, &read(&m.path)?)?;
+        list.push_str(&format!("/{KVM_MODULES_DIR}/{file}\n"));
+    }
+    a.file(KVM_MODULES_LIST, 0o644, list.as_bytes())?;
+    write_atomically(out, &a.finish()?)
+}
+
+/// Writes to `out` a copy of the initramfs `base` with `/qs/script.sh` added: `/init` runs it
+/// and powers off.
+pub fn with_script(base: &Path, script: &str, out: &Path) -> anyhow::Result<()> {
+    with_files(
+        base,
+        &[ExtraFile {
+            path: "/qs/script.sh".into(),
+            mode: 0o755,
+            data: script.as_bytes().to_vec(),
+        }],
+        out,
+    )
+}
+
+/// Writes to `out` a copy of the initramfs `base` followed by a second archive holding
+/// `files` (and their parent directories). Linux unpacks both, the later one winning, so this
+/// also replaces files of the base.
+pub fn with_files(base: &Path, files: &[ExtraFile], out: &Path) -> anyhow::Result<()> {
+    let mut bytes = std::fs::read(base)
+        .with_context(|| format!("reading the base initramfs {}", base.display()))?;
+    // Inode numbers of their own, far above the base archive's.
+    let mut a = Archive::new(Vec::new(), 1 << 20);
+    let mut dirs = BTreeSet::new();
+    for f in files {
+        let mut parent = Path::new(f.path.trim_start_matches('/')).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            dirs.insert(p.to_string_lossy().into_owned());
+            parent = p.parent();
+        }
+    }
+    // BTreeSet order puts "a" before "a/b": parents first, as the kernel needs.
+    for dir in &dirs {
+        a.dir(dir, 0o755)?;
+    }
+    for f in files {
+        a.file(&f.path, f.mode, &f.data)?;
+    }
+    bytes.extend(a.finish()?);
+    write_atomically(out, &bytes)
+}
+
+fn write_atomically(out: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(bytes)?;
+    drop(file);
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))
+}
+
+/// The modules `wanted` need, in an order `insmod` accepts (dependencies first), read from
+/// each module's `.modinfo` `depends=` (the package ships no `modules.dep`: depmod writes it
+/// at install).
+pub fn module_load_order(modules_dir: &Path, wanted: &[&str]) -> anyhow::Result<Vec<KernelModule>> {
+    let index = module_index(modules_dir)?;
+    let mut order = Vec::new();
+    let mut state = BTreeMap::new();
+    for name in wanted {
+        visit(&index, &name.replace('-', "_"), &mut state, &mut order)?;
+    }
+    Ok(order)
+}
+
+/// Depth-first, dependencies before dependents; `state` marks modules in progress (false)
+/// and done (true) to catch cycles.
+fn visit(
+    index: &BTreeMap<String, PathBuf>,
+    name: &str,
+    state: &mut BTreeMap<String, bool>,
+    order: &mut Vec<KernelModule>,
+) -> anyhow::Result<()> {
+    match state.get(name) {
+        Some(true) => return Ok(()),
+        Some(false) => bail!("kernel modules depend on each other in a cycle through {name}"),
+        None => {}
+    }
+    let path = index
+        .get(name)
+        .with_context(|| format!("kernel module {name} is not in the kernel package"))?;
+    state.insert(name.to_string(), false);
+    for dep in module_depends(path)? {
+        visit(index, &dep, state, order)?;
+    }
+    state.insert(name.to_string(), true);
+    order.push(KernelModule {
+        name: name.to_string(),
+        path: path.clone(),
+    });
+    Ok(())
+}
+
+/// Every module under `modules_dir/kernel`, by kernel name (`-` read as `_`, as the kernel does).
+fn module_index(modules_dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    let mut index = BTreeMap::new();
+    let mut compressed = None;
+    let mut stack = vec![modules_dir.join("kernel")];
+    while let Some(dir) = stack.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
+            let entry = entry?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type()?.is_dir() {
+                stack.push(path);
+            } else if let Some(stem) = name.strip_suffix(".ko") {
+                index.insert(stem.replace('-', "_"), path);
+            } else if [".ko.xz", ".ko.zst", ".ko.gz"]
+                .iter()
+                .any(|s| name.ends_with(s))
+            {
+                compressed = Some(path);
+            }
+        }
+    }
+    if index.is_empty() {
+        if let Some(path) = compressed {
+            bail!(
+                "this kernel's modules are compressed ({}); the initramfs builder only ships plain .ko files: \
+                 use a bookworm kernel (QS_KERNEL_ABI) or teach xtask/src/initrd.rs to decompress them",
+                path.display()
+            );
+        }
+        bail!(
+            "no kernel modules under {}: is the kernel package extracted (cargo xtask setup)?",
+            modules_dir.display()
+        );
+    }
+    Ok(index)
+}
+
+/// The `depends=` list of a `.ko`'s `.modinfo` section (NUL-separated `key=value` strings).
+pub fn module_depends(ko: &Path) -> anyhow::Result<Vec<String>> {
+    let data = std::fs::read(ko).with_context(|| format!("reading {}", ko.display()))?;
+    let parse = || -> Result<Vec<String>, object::read::Error> {
+        let header = object::elf::FileHeader64::<object::LittleEndian>::parse(&*data)?;
+        let endian = header.endian()?;
+        let sections = header.sections(endian, &*data)?;
+        let Some((_, modinfo)) = sections.section_by_name(endian, b".modinfo") else {
+            return Ok(Vec::new());
+        };
+        let bytes = modinfo.data(endian, &*data)?;
+        Ok(bytes
+            .split(|&b| b == 0)
+            .filter_map(|entry| entry.strip_prefix(b"depends="))
+            .flat_map(|list| list.split(|&b| b == b','))
+            .filter(|name| !name.is_empty())
+            .map(|name| String::from_utf8_lossy(name).replace('-', "_"))
+            .collect())
+    };
+    parse().with_context(|| format!("reading the .modinfo of {}", ko.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_files_get_their_parents_and_follow_the_base() {
+        let dir = std::env::temp_dir().join(format!("qs-initrd-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("base.cpio");
+        let mut a = Archive::new(Vec::new(), 1);
+        a.file("init", 0o755, b"#!/bin/sh\n").unwrap();
+        std::fs::write(&base, a.finish().unwrap()).unwrap();
+
+        let out = dir.join("run.cpio");
+        with_script(&base, "echo hello\n", &out).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let base_len = std::fs::metadata(&base).unwrap().len() as usize;
+        assert_eq!(&bytes[..base_len], &std::fs::read(&base).unwrap()[..]);
+        let text = String::from_utf8_lossy(&bytes[base_len..]);
+        let qs_dir = text.find("qs\0").unwrap();
+        let script = text.find("qs/script.sh\0").unwrap();
+        assert!(qs_dir < script, "the directory comes first");
+        assert!(text.contains("echo hello\n"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_init_script_prints_the_markers_the_runner_parses() {
+        for marker in [
+            "QS-BOOTED",
+            "QS-SCRIPT-EXIT $?",
+            "/qs/script.sh",
+            "qs.noload",
+            "poweroff -f",
+        ] {
+            assert!(INIT_SCRIPT.contains(marker), "{marker}");
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! The stock Debian kernel Quicksilver is tested on: fetched with `apt-get download`,
+//! extracted with `dpkg -x` into `<repo>/.cache/kernel/root`, never installed.
+//!
+//! Layout of `<repo>/.cache/kernel`:
+//!
+//! ```text
+//! abi       the chosen ABI ("6.1.0-56"), so later runs need neither apt lists nor network
+//! debs/     the downloaded packages (kept: re-extraction needs no download)
+//! root/     every package extracted, headers fixed up to build modules in place
+//! ready     written last, holding the ABI: root/ is complete for that ABI
+//! ```
+//!
+//! The flavour headers (`linux-headers-<abi>-cloud-amd64`) are a thin layer over the
+//! `-common` tree and the kbuild tools, and refer to them by absolute `/usr/src/...` paths
+//! (their `Makefile`), or by links meant for an installed system (`lib/modules/*/build`).
+//! [`Kernel::prepare`] rewrites those to point inside `root/`, so `make -C <headers_dir>
+//! M=...` works without anything installed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+
+use crate::cmd::{run_captured, stdout_of};
+use crate::setup::Apt;
+use crate::{note, LocateError};
+
+/// Environment variable that picks the kernel ABI (`6.1.0-56`) instead of whatever
+/// `linux-image-cloud-amd64` depends on.
+pub const ABI_ENV: &str = "QS_KERNEL_ABI";
+/// The kernel flavour: the cloud kernel is LZ4-compressed and boots fast under TCG.
+pub const FLAVOUR: &str = "cloud-amd64";
+/// The metapackage whose dependency names the current ABI.
+const META_PACKAGE: &str = "linux-image-cloud-amd64";
+
+/// Paths into the extracted kernel packages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kernel {
+    /// Debian's kernel ABI, e.g. `6.1.0-56`.
+    pub abi: String,
+    /// The release `uname -r` prints, e.g. `6.1.0-56-cloud-amd64`.
+    pub release: String,
+    /// Where the packages are extracted.
+    pub root: PathBuf,
+    /// The bootable kernel (`boot/vmlinuz-<release>`).
+    pub vmlinuz: PathBuf,
+    /// The flavour headers to build modules against (`make -C <headers_dir> M=...`).
+    pub headers_dir: PathBuf,
+    /// The kernel's modules (`lib/modules/<release>`).
+    pub modules_dir: PathBuf,
+    /// The static busybox for the initramfs.
+    pub busybox: PathBuf,
+}
+
+/// `<repo>/.cache/kernel`.
+pub fn cache_dir() -> PathBuf {
+    crate::cache_dir().join("kernel")
+}
+
+impl Kernel {
+    /// The paths for `abi` in the cache at `dir` (nothing is checked).
+    pub fn in_cache(dir: &Path, abi: &str) -> Kernel {
+        let root = dir.join("root");
+        let release = format!("{abi}-{FLAVOUR}");
+        Kernel {
+            abi: abi.to_string(),
+            vmlinuz: root.join(format!("boot/vmlinuz-{release}")),
+            headers_dir: root.join(format!("usr/src/linux-headers-{release}")),
+            modules_dir: root.join(format!("lib/modules/{release}")),
+            busybox: root.join("bin/busybox"),
+            release,
+            root,
+        }
+    }
+
+    /// The kernel a completed `cargo xtask setup` left in the cache, without running
+    /// anything.
+    pub fn locate() -> Result<Kernel, LocateError> {
+        let dir = cache_dir();
+        let not_ready = || LocateError::KernelNotReady { dir: dir.clone() };
+        let abi = std::fs::read_to_string(dir.join("ready")).map_err(|_| not_ready())?;
+        let kernel = Kernel::in_cache(&dir, abi.trim());
+        if !kernel.is_complete() {
+            return Err(not_ready());
+        }
+        Ok(kernel)
+    }
+
+    /// Whether the files later steps need are all there.
+    fn is_complete(&self) -> bool {
+        [
+            &self.vmlinuz,
+            &self.headers_dir.join("Makefile"),
+            &self.modules_dir,
+            &self.busybox,
+        ]
+        .iter()
+        .all(|p| p.exists())
+    }
+
+    /// Makes the kernel for the chosen ABI ready in the cache, downloading and extracting
+    /// only what is missing. Fast (no apt, no network) when a previous run completed.
+    pub fn prepare() -> anyhow::Result<Kernel> {
+        Kernel::prepare_with(&mut Apt::default())
+    }
+
+    /// [`Kernel::prepare`], sharing `apt`'s state with the rest of setup.
+    pub(crate) fn prepare_with(apt: &mut Apt) -> anyhow::Result<Kernel> {
+        let dir = cache_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let abi = choose_abi(&dir, apt)?;
+        let kernel = Kernel::in_cache(&dir, &abi);
+        let ready = dir.join("ready");
+        if std::fs::read_to_string(&ready).is_ok_and(|s| s.trim() == abi) && kernel.is_complete() {
+            note(format!(
+                "kernel {} ready in {}",
+                kernel.release,
+                kernel.root.display()
+            ));
+            return Ok(kernel);
+        }
+        // From here on root/ is being rebuilt: it is not ready until the end.
+        remove_if_exists(&ready)?;
+
+        let debs = dir.join("debs");
+        let image = format!("linux-image-{abi}-{FLAVOUR}");
+        let headers = format!("linux-headers-{abi}-{FLAVOUR}");
+        let mut packages = vec![image.clone(), headers.clone()];
+        let mut files = download(apt, &packages, &debs)?;
+        // The flavour headers name the exact -common and kbuild packages they need (the kbuild
+        // package is linux-kbuild-6.1 for 6.1, but carries the full version for 6.12).
+        let depends = stdout_of(
+            Command::new("dpkg-deb")
+                .arg("-f")
+                .arg(&files[1])
+                .arg("Depends"),
+        )?;
+        let common = dependency(&depends, |p| {
+            p.starts_with("linux-headers-") && p.ends_with("-common")
+        })
+        .with_context(|| {
+            format!("{headers} does not depend on a linux-headers-*-common package")
+        })?;
+        let kbuild = dependency(&depends, |p| p.starts_with("linux-kbuild-"))
+            .with_context(|| format!("{headers} does not depend on a linux-kbuild-* package"))?;
+        let rest = vec![common, kbuild, "busybox-static".to_string()];
+        files.extend(download(apt, &rest, &debs)?);
+        packages.extend(rest);
+
+        let root = &kernel.root;
+        if root.exists() {
+            std::fs::remove_dir_all(root)
+                .with_context(|| format!("removing the incomplete {}", root.display()))?;
+        }
+        std::fs::create_dir_all(root)?;
+        for (package, deb) in packages.iter().zip(&files) {
+            note(format!("extracting {package}"));
+            if let Err(err) = run_captured(Command::new("dpkg").arg("-x").arg(deb).arg(root)) {
+                // A truncated download is the likely cause: drop it so the next run fetches it.
+                let _ = std::fs::remove_file(deb);
+                return Err(err.context(format!(
+                    "extracting {} failed; the file was deleted, run `cargo xtask setup` again to download it",
+                    deb.display()
+                )));
+            }
+        }
+        fix_absolute_paths(root)?;
+        check_headers(&kernel, apt)?;
+        if !kernel.is_complete() {
+            bail!(
+                "the extracted packages lack an expected file (one of {}, {}, {}, {}): is {FLAVOUR} still the flavour's name?",
+                kernel.vmlinuz.display(),
+                kernel.headers_dir.display(),
+                kernel.modules_dir.display(),
+                kernel.busybox.display()
+            );
+        }
+        std::fs::write(&ready, format!("{abi}\n"))?;
+        note(format!(
+            "kernel {} ready in {}",
+            kernel.release,
+            root.display()
+        ));
+        Ok(kernel)
+    }
+}
+
+/// Picks the ABI: `$QS_KERNEL_ABI`, else the one recorded by an earlier run, else what the
+/// metapackage depends on today (then recorded).
+fn choose_abi(dir: &Path, apt: &mut Apt) -> anyhow::Result<String> {
+    let recorded_path = dir.join("abi");
+    let recorded = std::fs::read_to_string(&recorded_path)
+        .ok()
+        .map(|s| s.trim().to_string());
+    let abi = if let Ok(wanted) = std::env::var(ABI_ENV) {
+        // Accept the full release too ("6.1.0-56-cloud-amd64").
+        let wanted = wanted
+            .trim()
+            .trim_end_matches(&format!("-{FLAVOUR}"))
+            .to_string();
+        if wanted.is_empty() || wanted.contains(|c: char| c.is_whitespace() || c == '/' || c == '_')
+        {
+            bail!("{ABI_ENV}={wanted:?} is not a kernel ABI: use the form 6.1.0-56");
+        }
+        wanted
+    } else if let Some(abi) = recorded.clone().filter(|a| !a.is_empty()) {
+        abi
+    } else {
+        let abi = resolve_abi(apt)?;
+        note(format!(
+            "{META_PACKAGE} depends on kernel ABI {abi}; recording it in {}",
+            recorded_path.display()
+        ));
+        abi
+    };
+    if recorded.as_deref() != Some(abi.as_str()) {
+        std::fs::write(&recorded_path, format!("{abi}\n"))?;
+    }
+    Ok(abi)
+}
+
+/// The first package in a `Depends:` field that `pick` accepts.
+fn dependency(depends: &str, pick: impl Fn(&str) -> bool) -> Option<String> {
+    depends
+        .split([',', '|'])
+        .filter_map(|item| item.split_whitespace().next())
+        .find(|name| pick(name))
+        .map(str::to_string)
+}
+
+/// The ABI `linux-image-cloud-amd64` depends on.
+fn resolve_abi(apt: &mut Apt) -> anyhow::Result<String> {
+    loop {
+        let found = stdout_of(Command::new("apt-cache").args(["depends", META_PACKAGE]))
+            .ok()
+            .and_then(|out| parse_meta_depends(&out));
+        if let Some(abi) = found {
+            return Ok(abi);
+        }
+        if !apt.update_once()? {
+            bail!(
+                "cannot tell which kernel {META_PACKAGE} depends on (apt-cache depends {META_PACKAGE}): \
+                 set {ABI_ENV}=6.1.0-NN to choose one"
+            );
+        }
+    }
+}
+
+/// Makes sure a `.deb` of each package is in `debs`, downloading the missing ones, and
+/// returns their paths in the same order.
+fn download(apt: &mut Apt, packages: &[String], debs: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(debs)?;
+    let missing: Vec<&String> = packages
+        .iter()
+        .filter(|p| find_deb(debs, p).is_none())
+        .collect();
+    if !missing.is_empty() {
+        // Download into a scratch folder and move complete files only, so that an
+        // interrupted download never leaves a truncated .deb that looks like a good one.
+        let partial = debs.join("partial");
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial)?;
+        }
+        std::fs::create_dir_all(&partial)?;
+        note(format!(
+            "apt-get download {}",
+            missing
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        let mut download = Command::new("apt-get");
+        // As root, apt drops to the _apt user to download, which cannot write here; it then
+        // warns and downloads as root anyway. Say so up front instead.
+        download
+            .args(["download", "-o", "APT::Sandbox::User=root"])
+            .args(&missing)
+            .current_dir(&partial);
+        if let Err(first) = run_captured(&mut download) {
+            // Package lists missing or stale (the archive dropped an old ABI): refresh once.
+            if !apt.update_once()? {
+                return Err(first.context("downloading the kernel packages failed"));
+            }
+            run_captured(&mut download).context(
+                "downloading the kernel packages failed even after apt-get update: is this Debian \
+                 bookworm with the security archive in sources.list? Or set QS_KERNEL_ABI to an ABI \
+                 the archive still has",
+            )?;
+        }
+        for entry in std::fs::read_dir(&partial)? {
+            let entry = entry?;
+            std::fs::rename(entry.path(), debs.join(entry.file_name()))?;
+        }
+        std::fs::remove_dir(&partial)?;
+    }
+    packages
+        .iter()
+        .map(|p| {
+            find_deb(debs, p).with_context(|| {
+                format!(
+                    "apt-get download left no .deb for {p} in {}",
+                    debs.display()
+                )
+            })
+        })
+        .collect()
+}
+
+/// `apt-cache depends linux-image-cloud-amd64` → `6.1.0-56`.
+fn parse_meta_depends(output: &str) -> Option<String> {
+    output.lines().find_map(|line| {
+        let name = line.trim().strip_prefix("Depends:")?.trim();
+        let abi = name
+            .strip_prefix("linux-image-")?
+            .strip_suffix(&format!("-{FLAVOUR}"))?;
+        Some(abi.to_string())
+    })
+}
+
+/// The newest `.deb` of `package` in `dir` (files are named `<package>_<version>_<arch>.deb`).
+fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
+    let prefix = format!("{package}_");
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(&prefix) && name.ends_with(".deb")
+        })
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+}
+
+/// Absolute path prefixes of an installed kernel's build tree, which the extracted packages
+/// use to find each other.
+const INSTALLED_PREFIXES: [&str; 2] = ["/usr/src/linux-", "/usr/lib/linux-kbuild-"];
+
+/// Repoints absolute references into `/usr/src` and `/usr/lib/linux-kbuild-*` at the copies
+/// under `root`: in the text files of the header trees, and in symbolic links anywhere.
+fn fix_absolute_paths(root: &Path) -> anyhow::Result<()> {
+    let root_str = root.to_str().context("the cache path is not UTF-8")?;
+    let mut fixed = Vec::new();
+    walk(root, &mut |path, file_type| {
+        if file_type.is_symlink() {
+            let target = std::fs::read_link(path)?;
+            let target_str = target.to_string_lossy();
+            if INSTALLED_PREFIXES.iter().any(|p| target_str.starts_with(p)) {
+                let new_target = root.join(target.strip_prefix("/").expect("absolute"));
+                std::fs::remove_file(path)?;
+                std::os::unix::fs::symlink(&new_target, path)?;
+                fixed.push(path.to_path_buf());
+            }
+        } else if file_type.is_file() && path.starts_with(root.join("usr")) {
+            let bytes = std::fs::read(path)?;
+            // Binaries (modpost, objtool) embed no such paths; only rewrite text.
+            if !bytes.contains(&0) {
+                if let Some(new) = rewrite_absolute(&bytes, root_str.as_bytes()) {
+                    std::fs::write(path, new)?;
+                    fixed.push(path.to_path_buf());
+                }
+            }
+        }
+        Ok(())
+    })
+    .with_context(|| format!("fixing absolute paths under {}", root.display()))?;
+    for path in fixed {
+        note(format!(
+            "  repointed into the cache: {}",
+            path.strip_prefix(root).unwrap_or(&path).display()
+        ));
+    }
+    Ok(())
+}
+
+/// Calls `visit` on every entry under `dir` (not following links).
+fn walk(
+    dir: &Path,
+    visit: &mut dyn FnMut(&Path, std::fs::FileType) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let file_type = entry.file_type()?;
+        visit(&entry.path(), file_type)?;
+        if file_type.is_dir() {
+            walk(&entry.path(), visit)?;
+        }
+    }
+    Ok(())
+}
+
+/// `text` with every absolute path that starts with one of [`INSTALLED_PREFIXES`] prefixed by
+/// `root`, or `None` if there is none. A match counts only at the start of a path (not
+/// preceded by a path character), so `/x/usr/src/linux-...` is left alone.
+pub(crate) fn rewrite_absolute(text: &[u8], root: &[u8]) -> Option<Vec<u8>> {
+    let is_path_char = |b: u8| b.is_ascii_alphanumeric() || b"._-/+~".contains(&b);
+    let mut out = Vec::with_capacity(text.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < text.len() {
+        let at_path_start = i == 0 || !is_path_char(text[i - 1]);
+        if at_path_start
+            && INSTALLED_PREFIXES
+                .iter()
+                .any(|p| text[i..].starts_with(p.as_bytes()))
+        {
+            out.extend_from_slice(root);
+            changed = true;
+        }
+        out.push(text[i]);
+        i += 1;
+    }
+    changed.then_some(out)
+}
+
+/// Checks what building a module against the extracted headers needs: the kbuild tools
+/// reachable through the headers' `scripts` link, and the compiler the kernel was built with
+/// (`CC` in `.kernelvariables`), which is installed if missing.
+fn check_headers(kernel: &Kernel, apt: &mut Apt) -> anyhow::Result<()> {
+    let modpost = kernel.headers_dir.join("scripts/mod/modpost");
+    if !modpost.exists() {
+        bail!(
+            "{} is missing: the headers' scripts link does not reach the extracted linux-kbuild package",
+            modpost.display()
+        );
+    }
+    let variables =
+        std::fs::read_to_string(kernel.headers_dir.join(".kernelvariables")).unwrap_or_default();
+    // "CC = $(if $(DEBIAN_KERNEL_USE_CCACHE),$(CCACHE)) $(CROSS_COMPILE)gcc-12"
+    let compiler = variables
+        .lines()
+        .filter(|l| l.trim_start().starts_with("CC "))
+        .flat_map(str::split_whitespace)
+        .filter_map(|word| word.rsplit(')').next())
+        .find(|word| word.starts_with("gcc"));
+    if let Some(gcc) = compiler {
+        if !crate::cmd::on_path(gcc) {
+            note(format!(
+                "the kernel was built with {gcc}, which is missing: installing it"
+            ));
+            apt.install(&[gcc])?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_if_exists(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_abi_comes_from_the_metapackage_dependency() {
+        let out = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n";
+        assert_eq!(parse_meta_depends(out).as_deref(), Some("6.1.0-56"));
+        assert_eq!(parse_meta_depends("linux-image-cloud-amd64\n"), None);
+    }
+
+    #[test]
+    fn dependencies_are_picked_by_name() {
+        let depends = "linux-headers-6.1.0-56-common (= 6.1.192-2), linux-kbuild-6.1 (>= 6.1.192-2), linux-compiler-gcc-12-x86";
+        assert_eq!(
+            dependency(depends, |p| p.ends_with("-common")).as_deref(),
+            Some("linux-headers-6.1.0-56-common")
+        );
+        assert_eq!(
+            dependency(depends, |p| p.starts_with("linux-kbuild-")).as_deref(),
+            Some("linux-kbuild-6.1")
+        );
+    }
+
+    #[test]
+    fn absolute_paths_are_repointed_once() {
+        let text = b"include /usr/src/linux-headers-6.1.0-56-common/Makefile\nX=/usr/lib/linux-kbuild-6.1/scripts\n";
+        let out = rewrite_absolute(text, b"/c/root").unwrap();
+        assert_eq!(
+            out,
+            b"include /c/root/usr/src/linux-headers-6.1.0-56-common/Makefile\nX=/c/root/usr/lib/linux-kbuild-6.1/scripts\n"
+        );
+        assert_eq!(
+            rewrite_absolute(&out, b"/c/root"),
+            None,
+            "already rewritten paths stay"
+        );
+        assert_eq!(rewrite_absolute(b"nothing here", b"/c/root"), None);
+    }
+
+    #[test]
+    fn cache_paths_follow_debian_naming() {
+        let k = Kernel::in_cache(Path::new("/c"), "6.1.0-56");
+        assert_eq!(k.release, "6.1.0-56-cloud-amd64");
+        assert_eq!(
+            k.vmlinuz,
+            Path::new("/c/root/boot/vmlinuz-6.1.0-56-cloud-amd64")
+        );
+        assert_eq!(
+            k.headers_dir,
+            Path::new("/c/root/usr/src/linux-headers-6.1.0-56-cloud-amd64")
+        );
+        assert_eq!(
+            k.modules_dir,
+            Path::new("/c/root/lib/modules/6.1.0-56-cloud-amd64")
+        );
+    }
+}

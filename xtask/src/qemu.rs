@@ -1,0 +1,842 @@
+//! Booting the test kernel under QEMU/TCG: the demo, the integration tests and the
+//! benchmarks all go through [`Qemu`].
+//!
+//! The guest's console is its first UART, wired to QEMU's stdio. In a scripted run the
+//! initramfs gets `/qs/script.sh`, `/init` runs it, prints `QS-SCRIPT-EXIT <status>` and powers
+//! off (see `xtask/src/init.sh`); [`Running`] collects the console as it comes, saves it to a
+//! log, lets a test wait for a line or type into the console, enforces a deadline and kills
+//! QEMU when dropped, so that no failed test leaves a guest running.
+//!
+//! TCG rather than KVM: the host's `/dev/kvm` exposes no SVM to a guest, and QEMU's TCG
+//! emulates AMD SVM with nested paging (`-cpu EPYC`), which the hv needs (FACTS.md).
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::build::Artifacts;
+use crate::initrd::{self, ExtraFile};
+
+/// The QEMU binary.
+pub const QEMU: &str = "qemu-system-x86_64";
+/// Kernel command line every boot gets: console on the first UART; any panic or oops ends
+/// the run at once (QEMU's `-no-reboot` turns the reboot into an exit) instead of hanging
+/// until the timeout.
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 oops=panic";
+/// Printed by `/init` when userspace is up and the agent step is done.
+pub const BOOTED_MARKER: &str = "QS-BOOTED";
+/// Printed by `/init` after the script, followed by its exit status.
+pub const SCRIPT_EXIT_MARKER: &str = "QS-SCRIPT-EXIT ";
+/// How much console an error message repeats.
+const ERROR_TAIL_LINES: usize = 40;
+
+/// Why a run did not go as asked. Each message carries the end of the console and the path of
+/// the full log.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error(
+        "cannot start {QEMU}: {source}; run `cargo xtask setup` (it installs qemu-system-x86)"
+    )]
+    Spawn { source: std::io::Error },
+    #[error("{name}: preparing the run's initramfs failed: {message}")]
+    Initrd { name: String, message: String },
+    #[error("{name}: no {waiting_for:?} on the console after {after:.1?}{}", context(.console_tail, .log))]
+    Timeout {
+        name: String,
+        waiting_for: String,
+        after: Duration,
+        console_tail: String,
+        log: Option<PathBuf>,
+    },
+    #[error("{name}: QEMU exited ({status}) before {waiting_for:?} appeared{}{}", stderr_note(.stderr), context(.console_tail, .log))]
+    Exited {
+        name: String,
+        waiting_for: String,
+        status: ExitStatus,
+        stderr: String,
+        console_tail: String,
+        log: Option<PathBuf>,
+    },
+    #[error("{name}: the script exited with status {status}{}", context(.console_tail, .log))]
+    ScriptFailed {
+        name: String,
+        status: i32,
+        console_tail: String,
+        log: Option<PathBuf>,
+    },
+    #[error("{name}: the guest stopped without finishing the script (kernel panic or oops? QEMU: {status}){}{}", stderr_note(.stderr), context(.console_tail, .log))]
+    NoScriptExit {
+        name: String,
+        status: ExitStatus,
+        stderr: String,
+        console_tail: String,
+        log: Option<PathBuf>,
+    },
+    #[error("{name}: talking to QEMU failed: {source}")]
+    Io {
+        name: String,
+        source: std::io::Error,
+    },
+}
+
+fn context(tail: &str, log: &Option<PathBuf>) -> String {
+    let log = match log {
+        Some(path) => format!("\nfull console log: {}", path.display()),
+        None => String::new(),
+    };
+    format!("\n--- console (last lines) ---\n{tail}---{log}")
+}
+
+fn stderr_note(stderr: &str) -> String {
+    if stderr.trim().is_empty() {
+        String::new()
+    } else {
+        format!("\nQEMU said: {}", stderr.trim())
+    }
+}
+
+/// The last [`ERROR_TAIL_LINES`] lines of `text`, each ending in a newline.
+fn tail_of(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = String::new();
+    for line in &lines[lines.len().saturating_sub(ERROR_TAIL_LINES)..] {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// A callback that sees each console line as it arrives.
+pub type LineCallback = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// How to boot the guest. Built from [`Artifacts::qemu`]; every setter consumes and returns
+/// the builder.
+#[derive(Clone)]
+pub struct Qemu {
+    name: String,
+    vmlinuz: PathBuf,
+    initrd: PathBuf,
+    run_dir: PathBuf,
+    log: Option<PathBuf>,
+    smp: u32,
+    memory: String,
+    cpu: String,
+    icount: Option<u32>,
+    cmdline: Vec<String>,
+    args: Vec<OsString>,
+    files: Vec<ExtraFile>,
+    timeout: Duration,
+    on_line: Option<LineCallback>,
+}
+
+impl std::fmt::Debug for Qemu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qemu")
+            .field("name", &self.name)
+            .field("args", &self.qemu_args(&self.initrd, false))
+            .finish()
+    }
+}
+
+impl Qemu {
+    /// A run named `name` (the log is `logs/<name>.log`) with the defaults: 4 CPUs, 1 GiB,
+    /// `-cpu EPYC`, 120 s timeout.
+    pub fn new(artifacts: &Artifacts, name: &str) -> Qemu {
+        let safe_name: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        Qemu {
+            log: Some(artifacts.logs_dir().join(format!("{safe_name}.log"))),
+            name: safe_name,
+            vmlinuz: artifacts.kernel.vmlinuz.clone(),
+            initrd: artifacts.initrd.clone(),
+            run_dir: artifacts.dir.join("run"),
+            smp: 4,
+            memory: "1G".into(),
+            cpu: "EPYC".into(),
+            icount: None,
+            cmdline: Vec::new(),
+            args: Vec::new(),
+            files: Vec::new(),
+            timeout: Duration::from_secs(120),
+            on_line: None,
+        }
+    }
+
+    /// Number of CPUs (`-smp`).
+    pub fn smp(mut self, cpus: u32) -> Self {
+        self.smp = cpus;
+        self
+    }
+
+    /// Guest memory in QEMU's syntax (`512M`, `2G`).
+    pub fn memory(mut self, size: &str) -> Self {
+        self.memory = size.into();
+        self
+    }
+
+    /// CPU model (`-cpu`); it must offer SVM with NPT under TCG (`EPYC`, `max`).
+    pub fn cpu(mut self, model: &str) -> Self {
+        self.cpu = model.into();
+        self
+    }
+
+    /// Deterministic instruction counting (`-icount shift=N`): time advances 2^N ns per
+    /// instruction, independent of host load. It also makes TCG single-threaded (slower).
+    pub fn icount(mut self, shift: u32) -> Self {
+        self.icount = Some(shift);
+        self
+    }
+
+    /// Adds a word to the kernel command line (after [`BASE_CMDLINE`]).
+    pub fn cmdline(mut self, word: &str) -> Self {
+        self.cmdline.push(word.into());
+        self
+    }
+
+    /// Boots without loading the agent (`qs.noload`).
+    pub fn noload(self) -> Self {
+        self.cmdline("qs.noload")
+    }
+
+    /// Adds raw QEMU arguments (a second UART, a monitor socket, ...).
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds a file to this run's initramfs (with the script, in an appended archive).
+    pub fn file(mut self, guest_path: &str, mode: u32, data: impl Into<Vec<u8>>) -> Self {
+        self.files.push(ExtraFile {
+            path: guest_path.into(),
+            mode,
+            data: data.into(),
+        });
+        self
+    }
+
+    /// Deadline for the whole run, from QEMU's start.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Where to save the console (default `logs/<name>.log`); `None` keeps no log.
+    pub fn log(mut self, path: Option<PathBuf>) -> Self {
+        self.log = path;
+        self
+    }
+
+    /// Calls `f` with each console line as it arrives (e.g. to echo it live).
+    pub fn on_line(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.on_line = Some(Arc::new(f));
+        self
+    }
+
+    /// The QEMU arguments for booting with `initrd`; `interactive` puts the serial console and
+    /// QEMU's monitor on the terminal (Ctrl-A X quits, Ctrl-A C toggles the monitor).
+    pub fn qemu_args(&self, initrd: &Path, interactive: bool) -> Vec<OsString> {
+        let mut append = BASE_CMDLINE.to_string();
+        for word in &self.cmdline {
+            append.push(' ');
+            append.push_str(word);
+        }
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |a: &str| args.push(a.into());
+        // No default devices (NIC, VGA, floppy, CD): less to emulate, faster boot.
+        for a in [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-accel",
+            "tcg",
+        ] {
+            push(a);
+        }
+        push("-cpu");
+        push(&self.cpu);
+        push("-smp");
+        push(&self.smp.to_string());
+        push("-m");
+        push(&self.memory);
+        if let Some(shift) = self.icount {
+            push("-icount");
+            push(&format!("shift={shift}"));
+        }
+        push("-serial");
+        push(if interactive { "mon:stdio" } else { "stdio" });
+        push("-append");
+        push(&append);
+        args.push("-kernel".into());
+        args.push(self.vmlinuz.clone().into());
+        args.push("-initrd".into());
+        args.push(initrd.into());
+        args.extend(self.args.iter().cloned());
+        args
+    }
+
+    /// Boots with the serial console on this terminal and waits for QEMU to exit (the user
+    /// powers off or presses Ctrl-A X). Files added with [`Qemu::file`] are included.
+    pub fn run_interactive(&self) -> Result<ExitStatus, QemuError> {
+        let initrd = self.prepare_initrd(None)?;
+        let status = Command::new(QEMU)
+            .args(self.qemu_args(initrd.path(), true))
+            .status()
+            .map_err(|source| QemuError::Spawn { source });
+        drop(initrd);
+        status
+    }
+
+    /// Boots, runs `script` (busybox sh) as `/qs/script.sh`, and waits until the guest powers
+    /// off or the timeout passes. A script that fails is not an error here: see
+    /// [`RunOutput::ensure_success`].
+    pub fn run_script(&self, script: &str) -> Result<RunOutput, QemuError> {
+        self.spawn_script(script)?.wait()
+    }
+
+    /// Boots with `script` and returns at once; drive the run with [`Running`].
+    pub fn spawn_script(&self, script: &str) -> Result<Running, QemuError> {
+        let initrd = self.prepare_initrd(Some(script))?;
+        self.spawn_with(initrd)
+    }
+
+    /// Boots to the interactive shell with the console on a pipe: type with
+    /// [`Running::send`], read with [`Running::wait_for`].
+    pub fn spawn(&self) -> Result<Running, QemuError> {
+        let initrd = self.prepare_initrd(None)?;
+        self.spawn_with(initrd)
+    }
+
+    /// The base initramfs, or a per-run copy with the script and files appended.
+    fn prepare_initrd(&self, script: Option<&str>) -> Result<RunInitrd, QemuError> {
+        let mut files = self.files.clone();
+        if let Some(script) = script {
+            files.push(ExtraFile {
+                path: "/qs/script.sh".into(),
+                mode: 0o755,
+                data: script.as_bytes().to_vec(),
+            });
+        }
+        if files.is_empty() {
+            return Ok(RunInitrd::Shared(self.initrd.clone()));
+        }
+        // Unique per process and per run: tests run in parallel threads and processes.
+        static RUNS: AtomicU32 = AtomicU32::new(0);
+        let n = RUNS.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .run_dir
+            .join(format!("{}-{}-{n}.cpio", self.name, std::process::id()));
+        let err = |e: anyhow::Error| QemuError::Initrd {
+            name: self.name.clone(),
+            message: format!("{e:#}"),
+        };
+        std::fs::create_dir_all(&self.run_dir).map_err(|e| err(e.into()))?;
+        initrd::with_files(&self.initrd, &files, &path).map_err(err)?;
+        Ok(RunInitrd::Own(path))
+    }
+
+    fn spawn_with(&self, initrd: RunInitrd) -> Result<Running, QemuError> {
+        let args = self.qemu_args(initrd.path(), false);
+        let io_err = |source| QemuError::Io {
+            name: self.name.clone(),
+            source,
+        };
+        let mut log = match &self.log {
+            Some(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(io_err)?;
+                }
+                let mut file = std::fs::File::create(path).map_err(io_err)?;
+                let line = std::iter::once(QEMU.into())
+                    .chain(args.iter().cloned())
+                    .collect::<Vec<OsString>>();
+                let line = line
+                    .iter()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                writeln!(file, "# {line}\n# [host seconds since start] console line")
+                    .map_err(io_err)?;
+                Some(file)
+            }
+            None => None,
+        };
+        let mut child = Command::new(QEMU)
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| QemuError::Spawn { source })?;
+        let started = Instant::now();
+        let stdin = child.stdin.take();
+        let mut stdout = child.stdout.take().expect("stdout is piped");
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let shared = Arc::new(Shared::default());
+
+        let reader = {
+            let shared = Arc::clone(&shared);
+            let on_line = self.on_line.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = match stdout.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let lines = shared.push(&buf[..n], started);
+                    for (at, line) in lines {
+                        if let Some(file) = log.as_mut() {
+                            let _ = writeln!(file, "[{:8.3}] {line}", at.as_secs_f64());
+                        }
+                        if let Some(f) = &on_line {
+                            f(&line);
+                        }
+                    }
+                }
+                let rest = shared.finish();
+                if let (Some(file), Some(rest)) = (log.as_mut(), rest) {
+                    let _ = writeln!(file, "[{:8.3}] {rest}", started.elapsed().as_secs_f64());
+                }
+            })
+        };
+        let stderr_reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        Ok(Running {
+            name: self.name.clone(),
+            child,
+            stdin,
+            shared,
+            reader: Some(reader),
+            stderr_reader: Some(stderr_reader),
+            started,
+            deadline: started + self.timeout,
+            cursor: 0,
+            _initrd: initrd,
+            log: self.log.clone(),
+            finished: false,
+        })
+    }
+}
+
+/// The initramfs a run boots: the shared base, or a per-run copy deleted after the run.
+enum RunInitrd {
+    Shared(PathBuf),
+    Own(PathBuf),
+}
+
+impl RunInitrd {
+    fn path(&self) -> &Path {
+        match self {
+            RunInitrd::Shared(p) | RunInitrd::Own(p) => p,
+        }
+    }
+}
+
+impl Drop for RunInitrd {
+    fn drop(&mut self) {
+        if let RunInitrd::Own(path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The console as received, shared between the reader thread and [`Running`].
+#[derive(Default)]
+struct Shared {
+    state: Mutex<Console>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Console {
+    /// Complete lines, each ending in `\n` (carriage returns dropped).
+    text: String,
+    /// Bytes of the line not yet ended.
+    partial: Vec<u8>,
+    /// When the `QS-BOOTED` line arrived.
+    booted_after: Option<Duration>,
+    /// QEMU closed its stdout: it has exited.
+    eof: bool,
+}
+
+impl Console {
+    /// Everything from byte `from` of the complete text on, with the unfinished line.
+    fn view_from(&self, from: usize) -> String {
+        let mut s = self.text[from.min(self.text.len())..].to_string();
+        s.push_str(&String::from_utf8_lossy(&self.partial));
+        s
+    }
+}
+
+impl Shared {
+    /// Adds received bytes; returns the lines they completed, with their arrival time.
+    fn push(&self, bytes: &[u8], started: Instant) -> Vec<(Duration, String)> {
+        let at = started.elapsed();
+        let mut done = Vec::new();
+        let mut console = self.state.lock().expect("console lock");
+        for &b in bytes {
+            match b {
+                b'\r' => {}
+                b'\n' => {
+                    let line = String::from_utf8_lossy(&console.partial).into_owned();
+                    console.partial.clear();
+                    if console.booted_after.is_none() && line.trim_end() == BOOTED_MARKER {
+                        console.booted_after = Some(at);
+                    }
+                    console.text.push_str(&line);
+                    console.text.push('\n');
+                    done.push((at, line));
+                }
+                _ => console.partial.push(b),
+            }
+        }
+        drop(console);
+        self.changed.notify_all();
+        done
+    }
+
+    /// QEMU's output ended; returns the unfinished last line, if any.
+    fn finish(&self) -> Option<String> {
+        let mut console = self.state.lock().expect("console lock");
+        console.eof = true;
+        let rest = (!console.partial.is_empty())
+            .then(|| String::from_utf8_lossy(&console.partial).into_owned());
+        if let Some(rest) = &rest {
+            console.text.push_str(rest);
+            console.text.push('\n');
+            console.partial.clear();
+        }
+        drop(console);
+        self.changed.notify_all();
+        rest
+    }
+}
+
+/// A QEMU process booting the guest. Dropping it kills QEMU.
+pub struct Running {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    shared: Arc<Shared>,
+    reader: Option<JoinHandle<()>>,
+    stderr_reader: Option<JoinHandle<String>>,
+    started: Instant,
+    deadline: Instant,
+    /// Byte offset in the console up to which [`Running::wait_for`] has consumed.
+    cursor: usize,
+    /// Held for its `Drop`: the per-run initramfs goes when the run does.
+    _initrd: RunInitrd,
+    log: Option<PathBuf>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("name", &self.name)
+            .field("pid", &self.child.id())
+            .finish()
+    }
+}
+
+impl Running {
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Time since QEMU started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The console log file, if kept.
+    pub fn log_path(&self) -> Option<&Path> {
+        self.log.as_deref()
+    }
+
+    /// Everything the console printed so far.
+    pub fn console(&self) -> String {
+        self.shared.state.lock().expect("console lock").view_from(0)
+    }
+
+    /// Types `text` on the guest's console (include the `\n`).
+    pub fn send(&mut self, text: &str) -> Result<(), QemuError> {
+        let name = self.name.clone();
+        let stdin = self.stdin.as_mut().ok_or_else(|| QemuError::Io {
+            name: name.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "console input already closed",
+            ),
+        })?;
+        stdin
+            .write_all(text.as_bytes())
+            .and_then(|()| stdin.flush())
+            .map_err(|source| QemuError::Io { name, source })
+    }
+
+    /// Waits until `needle` appears on the console after what earlier calls matched, and
+    /// returns the (possibly unfinished) line holding it. Fails if QEMU exits first or after
+    /// `timeout` (or the run's deadline, whichever is sooner).
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String, QemuError> {
+        let give_up = (Instant::now() + timeout).min(self.deadline);
+        let mut console = self.shared.state.lock().expect("console lock");
+        loop {
+            let view = console.view_from(self.cursor);
+            if let Some(at) = view.find(needle) {
+                let start = view[..at].rfind('\n').map_or(0, |i| i + 1);
+                let end = view[at..].find('\n').map_or(view.len(), |i| at + i);
+                let line = view[start..end].to_string();
+                // Only advance over complete text, so the unfinished line's offset stays valid.
+                self.cursor = (self.cursor + at + needle.len()).min(console.text.len());
+                return Ok(line);
+            }
+            let now = Instant::now();
+            if console.eof || now >= give_up {
+                let eof = console.eof;
+                let tail = tail_of(&console.view_from(0));
+                drop(console);
+                return Err(if eof {
+                    let status = self.child.wait().map_err(|source| QemuError::Io {
+                        name: self.name.clone(),
+                        source,
+                    })?;
+                    QemuError::Exited {
+                        name: self.name.clone(),
+                        waiting_for: needle.into(),
+                        status,
+                        stderr: self.take_stderr(),
+                        console_tail: tail,
+                        log: self.log.clone(),
+                    }
+                } else {
+                    QemuError::Timeout {
+                        name: self.name.clone(),
+                        waiting_for: needle.into(),
+                        after: self.started.elapsed(),
+                        console_tail: tail,
+                        log: self.log.clone(),
+                    }
+                });
+            }
+            console = self
+                .shared
+                .changed
+                .wait_timeout(console, give_up - now)
+                .expect("console lock")
+                .0;
+        }
+    }
+
+    /// Waits for QEMU to exit (the guest powered off, or crashed with `panic=-1`), killing it
+    /// at the run's deadline, and returns what happened.
+    pub fn wait(mut self) -> Result<RunOutput, QemuError> {
+        {
+            let mut console = self.shared.state.lock().expect("console lock");
+            while !console.eof {
+                let now = Instant::now();
+                if now >= self.deadline {
+                    let tail = tail_of(&console.view_from(0));
+                    drop(console);
+                    self.kill();
+                    return Err(QemuError::Timeout {
+                        name: self.name.clone(),
+                        waiting_for: "the guest to power off".into(),
+                        after: self.started.elapsed(),
+                        console_tail: tail,
+                        log: self.log.clone(),
+                    });
+                }
+                console = self
+                    .shared
+                    .changed
+                    .wait_timeout(console, self.deadline - now)
+                    .expect("console lock")
+                    .0;
+            }
+        }
+        let status = self.child.wait().map_err(|source| QemuError::Io {
+            name: self.name.clone(),
+            source,
+        })?;
+        self.finished = true;
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let (console, booted_after) = {
+            let console = self.shared.state.lock().expect("console lock");
+            (console.text.clone(), console.booted_after)
+        };
+        let script_status = console.lines().rev().find_map(|l| {
+            l.trim_end()
+                .strip_prefix(SCRIPT_EXIT_MARKER)
+                .and_then(|s| s.trim().parse().ok())
+        });
+        Ok(RunOutput {
+            name: self.name.clone(),
+            console,
+            script_status,
+            qemu_status: status,
+            qemu_stderr: self.take_stderr(),
+            elapsed: self.started.elapsed(),
+            booted_after,
+            log: self.log.clone(),
+        })
+    }
+
+    /// Kills QEMU now (also done on drop).
+    pub fn kill(&mut self) {
+        if !self.finished {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.finished = true;
+        }
+    }
+
+    fn take_stderr(&mut self) -> String {
+        self.stderr_reader
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // The fields drop after this, `_initrd` removing the per-run copy QEMU no longer reads.
+        self.kill();
+    }
+}
+
+/// What a finished run left.
+#[derive(Clone, Debug)]
+pub struct RunOutput {
+    /// The run's name.
+    pub name: String,
+    /// The whole console, lines ending in `\n`, carriage returns removed.
+    pub console: String,
+    /// The script's exit status, from the `QS-SCRIPT-EXIT` line; `None` if the guest stopped
+    /// before printing it.
+    pub script_status: Option<i32>,
+    /// How QEMU exited.
+    pub qemu_status: ExitStatus,
+    /// What QEMU printed on stderr (warnings about CPU features, errors).
+    pub qemu_stderr: String,
+    /// From QEMU's start to its exit.
+    pub elapsed: Duration,
+    /// From QEMU's start to the `QS-BOOTED` line.
+    pub booted_after: Option<Duration>,
+    /// The console log file, if kept.
+    pub log: Option<PathBuf>,
+}
+
+impl RunOutput {
+    /// The script ran to the end and exited 0.
+    pub fn succeeded(&self) -> bool {
+        self.script_status == Some(0)
+    }
+
+    /// `Ok` if the script exited 0; otherwise an error with the end of the console.
+    pub fn ensure_success(&self) -> Result<&RunOutput, QemuError> {
+        let console_tail = tail_of(&self.console);
+        match self.script_status {
+            Some(0) => Ok(self),
+            Some(status) => Err(QemuError::ScriptFailed {
+                name: self.name.clone(),
+                status,
+                console_tail,
+                log: self.log.clone(),
+            }),
+            None => Err(QemuError::NoScriptExit {
+                name: self.name.clone(),
+                status: self.qemu_status,
+                stderr: self.qemu_stderr.clone(),
+                console_tail,
+                log: self.log.clone(),
+            }),
+        }
+    }
+
+    /// The console lines between the `QS-BOOTED` marker and the `QS-SCRIPT-EXIT` line: what
+    /// the script printed (with kernel messages that came meanwhile).
+    pub fn script_output(&self) -> String {
+        let mut out = String::new();
+        let mut inside = false;
+        for line in self.console.lines() {
+            if line.trim_end() == BOOTED_MARKER {
+                inside = true;
+            } else if line.starts_with(SCRIPT_EXIT_MARKER) {
+                inside = false;
+            } else if inside {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_are_split_and_carriage_returns_dropped() {
+        let shared = Shared::default();
+        let t0 = Instant::now();
+        assert!(shared.push(b"hel", t0).is_empty());
+        let lines = shared.push(b"lo\r\nQS-BOOTED\r\npart", t0);
+        assert_eq!(
+            lines.iter().map(|l| l.1.as_str()).collect::<Vec<_>>(),
+            ["hello", "QS-BOOTED"]
+        );
+        let console = shared.state.lock().unwrap();
+        assert_eq!(console.view_from(0), "hello\nQS-BOOTED\npart");
+        assert_eq!(console.view_from(6), "QS-BOOTED\npart");
+        assert!(console.booted_after.is_some());
+        drop(console);
+        assert_eq!(shared.finish().as_deref(), Some("part"));
+        assert!(shared.state.lock().unwrap().eof);
+    }
+
+    #[test]
+    fn script_output_is_what_lies_between_the_markers() {
+        let out = RunOutput {
+            name: "t".into(),
+            console: "[    1.0] kernel\nQS-NOLOAD\nQS-BOOTED\nhello\nworld\nQS-SCRIPT-EXIT 3\n[ 2.0] reboot\n".into(),
+            script_status: Some(3),
+            qemu_status: std::os::unix::process::ExitStatusExt::from_raw(0),
+            qemu_stderr: String::new(),
+            elapsed: Duration::ZERO,
+            booted_after: None,
+            log: None,
+        };
+        assert_eq!(out.script_output(), "hello\nworld\n");
+        assert!(!out.succeeded());
+        let err = out.ensure_success().unwrap_err().to_string();
+        assert!(err.contains("status 3") && err.contains("world"), "{err}");
+    }
+}

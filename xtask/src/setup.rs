@@ -1,0 +1,114 @@
+//! `cargo xtask setup`: everything the build and the tests need on this machine. Each step
+//! checks before it acts, so a second run does nothing and takes well under a second.
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+
+use crate::cmd::{run_captured, run_inherit, stdout_of};
+use crate::kernel::Kernel;
+use crate::note;
+
+/// Debian packages the build and the tests run: QEMU for the guest, a C toolchain and the
+/// libraries of kbuild's prebuilt `modpost`/`objtool` for the agent module.
+pub const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "gcc",
+    "make",
+    "libelf1",
+    "libssl3",
+    "zlib1g",
+];
+
+/// The Rust target the hv image is built for.
+pub const HV_TARGET: &str = "x86_64-unknown-none";
+
+/// Installs what is missing and prepares the kernel; returns the kernel's paths.
+pub fn setup() -> anyhow::Result<Kernel> {
+    let mut apt = Apt::default();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        note(format!(
+            "host packages present ({})",
+            APT_PACKAGES.join(", ")
+        ));
+    } else {
+        apt.install(&missing)?;
+    }
+    ensure_rust_target(HV_TARGET)?;
+    Kernel::prepare_with(&mut apt)
+}
+
+/// Whether dpkg reports `package` as installed (not merely known, or removed with its
+/// configuration left behind).
+pub fn dpkg_installed(package: &str) -> bool {
+    let Ok(output) = Command::new("dpkg").args(["-s", package]).output() else {
+        return false;
+    };
+    output.status.success()
+        && String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .any(|l| l.starts_with("Status:") && l.ends_with("install ok installed"))
+}
+
+/// Adds a rustup target unless it is already installed.
+pub fn ensure_rust_target(target: &str) -> anyhow::Result<()> {
+    let installed = stdout_of(Command::new("rustup").args(["target", "list", "--installed"]))
+        .context("cannot list Rust targets: is rustup installed (https://rustup.rs)?")?;
+    if installed.lines().any(|l| l.trim() == target) {
+        note(format!("Rust target {target} present"));
+        return Ok(());
+    }
+    note(format!("rustup target add {target}"));
+    run_inherit(Command::new("rustup").args(["target", "add", target]))
+}
+
+/// apt, updating the package lists at most once per run and only when needed.
+#[derive(Debug, Default)]
+pub(crate) struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    /// Runs `apt-get update` unless this run already did; returns whether it ran now.
+    pub(crate) fn update_once(&mut self) -> anyhow::Result<bool> {
+        if self.updated {
+            return Ok(false);
+        }
+        note("apt-get update");
+        run_captured(Command::new("apt-get").arg("update"))
+            .context("apt-get update failed: check the network and /etc/apt/sources.list")?;
+        self.updated = true;
+        Ok(true)
+    }
+
+    /// Installs `packages` non-interactively (after one `apt-get update`).
+    pub(crate) fn install(&mut self, packages: &[&str]) -> anyhow::Result<()> {
+        if !is_root() {
+            bail!(
+                "missing packages {}: run `sudo apt-get install {}` or run setup as root",
+                packages.join(" "),
+                packages.join(" ")
+            );
+        }
+        self.update_once()?;
+        note(format!("apt-get install {}", packages.join(" ")));
+        run_inherit(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .with_context(|| format!("installing {} failed", packages.join(" ")))
+    }
+}
+
+/// Whether this process runs as root: `/proc/self` belongs to the effective user.
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
