@@ -1,1 +1,78 @@
+//! Shared pieces of the integration tests: finding the built artifacts, booting a guest with a
+//! script, and the checks every test makes on the kernel log.
+//!
+//! The tests boot the stock Debian cloud kernel under QEMU/TCG with the agent loaded and drive
+//! Quicksilver through `qsctl` as a user would. `cargo xtask test` builds everything first.
 
+use std::time::Duration;
+pub use xtask::build::Artifacts;
+pub use xtask::qemu::{Qemu, RunOutput};
+
+/// The built artifacts, or a panic that says how to get them.
+pub fn artifacts() -> Artifacts {
+    match Artifacts::locate() {
+        Ok(a) => a,
+        Err(e) => panic!("{e}: run `cargo xtask test` (it builds everything first)"),
+    }
+}
+
+/// A guest with `smp` CPUs on `-cpu EPYC`, named after the test.
+pub fn guest(name: &str, smp: u32) -> Qemu {
+    artifacts().qemu(name).smp(smp).timeout(Duration::from_secs(600))
+}
+
+/// Runs `script` and returns what happened; panics with the console's end if QEMU could not
+/// run it at all.
+pub fn run(qemu: Qemu, script: &str) -> RunOutput {
+    match qemu.run_script(script) {
+        Ok(out) => out,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Kernel-log lines that mean the kernel under us was hurt.
+const BAD: &[&str] = &[
+    "BUG:",
+    "WARNING: CPU:",
+    "cut here",
+    "Oops",
+    "Call Trace",
+    "soft lockup",
+    "hard LOCKUP",
+    "rcu_preempt detected stalls",
+    "rcu: INFO",
+    "Kernel panic",
+    "general protection fault",
+    "unchecked MSR access",
+    "quicksilver hv:",
+];
+
+/// Panics if the console shows an oops, warning, lockup, RCU stall or an hv fault report.
+pub fn assert_kernel_clean(out: &RunOutput) {
+    for line in out.console.lines() {
+        if let Some(bad) = BAD.iter().find(|b| line.contains(*b)) {
+            panic!(
+                "{}: the kernel log has {bad:?}:\n  {line}\n(full log: {:?})",
+                out.name, out.log
+            );
+        }
+    }
+}
+
+/// Panics unless the script exited 0, showing the end of the console.
+pub fn assert_success(out: &RunOutput) {
+    if let Err(e) = out.ensure_success() {
+        panic!("{e}");
+    }
+}
+
+/// Panics unless the console contains `needle`.
+pub fn assert_console_has(out: &RunOutput, needle: &str) {
+    assert!(
+        out.console.contains(needle),
+        "{}: expected {needle:?} on the console; script output:\n{}\n(full log: {:?})",
+        out.name,
+        out.script_output(),
+        out.log
+    );
+}
