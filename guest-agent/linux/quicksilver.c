@@ -398,8 +398,9 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 			qs_do_activate(&r);
 		else
 			qs_do_deactivate(&r);
-		if (r.status != QS_OK && r.status != QS_ALREADY_ACTIVE && r.status != QS_NOT_ACTIVE)
-			pr_err("%s failed: %s\n", cmd == QS_IOC_ACTIVATE ? "activate" : "deactivate",
+		/* A refused activation has said why already (qs_do_activate). */
+		if (cmd == QS_IOC_DEACTIVATE && r.status != QS_OK && r.status != QS_NOT_ACTIVE)
+			pr_err("deactivate failed on CPU %d: %s\n", r.failed_cpu,
 			       qs_status_message(r.status));
 		if (copy_to_user(uarg, &r, sizeof(r)))
 			ret = -EFAULT;

@@ -341,7 +341,34 @@ fn timer_thread(id: u64) {
     }
 }
 
+/// `--hold-kvm-vm SECONDS`: create a KVM virtual machine (which makes kvm_amd set EFER.SVME on
+/// every CPU) and keep it for SECONDS. Prints `KVM-VM created` or `KVM-VM refused: <error>`.
+/// The tests use it to make another hypervisor own SVM, with the real kvm_amd.
+fn hold_kvm_vm(seconds: u64) -> ! {
+    const KVM_CREATE_VM: libc::c_ulong = 0xAE01; // _IO(KVMIO, 0x01)
+    let kvm = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(f) => f,
+        Err(e) => {
+            println!("KVM-VM refused: cannot open /dev/kvm: {e}");
+            std::process::exit(1);
+        }
+    };
+    // SAFETY: KVM_CREATE_VM takes an integer machine type (0) and returns a new fd or -1.
+    let vm = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&kvm), KVM_CREATE_VM, 0) };
+    if vm < 0 {
+        println!("KVM-VM refused: {}", std::io::Error::last_os_error());
+        std::process::exit(1);
+    }
+    println!("KVM-VM created");
+    std::thread::sleep(Duration::from_secs(seconds));
+    std::process::exit(0);
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--hold-kvm-vm") {
+        hold_kvm_vm(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3600));
+    }
     let options = parse_args();
     install_signal_handlers();
     let exec = CString::new(options.exec.clone()).unwrap_or_else(|_| usage());
