@@ -25,7 +25,13 @@ pub const SIZE_1G: u64 = 1 << 30;
 pub const SIZE_512G: u64 = 1 << 39;
 
 /// Where page-table frames come from and how the builder reaches them.
-pub trait Frames {
+///
+/// # Safety
+/// `alloc` must return distinct, zeroed, 4 KiB frames owned by the caller, and `table` must
+/// return a pointer valid for reads and writes of that frame, for every address `alloc`
+/// returned (and the root passed to the functions below). The builders rely on it for every
+/// entry they read and write.
+pub unsafe trait Frames {
     /// A new zeroed frame, by physical address, or `None` when out of memory.
     fn alloc(&mut self) -> Option<u64>;
     /// Pointer to the table in the frame at `pa` (a frame this source handed out).
@@ -209,7 +215,8 @@ mod tests {
         }
     }
 
-    impl Frames for Arena {
+    // SAFETY: every frame is a distinct boxed, zeroed table that lives as long as the arena.
+    unsafe impl Frames for Arena {
         fn alloc(&mut self) -> Option<u64> {
             let mut pages = self.pages.borrow_mut();
             pages.push(Box::new([0; 512]));

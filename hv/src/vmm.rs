@@ -39,7 +39,9 @@ struct Bump {
     end_pa: u64,
 }
 
-impl Frames for Bump {
+// SAFETY: frames come from [next_pa, end_pa) of the block the agent gave us, each once, zeroed
+// before being handed out, and `table` maps a frame's PA to its VA in that block.
+unsafe impl Frames for Bump {
     fn alloc(&mut self) -> Option<u64> {
         if self.next_pa + SIZE_4K > self.end_pa {
             return None;

@@ -48,9 +48,9 @@ if [ -f /qs/script.sh ]; then
     echo "QS-SCRIPT-EXIT $?"
 else
     echo "Quicksilver test guest. Leave with 'poweroff' or QEMU's Ctrl-A X."
-    PS1='qs-guest:$PWD# ' setsid cttyhack sh
+    ENV=/etc/shrc PS1='qs-guest:$PWD# ' setsid cttyhack sh
 fi
 # The console is interrupt-driven: give the UART a moment to send what is queued, since a
 # forced power-off does not wait for it.
-sleep 0.2
+: no sleep
 poweroff -f

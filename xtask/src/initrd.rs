@@ -6,7 +6,7 @@
 //! ```text
 //! /init                             busybox sh script, see xtask/src/init.sh
 //! /bin/busybox, /bin/<applet>       links for the applets scripts use
-//! /bin/poweroff, /bin/reboot        wrappers that force it (see below)
+//! /etc/shrc                        the interactive shell's $ENV (see SHELL_RC)
 //! /bin/qsctl, /bin/qs-workload      the static guest tools
 //! /lib/quicksilver/hv.img           the hv image
 //! /lib/quicksilver/quicksilver.ko   the agent
@@ -108,6 +108,16 @@ pub const APPLETS: &[&str] = &[
     "clear",
 ];
 
+/// `$ENV` of the interactive shell. busybox's `poweroff` and `reboot` (run as built-in
+/// applets, whatever is in `/bin`) only signal init, and `/init` is a shell script that cannot
+/// act on a signal while it waits for this shell: shell functions, which win over applets,
+/// force them instead (there is no disk to sync).
+pub const SHELL_RC: &str = "\
+poweroff() { /bin/busybox poweroff -f; }
+halt() { /bin/busybox poweroff -f; }
+reboot() { /bin/busybox reboot -f; }
+";
+
 /// Where the KVM modules go in the guest, and the list that orders them.
 pub const KVM_MODULES_DIR: &str = "lib/modules-extra";
 /// The file listing them in load order.
@@ -177,15 +187,7 @@ pub fn write_base(inputs: &InitrdInputs, out: &Path) -> anyhow::Result<()> {
     for applet in APPLETS {
         a.symlink(&format!("bin/{applet}"), "busybox")?;
     }
-    // busybox's plain `poweroff` signals init, and /init is a shell script that ignores it while
-    // it waits for the interactive shell: force it, there is nothing on disk to sync.
-    for (name, verb) in [("poweroff", "poweroff"), ("reboot", "reboot")] {
-        a.file(
-            &format!("bin/{name}"),
-            0o755,
-            format!("#!/bin/sh\nexec /bin/busybox {verb} -f\n").as_bytes(),
-        )?;
-    }
+    a.file("etc/shrc", 0o644, SHELL_RC.as_bytes())?;
     for (dest, src) in [
         ("bin/qsctl", &inputs.qsctl),
         ("bin/qs-workload", &inputs.workload),

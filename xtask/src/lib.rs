@@ -19,6 +19,7 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod bench;
 pub mod build;
 pub mod cmd;
 pub mod cpio;

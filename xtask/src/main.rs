@@ -86,9 +86,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cli::Demo(args) => demo(args),
         Cli::Test { args } => test(&args),
-        Cli::Bench { .. } => {
-            anyhow::bail!("`cargo xtask bench` is not written yet: the benchmarks come with the hv's mode switch")
+        Cli::Bench { args } => bench(&args),
+    }
+}
+
+fn bench(args: &[String]) -> anyhow::Result<ExitCode> {
+    let switches = std::env::var("QS_BENCH_SWITCHES").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    match args.first().map(String::as_str) {
+        Some("mode-switch") => {
+            let kernel = xtask::setup()?;
+            let artifacts = xtask::build(&kernel)?;
+            xtask::bench::mode_switch(&artifacts, switches)?;
+            Ok(ExitCode::SUCCESS)
         }
+        other => anyhow::bail!(
+            "unknown benchmark {other:?}: the benchmarks are `mode-switch` (cargo xtask bench mode-switch)"
+        ),
     }
 }
 

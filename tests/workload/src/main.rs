@@ -364,8 +364,41 @@ fn hold_kvm_vm(seconds: u64) -> ! {
     std::process::exit(0);
 }
 
+/// `--fixed-work`: a fixed amount of work on every CPU (one thread each) — memory fill and
+/// check, system calls, page faults — timed with CLOCK_MONOTONIC. Prints `QS-WORK-MS <ms>`.
+/// The benchmarks compare its time natively, dormant and active.
+fn fixed_work() -> ! {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u64;
+    let start = Instant::now();
+    let threads: Vec<_> = (0..cpus)
+        .map(|id| {
+            std::thread::spawn(move || {
+                let mut sum = 0u64;
+                for round in 0..24u64 {
+                    let seed = mix(id, round);
+                    let mut buf = vec![0u64; (1 << 20) / 8];
+                    fill(&mut buf, seed);
+                    sum = sum.wrapping_add(buf.iter().fold(0u64, |a, &w| a.wrapping_add(w)));
+                    for _ in 0..200 {
+                        // SAFETY: getppid has no preconditions.
+                        sum = sum.wrapping_add(unsafe { libc::getppid() } as u64);
+                    }
+                }
+                sum
+            })
+        })
+        .collect();
+    let sum = threads.into_iter().fold(0u64, |a, t| a.wrapping_add(t.join().unwrap_or(0)));
+    println!("QS-WORK-MS {:.3} (check {sum:#x})", start.elapsed().as_secs_f64() * 1000.0);
+    std::process::exit(0);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--fixed-work") {
+        fixed_work();
+    }
     if args.get(1).map(String::as_str) == Some("--hold-kvm-vm") {
         hold_kvm_vm(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3600));
     }
