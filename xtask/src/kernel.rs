@@ -112,6 +112,7 @@ impl Kernel {
         let kernel = Kernel::in_cache(&dir, &abi);
         let ready = dir.join("ready");
         if std::fs::read_to_string(&ready).is_ok_and(|s| s.trim() == abi) && kernel.is_complete() {
+            record_abi(&dir, &abi)?;
             note(format!(
                 "kernel {} ready in {}",
                 kernel.release,
@@ -119,9 +120,6 @@ impl Kernel {
             ));
             return Ok(kernel);
         }
-        // From here on root/ is being rebuilt: it is not ready until the end.
-        remove_if_exists(&ready)?;
-
         let debs = dir.join("debs");
         let image = format!("linux-image-{abi}-{FLAVOUR}");
         let headers = format!("linux-headers-{abi}-{FLAVOUR}");
@@ -147,6 +145,8 @@ impl Kernel {
         files.extend(download(apt, &rest, &debs)?);
         packages.extend(rest);
 
+        // From here on root/ is being rebuilt: it is not ready until the end.
+        remove_if_exists(&ready)?;
         let root = &kernel.root;
         if root.exists() {
             std::fs::remove_dir_all(root)
@@ -176,6 +176,7 @@ impl Kernel {
             );
         }
         std::fs::write(&ready, format!("{abi}\n"))?;
+        record_abi(&dir, &abi)?;
         note(format!(
             "kernel {} ready in {}",
             kernel.release,
@@ -185,14 +186,10 @@ impl Kernel {
     }
 }
 
-/// Picks the ABI: `$QS_KERNEL_ABI`, else the one recorded by an earlier run, else what the
-/// metapackage depends on today (then recorded).
+/// Picks the ABI: `$QS_KERNEL_ABI`, else the one recorded by an earlier successful run, else
+/// what the metapackage depends on today.
 fn choose_abi(dir: &Path, apt: &mut Apt) -> anyhow::Result<String> {
-    let recorded_path = dir.join("abi");
-    let recorded = std::fs::read_to_string(&recorded_path)
-        .ok()
-        .map(|s| s.trim().to_string());
-    let abi = if let Ok(wanted) = std::env::var(ABI_ENV) {
+    if let Ok(wanted) = std::env::var(ABI_ENV) {
         // Accept the full release too ("6.1.0-56-cloud-amd64").
         let wanted = wanted
             .trim()
@@ -202,21 +199,27 @@ fn choose_abi(dir: &Path, apt: &mut Apt) -> anyhow::Result<String> {
         {
             bail!("{ABI_ENV}={wanted:?} is not a kernel ABI: use the form 6.1.0-56");
         }
-        wanted
-    } else if let Some(abi) = recorded.clone().filter(|a| !a.is_empty()) {
-        abi
-    } else {
-        let abi = resolve_abi(apt)?;
-        note(format!(
-            "{META_PACKAGE} depends on kernel ABI {abi}; recording it in {}",
-            recorded_path.display()
-        ));
-        abi
-    };
-    if recorded.as_deref() != Some(abi.as_str()) {
-        std::fs::write(&recorded_path, format!("{abi}\n"))?;
+        return Ok(wanted);
     }
+    let recorded = std::fs::read_to_string(dir.join("abi")).unwrap_or_default();
+    if !recorded.trim().is_empty() {
+        return Ok(recorded.trim().to_string());
+    }
+    let abi = resolve_abi(apt)?;
+    note(format!(
+        "{META_PACKAGE} depends on kernel ABI {abi} (later runs keep it: set {ABI_ENV} to change)"
+    ));
     Ok(abi)
+}
+
+/// Records `abi` as the one later runs use, once it is ready: a failed attempt (a mistyped
+/// `QS_KERNEL_ABI`) must not stick.
+fn record_abi(dir: &Path, abi: &str) -> anyhow::Result<()> {
+    let path = dir.join("abi");
+    if std::fs::read_to_string(&path).is_ok_and(|s| s.trim() == abi) {
+        return Ok(());
+    }
+    std::fs::write(&path, format!("{abi}\n")).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The first package in a `Depends:` field that `pick` accepts.

@@ -91,7 +91,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn bench(args: &[String]) -> anyhow::Result<ExitCode> {
-    let switches = std::env::var("QS_BENCH_SWITCHES").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let switches = std::env::var("QS_BENCH_SWITCHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     match args.first().map(String::as_str) {
         Some("mode-switch") => {
             let kernel = xtask::setup()?;

@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! qs-workload [--seconds N] [--threads N] [--exec PATH]
+//! qs-workload --fixed-work            (benchmarks: fixed work on every CPU, timed)
+//! qs-workload --hold-kvm-vm [SECONDS] (tests: make kvm_amd own SVM)
 //! ```
 //!
 //! Each activity runs in `--threads` threads (default 1) until `--seconds` pass (default:
@@ -50,7 +52,10 @@ struct Options {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: qs-workload [--seconds N] [--threads N] [--exec PATH]");
+    eprintln!(
+        "usage: qs-workload [--seconds N] [--threads N] [--exec PATH]\n       \
+         qs-workload --fixed-work\n       qs-workload --hold-kvm-vm [SECONDS]"
+    );
     std::process::exit(2);
 }
 
@@ -346,7 +351,11 @@ fn timer_thread(id: u64) {
 /// The tests use it to make another hypervisor own SVM, with the real kvm_amd.
 fn hold_kvm_vm(seconds: u64) -> ! {
     const KVM_CREATE_VM: libc::c_ulong = 0xAE01; // _IO(KVMIO, 0x01)
-    let kvm = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    let kvm = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(f) => f,
         Err(e) => {
             println!("KVM-VM refused: cannot open /dev/kvm: {e}");
@@ -389,8 +398,13 @@ fn fixed_work() -> ! {
             })
         })
         .collect();
-    let sum = threads.into_iter().fold(0u64, |a, t| a.wrapping_add(t.join().unwrap_or(0)));
-    println!("QS-WORK-MS {:.3} (check {sum:#x})", start.elapsed().as_secs_f64() * 1000.0);
+    let sum = threads
+        .into_iter()
+        .fold(0u64, |a, t| a.wrapping_add(t.join().unwrap_or(0)));
+    println!(
+        "QS-WORK-MS {:.3} (check {sum:#x})",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
     std::process::exit(0);
 }
 

@@ -1,0 +1,96 @@
+//! The runner against the real guest: boots the cached kernel with the built initramfs
+//! (`cargo xtask build` first; `cargo xtask test` does both). The agent is not loaded
+//! (`qs.noload`): these tests check the infrastructure the Quicksilver tests stand on.
+
+use std::time::Duration;
+
+use xtask::{Artifacts, QemuError};
+
+fn artifacts() -> Artifacts {
+    Artifacts::locate().unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_script_runs_and_its_status_and_output_come_back() {
+    let a = artifacts();
+    let out = a
+        .qemu("runner-script")
+        .smp(2)
+        .noload()
+        .file("/root/data.txt", 0o644, "payload from the host\n")
+        .run_script("uname -r\ncat /root/data.txt\necho answer=$((6 * 7))\nexit 3\n")
+        .unwrap();
+    assert_eq!(out.script_status, Some(3), "{}", out.console);
+    let script = out.script_output();
+    assert!(script.contains(&a.kernel.release), "{script}");
+    assert!(
+        script.contains("payload from the host") && script.contains("answer=42"),
+        "{script}"
+    );
+    assert!(out.console.contains("QS-NOLOAD"));
+    assert!(out.booted_after.is_some_and(|t| t < out.elapsed));
+    let err = out.ensure_success().unwrap_err().to_string();
+    assert!(
+        err.contains("status 3") && err.contains("answer=42"),
+        "{err}"
+    );
+    let log = std::fs::read_to_string(out.log.as_ref().unwrap()).unwrap();
+    assert!(log.contains("answer=42"));
+}
+
+#[test]
+fn the_workload_passes_after_the_kvm_modules_load() {
+    let out = artifacts()
+        .qemu("runner-workload")
+        .smp(2)
+        .noload()
+        .run_script(
+            "set -e\n\
+             for m in $(cat /lib/quicksilver/kvm-modules); do insmod $m; done\n\
+             lsmod | grep kvm_amd\n\
+             qs-workload --seconds 4 --threads 2\n",
+        )
+        .unwrap();
+    out.ensure_success().unwrap();
+    assert!(out.console.contains("WORKLOAD OK"), "{}", out.console);
+    assert!(
+        out.console.contains("workload: alive t=2"),
+        "{}",
+        out.console
+    );
+}
+
+#[test]
+fn the_console_can_be_driven_interactively() {
+    let mut guest = artifacts()
+        .qemu("runner-interactive")
+        .smp(1)
+        .noload()
+        .spawn()
+        .unwrap();
+    guest
+        .wait_for("qs-guest:", Duration::from_secs(60))
+        .unwrap();
+    guest.send("echo sum=$((40 + 2))\n").unwrap();
+    let line = guest.wait_for("sum=42", Duration::from_secs(30)).unwrap();
+    assert_eq!(line.trim(), "sum=42");
+    guest.send("poweroff\n").unwrap();
+    let out = guest.wait().unwrap();
+    assert_eq!(out.script_status, None);
+    assert!(out.qemu_status.success());
+}
+
+#[test]
+fn a_hung_guest_is_killed_at_the_deadline() {
+    let started = std::time::Instant::now();
+    let err = artifacts()
+        .qemu("runner-timeout")
+        .smp(1)
+        .noload()
+        .timeout(Duration::from_secs(3))
+        .run_script("sleep 600\n")
+        .unwrap_err();
+    assert!(matches!(err, QemuError::Timeout { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(err.to_string().contains("runner-timeout.log"), "{err}");
+}
