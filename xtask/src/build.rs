@@ -255,24 +255,34 @@ pub fn build_module(kernel: &Kernel, src: &Path, work: &Path) -> anyhow::Result<
         }
     }
     let work = work.canonicalize()?;
+    // One file for both streams keeps the compiler's errors next to the step that failed.
+    let log_path = work.join("build.log");
+    let log = std::fs::File::create(&log_path)?;
     let mut make = Command::new("make");
     make.arg("-C")
         .arg(&kernel.headers_dir)
         .arg(format!("M={}", work.display()))
-        .arg("modules");
-    let output = make
-        .output()
+        .arg("modules")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let status = make
+        .status()
         .with_context(|| format!("cannot run `{}`: run `cargo xtask setup`", describe(&make)))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    if !output.status.success() {
+    if !status.success() {
+        let mut text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        // Point at the sources the user edits, not at the copies kbuild compiled.
+        let src = src.canonicalize().unwrap_or_else(|_| src.to_path_buf());
+        for name in &sources {
+            let name = name.to_string_lossy();
+            text = text.replace(
+                &format!("{}/{name}", work.display()),
+                &format!("{}/{name}", src.display()),
+            );
+        }
         bail!(
-            "`{}` failed ({}):\n{}",
+            "`{}` failed ({status}); its output ends with:\n{}",
             describe(&make),
-            output.status,
             tail(&text)
         );
     }

@@ -343,26 +343,42 @@ fn module_index(modules_dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>>
     Ok(index)
 }
 
-/// The `depends=` list of a `.ko`'s `.modinfo` section (NUL-separated `key=value` strings).
-pub fn module_depends(ko: &Path) -> anyhow::Result<Vec<String>> {
+/// The `key=value` entries of a `.ko`'s `.modinfo` section (what `modinfo` prints), in order.
+pub fn modinfo(ko: &Path) -> anyhow::Result<Vec<(String, String)>> {
     let data = std::fs::read(ko).with_context(|| format!("reading {}", ko.display()))?;
-    let parse = || -> Result<Vec<String>, object::read::Error> {
+    let parse = || -> Result<Vec<(String, String)>, object::read::Error> {
         let header = object::elf::FileHeader64::<object::LittleEndian>::parse(&*data)?;
         let endian = header.endian()?;
         let sections = header.sections(endian, &*data)?;
-        let Some((_, modinfo)) = sections.section_by_name(endian, b".modinfo") else {
+        let Some((_, section)) = sections.section_by_name(endian, b".modinfo") else {
             return Ok(Vec::new());
         };
-        let bytes = modinfo.data(endian, &*data)?;
-        Ok(bytes
+        // NUL-separated strings, with NUL padding between some of them.
+        Ok(section
+            .data(endian, &*data)?
             .split(|&b| b == 0)
-            .filter_map(|entry| entry.strip_prefix(b"depends="))
-            .flat_map(|list| list.split(|&b| b == b','))
-            .filter(|name| !name.is_empty())
-            .map(|name| String::from_utf8_lossy(name).replace('-', "_"))
+            .filter_map(|entry| {
+                let entry = String::from_utf8_lossy(entry);
+                let (key, value) = entry.split_once('=')?;
+                Some((key.to_string(), value.to_string()))
+            })
             .collect())
     };
     parse().with_context(|| format!("reading the .modinfo of {}", ko.display()))
+}
+
+/// The modules a `.ko` needs loaded first (its `depends=`), with kernel names (`_`, not `-`).
+pub fn module_depends(ko: &Path) -> anyhow::Result<Vec<String>> {
+    Ok(modinfo(ko)?
+        .into_iter()
+        .filter(|(key, _)| key == "depends")
+        .flat_map(|(_, list)| {
+            list.split(',')
+                .filter(|name| !name.is_empty())
+                .map(|name| name.replace('-', "_"))
+                .collect::<Vec<_>>()
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -212,7 +213,9 @@ impl Qemu {
         self.cmdline("qs.noload")
     }
 
-    /// Adds raw QEMU arguments (a second UART, a monitor socket, ...).
+    /// Adds raw QEMU arguments (a second UART, a monitor socket, ...). They come after the
+    /// console's `-serial stdio`, so a `-serial` (or `-chardev` + `-serial chardev:`) added
+    /// here is the guest's second UART (ttyS1, 0x2F8, IRQ 3).
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -380,11 +383,25 @@ impl Qemu {
             }
             None => None,
         };
-        let mut child = Command::new(QEMU)
+        let mut command = Command::new(QEMU);
+        command
             .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        // If this process dies without dropping `Running` (a test runner's timeout sends
+        // SIGKILL), QEMU must not live on, burning a CPU until the guest ends.
+        // SAFETY: the closure runs in the child between fork and exec and calls only prctl,
+        // which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
             .spawn()
             .map_err(|source| QemuError::Spawn { source })?;
         let started = Instant::now();
@@ -535,7 +552,9 @@ impl Shared {
     }
 }
 
-/// A QEMU process booting the guest. Dropping it kills QEMU.
+/// A QEMU process booting the guest. Dropping it kills QEMU, and QEMU is also killed when the
+/// thread that started it ends (`PR_SET_PDEATHSIG`, so that a test killed by its runner leaves
+/// no guest behind): start runs from the thread that owns them.
 pub struct Running {
     name: String,
     child: Child,
