@@ -113,17 +113,17 @@ pub fn build(kernel: &Kernel) -> anyhow::Result<Artifacts> {
         .with_context(|| format!("creating {}", artifacts.dir.display()))?;
     std::fs::create_dir_all(artifacts.logs_dir())?;
     let mut failed: Vec<&str> = Vec::new();
-    let mut step = |what: &'static str, out: &Path, result: &dyn Fn() -> anyhow::Result<()>| {
-        // A stale copy from an earlier build must not end up in the initramfs.
-        let _ = std::fs::remove_file(out);
-        match result() {
+    // Each part replaces its file atomically (tests may be reading it meanwhile); a part that
+    // fails loses its file, so that a stale copy does not end up in the initramfs.
+    let mut step =
+        |what: &'static str, out: &Path, result: &dyn Fn() -> anyhow::Result<()>| match result() {
             Ok(()) => note(format!("built {what}: {}", out.display())),
             Err(err) => {
+                let _ = std::fs::remove_file(out);
                 eprintln!("xtask: FAILED to build {what}: {err:#}\n");
                 failed.push(what);
             }
-        }
-    };
+        };
     step("the hv image", &artifacts.hv_image, &|| {
         build_hv_image(&artifacts.hv_image)
     });
@@ -136,8 +136,7 @@ pub fn build(kernel: &Kernel) -> anyhow::Result<Artifacts> {
         let built = ko.iter().find(|p| p.file_name().is_some_and(|n| n == "quicksilver.ko")).with_context(|| {
             format!("the agent's kbuild made {ko:?} but no quicksilver.ko: its Kbuild needs `obj-m := quicksilver.o`")
         })?;
-        std::fs::copy(built, &artifacts.agent)?;
-        Ok(())
+        install(built, &artifacts.agent)
     });
     step("qsctl", &artifacts.qsctl, &|| {
         build_guest_binary("qsctl", "qsctl", &artifacts.qsctl)
@@ -322,9 +321,7 @@ pub fn build_guest_binary(package: &str, bin: &str, out: &Path) -> anyhow::Resul
         .join("release")
         .join(bin);
     ensure_static(&built)?;
-    std::fs::copy(&built, out)
-        .with_context(|| format!("copying {} to {}", built.display(), out.display()))?;
-    Ok(())
+    install(&built, out)
 }
 
 /// The initramfs has no C library: a binary with an ELF interpreter would not start.
@@ -347,4 +344,13 @@ fn ensure_static(path: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Copies `from` to `to` through a temporary file and a rename, so that a reader of `to` sees
+/// the old file or the new one, never half of one.
+pub fn install(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let tmp = to.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::copy(from, &tmp)
+        .and_then(|_| std::fs::rename(&tmp, to))
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))
 }

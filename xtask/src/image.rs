@@ -355,7 +355,11 @@ pub fn build_image_file(elf_path: &Path, out: &Path) -> anyhow::Result<ImageHead
         .with_context(|| format!("reading the hv ELF {}", elf_path.display()))?;
     let bytes = build_image(&elf_bytes)
         .with_context(|| format!("converting {} to an hv image", elf_path.display()))?;
-    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    // Through a rename: tests reading the image meanwhile see the old one or the new one.
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, &bytes)
+        .and_then(|()| std::fs::rename(&tmp, out))
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(ImageHeader::read(&bytes).expect("a validated image has a header"))
 }
 
