@@ -225,6 +225,29 @@ impl Qemu {
         self
     }
 
+    /// Makes the guest's second UART (ttyS1, the link port) a Unix socket that QEMU listens on
+    /// at `path` (a bridge or test connects to it; until then output is dropped).
+    pub fn link_socket(self, path: &Path) -> Self {
+        self.args([
+            "-chardev".into(),
+            format!(
+                "socket,id=qslink,path={},server=on,wait=off",
+                path.display()
+            ),
+            "-serial".into(),
+            "chardev:qslink".into(),
+        ])
+    }
+
+    /// Puts QEMU's human monitor on a Unix socket at `path`; talk to it with [`hmp`] (e.g.
+    /// `mce ...` to inject a machine check, `info registers`).
+    pub fn monitor_socket(self, path: &Path) -> Self {
+        self.args([
+            "-monitor".into(),
+            format!("unix:{},server=on,wait=off", path.display()),
+        ])
+    }
+
     /// Adds a file to this run's initramfs (with the script, in an appended archive).
     pub fn file(mut self, guest_path: &str, mode: u32, data: impl Into<Vec<u8>>) -> Self {
         self.files.push(ExtraFile {
@@ -749,6 +772,39 @@ impl Drop for Running {
         // The fields drop after this, `_initrd` removing the per-run copy QEMU no longer reads.
         self.kill();
     }
+}
+
+/// Runs one command on QEMU's human monitor at `socket` (see [`Qemu::monitor_socket`]) and
+/// returns what it printed. Connects anew each time (QEMU serves one client at a time).
+pub fn hmp(socket: &Path, command: &str, timeout: Duration) -> std::io::Result<String> {
+    use std::os::unix::net::UnixStream;
+    const PROMPT: &str = "(qemu) ";
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(timeout))?;
+    // The monitor echoes input and redraws the line with terminal escapes; everything up to
+    // the first prompt is its banner.
+    let read_to_prompt = |stream: &mut UnixStream| -> std::io::Result<String> {
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&text).ends_with(PROMPT) {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "QEMU closed the monitor",
+                ));
+            }
+            text.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    };
+    read_to_prompt(&mut stream)?;
+    stream.write_all(format!("{command}\n").as_bytes())?;
+    let reply = read_to_prompt(&mut stream)?;
+    // Drop the echoed command line and the closing prompt; keep what the command printed.
+    let body = reply.strip_suffix(PROMPT).unwrap_or(&reply);
+    let body = body.split_once('\n').map_or("", |(_echo, rest)| rest);
+    Ok(body.replace('\r', ""))
 }
 
 /// What a finished run left.

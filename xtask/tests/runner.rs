@@ -94,3 +94,45 @@ fn a_hung_guest_is_killed_at_the_deadline() {
     assert!(started.elapsed() < Duration::from_secs(20));
     assert!(err.to_string().contains("runner-timeout.log"), "{err}");
 }
+
+#[test]
+fn the_monitor_and_the_link_port_are_reachable() {
+    let dir = std::env::temp_dir().join(format!("qs-runner-sockets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (monitor, link) = (dir.join("monitor.sock"), dir.join("link.sock"));
+    let mut guest = artifacts()
+        .qemu("runner-sockets")
+        .smp(2)
+        .noload()
+        .monitor_socket(&monitor)
+        .link_socket(&link)
+        .spawn_script("echo from-ttyS1 > /dev/ttyS1\necho sent\nsleep 600\n")
+        .unwrap();
+    // Connect to the link port before the guest writes to it (unconnected output is dropped).
+    let mut port = loop {
+        match std::os::unix::net::UnixStream::connect(&link) {
+            Ok(s) => break s,
+            Err(_) if guest.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("link socket: {e}"),
+        }
+    };
+    guest.wait_for("sent", Duration::from_secs(60)).unwrap();
+    port.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("from-ttyS1") {
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(&mut port, &mut buf).unwrap();
+        assert!(n > 0, "link closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let cpus = xtask::qemu::hmp(&monitor, "info cpus", Duration::from_secs(10)).unwrap();
+    assert!(
+        cpus.contains("CPU #0") && cpus.contains("CPU #1"),
+        "{cpus:?}"
+    );
+    drop(guest);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
