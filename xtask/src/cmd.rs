@@ -21,7 +21,7 @@ pub fn describe(cmd: &Command) -> String {
     line
 }
 
-/// The last [`TAIL_LINES`] lines of `text`.
+/// The last 60 lines of `text` (where a failed command says why).
 pub fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let skip = lines.len().saturating_sub(TAIL_LINES);

@@ -1,10 +1,10 @@
 //! Quicksilver's build and run infrastructure, as a library so that the integration tests and
 //! benchmarks use exactly what `cargo xtask` uses.
 //!
-//! - [`setup`]: host packages, the Rust target, and a stock Debian cloud kernel (image,
+//! - [`mod@setup`]: host packages, the Rust target, and a stock Debian cloud kernel (image,
 //!   headers, modules) plus busybox, fetched into `<repo>/.cache/kernel` and never installed
 //!   ([`Kernel`]).
-//! - [`build`]: the hv image, the agent module, the guest binaries and the initramfs, all in
+//! - [`mod@build`]: the hv image, the agent module, the guest binaries and the initramfs, all in
 //!   `<repo>/target/qs` ([`Artifacts`]).
 //! - [`qemu`]: boot that kernel under QEMU/TCG with a script, capture its console, enforce a
 //!   timeout ([`Qemu`], [`Running`], [`RunOutput`]).

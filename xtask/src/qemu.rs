@@ -667,6 +667,7 @@ impl Running {
                         name: self.name.clone(),
                         source,
                     })?;
+                    self.finished = true;
                     QemuError::Exited {
                         name: self.name.clone(),
                         waiting_for: needle.into(),
