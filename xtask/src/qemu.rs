@@ -643,7 +643,8 @@ impl Running {
 
     /// Waits until `needle` appears on the console after what earlier calls matched, and
     /// returns the (possibly unfinished) line holding it. Fails if QEMU exits first or after
-    /// `timeout` (or the run's deadline, whichever is sooner).
+    /// `timeout` (or the run's deadline, whichever is sooner). Kernel messages share the
+    /// console: wait for a marker the kernel will not print (`sent` matches "present").
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String, QemuError> {
         let give_up = (Instant::now() + timeout).min(self.deadline);
         let mut console = self.shared.state.lock().expect("console lock");

@@ -106,7 +106,7 @@ fn the_monitor_and_the_link_port_are_reachable() {
         .noload()
         .monitor_socket(&monitor)
         .link_socket(&link)
-        .spawn_script("echo from-ttyS1 > /dev/ttyS1\necho sent\nsleep 600\n")
+        .spawn_script("echo from-ttyS1 > /dev/ttyS1\necho LINK-WRITTEN\nsleep 600\n")
         .unwrap();
     // Connect to the link port before the guest writes to it (unconnected output is dropped).
     let mut port = loop {
@@ -118,7 +118,9 @@ fn the_monitor_and_the_link_port_are_reachable() {
             Err(e) => panic!("link socket: {e}"),
         }
     };
-    guest.wait_for("sent", Duration::from_secs(60)).unwrap();
+    guest
+        .wait_for("LINK-WRITTEN", Duration::from_secs(60))
+        .unwrap();
     port.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let mut got = Vec::new();
