@@ -4,12 +4,18 @@
  * and out of it on request from qsctl (/dev/quicksilver).
  *
  * This module is deliberately thin: it validates the image before running a byte of it, gives
- * it memory, calls its entry points at a stop_machine rendezvous, and passes bytes between
- * qsctl and the hv. Every decision about SVM lives in the hv (Rust).
+ * it memory, calls its entry points on every CPU, and passes bytes between qsctl and the hv.
+ * Every decision about SVM lives in the hv (Rust).
  *
- * Concurrency: qs_lock serializes every request. CPU hotplug is refused from the start of an
- * activation to the end of the deactivation (qs_hotplug_blocked), so the set of CPUs in guest
- * mode never changes under us.
+ * The switch is an IPI to every online CPU (on_each_cpu), not stop_machine: each CPU enters
+ * and leaves guest mode on its own (the nested page tables are built once and shared), so no
+ * CPU needs to wait for another, and an IPI costs far less than waking a stopper thread on
+ * every CPU and stepping them through stop_machine's barriers.
+ *
+ * Concurrency: qs_lock serializes every request. Each switch holds cpus_read_lock, and CPU
+ * hotplug is refused from the start of an activation to the end of the deactivation
+ * (qs_hotplug_blocked, set under that lock), so the set of CPUs in guest mode never changes
+ * under us.
  */
 #define pr_fmt(fmt) "quicksilver: " fmt
 
@@ -26,7 +32,6 @@
 #include <linux/crc32.h>
 #include <linux/cpu.h>
 #include <linux/cpuhotplug.h>
-#include <linux/stop_machine.h>
 #include <linux/kernel_read_file.h>
 #include <linux/ktime.h>
 #include <linux/io.h>
@@ -292,31 +297,31 @@ out_file:
 
 /* ---- switching ---- */
 
-static int qs_activate_cpu(void *unused)
+/* Both run in IPI context (interrupts off) on every online CPU. */
+static void qs_activate_cpu(void *unused)
 {
 	qs_cpu_status[smp_processor_id()] = hv.activate(smp_processor_id());
-	return 0;
 }
 
-static int qs_deactivate_cpu(void *unused)
+static void qs_deactivate_cpu(void *unused)
 {
 	int cpu = smp_processor_id();
 
 	/* A CPU the hv already let go of (see the README's unexpected-exit policy) is native. */
 	qs_cpu_status[cpu] = qs_this_cpu_virtualized() ?
 		qs_hypercall(QS_OP_DEACTIVATE, 0, 0) : QS_NOT_ACTIVE;
-	return 0;
 }
 
-/* Runs fn on every online CPU at one rendezvous; fills r with the first failure. */
-static void qs_switch(cpu_stop_fn_t fn, struct qs_switch_result *r, long ignore)
+/* Runs fn on every online CPU and waits; fills r with the first failure. Called with
+ * cpus_read_lock held. */
+static void qs_switch(smp_call_func_t fn, struct qs_switch_result *r, long ignore)
 {
 	u64 t0;
 	int cpu;
 
 	memset(qs_cpu_status, 0, sizeof(qs_cpu_status));
 	t0 = ktime_get_ns();
-	stop_machine(fn, NULL, cpu_online_mask);
+	on_each_cpu(fn, NULL, 1);
 	r->elapsed_ns = ktime_get_ns() - t0;
 	r->status = QS_OK;
 	r->failed_cpu = -1;
@@ -333,27 +338,37 @@ static void qs_switch(cpu_stop_fn_t fn, struct qs_switch_result *r, long ignore)
 	}
 }
 
-static void qs_do_deactivate(struct qs_switch_result *r)
+static void qs_deactivate_locked(struct qs_switch_result *r)
 {
 	qs_switch(qs_deactivate_cpu, r, QS_NOT_ACTIVE);
 	qs_active = false;
 	WRITE_ONCE(qs_hotplug_blocked, false);
 }
 
+static void qs_do_deactivate(struct qs_switch_result *r)
+{
+	cpus_read_lock();
+	qs_deactivate_locked(r);
+	cpus_read_unlock();
+}
+
 static void qs_do_activate(struct qs_switch_result *r)
 {
 	struct qs_switch_result undo;
 
+	cpus_read_lock();
 	WRITE_ONCE(qs_hotplug_blocked, true);
 	qs_switch(qs_activate_cpu, r, -1);
 	if (r->status == QS_OK) {
 		qs_active = true;
-		return;
+	} else {
+		/* All or nothing: put back the CPUs that did switch. */
+		pr_err("activate refused on CPU %d: %s\n", r->failed_cpu,
+		       qs_status_message(r->status));
+		qs_deactivate_locked(&undo);
+		r->cpus = 0;
 	}
-	/* All or nothing: put back the CPUs that did switch. */
-	pr_err("activate refused on CPU %d: %s\n", r->failed_cpu, qs_status_message(r->status));
-	qs_do_deactivate(&undo);
-	r->cpus = 0;
+	cpus_read_unlock();
 }
 
 /* Control operation on a kernel buffer: a hypercall from a virtualized CPU, a direct call
