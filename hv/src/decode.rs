@@ -90,9 +90,18 @@ mod tests {
 
     #[test]
     fn wrong_or_short_bytes_are_errors() {
-        assert_eq!(length(Insn::Cpuid, &[0x0F, 0x30]), Err(DecodeError::Mismatch));
-        assert_eq!(length(Insn::Vmmcall, &[0x0F, 0x01, 0xD8]), Err(DecodeError::Mismatch));
-        assert_eq!(length(Insn::Vmmcall, &[0x0F, 0x01]), Err(DecodeError::Truncated));
+        assert_eq!(
+            length(Insn::Cpuid, &[0x0F, 0x30]),
+            Err(DecodeError::Mismatch)
+        );
+        assert_eq!(
+            length(Insn::Vmmcall, &[0x0F, 0x01, 0xD8]),
+            Err(DecodeError::Mismatch)
+        );
+        assert_eq!(
+            length(Insn::Vmmcall, &[0x0F, 0x01]),
+            Err(DecodeError::Truncated)
+        );
         assert_eq!(length(Insn::Cpuid, &[]), Err(DecodeError::Truncated));
         assert_eq!(length(Insn::Cpuid, &[0x66; 20]), Err(DecodeError::TooLong));
         let mut long = [0x66u8; 15];

@@ -25,17 +25,38 @@ use quicksilver_proto::stats::ExitKind;
 /// A #VMEXIT, in vendor-neutral terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmExit {
-    Cpuid { leaf: u32, subleaf: u32 },
-    MsrWrite { msr: u32, value: u64 },
-    MsrRead { msr: u32 },
-    Hypercall { rax: u64, rbx: u64, rcx: u64, cpl: u8 },
+    Cpuid {
+        leaf: u32,
+        subleaf: u32,
+    },
+    MsrWrite {
+        msr: u32,
+        value: u64,
+    },
+    MsrRead {
+        msr: u32,
+    },
+    Hypercall {
+        rax: u64,
+        rbx: u64,
+        rcx: u64,
+        cpl: u8,
+    },
     /// VMRUN, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, INVLPGA.
-    VirtualizationInstruction { vmrun: bool },
-    NestedPageFault { gpa: u64, write: bool, fetch: bool },
+    VirtualizationInstruction {
+        vmrun: bool,
+    },
+    NestedPageFault {
+        gpa: u64,
+        write: bool,
+        fetch: bool,
+    },
     Shutdown,
     /// VMRUN refused the guest state (VMEXIT_INVALID).
     VmrunFailed,
-    Unexpected { code: u64 },
+    Unexpected {
+        code: u64,
+    },
 }
 
 impl VmExit {
@@ -113,7 +134,9 @@ pub fn handle(exit: VmExit, cpu: &mut impl GuestCpu, count: &impl Refusals) -> A
         }
         // An instruction fetch from hv memory is not refused with scratch (that would run
         // zeros): it is unexpected, and the CPU steps out to run that code natively.
-        VmExit::NestedPageFault { gpa, fetch: false, .. } => {
+        VmExit::NestedPageFault {
+            gpa, fetch: false, ..
+        } => {
             if cpu.refuse_hv_access(gpa) {
                 count.hv_access_refused(gpa);
                 Action::Resume
@@ -235,14 +258,28 @@ mod tests {
     #[test]
     fn signature_leaf_spells_quicksilver() {
         let mut cpu = FakeCpu::default();
-        let a = handle(VmExit::Cpuid { leaf: 0x4000_0000, subleaf: 0 }, &mut cpu, &Count::default());
+        let a = handle(
+            VmExit::Cpuid {
+                leaf: 0x4000_0000,
+                subleaf: 0,
+            },
+            &mut cpu,
+            &Count::default(),
+        );
         assert_eq!(a, Action::Complete(Insn::Cpuid));
         let mut sig = Vec::new();
         for w in &cpu.cpuid[1..] {
             sig.extend_from_slice(&w.to_le_bytes());
         }
         assert_eq!(&sig, b"Quicksilver\0");
-        handle(VmExit::Cpuid { leaf: 0x4000_0001, subleaf: 0 }, &mut cpu, &Count::default());
+        handle(
+            VmExit::Cpuid {
+                leaf: 0x4000_0001,
+                subleaf: 0,
+            },
+            &mut cpu,
+            &Count::default(),
+        );
         assert_eq!(cpu.cpuid[1], 3, "EBX of the info leaf is the CPU index");
     }
 
@@ -250,11 +287,25 @@ mod tests {
     fn efer_keeps_svme_and_counts_an_attempt_to_clear_it() {
         let mut cpu = FakeCpu::default();
         let count = Count::default();
-        let a = handle(VmExit::MsrWrite { msr: 0xC000_0080, value: 0xD01 }, &mut cpu, &count);
+        let a = handle(
+            VmExit::MsrWrite {
+                msr: 0xC000_0080,
+                value: 0xD01,
+            },
+            &mut cpu,
+            &count,
+        );
         assert_eq!(a, Action::Complete(Insn::Wrmsr));
         assert_eq!(cpu.efer, 0xD01 | instr::EFER_SVME);
         assert_eq!(count.0.get(), 1);
-        let a = handle(VmExit::MsrWrite { msr: 0xC001_0117, value: 0x1000 }, &mut cpu, &count);
+        let a = handle(
+            VmExit::MsrWrite {
+                msr: 0xC001_0117,
+                value: 0x1000,
+            },
+            &mut cpu,
+            &count,
+        );
         assert_eq!(a, Action::Inject(Event::GeneralProtection));
         assert_eq!(count.0.get(), 2);
     }
@@ -264,14 +315,43 @@ mod tests {
         let mut cpu = FakeCpu::default();
         let c = Count::default();
         let deactivate = abi::HYPERCALL_MAGIC | Op::Deactivate as u64;
-        let user = VmExit::Hypercall { rax: deactivate, rbx: 0, rcx: 0, cpl: 3 };
-        assert_eq!(handle(user, &mut cpu, &c), Action::Inject(Event::InvalidOpcode));
-        let untagged = VmExit::Hypercall { rax: 1, rbx: 0, rcx: 0, cpl: 0 };
-        assert_eq!(handle(untagged, &mut cpu, &c), Action::Inject(Event::InvalidOpcode));
-        let ok = VmExit::Hypercall { rax: deactivate, rbx: 0, rcx: 0, cpl: 0 };
+        let user = VmExit::Hypercall {
+            rax: deactivate,
+            rbx: 0,
+            rcx: 0,
+            cpl: 3,
+        };
+        assert_eq!(
+            handle(user, &mut cpu, &c),
+            Action::Inject(Event::InvalidOpcode)
+        );
+        let untagged = VmExit::Hypercall {
+            rax: 1,
+            rbx: 0,
+            rcx: 0,
+            cpl: 0,
+        };
+        assert_eq!(
+            handle(untagged, &mut cpu, &c),
+            Action::Inject(Event::InvalidOpcode)
+        );
+        let ok = VmExit::Hypercall {
+            rax: deactivate,
+            rbx: 0,
+            rcx: 0,
+            cpl: 0,
+        };
         assert_eq!(handle(ok, &mut cpu, &c), Action::CompleteAndLeave);
-        let unknown = VmExit::Hypercall { rax: abi::HYPERCALL_MAGIC | 99, rbx: 0, rcx: 0, cpl: 0 };
-        assert_eq!(handle(unknown, &mut cpu, &c), Action::Complete(Insn::Vmmcall));
+        let unknown = VmExit::Hypercall {
+            rax: abi::HYPERCALL_MAGIC | 99,
+            rbx: 0,
+            rcx: 0,
+            cpl: 0,
+        };
+        assert_eq!(
+            handle(unknown, &mut cpu, &c),
+            Action::Complete(Insn::Vmmcall)
+        );
         assert_eq!(cpu.rax, Status::BadOp as u64);
     }
 
@@ -279,15 +359,30 @@ mod tests {
     fn hv_memory_faults_are_refused_others_are_unexpected() {
         let mut cpu = FakeCpu::default();
         let c = Count::default();
-        let inside = VmExit::NestedPageFault { gpa: 0x110_0000, write: true, fetch: false };
+        let inside = VmExit::NestedPageFault {
+            gpa: 0x110_0000,
+            write: true,
+            fetch: false,
+        };
         assert_eq!(handle(inside, &mut cpu, &c), Action::Resume);
         assert_eq!(c.0.get(), 10_000);
-        let outside = VmExit::NestedPageFault { gpa: 0x9_0000_0000, write: false, fetch: false };
+        let outside = VmExit::NestedPageFault {
+            gpa: 0x9_0000_0000,
+            write: false,
+            fetch: false,
+        };
         assert_eq!(handle(outside, &mut cpu, &c), Action::Unexpected);
-        let fetch = VmExit::NestedPageFault { gpa: 0x110_0000, write: false, fetch: true };
+        let fetch = VmExit::NestedPageFault {
+            gpa: 0x110_0000,
+            write: false,
+            fetch: true,
+        };
         assert_eq!(handle(fetch, &mut cpu, &c), Action::Unexpected);
         assert_eq!(handle(outside, &mut cpu, &c), Action::Unexpected);
-        assert_eq!(handle(VmExit::Unexpected { code: 0x60 }, &mut cpu, &c), Action::Unexpected);
+        assert_eq!(
+            handle(VmExit::Unexpected { code: 0x60 }, &mut cpu, &c),
+            Action::Unexpected
+        );
         assert_eq!(handle(VmExit::Shutdown, &mut cpu, &c), Action::Reset);
     }
 }

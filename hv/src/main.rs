@@ -54,9 +54,12 @@ fn header() -> ImageHeader {
 }
 
 /// `init`: relocate the image, check the CPU, build the tables. Once, on one CPU.
+///
+/// # Safety
+/// The agent's call: the image validated and loaded at `args.base_va`, `args` valid.
 #[no_mangle]
 #[link_section = ".text.qs_entry_init"]
-pub extern "C" fn qs_entry_init(args: *const InitArgs) -> i64 {
+pub unsafe extern "C" fn qs_entry_init(args: *const InitArgs) -> i64 {
     if args.is_null() {
         return Status::BadArgument as i64;
     }
@@ -69,11 +72,18 @@ pub extern "C" fn qs_entry_init(args: *const InitArgs) -> i64 {
 }
 
 /// `control`: operations while dormant, on a buffer in the kernel's address space.
+///
+/// # Safety
+/// The agent's call: `buf` valid for `len` bytes for the duration of the call.
 #[no_mangle]
 #[link_section = ".text.qs_entry_control"]
-pub extern "C" fn qs_entry_control(op: u64, buf: *mut u8, len: u64) -> i64 {
-    let Some(hv) = vmm::get() else { return Status::NotInitialized as i64 };
-    let Some(op) = Op::from_u64(op) else { return Status::BadOp as i64 };
+pub unsafe extern "C" fn qs_entry_control(op: u64, buf: *mut u8, len: u64) -> i64 {
+    let Some(hv) = vmm::get() else {
+        return Status::NotInitialized as i64;
+    };
+    let Some(op) = Op::from_u64(op) else {
+        return Status::BadOp as i64;
+    };
     if buf.is_null() || len > (1 << 20) {
         return Status::BadArgument as i64;
     }

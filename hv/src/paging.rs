@@ -148,7 +148,10 @@ pub fn map_4k<F: Frames>(
 pub fn leaf_4k<F: Frames>(frames: &F, root: u64, va: u64) -> Option<*mut u64> {
     let mut table = root;
     for level in (1..=4).rev() {
-        let slot = frames.table(table).cast::<u64>().wrapping_add(index(va, level));
+        let slot = frames
+            .table(table)
+            .cast::<u64>()
+            .wrapping_add(index(va, level));
         if level == 1 {
             return Some(slot);
         }
@@ -204,11 +207,17 @@ mod tests {
 
     impl Arena {
         fn new(base: u64) -> Arena {
-            Arena { base, pages: RefCell::new(Vec::new()) }
+            Arena {
+                base,
+                pages: RefCell::new(Vec::new()),
+            }
         }
         fn read(&self, pa: u64) -> Option<u64> {
             let i = ((pa - self.base) / SIZE_4K) as usize;
-            self.pages.borrow().get(i).map(|p| p[((pa % SIZE_4K) / 8) as usize])
+            self.pages
+                .borrow()
+                .get(i)
+                .map(|p| p[((pa % SIZE_4K) / 8) as usize])
         }
         fn count(&self) -> usize {
             self.pages.borrow().len()
@@ -233,16 +242,34 @@ mod tests {
         let mut a = Arena::new(0x7000_0000_0000);
         let root = a.alloc().unwrap();
         let hole = 0x4030_0000..0x4050_2000; // crosses a 2 MiB boundary, inside GiB 1
-        identity_map_with_hole(&mut a, root, 8 * SIZE_1G, hole.clone(), P | RW | US, P | RW | US)
-            .unwrap();
+        identity_map_with_hole(
+            &mut a,
+            root,
+            8 * SIZE_1G,
+            hole.clone(),
+            P | RW | US,
+            P | RW | US,
+        )
+        .unwrap();
         // PML4 + PDPT + one PD + two PTs (the hole touches two 2 MiB regions).
         assert_eq!(a.count(), 1 + 1 + 1 + 2);
         let read = |pa| a.read(pa);
-        for gpa in [0u64, 0x1234_5678, 0x4000_0000, 0x402F_F000, 0x4050_2000, 7 * SIZE_1G + 5] {
+        for gpa in [
+            0u64,
+            0x1234_5678,
+            0x4000_0000,
+            0x402F_F000,
+            0x4050_2000,
+            7 * SIZE_1G + 5,
+        ] {
             assert_eq!(translate(root, gpa, read), Ok(gpa), "gpa {gpa:#x}");
         }
         for gpa in [hole.start, hole.start + 0x1000, 0x4040_0000, hole.end - 1] {
-            assert_eq!(translate(root, gpa, read), Err(NotMapped { gva: gpa }), "gpa {gpa:#x}");
+            assert_eq!(
+                translate(root, gpa, read),
+                Err(NotMapped { gva: gpa }),
+                "gpa {gpa:#x}"
+            );
         }
         assert!(translate(root, 8 * SIZE_1G, read).is_err());
         // Every entry above a leaf has U set (nested paging needs it).
@@ -258,7 +285,10 @@ mod tests {
         map_4k(&mut a, root, va, 0x8000_0000, 5 * SIZE_4K, P | RW, P | RW).unwrap();
         let read = |pa| a.read(pa);
         assert_eq!(translate(root, va + 0x4321, read), Ok(0x8000_4321));
-        assert_eq!(translate(root, va + 5 * SIZE_4K, read), Err(NotMapped { gva: va + 0x5000 }));
+        assert_eq!(
+            translate(root, va + 5 * SIZE_4K, read),
+            Err(NotMapped { gva: va + 0x5000 })
+        );
         let leaf = leaf_4k(&a, root, va + SIZE_4K).unwrap();
         // SAFETY: the leaf points into the arena's live table.
         assert_eq!(unsafe { leaf.read() }, 0x8000_1000 | P | RW);
@@ -271,13 +301,19 @@ mod tests {
         // PDPT[0] -> PD; PD[3] = 2 MiB page at 0x1_2340_0000 with PAT bit 12 set.
         let mem = std::collections::HashMap::from([
             (0x1000u64, 0x2000 | P),
-            (0x2000 + 8, 5 * SIZE_1G | P | PS),
+            (0x2000 + 8, (5 * SIZE_1G) | P | PS),
             (0x2000, 0x3000 | P),
             (0x3000 + 3 * 8, 0x1_2340_0000 | P | PS | (1 << 12)),
         ]);
         let read = |pa| Some(*mem.get(&pa).unwrap_or(&0));
-        assert_eq!(translate(0x1000, SIZE_1G + 0x42, read), Ok(5 * SIZE_1G + 0x42));
-        assert_eq!(translate(0x1000, 3 * SIZE_2M + 0x1_0042, read), Ok(0x1_2341_0042));
+        assert_eq!(
+            translate(0x1000, SIZE_1G + 0x42, read),
+            Ok(5 * SIZE_1G + 0x42)
+        );
+        assert_eq!(
+            translate(0x1000, 3 * SIZE_2M + 0x1_0042, read),
+            Ok(0x1_2341_0042)
+        );
         assert!(translate(0x1000, 4 * SIZE_2M, read).is_err());
     }
 }

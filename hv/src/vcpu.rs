@@ -84,8 +84,13 @@ impl Cpu {
 }
 
 /// Called by `qs_entry_activate` on each CPU. Returns only if the CPU stays native.
-pub extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
-    let Some(hv) = vmm::get() else { return Status::NotInitialized as i64 };
+///
+/// # Safety
+/// Only from `qs_entry_activate`, with `frame` the frame it pushed, interrupts off.
+pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
+    let Some(hv) = vmm::get() else {
+        return Status::NotInitialized as i64;
+    };
     if index >= hv.cpus {
         return Status::BadArgument as i64;
     }
@@ -106,7 +111,10 @@ pub extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
     // SAFETY: `frame` is the frame qs_entry_activate pushed on this CPU, which is the one
     // being captured, still on the kernel's address space.
     let native = unsafe { svm::capture_native(&*frame, Status::Ok as u64) };
-    let setup = VmcbSetup { msrpm_pa: hv.msrpm_pa, npt_root_pa: hv.npt_root_pa };
+    let setup = VmcbSetup {
+        msrpm_pa: hv.msrpm_pa,
+        npt_root_pa: hv.npt_root_pa,
+    };
     // SAFETY: as above.
     unsafe { svm::build_vmcb(&mut cpu.vmcb, &native, &setup) };
     let s = &mut cpu.state;
@@ -169,8 +177,13 @@ impl GuestCpu for Guest<'_> {
 }
 
 /// The run loop. `cpu` is this CPU's area; we are in host mode on the hv's stack.
-pub extern "C" fn host_main(cpu: *mut Cpu) -> ! {
-    let Some(hv) = vmm::get() else { instr::halt_forever() };
+///
+/// # Safety
+/// Only from `qs_enter_host`, with `cpu` this CPU's own area.
+pub unsafe extern "C" fn host_main(cpu: *mut Cpu) -> ! {
+    let Some(hv) = vmm::get() else {
+        instr::halt_forever()
+    };
     // SAFETY: `cpu` is this CPU's own area, passed by `activate`; only this CPU uses it.
     let cpu = unsafe { &mut *cpu };
     loop {
@@ -197,7 +210,11 @@ pub extern "C" fn host_main(cpu: *mut Cpu) -> ! {
                 let native = cpu.state.entry_state;
                 step_out(hv, cpu, &native);
             }
-            fatal(cpu.state.index, "VMRUN failed after the guest ran", &cpu.vmcb);
+            fatal(
+                cpu.state.index,
+                "VMRUN failed after the guest ran",
+                &cpu.vmcb,
+            );
         }
         let action = exit::handle(exit, &mut Guest { hv, cpu: &mut *cpu }, &COUNTERS);
         match action {
@@ -280,12 +297,18 @@ fn reset(cpu: &Cpu) -> ! {
 /// A failure the hv cannot step out of: report and stop this CPU.
 fn fatal(cpu: u32, what: &str, vmcb: &Vmcb) -> ! {
     let r = svm::exit_record(cpu, vmcb);
-    let _ = writeln!(crate::serial::Com1, "\r\nquicksilver hv: cpu {cpu}: {what}: {r:x?}");
+    let _ = writeln!(
+        crate::serial::Com1,
+        "\r\nquicksilver hv: cpu {cpu}: {what}: {r:x?}"
+    );
     instr::halt_forever()
 }
 
 /// An exception in host mode (an hv bug): report on the serial port and stop this CPU.
-pub extern "C" fn host_exception(frame: *const [u64; 7]) -> ! {
+///
+/// # Safety
+/// Only from `qs_host_exc_common`, with the frame it pushed.
+pub unsafe extern "C" fn host_exception(frame: *const [u64; 7]) -> ! {
     // SAFETY: qs_host_exc_common passes the 7-word frame it just pushed.
     let f = unsafe { *frame };
     let _ = writeln!(

@@ -149,7 +149,11 @@ pub static COUNTERS: Counters = Counters {
 
 impl Counters {
     fn with_record<R>(&self, f: impl FnOnce(&mut ExitRecord) -> R) -> R {
-        while self.record_lock.compare_exchange(false, true, Acquire, Relaxed).is_err() {
+        while self
+            .record_lock
+            .compare_exchange(false, true, Acquire, Relaxed)
+            .is_err()
+        {
             core::hint::spin_loop();
         }
         // SAFETY: the lock above gives exclusive access.
@@ -335,12 +339,16 @@ pub unsafe fn relocate(base: *mut u8) {
     // lies inside the image; the flags word is the header's own.
     unsafe {
         let header = base.cast::<ImageHeader>().read_unaligned();
-        let flags = base.add(core::mem::offset_of!(ImageHeader, flags)).cast::<u32>();
+        let flags = base
+            .add(core::mem::offset_of!(ImageHeader, flags))
+            .cast::<u32>();
         if flags.read_volatile() & FLAG_RELOCATED != 0 {
             return;
         }
         for i in 0..header.reloc_count {
-            let entry = base.add((header.reloc_offset + i * 8) as usize).cast::<u64>();
+            let entry = base
+                .add((header.reloc_offset + i * 8) as usize)
+                .cast::<u64>();
             let site = base.add(entry.read_unaligned() as usize).cast::<u64>();
             site.write_unaligned(site.read_unaligned().wrapping_add(base as u64));
         }
@@ -360,7 +368,10 @@ pub fn init(header: &ImageHeader, args: &InitArgs) -> Status {
     if args.cpus == 0 || args.cpus > MAX_CPUS {
         return Status::TooManyCpus;
     }
-    if args.base_va % PAGE_SIZE != 0 || args.base_pa % PAGE_SIZE != 0 || args.tsc_khz == 0 {
+    if !args.base_va.is_multiple_of(PAGE_SIZE)
+        || !args.base_pa.is_multiple_of(PAGE_SIZE)
+        || args.tsc_khz == 0
+    {
         return Status::BadArgument;
     }
     let map_limit = args.phys_limit.max(SIZE_512G).div_ceil(SIZE_512G) * SIZE_512G;
@@ -412,21 +423,46 @@ fn build(
 
     let hole = args.base_pa..args.base_pa + args.mem_size;
     let npt_root_pa = frames.alloc().ok_or(Status::NotEnoughMemory)?;
-    paging::identity_map_with_hole(frames, npt_root_pa, map_limit, hole, P | RW | US, P | RW | US)
-        .map_err(oom)?;
+    paging::identity_map_with_hole(
+        frames,
+        npt_root_pa,
+        map_limit,
+        hole,
+        P | RW | US,
+        P | RW | US,
+    )
+    .map_err(oom)?;
 
     let host_root = frames.alloc().ok_or(Status::NotEnoughMemory)?;
     // The hv reads guest memory through this identity map; never executes from it.
-    paging::identity_map_with_hole(frames, host_root, map_limit, 0..0, P | RW | paging::NX, P | RW)
-        .map_err(oom)?;
-    paging::map_4k(frames, host_root, args.base_va, args.base_pa, args.mem_size, P | RW, P | RW)
-        .map_err(oom)?;
+    paging::identity_map_with_hole(
+        frames,
+        host_root,
+        map_limit,
+        0..0,
+        P | RW | paging::NX,
+        P | RW,
+    )
+    .map_err(oom)?;
+    paging::map_4k(
+        frames,
+        host_root,
+        args.base_va,
+        args.base_pa,
+        args.mem_size,
+        P | RW,
+        P | RW,
+    )
+    .map_err(oom)?;
 
     let gdtr = DescriptorTablePointer {
         limit: (core::mem::size_of_val(&HOST_GDT) - 1) as u16,
         base: HOST_GDT.as_ptr() as u64,
     };
-    let idtr = DescriptorTablePointer { limit: 256 * 16 - 1, base: frames.va(idt_pa) };
+    let idtr = DescriptorTablePointer {
+        limit: 256 * 16 - 1,
+        base: frames.va(idt_pa),
+    };
     let cpu_base = frames.va(cpu_pa);
     for i in 0..args.cpus {
         let cpu = (cpu_base + i as u64 * core::mem::size_of::<Cpu>() as u64) as *mut Cpu;
@@ -475,7 +511,9 @@ pub fn read_guest_phys(hv: &Hv, gpa: u64, out: &mut [u8]) -> bool {
     match gpa.checked_add(out.len() as u64) {
         Some(end) if end <= hv.map_limit => {
             // SAFETY: identity-mapped in the hv's tables (host mode), in bounds.
-            unsafe { core::ptr::copy_nonoverlapping(gpa as *const u8, out.as_mut_ptr(), out.len()) };
+            unsafe {
+                core::ptr::copy_nonoverlapping(gpa as *const u8, out.as_mut_ptr(), out.len())
+            };
             true
         }
         _ => false,
@@ -489,7 +527,9 @@ pub fn read_guest_insn(hv: &Hv, cr3: u64, rip: u64, out: &mut [u8; 15]) -> bool 
         read_guest_phys(hv, pa, &mut b).then(|| u64::from_le_bytes(b))
     };
     let first = (SIZE_4K - (rip & (SIZE_4K - 1))).min(15) as usize;
-    let Ok(pa) = paging::translate(cr3, rip, read_u64) else { return false };
+    let Ok(pa) = paging::translate(cr3, rip, read_u64) else {
+        return false;
+    };
     if !read_guest_phys(hv, pa, &mut out[..first]) {
         return false;
     }

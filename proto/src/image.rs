@@ -122,7 +122,10 @@ impl core::fmt::Display for ImageError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             ImageError::TooShort { len } => {
-                write!(f, "image is {len} bytes, shorter than its {HEADER_SIZE}-byte header")
+                write!(
+                    f,
+                    "image is {len} bytes, shorter than its {HEADER_SIZE}-byte header"
+                )
             }
             ImageError::BadMagic => write!(f, "bad magic: not a Quicksilver hv image"),
             ImageError::VersionMismatch { found, expected } => {
@@ -148,7 +151,9 @@ impl ImageHeader {
     /// Reads the header from the first bytes of `bytes`, without checking it.
     pub fn read(bytes: &[u8]) -> Result<ImageHeader, ImageError> {
         if bytes.len() < HEADER_SIZE {
-            return Err(ImageError::TooShort { len: bytes.len() as u64 });
+            return Err(ImageError::TooShort {
+                len: bytes.len() as u64,
+            });
         }
         // SAFETY: `bytes` holds at least HEADER_SIZE bytes, ImageHeader is repr(C) with only
         // integer and byte-array fields (every bit pattern is valid), and read_unaligned does
@@ -172,14 +177,22 @@ impl ImageHeader {
             return Err(ImageError::BadMagic);
         }
         if h.abi_version != ABI_VERSION {
-            return Err(ImageError::VersionMismatch { found: h.abi_version, expected: ABI_VERSION });
+            return Err(ImageError::VersionMismatch {
+                found: h.abi_version,
+                expected: ABI_VERSION,
+            });
         }
         if h.header_size as usize != HEADER_SIZE {
-            return Err(ImageError::BadHeaderSize { found: h.header_size });
+            return Err(ImageError::BadHeaderSize {
+                found: h.header_size,
+            });
         }
         let actual = bytes.len() as u64;
         if h.image_size != actual || actual > MAX_IMAGE_SIZE {
-            return Err(ImageError::BadSize { declared: h.image_size, actual });
+            return Err(ImageError::BadSize {
+                declared: h.image_size,
+                actual,
+            });
         }
         let inside = |off: u64| off >= HEADER_SIZE as u64 && off < actual;
         for (field, off) in [
@@ -197,18 +210,27 @@ impl ImageHeader {
         let table_bytes = h.reloc_count.checked_mul(8);
         match table_bytes.and_then(|n| h.reloc_offset.checked_add(n)) {
             Some(end) if h.reloc_offset % 8 == 0 && end <= actual => {}
-            _ => return Err(ImageError::BadLayout { field: "reloc_offset" }),
+            _ => {
+                return Err(ImageError::BadLayout {
+                    field: "reloc_offset",
+                })
+            }
         }
         let computed = checksum(bytes);
         if computed != h.checksum {
-            return Err(ImageError::BadChecksum { declared: h.checksum, computed });
+            return Err(ImageError::BadChecksum {
+                declared: h.checksum,
+                computed,
+            });
         }
         // Every relocation must patch 8 bytes inside the image, outside the header.
         for i in 0..h.reloc_count as usize {
             let at = h.reloc_offset as usize + i * 8;
             let off = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
             if off < HEADER_SIZE as u64 || off.checked_add(8).is_none_or(|e| e > actual) {
-                return Err(ImageError::BadLayout { field: "relocation entry" });
+                return Err(ImageError::BadLayout {
+                    field: "relocation entry",
+                });
             }
         }
         Ok(h)
@@ -224,7 +246,11 @@ impl ImageHeader {
 
     /// The version string.
     pub fn version_str(&self) -> &str {
-        let end = self.version.iter().position(|&b| b == 0).unwrap_or(self.version.len());
+        let end = self
+            .version
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.version.len());
         core::str::from_utf8(&self.version[..end]).unwrap_or("?")
     }
 }
@@ -286,7 +312,10 @@ mod tests {
     #[test]
     fn each_corruption_is_named() {
         let good = sample();
-        assert_eq!(ImageHeader::validate(&good[..100]), Err(ImageError::TooShort { len: 100 }));
+        assert_eq!(
+            ImageHeader::validate(&good[..100]),
+            Err(ImageError::TooShort { len: 100 })
+        );
 
         let mut b = good.clone();
         b[0] = b'X';
@@ -296,16 +325,25 @@ mod tests {
         b[8] = 7;
         assert_eq!(
             ImageHeader::validate(&b),
-            Err(ImageError::VersionMismatch { found: 7, expected: ABI_VERSION })
+            Err(ImageError::VersionMismatch {
+                found: 7,
+                expected: ABI_VERSION
+            })
         );
 
         let mut b = good.clone();
         b.push(0);
-        assert!(matches!(ImageHeader::validate(&b), Err(ImageError::BadSize { .. })));
+        assert!(matches!(
+            ImageHeader::validate(&b),
+            Err(ImageError::BadSize { .. })
+        ));
 
         let mut b = good.clone();
         b[HEADER_SIZE + 3] ^= 0x40;
-        assert!(matches!(ImageHeader::validate(&b), Err(ImageError::BadChecksum { .. })));
+        assert!(matches!(
+            ImageHeader::validate(&b),
+            Err(ImageError::BadChecksum { .. })
+        ));
     }
 
     proptest! {

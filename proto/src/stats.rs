@@ -244,14 +244,21 @@ mod tests {
         // SAFETY: test-only byte copies of repr(C) integer structs into a large enough buffer.
         unsafe {
             core::ptr::write_unaligned(bytes.as_mut_ptr().cast(), h);
-            let c = CpuStats { exits: [1, 2, 3, 4, 5, 6, 7, 8], active: 1, ..Default::default() };
+            let c = CpuStats {
+                exits: [1, 2, 3, 4, 5, 6, 7, 8],
+                active: 1,
+                ..Default::default()
+            };
             core::ptr::write_unaligned(bytes[256 + 96..].as_mut_ptr().cast(), c);
         }
         let s = Stats::parse(&bytes).unwrap();
         assert_eq!(s.hv_version(), "0.1.0");
         assert_eq!(s.cpus.len(), 2);
         assert_eq!(s.cpus[1].exits[ExitKind::Other as usize], 8);
-        assert_eq!(Stats::parse(&bytes[..300]).unwrap_err(), StatsError::Truncated);
+        assert_eq!(
+            Stats::parse(&bytes[..300]).unwrap_err(),
+            StatsError::Truncated
+        );
         bytes[0] = 0;
         assert_eq!(Stats::parse(&bytes).unwrap_err(), StatsError::BadMagic);
     }

@@ -18,7 +18,10 @@ pub fn artifacts() -> Artifacts {
 
 /// A guest with `smp` CPUs on `-cpu EPYC`, named after the test.
 pub fn guest(name: &str, smp: u32) -> Qemu {
-    artifacts().qemu(name).smp(smp).timeout(Duration::from_secs(600))
+    artifacts()
+        .qemu(name)
+        .smp(smp)
+        .timeout(Duration::from_secs(600))
 }
 
 /// Runs `script` and returns what happened; panics with the console's end if QEMU could not

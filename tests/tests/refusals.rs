@@ -37,7 +37,10 @@ qsctl status
         ("foreign", "bad magic: not a Quicksilver hv image"),
     ] {
         assert_console_has(&out, &format!("REFUSED-{img}"));
-        assert_console_has(&out, &format!("bad hv image /lib/quicksilver/{img}.img: {why}"));
+        assert_console_has(
+            &out,
+            &format!("bad hv image /lib/quicksilver/{img}.img: {why}"),
+        );
     }
     assert_console_has(&out, "status-rc=1");
     assert_console_has(&out, "load the agent first");
@@ -49,7 +52,10 @@ qsctl status
 #[test]
 fn a_cpu_without_svm_is_refused() {
     let q = guest("no-svm", 1).cpu("qemu64,-svm");
-    let out = run(q, "dmesg | grep quicksilver\nqsctl activate; echo \"activate-rc=$?\"\n");
+    let out = run(
+        q,
+        "dmesg | grep quicksilver\nqsctl activate; echo \"activate-rc=$?\"\n",
+    );
     assert_success(&out);
     assert_console_has(&out, "QS-LOAD-FAILED");
     assert_console_has(&out, "refusing to load: this CPU has no AMD SVM");
@@ -84,16 +90,36 @@ qsctl activate && qsctl probe --expect active && qsctl deactivate
     assert!(o.contains("double-rc=1"), "{o}");
     assert!(o.contains("the hypervisor is already active"), "{o}");
     // The kernel reads the hv's header magic while dormant, zeros while active.
-    let after = |marker: &str| o.split(marker).nth(1).and_then(|s| s.lines().nth(1)).unwrap_or("");
-    assert!(after("ACTIVE-PEEK").starts_with("0x0000000000000000"), "{o}");
+    let after = |marker: &str| {
+        o.split(marker)
+            .nth(1)
+            .and_then(|s| s.lines().nth(1))
+            .unwrap_or("")
+    };
+    assert!(
+        after("ACTIVE-PEEK").starts_with("0x0000000000000000"),
+        "{o}"
+    );
     assert!(after("NATIVE-PEEK").contains("QSHVIMG"), "{o}");
     assert!(o.contains("offline-active-rc=1"), "{o}");
-    assert!(o.contains("offline-native-rc=0") && o.contains("online-native-rc=0"), "{o}");
+    assert!(
+        o.contains("offline-native-rc=0") && o.contains("online-native-rc=0"),
+        "{o}"
+    );
     // The kernel's write went to scratch: refused, counted, and the hv's code is intact.
-    let refused = o.lines().find(|l| l.contains("accesses to hv memory")).unwrap_or("");
+    let refused = o
+        .lines()
+        .find(|l| l.contains("accesses to hv memory"))
+        .unwrap_or("");
     assert!(!refused.contains("refused: 0 accesses"), "{refused}");
-    assert!(o.contains("code: intact (checksum matches the image)"), "{o}");
-    assert_console_has(&out, "refusing to offline CPU 1 while the hypervisor is active");
+    assert!(
+        o.contains("code: intact (checksum matches the image)"),
+        "{o}"
+    );
+    assert_console_has(
+        &out,
+        "refusing to offline CPU 1 while the hypervisor is active",
+    );
     assert_kernel_clean(&out);
 }
 
@@ -119,7 +145,10 @@ qsctl stats
     assert!(!o.contains("INSMOD-FAILED"), "{o}");
     assert!(o.contains("KVM-VM created"), "{o}");
     assert!(o.contains("activate-with-kvm-rc=1"), "{o}");
-    assert!(o.contains("EFER.SVME is already set: another hypervisor (kvm_amd?) owns SVM"), "{o}");
+    assert!(
+        o.contains("EFER.SVME is already set: another hypervisor (kvm_amd?) owns SVM"),
+        "{o}"
+    );
     assert_console_has(&out, "quicksilver: activate refused on CPU");
     assert!(o.contains("activate-after-rc=0"), "{o}");
     // Under the hv, kvm_amd sees EFER.SVME set and refuses by itself.

@@ -36,10 +36,16 @@ dmesg | grep -i -E "quicksilver|bug|warn|lockup|stall" || true
 }
 
 fn cycles_on(smp: u32, cycles: u32) {
-    let out = run(guest(&format!("switch-smp{smp}"), smp), &cycles_script(cycles));
+    let out = run(
+        guest(&format!("switch-smp{smp}"), smp),
+        &cycles_script(cycles),
+    );
     assert_success(&out);
     assert_console_has(&out, &format!("CYCLES-DONE {cycles}"));
-    assert_console_has(&out, &format!("state: active ({smp} of {smp} online CPUs in guest mode)"));
+    assert_console_has(
+        &out,
+        &format!("state: active ({smp} of {smp} online CPUs in guest mode)"),
+    );
     assert_console_has(&out, "code: intact");
     assert_console_has(&out, "WORKLOAD OK");
     assert_console_has(&out, &format!("{} activations", cycles + 1));

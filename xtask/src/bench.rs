@@ -45,12 +45,20 @@ fn phase_work_ms(console: &str, marker: &str) -> Result<f64> {
             inside = line.contains(marker);
         } else if inside {
             if let Some(rest) = line.split("QS-WORK-MS ").nth(1) {
-                v.push(rest.split_whitespace().next().unwrap_or("").parse::<f64>()?);
+                v.push(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .parse::<f64>()?,
+                );
             }
         }
     }
     if v.len() != WORK_RUNS {
-        bail!("phase {marker}: {} workload results, expected {WORK_RUNS}", v.len());
+        bail!(
+            "phase {marker}: {} workload results, expected {WORK_RUNS}",
+            v.len()
+        );
     }
     v.sort_by(f64::total_cmp);
     Ok(v[v.len() / 2])
@@ -59,22 +67,35 @@ fn phase_work_ms(console: &str, marker: &str) -> Result<f64> {
 /// Sum of the exit counters in a `qsctl stats` table that follows `marker`.
 fn total_exits(console: &str, marker: &str) -> Result<u64> {
     let mut lines = console.lines().skip_while(|l| !l.contains(marker)).skip(1);
-    let header = lines.find(|l| l.contains("cpu  state")).context("no stats table")?;
+    let header = lines
+        .find(|l| l.contains("cpu  state"))
+        .context("no stats table")?;
     let _ = header;
     let mut total = 0;
     for line in lines {
         let cols: Vec<&str> = line.split_whitespace().collect();
         // Console lines may carry a "[ time]" prefix from the log; find the state column.
-        let Some(at) = cols.iter().position(|c| *c == "active" || *c == "native") else { break };
-        total += cols[at + 1..at + 9].iter().map(|c| c.parse::<u64>().unwrap_or(0)).sum::<u64>();
+        let Some(at) = cols.iter().position(|c| *c == "active" || *c == "native") else {
+            break;
+        };
+        total += cols[at + 1..at + 9]
+            .iter()
+            .map(|c| c.parse::<u64>().unwrap_or(0))
+            .sum::<u64>();
     }
     Ok(total)
 }
 
 fn json_field(line: &str, key: &str) -> Result<f64> {
     let pat = format!("\"{key}\":");
-    let rest = line.split(&pat).nth(1).with_context(|| format!("no {key} in {line}"))?;
-    let num: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let rest = line
+        .split(&pat)
+        .nth(1)
+        .with_context(|| format!("no {key} in {line}"))?;
+    let num: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
     Ok(num.parse()?)
 }
 
@@ -82,14 +103,19 @@ fn json_field(line: &str, key: &str) -> Result<f64> {
 pub fn mode_switch_one(a: &Artifacts, smp: u32, icount: bool, switches: u32) -> Result<ModeSwitch> {
     let clock = if icount { "icount" } else { "wall" };
     let guest = |name: &str| {
-        let q = a.qemu(&format!("bench-{name}-smp{smp}-{clock}")).smp(smp).timeout(Duration::from_secs(1800));
+        let q = a
+            .qemu(&format!("bench-{name}-smp{smp}-{clock}"))
+            .smp(smp)
+            .timeout(Duration::from_secs(1800));
         if icount {
             q.icount(0)
         } else {
             q
         }
     };
-    let native = guest("native").noload().run_script(&format!("echo PHASE native\n{}", work_script()))?;
+    let native = guest("native")
+        .noload()
+        .run_script(&format!("echo PHASE native\n{}", work_script()))?;
     native.ensure_success()?;
     let script = format!(
         "set -e\necho PHASE dormant\n{w}qsctl bench-switch {switches}\nqsctl activate\necho STATS-BEFORE\nqsctl stats\necho PHASE active\n{w}echo STATS-AFTER\nqsctl stats\nqsctl deactivate\n",
@@ -98,7 +124,10 @@ pub fn mode_switch_one(a: &Artifacts, smp: u32, icount: bool, switches: u32) -> 
     let run = guest("agent").run_script(&script)?;
     run.ensure_success()?;
     let c = &run.console;
-    let bench = c.lines().find(|l| l.contains("QS-BENCH")).context("no QS-BENCH line")?;
+    let bench = c
+        .lines()
+        .find(|l| l.contains("QS-BENCH"))
+        .context("no QS-BENCH line")?;
     let native_ms = phase_work_ms(&native.console, "native")?;
     let dormant_ms = phase_work_ms(c, "dormant")?;
     let active_ms = phase_work_ms(c, "active")?;
@@ -125,7 +154,10 @@ pub fn mode_switch(a: &Artifacts, switches: u32) -> Result<Vec<ModeSwitch>> {
     let configs = [(1, false), (2, false), (4, false), (1, true)];
     {
         for (smp, icount) in configs {
-            eprintln!("xtask bench: mode-switch smp {smp} {}", if icount { "icount" } else { "wall" });
+            eprintln!(
+                "xtask bench: mode-switch smp {smp} {}",
+                if icount { "icount" } else { "wall" }
+            );
             let r = mode_switch_one(a, smp, icount, switches)?;
             eprintln!("xtask bench: {r:?}");
             rows.push(r);
@@ -145,14 +177,25 @@ pub fn mode_switch(a: &Artifacts, switches: u32) -> Result<Vec<ModeSwitch>> {
         let _ = writeln!(
             md,
             "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.3} | {:.3} | {:.0} |",
-            r.smp, r.clock, r.activate_us, r.deactivate_us, r.roundtrip_us, r.roundtrip_hv_us,
-            r.roundtrip_us / 200.0, r.dormant_ratio, r.active_ratio, r.exits_per_s_active
+            r.smp,
+            r.clock,
+            r.activate_us,
+            r.deactivate_us,
+            r.roundtrip_us,
+            r.roundtrip_hv_us,
+            r.roundtrip_us / 200.0,
+            r.dormant_ratio,
+            r.active_ratio,
+            r.exits_per_s_active
         );
     }
     json.push_str("  ]\n}\n");
     std::fs::write(dir.join("mode-switch.json"), json)?;
     std::fs::write(dir.join("mode-switch.md"), &md)?;
     println!("{md}");
-    println!("xtask bench: wrote {}", dir.join("mode-switch.json").display());
+    println!(
+        "xtask bench: wrote {}",
+        dir.join("mode-switch.json").display()
+    );
     Ok(rows)
 }

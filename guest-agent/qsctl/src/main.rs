@@ -21,9 +21,13 @@ use std::fs::{File, OpenOptions};
 const DEVICE: &str = "/dev/quicksilver";
 
 fn open() -> Result<File> {
-    OpenOptions::new().read(true).write(true).open(DEVICE).with_context(|| {
-        format!("cannot open {DEVICE}: load the agent first (insmod quicksilver.ko image=PATH)")
-    })
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(DEVICE)
+        .with_context(|| {
+            format!("cannot open {DEVICE}: load the agent first (insmod quicksilver.ko image=PATH)")
+        })
 }
 
 fn status_error(s: i64) -> anyhow::Error {
@@ -35,8 +39,11 @@ fn status_error(s: i64) -> anyhow::Error {
 
 fn read_stats(dev: &File) -> Result<Stats> {
     let mut buf = vec![0u8; 64 << 10];
-    let mut req =
-        ioctl::StatsRequest { buf: buf.as_mut_ptr() as u64, len: buf.len() as u64, status: 0 };
+    let mut req = ioctl::StatsRequest {
+        buf: buf.as_mut_ptr() as u64,
+        len: buf.len() as u64,
+        status: 0,
+    };
     ioctl::call(dev, ioctl::STATS, &mut req).context("statistics request failed")?;
     if req.status != 0 {
         return Err(status_error(req.status));
@@ -46,10 +53,18 @@ fn read_stats(dev: &File) -> Result<Stats> {
 
 fn switch(dev: &File, activate: bool) -> Result<ioctl::SwitchResult> {
     let mut r = ioctl::SwitchResult::default();
-    let req = if activate { ioctl::ACTIVATE } else { ioctl::DEACTIVATE };
+    let req = if activate {
+        ioctl::ACTIVATE
+    } else {
+        ioctl::DEACTIVATE
+    };
     ioctl::call(dev, req, &mut r).context("switch request failed")?;
     if r.status != 0 {
-        let cpu = if r.failed_cpu >= 0 { format!(" (CPU {})", r.failed_cpu) } else { String::new() };
+        let cpu = if r.failed_cpu >= 0 {
+            format!(" (CPU {})", r.failed_cpu)
+        } else {
+            String::new()
+        };
         return Err(status_error(r.status).context(format!(
             "{} refused{cpu}",
             if activate { "activate" } else { "deactivate" }
@@ -77,7 +92,10 @@ fn pin_to(cpu: u32) -> Result<()> {
         libc::CPU_ZERO(&mut set);
         libc::CPU_SET(cpu as usize, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("cannot pin to CPU {cpu}: {}", std::io::Error::last_os_error());
+            bail!(
+                "cannot pin to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(())
@@ -97,15 +115,35 @@ fn cmd_status() -> Result<()> {
     let dev = open()?;
     let s = read_stats(&dev)?;
     let h = &s.header;
-    let state = if h.active_cpus > 0 { "active" } else { "dormant" };
-    println!("state: {state} ({} of {} online CPUs in guest mode)", h.active_cpus, online_cpus().len());
-    println!("hv: version {}, {} KiB at {:#x}", s.hv_version(), h.mem_bytes >> 10, h.mem_base_pa);
+    let state = if h.active_cpus > 0 {
+        "active"
+    } else {
+        "dormant"
+    };
+    println!(
+        "state: {state} ({} of {} online CPUs in guest mode)",
+        h.active_cpus,
+        online_cpus().len()
+    );
+    println!(
+        "hv: version {}, {} KiB at {:#x}",
+        s.hv_version(),
+        h.mem_bytes >> 10,
+        h.mem_base_pa
+    );
     println!("cpus: {} possible, {} online", h.cpus, online_cpus().len());
     println!(
         "code: {}",
-        if h.code_intact == 1 { "intact (checksum matches the image)" } else { "MODIFIED" }
+        if h.code_intact == 1 {
+            "intact (checksum matches the image)"
+        } else {
+            "MODIFIED"
+        }
     );
-    println!("switches: {} activations, {} deactivations", h.activations, h.deactivations);
+    println!(
+        "switches: {} activations, {} deactivations",
+        h.activations, h.deactivations
+    );
     Ok(())
 }
 
@@ -132,7 +170,10 @@ fn cmd_stats() -> Result<()> {
     }
     println!("  hv-time-us  act-us  deact-us");
     for (i, c) in s.cpus.iter().enumerate().filter(|(_, c)| c.seen == 1) {
-        print!("{i:<4} {:<7} ", if c.active == 1 { "active" } else { "native" });
+        print!(
+            "{i:<4} {:<7} ",
+            if c.active == 1 { "active" } else { "native" }
+        );
         for n in c.exits {
             print!("{n:>9}");
         }
@@ -147,7 +188,14 @@ fn cmd_stats() -> Result<()> {
         "refused: {} accesses to hv memory (last at {:#x}), {} MSR writes, {} SVM instructions",
         h.hv_memory_refusals, h.last_refused_gpa, h.msr_refusals, h.svm_insn_refusals
     );
-    println!("code: {}", if h.code_intact == 1 { "intact" } else { "MODIFIED" });
+    println!(
+        "code: {}",
+        if h.code_intact == 1 {
+            "intact"
+        } else {
+            "MODIFIED"
+        }
+    );
     println!("unexpected exits: {}", h.unexpected_exits);
     let r = &h.last_unexpected;
     if r.valid == 1 {
@@ -172,13 +220,20 @@ fn cmd_probe(expect: Option<&str>) -> Result<()> {
     for cpu in online_cpus() {
         pin_to(cpu)?;
         let user_sig = cpuid_signature();
-        let mut p = ioctl::Probe { cpu, ..Default::default() };
+        let mut p = ioctl::Probe {
+            cpu,
+            ..Default::default()
+        };
         ioctl::call(&dev, ioctl::PROBE, &mut p).context("probe request failed")?;
         let svme = (p.efer >> 12) & 1;
         println!(
             "cpu {cpu}: signature {} (kernel: {}), EFER {:#x} SVME={svme}",
             if user_sig { "Quicksilver" } else { "none" },
-            if p.signature == 1 { "Quicksilver" } else { "none" },
+            if p.signature == 1 {
+                "Quicksilver"
+            } else {
+                "none"
+            },
             p.efer
         );
         if let Some(w) = want {
@@ -204,17 +259,28 @@ fn parse_u64(s: &str) -> Result<u64> {
 
 fn cmd_peek(offset: &str) -> Result<()> {
     let dev = open()?;
-    let mut p = ioctl::Peek { offset: parse_u64(offset)?, value: 0 };
-    ioctl::call(&dev, ioctl::PEEK, &mut p).context("peek refused (offset 8-aligned, inside the hv?)")?;
-    let text: String =
-        p.value.to_le_bytes().iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '.' }).collect();
+    let mut p = ioctl::Peek {
+        offset: parse_u64(offset)?,
+        value: 0,
+    };
+    ioctl::call(&dev, ioctl::PEEK, &mut p)
+        .context("peek refused (offset 8-aligned, inside the hv?)")?;
+    let text: String = p
+        .value
+        .to_le_bytes()
+        .iter()
+        .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
+        .collect();
     println!("{:#018x} {text}", p.value);
     Ok(())
 }
 
 fn cmd_poke(offset: &str, value: &str) -> Result<()> {
     let dev = open()?;
-    let mut p = ioctl::Peek { offset: parse_u64(offset)?, value: parse_u64(value)? };
+    let mut p = ioctl::Peek {
+        offset: parse_u64(offset)?,
+        value: parse_u64(value)?,
+    };
     ioctl::call(&dev, ioctl::POKE, &mut p)
         .context("poke refused: only while active (the test of the hv's isolation)")?;
     println!("wrote {:#x} at offset {:#x}", p.value, p.offset);
@@ -240,11 +306,32 @@ fn cmd_bench_switch(n: &str) -> Result<()> {
         let khz = s.header.tsc_khz.max(1);
         act.push(a.elapsed_ns);
         deact.push(d.elapsed_ns);
-        hv_act.push(s.cpus.iter().map(|c| c.last_activate_cycles).max().unwrap_or(0) * 1_000_000 / khz);
-        hv_deact.push(s2.cpus.iter().map(|c| c.last_deactivate_cycles).max().unwrap_or(0) * 1_000_000 / khz);
+        hv_act.push(
+            s.cpus
+                .iter()
+                .map(|c| c.last_activate_cycles)
+                .max()
+                .unwrap_or(0)
+                * 1_000_000
+                / khz,
+        );
+        hv_deact.push(
+            s2.cpus
+                .iter()
+                .map(|c| c.last_deactivate_cycles)
+                .max()
+                .unwrap_or(0)
+                * 1_000_000
+                / khz,
+        );
     }
     let ns = |v: &mut Vec<u64>| median(v) as f64 / 1000.0;
-    let (a, d, ha, hd) = (ns(&mut act), ns(&mut deact), ns(&mut hv_act), ns(&mut hv_deact));
+    let (a, d, ha, hd) = (
+        ns(&mut act),
+        ns(&mut deact),
+        ns(&mut hv_act),
+        ns(&mut hv_deact),
+    );
     println!(
         "QS-BENCH {{\"switches\":{n},\"activate_us\":{a:.1},\"deactivate_us\":{d:.1},\"roundtrip_us\":{:.1},\"roundtrip_hv_us\":{:.1}}}",
         a + d,

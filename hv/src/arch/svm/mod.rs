@@ -22,7 +22,8 @@ core::arch::global_asm!(
 
 extern "C" {
     /// See world_switch.S, step 2.
-    pub fn qs_enter_host(cpu: *mut crate::vcpu::Cpu, stack_top: u64, host: *const HostContext) -> !;
+    pub fn qs_enter_host(cpu: *mut crate::vcpu::Cpu, stack_top: u64, host: *const HostContext)
+        -> !;
     /// See world_switch.S, step 3.
     pub fn qs_run_guest(regs: *mut GuestRegs, vmcb_pa: u64);
     /// See world_switch.S, step 4.
@@ -90,7 +91,12 @@ pub struct HostContext {
 
 impl HostContext {
     pub fn new(cr3: u64, gdtr: DescriptorTablePointer, idtr: DescriptorTablePointer) -> Self {
-        HostContext { cr3, gdtr, idtr, ..Default::default() }
+        HostContext {
+            cr3,
+            gdtr,
+            idtr,
+            ..Default::default()
+        }
     }
 }
 
@@ -124,7 +130,10 @@ unsafe fn capture_segment(gdt: &DescriptorTablePointer, selector: u16) -> VmcbSe
     let index = (selector >> 3) as u64;
     if index == 0 || selector & 4 != 0 || index * 8 + 7 > gdt.limit as u64 {
         // Null selector (DS/ES in 64-bit kernels, sometimes SS): unusable, base 0.
-        return VmcbSegment { selector, ..Default::default() };
+        return VmcbSegment {
+            selector,
+            ..Default::default()
+        };
     }
     // SAFETY: the index is inside the live GDT (checked against its limit above), which the
     // caller guarantees is mapped.
@@ -222,9 +231,17 @@ pub unsafe fn build_vmcb(vmcb: &mut Vmcb, native: &NativeState, setup: &VmcbSetu
         s.ds = capture_segment(&gdt, native.ds as u16);
         s.es = capture_segment(&gdt, native.es as u16);
     }
-    s.gdtr = VmcbSegment { limit: gdt.limit as u32, base: gdt.base, ..Default::default() };
+    s.gdtr = VmcbSegment {
+        limit: gdt.limit as u32,
+        base: gdt.base,
+        ..Default::default()
+    };
     let idt = native.idtr;
-    s.idtr = VmcbSegment { limit: idt.limit as u32, base: idt.base, ..Default::default() };
+    s.idtr = VmcbSegment {
+        limit: idt.limit as u32,
+        base: idt.base,
+        ..Default::default()
+    };
     s.cpl = 0;
     s.efer = native.efer | instr::EFER_SVME;
     s.cr0 = native.cr0;
@@ -260,8 +277,14 @@ pub fn native_from_guest(vmcb: &Vmcb, regs: &GuestRegs) -> NativeState {
         cr4: s.cr4,
         efer: s.efer & !instr::EFER_SVME,
         dr7: s.dr7,
-        gdtr: DescriptorTablePointer { limit: s.gdtr.limit as u16, base: s.gdtr.base },
-        idtr: DescriptorTablePointer { limit: s.idtr.limit as u16, base: s.idtr.base },
+        gdtr: DescriptorTablePointer {
+            limit: s.gdtr.limit as u16,
+            base: s.gdtr.base,
+        },
+        idtr: DescriptorTablePointer {
+            limit: s.idtr.limit as u16,
+            base: s.idtr.base,
+        },
         ..Default::default()
     }
 }
@@ -300,9 +323,10 @@ pub fn decode_exit(vmcb: &Vmcb, regs: &GuestRegs) -> VmExit {
     }
     let rax = vmcb.save.rax;
     match c.exit_code {
-        x if x == ExitCode::Cpuid as u64 => {
-            VmExit::Cpuid { leaf: rax as u32, subleaf: regs.rcx as u32 }
-        }
+        x if x == ExitCode::Cpuid as u64 => VmExit::Cpuid {
+            leaf: rax as u32,
+            subleaf: regs.rcx as u32,
+        },
         x if x == ExitCode::Msr as u64 => {
             let msr = regs.rcx as u32;
             if c.exit_info1 & 1 == 1 {
@@ -326,7 +350,9 @@ pub fn decode_exit(vmcb: &Vmcb, regs: &GuestRegs) -> VmExit {
             || x == ExitCode::Skinit as u64
             || x == ExitCode::Invlpga as u64 =>
         {
-            VmExit::VirtualizationInstruction { vmrun: x == ExitCode::Vmrun as u64 }
+            VmExit::VirtualizationInstruction {
+                vmrun: x == ExitCode::Vmrun as u64,
+            }
         }
         x if x == ExitCode::Npf as u64 => {
             // EXITINFO1 is a #PF error code: bit 1 write, bit 4 instruction fetch (APM 15.25.6).
