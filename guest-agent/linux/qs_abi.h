@@ -114,5 +114,8 @@ struct qs_peek {
 #define QS_IOC_PROBE      _IOWR(QS_IOC_MAGIC, 4, struct qs_probe)
 #define QS_IOC_PEEK       _IOWR(QS_IOC_MAGIC, 5, struct qs_peek)
 #define QS_IOC_POKE       _IOW(QS_IOC_MAGIC, 6, struct qs_peek)
+/* PEEK_PHYS: the kernel reads 8 bytes at a physical address outside RAM (ioremap): a device
+ * or a hole, e.g. above what the hv's nested tables map (test of the unexpected-exit policy). */
+#define QS_IOC_PEEK_PHYS  _IOWR(QS_IOC_MAGIC, 7, struct qs_peek)
 
 #endif

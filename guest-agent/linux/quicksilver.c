@@ -413,6 +413,9 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 			qs_do_activate(&r);
 		else
 			qs_do_deactivate(&r);
+		if (cmd == QS_IOC_DEACTIVATE && r.status == QS_OK && r.cpus < num_online_cpus())
+			pr_warn("%u CPUs had already left guest mode after an unexpected exit (see qsctl stats)\n",
+				num_online_cpus() - r.cpus);
 		/* A refused activation has said why already (qs_do_activate). */
 		if (cmd == QS_IOC_DEACTIVATE && r.status != QS_OK && r.status != QS_NOT_ACTIVE)
 			pr_err("deactivate failed on CPU %d: %s\n", r.failed_cpu,
@@ -486,6 +489,26 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 		} else {
 			WRITE_ONCE(*at, p.value);
 		}
+		break;
+	}
+	case QS_IOC_PEEK_PHYS: {
+		struct qs_peek p;
+		void __iomem *at;
+
+		if (copy_from_user(&p, uarg, sizeof(p))) {
+			ret = -EFAULT;
+			break;
+		}
+		/* ioremap refuses RAM; only device memory and holes can be read this way. */
+		at = p.offset % 8 ? NULL : ioremap(p.offset, 8);
+		if (!at) {
+			ret = -EINVAL;
+			break;
+		}
+		p.value = readq(at);
+		iounmap(at);
+		if (copy_to_user(uarg, &p, sizeof(p)))
+			ret = -EFAULT;
 		break;
 	}
 	default:

@@ -177,3 +177,38 @@ qsctl status
     assert_console_has(&out, "state: dormant");
     assert_kernel_clean(&out);
 }
+
+#[test]
+fn an_unexpected_exit_lets_that_cpu_go_native_and_the_kernel_runs_on() {
+    // A read of a physical address above everything the hv's nested tables map (512 GiB) is an
+    // exit the hv does not handle: CPU 1 must step out, run the read natively, and the
+    // kernel must not notice; the others stay active until deactivated.
+    let script = r#"set -e
+qsctl activate
+taskset -c 1 qsctl peek-phys 0x8000000000
+qsctl probe
+qsctl stats
+qsctl deactivate
+qsctl probe --expect native
+qsctl activate
+qsctl probe --expect active
+qsctl deactivate
+"#;
+    let out = run(guest("unexpected-exit", 2), script);
+    assert_success(&out);
+    let o = out.script_output();
+    assert!(o.contains("cpu 0: signature Quicksilver"), "{o}");
+    assert!(
+        o.contains("cpu 1: signature none (kernel: none), EFER 0xd01 SVME=0"),
+        "{o}"
+    );
+    assert!(o.contains("unexpected exits: 1"), "{o}");
+    assert!(o.contains("last unexpected exit: cpu 1 code 0x400"), "{o}");
+    assert!(o.contains("info2 0x8000000000"), "{o}");
+    assert!(o.contains("native on 1 CPUs"), "{o}");
+    assert_console_has(
+        &out,
+        "1 CPUs had already left guest mode after an unexpected exit",
+    );
+    assert_kernel_clean(&out);
+}

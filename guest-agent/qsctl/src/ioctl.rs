@@ -55,6 +55,7 @@ pub const STATS: u64 = ioc(READ | WRITE, 3, std::mem::size_of::<StatsRequest>())
 pub const PROBE: u64 = ioc(READ | WRITE, 4, std::mem::size_of::<Probe>());
 pub const PEEK: u64 = ioc(READ | WRITE, 5, std::mem::size_of::<Peek>());
 pub const POKE: u64 = ioc(WRITE, 6, std::mem::size_of::<Peek>());
+pub const PEEK_PHYS: u64 = ioc(READ | WRITE, 7, std::mem::size_of::<Peek>());
 
 /// Issues `request` with `arg` on the agent's device.
 pub fn call<T>(dev: &File, request: u64, arg: &mut T) -> std::io::Result<()> {

@@ -8,6 +8,7 @@
 //! qsctl probe [--expect STATE]    each CPU as a pinned process sees it (STATE: active|native)
 //! qsctl peek OFFSET               the kernel reads 8 bytes of the hv's memory
 //! qsctl poke OFFSET VALUE         the kernel writes 8 bytes of the hv's memory (active only)
+//! qsctl peek-phys ADDRESS         the kernel reads 8 bytes of device memory or a hole
 //! qsctl bench-switch N            N activate/deactivate round trips; one JSON line of medians
 //! ```
 
@@ -275,6 +276,19 @@ fn cmd_peek(offset: &str) -> Result<()> {
     Ok(())
 }
 
+fn cmd_peek_phys(address: &str) -> Result<()> {
+    let dev = open()?;
+    let mut p = ioctl::Peek {
+        offset: parse_u64(address)?,
+        value: 0,
+    };
+    ioctl::call(&dev, ioctl::PEEK_PHYS, &mut p).context(
+        "peek-phys refused (8-aligned, and not RAM: ioremap maps only devices and holes)",
+    )?;
+    println!("{:#018x} at physical {:#x}", p.value, p.offset);
+    Ok(())
+}
+
 fn cmd_poke(offset: &str, value: &str) -> Result<()> {
     let dev = open()?;
     let mut p = ioctl::Peek {
@@ -352,9 +366,10 @@ fn main() {
         ["probe", "--expect", s] => cmd_probe(Some(s)),
         ["peek", off] => cmd_peek(off),
         ["poke", off, v] => cmd_poke(off, v),
+        ["peek-phys", addr] => cmd_peek_phys(addr),
         ["bench-switch", n] => cmd_bench_switch(n),
         _ => {
-            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|peek OFFSET|poke OFFSET VALUE|bench-switch N");
+            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|peek OFFSET|poke OFFSET VALUE|peek-phys ADDRESS|bench-switch N");
             std::process::exit(2);
         }
     };
