@@ -106,7 +106,6 @@ pub trait GuestCpu {
     /// Sets RAX, RBX, RCX, RDX to a CPUID answer.
     fn set_cpuid_result(&mut self, r: [u32; 4]);
     fn set_rax(&mut self, v: u64);
-    fn efer(&self) -> u64;
     fn set_efer(&mut self, v: u64);
     /// Maps the guest-physical page of `gpa`, inside the hv's memory, to scratch.
     fn refuse_hv_access(&mut self, gpa: u64) -> bool;
@@ -222,9 +221,6 @@ mod tests {
         }
         fn set_rax(&mut self, v: u64) {
             self.rax = v;
-        }
-        fn efer(&self) -> u64 {
-            self.efer
         }
         fn set_efer(&mut self, v: u64) {
             self.efer = v;

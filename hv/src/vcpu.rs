@@ -41,11 +41,13 @@ impl CpuState {
     /// A copy of this CPU's counters (they are only written by their CPU; torn reads of a
     /// counter being incremented cannot happen for aligned u64 on x86-64).
     pub fn stats_snapshot(&self) -> CpuStats {
-        // SAFETY: `stats` is a valid, aligned field; a volatile read keeps the compiler from
-        // assuming no other CPU writes it.
-        let mut s = unsafe { core::ptr::read_volatile(&self.stats) };
-        s.active = self.active as u32;
-        s
+        // SAFETY: `stats` and `active` are valid, aligned fields; volatile reads keep the
+        // compiler from assuming no other CPU writes them.
+        unsafe {
+            let mut s = core::ptr::read_volatile(&self.stats);
+            s.active = core::ptr::read_volatile(&self.active) as u32;
+            s
+        }
     }
 }
 
@@ -156,9 +158,6 @@ impl GuestCpu for Guest<'_> {
     }
     fn set_rax(&mut self, v: u64) {
         self.cpu.vmcb.save.rax = v;
-    }
-    fn efer(&self) -> u64 {
-        self.cpu.vmcb.save.efer
     }
     fn set_efer(&mut self, v: u64) {
         self.cpu.vmcb.save.efer = v;
