@@ -5,6 +5,8 @@
 //! - [`abi`]: how the agent calls into the hv (entry points while dormant, `VMMCALL` while
 //!   active), and the status codes that come back.
 //! - [`stats`]: the statistics block the hv fills for `qsctl status` / `qsctl stats`.
+//! - [`link`]: frames on the serial link to `qs-bridge` (COBS, CRC-32, channels, replay guard,
+//!   challenge/response authentication).
 //!
 //! The C side of the agent (`guest-agent/linux/qs_abi.h`) mirrors [`image::ImageHeader`],
 //! [`abi::InitArgs`] and the numbers in [`abi`]; the tests in this crate pin every size and
@@ -13,6 +15,7 @@
 
 pub mod abi;
 pub mod image;
+pub mod link;
 pub mod stats;
 
 /// CRC-32 (IEEE 802.3, as zlib and Linux's `crc32_le(~0, ..) ^ ~0` compute it).

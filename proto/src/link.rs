@@ -1,0 +1,446 @@
+//! The serial link between the hv (or the agent, while dormant) and `qs-bridge`.
+//!
+//! A frame on the wire is COBS-encoded and ends with a 0x00 byte, so that any 0x00 is a clean
+//! place to resynchronize after noise. Before COBS it is:
+//!
+//! ```text
+//! channel u8 | seq u32 LE | len u16 LE | payload (len bytes) | crc32 LE of everything before
+//! ```
+//!
+//! A fixed little-endian header rather than a serde encoding: the hv decodes it with GIF = 0
+//! on every received byte, and a fixed layout makes the size limits obvious. Messages carried
+//! inside the `control` channel can use any encoding.
+//!
+//! Every frame that is corrupt (CRC), truncated, oversized, badly COBS-encoded or replayed
+//! (sequence number not above the last accepted on its direction) is dropped and counted by
+//! [`Decoder`] and [`Session`], never acted on.
+
+/// Logical channels multiplexed on the link.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    /// Text from the machine's console.
+    Console = 0,
+    /// Raw GDB remote-protocol bytes.
+    Gdb = 1,
+    /// Hello, authentication, requests, status, events.
+    Control = 2,
+    /// Bulk transfers (checkpoint export).
+    Bulk = 3,
+}
+
+impl Channel {
+    /// The channel for a wire value.
+    pub fn from_u8(v: u8) -> Option<Channel> {
+        Some(match v {
+            0 => Channel::Console,
+            1 => Channel::Gdb,
+            2 => Channel::Control,
+            3 => Channel::Bulk,
+            _ => return None,
+        })
+    }
+}
+
+/// Largest payload a frame carries.
+pub const MAX_PAYLOAD: usize = 1024;
+/// Header bytes before the payload.
+pub const HEADER_LEN: usize = 7;
+/// Largest frame before COBS: header, payload, CRC.
+pub const MAX_RAW: usize = HEADER_LEN + MAX_PAYLOAD + 4;
+/// Largest frame on the wire: COBS adds one byte per 254 and one at the start; then the 0x00.
+pub const MAX_WIRE: usize = MAX_RAW + MAX_RAW / 254 + 2;
+
+/// Why a frame could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EncodeError {
+    /// The payload is over [`MAX_PAYLOAD`].
+    PayloadTooLarge { len: usize },
+    /// The output buffer is smaller than [`MAX_WIRE`] needs for this frame.
+    BufferTooSmall,
+}
+
+/// A received frame whose payload is borrowed from the decoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub channel: Channel,
+    pub seq: u32,
+    pub payload: &'a [u8],
+}
+
+/// COBS-encodes `src` into `dst` (no trailing zero); returns the length.
+fn cobs_encode(src: &[u8], dst: &mut [u8]) -> Option<usize> {
+    let mut code_at = 0;
+    let mut out = 1;
+    let mut code = 1u8;
+    for &b in src {
+        if b == 0 {
+            *dst.get_mut(code_at)? = code;
+            code_at = out;
+            out += 1;
+            code = 1;
+        } else {
+            *dst.get_mut(out)? = b;
+            out += 1;
+            code += 1;
+            if code == 0xFF {
+                *dst.get_mut(code_at)? = code;
+                code_at = out;
+                out += 1;
+                code = 1;
+            }
+        }
+    }
+    *dst.get_mut(code_at)? = code;
+    Some(out)
+}
+
+/// COBS-decodes `buf` in place (no trailing zero); returns the decoded length. The write
+/// position never passes the read position, so decoding in place is safe.
+fn cobs_decode_in_place(buf: &mut [u8]) -> Option<usize> {
+    let mut read = 0;
+    let mut write = 0;
+    while read < buf.len() {
+        let code = buf[read] as usize;
+        let next = read + code; // where the next code byte is
+        if code == 0 || next > buf.len() {
+            return None;
+        }
+        read += 1;
+        while read < next {
+            buf[write] = buf[read];
+            write += 1;
+            read += 1;
+        }
+        if code != 0xFF && read < buf.len() {
+            buf[write] = 0;
+            write += 1;
+        }
+    }
+    Some(write)
+}
+
+/// Builds the wire form of a frame into `out`, trailing 0x00 included; returns its length.
+pub fn encode(
+    channel: Channel,
+    seq: u32,
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<usize, EncodeError> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(EncodeError::PayloadTooLarge { len: payload.len() });
+    }
+    let mut raw = [0u8; MAX_RAW];
+    let n = HEADER_LEN + payload.len();
+    raw[0] = channel as u8;
+    raw[1..5].copy_from_slice(&seq.to_le_bytes());
+    raw[5..7].copy_from_slice(&(payload.len() as u16).to_le_bytes());
+    raw[HEADER_LEN..n].copy_from_slice(payload);
+    let crc = crate::crc32(&raw[..n]);
+    raw[n..n + 4].copy_from_slice(&crc.to_le_bytes());
+    let len = cobs_encode(&raw[..n + 4], out).ok_or(EncodeError::BufferTooSmall)?;
+    *out.get_mut(len).ok_or(EncodeError::BufferTooSmall)? = 0;
+    Ok(len + 1)
+}
+
+/// Why a received frame was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drop {
+    /// More bytes than [`MAX_WIRE`] before a 0x00.
+    Oversized,
+    /// Not valid COBS.
+    BadEncoding,
+    /// Shorter than a header and a CRC, or shorter than its length field says.
+    Truncated,
+    /// The CRC does not match.
+    BadCrc,
+    /// Unknown channel number.
+    BadChannel,
+    /// Sequence number not above the last accepted one (see [`Session`]).
+    Replayed,
+}
+
+/// Counts of dropped frames, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropCounts {
+    pub oversized: u64,
+    pub bad_encoding: u64,
+    pub truncated: u64,
+    pub bad_crc: u64,
+    pub bad_channel: u64,
+    pub replayed: u64,
+}
+
+impl DropCounts {
+    fn count(&mut self, d: Drop) {
+        let c = match d {
+            Drop::Oversized => &mut self.oversized,
+            Drop::BadEncoding => &mut self.bad_encoding,
+            Drop::Truncated => &mut self.truncated,
+            Drop::BadCrc => &mut self.bad_crc,
+            Drop::BadChannel => &mut self.bad_channel,
+            Drop::Replayed => &mut self.replayed,
+        };
+        *c += 1;
+    }
+
+    /// All drops.
+    pub fn total(&self) -> u64 {
+        self.oversized
+            + self.bad_encoding
+            + self.truncated
+            + self.bad_crc
+            + self.bad_channel
+            + self.replayed
+    }
+}
+
+/// A streaming frame decoder with a fixed buffer: push bytes, get frames.
+pub struct Decoder {
+    buf: [u8; MAX_WIRE],
+    len: usize,
+    overflowed: bool,
+    /// Frames dropped so far.
+    pub drops: DropCounts,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder {
+            buf: [0; MAX_WIRE],
+            len: 0,
+            overflowed: false,
+            drops: DropCounts::default(),
+        }
+    }
+}
+
+impl Decoder {
+    /// Feeds one byte. At a frame's end (0x00) returns the frame if it is sound; a dropped frame
+    /// is counted and gives `Some(Err(reason))`. Bytes inside a frame give `None`.
+    pub fn push(&mut self, byte: u8) -> Option<Result<Frame<'_>, Drop>> {
+        if byte != 0 {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = byte;
+                self.len += 1;
+            } else {
+                self.overflowed = true;
+            }
+            return None;
+        }
+        let len = core::mem::replace(&mut self.len, 0);
+        if core::mem::replace(&mut self.overflowed, false) {
+            self.drops.count(Drop::Oversized);
+            return Some(Err(Drop::Oversized));
+        }
+        if len == 0 {
+            return None; // back-to-back delimiters: idle line or resync, not a frame
+        }
+        let r = Self::parse(&mut self.buf[..len]);
+        if let Err(d) = r {
+            self.drops.count(d);
+        }
+        Some(r)
+    }
+
+    fn parse(wire: &mut [u8]) -> Result<Frame<'_>, Drop> {
+        let n = cobs_decode_in_place(wire).ok_or(Drop::BadEncoding)?;
+        let raw = &wire[..n];
+        if n < HEADER_LEN + 4 {
+            return Err(Drop::Truncated);
+        }
+        let len = u16::from_le_bytes([raw[5], raw[6]]) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(Drop::Oversized);
+        }
+        if n != HEADER_LEN + len + 4 {
+            return Err(Drop::Truncated);
+        }
+        let body = HEADER_LEN + len;
+        let crc = u32::from_le_bytes([raw[body], raw[body + 1], raw[body + 2], raw[body + 3]]);
+        if crc != crate::crc32(&raw[..body]) {
+            return Err(Drop::BadCrc);
+        }
+        let channel = Channel::from_u8(raw[0]).ok_or(Drop::BadChannel)?;
+        let seq = u32::from_le_bytes([raw[1], raw[2], raw[3], raw[4]]);
+        Ok(Frame {
+            channel,
+            seq,
+            payload: &wire[HEADER_LEN..body],
+        })
+    }
+}
+
+/// One direction's replay guard: accepts only sequence numbers above the last accepted one.
+/// Losses (gaps) are allowed, since a corrupted frame is dropped; going back is not.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Session {
+    last: Option<u32>,
+    /// Frames refused as replays.
+    pub replayed: u64,
+}
+
+impl Session {
+    /// Accepts `seq` if it is new.
+    pub fn accept(&mut self, seq: u32) -> Result<(), Drop> {
+        match self.last {
+            Some(last) if seq <= last => {
+                self.replayed += 1;
+                Err(Drop::Replayed)
+            }
+            _ => {
+                self.last = Some(seq);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The link protocol version spoken in the hello.
+pub const LINK_VERSION: u16 = 1;
+
+/// Authentication: the bridge proves it holds the key the agent was loaded with. The hv sends
+/// a 32-byte challenge; the bridge answers HMAC-SHA256(key, "qs-link-v1" | challenge).
+pub mod auth {
+    use hmac::{KeyInit, Mac};
+
+    type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+    /// Bytes in a challenge and in a response.
+    pub const LEN: usize = 32;
+    const CONTEXT: &[u8] = b"qs-link-v1";
+
+    /// The response to `challenge` with `key`.
+    pub fn respond(key: &[u8], challenge: &[u8; LEN]) -> [u8; LEN] {
+        let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+        mac.update(CONTEXT);
+        mac.update(challenge);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Checks a response in constant time.
+    pub fn verify(key: &[u8], challenge: &[u8; LEN], response: &[u8]) -> bool {
+        let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+        mac.update(CONTEXT);
+        mac.update(challenge);
+        mac.verify_slice(response).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn wire(channel: Channel, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; MAX_WIRE];
+        let n = encode(channel, seq, payload, &mut out).unwrap();
+        out.truncate(n);
+        out
+    }
+
+    fn decode_all(bytes: &[u8]) -> (Vec<(Channel, u32, Vec<u8>)>, DropCounts) {
+        let mut d = Decoder::default();
+        let mut frames = Vec::new();
+        for &b in bytes {
+            if let Some(Ok(f)) = d.push(b) {
+                frames.push((f.channel, f.seq, f.payload.to_vec()));
+            }
+        }
+        (frames, d.drops)
+    }
+
+    #[test]
+    fn a_frame_round_trips_and_has_one_zero() {
+        let w = wire(Channel::Gdb, 7, b"$g#67\0x");
+        assert_eq!(w.iter().filter(|&&b| b == 0).count(), 1);
+        assert_eq!(*w.last().unwrap(), 0);
+        let (frames, drops) = decode_all(&w);
+        assert_eq!(frames, vec![(Channel::Gdb, 7, b"$g#67\0x".to_vec())]);
+        assert_eq!(drops.total(), 0);
+    }
+
+    #[test]
+    fn each_bad_input_is_dropped_for_its_reason() {
+        let good = wire(Channel::Control, 1, b"hello");
+        let mut flipped = good.clone();
+        flipped[4] ^= 0x10;
+        let (f, d) = decode_all(&flipped);
+        assert!(f.is_empty());
+        assert_eq!(d.total(), 1);
+
+        let truncated = [&good[..good.len() - 4], &[0u8][..]].concat();
+        let (f, d) = decode_all(&truncated);
+        assert!(f.is_empty() && d.total() == 1);
+
+        let garbage = vec![0x55u8; MAX_WIRE + 10];
+        let (f, d) = decode_all(&[&garbage[..], &[0], &good[..]].concat());
+        assert_eq!(d.oversized, 1);
+        assert_eq!(f.len(), 1, "the link resynchronizes at the next delimiter");
+
+        assert_eq!(
+            encode(Channel::Bulk, 0, &[1; MAX_PAYLOAD + 1], &mut [0; MAX_WIRE]),
+            Err(EncodeError::PayloadTooLarge {
+                len: MAX_PAYLOAD + 1
+            })
+        );
+    }
+
+    #[test]
+    fn replays_are_refused_gaps_are_not() {
+        let mut s = Session::default();
+        assert_eq!(s.accept(1), Ok(()));
+        assert_eq!(s.accept(5), Ok(()));
+        assert_eq!(s.accept(5), Err(Drop::Replayed));
+        assert_eq!(s.accept(2), Err(Drop::Replayed));
+        assert_eq!(s.replayed, 2);
+    }
+
+    #[test]
+    fn auth_accepts_the_key_and_refuses_any_other() {
+        let challenge = [7u8; auth::LEN];
+        let r = auth::respond(b"demo key", &challenge);
+        assert!(auth::verify(b"demo key", &challenge, &r));
+        assert!(!auth::verify(b"wrong key", &challenge, &r));
+        assert!(!auth::verify(b"demo key", &[8u8; auth::LEN], &r));
+        assert!(!auth::verify(b"demo key", &challenge, &r[..31]));
+    }
+
+    proptest! {
+        /// Any payload on any channel round-trips, with noise before it.
+        #[test]
+        fn frames_round_trip(ch in 0u8..4, seq: u32, payload in proptest::collection::vec(any::<u8>(), 0..MAX_PAYLOAD),
+                             noise in proptest::collection::vec(1u8..=255, 0..40)) {
+            let ch = Channel::from_u8(ch).unwrap();
+            let bytes = [&noise[..], &[0], &wire(ch, seq, &payload)[..]].concat();
+            let (frames, _) = decode_all(&bytes);
+            prop_assert_eq!(frames.last().cloned(), Some((ch, seq, payload)));
+        }
+
+        /// The decoder never panics and never accepts a frame whose bytes were flipped
+        /// (CRC-32 catches every error of up to 3 bits in frames this short).
+        #[test]
+        fn flipped_bits_never_pass(payload in proptest::collection::vec(any::<u8>(), 0..64),
+                                   flips in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..8), 1..4)) {
+            let mut w = wire(Channel::Gdb, 3, &payload);
+            let body = w.len() - 1;
+            for (at, bit) in flips {
+                let i = at.index(body);
+                w[i] ^= 1 << bit;
+            }
+            let (frames, _) = decode_all(&w);
+            for f in frames {
+                // A flip pair can cancel out on the same bit: then the frame is the original.
+                prop_assert_eq!(f, (Channel::Gdb, 3, payload.clone()));
+            }
+        }
+
+        /// Arbitrary bytes: no panic, and every delimiter ends at most one frame.
+        #[test]
+        fn garbage_is_harmless(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let (frames, drops) = decode_all(&bytes);
+            let zeros = bytes.iter().filter(|&&b| b == 0).count() as u64;
+            prop_assert!(frames.len() as u64 + drops.total() <= zeros);
+        }
+    }
+}
