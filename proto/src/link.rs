@@ -444,3 +444,172 @@ mod tests {
         }
     }
 }
+
+/// Messages on the `control` channel: one type byte, then fixed fields (little-endian).
+pub mod control {
+    use super::auth;
+
+    /// Who speaks a hello.
+    #[repr(u8)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Role {
+        /// The production machine: the agent while dormant, the hv while active.
+        Machine = 0,
+        /// `qs-bridge` on the operator's side.
+        Bridge = 1,
+    }
+
+    /// Why the machine refused the bridge.
+    #[repr(u8)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Refusal {
+        /// The response does not match: the bridge holds another key.
+        WrongKey = 1,
+        /// The machine has no key configured: it serves nobody.
+        NoKey = 2,
+        /// Another link version.
+        Version = 3,
+        /// A message other than the one expected at this point.
+        Protocol = 4,
+    }
+
+    impl Refusal {
+        fn from_u8(v: u8) -> Option<Refusal> {
+            Some(match v {
+                1 => Refusal::WrongKey,
+                2 => Refusal::NoKey,
+                3 => Refusal::Version,
+                4 => Refusal::Protocol,
+                _ => return None,
+            })
+        }
+
+        /// What it means and what to do.
+        pub fn message(self) -> &'static str {
+            match self {
+                Refusal::WrongKey => "the machine refused our key: give qs-bridge the key the agent was loaded with (--key FILE)",
+                Refusal::NoKey => "the machine has no link key configured: load the agent with key=... to serve the link",
+                Refusal::Version => "the machine speaks another link version: use a qs-bridge from the same release",
+                Refusal::Protocol => "the machine saw an unexpected message: restart qs-bridge",
+            }
+        }
+    }
+
+    /// A control message.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Message {
+        /// First message of each side.
+        Hello { version: u16, role: Role },
+        /// Machine to bridge: prove you hold the key.
+        Challenge { nonce: [u8; auth::LEN] },
+        /// Bridge to machine: HMAC of the challenge.
+        Response { mac: [u8; auth::LEN] },
+        /// Machine to bridge: authenticated; everything is served from now on.
+        AuthOk,
+        /// Machine to bridge: refused, and why; nothing is served.
+        Refused(Refusal),
+        /// Bridge to machine: activate the hv and stop every CPU for the debugger.
+        Attention,
+    }
+
+    /// A payload that is not a control message.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct BadMessage;
+
+    impl Message {
+        /// Encodes into `out`; returns the length (at most 1 + 32 bytes).
+        pub fn encode(&self, out: &mut [u8; 33]) -> usize {
+            match *self {
+                Message::Hello { version, role } => {
+                    out[0] = 1;
+                    out[1..3].copy_from_slice(&version.to_le_bytes());
+                    out[3] = role as u8;
+                    4
+                }
+                Message::Challenge { nonce } => {
+                    out[0] = 2;
+                    out[1..33].copy_from_slice(&nonce);
+                    33
+                }
+                Message::Response { mac } => {
+                    out[0] = 3;
+                    out[1..33].copy_from_slice(&mac);
+                    33
+                }
+                Message::AuthOk => {
+                    out[0] = 4;
+                    1
+                }
+                Message::Refused(r) => {
+                    out[0] = 5;
+                    out[1] = r as u8;
+                    2
+                }
+                Message::Attention => {
+                    out[0] = 6;
+                    1
+                }
+            }
+        }
+
+        /// Decodes a payload; any length or value out of place is an error.
+        pub fn decode(p: &[u8]) -> Result<Message, BadMessage> {
+            let arr = |p: &[u8]| -> Result<[u8; auth::LEN], BadMessage> {
+                p.get(1..).and_then(|s| s.try_into().ok()).ok_or(BadMessage)
+            };
+            match (p.first(), p.len()) {
+                (Some(1), 4) => Ok(Message::Hello {
+                    version: u16::from_le_bytes([p[1], p[2]]),
+                    role: match p[3] {
+                        0 => Role::Machine,
+                        1 => Role::Bridge,
+                        _ => return Err(BadMessage),
+                    },
+                }),
+                (Some(2), 33) => Ok(Message::Challenge { nonce: arr(p)? }),
+                (Some(3), 33) => Ok(Message::Response { mac: arr(p)? }),
+                (Some(4), 1) => Ok(Message::AuthOk),
+                (Some(5), 2) => Refusal::from_u8(p[1])
+                    .map(Message::Refused)
+                    .ok_or(BadMessage),
+                (Some(6), 1) => Ok(Message::Attention),
+                _ => Err(BadMessage),
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn every_message_round_trips_and_wrong_lengths_do_not() {
+            let all = [
+                Message::Hello {
+                    version: 1,
+                    role: Role::Bridge,
+                },
+                Message::Challenge { nonce: [9; 32] },
+                Message::Response { mac: [3; 32] },
+                Message::AuthOk,
+                Message::Refused(Refusal::WrongKey),
+                Message::Attention,
+            ];
+            for m in all {
+                let mut buf = [0u8; 33];
+                let n = m.encode(&mut buf);
+                assert_eq!(Message::decode(&buf[..n]), Ok(m));
+                assert_eq!(
+                    Message::decode(&buf[..n - 1]),
+                    Err(BadMessage),
+                    "{m:?} truncated"
+                );
+                let mut longer = buf[..n].to_vec();
+                longer.push(0);
+                assert_eq!(Message::decode(&longer), Err(BadMessage), "{m:?} padded");
+            }
+            assert_eq!(Message::decode(&[]), Err(BadMessage));
+            assert_eq!(Message::decode(&[5, 99]), Err(BadMessage));
+        }
+    }
+}

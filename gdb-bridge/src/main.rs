@@ -1,0 +1,78 @@
+//! `qs-bridge --link unix:PATH|tcp:HOST:PORT|/dev/ttyXXX [--baud N] --key FILE --gdb ADDR:PORT`
+//!
+//! Owns the link to a Quicksilver machine: authenticates with the key the agent was loaded
+//! with, then serves GDB's remote protocol on TCP and copies the machine's console to stdout
+//! (or `--console FILE`).
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use qs_bridge::{authenticate, serve_gdb, Link, LinkAddr};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "qs-bridge",
+    version,
+    about = "Serve GDB for a live kernel over Quicksilver's serial link"
+)]
+struct Args {
+    /// The link: unix:PATH, tcp:HOST:PORT or a serial device.
+    #[arg(long)]
+    link: String,
+    /// Baud rate of a serial device.
+    #[arg(long, default_value_t = 115200)]
+    baud: u32,
+    /// File holding the link key (the agent's key= parameter).
+    #[arg(long)]
+    key: std::path::PathBuf,
+    /// Where GDB connects.
+    #[arg(long, default_value = "127.0.0.1:1234")]
+    gdb: String,
+    /// Where the machine's console goes (default: stdout).
+    #[arg(long)]
+    console: Option<std::path::PathBuf>,
+    /// Seconds to wait for the machine's answer.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
+fn run(args: Args) -> Result<()> {
+    let key = std::fs::read(&args.key).with_context(|| {
+        format!(
+            "cannot read the key file {}: give --key FILE",
+            args.key.display()
+        )
+    })?;
+    let key = key.trim_ascii_end().to_vec();
+    let addr = LinkAddr::parse(&args.link)?;
+    let mut console: Box<dyn Write + Send> = match &args.console {
+        Some(p) => Box::new(
+            std::fs::File::create(p)
+                .with_context(|| format!("cannot write the console log {}", p.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    let link = Arc::new(Link::open(&addr, args.baud)?);
+    authenticate(
+        &link,
+        &key,
+        Duration::from_secs(args.timeout),
+        &mut *console,
+    )?;
+    let listener = std::net::TcpListener::bind(&args.gdb)
+        .with_context(|| format!("cannot listen for gdb on {}: is the port in use?", args.gdb))?;
+    eprintln!(
+        "qs-bridge: authenticated; for gdb: gdb <vmlinux> -ex 'target remote {}'",
+        args.gdb
+    );
+    serve_gdb(link, listener, console)
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("qs-bridge: {e:#}");
+        std::process::exit(1);
+    }
+}
