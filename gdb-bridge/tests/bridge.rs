@@ -1,12 +1,12 @@
-//! `qs-bridge` as a user runs it, against a stand-in for the machine's end of the link that
-//! speaks the protocol from `quicksilver-proto` (the hv's end comes with the gdbstub). The
-//! stand-in also injects corrupt, replayed and garbage frames, which must change nothing.
+//! `qs-bridge` as a user runs it, against the machine's end of the link (`Endpoint` from
+//! `quicksilver-proto`, the code the agent and the hv run) behind a Unix socket, as QEMU's
+//! chardev would be. The machine side also injects corrupt, replayed and garbage frames,
+//! which must change nothing. (The real machine, with the gdbstub, comes next.)
 
-use quicksilver_proto::link::{
-    self, auth, control::Message, control::Refusal, control::Role, Channel, Decoder,
-};
+use quicksilver_proto::link::endpoint::{Endpoint, Event};
+use quicksilver_proto::link::{self, auth, Channel};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -19,27 +19,14 @@ fn frame(channel: Channel, seq: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn control(seq: u32, m: Message) -> Vec<u8> {
-    let mut b = [0u8; 33];
-    let n = m.encode(&mut b);
-    frame(Channel::Control, seq, &b[..n])
-}
-
-/// The machine's end: answers the handshake with `machine_key`, then echoes gdb bytes back
-/// as "echo:<bytes>", announces attention on the console, and sprinkles bad frames.
-fn machine(
-    listener: UnixListener,
-    machine_key: Option<&'static [u8]>,
-) -> std::thread::JoinHandle<()> {
+/// The machine's end: the real `Endpoint` (the code the agent and hv run) with `machine_key`.
+/// On attention it writes garbage, a corrupt frame and a replayed frame, then a console line;
+/// gdb bytes come back as "echo:<bytes>".
+fn machine(listener: UnixListener, machine_key: &'static [u8]) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         let mut r = s.try_clone().unwrap();
-        let mut dec = Decoder::default();
-        let mut seq = 1;
-        let send = |s: &mut UnixStream, bytes: Vec<u8>| {
-            let _ = s.write_all(&bytes);
-        };
-        let nonce = [0x5Au8; auth::LEN];
+        let mut e = Endpoint::new(machine_key);
         let mut buf = [0u8; 2048];
         loop {
             let n = match r.read(&mut buf) {
@@ -47,56 +34,25 @@ fn machine(
                 Ok(n) => n,
             };
             for &b in &buf[..n] {
-                let Some(Ok(f)) = dec.push(b) else { continue };
-                let (channel, payload) = (f.channel, f.payload.to_vec());
                 let mut out = Vec::new();
-                match (channel, Message::decode(&payload)) {
-                    (
-                        Channel::Control,
-                        Ok(Message::Hello {
-                            role: Role::Bridge, ..
-                        }),
-                    ) => {
-                        out.extend(control(
-                            seq,
-                            Message::Hello {
-                                version: link::LINK_VERSION,
-                                role: Role::Machine,
-                            },
-                        ));
-                        out.extend(control(seq + 1, Message::Challenge { nonce }));
-                        seq += 2;
-                    }
-                    (Channel::Control, Ok(Message::Response { mac })) => {
-                        let m = match machine_key {
-                            None => Message::Refused(Refusal::NoKey),
-                            Some(k) if auth::verify(k, &nonce, &mac) => Message::AuthOk,
-                            Some(_) => Message::Refused(Refusal::WrongKey),
-                        };
-                        out.extend(control(seq, m));
-                        seq += 1;
-                    }
-                    (Channel::Control, Ok(Message::Attention)) => {
-                        // Noise first: garbage, a corrupt frame, a frame replaying an old seq.
+                let mut nonce = || [0x5A; auth::LEN];
+                let ev = e.push(b, &mut nonce, &mut |w: &[u8]| out.extend_from_slice(w));
+                let reply: Option<(Channel, Vec<u8>)> = match ev {
+                    Some(Event::Attention) => {
                         out.extend_from_slice(&[0x13, 0x37, 0x00]);
-                        let mut bad = frame(Channel::Gdb, seq, b"BAD-CRC");
+                        let mut bad = frame(Channel::Gdb, 1000, b"BAD-CRC");
                         bad[3] ^= 0x20;
                         out.extend(bad);
                         out.extend(frame(Channel::Gdb, 1, b"BAD-REPLAY"));
-                        out.extend(frame(
-                            Channel::Console,
-                            seq,
-                            b"machine: attention received\n",
-                        ));
-                        seq += 1;
+                        Some((Channel::Console, b"machine: attention received\n".to_vec()))
                     }
-                    (Channel::Gdb, _) => {
-                        out.extend(frame(Channel::Gdb, seq, &[b"echo:", &payload[..]].concat()));
-                        seq += 1;
-                    }
-                    _ => {}
+                    Some(Event::Gdb(p)) => Some((Channel::Gdb, [b"echo:", p].concat())),
+                    None => None,
+                };
+                if let Some((channel, payload)) = reply {
+                    e.send(channel, &payload, &mut |w: &[u8]| out.extend_from_slice(w));
                 }
-                send(&mut s, out);
+                let _ = s.write_all(&out);
             }
         }
     })
@@ -153,7 +109,7 @@ fn free_port() -> u16 {
 #[test]
 fn authenticates_then_carries_gdb_bytes_and_ignores_bad_frames() {
     let dir = tempdir("ok");
-    let m = machine(UnixListener::bind(dir.join("link")).unwrap(), Some(KEY));
+    let m = machine(UnixListener::bind(dir.join("link")).unwrap(), KEY);
     let port = free_port();
     let mut b = bridge(&dir, KEY, port);
     let mut line = String::new();
@@ -197,7 +153,7 @@ fn authenticates_then_carries_gdb_bytes_and_ignores_bad_frames() {
 #[test]
 fn a_wrong_key_is_refused_with_the_fix() {
     let dir = tempdir("wrong");
-    let _m = machine(UnixListener::bind(dir.join("link")).unwrap(), Some(KEY));
+    let _m = machine(UnixListener::bind(dir.join("link")).unwrap(), KEY);
     let mut b = bridge(&dir, b"not the key", free_port());
     let mut all = String::new();
     b.stderr.read_to_string(&mut all).unwrap();
@@ -209,7 +165,7 @@ fn a_wrong_key_is_refused_with_the_fix() {
 #[test]
 fn a_machine_without_a_key_serves_nobody() {
     let dir = tempdir("nokey");
-    let _m = machine(UnixListener::bind(dir.join("link")).unwrap(), None);
+    let _m = machine(UnixListener::bind(dir.join("link")).unwrap(), b"");
     let mut b = bridge(&dir, KEY, free_port());
     let mut all = String::new();
     b.stderr.read_to_string(&mut all).unwrap();

@@ -200,6 +200,8 @@ pub struct Decoder {
     buf: [u8; MAX_WIRE],
     len: usize,
     overflowed: bool,
+    /// Range of the payload of the last sound frame in `buf`.
+    last: Option<(usize, usize)>,
     /// Frames dropped so far.
     pub drops: DropCounts,
 }
@@ -210,6 +212,7 @@ impl Default for Decoder {
             buf: [0; MAX_WIRE],
             len: 0,
             overflowed: false,
+            last: None,
             drops: DropCounts::default(),
         }
     }
@@ -220,6 +223,7 @@ impl Decoder {
     /// is counted and gives `Some(Err(reason))`. Bytes inside a frame give `None`.
     pub fn push(&mut self, byte: u8) -> Option<Result<Frame<'_>, Drop>> {
         if byte != 0 {
+            self.last = None;
             if self.len < self.buf.len() {
                 self.buf[self.len] = byte;
                 self.len += 1;
@@ -237,10 +241,16 @@ impl Decoder {
             return None; // back-to-back delimiters: idle line or resync, not a frame
         }
         let r = Self::parse(&mut self.buf[..len]);
-        if let Err(d) = r {
-            self.drops.count(d);
+        match &r {
+            Ok(f) => self.last = Some((HEADER_LEN, HEADER_LEN + f.payload.len())),
+            Err(d) => self.drops.count(*d),
         }
         Some(r)
+    }
+
+    /// The payload of the frame the last `push` returned, until the next byte arrives.
+    pub fn last_payload(&self) -> Option<&[u8]> {
+        self.last.map(|(a, b)| &self.buf[a..b])
     }
 
     fn parse(wire: &mut [u8]) -> Result<Frame<'_>, Drop> {
@@ -610,6 +620,334 @@ pub mod control {
             }
             assert_eq!(Message::decode(&[]), Err(BadMessage));
             assert_eq!(Message::decode(&[5, 99]), Err(BadMessage));
+        }
+    }
+}
+
+/// The machine's end of the link, without I/O: the agent feeds it received bytes while the hv
+/// is dormant, the hv while it is active. It answers the handshake and reports what an
+/// authenticated bridge asks for; before authentication it serves nothing but the handshake.
+pub mod endpoint {
+    use super::control::{Message, Refusal, Role};
+    use super::{auth, encode, Channel, Decoder, Session, LINK_VERSION, MAX_WIRE};
+
+    /// Longest key accepted.
+    pub const MAX_KEY: usize = 64;
+
+    /// Where the handshake stands.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum State {
+        /// Waiting for a bridge's hello.
+        Idle,
+        /// Challenge sent; waiting for the response.
+        Challenged,
+        /// The bridge proved the key.
+        Authenticated,
+    }
+
+    /// What an authenticated bridge asked for.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Event<'a> {
+        /// Activate and stop every CPU for the debugger.
+        Attention,
+        /// Bytes of GDB's remote protocol.
+        Gdb(&'a [u8]),
+    }
+
+    /// Counters for `qsctl stats` and the tests.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Counters {
+        /// Responses that did not match the key.
+        pub wrong_key: u64,
+        /// Requests from a bridge that had not authenticated, ignored.
+        pub unauthenticated: u64,
+    }
+
+    /// The machine's end.
+    pub struct Endpoint {
+        key: [u8; MAX_KEY],
+        key_len: usize,
+        decoder: Decoder,
+        session: Session,
+        state: State,
+        nonce: [u8; auth::LEN],
+        tx_seq: u32,
+        /// Counters.
+        pub counters: Counters,
+    }
+
+    impl Endpoint {
+        /// An endpoint that serves a bridge holding `key` (an empty key serves nobody). Keys
+        /// longer than [`MAX_KEY`] are cut.
+        pub fn new(key: &[u8]) -> Endpoint {
+            let key_len = key.len().min(MAX_KEY);
+            let mut k = [0u8; MAX_KEY];
+            k[..key_len].copy_from_slice(&key[..key_len]);
+            Endpoint {
+                key: k,
+                key_len,
+                decoder: Decoder::default(),
+                session: Session::default(),
+                state: State::Idle,
+                nonce: [0; auth::LEN],
+                tx_seq: 1,
+                counters: Counters::default(),
+            }
+        }
+
+        /// Where the handshake stands.
+        pub fn state(&self) -> State {
+            self.state
+        }
+
+        /// Frames dropped by the decoder and the replay guard.
+        pub fn drops(&self) -> super::DropCounts {
+            let mut d = self.decoder.drops;
+            d.replayed = self.session.replayed;
+            d
+        }
+
+        /// Sends `payload` on `channel` through `tx`.
+        pub fn send(&mut self, channel: Channel, payload: &[u8], tx: &mut dyn FnMut(&[u8])) {
+            let mut out = [0u8; MAX_WIRE];
+            for chunk in payload.chunks(super::MAX_PAYLOAD) {
+                if let Ok(n) = encode(channel, self.tx_seq, chunk, &mut out) {
+                    self.tx_seq = self.tx_seq.wrapping_add(1);
+                    tx(&out[..n]);
+                }
+            }
+        }
+
+        fn send_control(&mut self, m: Message, tx: &mut dyn FnMut(&[u8])) {
+            let mut b = [0u8; 33];
+            let n = m.encode(&mut b);
+            self.send(Channel::Control, &b[..n], tx);
+        }
+
+        /// Feeds one received byte. Replies go out through `tx`; `nonce` gives a fresh random
+        /// challenge when one is needed. Returns what an authenticated bridge asked for.
+        pub fn push(
+            &mut self,
+            byte: u8,
+            nonce: &mut dyn FnMut() -> [u8; auth::LEN],
+            tx: &mut dyn FnMut(&[u8]),
+        ) -> Option<Event<'_>> {
+            let frame = match self.decoder.push(byte) {
+                Some(Ok(f)) => f,
+                _ => return None,
+            };
+            let (channel, seq, len) = (frame.channel, frame.seq, frame.payload.len());
+            let mut msg = [0u8; 33];
+            let control = if channel == Channel::Control && len <= msg.len() {
+                msg[..len].copy_from_slice(frame.payload);
+                Message::decode(&msg[..len]).ok()
+            } else {
+                None
+            };
+            // A hello starts a new session: a restarted bridge counts its frames from 1 again.
+            // Replaying a captured hello only forces a new handshake with a fresh challenge.
+            if let Some(Message::Hello {
+                version,
+                role: Role::Bridge,
+            }) = control
+            {
+                self.session = Session {
+                    last: Some(seq),
+                    replayed: self.session.replayed,
+                };
+                self.state = State::Idle;
+                if version != LINK_VERSION {
+                    self.send_control(Message::Refused(Refusal::Version), tx);
+                    return None;
+                }
+                self.nonce = nonce();
+                self.send_control(
+                    Message::Hello {
+                        version: LINK_VERSION,
+                        role: Role::Machine,
+                    },
+                    tx,
+                );
+                let n = self.nonce;
+                self.send_control(Message::Challenge { nonce: n }, tx);
+                self.state = State::Challenged;
+                return None;
+            }
+            if self.session.accept(seq).is_err() {
+                return None;
+            }
+            match (self.state, control) {
+                (State::Challenged, Some(Message::Response { mac })) => {
+                    let key = &self.key[..self.key_len];
+                    let reply = if key.is_empty() {
+                        self.state = State::Idle;
+                        Message::Refused(Refusal::NoKey)
+                    } else if auth::verify(key, &self.nonce, &mac) {
+                        self.state = State::Authenticated;
+                        Message::AuthOk
+                    } else {
+                        self.counters.wrong_key += 1;
+                        self.state = State::Idle;
+                        Message::Refused(Refusal::WrongKey)
+                    };
+                    self.send_control(reply, tx);
+                    None
+                }
+                (State::Authenticated, Some(Message::Attention)) => Some(Event::Attention),
+                (State::Authenticated, None) if channel == Channel::Gdb => {
+                    // Borrow the payload again from the decoder's buffer.
+                    self.decoder.last_payload().map(Event::Gdb)
+                }
+                _ => {
+                    self.counters.unauthenticated += u64::from(self.state != State::Authenticated);
+                    None
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::link::control::Message;
+
+        /// Bytes a bridge would send.
+        struct Bridge {
+            seq: u32,
+        }
+        impl Bridge {
+            fn frame(&mut self, channel: Channel, payload: &[u8]) -> Vec<u8> {
+                let mut out = vec![0u8; MAX_WIRE];
+                let n = encode(channel, self.seq, payload, &mut out).unwrap();
+                self.seq += 1;
+                out.truncate(n);
+                out
+            }
+            fn control(&mut self, m: Message) -> Vec<u8> {
+                let mut b = [0u8; 33];
+                let n = m.encode(&mut b);
+                self.frame(Channel::Control, &b[..n])
+            }
+        }
+
+        /// Feeds bytes; returns the events (as owned) and the control messages sent back.
+        fn feed(e: &mut Endpoint, bytes: &[u8]) -> (Vec<String>, Vec<Message>) {
+            let mut sent = Vec::new();
+            let mut events = Vec::new();
+            for &b in bytes {
+                let mut tx = |w: &[u8]| sent.extend_from_slice(w);
+                let mut nonce = || [0x42; auth::LEN];
+                if let Some(ev) = e.push(b, &mut nonce, &mut tx) {
+                    events.push(format!("{ev:?}"));
+                }
+            }
+            let mut d = Decoder::default();
+            let replies = sent
+                .iter()
+                .filter_map(|&b| match d.push(b) {
+                    Some(Ok(f)) => Message::decode(f.payload).ok(),
+                    _ => None,
+                })
+                .collect();
+            (events, replies)
+        }
+
+        #[test]
+        fn the_key_opens_the_link_and_nothing_else_does() {
+            let mut e = Endpoint::new(b"k3y");
+            let mut b = Bridge { seq: 1 };
+            // Before the handshake, requests are ignored.
+            let (ev, _) = feed(&mut e, &b.control(Message::Attention));
+            assert!(ev.is_empty());
+            let (_, replies) = feed(
+                &mut e,
+                &b.control(Message::Hello {
+                    version: LINK_VERSION,
+                    role: Role::Bridge,
+                }),
+            );
+            let nonce = match replies.as_slice() {
+                [Message::Hello {
+                    role: Role::Machine,
+                    ..
+                }, Message::Challenge { nonce }] => *nonce,
+                other => panic!("{other:?}"),
+            };
+            let (_, r) = feed(
+                &mut e,
+                &b.control(Message::Response {
+                    mac: auth::respond(b"wrong", &nonce),
+                }),
+            );
+            assert_eq!(r, vec![Message::Refused(Refusal::WrongKey)]);
+            assert_eq!(e.state(), State::Idle);
+            let (ev, _) = feed(&mut e, &b.frame(Channel::Gdb, b"$g#67"));
+            assert!(ev.is_empty(), "nothing is served after a wrong key");
+
+            feed(
+                &mut e,
+                &b.control(Message::Hello {
+                    version: LINK_VERSION,
+                    role: Role::Bridge,
+                }),
+            );
+            let (_, r) = feed(
+                &mut e,
+                &b.control(Message::Response {
+                    mac: auth::respond(b"k3y", &nonce),
+                }),
+            );
+            assert_eq!(r, vec![Message::AuthOk]);
+            let (ev, _) = feed(&mut e, &b.control(Message::Attention));
+            assert_eq!(ev, vec!["Attention"]);
+            let (ev, _) = feed(&mut e, &b.frame(Channel::Gdb, b"$g#67"));
+            assert_eq!(ev, vec![format!("{:?}", Event::Gdb(b"$g#67"))]);
+            assert_eq!(e.counters.wrong_key, 1);
+            assert!(e.counters.unauthenticated >= 2);
+        }
+
+        #[test]
+        fn replays_and_an_empty_key_are_refused() {
+            let mut e = Endpoint::new(b"");
+            let mut b = Bridge { seq: 1 };
+            let (_, r) = feed(
+                &mut e,
+                &b.control(Message::Hello {
+                    version: LINK_VERSION,
+                    role: Role::Bridge,
+                }),
+            );
+            let Message::Challenge { nonce } = r[1] else {
+                panic!("{r:?}")
+            };
+            let (_, r) = feed(
+                &mut e,
+                &b.control(Message::Response {
+                    mac: auth::respond(b"", &nonce),
+                }),
+            );
+            assert_eq!(r, vec![Message::Refused(Refusal::NoKey)]);
+
+            let mut e = Endpoint::new(b"k");
+            let mut b = Bridge { seq: 10 };
+            feed(
+                &mut e,
+                &b.control(Message::Hello {
+                    version: LINK_VERSION,
+                    role: Role::Bridge,
+                }),
+            );
+            feed(
+                &mut e,
+                &b.control(Message::Response {
+                    mac: auth::respond(b"k", &[0x42; 32]),
+                }),
+            );
+            assert_eq!(e.state(), State::Authenticated);
+            let old = Bridge { seq: 5 }.frame(Channel::Gdb, b"replayed");
+            let (ev, _) = feed(&mut e, &old);
+            assert!(ev.is_empty());
+            assert_eq!(e.drops().replayed, 1);
         }
     }
 }
