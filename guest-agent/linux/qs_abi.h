@@ -51,6 +51,8 @@ struct qs_init_args {
 #define QS_HYPERCALL_MAGIC 0x5153000000000000ull
 #define QS_OP_DEACTIVATE 1
 #define QS_OP_STATS 2
+#define QS_OP_LINK_CONFIG 3
+#define QS_OP_LINK_RX 4
 
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 /* "Quicksilver\0" as EBX, ECX, EDX. */

@@ -34,6 +34,11 @@
 #include <linux/cpuhotplug.h>
 #include <linux/kernel_read_file.h>
 #include <linux/ktime.h>
+#include <linux/interrupt.h>
+#include <linux/ioport.h>
+#include <linux/workqueue.h>
+#include <linux/string.h>
+#include <linux/serial_8250.h>
 #include <linux/io.h>
 #include <asm/unaligned.h>
 #include <asm/msr.h>
@@ -46,6 +51,16 @@
 static char *image = "/lib/quicksilver/hv.img";
 module_param(image, charp, 0444);
 MODULE_PARM_DESC(image, "path of the hv image (default /lib/quicksilver/hv.img)");
+
+static unsigned int link_port;
+module_param(link_port, uint, 0444);
+MODULE_PARM_DESC(link_port, "I/O port of the 16550 UART for the link to qs-bridge (0x2f8 for COM2); 0 = no link");
+static unsigned int link_irq = 3;
+module_param(link_irq, uint, 0444);
+MODULE_PARM_DESC(link_irq, "IRQ of the link UART (3 for COM2)");
+static char *key = "";
+module_param(key, charp, 0400);
+MODULE_PARM_DESC(key, "the link key qs-bridge must prove; without one the link refuses every bridge");
 
 static_assert(sizeof(struct qs_image_header) == QS_HEADER_SIZE);
 static_assert(offsetof(struct qs_image_header, checksum) == QS_CHECKSUM_OFFSET);
@@ -293,6 +308,169 @@ out_pages:
 out_file:
 	vfree(file);
 	return err;
+}
+
+/* ---- the link: the agent owns the UART's interrupt, the hv the protocol ---- */
+
+#define QS_UART_RBR 0
+#define QS_UART_IER 1
+#define QS_UART_FCR 2
+#define QS_UART_LCR 3
+#define QS_UART_MCR 4
+#define QS_UART_LSR 5
+
+static u8 *qs_link_buf;			/* kmalloc'd: the hv reads it by physical address */
+static bool qs_link_up;
+/* Exported by the 8250 core but declared only in its private header. */
+extern struct uart_8250_port *serial8250_get_port(int line);
+
+static struct uart_8250_port qs_taken;	/* the serial driver's port we took, to give back */
+static int qs_taken_line = -1;
+
+/*
+ * The kernel's 8250 driver registers the legacy ports (ttyS0-3) at boot and holds their I/O
+ * regions. The link needs its UART to itself: take that port from the driver (its ttyS line
+ * goes away) and give it back at unload.
+ */
+static void qs_take_port_from_8250(void)
+{
+	int line;
+
+	for (line = 0; line < CONFIG_SERIAL_8250_NR_UARTS; line++) {
+		struct uart_8250_port *up = serial8250_get_port(line);
+
+		if (up->port.iobase != link_port || up->port.type == PORT_UNKNOWN)
+			continue;
+		memset(&qs_taken, 0, sizeof(qs_taken));
+		qs_taken.port.iobase = up->port.iobase;
+		qs_taken.port.irq = up->port.irq;
+		qs_taken.port.uartclk = up->port.uartclk;
+		qs_taken.port.flags = up->port.flags;
+		qs_taken.port.iotype = up->port.iotype;
+		serial8250_unregister_port(line);
+		qs_taken_line = line;
+		pr_info("took ttyS%d (port %#x) from the serial driver for the link\n", line, link_port);
+		return;
+	}
+}
+
+static void qs_give_port_back(void)
+{
+	int line;
+
+	if (qs_taken_line < 0)
+		return;
+	line = serial8250_register_8250_port(&qs_taken);
+	if (line < 0)
+		pr_warn("could not give port %#x back to the serial driver (error %d)\n", link_port, line);
+	qs_taken_line = -1;
+}
+static void qs_attention(struct work_struct *w);
+static DECLARE_WORK(qs_attention_work, qs_attention);
+
+static long qs_control(u64 op, void *buf, u64 len);
+static void qs_do_activate(struct qs_switch_result *r);
+
+/* Received bytes go to the hv's link endpoint; an authenticated bridge's attention request
+ * schedules an activation (in process context: switching waits for every CPU). */
+static irqreturn_t qs_link_irq(int irq, void *dev)
+{
+	int n = 0;
+
+	while (n < 256 && (inb(link_port + QS_UART_LSR) & 1))
+		qs_link_buf[n++] = inb(link_port + QS_UART_RBR);
+	if (!n)
+		return IRQ_NONE;
+	if (qs_control(QS_OP_LINK_RX, qs_link_buf, n) == 1)
+		schedule_work(&qs_attention_work);
+	return IRQ_HANDLED;
+}
+
+static void qs_attention(struct work_struct *w)
+{
+	struct qs_switch_result r = { .failed_cpu = -1 };
+
+	mutex_lock(&qs_lock);
+	if (!qs_active) {
+		qs_do_activate(&r);
+		if (r.status == QS_OK)
+			pr_info("activated on %u CPUs at the link's request (qs-bridge)\n", r.cpus);
+	}
+	mutex_unlock(&qs_lock);
+}
+
+static int qs_link_start(void)
+{
+	size_t klen = strlen(key);
+	long st;
+	int err;
+
+	if (!link_port)
+		return 0;
+	if (klen > 64) {
+		pr_err("refusing to load: the link key is longer than 64 bytes\n");
+		return -EINVAL;
+	}
+	if (!request_region(link_port, 8, "quicksilver-link")) {
+		qs_take_port_from_8250();
+	}
+	if (!request_region(link_port, 8, "quicksilver-link")) {
+		qs_give_port_back();
+		pr_err("refusing to load: the link port %#x is owned by another driver: give another link_port\n",
+		       link_port);
+		return -EBUSY;
+	}
+	qs_link_buf = kmalloc(256, GFP_KERNEL);
+	if (!qs_link_buf) {
+		err = -ENOMEM;
+		goto out_region;
+	}
+	/* 115200 8N1, FIFO with a 1-byte trigger, OUT2 to route the interrupt, RX interrupt. */
+	outb(0x80, link_port + QS_UART_LCR);
+	outb(1, link_port + 0);
+	outb(0, link_port + 1);
+	outb(0x03, link_port + QS_UART_LCR);
+	outb(0x07, link_port + QS_UART_FCR);
+	outb(0x0B, link_port + QS_UART_MCR);
+	qs_link_buf[0] = link_port & 0xff;
+	qs_link_buf[1] = link_port >> 8;
+	memcpy(qs_link_buf + 2, key, klen);
+	st = qs_control(QS_OP_LINK_CONFIG, qs_link_buf, 2 + klen);
+	memzero_explicit(qs_link_buf, 256);
+	if (st != QS_OK) {
+		pr_err("refusing to load: the hv refused the link: %s\n", qs_status_message(st));
+		err = -EINVAL;
+		goto out_buf;
+	}
+	err = request_irq(link_irq, qs_link_irq, 0, "quicksilver-link", &qs_link_up);
+	if (err) {
+		pr_err("refusing to load: cannot take IRQ %u for the link (error %d)\n", link_irq, err);
+		goto out_buf;
+	}
+	outb(0x01, link_port + QS_UART_IER);
+	qs_link_up = true;
+	pr_info("link on port %#x IRQ %u%s\n", link_port, link_irq,
+		klen ? "" : ": no key, every bridge will be refused");
+	return 0;
+out_buf:
+	kfree(qs_link_buf);
+out_region:
+	release_region(link_port, 8);
+	qs_give_port_back();
+	return err;
+}
+
+static void qs_link_stop(void)
+{
+	if (!qs_link_up)
+		return;
+	outb(0, link_port + QS_UART_IER);
+	free_irq(link_irq, &qs_link_up);
+	cancel_work_sync(&qs_attention_work);
+	kfree(qs_link_buf);
+	release_region(link_port, 8);
+	qs_give_port_back();
+	qs_link_up = false;
 }
 
 /* ---- switching ---- */
@@ -565,7 +743,12 @@ static int __init qs_init(void)
 	err = misc_register(&qs_dev);
 	if (err)
 		goto out_hp;
+	err = qs_link_start();
+	if (err)
+		goto out_dev;
 	return 0;
+out_dev:
+	misc_deregister(&qs_dev);
 out_hp:
 	cpuhp_remove_state_nocalls(qs_hp_state);
 out:
@@ -578,6 +761,7 @@ static void __exit qs_exit(void)
 {
 	struct qs_switch_result r;
 
+	qs_link_stop();
 	misc_deregister(&qs_dev);
 	mutex_lock(&qs_lock);
 	if (qs_active) {

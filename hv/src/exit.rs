@@ -109,8 +109,9 @@ pub trait GuestCpu {
     fn set_efer(&mut self, v: u64);
     /// Maps the guest-physical page of `gpa`, inside the hv's memory, to scratch.
     fn refuse_hv_access(&mut self, gpa: u64) -> bool;
-    /// Performs a control operation on a guest-physical buffer.
-    fn control(&mut self, op: Op, buf_gpa: u64, len: u64) -> Status;
+    /// Performs a control operation on a guest-physical buffer: a [`Status`] or, for
+    /// `LinkRx`, a count.
+    fn control(&mut self, op: Op, buf_gpa: u64, len: u64) -> i64;
 }
 
 /// Counters the handlers bump; the run loop owns them.
@@ -188,8 +189,8 @@ fn hypercall(rax: u64, rbx: u64, rcx: u64, cpl: u8, cpu: &mut impl GuestCpu) -> 
             Action::CompleteAndLeave
         }
         Some(op) => {
-            let status = cpu.control(op, rbx, rcx);
-            cpu.set_rax(status as i64 as u64);
+            let result = cpu.control(op, rbx, rcx);
+            cpu.set_rax(result as u64);
             Action::Complete(Insn::Vmmcall)
         }
         None => {
@@ -232,8 +233,8 @@ mod tests {
             }
             inside
         }
-        fn control(&mut self, _op: Op, _gpa: u64, _len: u64) -> Status {
-            Status::Ok
+        fn control(&mut self, _op: Op, _gpa: u64, _len: u64) -> i64 {
+            Status::Ok as i64
         }
     }
 

@@ -15,6 +15,7 @@
 pub mod arch;
 pub mod decode;
 pub mod exit;
+pub mod link;
 pub mod paging;
 pub mod serial;
 pub mod vcpu;

@@ -89,7 +89,7 @@ pub unsafe extern "C" fn qs_entry_control(op: u64, buf: *mut u8, len: u64) -> i6
     }
     // SAFETY: the agent passes a buffer of `len` bytes it owns for the duration of the call.
     let buf = unsafe { core::slice::from_raw_parts_mut(buf, len as usize) };
-    hv.control(op, buf) as i64
+    hv.control(op, buf)
 }
 
 #[panic_handler]

@@ -170,7 +170,7 @@ impl GuestCpu for Guest<'_> {
         }
         done
     }
-    fn control(&mut self, op: Op, buf_gpa: u64, len: u64) -> Status {
+    fn control(&mut self, op: Op, buf_gpa: u64, len: u64) -> i64 {
         self.hv.control_phys(op, buf_gpa, len)
     }
 }

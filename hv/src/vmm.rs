@@ -300,13 +300,13 @@ impl Hv {
 
     /// A control operation on a buffer given by guest-physical address (host mode: the hv's
     /// tables identity-map guest memory).
-    pub fn control_phys(&self, op: Op, gpa: u64, len: u64) -> Status {
+    pub fn control_phys(&self, op: Op, gpa: u64, len: u64) -> i64 {
         let end = match gpa.checked_add(len) {
             Some(e) if e <= self.map_limit && len <= (1 << 20) => e,
-            _ => return Status::BadArgument,
+            _ => return Status::BadArgument as i64,
         };
         if gpa < self.base_pa + self.mem_size && self.base_pa < end {
-            return Status::BadArgument;
+            return Status::BadArgument as i64;
         }
         // SAFETY: [gpa, end) is identity-mapped in the hv's tables, outside the hv's memory,
         // and the guest handed it over for this call (the agent's kmalloc'd buffer).
@@ -314,12 +314,16 @@ impl Hv {
         self.control(op, buf)
     }
 
-    /// A control operation on a buffer the caller can address.
-    pub fn control(&self, op: Op, buf: &mut [u8]) -> Status {
-        match op {
+    /// A control operation on a buffer the caller can address: a [`Status`], or for `LinkRx`
+    /// 1 when attention was asked for.
+    pub fn control(&self, op: Op, buf: &mut [u8]) -> i64 {
+        let status = match op {
             Op::Stats => self.write_stats(buf),
+            Op::LinkConfig => crate::link::configure(buf),
+            Op::LinkRx => return crate::link::receive(buf),
             Op::Deactivate => Status::BadOp,
-        }
+        };
+        status as i64
     }
 }
 

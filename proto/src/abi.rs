@@ -24,6 +24,12 @@ pub enum Op {
     Deactivate = 1,
     /// Fill a [`crate::stats`] block: arg0 = buffer (kernel VA dormant, PA active), arg1 = len.
     Stats = 2,
+    /// Start serving the serial link: buffer = port (u16 LE) then the key (may be empty: then
+    /// every bridge is refused). The hv writes its replies to that UART itself.
+    LinkConfig = 3,
+    /// Bytes received on the link (the agent's interrupt handler reads the UART). Returns 1 if
+    /// an authenticated bridge asked for attention (the agent then activates), else 0.
+    LinkRx = 4,
 }
 
 impl Op {
@@ -32,6 +38,8 @@ impl Op {
         match v {
             1 => Some(Op::Deactivate),
             2 => Some(Op::Stats),
+            3 => Some(Op::LinkConfig),
+            4 => Some(Op::LinkRx),
             _ => None,
         }
     }

@@ -355,6 +355,10 @@ fn cmd_bench_switch(n: &str) -> Result<()> {
 }
 
 fn main() {
+    // Behave like other command-line tools in a pipeline (`qsctl stats | head`): end quietly
+    // when the reader goes away instead of panicking on EPIPE.
+    // SAFETY: setting SIGPIPE's disposition to the default before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = match a.as_slice() {

@@ -1,0 +1,106 @@
+//! The link while dormant, end to end: QEMU's second UART on a Unix socket, the agent
+//! watching it, `qs-bridge`'s code on the other end. An authenticated bridge's attention
+//! activates the hv on every CPU; a wrong key activates nothing.
+
+use quicksilver_proto::link::{control::Message, Channel};
+use quicksilver_tests::*;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Guest script: report when the hv becomes active (or that it stayed dormant).
+const WATCH: &str = r#"i=0
+while [ $i -lt 150 ]; do
+    if qsctl status | grep -q "state: active"; then echo "LINK-ACTIVATED"; break; fi
+    sleep 0.2; i=$((i + 1))
+done
+qsctl status | head -1
+qsctl probe
+qsctl deactivate || true
+dmesg | grep quicksilver
+"#;
+
+fn guest_with_link(name: &str, sock: &std::path::Path) -> Qemu {
+    guest(name, 2)
+        .link_socket(sock)
+        .cmdline("quicksilver.link_port=0x2f8")
+        .cmdline("quicksilver.key=the-demo-key")
+}
+
+fn sock(name: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("qs-link-{name}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+#[test]
+fn an_authenticated_bridge_activates_the_hv() {
+    let s = sock("ok");
+    let mut running = guest_with_link("link-attention", &s)
+        .spawn_script(WATCH)
+        .expect("boot");
+    running
+        .wait_for("QS-BOOTED", Duration::from_secs(120))
+        .expect("boot");
+    let link = Arc::new(
+        qs_bridge::Link::open(&qs_bridge::LinkAddr::Unix(s.display().to_string()), 115200).unwrap(),
+    );
+    let mut console: Vec<u8> = Vec::new();
+    qs_bridge::authenticate(
+        &link,
+        b"the-demo-key",
+        Duration::from_secs(20),
+        &mut console,
+    )
+    .expect("the right key is accepted");
+    link.send_control(Message::Attention).unwrap();
+    let out = running.wait().expect("guest ran");
+    assert_success(&out);
+    assert_console_has(&out, "LINK-ACTIVATED");
+    assert_console_has(
+        &out,
+        "quicksilver: took ttyS1 (port 0x2f8) from the serial driver for the link",
+    );
+    assert_console_has(&out, "quicksilver: link on port 0x2f8 IRQ 3");
+    assert_console_has(&out, "activated on 2 CPUs at the link's request");
+    assert_console_has(&out, "cpu 1: signature Quicksilver");
+    assert_eq!(
+        link.drops().total(),
+        0,
+        "no frame from the machine was dropped"
+    );
+    assert_kernel_clean(&out);
+}
+
+#[test]
+fn a_wrong_key_or_noise_activates_nothing() {
+    let s = sock("wrong");
+    let mut running = guest_with_link("link-wrong-key", &s)
+        .spawn_script(WATCH)
+        .expect("boot");
+    running
+        .wait_for("QS-BOOTED", Duration::from_secs(120))
+        .expect("boot");
+    let link =
+        qs_bridge::Link::open(&qs_bridge::LinkAddr::Unix(s.display().to_string()), 115200).unwrap();
+    let mut console: Vec<u8> = Vec::new();
+    let err = qs_bridge::authenticate(&link, b"a-wrong-key", Duration::from_secs(20), &mut console)
+        .expect_err("a wrong key is refused");
+    assert!(
+        err.to_string().contains("the machine refused our key"),
+        "{err}"
+    );
+    // An attention request without authentication, and garbage, change nothing.
+    link.send_control(Message::Attention).unwrap();
+    link.send(Channel::Gdb, b"$c#63").unwrap();
+    let mut raw = std::os::unix::net::UnixStream::connect(&s).ok();
+    if let Some(r) = raw.as_mut() {
+        let _ = r.write_all(&[0x55; 3000]);
+    }
+    let out = running.wait().expect("guest ran");
+    assert_success(&out);
+    let o = out.script_output();
+    assert!(!o.contains("LINK-ACTIVATED"), "{o}");
+    assert!(o.contains("state: dormant"), "{o}");
+    assert_kernel_clean(&out);
+}
