@@ -196,6 +196,14 @@ impl Link {
         w.flush().context("writing to the link")
     }
 
+    /// Writes raw bytes onto the line, outside any frame: a lone 0x00 resynchronizes the
+    /// machine's decoder; the tests use it to inject noise.
+    pub fn write_raw(&self, bytes: &[u8]) -> Result<()> {
+        let mut w = self.writer.lock().expect("link writer");
+        w.write_all(bytes).context("writing to the link")?;
+        w.flush().context("writing to the link")
+    }
+
     /// Sends a control message.
     pub fn send_control(&self, m: control::Message) -> Result<()> {
         let mut buf = [0u8; 33];

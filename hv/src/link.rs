@@ -8,7 +8,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering::*};
 use quicksilver_proto::abi::Status;
 use quicksilver_proto::link::auth;
-use quicksilver_proto::link::endpoint::{Endpoint, Event};
+use quicksilver_proto::link::endpoint::{Endpoint, Event, State};
 
 struct Link {
     port: u16,
@@ -82,6 +82,28 @@ fn nonce() -> [u8; auth::LEN] {
         chunk.copy_from_slice(&v.to_le_bytes());
     }
     out
+}
+
+/// The link's counters for the statistics block: (state, dropped, wrong keys,
+/// unauthenticated requests); state 0 = off, 1 = configured, 2 = a bridge is authenticated.
+pub fn counters() -> [u64; 4] {
+    with(|l| match l {
+        None => [0; 4],
+        Some(link) => {
+            let e = &link.endpoint;
+            let state = if e.state() == State::Authenticated {
+                2
+            } else {
+                1
+            };
+            [
+                state,
+                e.drops().total(),
+                e.counters.wrong_key,
+                e.counters.unauthenticated,
+            ]
+        }
+    })
 }
 
 /// `LinkConfig`: port (u16 LE), then the key.

@@ -280,7 +280,17 @@ impl Hv {
             svm_insn_refusals: c.svm_insn_refusals.load(Relaxed),
             unexpected_exits: c.unexpected.load(Relaxed),
             last_unexpected: c.with_record(|r| *r),
+            link_state: 0,
+            link_dropped: 0,
+            link_wrong_keys: 0,
+            link_unauthenticated: 0,
         };
+        [
+            h.link_state,
+            h.link_dropped,
+            h.link_wrong_keys,
+            h.link_unauthenticated,
+        ] = crate::link::counters();
         if let Some(hdr) = self.header {
             h.hv_version = hdr.version;
         }

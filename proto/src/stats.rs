@@ -5,7 +5,7 @@
 /// "QSST".
 pub const STATS_MAGIC: u32 = 0x5453_5351;
 /// Layout version of this block.
-pub const STATS_VERSION: u32 = 1;
+pub const STATS_VERSION: u32 = 2;
 
 /// Kinds of #VMEXIT counted per CPU. The numbers index [`CpuStats::exits`].
 #[repr(usize)]
@@ -131,6 +131,14 @@ pub struct StatsHeader {
     pub unexpected_exits: u64,
     /// The last unexpected exit, with a VMCB dump.
     pub last_unexpected: ExitRecord,
+    /// The serial link: 1 if configured, 2 if a bridge is authenticated now.
+    pub link_state: u64,
+    /// Link frames dropped (corrupt, truncated, oversized, replayed).
+    pub link_dropped: u64,
+    /// Bridges refused for a wrong key.
+    pub link_wrong_keys: u64,
+    /// Requests ignored because the bridge had not authenticated.
+    pub link_unauthenticated: u64,
 }
 
 /// Per-CPU counters.
@@ -151,7 +159,7 @@ pub struct CpuStats {
     pub seen: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128);
+const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 32);
 const _: () = assert!(core::mem::size_of::<CpuStats>() == 96);
 
 /// Bytes in a block for `cpus` CPUs.
@@ -239,6 +247,10 @@ mod tests {
             svm_insn_refusals: 0,
             unexpected_exits: 0,
             last_unexpected: ExitRecord::default(),
+            link_state: 0,
+            link_dropped: 0,
+            link_wrong_keys: 0,
+            link_unauthenticated: 0,
         };
         h.hv_version[..5].copy_from_slice(b"0.1.0");
         // SAFETY: test-only byte copies of repr(C) integer structs into a large enough buffer.
@@ -249,7 +261,7 @@ mod tests {
                 active: 1,
                 ..Default::default()
             };
-            core::ptr::write_unaligned(bytes[256 + 96..].as_mut_ptr().cast(), c);
+            core::ptr::write_unaligned(bytes[288 + 96..].as_mut_ptr().cast(), c);
         }
         let s = Stats::parse(&bytes).unwrap();
         assert_eq!(s.hv_version(), "0.1.0");

@@ -4,7 +4,6 @@
 
 use quicksilver_proto::link::{control::Message, Channel};
 use quicksilver_tests::*;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ while [ $i -lt 150 ]; do
     sleep 0.2; i=$((i + 1))
 done
 qsctl status | head -1
+qsctl stats | grep "^link:"
 qsctl probe
 qsctl deactivate || true
 dmesg | grep quicksilver
@@ -64,6 +64,10 @@ fn an_authenticated_bridge_activates_the_hv() {
     assert_console_has(&out, "quicksilver: link on port 0x2f8 IRQ 3");
     assert_console_has(&out, "activated on 2 CPUs at the link's request");
     assert_console_has(&out, "cpu 1: signature Quicksilver");
+    assert_console_has(
+        &out,
+        "link: bridge authenticated; 0 frames dropped, 0 wrong keys",
+    );
     assert_eq!(
         link.drops().total(),
         0,
@@ -93,14 +97,23 @@ fn a_wrong_key_or_noise_activates_nothing() {
     // An attention request without authentication, and garbage, change nothing.
     link.send_control(Message::Attention).unwrap();
     link.send(Channel::Gdb, b"$c#63").unwrap();
-    let mut raw = std::os::unix::net::UnixStream::connect(&s).ok();
-    if let Some(r) = raw.as_mut() {
-        let _ = r.write_all(&[0x55; 3000]);
-    }
+    // Garbage longer than any frame, then a frame with a bad CRC.
+    link.write_raw(&[0x55; 3000]).unwrap();
+    link.write_raw(&[0, 0x05, 0x02, 0x11, 0x22, 0x33, 0])
+        .unwrap();
     let out = running.wait().expect("guest ran");
     assert_success(&out);
     let o = out.script_output();
     assert!(!o.contains("LINK-ACTIVATED"), "{o}");
     assert!(o.contains("state: dormant"), "{o}");
+    assert!(o.contains("link: waiting for a bridge;"), "{o}");
+    assert!(
+        o.contains(" 1 wrong keys, 2 unauthenticated requests ignored"),
+        "{o}"
+    );
+    assert!(
+        o.contains(" 2 frames dropped"),
+        "the garbage and the bad frame were counted: {o}"
+    );
     assert_kernel_clean(&out);
 }

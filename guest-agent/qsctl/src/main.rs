@@ -197,6 +197,15 @@ fn cmd_stats() -> Result<()> {
             "MODIFIED"
         }
     );
+    let link = match h.link_state {
+        0 => "off",
+        1 => "waiting for a bridge",
+        _ => "bridge authenticated",
+    };
+    println!(
+        "link: {link}; {} frames dropped, {} wrong keys, {} unauthenticated requests ignored",
+        h.link_dropped, h.link_wrong_keys, h.link_unauthenticated
+    );
     println!("unexpected exits: {}", h.unexpected_exits);
     let r = &h.last_unexpected;
     if r.valid == 1 {
