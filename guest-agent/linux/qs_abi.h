@@ -84,7 +84,7 @@ enum qs_status {
 /* ACTIVATE / DEACTIVATE: the result of one switch of every online CPU. */
 struct qs_switch_result {
 	__s64 status;		/* enum qs_status of the first CPU that failed, or QS_OK */
-	__u64 elapsed_ns;	/* request to every CPU switched, rendezvous included */
+	__u64 elapsed_ns;	/* request to every CPU switched, IPIs included */
 	__u32 cpus;		/* CPUs switched */
 	__s32 failed_cpu;	/* -1 if none */
 };

@@ -1,6 +1,6 @@
 //! One CPU's life under the hv: activation, the run loop, stepping out.
 //!
-//! `activate` runs on the kernel's stack and address space at the agent's rendezvous; it
+//! `activate` runs on the kernel's stack and address space in the agent's IPI on that CPU; it
 //! captures the CPU's live state so that the guest continues as if `qs_entry_activate` had
 //! just returned 0, then enters host mode (`qs_enter_host`) where `host_main` runs the guest
 //! until a hypercall or an unexpected exit sends this CPU back to native execution.

@@ -1,8 +1,8 @@
 //! How the agent talks to the hv.
 //!
 //! While **dormant** the agent calls the image's entry points directly (the image is mapped
-//! executable in the kernel's address space): `init` once, `activate` on every CPU at one
-//! rendezvous, `control` for statistics. While **active** the hv's memory is invisible to the
+//! executable in the kernel's address space): `init` once, `activate` on every CPU (from an
+//! IPI), `control` for statistics and the link. While **active** the hv's memory is invisible to the
 //! guest, so the agent uses `VMMCALL` instead:
 //!
 //! | register | in | out |
@@ -20,7 +20,7 @@ pub const HYPERCALL_MAGIC: u64 = 0x5153_0000_0000_0000;
 #[repr(u64)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Leave guest mode on this CPU (hypercall only, at the deactivation rendezvous).
+    /// Leave guest mode on this CPU (hypercall only, from the agent's IPI on each CPU).
     Deactivate = 1,
     /// Fill a [`crate::stats`] block: arg0 = buffer (kernel VA dormant, PA active), arg1 = len.
     Stats = 2,

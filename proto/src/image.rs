@@ -57,7 +57,7 @@ pub struct ImageHeader {
     pub reloc_count: u64,
     /// `extern "C" fn(&InitArgs) -> i64` ([`crate::abi::Status`]).
     pub entry_init: u64,
-    /// `extern "C" fn(cpu: u32) -> i64`, called on every CPU at one rendezvous.
+    /// `extern "C" fn(cpu: u32) -> i64`, called on every CPU (the agent sends each an IPI).
     pub entry_activate: u64,
     /// `extern "C" fn(op: u64, buf: *mut u8, len: u64) -> i64`, control while dormant.
     pub entry_control: u64,

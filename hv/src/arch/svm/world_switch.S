@@ -1,6 +1,6 @@
 // The world switch: every instruction that changes worlds lives in this file.
 //
-// 1. qs_entry_activate(cpu): the agent's call on each CPU at the activation rendezvous.
+// 1. qs_entry_activate(cpu): the agent's call on each CPU (from an IPI, interrupts off).
 //    It saves the callee-saved registers where Rust's `activate` can read them, so that the
 //    guest can later "return" from this very call with those registers intact. `activate`
 //    returns here only if the CPU stays native (RAX = status).
