@@ -255,6 +255,9 @@ fn skip(hv: &vmm::Hv, cpu: &mut Cpu, insn: Insn) -> bool {
     match decode::length(insn, &bytes) {
         Ok(len) => {
             cpu.vmcb.save.rip += len as u64;
+            // The instruction is done: an interrupt shadow it had (after STI or MOV SS) no
+            // longer applies to the next one (APM 15.21.5).
+            cpu.vmcb.control.interrupt_shadow &= !1;
             true
         }
         Err(_) => false,

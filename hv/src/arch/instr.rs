@@ -22,6 +22,8 @@ pub mod msr {
 pub const EFER_SVME: u64 = 1 << 12;
 /// VM_CR.SVMDIS: SVM disabled by firmware (bit 4).
 pub const VM_CR_SVMDIS: u64 = 1 << 4;
+/// CR4.PGE: global pages (bit 7); clearing it flushes every TLB entry, global ones included.
+pub const CR4_PGE: u64 = 1 << 7;
 /// CR4.LA57: 5-level paging (bit 12).
 pub const CR4_LA57: u64 = 1 << 12;
 

@@ -298,11 +298,16 @@ pub fn native_from_guest(vmcb: &Vmcb, regs: &GuestRegs) -> NativeState {
 pub unsafe fn leave_native(native: &NativeState) -> ! {
     // SAFETY: the caller guarantees host mode on the right CPU. The order matters:
     // - CR3 first, to the kernel's tables, which map this code and stack at the same address;
+    // - then flush the whole TLB, global entries included (CR4.PGE off and on): the host's
+    //   ASID still holds the kernel's global translations from before activation, and the
+    //   guest flushed only its own ASID when it changed kernel mappings meanwhile (vfree'd
+    //   stacks, text poking): native code must not see those stale entries;
     // - GDT and IDT next, so that once STGI lets held NMIs in they find the kernel's handlers;
     // - STGI before clearing SVME (STGI needs SVME; FACTS.md);
     // - IRETQ last, in qs_leave_native, reloads CS and SS from the kernel's GDT.
     unsafe {
         instr::write_cr3(native.cr3);
+        instr::write_cr4(native.cr4 & !instr::CR4_PGE);
         instr::write_cr4(native.cr4);
         instr::write_cr0(native.cr0);
         instr::write_cr2(native.cr2);
