@@ -96,6 +96,8 @@ unsafe impl Sync for Global {}
 
 static HV: Global = Global(UnsafeCell::new(None));
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
+/// Some guest page is mapped to scratch (see `map_to_scratch`) since the last reset.
+static SCRATCH_IN_USE: AtomicBool = AtomicBool::new(false);
 
 /// The hv's GDT, read by the CPU in host mode.
 static HOST_GDT: [u64; 3] = svm::HOST_GDT;
@@ -221,6 +223,7 @@ impl Hv {
                 // SAFETY: `pte` is a leaf of the nested tables `init` built; an aligned 8-byte
                 // store is atomic, so another CPU's walk sees the old or the new entry.
                 unsafe { pte.write_volatile(self.scratch_pa | P | RW | US) };
+                SCRATCH_IN_USE.store(true, Relaxed);
                 true
             }
             None => false,
@@ -229,6 +232,10 @@ impl Hv {
 
     /// Takes every scratch mapping back out and clears the scratch page (last CPU out).
     pub fn reset_guest_view(&self) {
+        // Nothing to undo in the common case: keep the last CPU's way out short.
+        if !SCRATCH_IN_USE.swap(false, Relaxed) {
+            return;
+        }
         let mut gpa = self.base_pa;
         while gpa < self.base_pa + self.mem_size {
             if let Some(pte) = paging::leaf_4k(&self.frames, self.npt_root_pa, gpa) {

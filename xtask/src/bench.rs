@@ -63,10 +63,9 @@ fn phase_work_ms(console: &str, marker: &str) -> Result<f64> {
 /// Sum of the exit counters in a `qsctl stats` table that follows `marker`.
 fn total_exits(console: &str, marker: &str) -> Result<u64> {
     let mut lines = console.lines().skip_while(|l| !l.contains(marker)).skip(1);
-    let header = lines
+    lines
         .find(|l| l.contains("cpu  state"))
         .context("no stats table")?;
-    let _ = header;
     let mut total = 0;
     for line in lines {
         let cols: Vec<&str> = line.split_whitespace().collect();

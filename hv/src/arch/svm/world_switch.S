@@ -21,6 +21,24 @@
 //
 // Offsets below are those of GuestRegs and NativeState in arch/svm/mod.rs (checked there).
 
+// Loads every general register but RAX and RSP from the GuestRegs at RDI (RDI last).
+.macro LOAD_GPRS
+    mov rbx, [rdi + 0]
+    mov rcx, [rdi + 8]
+    mov rdx, [rdi + 16]
+    mov rsi, [rdi + 24]
+    mov rbp, [rdi + 40]
+    mov r8,  [rdi + 48]
+    mov r9,  [rdi + 56]
+    mov r10, [rdi + 64]
+    mov r11, [rdi + 72]
+    mov r12, [rdi + 80]
+    mov r13, [rdi + 88]
+    mov r14, [rdi + 96]
+    mov r15, [rdi + 104]
+    mov rdi, [rdi + 32]
+.endm
+
 .section .text.qs_entry_activate, "ax"
 .global qs_entry_activate
 qs_entry_activate:
@@ -75,20 +93,7 @@ qs_run_guest:
     push r15
     push rdi                    // keep &GuestRegs for after the exit
     mov rax, rsi                // VMRUN takes the VMCB's physical address in RAX
-    mov rbx, [rdi + 0]
-    mov rcx, [rdi + 8]
-    mov rdx, [rdi + 16]
-    mov rsi, [rdi + 24]
-    mov rbp, [rdi + 40]
-    mov r8,  [rdi + 48]
-    mov r9,  [rdi + 56]
-    mov r10, [rdi + 64]
-    mov r11, [rdi + 72]
-    mov r12, [rdi + 80]
-    mov r13, [rdi + 88]
-    mov r14, [rdi + 96]
-    mov r15, [rdi + 104]
-    mov rdi, [rdi + 32]
+    LOAD_GPRS
     vmrun rax
     // #VMEXIT: RAX, RSP, RIP are the host's again; the other registers are the guest's.
     push rdi
@@ -129,20 +134,7 @@ qs_leave_native:
     push qword ptr [rdi + 128]  // cs
     push qword ptr [rdi + 120]  // rip
     mov rax, [rdi + 112]
-    mov rbx, [rdi + 0]
-    mov rcx, [rdi + 8]
-    mov rdx, [rdi + 16]
-    mov rsi, [rdi + 24]
-    mov rbp, [rdi + 40]
-    mov r8,  [rdi + 48]
-    mov r9,  [rdi + 56]
-    mov r10, [rdi + 64]
-    mov r11, [rdi + 72]
-    mov r12, [rdi + 80]
-    mov r13, [rdi + 88]
-    mov r14, [rdi + 96]
-    mov r15, [rdi + 104]
-    mov rdi, [rdi + 32]
+    LOAD_GPRS
     iretq
 
 .macro EXC_NOERR vec
