@@ -6,6 +6,7 @@
 //! qsctl            static guest binaries
 //! qs-workload
 //! initrd.cpio      the base initramfs (crate::initrd); runs add a script archive to a copy
+//! qs-bridge        the operator's bridge (host binary, for the demo and the tests)
 //! logs/            console logs of test runs
 //! run/             per-run initramfs copies (removed when the run ends)
 //! ```
@@ -48,6 +49,10 @@ pub struct Artifacts {
     pub workload: PathBuf,
     /// The base initramfs.
     pub initrd: PathBuf,
+    /// The kernel's ELF with debug info, for `gdb <vmlinux>` (= `kernel.vmlinux`).
+    pub vmlinux: PathBuf,
+    /// The host's `qs-bridge`.
+    pub bridge: PathBuf,
 }
 
 impl Artifacts {
@@ -60,16 +65,23 @@ impl Artifacts {
             qsctl: dir.join("qsctl"),
             workload: dir.join("qs-workload"),
             initrd: dir.join("initrd.cpio"),
+            bridge: dir.join("qs-bridge"),
+            vmlinux: kernel.vmlinux.clone(),
             kernel,
             dir,
         }
     }
 
-    /// The artifacts of an earlier `cargo xtask build`: checks that the kernel and the
-    /// initramfs are there. (The hv image and the agent may be missing if they failed to
-    /// build; [`Artifacts::require_agent`] checks them.)
+    /// The artifacts of an earlier `cargo xtask build`: checks that the kernel, its debug
+    /// info and the initramfs are there. (The hv image, the agent and the bridge may be
+    /// missing if they failed to build; [`Artifacts::require_agent`] checks the first two.)
     pub fn locate() -> Result<Artifacts, LocateError> {
         let artifacts = Artifacts::at(Kernel::locate()?);
+        if !artifacts.vmlinux.exists() {
+            return Err(LocateError::NoVmlinux {
+                path: artifacts.vmlinux,
+            });
+        }
         if !artifacts.initrd.exists() {
             return Err(LocateError::NotBuilt {
                 what: "the initramfs",
@@ -143,6 +155,9 @@ pub fn build(kernel: &Kernel) -> anyhow::Result<Artifacts> {
     });
     step("qs-workload", &artifacts.workload, &|| {
         build_guest_binary("qs-workload", "qs-workload", &artifacts.workload)
+    });
+    step("qs-bridge", &artifacts.bridge, &|| {
+        build_bridge(&artifacts.bridge)
     });
 
     let present = |p: &PathBuf| p.exists().then(|| p.clone());
@@ -322,6 +337,16 @@ pub fn build_guest_binary(package: &str, bin: &str, out: &Path) -> anyhow::Resul
         .join(bin);
     ensure_static(&built)?;
     install(&built, out)
+}
+
+/// Builds the host's `qs-bridge` (the dev profile, which `cargo test` builds anyway) and
+/// copies it to `out`.
+pub fn build_bridge(out: &Path) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.current_dir(crate::repo_root())
+        .args(["build", "-p", "qs-bridge", "--bin", "qs-bridge"]);
+    run_inherit(&mut cmd).context("qs-bridge does not build")?;
+    install(&crate::target_dir().join("debug/qs-bridge"), out)
 }
 
 /// The initramfs has no C library: a binary with an ELF interpreter would not start.

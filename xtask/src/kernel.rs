@@ -8,6 +8,11 @@
 //! debs/     the downloaded packages (kept: re-extraction needs no download)
 //! root/     every package extracted, headers fixed up to build modules in place
 //! ready     written last, holding the ABI: root/ is complete for that ABI
+//! vmlinux-<release>  the kernel's ELF with debug info, for GDB: the only file taken from
+//!           linux-image-<release>-dbg (a 283 MB download, deleted after extraction); renamed
+//!           into place when complete, so its presence is its own readiness marker; kept
+//!           outside root/ so that re-extracting the rest does not download it again
+//! vmlinux   a link to vmlinux-<release> (for typing: gdb .cache/kernel/vmlinux)
 //! ```
 //!
 //! The flavour headers (`linux-headers-<abi>-cloud-amd64`) are a thin layer over the
@@ -50,6 +55,9 @@ pub struct Kernel {
     pub modules_dir: PathBuf,
     /// The static busybox for the initramfs.
     pub busybox: PathBuf,
+    /// The kernel's ELF with debug info (`vmlinux-<release>` in the cache, from the `-dbg`
+    /// package), for `gdb <vmlinux>`. Fetched by setup after the rest.
+    pub vmlinux: PathBuf,
 }
 
 /// `<repo>/.cache/kernel`.
@@ -68,6 +76,7 @@ impl Kernel {
             headers_dir: root.join(format!("usr/src/linux-headers-{release}")),
             modules_dir: root.join(format!("lib/modules/{release}")),
             busybox: root.join("bin/busybox"),
+            vmlinux: dir.join(format!("vmlinux-{release}")),
             release,
             root,
         }
@@ -106,6 +115,13 @@ impl Kernel {
 
     /// [`Kernel::prepare`], sharing `apt`'s state with the rest of setup.
     pub(crate) fn prepare_with(apt: &mut Apt) -> anyhow::Result<Kernel> {
+        let kernel = Kernel::prepare_boot(apt)?;
+        kernel.ensure_vmlinux(apt)?;
+        Ok(kernel)
+    }
+
+    /// What booting and building modules need: the image, headers, modules and busybox.
+    fn prepare_boot(apt: &mut Apt) -> anyhow::Result<Kernel> {
         let dir = cache_dir();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let abi = choose_abi(&dir, apt)?;
@@ -448,6 +464,149 @@ fn check_headers(kernel: &Kernel, apt: &mut Apt) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl Kernel {
+    /// Makes sure [`Kernel::vmlinux`] is there: downloads `linux-image-<release>-dbg`, extracts
+    /// only the vmlinux from it, deletes the package. Holds a lock meanwhile, so that
+    /// concurrent setups download it once.
+    fn ensure_vmlinux(&self, apt: &mut Apt) -> anyhow::Result<()> {
+        let dir = self
+            .vmlinux
+            .parent()
+            .context("the vmlinux path has no folder")?
+            .to_path_buf();
+        if !self.vmlinux.exists() {
+            let _lock = lock(&dir.join("vmlinux.lock"))?;
+            if !self.vmlinux.exists() {
+                self.fetch_vmlinux(apt, &dir)?;
+            }
+        }
+        // A convenience link for people typing the path.
+        let link = dir.join("vmlinux");
+        let target = PathBuf::from(self.vmlinux.file_name().context("vmlinux has no name")?);
+        if std::fs::read_link(&link).ok().as_ref() != Some(&target) {
+            remove_if_exists(&link)?;
+            std::os::unix::fs::symlink(&target, &link)
+                .with_context(|| format!("linking {}", link.display()))?;
+        }
+        note(format!(
+            "kernel debug info ready: {}",
+            self.vmlinux.display()
+        ));
+        Ok(())
+    }
+
+    fn fetch_vmlinux(&self, apt: &mut Apt, dir: &Path) -> anyhow::Result<()> {
+        let package = format!("linux-image-{}-dbg", self.release);
+        let scratch = dir.join("dbg.partial");
+        if scratch.exists() {
+            std::fs::remove_dir_all(&scratch)
+                .with_context(|| format!("removing the leftover {}", scratch.display()))?;
+        }
+        std::fs::create_dir_all(&scratch)?;
+        note(format!(
+            "apt-get download {package} (about 300 MB, once: only its vmlinux is kept)"
+        ));
+        let mut download = Command::new("apt-get");
+        download
+            .args(["download", "-o", "APT::Sandbox::User=root", &package])
+            .current_dir(&scratch);
+        if let Err(first) = run_captured(&mut download) {
+            if !apt.update_once()? {
+                return Err(first.context(format!("downloading {package} failed")));
+            }
+            run_captured(&mut download).with_context(|| {
+                format!(
+                    "downloading {package} failed even after apt-get update: is the bookworm \
+                     security archive in sources.list (apt-cache policy {package})?"
+                )
+            })?;
+        }
+        let deb = find_deb(&scratch, &package)
+            .with_context(|| format!("apt-get download left no .deb for {package}"))?;
+        let inside = format!("./usr/lib/debug/boot/vmlinux-{}", self.release);
+        note(format!("extracting {inside} from {package}"));
+        extract_one(&deb, &inside, &scratch)?;
+        let extracted = scratch.join(&inside);
+        if !extracted.is_file() {
+            bail!(
+                "{package} has no {inside}: has Debian moved the kernel's debug info? (dpkg -c {})",
+                deb.display()
+            );
+        }
+        std::fs::rename(&extracted, &self.vmlinux).with_context(|| {
+            format!(
+                "moving {} to {}",
+                extracted.display(),
+                self.vmlinux.display()
+            )
+        })?;
+        std::fs::remove_dir_all(&scratch)
+            .with_context(|| format!("removing {}", scratch.display()))?;
+        Ok(())
+    }
+}
+
+/// Extracts the one member `inside` (as `./path`) of the package `deb` under `into`, streaming
+/// `dpkg-deb --fsys-tarfile` into `tar` so that nothing else of the package touches the disk.
+fn extract_one(deb: &Path, inside: &str, into: &Path) -> anyhow::Result<()> {
+    use std::process::Stdio;
+    let mut dpkg = Command::new("dpkg-deb")
+        .arg("--fsys-tarfile")
+        .arg(deb)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run dpkg-deb: is this a Debian system?")?;
+    let tar_out = Command::new("tar")
+        .arg("-x")
+        .arg("-C")
+        .arg(into)
+        .arg(inside)
+        .stdin(dpkg.stdout.take().expect("piped"))
+        .output();
+    let dpkg_status = dpkg.wait()?;
+    let tar_out = tar_out.context("cannot run tar")?;
+    if !tar_out.status.success() || !dpkg_status.success() {
+        // A truncated download is the likely cause: drop it so that the next run fetches it.
+        let _ = std::fs::remove_file(deb);
+        bail!(
+            "extracting {inside} from {} failed (dpkg-deb: {dpkg_status}, tar: {}: {}); the \
+             package was deleted, run `cargo xtask setup` again to download it",
+            deb.display(),
+            tar_out.status,
+            String::from_utf8_lossy(&tar_out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// An exclusive `flock` on `path` (created if needed), released when the file is dropped.
+fn lock(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening the lock {}", path.display()))?;
+    // SAFETY: flock only acts on the descriptor, which `file` keeps open for the call.
+    let busy = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0;
+    if busy {
+        note(format!(
+            "waiting for another setup that holds {}",
+            path.display()
+        ));
+        // SAFETY: as above.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            bail!(
+                "cannot lock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(file)
+}
+
 fn remove_if_exists(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -511,5 +670,6 @@ mod tests {
             k.modules_dir,
             Path::new("/c/root/lib/modules/6.1.0-56-cloud-amd64")
         );
+        assert_eq!(k.vmlinux, Path::new("/c/vmlinux-6.1.0-56-cloud-amd64"));
     }
 }

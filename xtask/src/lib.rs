@@ -72,6 +72,8 @@ pub enum LocateError {
     KernelNotReady { dir: PathBuf },
     #[error("{what} is missing ({}): run `cargo xtask build` first", .path.display())]
     NotBuilt { what: &'static str, path: PathBuf },
+    #[error("the kernel's debug info {} is missing (gdb needs it): run `cargo xtask setup` (it fetches linux-image-<release>-dbg once)", .path.display())]
+    NoVmlinux { path: PathBuf },
 }
 
 /// Prints a progress line of `cargo xtask` (to stderr, so that a script's console output on

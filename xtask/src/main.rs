@@ -77,6 +77,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("  headers  {}", kernel.headers_dir.display());
             println!("  modules  {}", kernel.modules_dir.display());
             println!("  busybox  {}", kernel.busybox.display());
+            println!(
+                "  vmlinux  {} (debug info, for gdb)",
+                kernel.vmlinux.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cli::Build => {
