@@ -11,7 +11,7 @@
 #include <linux/ioctl.h>
 
 #define QS_IMAGE_MAGIC "QSHVIMG"	/* 7 bytes and a NUL */
-#define QS_ABI_VERSION 1
+#define QS_ABI_VERSION 2
 #define QS_HEADER_SIZE 256
 #define QS_MAX_IMAGE_SIZE (4u << 20)
 #define QS_CHECKSUM_OFFSET 24
@@ -46,6 +46,8 @@ struct qs_init_args {
 	__u64 phys_limit;
 	__u32 cpus;
 	__u32 tsc_khz;
+	__u64 kernel_text;	/* runtime _text, 0 if unknown */
+	__u64 kernel_text_link;	/* link-time _text */
 };
 
 #define QS_HYPERCALL_MAGIC 0x5153000000000000ull
@@ -53,6 +55,7 @@ struct qs_init_args {
 #define QS_OP_STATS 2
 #define QS_OP_LINK_CONFIG 3
 #define QS_OP_LINK_RX 4
+#define QS_OP_ACTIVE_CPUS 5
 
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 /* "Quicksilver\0" as EBX, ECX, EDX. */

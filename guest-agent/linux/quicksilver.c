@@ -40,6 +40,7 @@
 #include <linux/string.h>
 #include <linux/serial_8250.h>
 #include <linux/io.h>
+#include <linux/kprobes.h>
 #include <asm/unaligned.h>
 #include <asm/msr.h>
 #include <asm/pgtable.h>
@@ -65,10 +66,10 @@ MODULE_PARM_DESC(key, "the link key qs-bridge must prove; without one the link r
 static_assert(sizeof(struct qs_image_header) == QS_HEADER_SIZE);
 static_assert(offsetof(struct qs_image_header, checksum) == QS_CHECKSUM_OFFSET);
 static_assert(offsetof(struct qs_image_header, version) == 120);
-static_assert(sizeof(struct qs_init_args) == 40);
+static_assert(sizeof(struct qs_init_args) == 56);
 
 typedef long (*qs_init_fn)(const struct qs_init_args *args);
-typedef long (*qs_activate_fn)(u32 cpu);
+typedef long (*qs_activate_fn)(u32 cpu, u32 online);
 typedef long (*qs_control_fn)(u64 op, void *buf, u64 len);
 
 static struct {
@@ -210,6 +211,28 @@ static int qs_make_executable(void *base, unsigned long pages)
 	return 0;
 }
 
+/* Where the kernel's text runs, for the debugger's KASLR offset (gdb's qOffsets). Modules
+ * cannot link against _text and 6.1 exports no symbol lookup, so ask kprobes, which resolve
+ * names through kallsyms, for kallsyms_lookup_name first. 0 (unknown) if that fails: the
+ * debugger then says it cannot relocate symbols. */
+static u64 qs_kernel_text(void)
+{
+	struct kprobe kp = { .symbol_name = "kallsyms_lookup_name" };
+	unsigned long (*lookup)(const char *name);
+	u64 text;
+
+	if (register_kprobe(&kp) < 0) {
+		pr_warn("cannot find the kernel's text (no kprobes): gdb will need symbol-file -o\n");
+		return 0;
+	}
+	lookup = (void *)kp.addr;
+	unregister_kprobe(&kp);
+	text = lookup ? lookup("_text") : 0;
+	if (!text)
+		pr_warn("cannot find the kernel's text: gdb will need symbol-file -o\n");
+	return text;
+}
+
 static int qs_load(void)
 {
 	void *file = NULL;
@@ -287,6 +310,8 @@ static int qs_load(void)
 		.phys_limit = phys_limit,
 		.cpus = nr_cpu_ids,
 		.tsc_khz = tsc_khz,
+		.kernel_text = qs_kernel_text(),
+		.kernel_text_link = __START_KERNEL,
 	};
 	st = ((qs_init_fn)(hv.base + h->entry_init))(&args);
 	if (st != QS_OK) {
@@ -370,6 +395,7 @@ static DECLARE_WORK(qs_attention_work, qs_attention);
 
 static long qs_control(u64 op, void *buf, u64 len);
 static void qs_do_activate(struct qs_switch_result *r);
+static void qs_refresh_active(void);
 
 /* Received bytes go to the hv's link endpoint; an authenticated bridge's attention request
  * schedules an activation (in process context: switching waits for every CPU). */
@@ -391,6 +417,7 @@ static void qs_attention(struct work_struct *w)
 	struct qs_switch_result r = { .failed_cpu = -1 };
 
 	mutex_lock(&qs_lock);
+	qs_refresh_active();
 	if (!qs_active) {
 		qs_do_activate(&r);
 		if (r.status == QS_OK)
@@ -478,7 +505,7 @@ static void qs_link_stop(void)
 /* Both run in IPI context (interrupts off) on every online CPU. */
 static void qs_activate_cpu(void *unused)
 {
-	qs_cpu_status[smp_processor_id()] = hv.activate(smp_processor_id());
+	qs_cpu_status[smp_processor_id()] = hv.activate(smp_processor_id(), num_online_cpus());
 }
 
 static void qs_deactivate_cpu(void *unused)
@@ -551,13 +578,23 @@ static void qs_do_activate(struct qs_switch_result *r)
 
 /* Control operation on a kernel buffer: a hypercall from a virtualized CPU, a direct call
  * from a native one (the hv's memory is only hidden from CPUs in guest mode). */
+/* A debugger's detach steps every CPU out inside the hv, without the agent: when the hv has
+ * no CPU in guest mode any more, this agent is dormant too. Under qs_lock. */
+static void qs_refresh_active(void)
+{
+	if (qs_active && qs_control(QS_OP_ACTIVE_CPUS, NULL, 0) == 0) {
+		qs_active = false;
+		WRITE_ONCE(qs_hotplug_blocked, false);
+	}
+}
+
 static long qs_control(u64 op, void *buf, u64 len)
 {
 	long st;
 
 	preempt_disable();
 	if (qs_this_cpu_virtualized())
-		st = qs_hypercall(op, virt_to_phys(buf), len);
+		st = qs_hypercall(op, buf ? virt_to_phys(buf) : 0, len);
 	else
 		st = hv.control(op, buf, len);
 	preempt_enable();
@@ -578,6 +615,7 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 	long ret = 0;
 
 	mutex_lock(&qs_lock);
+	qs_refresh_active();
 	switch (cmd) {
 	case QS_IOC_ACTIVATE:
 	case QS_IOC_DEACTIVATE: {
@@ -712,7 +750,7 @@ static struct miscdevice qs_dev = {
 /* CPU hotplug is refused while any CPU may be in guest mode. */
 static int qs_cpu_online(unsigned int cpu)
 {
-	if (READ_ONCE(qs_hotplug_blocked)) {
+	if (READ_ONCE(qs_hotplug_blocked) && qs_control(QS_OP_ACTIVE_CPUS, NULL, 0) > 0) {
 		pr_warn("refusing to online CPU %u while the hypervisor is active: deactivate first\n", cpu);
 		return -EBUSY;
 	}
@@ -721,7 +759,7 @@ static int qs_cpu_online(unsigned int cpu)
 
 static int qs_cpu_offline(unsigned int cpu)
 {
-	if (READ_ONCE(qs_hotplug_blocked)) {
+	if (READ_ONCE(qs_hotplug_blocked) && qs_control(QS_OP_ACTIVE_CPUS, NULL, 0) > 0) {
 		pr_warn("refusing to offline CPU %u while the hypervisor is active: deactivate first\n", cpu);
 		return -EBUSY;
 	}
@@ -764,6 +802,7 @@ static void __exit qs_exit(void)
 	qs_link_stop();
 	misc_deregister(&qs_dev);
 	mutex_lock(&qs_lock);
+	qs_refresh_active();
 	if (qs_active) {
 		qs_do_deactivate(&r);
 		pr_info("deactivated %u CPUs before unloading\n", r.cpus);

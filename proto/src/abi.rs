@@ -30,6 +30,9 @@ pub enum Op {
     /// Bytes received on the link (the agent's interrupt handler reads the UART). Returns 1 if
     /// an authenticated bridge asked for attention (the agent then activates), else 0.
     LinkRx = 4,
+    /// How many CPUs are in guest mode now (the agent's view can go stale: a debugger's detach
+    /// steps every CPU out without the agent). Returns the count.
+    ActiveCpus = 5,
 }
 
 impl Op {
@@ -40,6 +43,7 @@ impl Op {
             2 => Some(Op::Stats),
             3 => Some(Op::LinkConfig),
             4 => Some(Op::LinkRx),
+            5 => Some(Op::ActiveCpus),
             _ => None,
         }
     }
@@ -68,9 +72,13 @@ pub struct InitArgs {
     pub cpus: u32,
     /// TSC frequency in kHz, to turn cycles into time.
     pub tsc_khz: u32,
+    /// Where the kernel's text (`_text`) runs, and where it was linked: their difference is
+    /// the KASLR offset the debugger reports (qOffsets, `monitor kaslr`). 0 if unknown.
+    pub kernel_text: u64,
+    pub kernel_text_link: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<InitArgs>() == 40);
+const _: () = assert!(core::mem::size_of::<InitArgs>() == 56);
 
 /// What an entry point or hypercall returns: 0 for success, otherwise a code that names the
 /// cause. The numbers are ABI.

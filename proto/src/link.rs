@@ -520,6 +520,22 @@ pub mod control {
         Refused(Refusal),
         /// Bridge to machine: activate the hv and stop every CPU for the debugger.
         Attention,
+        /// Machine to bridge: every CPU is stopped and the debugger serves the gdb channel
+        /// (sent once per attention; gdb's bytes sent before it would be lost).
+        Stopped { cpus: u32 },
+        /// Machine to bridge: the debugger session is over and every CPU runs again.
+        Ended(End),
+    }
+
+    /// How a debugger session ended.
+    #[repr(u8)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum End {
+        /// gdb detached: the kernel runs natively again (or stays under an active hv if the
+        /// `monitor devirt stay` policy was chosen).
+        Detached = 1,
+        /// gdb asked to kill: the machine is never killed; this is a detach.
+        Killed = 2,
     }
 
     /// A payload that is not a control message.
@@ -559,6 +575,16 @@ pub mod control {
                     out[0] = 6;
                     1
                 }
+                Message::Stopped { cpus } => {
+                    out[0] = 7;
+                    out[1..5].copy_from_slice(&cpus.to_le_bytes());
+                    5
+                }
+                Message::Ended(e) => {
+                    out[0] = 8;
+                    out[1] = e as u8;
+                    2
+                }
             }
         }
 
@@ -583,6 +609,14 @@ pub mod control {
                     .map(Message::Refused)
                     .ok_or(BadMessage),
                 (Some(6), 1) => Ok(Message::Attention),
+                (Some(7), 5) => Ok(Message::Stopped {
+                    cpus: u32::from_le_bytes([p[1], p[2], p[3], p[4]]),
+                }),
+                (Some(8), 2) => match p[1] {
+                    1 => Ok(Message::Ended(End::Detached)),
+                    2 => Ok(Message::Ended(End::Killed)),
+                    _ => Err(BadMessage),
+                },
                 _ => Err(BadMessage),
             }
         }
@@ -604,6 +638,8 @@ pub mod control {
                 Message::AuthOk,
                 Message::Refused(Refusal::WrongKey),
                 Message::Attention,
+                Message::Stopped { cpus: 4 },
+                Message::Ended(End::Killed),
             ];
             for m in all {
                 let mut buf = [0u8; 33];
@@ -718,7 +754,8 @@ pub mod endpoint {
             }
         }
 
-        fn send_control(&mut self, m: Message, tx: &mut dyn FnMut(&[u8])) {
+        /// Sends a control message through `tx`.
+        pub fn send_control(&mut self, m: Message, tx: &mut dyn FnMut(&[u8])) {
             let mut b = [0u8; 33];
             let n = m.encode(&mut b);
             self.send(Channel::Control, &b[..n], tx);

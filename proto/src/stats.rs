@@ -5,7 +5,7 @@
 /// "QSST".
 pub const STATS_MAGIC: u32 = 0x5453_5351;
 /// Layout version of this block.
-pub const STATS_VERSION: u32 = 2;
+pub const STATS_VERSION: u32 = 3;
 
 /// Kinds of #VMEXIT counted per CPU. The numbers index [`CpuStats::exits`].
 #[repr(usize)]
@@ -27,10 +27,12 @@ pub enum ExitKind {
     Shutdown = 6,
     /// Anything else: unexpected, recorded with a VMCB dump.
     Other = 7,
+    /// The debugger's: NMIs, software interrupts, #BP, #DB.
+    Debug = 8,
 }
 
 /// Number of [`ExitKind`]s.
-pub const EXIT_KINDS: usize = 8;
+pub const EXIT_KINDS: usize = 9;
 
 impl ExitKind {
     /// Every kind, in index order.
@@ -43,6 +45,7 @@ impl ExitKind {
         ExitKind::Npf,
         ExitKind::Shutdown,
         ExitKind::Other,
+        ExitKind::Debug,
     ];
 
     /// Short name for tables.
@@ -56,6 +59,7 @@ impl ExitKind {
             ExitKind::Npf => "npf",
             ExitKind::Shutdown => "shutdown",
             ExitKind::Other => "other",
+            ExitKind::Debug => "debug",
         }
     }
 }
@@ -160,7 +164,7 @@ pub struct CpuStats {
 }
 
 const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 32);
-const _: () = assert!(core::mem::size_of::<CpuStats>() == 96);
+const _: () = assert!(core::mem::size_of::<CpuStats>() == 104);
 
 /// Bytes in a block for `cpus` CPUs.
 pub const fn stats_size(cpus: u32) -> usize {
@@ -257,11 +261,11 @@ mod tests {
         unsafe {
             core::ptr::write_unaligned(bytes.as_mut_ptr().cast(), h);
             let c = CpuStats {
-                exits: [1, 2, 3, 4, 5, 6, 7, 8],
+                exits: [1, 2, 3, 4, 5, 6, 7, 8, 9],
                 active: 1,
                 ..Default::default()
             };
-            core::ptr::write_unaligned(bytes[288 + 96..].as_mut_ptr().cast(), c);
+            core::ptr::write_unaligned(bytes[288 + 104..].as_mut_ptr().cast(), c);
         }
         let s = Stats::parse(&bytes).unwrap();
         assert_eq!(s.hv_version(), "0.1.0");

@@ -16,6 +16,13 @@ pub mod msr {
     pub const VM_CR: u32 = 0xC001_0114;
     /// Physical address of the host save area VMRUN uses (APM 15.30.4).
     pub const VM_HSAVE_PA: u32 = 0xC001_0117;
+    /// Local APIC base and mode: bit 10 x2APIC, bit 11 enabled, bits 51:12 base.
+    pub const APIC_BASE: u32 = 0x0000_001B;
+    /// x2APIC interrupt command register.
+    pub const X2APIC_ICR: u32 = 0x0000_0830;
+    pub const FS_BASE: u32 = 0xC000_0100;
+    pub const GS_BASE: u32 = 0xC000_0101;
+    pub const KERNEL_GS_BASE: u32 = 0xC000_0102;
 }
 
 /// EFER.SVME: SVM enable (bit 12).
@@ -220,5 +227,108 @@ pub fn halt_forever() -> ! {
     loop {
         // SAFETY: CLI and HLT at CPL 0 only stop this CPU, which is the intent.
         unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// Reads CR8 (the task-priority register).
+#[inline]
+pub fn read_cr8() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR8 at CPL 0 has no side effect.
+    unsafe { asm!("mov {}, cr8", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Reads debug register DR`n` (n in 0..=3).
+#[inline]
+pub fn read_dr(n: u8) -> u64 {
+    let v: u64;
+    // SAFETY: reading DR0-3 at CPL 0 has no side effect (DR7.GD is never set by Linux).
+    unsafe {
+        match n {
+            0 => asm!("mov {}, dr0", out(reg) v, options(nomem, nostack, preserves_flags)),
+            1 => asm!("mov {}, dr1", out(reg) v, options(nomem, nostack, preserves_flags)),
+            2 => asm!("mov {}, dr2", out(reg) v, options(nomem, nostack, preserves_flags)),
+            _ => asm!("mov {}, dr3", out(reg) v, options(nomem, nostack, preserves_flags)),
+        }
+    }
+    v
+}
+
+/// Writes DR`n` (0..=3) or, with `n == 7`, DR7.
+///
+/// # Safety
+/// Arms or disarms hardware breakpoints on this CPU: the caller owns the slots it changes.
+#[inline]
+pub unsafe fn write_dr(n: u8, v: u64) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        match n {
+            0 => asm!("mov dr0, {}", in(reg) v, options(nomem, nostack, preserves_flags)),
+            1 => asm!("mov dr1, {}", in(reg) v, options(nomem, nostack, preserves_flags)),
+            2 => asm!("mov dr2, {}", in(reg) v, options(nomem, nostack, preserves_flags)),
+            3 => asm!("mov dr3, {}", in(reg) v, options(nomem, nostack, preserves_flags)),
+            _ => asm!("mov dr7, {}", in(reg) v, options(nomem, nostack, preserves_flags)),
+        }
+    }
+}
+
+/// FXSAVE64 into a 512-byte, 16-byte aligned area.
+///
+/// # Safety
+/// `area` must be valid for 512 bytes and 16-byte aligned; CR0.TS must be clear.
+#[inline]
+pub unsafe fn fxsave(area: *mut [u8; 512]) {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("fxsave64 [{}]", in(reg) area, options(nostack, preserves_flags)) };
+}
+
+/// FXRSTOR64 from an area FXSAVE64 filled (reserved MXCSR bits must stay clear).
+///
+/// # Safety
+/// As [`fxsave`]; the area must hold a valid image (else #GP).
+#[inline]
+pub unsafe fn fxrstor(area: *const [u8; 512]) {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("fxrstor64 [{}]", in(reg) area, options(nostack, preserves_flags)) };
+}
+
+/// Sends an NMI to the CPU whose local APIC ID is `apic_id`, in whichever mode the kernel put
+/// this CPU's local APIC (x2APIC by MSR, xAPIC through its MMIO page, identity-mapped in
+/// host mode). Intel SDM vol. 3, 10.6.1 / AMD APM vol. 2, 16.5: delivery mode NMI (100b),
+/// level assert, no shorthand.
+///
+/// # Safety
+/// Host mode only (the xAPIC page is reached through the hv's identity map); the target must
+/// expect the NMI (the hv intercepts NMIs on every CPU in guest mode).
+pub unsafe fn send_nmi(apic_id: u32) {
+    const NMI: u64 = (0b100 << 8) | (1 << 14);
+    // SAFETY: the APIC base MSR exists on every x86-64 CPU with a local APIC.
+    let base = unsafe { rdmsr(msr::APIC_BASE) };
+    if base & (1 << 10) != 0 {
+        // SAFETY: x2APIC mode: writing the ICR sends one IPI.
+        unsafe { wrmsr(msr::X2APIC_ICR, ((apic_id as u64) << 32) | NMI) };
+        return;
+    }
+    let mmio = base & 0x000F_FFFF_FFFF_F000;
+    let icr_lo = (mmio + 0x300) as *mut u32;
+    let icr_hi = (mmio + 0x310) as *mut u32;
+    // SAFETY: the xAPIC register page of this CPU, identity-mapped in the hv's tables. The
+    // kernel may have been interrupted between writing ICR high and low: keep its high word.
+    unsafe {
+        for _ in 0..100_000 {
+            if icr_lo.read_volatile() & (1 << 12) == 0 {
+                break;
+            }
+        }
+        let saved = icr_hi.read_volatile();
+        icr_hi.write_volatile(apic_id << 24);
+        icr_lo.write_volatile(NMI as u32);
+        for _ in 0..100_000 {
+            if icr_lo.read_volatile() & (1 << 12) == 0 {
+                break;
+            }
+        }
+        icr_hi.write_volatile(saved);
     }
 }

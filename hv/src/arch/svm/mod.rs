@@ -30,6 +30,8 @@ extern "C" {
     pub fn qs_leave_native(state: *const NativeState) -> !;
     /// See world_switch.S, step 5: 32 stubs, 16 bytes apart.
     pub static qs_host_exc_stubs: [u8; 32 * 16];
+    /// See world_switch.S, step 6.
+    pub static qs_host_nmi: [u8; 2];
 }
 
 /// The guest's general registers that VMRUN does not switch (RAX and RSP live in the VMCB).
@@ -213,7 +215,9 @@ pub unsafe fn build_vmcb(vmcb: &mut Vmcb, native: &NativeState, setup: &VmcbSetu
     unsafe { core::ptr::write_bytes(vmcb as *mut Vmcb, 0, 1) };
     let c = &mut vmcb.control;
     // Intercept only what the hv must see (every exit costs ~600 native CPUIDs under TCG).
-    c.intercept_misc1 = misc1::CPUID | misc1::MSR_PROT | misc1::SHUTDOWN | vmcb::MISC1_INVLPGA;
+    // NMIs are how the hv stops the CPUs for a debugger; foreign ones are reflected.
+    c.intercept_misc1 =
+        misc1::NMI | misc1::CPUID | misc1::MSR_PROT | misc1::SHUTDOWN | vmcb::MISC1_INVLPGA;
     c.intercept_misc2 = misc2::ALL_SVM;
     c.msrpm_base_pa = setup.msrpm_pa;
     c.guest_asid = GUEST_ASID;
@@ -368,6 +372,12 @@ pub fn decode_exit(vmcb: &Vmcb, regs: &GuestRegs) -> VmExit {
             }
         }
         x if x == ExitCode::Shutdown as u64 => VmExit::Shutdown,
+        x if x == ExitCode::Nmi as u64 => VmExit::Nmi,
+        x if x == ExitCode::Intn as u64 => VmExit::SoftwareInterrupt,
+        x if x == ExitCode::ExceptionDb as u64 => VmExit::DebugException {
+            dr6: vmcb.save.dr6,
+        },
+        x if x == ExitCode::ExceptionBp as u64 => VmExit::Breakpoint,
         code => VmExit::Unexpected { code },
     }
 }

@@ -171,6 +171,7 @@ const _: () = {
 
 /// Bits of [`VmcbControlArea::intercept_misc1`] (APM table B-1, offset 0x00C).
 pub mod misc1 {
+    pub const NMI: u32 = 1 << 1;
     pub const CPUID: u32 = 1 << 18;
     pub const INTN: u32 = 1 << 21;
     pub const MSR_PROT: u32 = 1 << 28;
@@ -193,6 +194,17 @@ pub mod misc2 {
 /// INVLPGA intercept, misc1 bit 26.
 pub const MISC1_INVLPGA: u32 = 1 << 26;
 
+/// Bits of [`VmcbControlArea::intercept_exceptions`]: one per vector.
+pub mod exceptions {
+    pub const DB: u32 = 1 << 1;
+    pub const BP: u32 = 1 << 3;
+}
+
+/// [`VmcbControlArea::vintr`] V_INTR_MASKING (bit 24): the guest's IF masks only virtual
+/// interrupts; physical ones follow the host's IF, which is clear in host mode, so they stay
+/// pending while the guest runs (APM 15.21.1). Used to hold interrupts during a single step.
+pub const V_INTR_MASKING: u64 = 1 << 24;
+
 /// TLB_CONTROL values (APM 15.16.1).
 pub mod tlb_control {
     pub const DO_NOTHING: u32 = 0;
@@ -204,6 +216,10 @@ pub mod tlb_control {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u64)]
 pub enum ExitCode {
+    /// Exceptions are 0x40 + vector: #DB and #BP.
+    ExceptionDb = 0x41,
+    ExceptionBp = 0x43,
+    Nmi = 0x61,
     Cpuid = 0x72,
     Intn = 0x75,
     Invlpga = 0x7A,
@@ -227,7 +243,12 @@ pub const VMEXIT_INVALID_LOW: u32 = 0xFFFF_FFFF;
 pub mod event {
     pub const VALID: u64 = 1 << 31;
     pub const ERROR_VALID: u64 = 1 << 11;
+    pub const TYPE_NMI: u64 = 2 << 8;
     pub const TYPE_EXCEPTION: u64 = 3 << 8;
+    pub const TYPE_SOFTWARE_INT: u64 = 4 << 8;
+    pub const VECTOR_DB: u64 = 1;
+    pub const VECTOR_NMI: u64 = 2;
+    pub const VECTOR_BP: u64 = 3;
     pub const VECTOR_UD: u64 = 6;
     pub const VECTOR_GP: u64 = 13;
 

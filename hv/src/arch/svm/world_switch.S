@@ -18,6 +18,8 @@
 //    IRETQ to the guest's CS:RIP, RFLAGS and SS:RSP with every register restored.
 // 5. qs_host_exc_stubs: 32 stubs of 16 bytes for the hv's own IDT (exceptions in host mode
 //    are hv bugs: they are reported on the serial port and the CPU stops).
+// 6. qs_host_nmi: the hv's NMI handler. An NMI the hv intercepted stays pending until GIF is
+//    set; the run loop takes it with STGI/CLGI into this handler, which only returns.
 //
 // Offsets below are those of GuestRegs and NativeState in arch/svm/mod.rs (checked there).
 
@@ -49,6 +51,7 @@ qs_entry_activate:
     push r12
     push rbp
     push rbx
+    mov rdx, rsi                // the number of CPUs the agent is activating
     mov rsi, rsp                // &EntryFrame: rbx, rbp, r12..r15, return address
     sub rsp, 8                  // 16-byte alignment for the call
     call {activate}
@@ -150,6 +153,10 @@ qs_leave_native:
 .endm
 
     .balign 16
+.global qs_host_nmi
+qs_host_nmi:
+    iretq
+
 .global qs_host_exc_stubs
 qs_host_exc_stubs:
     EXC_NOERR 0
