@@ -3,16 +3,22 @@
 //! - [`Link`]: frames over a Unix socket, TCP or a serial port; a reader thread decodes and
 //!   drops (and counts) anything corrupt, truncated, oversized or replayed;
 //! - [`authenticate`]: the hello and the challenge/response, with clear refusals;
-//! - [`serve_gdb`]: one GDB client at a time on TCP, its bytes on the `gdb` channel; the
-//!   `console` channel goes to a writer.
+//! - [`serve_gdb`]: one GDB client at a time on TCP. A client asks the machine for attention;
+//!   its bytes go on the `gdb` channel only once the machine says every CPU is stopped
+//!   (before that the machine would lose them); a client that vanishes mid-session is
+//!   detached on its behalf. The `console` channel goes to a writer.
+//! - [`serve_control`]: the control socket (for `qs-tui`): one request a line, one JSON reply
+//!   a line ([`control_reply`]).
 
 use anyhow::{bail, Context, Result};
 use quicksilver_proto::link::{self, auth, control, Channel, Decoder, DropCounts, Session};
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Where the link is.
@@ -292,39 +298,178 @@ pub fn authenticate(
     }
 }
 
+/// Where the link stands, for the control socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LinkState {
+    /// Opening the link.
+    #[default]
+    Connecting,
+    /// Saying hello and proving the key.
+    Authenticating,
+    /// The machine accepted the key: gdb is served.
+    Authenticated,
+    /// The link closed or failed; the bridge is exiting.
+    Lost,
+}
+
+impl LinkState {
+    fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Authenticating => "authenticating",
+            LinkState::Authenticated => "authenticated",
+            LinkState::Lost => "lost",
+        }
+    }
+}
+
+/// Where the debugger session stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SessionState {
+    /// No session yet.
+    #[default]
+    None,
+    /// Attention sent; waiting for the machine's `Stopped`.
+    Waiting,
+    /// Every CPU is stopped and the machine serves the gdb channel.
+    Stopped,
+    /// The machine said the session is over: every CPU runs again.
+    Ended,
+}
+
+impl SessionState {
+    fn as_str(self) -> &'static str {
+        match self {
+            SessionState::None => "none",
+            SessionState::Waiting => "waiting",
+            SessionState::Stopped => "stopped",
+            SessionState::Ended => "ended",
+        }
+    }
+}
+
+/// What the bridge is doing: the control socket's `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// The link.
+    pub link: LinkState,
+    /// A gdb client is connected.
+    pub gdb_client: bool,
+    /// The current (or last) debugger session.
+    pub session: SessionState,
+    /// CPUs stopped in the current session (from the machine's `Stopped`).
+    pub cpus: Option<u32>,
+    /// Sessions started (gdb clients that asked for attention).
+    pub sessions: u64,
+    /// Bytes received on the console channel.
+    pub console_bytes: u64,
+}
+
+impl Status {
+    /// The status as one JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "link": self.link.as_str(),
+            "gdb_client": self.gdb_client,
+            "session": self.session.as_str(),
+            "cpus": self.cpus,
+            "sessions": self.sessions,
+            "console_bytes": self.console_bytes,
+        })
+    }
+}
+
+/// The bridge's state, shared by the link reader, the gdb client's thread and the control
+/// socket's threads.
+#[derive(Default)]
+pub struct State {
+    status: Mutex<Status>,
+    changed: Condvar,
+    /// The gdb client, for writing the machine's gdb bytes to it.
+    client: Mutex<Option<TcpStream>>,
+}
+
+impl State {
+    /// A fresh state (link connecting, no session).
+    pub fn new() -> Arc<State> {
+        Arc::new(State::default())
+    }
+
+    /// A copy of the status.
+    pub fn status(&self) -> Status {
+        self.status.lock().expect("status").clone()
+    }
+
+    /// Changes the status and wakes whoever waits on it; returns what `f` returns.
+    pub fn update<R>(&self, f: impl FnOnce(&mut Status) -> R) -> R {
+        let r = f(&mut self.status.lock().expect("status"));
+        self.changed.notify_all();
+        r
+    }
+
+    /// Waits until `done` holds or `timeout` passes; returns the status then and whether
+    /// `done` held.
+    fn wait(&self, timeout: Duration, done: impl Fn(&Status) -> bool) -> (Status, bool) {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.status.lock().expect("status");
+        loop {
+            if done(&st) {
+                return (st.clone(), true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return (st.clone(), false);
+            }
+            st = self.changed.wait_timeout(st, left).expect("status").0;
+        }
+    }
+
+    /// Ends our side of the gdb client's connection (after what was written to it).
+    fn close_client(&self, how: std::net::Shutdown) {
+        if let Some(s) = self.client.lock().expect("client").as_ref() {
+            let _ = s.shutdown(how);
+        }
+    }
+}
+
+/// The detach packet the bridge sends for a gdb that vanished mid-session (with the ack of
+/// whatever the machine sent last), so that the machine resumes.
+pub const DETACH: &[u8] = b"+$D#44";
+
+/// How long the bridge waits for the machine's `Ended` after gdb's connection closed
+/// without gdb having asked to detach or kill, before detaching on its behalf.
+const DETACH_GRACE: Duration = Duration::from_secs(1);
+
 /// Serves GDB clients on `listener`, one at a time, until the link closes. Each new client
 /// asks the machine for attention (activate, stop every CPU); its bytes go on the `gdb`
-/// channel and the machine's come back. A second client while one is attached is told so and
-/// closed. `console` gets the `console` channel.
+/// channel once the machine says every CPU is stopped (up to `stop_timeout`), and the
+/// machine's come back. A second client while one is attached is told so and closed. A
+/// client that vanishes mid-session is detached on its behalf. `console` gets the `console`
+/// channel; `state` is kept up to date for the control socket.
 pub fn serve_gdb(
     link: Arc<Link>,
     listener: TcpListener,
     mut console: Box<dyn Write + Send>,
+    state: Arc<State>,
+    stop_timeout: Duration,
 ) -> Result<()> {
-    let attached = Arc::new(AtomicBool::new(false));
-    let current: Arc<Mutex<Option<TcpStream>>> = Arc::new(Mutex::new(None));
     {
-        let (link, attached, current) = (link.clone(), attached.clone(), current.clone());
+        let (link, state) = (link.clone(), state.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
-                if attached.swap(true, Ordering::AcqRel) {
+                if state.update(|st| std::mem::replace(&mut st.gdb_client, true)) {
                     eprintln!("qs-bridge: refused a second GDB client: one is attached already");
                     let _ =
                         stream.write_all(b"qs-bridge: another gdb is attached to this machine\n");
                     continue;
                 }
-                let _ = stream.set_nodelay(true);
-                eprintln!("qs-bridge: gdb attached; asking the machine for attention");
-                let Ok(reader) = stream.try_clone() else {
-                    continue;
-                };
-                *current.lock().expect("client") = Some(stream);
-                if link.send_control(control::Message::Attention).is_err() {
-                    return;
-                }
-                let (link, attached, current) = (link.clone(), attached.clone(), current.clone());
-                std::thread::spawn(move || pump_client(reader, &link, &attached, &current));
+                let (link, state) = (link.clone(), state.clone());
+                std::thread::spawn(move || {
+                    serve_client(stream, &link, &state, stop_timeout);
+                    *state.client.lock().expect("client") = None;
+                    state.update(|st| st.gdb_client = false);
+                });
             }
         });
     }
@@ -332,16 +477,15 @@ pub fn serve_gdb(
         match link.recv(Duration::from_secs(3600)) {
             None => continue,
             Some(Inbound::Closed(why)) => {
-                if let Some(s) = current.lock().expect("client").take() {
-                    let _ = s.shutdown(std::net::Shutdown::Both);
-                }
+                state.update(|st| st.link = LinkState::Lost);
+                state.close_client(std::net::Shutdown::Both);
                 bail!("{why}: the machine keeps running; restart qs-bridge to reconnect");
             }
             Some(Inbound::Frame {
                 channel: Channel::Gdb,
                 payload,
             }) => {
-                if let Some(s) = current.lock().expect("client").as_mut() {
+                if let Some(s) = state.client.lock().expect("client").as_mut() {
                     let _ = s.write_all(&payload);
                 }
             }
@@ -351,38 +495,280 @@ pub fn serve_gdb(
             }) => {
                 console.write_all(&payload)?;
                 console.flush()?;
+                state.update(|st| st.console_bytes += payload.len() as u64);
             }
+            Some(Inbound::Frame {
+                channel: Channel::Control,
+                payload,
+            }) => on_control(&payload, &link, &state)?,
             Some(Inbound::Frame { .. }) => {}
         }
     }
 }
 
-/// Copies one client's bytes to the link until it disconnects.
-fn pump_client(
-    mut reader: TcpStream,
-    link: &Link,
-    attached: &AtomicBool,
-    current: &Mutex<Option<TcpStream>>,
-) {
+/// A control message from the machine while serving.
+fn on_control(payload: &[u8], link: &Link, state: &State) -> Result<()> {
+    use control::{End, Message};
+    match Message::decode(payload) {
+        Ok(Message::Stopped { cpus }) => {
+            let waited = state.update(|st| {
+                let waited = st.session == SessionState::Waiting && st.gdb_client;
+                st.session = SessionState::Stopped;
+                st.cpus = Some(cpus);
+                waited
+            });
+            if !waited {
+                // The client gave up (or was never there): nobody will detach, so do it now.
+                eprintln!(
+                    "qs-bridge: the machine stopped ({cpus} CPUs) but no gdb waits for it any more: detaching so that the kernel runs on"
+                );
+                link.send(Channel::Gdb, DETACH)?;
+            }
+        }
+        Ok(Message::Ended(end)) => {
+            match end {
+                End::Detached => {
+                    eprintln!("qs-bridge: gdb detached; the kernel runs natively again")
+                }
+                End::Killed => eprintln!(
+                    "qs-bridge: gdb asked to kill the machine: Quicksilver never kills it; detached instead, the kernel keeps running"
+                ),
+            }
+            state.update(|st| st.session = SessionState::Ended);
+            // gdb closes by itself after a detach or kill; make sure it does not linger on a
+            // session that is over. What was written to it still reaches it first.
+            state.close_client(std::net::Shutdown::Write);
+        }
+        Ok(other) => eprintln!("qs-bridge: ignored an unexpected {other:?} from the machine"),
+        Err(_) => eprintln!("qs-bridge: ignored an undecodable control message from the machine"),
+    }
+    Ok(())
+}
+
+/// One gdb client: attention, wait for every CPU to stop, then copy its bytes to the link
+/// until it disconnects; detach on its behalf if it vanished mid-session.
+fn serve_client(stream: TcpStream, link: &Link, state: &State, stop_timeout: Duration) {
+    let _ = stream.set_nodelay(true);
+    // A gdb that stops reading must not stall the link's reader forever.
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    let Ok(writer) = stream.try_clone() else {
+        return;
+    };
+    *state.client.lock().expect("client") = Some(writer);
+    state.update(|st| {
+        st.session = SessionState::Waiting;
+        st.cpus = None;
+        st.sessions += 1;
+    });
+    eprintln!("qs-bridge: gdb connected; asking the machine for attention");
+    if let Err(e) = link.send_control(control::Message::Attention) {
+        eprintln!("qs-bridge: cannot ask for attention: {e:#}");
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return;
+    }
+    // gdb's first bytes wait in the socket meanwhile: the machine would lose them.
+    let (st, stopped) = state.wait(stop_timeout, |st| {
+        st.session != SessionState::Waiting || st.link == LinkState::Lost
+    });
+    if st.session != SessionState::Stopped {
+        match (st.link, stopped) {
+            // The link reader says why, and the bridge exits.
+            (LinkState::Lost, _) => {}
+            (_, false) => {
+                state.update(|st| st.session = SessionState::None);
+                eprintln!(
+                    "qs-bridge: the machine did not stop within {} s: is the agent loaded with link_port= and the same key, and is the hv loaded? See `qsctl stats` on the machine. Closing gdb's connection",
+                    stop_timeout.as_secs_f64()
+                );
+            }
+            (_, true) => eprintln!(
+                "qs-bridge: the machine ended the session before gdb was served; closing gdb's connection: connect again"
+            ),
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return;
+    }
+    eprintln!(
+        "qs-bridge: every CPU stopped ({} CPUs); gdb is served",
+        st.cpus.unwrap_or(0)
+    );
+    let asked_to_end = pump_client(stream, link);
+    if state.status().session != SessionState::Stopped {
+        return;
+    }
+    // gdb's detach or kill is on its way; otherwise give the machine a moment anyway.
+    let grace = if asked_to_end {
+        stop_timeout
+    } else {
+        DETACH_GRACE
+    };
+    let (_, ended) = state.wait(grace, |st| {
+        st.session != SessionState::Stopped || st.link == LinkState::Lost
+    });
+    if !ended {
+        eprintln!(
+            "qs-bridge: gdb's connection closed mid-session (gdb crashed or was killed?): sent a detach on its behalf so that the kernel runs on"
+        );
+        if let Err(e) = link.send(Channel::Gdb, DETACH) {
+            eprintln!("qs-bridge: the detach could not be sent: {e:#}");
+        }
+    }
+}
+
+/// Copies one client's bytes to the link until it disconnects; returns whether gdb sent a
+/// detach or kill packet (`D`, `k`, `vKill`) meanwhile.
+fn pump_client(mut reader: TcpStream, link: &Link) -> bool {
     let mut buf = [0u8; link::MAX_PAYLOAD];
+    let mut watch = EndWatch::default();
     loop {
         match reader.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                watch.push(&buf[..n]);
                 if link.send(Channel::Gdb, &buf[..n]).is_err() {
                     break;
                 }
             }
         }
     }
-    *current.lock().expect("client") = None;
-    attached.store(false, Ordering::Release);
-    eprintln!("qs-bridge: gdb detached");
+    watch.seen
+}
+
+/// Spots gdb's detach and kill packets in its byte stream, across reads. (`$` only starts a
+/// packet: inside one it is escaped.)
+#[derive(Default)]
+struct EndWatch {
+    tail: Vec<u8>,
+    seen: bool,
+}
+
+impl EndWatch {
+    const PACKETS: [&'static [u8]; 3] = [b"$D", b"$k", b"$vKill"];
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.tail.extend_from_slice(bytes);
+        for start in self
+            .tail
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| b == b'$')
+            .map(|(i, _)| i)
+        {
+            if Self::PACKETS
+                .iter()
+                .any(|p| self.tail[start..].starts_with(p))
+            {
+                self.seen = true;
+            }
+        }
+        let keep = self.tail.len().saturating_sub(b"$vKil".len());
+        self.tail.drain(..keep);
+    }
+}
+
+/// Opens the control socket at `path`: a stale socket file is replaced; anything else there
+/// is refused.
+pub fn bind_control(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                bail!(
+                    "--control {}: another qs-bridge serves that socket: stop it or give another path",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+        }
+        Ok(_) => bail!(
+            "--control {}: that path exists and is not a socket: give a path for a new socket (it would be overwritten otherwise)",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+    UnixListener::bind(path).with_context(|| {
+        format!(
+            "cannot create the control socket {}: does its folder exist and can we write there?",
+            path.display()
+        )
+    })
+}
+
+/// Serves the control socket: each request is one line, each reply one JSON line. Commands:
+/// `status`, `help`. Every client gets its own thread.
+pub fn serve_control(listener: UnixListener, state: Arc<State>) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let state = state.clone();
+            std::thread::spawn(move || {
+                let Ok(mut out) = stream.try_clone() else {
+                    return;
+                };
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { return };
+                    let command = line.trim();
+                    if command.is_empty() {
+                        continue;
+                    }
+                    let reply = control_reply(command, &state);
+                    if writeln!(out, "{reply}").and_then(|()| out.flush()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// The JSON reply to one control command.
+pub fn control_reply(command: &str, state: &State) -> serde_json::Value {
+    match command {
+        "status" => state.status().to_json(),
+        "help" => serde_json::json!({ "commands": ["status", "help"] }),
+        other => serde_json::json!({ "error": format!("unknown command '{other}': try help") }),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detach_and_kill_packets_are_spotted_across_reads() {
+        let seen = |chunks: &[&[u8]]| {
+            let mut w = EndWatch::default();
+            for c in chunks {
+                w.push(c);
+            }
+            w.seen
+        };
+        assert!(seen(&[b"+$D#44"]));
+        assert!(seen(&[b"$g#67+$", b"k#6b"]));
+        assert!(seen(&[b"$vK", b"ill;a410#33"]));
+        assert!(!seen(&[b"$qSupported:multiprocess+#c6", b"$m ffff,4#00"]));
+        assert!(!seen(&[b"$g#67", b"D"]), "a D outside a packet start");
+    }
+
+    #[test]
+    fn control_commands_answer_json() {
+        let state = State::new();
+        state.update(|st| {
+            st.link = LinkState::Authenticated;
+            st.cpus = Some(4);
+        });
+        let v = control_reply("status", &state);
+        assert_eq!(v["link"], "authenticated");
+        assert_eq!(v["gdb_client"], false);
+        assert_eq!(v["session"], "none");
+        assert_eq!(v["cpus"], 4);
+        assert_eq!(v["sessions"], 0);
+        assert_eq!(v["console_bytes"], 0);
+        assert_eq!(control_reply("help", &state)["commands"][0], "status");
+        let e = control_reply("bogus", &state)["error"].to_string();
+        assert!(e.contains("unknown command 'bogus': try help"), "{e}");
+    }
 
     #[test]
     fn link_addresses_parse_or_say_what_to_give() {

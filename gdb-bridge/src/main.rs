@@ -1,12 +1,16 @@
-//! `qs-bridge --link unix:PATH|tcp:HOST:PORT|/dev/ttyXXX [--baud N] --key FILE --gdb ADDR:PORT`
+//! `qs-bridge --link unix:PATH|tcp:HOST:PORT|/dev/ttyXXX [--baud N] --key FILE --gdb ADDR:PORT
+//! [--console FILE] [--control SOCKET] [--timeout S]`
 //!
 //! Owns the link to a Quicksilver machine: authenticates with the key the agent was loaded
-//! with, then serves GDB's remote protocol on TCP and copies the machine's console to stdout
-//! (or `--console FILE`).
+//! with, then serves GDB's remote protocol on TCP (a client stops every CPU; its bytes flow
+//! once the machine says so) and copies the machine's console to stdout (or `--console FILE`).
+//! `--control` answers `status` and `help` on a Unix socket, one JSON line per request.
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use qs_bridge::{authenticate, serve_gdb, Link, LinkAddr};
+use qs_bridge::{
+    authenticate, bind_control, serve_control, serve_gdb, Link, LinkAddr, LinkState, State,
+};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +37,10 @@ struct Args {
     /// Where the machine's console goes (default: stdout).
     #[arg(long)]
     console: Option<std::path::PathBuf>,
-    /// Seconds to wait for the machine's answer.
+    /// A Unix socket for the terminal UI: `status` and `help`, one JSON line per request.
+    #[arg(long, value_name = "SOCKET")]
+    control: Option<std::path::PathBuf>,
+    /// Seconds to wait for the machine's answer (the handshake, every CPU stopping).
     #[arg(long, default_value_t = 10)]
     timeout: u64,
 }
@@ -54,20 +61,46 @@ fn run(args: Args) -> Result<()> {
         ),
         None => Box::new(std::io::stdout()),
     };
+    let state = State::new();
+    let _control = match &args.control {
+        Some(path) => {
+            serve_control(bind_control(path)?, state.clone());
+            Some(RemoveOnDrop(path.clone()))
+        }
+        None => None,
+    };
     let link = Arc::new(Link::open(&addr, args.baud)?);
+    state.update(|st| st.link = LinkState::Authenticating);
     authenticate(
         &link,
         &key,
         Duration::from_secs(args.timeout),
         &mut *console,
     )?;
+    state.update(|st| st.link = LinkState::Authenticated);
     let listener = std::net::TcpListener::bind(&args.gdb)
         .with_context(|| format!("cannot listen for gdb on {}: is the port in use?", args.gdb))?;
     eprintln!(
         "qs-bridge: authenticated; for gdb: gdb <vmlinux> -ex 'target remote {}'",
         args.gdb
     );
-    serve_gdb(link, listener, console)
+    serve_gdb(
+        link,
+        listener,
+        console,
+        state,
+        Duration::from_secs(args.timeout),
+    )
+}
+
+/// Removes the control socket we made when `run` ends (a socket left behind by a kill is
+/// replaced at the next start).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn main() {

@@ -1,16 +1,23 @@
 //! `qs-bridge` as a user runs it, against the machine's end of the link (`Endpoint` from
 //! `quicksilver-proto`, the code the agent and the hv run) behind a Unix socket, as QEMU's
-//! chardev would be. The machine side also injects corrupt, replayed and garbage frames,
-//! which must change nothing. (The real machine, with the gdbstub, comes next.)
+//! chardev would be. The fake machine answers attention with `Stopped` (when told to), echoes
+//! gdb's bytes, answers a detach or kill with `Ended`, and injects corrupt, replayed and
+//! garbage frames, which must change nothing. (The real machine is tests/tests/gdb.rs.)
 
+use quicksilver_proto::link::control::{End, Message};
 use quicksilver_proto::link::endpoint::{Endpoint, Event};
 use quicksilver_proto::link::{self, auth, Channel};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixListener;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::net::TcpStream;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 const KEY: &[u8] = b"correct horse battery staple";
+const CPUS: u32 = 2;
+const ATTENTION_CONSOLE: &[u8] = b"machine: attention received\n";
 
 fn frame(channel: Channel, seq: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; link::MAX_WIRE];
@@ -19,14 +26,70 @@ fn frame(channel: Channel, seq: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The machine's end: the real `Endpoint` (the code the agent and hv run) with `machine_key`.
-/// On attention it writes garbage, a corrupt frame and a replayed frame, then a console line;
-/// gdb bytes come back as "echo:<bytes>".
-fn machine(listener: UnixListener, machine_key: &'static [u8]) -> std::thread::JoinHandle<()> {
+/// Lines that grow while a test watches, and waiting for one.
+#[derive(Clone, Default)]
+struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Log {
+    fn push(&self, line: String) {
+        self.0 .0.lock().unwrap().push(line);
+        self.0 .1.notify_all();
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.0 .0.lock().unwrap().clone()
+    }
+
+    /// Waits until a line contains `needle`; panics with the whole log after `timeout`.
+    fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.0 .0.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no {needle:?} after {timeout:?}; got:\n{}",
+                lines.join("\n")
+            );
+            lines = self.0 .1.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+}
+
+/// The fake machine: the real `Endpoint` with `key`. Its log has "attention", "stopped" (just
+/// before `Stopped` goes out) and "gdb:<bytes>" for what arrives on the gdb channel.
+struct Machine {
+    log: Log,
+    conn: Arc<Mutex<Option<UnixStream>>>,
+}
+
+impl Machine {
+    /// Closes the link, as a machine (QEMU) that went away would.
+    fn hang_up(&self) {
+        if let Some(s) = self.conn.lock().unwrap().take() {
+            s.shutdown(std::net::Shutdown::Both).unwrap();
+        }
+    }
+}
+
+/// Starts the machine on `listener`. `stop_after`: when to say `Stopped` after attention
+/// (`None`: never).
+fn machine(listener: UnixListener, key: &'static [u8], stop_after: Option<Duration>) -> Machine {
+    let log = Log::default();
+    let machine_log = log.clone();
+    let conn = Arc::new(Mutex::new(None));
+    let machine_conn = conn.clone();
     std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+        let Ok((s, _)) = listener.accept() else {
+            return;
+        };
+        *machine_conn.lock().unwrap() = Some(s.try_clone().unwrap());
         let mut r = s.try_clone().unwrap();
-        let mut e = Endpoint::new(machine_key);
+        // The endpoint and the socket's write side, shared with the thread that says Stopped.
+        let shared = Arc::new(Mutex::new((Endpoint::new(key), s)));
         let mut buf = [0u8; 2048];
         loop {
             let n = match r.read(&mut buf) {
@@ -34,33 +97,66 @@ fn machine(listener: UnixListener, machine_key: &'static [u8]) -> std::thread::J
                 Ok(n) => n,
             };
             for &b in &buf[..n] {
+                let mut guard = shared.lock().unwrap();
+                let (e, s) = &mut *guard;
                 let mut out = Vec::new();
                 let mut nonce = || [0x5A; auth::LEN];
-                let ev = e.push(b, &mut nonce, &mut |w: &[u8]| out.extend_from_slice(w));
-                let reply: Option<(Channel, Vec<u8>)> = match ev {
+                let mut tx = |w: &[u8]| out.extend_from_slice(w);
+                match e.push(b, &mut nonce, &mut tx) {
                     Some(Event::Attention) => {
+                        machine_log.push("attention".into());
                         out.extend_from_slice(&[0x13, 0x37, 0x00]);
                         let mut bad = frame(Channel::Gdb, 1000, b"BAD-CRC");
                         bad[3] ^= 0x20;
                         out.extend(bad);
                         out.extend(frame(Channel::Gdb, 1, b"BAD-REPLAY"));
-                        Some((Channel::Console, b"machine: attention received\n".to_vec()))
+                        e.send(Channel::Console, ATTENTION_CONSOLE, &mut |w: &[u8]| {
+                            out.extend_from_slice(w)
+                        });
+                        if let Some(delay) = stop_after {
+                            let (shared, log) = (shared.clone(), machine_log.clone());
+                            std::thread::spawn(move || {
+                                std::thread::sleep(delay);
+                                let mut guard = shared.lock().unwrap();
+                                let (e, s) = &mut *guard;
+                                let mut out = Vec::new();
+                                e.send_control(
+                                    Message::Stopped { cpus: CPUS },
+                                    &mut |w: &[u8]| out.extend_from_slice(w),
+                                );
+                                log.push("stopped".into());
+                                let _ = s.write_all(&out);
+                            });
+                        }
                     }
-                    Some(Event::Gdb(p)) => Some((Channel::Gdb, [b"echo:", p].concat())),
-                    None => None,
-                };
-                if let Some((channel, payload)) = reply {
-                    e.send(channel, &payload, &mut |w: &[u8]| out.extend_from_slice(w));
+                    Some(Event::Gdb(p)) => {
+                        let p = p.to_vec();
+                        machine_log.push(format!("gdb:{}", String::from_utf8_lossy(&p)));
+                        let mut tx = |w: &[u8]| out.extend_from_slice(w);
+                        if p.windows(5).any(|w| w == b"$D#44") {
+                            e.send(Channel::Gdb, b"+$OK#9a", &mut tx);
+                            e.send_control(Message::Ended(End::Detached), &mut tx);
+                        } else if p.windows(5).any(|w| w == b"$k#6b") {
+                            e.send_control(Message::Ended(End::Killed), &mut tx);
+                        } else {
+                            e.send(Channel::Gdb, &[b"echo:", &p[..]].concat(), &mut tx);
+                        }
+                    }
+                    None => {}
                 }
                 let _ = s.write_all(&out);
             }
         }
-    })
+    });
+    Machine { log, conn }
 }
 
+/// The `qs-bridge` binary; its stderr is collected line by line. Killed when dropped.
 struct Bridge {
     child: Child,
-    stderr: BufReader<std::process::ChildStderr>,
+    stderr: Log,
+    reader: Option<std::thread::JoinHandle<()>>,
+    port: u16,
 }
 
 impl Drop for Bridge {
@@ -70,28 +166,60 @@ impl Drop for Bridge {
     }
 }
 
-fn bridge(dir: &std::path::Path, key: &[u8], gdb_port: u16) -> Bridge {
+impl Bridge {
+    /// Waits for the bridge to exit; returns its status and everything it said.
+    fn finish(mut self) -> (ExitStatus, String) {
+        let status = self.child.wait().unwrap();
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        (status, self.stderr.lines().join("\n"))
+    }
+
+    fn gdb(&self) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+}
+
+fn bridge(dir: &Path, key: &[u8], extra: &[&str]) -> Bridge {
     let key_file = dir.join("key");
     std::fs::write(&key_file, key).unwrap();
+    let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_qs-bridge"))
         .args(["--link", &format!("unix:{}", dir.join("link").display())])
         .args(["--key", key_file.to_str().unwrap()])
-        .args(["--gdb", &format!("127.0.0.1:{gdb_port}")])
-        .args([
-            "--console",
-            dir.join("console.log").to_str().unwrap(),
-            "--timeout",
-            "5",
-        ])
+        .args(["--gdb", &format!("127.0.0.1:{port}")])
+        .args(["--console", dir.join("console.log").to_str().unwrap()])
+        .args(if extra.contains(&"--timeout") {
+            &[][..]
+        } else {
+            &["--timeout", "5"][..]
+        })
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    Bridge { child, stderr }
+    let stderr = Log::default();
+    let lines = stderr.clone();
+    let pipe = BufReader::new(child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        for line in pipe.lines() {
+            let Ok(line) = line else { return };
+            lines.push(line);
+        }
+    });
+    Bridge {
+        child,
+        stderr,
+        reader: Some(reader),
+        port,
+    }
 }
 
-fn tempdir(name: &str) -> std::path::PathBuf {
+fn tempdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("qs-bridge-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
@@ -106,36 +234,53 @@ fn free_port() -> u16 {
         .port()
 }
 
+const LONG: Duration = Duration::from_secs(15);
+
+/// Reads what comes until `want` bytes have, or the peer closes or times out.
+fn read_some(s: &mut TcpStream, want: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while got.len() < want {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got
+}
+
+fn gdb_packets(log: &Log) -> Vec<String> {
+    log.lines()
+        .into_iter()
+        .filter(|l| l.starts_with("gdb:"))
+        .collect()
+}
+
 #[test]
 fn authenticates_then_carries_gdb_bytes_and_ignores_bad_frames() {
     let dir = tempdir("ok");
-    let m = machine(UnixListener::bind(dir.join("link")).unwrap(), KEY);
-    let port = free_port();
-    let mut b = bridge(&dir, KEY, port);
-    let mut line = String::new();
-    b.stderr.read_line(&mut line).unwrap();
-    assert!(line.contains("authenticated"), "{line}");
+    let _m = machine(
+        UnixListener::bind(dir.join("link")).unwrap(),
+        KEY,
+        Some(Duration::ZERO),
+    );
+    let b = bridge(&dir, KEY, &[]);
+    let line = b.stderr.wait_for("authenticated", LONG);
     assert!(
-        line.contains(&format!("target remote 127.0.0.1:{port}")),
+        line.contains(&format!("target remote 127.0.0.1:{}", b.port)),
         "{line}"
     );
 
-    let mut gdb = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    gdb.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut gdb = b.gdb();
     gdb.write_all(b"$qSupported#37").unwrap();
-    let mut got = vec![0u8; 64];
-    let n = gdb.read(&mut got).unwrap();
+    let got = read_some(&mut gdb, b"echo:$qSupported#37".len());
     assert_eq!(
-        &got[..n],
-        b"echo:$qSupported#37",
+        got, b"echo:$qSupported#37",
         "only the sound frame reaches gdb"
     );
 
     // A second client is turned away while the first is attached.
-    let mut second = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    second
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let mut second = b.gdb();
     let mut msg = String::new();
     let _ = second.read_to_string(&mut msg);
     assert!(msg.contains("another gdb is attached"), "{msg:?}");
@@ -145,19 +290,255 @@ fn authenticates_then_carries_gdb_bytes_and_ignores_bad_frames() {
         console.contains("machine: attention received"),
         "{console:?}"
     );
+}
+
+#[test]
+fn gdb_bytes_wait_until_every_cpu_is_stopped() {
+    let dir = tempdir("stop");
+    let m = machine(
+        UnixListener::bind(dir.join("link")).unwrap(),
+        KEY,
+        Some(Duration::from_millis(1500)),
+    );
+    let b = bridge(&dir, KEY, &[]);
+    b.stderr.wait_for("authenticated", LONG);
+
+    let mut gdb = b.gdb();
+    let connected = Instant::now();
+    // gdb speaks at once; the machine would lose these bytes before it says Stopped.
+    gdb.write_all(b"$qSupported#37").unwrap();
+    let got = read_some(&mut gdb, b"echo:$qSupported#37".len());
+    assert_eq!(got, b"echo:$qSupported#37");
+    assert!(
+        connected.elapsed() >= Duration::from_millis(1400),
+        "answered after {:?}, before the machine stopped",
+        connected.elapsed()
+    );
+    let log = m.log.lines();
+    let stopped = log.iter().position(|l| l == "stopped").expect("stopped");
+    let first_gdb = log.iter().position(|l| l.starts_with("gdb:")).unwrap();
+    assert!(
+        stopped < first_gdb,
+        "gdb's bytes came before Stopped: {log:?}"
+    );
+    b.stderr
+        .wait_for("every CPU stopped (2 CPUs); gdb is served", LONG);
+
+    // gdb detaches itself: the bridge says so, closes its side, and adds no detach of its own.
+    gdb.write_all(b"$D#44").unwrap();
+    assert_eq!(
+        read_some(&mut gdb, 64),
+        b"+$OK#9a",
+        "then the bridge closes"
+    );
+    b.stderr
+        .wait_for("gdb detached; the kernel runs natively again", LONG);
     drop(gdb);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        gdb_packets(&m.log),
+        ["gdb:$qSupported#37", "gdb:$D#44"],
+        "nothing else went to the machine"
+    );
+}
+
+#[test]
+fn a_machine_that_does_not_stop_gets_gdb_closed_with_the_reason() {
+    let dir = tempdir("nostop");
+    let m = machine(UnixListener::bind(dir.join("link")).unwrap(), KEY, None);
+    let b = bridge(&dir, KEY, &["--timeout", "2"]);
+    b.stderr.wait_for("authenticated", LONG);
+    let mut gdb = b.gdb();
+    gdb.write_all(b"$qSupported#37").unwrap();
+    let started = Instant::now();
+    assert_eq!(read_some(&mut gdb, 1), b"", "gdb's connection is closed");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let why = b.stderr.wait_for("did not stop within 2 s", LONG);
+    assert!(
+        why.contains("link_port=") && why.contains("qsctl stats"),
+        "{why}"
+    );
+    m.log.wait_for("attention", LONG);
+    assert!(gdb_packets(&m.log).is_empty(), "{:?}", m.log.lines());
+    // The bridge lives on, and the next gdb is not turned away.
+    let mut again = b.gdb();
+    let mut first = [0u8; 1];
+    let n = again.read(&mut first).unwrap_or(0);
+    assert_eq!(n, 0, "closed after the wait, not refused");
+}
+
+#[test]
+fn a_machine_that_stops_after_gdb_gave_up_is_let_go() {
+    let dir = tempdir("late");
+    let m = machine(
+        UnixListener::bind(dir.join("link")).unwrap(),
+        KEY,
+        Some(Duration::from_millis(2500)),
+    );
+    let b = bridge(&dir, KEY, &["--timeout", "1"]);
+    b.stderr.wait_for("authenticated", LONG);
+    let mut gdb = b.gdb();
+    gdb.write_all(b"$qSupported#37").unwrap();
+    assert_eq!(read_some(&mut gdb, 1), b"");
+    b.stderr.wait_for("did not stop within 1 s", LONG);
+    // Nobody would ever detach that stopped machine: the bridge does.
+    m.log.wait_for("gdb:+$D#44", LONG);
+    b.stderr.wait_for("no gdb waits for it any more", LONG);
+    assert_eq!(
+        gdb_packets(&m.log),
+        ["gdb:+$D#44"],
+        "gdb's bytes were dropped"
+    );
+}
+
+#[test]
+fn a_gdb_that_vanishes_mid_session_is_detached_on_its_behalf() {
+    let dir = tempdir("vanish");
+    let m = machine(
+        UnixListener::bind(dir.join("link")).unwrap(),
+        KEY,
+        Some(Duration::ZERO),
+    );
+    let b = bridge(&dir, KEY, &[]);
+    b.stderr.wait_for("authenticated", LONG);
+    let mut gdb = b.gdb();
+    gdb.write_all(b"$g#67").unwrap();
+    assert_eq!(read_some(&mut gdb, 10), b"echo:$g#67");
+    drop(gdb); // gdb crashed
+    m.log.wait_for("gdb:+$D#44", LONG);
+    b.stderr.wait_for("sent a detach on its behalf", LONG);
+    b.stderr
+        .wait_for("gdb detached; the kernel runs natively again", LONG);
+}
+
+#[test]
+fn a_kill_is_a_detach_and_the_bridge_says_so() {
+    let dir = tempdir("kill");
+    let m = machine(
+        UnixListener::bind(dir.join("link")).unwrap(),
+        KEY,
+        Some(Duration::ZERO),
+    );
+    let b = bridge(&dir, KEY, &[]);
+    b.stderr.wait_for("authenticated", LONG);
+    let mut gdb = b.gdb();
+    b.stderr.wait_for("gdb is served", LONG);
+    gdb.write_all(b"$k#6b").unwrap();
+    assert_eq!(read_some(&mut gdb, 1), b"", "the session is over");
+    b.stderr.wait_for(
+        "gdb asked to kill the machine: Quicksilver never kills it; detached instead",
+        LONG,
+    );
+    drop(gdb);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        gdb_packets(&m.log),
+        ["gdb:$k#6b"],
+        "no detach after the end"
+    );
+}
+
+/// One request on the control socket, its JSON reply.
+fn ask(c: &mut BufReader<UnixStream>, command: &str) -> serde_json::Value {
+    writeln!(c.get_mut(), "{command}").unwrap();
+    let mut line = String::new();
+    c.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"))
+}
+
+fn control(path: &Path) -> BufReader<UnixStream> {
+    let s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    BufReader::new(s)
+}
+
+/// Asks `status` until `done` holds; returns that status.
+fn status_until(
+    c: &mut BufReader<UnixStream>,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let s = ask(c, "status");
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "status stayed {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_control_socket_reports_the_session() {
+    let dir = tempdir("control");
+    let sock = dir.join("ctl.sock");
+    // A socket left by a killed bridge is replaced.
+    drop(UnixListener::bind(&sock).unwrap());
+    let _m = machine(
+        UnixListener::bind(dir.join("link")).unwrap(),
+        KEY,
+        Some(Duration::from_millis(500)),
+    );
+    let b = bridge(&dir, KEY, &["--control", sock.to_str().unwrap()]);
+    b.stderr.wait_for("authenticated", LONG);
+
+    let mut c = control(&sock);
+    let s = ask(&mut c, "status");
+    assert_eq!(s["link"], "authenticated", "{s}");
+    assert_eq!(s["gdb_client"], false, "{s}");
+    assert_eq!(s["session"], "none", "{s}");
+    assert!(s["cpus"].is_null(), "{s}");
+    assert_eq!(s["sessions"], 0, "{s}");
+    assert_eq!(s["console_bytes"], 0, "{s}");
+
+    let mut gdb = b.gdb();
+    let s = status_until(&mut c, |s| s["session"] == "stopped");
+    assert_eq!(s["gdb_client"], true, "{s}");
+    assert_eq!(s["cpus"], CPUS, "{s}");
+    assert_eq!(s["sessions"], 1, "{s}");
+    assert_eq!(s["console_bytes"], ATTENTION_CONSOLE.len(), "{s}");
+
+    // A second control client at the same time.
+    let mut c2 = control(&sock);
+    let e = ask(&mut c2, "bogus");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown command 'bogus': try help"),
+        "{e}"
+    );
+    let h = ask(&mut c2, "help");
+    assert_eq!(h["commands"], serde_json::json!(["status", "help"]), "{h}");
+    assert_eq!(ask(&mut c, "status")["session"], "stopped");
+
+    gdb.write_all(b"$D#44").unwrap();
+    let _ = read_some(&mut gdb, 64);
+    drop(gdb);
+    let s = status_until(&mut c2, |s| s["gdb_client"] == false);
+    assert_eq!(s["session"], "ended", "{s}");
     drop(b);
-    let _ = m.join();
+}
+
+#[test]
+fn a_control_path_that_is_not_a_socket_is_refused() {
+    let dir = tempdir("control-file");
+    let path = dir.join("precious.txt");
+    std::fs::write(&path, "keep me").unwrap();
+    let _m = machine(UnixListener::bind(dir.join("link")).unwrap(), KEY, None);
+    let b = bridge(&dir, KEY, &["--control", path.to_str().unwrap()]);
+    let (status, all) = b.finish();
+    assert!(!status.success());
+    assert!(all.contains("is not a socket"), "{all}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
 }
 
 #[test]
 fn a_wrong_key_is_refused_with_the_fix() {
     let dir = tempdir("wrong");
-    let _m = machine(UnixListener::bind(dir.join("link")).unwrap(), KEY);
-    let mut b = bridge(&dir, b"not the key", free_port());
-    let mut all = String::new();
-    b.stderr.read_to_string(&mut all).unwrap();
-    assert!(!b.child.wait().unwrap().success());
+    let _m = machine(UnixListener::bind(dir.join("link")).unwrap(), KEY, None);
+    let (status, all) = bridge(&dir, b"not the key", &[]).finish();
+    assert!(!status.success());
     assert!(all.contains("the machine refused our key"), "{all}");
     assert!(all.contains("--key FILE"), "{all}");
 }
@@ -165,20 +546,38 @@ fn a_wrong_key_is_refused_with_the_fix() {
 #[test]
 fn a_machine_without_a_key_serves_nobody() {
     let dir = tempdir("nokey");
-    let _m = machine(UnixListener::bind(dir.join("link")).unwrap(), b"");
-    let mut b = bridge(&dir, KEY, free_port());
-    let mut all = String::new();
-    b.stderr.read_to_string(&mut all).unwrap();
-    assert!(!b.child.wait().unwrap().success());
+    let _m = machine(UnixListener::bind(dir.join("link")).unwrap(), b"", None);
+    let (status, all) = bridge(&dir, KEY, &[]).finish();
+    assert!(!status.success());
     assert!(all.contains("no link key configured"), "{all}");
 }
 
 #[test]
 fn an_unreachable_link_says_so() {
     let dir = tempdir("unreachable");
-    let mut b = bridge(&dir, KEY, free_port());
-    let mut all = String::new();
-    b.stderr.read_to_string(&mut all).unwrap();
-    assert!(!b.child.wait().unwrap().success());
+    let (status, all) = bridge(&dir, KEY, &[]).finish();
+    assert!(!status.success());
     assert!(all.contains("link not reachable"), "{all}");
+}
+
+#[test]
+fn a_lost_link_closes_gdb_and_exits_non_zero() {
+    let dir = tempdir("lost");
+    let m = machine(
+        UnixListener::bind(dir.join("link")).unwrap(),
+        KEY,
+        Some(Duration::ZERO),
+    );
+    let b = bridge(&dir, KEY, &[]);
+    b.stderr.wait_for("authenticated", LONG);
+    let mut gdb = b.gdb();
+    b.stderr.wait_for("gdb is served", LONG);
+    m.hang_up();
+    assert_eq!(read_some(&mut gdb, 1), b"", "gdb's connection is closed");
+    let (status, all) = b.finish();
+    assert!(!status.success());
+    assert!(
+        all.contains("the link closed: the machine keeps running; restart qs-bridge"),
+        "{all}"
+    );
 }
