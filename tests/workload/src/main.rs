@@ -5,6 +5,7 @@
 //! qs-workload [--seconds N] [--threads N] [--exec PATH]
 //! qs-workload --fixed-work            (benchmarks: fixed work on every CPU, timed)
 //! qs-workload --hold-kvm-vm [SECONDS] (tests: make kvm_amd own SVM)
+//! qs-workload --getpid-loop SECONDS   (gdb tests: the getpid system call, in a loop)
 //! ```
 //!
 //! Each activity runs in `--threads` threads (default 1) until `--seconds` pass (default:
@@ -54,7 +55,8 @@ struct Options {
 fn usage() -> ! {
     eprintln!(
         "usage: qs-workload [--seconds N] [--threads N] [--exec PATH]\n       \
-         qs-workload --fixed-work\n       qs-workload --hold-kvm-vm [SECONDS]"
+         qs-workload --fixed-work\n       qs-workload --hold-kvm-vm [SECONDS]\n       \
+         qs-workload --getpid-loop SECONDS"
     );
     std::process::exit(2);
 }
@@ -408,8 +410,42 @@ fn fixed_work() -> ! {
     std::process::exit(0);
 }
 
+/// `--getpid-loop SECONDS`: the getpid system call in a tight loop for SECONDS (0: until
+/// SIGTERM or SIGINT), each answer checked against the pid the process started with, so that a
+/// breakpoint or a single step in the kernel's handler that disturbed the call is noticed.
+/// Prints `GETPID-LOOP OK calls=N` (exit 0) or `GETPID-LOOP FAIL ...` (exit 1).
+fn getpid_loop(seconds: u64) -> ! {
+    install_signal_handlers();
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() } as libc::c_long;
+    let start = Instant::now();
+    let mut calls = 0u64;
+    while !stopped() && (seconds == 0 || start.elapsed() < Duration::from_secs(seconds)) {
+        for _ in 0..1000 {
+            // The raw system call: glibc's getpid wrapper does not cache today, but the test
+            // needs the kernel entered every time.
+            // SAFETY: SYS_getpid takes no arguments and has no side effects.
+            let got = unsafe { libc::syscall(libc::SYS_getpid) };
+            if got != pid {
+                println!("GETPID-LOOP FAIL call {calls}: getpid returned {got}, expected {pid}");
+                std::process::exit(1);
+            }
+            calls += 1;
+        }
+    }
+    println!("GETPID-LOOP OK calls={calls}");
+    std::process::exit(0);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--getpid-loop") {
+        getpid_loop(
+            args.get(2)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| usage()),
+        );
+    }
     if args.get(1).map(String::as_str) == Some("--fixed-work") {
         fixed_work();
     }
