@@ -20,9 +20,11 @@
 //! ```
 
 pub mod bench;
+pub mod bench_gdb;
 pub mod build;
 pub mod cmd;
 pub mod cpio;
+pub mod gdb;
 pub mod image;
 pub mod initrd;
 pub mod kernel;

@@ -28,7 +28,8 @@ enum Cli {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Mode-switch and overhead benchmarks.
+    /// Benchmarks: `mode-switch` (the switch and the overheads), `gdb` (Quicksilver's gdbstub
+    /// against QEMU's).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -106,8 +107,17 @@ fn bench(args: &[String]) -> anyhow::Result<ExitCode> {
             xtask::bench::mode_switch(&artifacts, switches)?;
             Ok(ExitCode::SUCCESS)
         }
+        Some("gdb") => {
+            let kernel = xtask::setup()?;
+            // QEMU's half needs no hv: measure it even if the hv does not build.
+            if let Err(err) = xtask::build(&kernel) {
+                eprintln!("xtask: warning: {err:#}");
+            }
+            xtask::bench_gdb::gdb(&Artifacts::locate()?)?;
+            Ok(ExitCode::SUCCESS)
+        }
         other => anyhow::bail!(
-            "unknown benchmark {other:?}: the benchmarks are `mode-switch` (cargo xtask bench mode-switch)"
+            "unknown benchmark {other:?}: the benchmarks are `mode-switch` and `gdb` (cargo xtask bench mode-switch|gdb)"
         ),
     }
 }

@@ -1,0 +1,392 @@
+//! `cargo xtask bench gdb`: Quicksilver's gdbstub against QEMU's own (`-gdb tcp::PORT`), in
+//! the same run, on the same guest: 2 CPUs, the agent loaded with the link on the second UART,
+//! a `qs-workload --getpid-loop` pinned to every CPU (so that every CPU runs, and the getpid
+//! handler is called all the time).
+//!
+//! For each stub, one boot, and real GNU gdb timing itself with its Python (`time.perf_counter`
+//! around `gdb.execute`):
+//!
+//! - attach: `target remote` until gdb's prompt is back (every CPU stopped, registers and the
+//!   first frame read); detach: `detach` until gdb is back. Medians over [`CYCLES`] rounds.
+//! - stepping: a breakpoint on `__x64_sys_getpid`, `continue` until it hits, delete it, then
+//!   [`STEPS`] `stepi` (through the handler, the system-call return, user space and the next
+//!   call): `stepi_per_s`.
+//! - memory: `dump binary memory` of 1 MiB from `_text` (kernel text), with gdb's caches off:
+//!   `read_kib_s`.
+//!
+//! QEMU's stub does not know the KASLR offset: gdb gets it from the guest's `/proc/kallsyms`
+//! (`symbol-file -o`). Quicksilver's stub answers `qOffsets`, so gdb is given plain `vmlinux`.
+//! Results: `target/bench/gdb.json` and a Markdown table (`target/bench/gdb.md`) for
+//! BENCHMARKS.md.
+
+use crate::build::Artifacts;
+use crate::gdb::{free_port, Bridge, Gdb, Symbols};
+use anyhow::{bail, Context, Result};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// `stepi`s timed per stub.
+pub const STEPS: u32 = 1000;
+/// Bytes of kernel memory read per stub.
+pub const READ_BYTES: u64 = 1 << 20;
+/// Attach/detach rounds per stub (medians).
+pub const CYCLES: usize = 5;
+/// Guest CPUs.
+pub const SMP: u32 = 2;
+/// The link key of the benchmark guest.
+const KEY: &str = "qs-bench-gdb-key";
+/// Where the vmlinux of Debian's `-dbg` package has `_text` (before KASLR).
+const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
+
+/// One stub's figures.
+#[derive(Clone, Debug, Default)]
+pub struct Figures {
+    pub stepi_per_s: f64,
+    pub read_kib_s: f64,
+    pub attach_ms: f64,
+    pub detach_ms: f64,
+    /// Every attach, in order.
+    pub attaches_ms: Vec<f64>,
+    /// Every detach, in order.
+    pub detaches_ms: Vec<f64>,
+}
+
+/// Guest script: a getpid loop pinned to each CPU, the kernel's `_text` for QEMU's stub, then
+/// wait for the host's `bench-done` line, stop the loops and check them and the CPUs' state.
+const SCRIPT: &str = r#"n=$(nproc)
+for c in $(seq 0 $((n - 1))); do
+    taskset -c $c qs-workload --getpid-loop 0 > /tmp/getpid.$c 2>&1 &
+done
+sleep 1
+echo "KALLSYMS-TEXT $(grep -w _text /proc/kallsyms | cut -d' ' -f1)"
+echo BENCH-READY
+read -r line
+echo "host said: $line"
+kill -TERM $(jobs -p) 2>/dev/null
+wait
+cat /tmp/getpid.*
+if grep -q FAIL /tmp/getpid.*; then exit 1; fi
+if grep -q '^quicksilver ' /proc/modules; then qsctl probe --expect native || exit 1; fi
+"#;
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The number after `marker` in `text`.
+fn figure(text: &str, marker: &str) -> Result<f64> {
+    let rest = text
+        .split(marker)
+        .nth(1)
+        .with_context(|| format!("no {marker} in gdb's output:\n{text}"))?;
+    rest.split_whitespace()
+        .next()
+        .unwrap_or("")
+        .parse()
+        .with_context(|| format!("{marker} is not followed by a number: {text}"))
+}
+
+/// Runs gdb's Python `code` (one line) timing `what`; returns the seconds it printed.
+fn timed(gdb: &mut Gdb, what: &str, timeout: Duration) -> Result<(f64, String)> {
+    let out = gdb.run_timeout(
+        &format!(
+            "python import time; t0 = time.perf_counter(); {what}; print('QS-BENCH-SECONDS %.9f' % (time.perf_counter() - t0))"
+        ),
+        timeout,
+    )?;
+    Ok((figure(&out, "QS-BENCH-SECONDS")?, out))
+}
+
+/// The measurements, with gdb connected to nothing yet and the stub at `addr`.
+fn measure(gdb: &mut Gdb, addr: &str, label: &str) -> Result<Figures> {
+    let mut f = Figures::default();
+    gdb.run("set code-cache off")?;
+    gdb.run("set stack-cache off")?;
+    for cycle in 0..CYCLES {
+        let (attach, out) = timed(
+            gdb,
+            &format!("gdb.execute('target remote {addr}', to_string=True)"),
+            Duration::from_secs(120),
+        )
+        .with_context(|| format!("{label}: attach {cycle}"))?;
+        if out.contains("Error") || out.contains("Traceback") {
+            bail!("{label}: attach {cycle} failed:\n{out}");
+        }
+        f.attaches_ms.push(attach * 1000.0);
+        if cycle == 0 {
+            let threads = gdb.run("info threads")?;
+            eprintln!("xtask bench: {label}: attached:\n{threads}");
+            let out = gdb.run("break __x64_sys_getpid")?;
+            if !out.contains("Breakpoint 1 at") {
+                bail!("{label}: break __x64_sys_getpid:\n{out}");
+            }
+            let out = gdb.run_timeout("continue", Duration::from_secs(120))?;
+            if !out.contains("Breakpoint 1, ") {
+                bail!("{label}: the getpid breakpoint did not hit:\n{out}");
+            }
+            gdb.run("delete")?;
+            let (secs, out) = timed(
+                gdb,
+                &format!("[gdb.execute('stepi', to_string=True) for i in range({STEPS})]"),
+                Duration::from_secs(900),
+            )
+            .with_context(|| format!("{label}: stepping"))?;
+            if out.contains("Error") || out.contains("Traceback") {
+                bail!("{label}: stepping failed:\n{out}");
+            }
+            f.stepi_per_s = f64::from(STEPS) / secs;
+            let text = figure(
+                &gdb.run(
+                    "python print('QS-TEXT %d' % int(gdb.parse_and_eval('(unsigned long)&_text')))",
+                )?,
+                "QS-TEXT",
+            )? as u64;
+            let dump =
+                std::env::temp_dir().join(format!("qs-bench-gdb-{}.bin", std::process::id()));
+            let (secs, out) = timed(
+                gdb,
+                &format!(
+                    "gdb.execute('dump binary memory {} {text:#x} {:#x}', to_string=True)",
+                    dump.display(),
+                    text + READ_BYTES
+                ),
+                Duration::from_secs(900),
+            )
+            .with_context(|| format!("{label}: reading memory"))?;
+            let len = std::fs::metadata(&dump).map(|m| m.len()).unwrap_or(0);
+            let _ = std::fs::remove_file(&dump);
+            if len != READ_BYTES {
+                bail!("{label}: dump wrote {len} bytes, not {READ_BYTES}:\n{out}");
+            }
+            f.read_kib_s = (READ_BYTES / 1024) as f64 / secs;
+        }
+        let (detach, out) = timed(
+            gdb,
+            "gdb.execute('detach', to_string=True)",
+            Duration::from_secs(120),
+        )
+        .with_context(|| format!("{label}: detach {cycle}"))?;
+        if out.contains("Error") || out.contains("Traceback") {
+            bail!("{label}: detach {cycle} failed:\n{out}");
+        }
+        f.detaches_ms.push(detach * 1000.0);
+        // Let the guest run between rounds.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    f.attach_ms = median(&f.attaches_ms);
+    f.detach_ms = median(&f.detaches_ms);
+    Ok(f)
+}
+
+/// QEMU's gdbstub on the benchmark guest.
+pub fn qemu_stub(a: &Artifacts) -> Result<Figures> {
+    let port = free_port();
+    let sock = a
+        .dir
+        .join("run")
+        .join(format!("bench-gdb-qemu-{}.sock", std::process::id()));
+    let mut running = a
+        .qemu("bench-gdb-qemu")
+        .smp(SMP)
+        .timeout(Duration::from_secs(1800))
+        .link_socket(&sock)
+        .cmdline("quicksilver.link_port=0x2f8")
+        .cmdline(&format!("quicksilver.key={KEY}"))
+        .args(["-gdb".to_string(), format!("tcp:127.0.0.1:{port}")])
+        .spawn_script(SCRIPT)?;
+    let line = running.wait_for("KALLSYMS-TEXT ", Duration::from_secs(300))?;
+    running.wait_for("BENCH-READY", Duration::from_secs(60))?;
+    let text = line
+        .split("KALLSYMS-TEXT ")
+        .nth(1)
+        .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+        .with_context(|| format!("no _text address from the guest: {line:?}"))?;
+    let offset = text.wrapping_sub(LINK_TEXT);
+    let mut gdb = Gdb::start(
+        "bench-gdb-qemu",
+        &Symbols::Offset(a.vmlinux.clone(), offset),
+        Some(&a.logs_dir().join("bench-gdb-qemu.gdb.log")),
+    )?;
+    let f = measure(&mut gdb, &format!("127.0.0.1:{port}"), "QEMU's gdbstub")?;
+    gdb.quit();
+    running.send("bench-done\n")?;
+    let out = running.wait()?;
+    out.ensure_success()?;
+    Ok(f)
+}
+
+/// Quicksilver's gdbstub, through `qs-bridge`, on the benchmark guest.
+pub fn quicksilver_stub(a: &Artifacts) -> Result<Figures> {
+    a.require_agent()?;
+    let sock = a
+        .dir
+        .join("run")
+        .join(format!("bench-gdb-qs-{}.sock", std::process::id()));
+    let mut running = a
+        .qemu("bench-gdb-quicksilver")
+        .smp(SMP)
+        .timeout(Duration::from_secs(1800))
+        .link_socket(&sock)
+        .cmdline("quicksilver.link_port=0x2f8")
+        .cmdline(&format!("quicksilver.key={KEY}"))
+        .spawn_script(SCRIPT)?;
+    running.wait_for("BENCH-READY", Duration::from_secs(300))?;
+    let bridge = Bridge::start(
+        &a.bridge,
+        &sock,
+        KEY.as_bytes(),
+        &a.dir.join("run"),
+        "bench-gdb-quicksilver",
+        Duration::from_secs(60),
+    )?;
+    let mut gdb = Gdb::start(
+        "bench-gdb-quicksilver",
+        &Symbols::File(a.vmlinux.clone()),
+        Some(&a.logs_dir().join("bench-gdb-quicksilver.gdb.log")),
+    )?;
+    let f = measure(&mut gdb, &bridge.addr(), "Quicksilver's gdbstub")
+        .with_context(|| format!("qs-bridge said:\n{}", bridge.log()))?;
+    gdb.quit();
+    running.send("bench-done\n")?;
+    let out = running.wait()?;
+    // The script checked the getpid loops and that every CPU is native again.
+    out.ensure_success()?;
+    Ok(f)
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn fmt_opt(v: Option<f64>, precision: usize) -> String {
+    v.map_or("null".into(), |v| format!("{v:.precision$}"))
+}
+
+/// Both stubs; writes the JSON and the Markdown table. Fails (after writing them) if
+/// Quicksilver's half could not be measured.
+pub fn gdb(a: &Artifacts) -> Result<()> {
+    eprintln!("xtask bench: gdb, QEMU's gdbstub");
+    let q = qemu_stub(a).context("QEMU's gdbstub")?;
+    eprintln!("xtask bench: QEMU: {q:?}");
+    eprintln!("xtask bench: gdb, Quicksilver's gdbstub");
+    let qs = quicksilver_stub(a).context("Quicksilver's gdbstub");
+    if let Ok(qs) = &qs {
+        eprintln!("xtask bench: Quicksilver: {qs:?}");
+    }
+    let s = qs.as_ref().ok();
+    let dir = crate::target_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut json = String::from("{\n  \"benchmark\": \"gdb\",\n");
+    let _ = writeln!(
+        json,
+        "  \"smp\": {SMP},\n  \"steps\": {STEPS},\n  \"read_bytes\": {READ_BYTES},\n  \"cycles\": {CYCLES},"
+    );
+    let _ = writeln!(
+        json,
+        "  \"targets\": {{\"stepi_ratio_min\": 0.5, \"read_ratio_min\": 0.5, \"attach_ms_max\": 50}},"
+    );
+    for (key, v, p) in [
+        ("stepi_per_s", s.map(|f| f.stepi_per_s), 1),
+        ("stepi_per_s_qemu", Some(q.stepi_per_s), 1),
+        ("read_kib_s", s.map(|f| f.read_kib_s), 1),
+        ("read_kib_s_qemu", Some(q.read_kib_s), 1),
+        ("attach_ms", s.map(|f| f.attach_ms), 2),
+        ("attach_ms_qemu", Some(q.attach_ms), 2),
+        ("detach_ms", s.map(|f| f.detach_ms), 2),
+        ("detach_ms_qemu", Some(q.detach_ms), 2),
+    ] {
+        let _ = writeln!(json, "  \"{key}\": {},", fmt_opt(v, p));
+    }
+    let _ = writeln!(
+        json,
+        "  \"attaches_ms\": [{}],\n  \"detaches_ms\": [{}],\n  \"attaches_ms_qemu\": [{}],\n  \"detaches_ms_qemu\": [{}],",
+        s.map_or(String::new(), |f| list(&f.attaches_ms)),
+        s.map_or(String::new(), |f| list(&f.detaches_ms)),
+        list(&q.attaches_ms),
+        list(&q.detaches_ms)
+    );
+    let error = match &qs {
+        Ok(_) => "null".to_string(),
+        Err(e) => json_string(&format!("{e:#}")),
+    };
+    let _ = writeln!(json, "  \"quicksilver_error\": {error}\n}}");
+
+    let cell = |v: Option<f64>, p: usize| v.map_or("—".into(), |v| format!("{v:.p$}"));
+    let ratio = |a: Option<f64>, b: f64| a.map_or("—".into(), |a| format!("{:.2}", a / b));
+    let mut md = String::from(
+        "| measure | Quicksilver | QEMU's gdbstub | Quicksilver / QEMU | target |\n|---|---|---|---|---|\n",
+    );
+    let _ = writeln!(
+        md,
+        "| stepi per s ({STEPS} steps) | {} | {:.1} | {} | ≥ 0.5 × QEMU |",
+        cell(s.map(|f| f.stepi_per_s), 1),
+        q.stepi_per_s,
+        ratio(s.map(|f| f.stepi_per_s), q.stepi_per_s)
+    );
+    let _ = writeln!(
+        md,
+        "| memory read KiB/s (1 MiB of kernel text) | {} | {:.1} | {} | ≥ 0.5 × QEMU |",
+        cell(s.map(|f| f.read_kib_s), 1),
+        q.read_kib_s,
+        ratio(s.map(|f| f.read_kib_s), q.read_kib_s)
+    );
+    let _ = writeln!(
+        md,
+        "| attach ms (median of {CYCLES}) | {} | {:.2} | {} | < 50 ms |",
+        cell(s.map(|f| f.attach_ms), 2),
+        q.attach_ms,
+        ratio(s.map(|f| f.attach_ms), q.attach_ms)
+    );
+    let _ = writeln!(
+        md,
+        "| detach ms (median of {CYCLES}) | {} | {:.2} | {} | |",
+        cell(s.map(|f| f.detach_ms), 2),
+        q.detach_ms,
+        ratio(s.map(|f| f.detach_ms), q.detach_ms)
+    );
+    std::fs::write(dir.join("gdb.json"), json)?;
+    std::fs::write(dir.join("gdb.md"), &md)?;
+    println!("{md}");
+    println!("xtask bench: wrote {}", dir.join("gdb.json").display());
+    qs.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_follow_their_marker() {
+        let out = "Breakpoint 1, x\nQS-BENCH-SECONDS 1.250000000\n";
+        assert_eq!(figure(out, "QS-BENCH-SECONDS").unwrap(), 1.25);
+        assert!(figure("nothing", "QS-BENCH-SECONDS").is_err());
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+    }
+
+    #[test]
+    fn errors_become_json_strings() {
+        assert_eq!(json_string("a \"b\"\n\\c\u{1b}"), r#""a \"b\"\n\\c\u001b""#);
+    }
+}
