@@ -52,6 +52,14 @@ pub enum VmExit {
         fetch: bool,
     },
     Shutdown,
+    /// A physical NMI (intercepted: the hv's own stop request, or a foreign one to reflect).
+    Nmi,
+    /// INT n / INT3 / INTO (the INTn intercept; RIP at the instruction).
+    SoftwareInterrupt,
+    /// #BP intercepted (real hardware; TCG reports INT3 as a software interrupt).
+    Breakpoint,
+    /// #DB intercepted: single step, hardware breakpoint or watchpoint; `dr6` says which.
+    DebugException { dr6: u64 },
     /// VMRUN refused the guest state (VMEXIT_INVALID).
     VmrunFailed,
     Unexpected {
@@ -70,6 +78,10 @@ impl VmExit {
             VmExit::VirtualizationInstruction { vmrun: false } => ExitKind::SvmInstruction,
             VmExit::NestedPageFault { .. } => ExitKind::Npf,
             VmExit::Shutdown => ExitKind::Shutdown,
+            VmExit::Nmi
+            | VmExit::SoftwareInterrupt
+            | VmExit::Breakpoint
+            | VmExit::DebugException { .. } => ExitKind::Debug,
             VmExit::VmrunFailed | VmExit::Unexpected { .. } => ExitKind::Other,
         }
     }
@@ -97,6 +109,8 @@ pub enum Action {
     Unexpected,
     /// Reset the machine.
     Reset,
+    /// The debugger's business (NMI, breakpoints, stepping): see `crate::debug`.
+    Debug(VmExit),
 }
 
 /// What a handler may see and change of the guest CPU.
@@ -146,6 +160,10 @@ pub fn handle(exit: VmExit, cpu: &mut impl GuestCpu, count: &impl Refusals) -> A
         }
         VmExit::NestedPageFault { fetch: true, .. } => Action::Unexpected,
         VmExit::Shutdown => Action::Reset,
+        e @ (VmExit::Nmi
+        | VmExit::SoftwareInterrupt
+        | VmExit::Breakpoint
+        | VmExit::DebugException { .. }) => Action::Debug(e),
         VmExit::VmrunFailed | VmExit::Unexpected { .. } => Action::Unexpected,
     }
 }

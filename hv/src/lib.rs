@@ -5,6 +5,7 @@
 //! - [`arch`]: privileged instructions and the AMD SVM vendor layer (VMCB, world switch);
 //! - [`exit`]: what to do about each exit, vendor-neutral;
 //! - [`vcpu`]: one CPU's activation, run loop and return to native;
+//! - [`debug`]: the gdbstub: stopping CPUs, registers, memory, breakpoints;
 //! - [`vmm`]: global state built by `init`: memory layout, nested and host page tables;
 //! - [`paging`], [`decode`]: page-table building and walking, instruction lengths (pure
 //!   logic, unit-tested on the host).
@@ -13,6 +14,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod arch;
+pub mod debug;
 pub mod decode;
 pub mod exit;
 pub mod link;

@@ -8,7 +8,9 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering::*};
 use quicksilver_proto::abi::Status;
 use quicksilver_proto::link::auth;
+use quicksilver_proto::link::control::Message;
 use quicksilver_proto::link::endpoint::{Endpoint, Event, State};
+use quicksilver_proto::link::{Channel, MAX_PAYLOAD};
 
 struct Link {
     port: u16,
@@ -124,22 +126,98 @@ pub fn configure(buf: &[u8]) -> Status {
     Status::Ok
 }
 
-/// `LinkRx`: feeds received bytes; returns 1 if attention was asked for.
+/// `LinkRx`: feeds received bytes (from the agent's interrupt handler). Returns 1 if an
+/// attention request needs the agent to activate (the hv is dormant); gdb's bytes go to the
+/// debugger.
 pub fn receive(bytes: &[u8]) -> i64 {
-    with(|l| {
+    let mut gdb = [0u8; 2 * MAX_PAYLOAD];
+    let mut gdb_len = 0;
+    let mut attention = false;
+    let status = with(|l| {
         let Some(link) = l.as_mut() else {
-            return Status::NotInitialized as i64;
+            return Err(Status::NotInitialized);
         };
         let port = link.port;
-        let mut attention = 0;
         for &b in bytes {
             let mut tx = |w: &[u8]| uart_write(port, w);
             match link.endpoint.push(b, &mut nonce, &mut tx) {
-                Some(Event::Attention) => attention = 1,
-                // The gdbstub comes next: until then gdb's bytes are not answered.
-                Some(Event::Gdb(_)) | None => {}
+                Some(Event::Attention) => attention = true,
+                Some(Event::Gdb(p)) => {
+                    let n = p.len().min(gdb.len() - gdb_len);
+                    gdb[gdb_len..gdb_len + n].copy_from_slice(&p[..n]);
+                    gdb_len += n;
+                }
+                None => {}
             }
         }
-        attention
+        Ok(())
+    });
+    if let Err(s) = status {
+        return s as i64;
+    }
+    // The link lock is released: the debugger may answer through it.
+    if gdb_len > 0 {
+        crate::debug::session::gdb_input(&gdb[..gdb_len]);
+    }
+    let dormant = crate::vmm::COUNTERS.active_cpus.load(Acquire) == 0;
+    (attention && crate::debug::session::request_attach(dormant)) as i64
+}
+
+/// What [`poll`] found on the link.
+pub enum Polled {
+    Nothing,
+    Attention,
+    /// gdb's bytes, this many at the start of the caller's buffer.
+    Gdb(usize),
+}
+
+/// Reads the UART directly (host mode, CPUs parked: no interrupt handler runs) until it has
+/// no more bytes or one event is complete.
+pub fn poll(out: &mut [u8; MAX_PAYLOAD]) -> Polled {
+    with(|l| {
+        let Some(link) = l.as_mut() else {
+            return Polled::Nothing;
+        };
+        let port = link.port;
+        // SAFETY: the link UART's line status register (bit 0: data ready) and receive
+        // buffer; the agent handed the port to the hv, and no interrupt handler runs now.
+        while unsafe { instr::inb(port + 5) } & 1 != 0 {
+            // SAFETY: as above.
+            let b = unsafe { instr::inb(port) };
+            let mut tx = |w: &[u8]| uart_write(port, w);
+            match link.endpoint.push(b, &mut nonce, &mut tx) {
+                Some(Event::Attention) => return Polled::Attention,
+                Some(Event::Gdb(p)) => {
+                    out[..p.len()].copy_from_slice(p);
+                    return Polled::Gdb(p.len());
+                }
+                None => {}
+            }
+        }
+        Polled::Nothing
+    })
+}
+
+/// Sends `bytes` on `channel` (only to an authenticated bridge).
+pub fn send(channel: Channel, bytes: &[u8]) {
+    with(|l| {
+        if let Some(link) = l.as_mut() {
+            if link.endpoint.state() == State::Authenticated {
+                let port = link.port;
+                link.endpoint.send(channel, bytes, &mut |w| uart_write(port, w));
+            }
+        }
+    })
+}
+
+/// Sends a control message (only to an authenticated bridge).
+pub fn send_control(m: Message) {
+    with(|l| {
+        if let Some(link) = l.as_mut() {
+            if link.endpoint.state() == State::Authenticated {
+                let port = link.port;
+                link.endpoint.send_control(m, &mut |w| uart_write(port, w));
+            }
+        }
     })
 }

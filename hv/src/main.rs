@@ -84,6 +84,9 @@ pub unsafe extern "C" fn qs_entry_control(op: u64, buf: *mut u8, len: u64) -> i6
     let Some(op) = Op::from_u64(op) else {
         return Status::BadOp as i64;
     };
+    if op == Op::ActiveCpus {
+        return hv.control(op, &mut []);
+    }
     if buf.is_null() || len > (1 << 20) {
         return Status::BadArgument as i64;
     }

@@ -7,6 +7,7 @@
 
 use crate::arch::instr;
 use crate::arch::svm::{self, vmcb, EntryFrame, GuestRegs, NativeState, Vmcb, VmcbSetup};
+use crate::debug;
 use crate::decode::{self, Insn};
 use crate::exit::{self, Action, GuestCpu};
 use crate::vmm::{self, COUNTERS};
@@ -28,16 +29,28 @@ pub struct CpuState {
     first_run: bool,
     vmcb_pa: u64,
     host_save_pa: u64,
-    regs: GuestRegs,
+    pub(crate) regs: GuestRegs,
     /// Native state at activation, returned to if the first VMRUN fails.
     entry_state: NativeState,
     /// TSC when `activate` was entered and when the last exit arrived.
     tsc_entry: u64,
     tsc_exit: u64,
     stats: CpuStats,
+    /// The debugger's view of this CPU.
+    pub dbg: crate::debug::PerCpu,
 }
 
 impl CpuState {
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// In guest mode (read by other CPUs: a volatile read of a flag its CPU writes).
+    pub fn is_active(&self) -> bool {
+        // SAFETY: a valid, aligned bool field.
+        unsafe { core::ptr::read_volatile(&self.active) }
+    }
+
     /// A copy of this CPU's counters (they are only written by their CPU; torn reads of a
     /// counter being incremented cannot happen for aligned u64 on x86-64).
     pub fn stats_snapshot(&self) -> CpuStats {
@@ -54,7 +67,7 @@ impl CpuState {
 /// A CPU's area in the hv's memory: VMCB, host save area, state, stack (48 KiB).
 #[repr(C, align(4096))]
 pub struct Cpu {
-    vmcb: Vmcb,
+    pub(crate) vmcb: Vmcb,
     host_save: [u8; 4096],
     pub state: CpuState,
     stack: [u8; STACK_SIZE],
@@ -89,7 +102,7 @@ impl Cpu {
 ///
 /// # Safety
 /// Only from `qs_entry_activate`, with `frame` the frame it pushed, interrupts off.
-pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
+pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame, online: u32) -> i64 {
     let Some(hv) = vmm::get() else {
         return Status::NotInitialized as i64;
     };
@@ -127,6 +140,11 @@ pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
     s.first_run = true;
     s.active = true;
     s.stats.seen = 1;
+    crate::debug::record_apic_id(&mut s.dbg);
+    if crate::debug::stop::ATTACH_AT_ACTIVATION.load(Acquire) {
+        // A debugger asked for this activation: the first stop gathers `online` CPUs.
+        crate::debug::stop::ACTIVATING.store(online, Release);
+    }
     if COUNTERS.active_cpus.fetch_add(1, AcqRel) == 0 {
         COUNTERS.activations.fetch_add(1, Relaxed);
     }
@@ -183,8 +201,15 @@ pub unsafe extern "C" fn host_main(cpu: *mut Cpu) -> ! {
     let Some(hv) = vmm::get() else {
         instr::halt_forever()
     };
+    let cpu_ptr = cpu;
     // SAFETY: `cpu` is this CPU's own area, passed by `activate`; only this CPU uses it.
+    // The debugger's leader reads and writes it only while this CPU is parked (debug::stop).
     let cpu = unsafe { &mut *cpu };
+    // SAFETY: our own area, no reference held across the call (`cpu` is not used in it).
+    match unsafe { debug::at_activation(hv, cpu_ptr) } {
+        debug::After::Leave => leave(hv, cpu),
+        debug::After::Run | debug::After::Unexpected => {}
+    }
     loop {
         if cpu.state.first_run {
             cpu.state.stats.last_activate_cycles = instr::rdtsc() - cpu.state.tsc_entry;
@@ -222,6 +247,19 @@ pub unsafe extern "C" fn host_main(cpu: *mut Cpu) -> ! {
                 if !skip(hv, cpu, insn) {
                     unexpected(hv, cpu);
                 }
+                // SAFETY: our own area; `cpu` is not used during the call.
+                if let debug::After::Leave = unsafe { debug::after_completed(hv, cpu_ptr) } {
+                    leave(hv, cpu);
+                }
+            }
+            Action::Debug(e) => {
+                reinject(&mut cpu.vmcb);
+                // SAFETY: as above.
+                match unsafe { debug::handle_exit(hv, cpu_ptr, e) } {
+                    debug::After::Run => {}
+                    debug::After::Leave => leave(hv, cpu),
+                    debug::After::Unexpected => unexpected(hv, cpu),
+                }
             }
             Action::Inject(e) => cpu.vmcb.control.event_inj = svm::encode_event(e),
             Action::CompleteAndLeave => {
@@ -236,6 +274,12 @@ pub unsafe extern "C" fn host_main(cpu: *mut Cpu) -> ! {
         }
         cpu.state.stats.cycles_in_hv += instr::rdtsc() - t;
     }
+}
+
+/// Steps out where the guest is (the debugger detached with the deactivate policy).
+fn leave(hv: &vmm::Hv, cpu: &mut Cpu) -> ! {
+    let native = svm::native_from_guest(&cpu.vmcb, &cpu.state.regs);
+    step_out(hv, cpu, &native)
 }
 
 /// Re-delivers an event the exit interrupted.

@@ -81,6 +81,9 @@ pub struct Hv {
     pub map_limit: u64,
     pub cpus: u32,
     pub tsc_khz: u32,
+    /// The kernel's `_text` at run time and at link time (0 if the agent could not tell).
+    pub kernel_text: u64,
+    pub kernel_text_link: u64,
     cpu_base: u64,
     pub msrpm_pa: u64,
     pub npt_root_pa: u64,
@@ -318,6 +321,9 @@ impl Hv {
     /// A control operation on a buffer given by guest-physical address (host mode: the hv's
     /// tables identity-map guest memory).
     pub fn control_phys(&self, op: Op, gpa: u64, len: u64) -> i64 {
+        if op == Op::ActiveCpus {
+            return COUNTERS.active_cpus.load(Acquire) as i64;
+        }
         let end = match gpa.checked_add(len) {
             Some(e) if e <= self.map_limit && len <= (1 << 20) => e,
             _ => return Status::BadArgument as i64,
@@ -338,6 +344,7 @@ impl Hv {
             Op::Stats => self.write_stats(buf),
             Op::LinkConfig => crate::link::configure(buf),
             Op::LinkRx => return crate::link::receive(buf),
+            Op::ActiveCpus => return COUNTERS.active_cpus.load(Acquire) as i64,
             Op::Deactivate => Status::BadOp,
         };
         status as i64
@@ -499,6 +506,8 @@ fn build(
         map_limit,
         cpus: args.cpus,
         tsc_khz: args.tsc_khz,
+        kernel_text: args.kernel_text,
+        kernel_text_link: args.kernel_text_link,
         cpu_base,
         msrpm_pa,
         npt_root_pa,
@@ -511,8 +520,10 @@ fn build(
 /// Fills the hv's IDT: the 32 exception vectors go to the stubs in world_switch.S.
 fn build_idt(idt: *mut u64) {
     let stubs = core::ptr::addr_of!(svm::qs_host_exc_stubs) as u64;
+    let nmi = core::ptr::addr_of!(svm::qs_host_nmi) as u64;
     for v in 0..32u64 {
-        let handler = stubs + v * 16;
+        // NMIs the hv intercepted are taken on purpose (debug::handle_exit): they only return.
+        let handler = if v == 2 { nmi } else { stubs + v * 16 };
         // 64-bit interrupt gate (type 0xE), present, DPL 0, IST 0 (APM vol. 2, 4.8.4).
         let low = (handler & 0xFFFF)
             | ((svm::HOST_CODE_SELECTOR as u64) << 16)
@@ -535,6 +546,19 @@ pub fn read_guest_phys(hv: &Hv, gpa: u64, out: &mut [u8]) -> bool {
             unsafe {
                 core::ptr::copy_nonoverlapping(gpa as *const u8, out.as_mut_ptr(), out.len())
             };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Writes guest-physical memory through the identity map (host mode only), never the hv's.
+pub fn write_guest_phys(hv: &Hv, gpa: u64, data: &[u8]) -> bool {
+    match gpa.checked_add(data.len() as u64) {
+        Some(end) if end <= hv.map_limit && !(gpa < hv.base_pa + hv.mem_size && hv.base_pa < end) => {
+            // SAFETY: identity-mapped in the hv's tables (host mode), in bounds, outside the
+            // hv's memory; the guest is stopped or the caller owns the bytes (gdb's write).
+            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), gpa as *mut u8, data.len()) };
             true
         }
         _ => false,

@@ -170,6 +170,8 @@ segment_selector!(read_cs, "cs");
 segment_selector!(read_ss, "ss");
 segment_selector!(read_ds, "ds");
 segment_selector!(read_es, "es");
+segment_selector!(read_fs, "fs");
+segment_selector!(read_gs, "gs");
 
 /// Reads RFLAGS.
 #[inline]

@@ -1,0 +1,394 @@
+//! The gdb session: the gdbstub state machine and the target state it drives, behind one lock.
+//!
+//! While CPUs are parked, the leader ([`lead`]) polls the link UART itself (GIF = 0, no
+//! interrupts) and feeds gdb's bytes to the stub until gdb resumes or detaches. While they
+//! run, gdb's bytes arrive through the agent's link hypercall ([`gdb_input`]); a Ctrl-C there
+//! becomes a stop on that CPU once its hypercall completes ([`take_pending_stop`]).
+
+use super::stop::{self, dbg_of, Resume};
+use super::target::{Debugger, Devirt, HwKind};
+use super::Reason;
+use crate::link::{self, Polled};
+use crate::vmm::Hv;
+use core::num::NonZeroUsize;
+use core::sync::atomic::{AtomicU8, Ordering::*};
+use gdbstub::common::Signal;
+use gdbstub::conn::Connection;
+use gdbstub::stub::state_machine::GdbStubStateMachine;
+use gdbstub::stub::{DisconnectReason, GdbStubBuilder, MultiThreadStopReason};
+use gdbstub::target::ext::breakpoints::WatchKind;
+use quicksilver_proto::link::control::{End, Message};
+use quicksilver_proto::link::{Channel, MAX_PAYLOAD};
+
+/// gdb's output, framed on the link's gdb channel when the stub flushes.
+pub struct Conn {
+    buf: [u8; MAX_PAYLOAD],
+    len: usize,
+}
+
+impl Connection for Conn {
+    type Error = ();
+
+    fn write(&mut self, byte: u8) -> Result<(), ()> {
+        if self.len == self.buf.len() {
+            self.flush()?;
+        }
+        self.buf[self.len] = byte;
+        self.len += 1;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ()> {
+        if self.len > 0 {
+            link::send(Channel::Gdb, &self.buf[..self.len]);
+            self.len = 0;
+        }
+        Ok(())
+    }
+}
+
+type Stub = GdbStubStateMachine<'static, Debugger, Conn>;
+
+struct Session {
+    target: Debugger,
+    stub: Option<Stub>,
+}
+
+static SESSION: spin::Mutex<Option<Session>> = spin::Mutex::new(None);
+
+/// A stop asked for from a hypercall: 1 = Ctrl-C, 2 = attach.
+static PENDING_STOP: AtomicU8 = AtomicU8::new(0);
+/// An attention request arrived: the next stop begins a new session.
+static ATTACH_REQUESTED: AtomicU8 = AtomicU8::new(0);
+
+/// The packet buffer. gdb reads memory in chunks of half of it.
+const PACKET_SIZE: usize = 8192;
+static mut PACKET_BUF: [u8; PACKET_SIZE] = [0; PACKET_SIZE];
+
+/// The link's attention request: attach gdb. Returns true if the hv is dormant (the agent
+/// then activates, and every CPU parks on the way in).
+pub fn request_attach(dormant: bool) -> bool {
+    ATTACH_REQUESTED.store(1, Release);
+    if dormant {
+        stop::ATTACH_AT_ACTIVATION.store(true, Release);
+    } else {
+        PENDING_STOP.store(2, Release);
+    }
+    dormant
+}
+
+/// Bytes of gdb's protocol that arrived while CPUs run (the agent's hypercall).
+pub fn gdb_input(bytes: &[u8]) {
+    let mut guard = SESSION.lock();
+    let Some(s) = guard.as_mut() else { return };
+    for &b in bytes {
+        let Some(stub) = s.stub.take() else { return };
+        let next = match stub {
+            GdbStubStateMachine::Running(g) => g.incoming_data(&mut s.target, b),
+            GdbStubStateMachine::Idle(g) => g.incoming_data(&mut s.target, b),
+            other => Ok(other),
+        };
+        match next {
+            Ok(st) => {
+                if matches!(st, GdbStubStateMachine::CtrlCInterrupt(_)) {
+                    PENDING_STOP.store(1, Release);
+                }
+                s.stub = Some(st);
+            }
+            // The session is broken: the next stop starts over with a new one.
+            Err(_) => ATTACH_REQUESTED.store(1, Release),
+        }
+    }
+}
+
+/// A stop this CPU must make now that its hypercall is complete.
+pub fn take_pending_stop() -> Option<Reason> {
+    match PENDING_STOP.swap(0, AcqRel) {
+        1 => Some(Reason::Interrupt),
+        2 => Some(Reason::Attach),
+        _ => None,
+    }
+}
+
+/// Is a gdb session open? (Decides the debug intercepts.)
+pub fn attached() -> bool {
+    SESSION.lock().as_ref().is_some_and(|s| s.stub.is_some())
+}
+
+/// Is there a gdb breakpoint at `addr`?
+pub fn owns_breakpoint(addr: u64) -> bool {
+    SESSION
+        .lock()
+        .as_ref()
+        .is_some_and(|s| s.target.sw_breakpoint_at(addr))
+}
+
+/// Mask of the DR slots gdb has armed.
+pub fn our_slots() -> u8 {
+    SESSION.lock().as_ref().map_or(0, |s| s.target.armed_slots())
+}
+
+/// Is `slot` an instruction breakpoint?
+pub fn slot_is_exec(slot: u8) -> bool {
+    SESSION.lock().as_ref().is_some_and(|s| {
+        s.target.hw[slot as usize].is_some_and(|h| h.kind == HwKind::Exec)
+    })
+}
+
+/// What to do with one DR0-3 slot on the way into the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    Untouched,
+    Gdb(u64),
+    Restore,
+}
+
+/// DR7 and the slots for a CPU about to run, from the guest's DR7: the kernel's slots as they
+/// are, gdb's armed (or, with `kernel_only`, given back).
+pub fn debug_registers(guest_dr7: u64, kernel_only: bool) -> (u64, [Slot; 4]) {
+    let guard = SESSION.lock();
+    let mut slots = [Slot::Untouched; 4];
+    let Some(s) = guard.as_ref() else {
+        return (guest_dr7, slots);
+    };
+    let t = &s.target;
+    let mut dr7 = guest_dr7;
+    for (n, slot) in slots.iter_mut().enumerate() {
+        if t.kernel_slots & (1 << n) != 0 {
+            continue;
+        }
+        dr7 &= !super::target::dr7_fields(n);
+        match (kernel_only, t.hw[n]) {
+            (false, Some(h)) => {
+                dr7 |= h.dr7_bits(n);
+                *slot = Slot::Gdb(h.addr);
+            }
+            _ if t.touched & (1 << n) != 0 => *slot = Slot::Restore,
+            _ => {}
+        }
+    }
+    (dr7, slots)
+}
+
+/// Serves gdb with every CPU parked (the leader, `me`). Sets every parked CPU's action.
+pub fn lead(hv: &Hv, me: u32) {
+    let mut guard = SESSION.lock();
+    let new = ATTACH_REQUESTED.swap(0, AcqRel) == 1
+        || guard.as_ref().is_none_or(|s| s.stub.is_none());
+    for i in 0..hv.cpus {
+        dbg_of(hv, i).action = Resume::Stay;
+    }
+    if new {
+        if let Some(old) = guard.as_mut() {
+            old.target.remove_all();
+        }
+        stop::ATTACH_AT_ACTIVATION.store(false, Release);
+        *guard = start(hv);
+        let cpus = (0..hv.cpus)
+            .filter(|&i| dbg_of(hv, i).parked.load(Acquire))
+            .count() as u32;
+        link::send_control(Message::Stopped { cpus });
+    }
+    let Some(s) = guard.as_mut() else {
+        // No session could be made: nothing to serve; run on.
+        release_all(hv, Resume::Continue);
+        return;
+    };
+    if !new {
+        report(hv, s, me);
+    }
+    let mut buf = [0u8; MAX_PAYLOAD];
+    loop {
+        match link::poll(&mut buf) {
+            Polled::Nothing => core::hint::spin_loop(),
+            Polled::Attention => {
+                // A bridge that lost its gdb attaches anew: fresh session, same stop.
+                s.target.remove_all();
+                if let Some(fresh) = start(hv) {
+                    *s = fresh;
+                }
+                let cpus = s.target.threads();
+                link::send_control(Message::Stopped { cpus });
+            }
+            Polled::Gdb(n) => {
+                for &b in &buf[..n] {
+                    feed(hv, s, me, b);
+                }
+            }
+        }
+        match &s.stub {
+            None => {
+                // Detached (or the session broke): every CPU runs per the devirt policy.
+                let action = match s.target.policy {
+                    Devirt::Deactivate => Resume::Leave,
+                    Devirt::Stay => Resume::Continue,
+                };
+                link::send_control(Message::Ended(if s.target.killed {
+                    End::Killed
+                } else {
+                    End::Detached
+                }));
+                *guard = None;
+                release_all(hv, action);
+                return;
+            }
+            Some(GdbStubStateMachine::Running(_)) => return,
+            Some(_) => {}
+        }
+    }
+}
+
+/// A new session: the target's state from the parked CPUs, and a stub waiting for gdb.
+fn start(hv: &Hv) -> Option<Session> {
+    let mut target = Debugger::new(hv);
+    for i in 0..hv.cpus {
+        let d = dbg_of(hv, i);
+        d.kernel_dr = d.dr;
+        d.reason = Reason::None;
+    }
+    let conn = Conn {
+        buf: [0; MAX_PAYLOAD],
+        len: 0,
+    };
+    // SAFETY: one session at a time: the previous stub, the only other user of the buffer,
+    // was dropped (the caller replaces it under the session lock).
+    let buf: &'static mut [u8] = unsafe { &mut *core::ptr::addr_of_mut!(PACKET_BUF) };
+    let stub = GdbStubBuilder::new(conn)
+        .with_packet_buffer(buf)
+        .build()
+        .ok()?
+        .run_state_machine(&mut target)
+        .ok()?;
+    Some(Session {
+        target,
+        stub: Some(stub),
+    })
+}
+
+/// Feeds one byte of gdb's; handles what it turns the stub into.
+fn feed(hv: &Hv, s: &mut Session, me: u32, b: u8) {
+    let Some(stub) = s.stub.take() else { return };
+    let next = match stub {
+        GdbStubStateMachine::Idle(g) => g.incoming_data(&mut s.target, b),
+        GdbStubStateMachine::Running(g) => g.incoming_data(&mut s.target, b),
+        GdbStubStateMachine::CtrlCInterrupt(g) => {
+            // Everything is stopped already: the interrupt is the stop.
+            let reason = stop_reason(hv, me, Reason::Interrupt);
+            g.interrupt_handled(&mut s.target, Some(reason))
+        }
+        GdbStubStateMachine::Disconnected(g) => {
+            s.target.killed = g.get_reason() == DisconnectReason::Kill;
+            s.target.remove_all();
+            return;
+        }
+    };
+    s.stub = match next {
+        Ok(GdbStubStateMachine::CtrlCInterrupt(g)) => {
+            // gdb's Ctrl-C while we are still parked (it followed a resume in the same
+            // chunk): take the resume back and report the stop.
+            for i in 0..hv.cpus {
+                dbg_of(hv, i).action = Resume::Stay;
+            }
+            let reason = stop_reason(hv, me, Reason::Interrupt);
+            g.interrupt_handled(&mut s.target, Some(reason)).ok()
+        }
+        Ok(GdbStubStateMachine::Disconnected(g)) => {
+            s.target.killed = g.get_reason() == DisconnectReason::Kill;
+            s.target.remove_all();
+            None
+        }
+        Ok(st) => Some(st),
+        Err(_) => {
+            s.target.remove_all();
+            None
+        }
+    };
+}
+
+/// Tells gdb why everything stopped: the leader's reason, or another CPU's if the leader
+/// was only stopped by an NMI.
+fn report(hv: &Hv, s: &mut Session, me: u32) {
+    let reason = stop_reason(hv, me, Reason::Interrupt);
+    for i in 0..hv.cpus {
+        dbg_of(hv, i).reason = Reason::None;
+    }
+    s.stub = match s.stub.take() {
+        Some(GdbStubStateMachine::Running(g)) => g.report_stop(&mut s.target, reason).ok(),
+        Some(GdbStubStateMachine::CtrlCInterrupt(g)) => {
+            g.interrupt_handled(&mut s.target, Some(reason)).ok()
+        }
+        other => other,
+    };
+    if s.stub.is_none() {
+        s.target.remove_all();
+    }
+}
+
+fn stop_reason(hv: &Hv, me: u32, fallback: Reason) -> MultiThreadStopReason<u64> {
+    let mut who = me;
+    let mut why = dbg_of(hv, me).reason;
+    if matches!(why, Reason::None | Reason::Attach) {
+        if let Some(i) = (0..hv.cpus).find(|&i| {
+            let d = dbg_of(hv, i);
+            d.parked.load(Acquire) && !matches!(d.reason, Reason::None | Reason::Attach)
+        }) {
+            who = i;
+            why = dbg_of(hv, i).reason;
+        } else {
+            why = fallback;
+        }
+    }
+    if why == Reason::HwBreak {
+        dbg_of(hv, who).resume_rf = true;
+    }
+    let tid = NonZeroUsize::new(who as usize + 1).unwrap_or(NonZeroUsize::MIN);
+    match why {
+        Reason::SwBreak => MultiThreadStopReason::SwBreak(tid),
+        Reason::HwBreak => MultiThreadStopReason::HwBreak(tid),
+        Reason::Watch { slot } => {
+            let hw = SESSION_TARGET_SLOT.with(slot);
+            MultiThreadStopReason::Watch {
+                tid,
+                kind: hw.0,
+                addr: hw.1,
+            }
+        }
+        Reason::Step => MultiThreadStopReason::SignalWithThread {
+            tid,
+            signal: Signal::SIGTRAP,
+        },
+        _ => MultiThreadStopReason::SignalWithThread {
+            tid,
+            signal: Signal::SIGINT,
+        },
+    }
+}
+
+/// The watchpoint in a slot, recorded when it is armed (read without the session lock,
+/// which the caller of `stop_reason` holds).
+struct SlotTable(spin::Mutex<[(WatchKind, u64); 4]>);
+static SESSION_TARGET_SLOT: SlotTable = SlotTable(spin::Mutex::new([(WatchKind::Write, 0); 4]));
+
+impl SlotTable {
+    fn with(&self, slot: u8) -> (WatchKind, u64) {
+        self.0.lock()[slot as usize & 3]
+    }
+    /// Records slot `n`'s watchpoint.
+    pub fn set(&self, n: usize, kind: WatchKind, addr: u64) {
+        self.0.lock()[n & 3] = (kind, addr);
+    }
+}
+
+/// Records a watchpoint's kind and address for its stop report.
+pub fn note_watch(n: usize, kind: WatchKind, addr: u64) {
+    SESSION_TARGET_SLOT.set(n, kind, addr);
+}
+
+fn release_all(hv: &Hv, action: Resume) {
+    for i in 0..hv.cpus {
+        let d = dbg_of(hv, i);
+        if d.parked.load(Acquire) {
+            d.action = action;
+        }
+    }
+}

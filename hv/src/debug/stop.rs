@@ -1,0 +1,178 @@
+//! Stopping and resuming CPUs for the debugger.
+//!
+//! A CPU that has a reason to stop (a breakpoint, a finished step, gdb's Ctrl-C arriving in its
+//! hypercall, an attach) calls [`enter`]. The first one becomes the *leader*: it sends an NMI to
+//! every other CPU in guest mode (the hv intercepts NMIs, so each exits and enters as a
+//! *follower*), waits until every CPU is parked in host mode, and then serves gdb until gdb
+//! resumes some of them. Parked CPUs spin on their own `go` flag with GIF = 0; nothing of the
+//! kernel runs meanwhile. CPUs gdb leaves stopped (scheduler locking) stay parked across the
+//! next run and are counted in the next stop without another NMI.
+
+use super::PerCpu;
+use crate::arch::instr;
+use crate::vcpu::Cpu;
+use crate::vmm::{self, Hv, COUNTERS};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering::*};
+
+/// The stop's shared state, changed only under [`LOCK`].
+struct StopState {
+    /// A leader is stopping or serving.
+    stopping: bool,
+    /// CPUs parked (leader included).
+    parked: u32,
+}
+
+static LOCK: spin::Mutex<StopState> = spin::Mutex::new(StopState {
+    stopping: false,
+    parked: 0,
+});
+
+/// CPUs the agent is activating right now for an attach (they park before their first VMRUN;
+/// the leader waits for this many instead of those already in guest mode).
+pub static ACTIVATING: AtomicU32 = AtomicU32::new(0);
+/// An attach was asked for while dormant: every CPU parks at activation.
+pub static ATTACH_AT_ACTIVATION: AtomicBool = AtomicBool::new(false);
+
+/// What a parked CPU does when released.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Resume {
+    /// Stay parked (gdb resumed other CPUs only).
+    #[default]
+    Stay,
+    Continue,
+    /// Execute one instruction, interrupts held, then stop again.
+    Step,
+    /// Leave guest mode: the debugger detached and the hv deactivates.
+    Leave,
+}
+
+/// Parks this CPU; returns when it is released, with its resume action. If it became the
+/// leader, `lead` runs with every CPU parked and must set every CPU's action.
+///
+/// # Safety
+/// `me` is this CPU's own area, in host mode; the caller holds no reference into it.
+pub unsafe fn enter(hv: &Hv, me: *mut Cpu, lead: impl FnOnce(&Hv, u32)) -> Resume {
+    // SAFETY: our own area (caller); we only touch our debug state until we are parked.
+    let (index, dbg) = unsafe { ((*me).state.index(), &mut (*me).state.dbg) };
+    dbg.capture();
+    dbg.go.store(false, Relaxed);
+    let leader = {
+        let mut s = LOCK.lock();
+        let leader = !s.stopping;
+        s.stopping = true;
+        s.parked += 1;
+        dbg.parked.store(true, Release);
+        leader
+    };
+    if leader {
+        stop_others(hv, index);
+        wait_for_all(hv);
+        lead(hv, index);
+        release(hv);
+    }
+    // A leader whose own action is Stay waits like everyone else.
+    while !dbg.go.load(Acquire) {
+        core::hint::spin_loop();
+    }
+    dbg.parked.store(false, Relaxed);
+    dbg.restore();
+    dbg.action
+}
+
+/// NMIs every CPU in guest mode that is not parked.
+fn stop_others(hv: &Hv, me: u32) {
+    for i in 0..hv.cpus {
+        if i == me {
+            continue;
+        }
+        let d = dbg_of(hv, i);
+        // SAFETY: `active` is written by its own CPU only; a stale read sends an NMI to a CPU
+        // that left (it is intercepted by nobody and goes to the kernel's handler, which
+        // ignores a lone unknown NMI on x86 with a warning: only on an unexpected-exit race).
+        if !cpu_active(hv, i) || d.parked.load(Acquire) {
+            continue;
+        }
+        d.nmi_expected.store(true, Release);
+        // SAFETY: host mode; the target intercepts NMIs (build_vmcb) and expects this one.
+        unsafe { instr::send_nmi(d.apic_id) };
+    }
+}
+
+/// How many CPUs a stop must gather.
+fn target_cpus() -> u32 {
+    match ACTIVATING.load(Acquire) {
+        0 => COUNTERS.active_cpus.load(Acquire),
+        n => n,
+    }
+}
+
+/// Waits until every CPU is parked; gives up after about two seconds (a CPU that never
+/// answers its NMI is left running and is not listed to gdb) after one more NMI.
+fn wait_for_all(hv: &Hv) {
+    let second = hv.tsc_khz as u64 * 1000;
+    let start = instr::rdtsc();
+    let mut resent = false;
+    loop {
+        if LOCK.lock().parked >= target_cpus() {
+            return;
+        }
+        let waited = instr::rdtsc() - start;
+        if waited > second && !resent {
+            resent = true;
+            for i in 0..hv.cpus {
+                let d = dbg_of(hv, i);
+                if cpu_active(hv, i) && !d.parked.load(Acquire) {
+                    // SAFETY: as in stop_others.
+                    unsafe { instr::send_nmi(d.apic_id) };
+                }
+            }
+        }
+        if waited > 2 * second {
+            return;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Lets go of every CPU whose action is not `Stay`.
+fn release(hv: &Hv) {
+    let mut s = LOCK.lock();
+    for i in 0..hv.cpus {
+        let d = dbg_of(hv, i);
+        if d.parked.load(Acquire) && d.action != Resume::Stay && !d.go.load(Relaxed) {
+            s.parked -= 1;
+            d.go.store(true, Release);
+        }
+    }
+    s.stopping = false;
+    ACTIVATING.store(0, Release);
+}
+
+/// Is a stop in progress? (An NMI meant for a stop that is over just resumes.)
+pub fn stopping() -> bool {
+    LOCK.lock().stopping
+}
+
+fn cpu_active(hv: &Hv, i: u32) -> bool {
+    // SAFETY: i < cpus; a read of another CPU's flag (see stop_others).
+    unsafe { (*hv.cpu(i)).state.is_active() }
+}
+
+/// Another CPU's debug state. Fields other than the atomics are only touched by the leader
+/// while that CPU is parked, or by that CPU itself.
+pub fn dbg_of(hv: &Hv, i: u32) -> &'static mut PerCpu {
+    // SAFETY: i < cpus (callers loop below hv.cpus); see above for who touches what when.
+    unsafe { &mut (*hv.cpu(i)).state.dbg }
+}
+
+/// The leader's view of a parked CPU's whole area.
+pub fn cpu_of(hv: &Hv, i: u32) -> &'static mut Cpu {
+    // SAFETY: as dbg_of; the CPU is parked and does not touch its VMCB or registers.
+    unsafe { &mut *hv.cpu(i) }
+}
+
+/// The hv global, for code that has none at hand.
+pub fn hv() -> Option<&'static Hv> {
+    vmm::get()
+}
