@@ -246,18 +246,43 @@ pub fn authenticate(
     timeout: Duration,
     console: &mut dyn Write,
 ) -> Result<()> {
+    authenticate_until(link, key, timeout, Instant::now(), console)
+}
+
+/// [`authenticate`], saying hello again every `timeout` without an answer until `retry_until`
+/// (for a machine still booting, whose agent has not taken the port yet).
+pub fn authenticate_until(
+    link: &Link,
+    key: &[u8],
+    timeout: Duration,
+    retry_until: Instant,
+    console: &mut dyn Write,
+) -> Result<()> {
     use control::{Message, Role};
     if key.is_empty() {
-        bail!("the key file is empty: the demo writes one (target/qs/link.key); give it with --key FILE");
+        bail!("the key file is empty: the demo writes one (target/qs/demo.key); give it with --key FILE");
     }
-    link.send_control(Message::Hello {
-        version: link::LINK_VERSION,
-        role: Role::Bridge,
-    })?;
-    let deadline = Instant::now() + timeout;
+    let hello = || {
+        link.send_control(Message::Hello {
+            version: link::LINK_VERSION,
+            role: Role::Bridge,
+        })
+    };
+    hello()?;
+    let mut deadline = Instant::now() + timeout;
+    let mut said_waiting = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Some(inbound) = link.recv(left) else {
+            if Instant::now() < retry_until {
+                if !said_waiting {
+                    eprintln!("qs-bridge: no answer yet; saying hello again every {timeout:?} (the machine may still be booting)");
+                    said_waiting = true;
+                }
+                hello()?;
+                deadline = Instant::now() + timeout;
+                continue;
+            }
             bail!(
                 "no answer on the link after {timeout:?}: is the agent loaded on the machine, with the link on this port?"
             );
@@ -467,8 +492,12 @@ pub fn serve_gdb(
                 let (link, state) = (link.clone(), state.clone());
                 std::thread::spawn(move || {
                     serve_client(stream, &link, &state, stop_timeout);
-                    *state.client.lock().expect("client") = None;
+                    // Free the place before closing, so that a gdb told "closed" may come back.
+                    let client = state.client.lock().expect("client").take();
                     state.update(|st| st.gdb_client = false);
+                    if let Some(s) = client {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
                 });
             }
         });
@@ -546,7 +575,8 @@ fn on_control(payload: &[u8], link: &Link, state: &State) -> Result<()> {
 }
 
 /// One gdb client: attention, wait for every CPU to stop, then copy its bytes to the link
-/// until it disconnects; detach on its behalf if it vanished mid-session.
+/// until it disconnects; detach on its behalf if it vanished mid-session. The caller closes
+/// the connection.
 fn serve_client(stream: TcpStream, link: &Link, state: &State, stop_timeout: Duration) {
     let _ = stream.set_nodelay(true);
     // A gdb that stops reading must not stall the link's reader forever.
@@ -563,7 +593,6 @@ fn serve_client(stream: TcpStream, link: &Link, state: &State, stop_timeout: Dur
     eprintln!("qs-bridge: gdb connected; asking the machine for attention");
     if let Err(e) = link.send_control(control::Message::Attention) {
         eprintln!("qs-bridge: cannot ask for attention: {e:#}");
-        let _ = stream.shutdown(std::net::Shutdown::Both);
         return;
     }
     // gdb's first bytes wait in the socket meanwhile: the machine would lose them.
@@ -585,7 +614,6 @@ fn serve_client(stream: TcpStream, link: &Link, state: &State, stop_timeout: Dur
                 "qs-bridge: the machine ended the session before gdb was served; closing gdb's connection: connect again"
             ),
         }
-        let _ = stream.shutdown(std::net::Shutdown::Both);
         return;
     }
     eprintln!(

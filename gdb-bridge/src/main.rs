@@ -9,11 +9,11 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use qs_bridge::{
-    authenticate, bind_control, serve_control, serve_gdb, Link, LinkAddr, LinkState, State,
+    authenticate_until, bind_control, serve_control, serve_gdb, Link, LinkAddr, LinkState, State,
 };
 use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +43,10 @@ struct Args {
     /// Seconds to wait for the machine's answer (the handshake, every CPU stopping).
     #[arg(long, default_value_t = 10)]
     timeout: u64,
+    /// Keep trying for up to this many seconds while the link is not there or the machine
+    /// does not answer (still booting, agent not loaded yet): connect again, say hello again.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    retry: u64,
 }
 
 fn run(args: Args) -> Result<()> {
@@ -69,12 +73,22 @@ fn run(args: Args) -> Result<()> {
         }
         None => None,
     };
-    let link = Arc::new(Link::open(&addr, args.baud)?);
+    let retry_until = Instant::now() + Duration::from_secs(args.retry);
+    let link = loop {
+        match Link::open(&addr, args.baud) {
+            Ok(link) => break Arc::new(link),
+            Err(_) if Instant::now() < retry_until => {
+                std::thread::sleep(Duration::from_millis(250))
+            }
+            Err(e) => return Err(e),
+        }
+    };
     state.update(|st| st.link = LinkState::Authenticating);
-    authenticate(
+    authenticate_until(
         &link,
         &key,
         Duration::from_secs(args.timeout),
+        retry_until,
         &mut *console,
     )?;
     state.update(|st| st.link = LinkState::Authenticated);

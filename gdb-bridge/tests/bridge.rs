@@ -78,6 +78,17 @@ impl Machine {
 /// Starts the machine on `listener`. `stop_after`: when to say `Stopped` after attention
 /// (`None`: never).
 fn machine(listener: UnixListener, key: &'static [u8], stop_after: Option<Duration>) -> Machine {
+    machine_deaf_at_first(listener, key, stop_after, Duration::ZERO)
+}
+
+/// [`machine`], but deaf for `deaf` after the bridge connects, as a machine whose agent has
+/// not taken the port yet: what arrives meanwhile is lost.
+fn machine_deaf_at_first(
+    listener: UnixListener,
+    key: &'static [u8],
+    stop_after: Option<Duration>,
+    deaf: Duration,
+) -> Machine {
     let log = Log::default();
     let machine_log = log.clone();
     let conn = Arc::new(Mutex::new(None));
@@ -87,6 +98,19 @@ fn machine(listener: UnixListener, key: &'static [u8], stop_after: Option<Durati
             return;
         };
         *machine_conn.lock().unwrap() = Some(s.try_clone().unwrap());
+        let mut r = s.try_clone().unwrap();
+        let until = Instant::now() + deaf;
+        let mut lost = [0u8; 256];
+        while let Some(left) = until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        {
+            r.set_read_timeout(Some(left)).unwrap();
+            if let Ok(n) = r.read(&mut lost) {
+                machine_log.push(format!("lost {n} bytes"));
+            }
+        }
+        r.set_read_timeout(None).unwrap();
         let mut r = s.try_clone().unwrap();
         // The endpoint and the socket's write side, shared with the thread that says Stopped.
         let shared = Arc::new(Mutex::new((Endpoint::new(key), s)));
@@ -531,6 +555,24 @@ fn a_control_path_that_is_not_a_socket_is_refused() {
     assert!(!status.success());
     assert!(all.contains("is not a socket"), "{all}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+}
+
+#[test]
+fn with_retry_the_bridge_waits_for_a_machine_that_is_still_booting() {
+    let dir = tempdir("retry");
+    let link = dir.join("link");
+    let b = bridge(&dir, KEY, &["--retry", "30", "--timeout", "1"]);
+    // QEMU not started yet: no socket for a while.
+    std::thread::sleep(Duration::from_millis(1000));
+    let m = machine_deaf_at_first(
+        UnixListener::bind(&link).unwrap(),
+        KEY,
+        Some(Duration::ZERO),
+        Duration::from_millis(1500),
+    );
+    b.stderr.wait_for("authenticated", LONG);
+    m.log.wait_for("lost", LONG);
+    b.stderr.wait_for("saying hello again", LONG);
 }
 
 #[test]
