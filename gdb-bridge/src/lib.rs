@@ -239,6 +239,9 @@ impl Link {
     }
 }
 
+/// How long a challenge must stay the newest before it is answered, after several hellos.
+const CHALLENGE_SETTLE: Duration = Duration::from_millis(300);
+
 /// Says hello and proves the key. Console output that arrives meanwhile goes to `console`.
 pub fn authenticate(
     link: &Link,
@@ -269,17 +272,30 @@ pub fn authenticate_until(
         })
     };
     hello()?;
+    let mut hellos = 1u32;
     let mut deadline = Instant::now() + timeout;
+    // After several hellos, the machine may answer each (they queued up while its agent was
+    // not listening yet): only the last challenge is live, so answer a challenge only when no
+    // newer one follows within CHALLENGE_SETTLE.
+    let mut pending: Option<([u8; auth::LEN], Instant)> = None;
     let mut said_waiting = false;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Some(inbound) = link.recv(left) else {
+        let until = pending.map_or(deadline, |(_, at)| at);
+        let Some(inbound) = link.recv(until.saturating_duration_since(Instant::now())) else {
+            if let Some((nonce, _)) = pending.take() {
+                link.send_control(Message::Response {
+                    mac: auth::respond(key, &nonce),
+                })?;
+                deadline = Instant::now() + timeout;
+                continue;
+            }
             if Instant::now() < retry_until {
                 if !said_waiting {
                     eprintln!("qs-bridge: no answer yet; saying hello again every {timeout:?} (the machine may still be booting)");
                     said_waiting = true;
                 }
                 hello()?;
+                hellos += 1;
                 deadline = Instant::now() + timeout;
                 continue;
             }
@@ -310,6 +326,9 @@ pub fn authenticate_until(
                 bail!("the machine speaks link version {version}, this qs-bridge {}: use matching releases", link::LINK_VERSION)
             }
             Ok(Message::Hello { .. }) => {}
+            Ok(Message::Challenge { nonce }) if hellos > 1 => {
+                pending = Some((nonce, Instant::now() + CHALLENGE_SETTLE));
+            }
             Ok(Message::Challenge { nonce }) => {
                 link.send_control(Message::Response {
                     mac: auth::respond(key, &nonce),

@@ -78,16 +78,25 @@ impl Machine {
 /// Starts the machine on `listener`. `stop_after`: when to say `Stopped` after attention
 /// (`None`: never).
 fn machine(listener: UnixListener, key: &'static [u8], stop_after: Option<Duration>) -> Machine {
-    machine_deaf_at_first(listener, key, stop_after, Duration::ZERO)
+    machine_deaf_at_first(listener, key, stop_after, Duration::ZERO, Deaf::Loses)
 }
 
-/// [`machine`], but deaf for `deaf` after the bridge connects, as a machine whose agent has
-/// not taken the port yet: what arrives meanwhile is lost.
+/// What a machine whose agent has not taken the port yet does with what arrives.
+#[derive(Clone, Copy)]
+enum Deaf {
+    /// Loses it (the UART's driver drops it).
+    Loses,
+    /// Reads nothing: it waits in the socket and arrives all at once later.
+    Queues,
+}
+
+/// [`machine`], but deaf for `deaf` after the bridge connects.
 fn machine_deaf_at_first(
     listener: UnixListener,
     key: &'static [u8],
     stop_after: Option<Duration>,
     deaf: Duration,
+    how: Deaf,
 ) -> Machine {
     let log = Log::default();
     let machine_log = log.clone();
@@ -101,6 +110,9 @@ fn machine_deaf_at_first(
         let mut r = s.try_clone().unwrap();
         let until = Instant::now() + deaf;
         let mut lost = [0u8; 256];
+        if let Deaf::Queues = how {
+            std::thread::sleep(deaf);
+        }
         while let Some(left) = until
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
@@ -114,6 +126,8 @@ fn machine_deaf_at_first(
         let mut r = s.try_clone().unwrap();
         // The endpoint and the socket's write side, shared with the thread that says Stopped.
         let shared = Arc::new(Mutex::new((Endpoint::new(key), s)));
+        // A new challenge each time, as on the machine.
+        let mut challenges = 0u8;
         let mut buf = [0u8; 2048];
         loop {
             let n = match r.read(&mut buf) {
@@ -124,7 +138,10 @@ fn machine_deaf_at_first(
                 let mut guard = shared.lock().unwrap();
                 let (e, s) = &mut *guard;
                 let mut out = Vec::new();
-                let mut nonce = || [0x5A; auth::LEN];
+                let mut nonce = || {
+                    challenges = challenges.wrapping_add(1);
+                    [challenges; auth::LEN]
+                };
                 let mut tx = |w: &[u8]| out.extend_from_slice(w);
                 match e.push(b, &mut nonce, &mut tx) {
                     Some(Event::Attention) => {
@@ -569,10 +586,29 @@ fn with_retry_the_bridge_waits_for_a_machine_that_is_still_booting() {
         KEY,
         Some(Duration::ZERO),
         Duration::from_millis(1500),
+        Deaf::Loses,
     );
     b.stderr.wait_for("authenticated", LONG);
     m.log.wait_for("lost", LONG);
     b.stderr.wait_for("saying hello again", LONG);
+}
+
+#[test]
+fn with_retry_hellos_that_queued_up_answer_only_the_last_challenge() {
+    let dir = tempdir("queued");
+    let _m = machine_deaf_at_first(
+        UnixListener::bind(dir.join("link")).unwrap(),
+        KEY,
+        Some(Duration::ZERO),
+        Duration::from_millis(3500),
+        Deaf::Queues,
+    );
+    let b = bridge(&dir, KEY, &["--retry", "30", "--timeout", "1"]);
+    b.stderr.wait_for("saying hello again", LONG);
+    b.stderr.wait_for("authenticated", LONG);
+    let mut gdb = b.gdb();
+    gdb.write_all(b"$g#67").unwrap();
+    assert_eq!(read_some(&mut gdb, 10), b"echo:$g#67");
 }
 
 #[test]
