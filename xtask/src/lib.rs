@@ -6,6 +6,7 @@
 //!   ([`Kernel`]).
 //! - [`mod@build`]: the hv image, the agent module, the guest binaries and the initramfs, all in
 //!   `<repo>/target/qs` ([`Artifacts`]).
+//! - [`demo`]: the demo's link: a random key, the link socket, `qs-bridge` serving gdb.
 //! - [`qemu`]: boot that kernel under QEMU/TCG with a script, capture its console, enforce a
 //!   timeout ([`Qemu`], [`Running`], [`RunOutput`]).
 //!
@@ -24,6 +25,7 @@ pub mod bench_gdb;
 pub mod build;
 pub mod cmd;
 pub mod cpio;
+pub mod demo;
 pub mod gdb;
 pub mod image;
 pub mod initrd;

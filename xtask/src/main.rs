@@ -20,7 +20,8 @@ enum Cli {
     Setup,
     /// Build the hv image, the agent module, the guest tools and the initramfs into target/qs.
     Build,
-    /// Boot the test guest under QEMU: an interactive shell on this terminal, or a script.
+    /// Boot the test guest under QEMU: an interactive shell on this terminal, or a script;
+    /// qs-bridge serves gdb for its kernel on 127.0.0.1:1234.
     Demo(DemoArgs),
     /// Set up, build, then run the workspace's tests (cargo nextest if installed, else cargo
     /// test). Arguments after `--` go to the test runner.
@@ -54,9 +55,13 @@ struct DemoArgs {
     /// Extra kernel command-line words (repeatable), e.g. quicksilver.<param>=<value>.
     #[arg(long = "cmdline", value_name = "WORD")]
     cmdline: Vec<String>,
-    /// With --script: give up after this many seconds.
+    /// With --script: give up after this many seconds. (qs-bridge waits as long for the
+    /// guest's agent to answer.)
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Where qs-bridge serves gdb for the guest's kernel.
+    #[arg(long, value_name = "ADDR:PORT", default_value = xtask::demo::GDB_ADDR)]
+    gdb: String,
 }
 
 fn main() -> ExitCode {
@@ -137,8 +142,41 @@ fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     for word in &args.cmdline {
         qemu = qemu.cmdline(word);
     }
+    // The link: QEMU's ttyS1 on a socket, a fresh key, qs-bridge serving gdb on it.
+    let link = (!args.noload)
+        .then(|| xtask::demo::DemoLink::new(&artifacts, &args.gdb))
+        .transpose()?;
+    if let Some(link) = &link {
+        qemu = link.configure(qemu);
+        note(format!(
+            "once qs-bridge is on the link, debug the kernel from another terminal: {}",
+            link.gdb_command(&artifacts.vmlinux)
+        ));
+    }
+    let start_bridge = |raw_terminal: bool| {
+        let link = link.as_ref()?;
+        let patience = Duration::from_secs(args.timeout);
+        match link.start_bridge(&artifacts, patience, raw_terminal) {
+            Ok(bridge) => {
+                note(format!(
+                    "qs-bridge (pid {}) serves gdb on {}; its log: {}; control socket: {}",
+                    bridge.pid(),
+                    link.gdb,
+                    link.bridge_log.display(),
+                    link.control.display()
+                ));
+                Some(bridge)
+            }
+            Err(err) => {
+                eprintln!("xtask: warning: no qs-bridge, so no gdb: {err:#}");
+                None
+            }
+        }
+    };
     let Some(script_path) = args.script else {
         note("booting; leave with `poweroff` in the guest, or Ctrl-A X (Ctrl-A C: QEMU monitor)");
+        // Started first: it connects once QEMU listens and the agent answers.
+        let _bridge = start_bridge(true);
         let status = qemu.run_interactive()?;
         return Ok(if status.success() {
             ExitCode::SUCCESS
@@ -148,10 +186,20 @@ fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     let script = std::fs::read_to_string(&script_path)
         .with_context(|| format!("reading the script {}", script_path.display()))?;
-    let out = qemu
+    let mut running = qemu
         .timeout(Duration::from_secs(args.timeout))
         .on_line(|line| println!("{line}"))
-        .run_script(&script)?;
+        .spawn_script(&script)?;
+    // If the guest never boots, `wait` below says why.
+    let bridge = running
+        .wait_for(
+            xtask::qemu::BOOTED_MARKER,
+            Duration::from_secs(args.timeout),
+        )
+        .ok()
+        .and_then(|_| start_bridge(false));
+    let out = running.wait()?;
+    drop(bridge);
     let booted = out
         .booted_after
         .map_or("?".into(), |d| format!("{:.1} s", d.as_secs_f64()));

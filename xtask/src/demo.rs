@@ -1,0 +1,213 @@
+//! The demo's link to the operator: the guest's second UART (ttyS1, port 0x2f8) on a Unix
+//! socket, a fresh random key on the kernel command line, and the built `qs-bridge` on the
+//! other end, serving gdb on TCP and its control socket for as long as the demo runs.
+//!
+//! Files, all in `<target>/qs`: `demo.key` (the key, mode 0600), `demo-link.sock` (QEMU's end
+//! of the link), `bridge.sock` (the bridge's control socket), `logs/demo-bridge.log` (what the
+//! bridge says) and `logs/demo-bridge-console.log` (the machine's console channel).
+
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::build::Artifacts;
+use crate::qemu::Qemu;
+
+/// The guest's link port: COM2.
+pub const LINK_PORT: &str = "0x2f8";
+/// Where gdb connects by default.
+pub const GDB_ADDR: &str = "127.0.0.1:1234";
+
+/// The demo's link: key, sockets and logs.
+#[derive(Clone, Debug)]
+pub struct DemoLink {
+    /// The key file given to the bridge.
+    pub key_file: PathBuf,
+    /// QEMU's Unix socket for ttyS1.
+    pub socket: PathBuf,
+    /// The bridge's control socket.
+    pub control: PathBuf,
+    /// What the bridge says.
+    pub bridge_log: PathBuf,
+    /// The machine's console channel, as the bridge receives it.
+    pub console_log: PathBuf,
+    /// Where gdb connects (`HOST:PORT`).
+    pub gdb: String,
+    key: String,
+}
+
+impl DemoLink {
+    /// Writes a new random key to `<target>/qs/demo.key` (mode 0600) and picks the paths.
+    pub fn new(artifacts: &Artifacts, gdb: &str) -> anyhow::Result<DemoLink> {
+        let mut random = [0u8; 16];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut random))
+            .context("cannot read /dev/urandom for the demo's link key")?;
+        let key: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        let key_file = artifacts.dir.join("demo.key");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key_file)
+            .with_context(|| format!("cannot write {}", key_file.display()))?;
+        // An older file keeps its mode through open(): set it.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        writeln!(f, "{key}")?;
+        let mut socket = artifacts.dir.join("demo-link.sock");
+        // sun_path holds 108 bytes.
+        if socket.as_os_str().len() > 100 {
+            socket = std::env::temp_dir().join(format!("qs-demo-link-{}.sock", std::process::id()));
+        }
+        let _ = std::fs::remove_file(&socket);
+        Ok(DemoLink {
+            key_file,
+            socket,
+            control: artifacts.dir.join("bridge.sock"),
+            bridge_log: artifacts.logs_dir().join("demo-bridge.log"),
+            console_log: artifacts.logs_dir().join("demo-bridge-console.log"),
+            gdb: gdb.to_string(),
+            key,
+        })
+    }
+
+    /// `qemu` with ttyS1 on the link socket and the agent told to watch it with the key.
+    pub fn configure(&self, qemu: Qemu) -> Qemu {
+        qemu.link_socket(&self.socket)
+            .cmdline(&format!("quicksilver.link_port={LINK_PORT}"))
+            .cmdline(&format!("quicksilver.key={}", self.key))
+    }
+
+    /// What to type in another terminal to debug the guest's kernel. (The hv answers gdb's
+    /// `qOffsets` with the KASLR offset: no manual relocation.)
+    pub fn gdb_command(&self, vmlinux: &Path) -> String {
+        let target = match self.gdb.rsplit_once(':') {
+            Some(("127.0.0.1" | "localhost", port)) => format!(":{port}"),
+            _ => self.gdb.clone(),
+        };
+        format!("gdb {} -ex 'target remote {target}'", vmlinux.display())
+    }
+
+    /// Starts the built `qs-bridge` on the link. It keeps connecting and saying hello for up
+    /// to `patience` (QEMU may not listen yet, the agent may not have taken the port yet).
+    /// Its stderr goes to [`DemoLink::bridge_log`] and, line by line, to this terminal
+    /// (`raw_terminal`: QEMU owns it in raw mode, so lines start on a fresh line).
+    pub fn start_bridge(
+        &self,
+        artifacts: &Artifacts,
+        patience: Duration,
+        raw_terminal: bool,
+    ) -> anyhow::Result<DemoBridge> {
+        if !artifacts.bridge.exists() {
+            anyhow::bail!(
+                "{} is missing: run `cargo xtask build`",
+                artifacts.bridge.display()
+            );
+        }
+        std::fs::create_dir_all(artifacts.logs_dir())?;
+        let mut log = std::fs::File::create(&self.bridge_log)
+            .with_context(|| format!("cannot write {}", self.bridge_log.display()))?;
+        let mut command = Command::new(&artifacts.bridge);
+        command
+            .arg("--link")
+            .arg(format!("unix:{}", self.socket.display()))
+            .arg("--key")
+            .arg(&self.key_file)
+            .args(["--gdb", &self.gdb])
+            .arg("--console")
+            .arg(&self.console_log)
+            .arg("--control")
+            .arg(&self.control)
+            .args(["--timeout", "5"])
+            .args(["--retry", &patience.as_secs().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure runs in the child between fork and exec and only makes one
+        // async-signal-safe system call (prctl), which touches no memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                // The bridge must not outlive the demo, even if xtask itself is killed.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", artifacts.bridge.display()))?;
+        let quiet = Arc::new(AtomicBool::new(false));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (echo_quiet, gdb_line) = (quiet.clone(), self.gdb_command(&artifacts.vmlinux));
+        let bridge_log = self.bridge_log.clone();
+        std::thread::spawn(move || {
+            let say = |text: &str| {
+                if raw_terminal {
+                    eprint!("\r\n{text}\r\n");
+                } else {
+                    eprintln!("{text}");
+                }
+            };
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(log, "{line}");
+                if line.contains("authenticated") {
+                    say(&format!(
+                        "xtask: qs-bridge is on the link; in another terminal: {gdb_line}"
+                    ));
+                    continue;
+                }
+                // Expected while the guest boots: the log has it.
+                if line.contains("no answer yet") {
+                    continue;
+                }
+                // The link closes when QEMU exits: at the end of the demo that is no news.
+                if line.contains("the link closed") || line.contains("the link failed") {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                if !echo_quiet.load(Ordering::Acquire) {
+                    say(&line);
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            if !echo_quiet.load(Ordering::Acquire) {
+                say(&format!(
+                    "xtask: qs-bridge stopped; gdb is not served any more (log: {})",
+                    bridge_log.display()
+                ));
+            }
+        });
+        Ok(DemoBridge { child, quiet })
+    }
+}
+
+/// The demo's running bridge: killed when dropped.
+#[derive(Debug)]
+pub struct DemoBridge {
+    child: Child,
+    quiet: Arc<AtomicBool>,
+}
+
+impl DemoBridge {
+    /// The bridge's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for DemoBridge {
+    fn drop(&mut self) {
+        self.quiet.store(true, Ordering::Release);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
