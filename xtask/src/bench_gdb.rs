@@ -196,8 +196,14 @@ pub fn qemu_stub(a: &Artifacts) -> Result<Figures> {
         .cmdline(&format!("quicksilver.key={KEY}"))
         .args(["-gdb".to_string(), format!("tcp:127.0.0.1:{port}")])
         .spawn_script(SCRIPT)?;
-    let line = running.wait_for("KALLSYMS-TEXT ", Duration::from_secs(300))?;
+    running.wait_for("KALLSYMS-TEXT ", Duration::from_secs(300))?;
     running.wait_for("BENCH-READY", Duration::from_secs(60))?;
+    // The whole line (`wait_for` may return one that is still arriving).
+    let console = running.console();
+    let line = console
+        .lines()
+        .find(|l| l.contains("KALLSYMS-TEXT "))
+        .unwrap_or_default();
     let text = line
         .split("KALLSYMS-TEXT ")
         .nth(1)
