@@ -159,10 +159,11 @@ impl Machine {
         let mut running = qemu
             .spawn_script(&format!("{GDB_PRELUDE}\n{script}"))
             .unwrap_or_else(|e| panic!("{e}"));
-        running
-            .wait_for("KALLSYMS-TEXT ", Duration::from_secs(180))
-            .and_then(|_| running.wait_for(ready, Duration::from_secs(120)))
-            .unwrap_or_else(|e| panic!("{e}"));
+        for (marker, secs) in [("KALLSYMS-TEXT ", 180), (ready, 120)] {
+            if let Err(e) = running.wait_for(marker, Duration::from_secs(secs)) {
+                panic!("{e}");
+            }
+        }
         // The whole line (`wait_for` may return one that is still arriving).
         let console = running.console();
         let line = console
