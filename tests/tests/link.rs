@@ -7,12 +7,14 @@ use quicksilver_tests::*;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Guest script: report when the hv becomes active (or that it stayed dormant).
+/// Guest script: report whether the link's attention activated the hv (the agent logs it),
+/// then the state once the bridge's gdb session is over.
 const WATCH: &str = r#"i=0
 while [ $i -lt 150 ]; do
-    if qsctl status | grep -q "state: active"; then echo "LINK-ACTIVATED"; break; fi
+    if dmesg | grep -q "at the link's request"; then echo "LINK-ACTIVATED"; break; fi
     sleep 0.2; i=$((i + 1))
 done
+sleep 1
 qsctl status | head -1
 qsctl stats | grep "^link:"
 qsctl probe
@@ -54,16 +56,33 @@ fn an_authenticated_bridge_activates_the_hv() {
     )
     .expect("the right key is accepted");
     link.send_control(Message::Attention).unwrap();
+    // Every CPU stops for the debugger; a detach lets them run natively again.
+    let mut stopped = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while stopped.is_none() && std::time::Instant::now() < deadline {
+        if let Some(qs_bridge::Inbound::Frame {
+            channel: Channel::Control,
+            payload,
+        }) = link.recv(Duration::from_secs(1))
+        {
+            if let Ok(Message::Stopped { cpus }) = Message::decode(&payload) {
+                stopped = Some(cpus);
+            }
+        }
+    }
+    assert_eq!(stopped, Some(2), "the machine reports both CPUs stopped");
+    link.send(Channel::Gdb, b"$D#44").unwrap();
     let out = running.wait().expect("guest ran");
     assert_success(&out);
     assert_console_has(&out, "LINK-ACTIVATED");
+    assert_console_has(&out, "state: dormant");
     assert_console_has(
         &out,
         "quicksilver: took ttyS1 (port 0x2f8) from the serial driver for the link",
     );
     assert_console_has(&out, "quicksilver: link on port 0x2f8 IRQ 3");
     assert_console_has(&out, "activated on 2 CPUs at the link's request");
-    assert_console_has(&out, "cpu 1: signature Quicksilver");
+    assert_console_has(&out, "cpu 1: signature none");
     assert_console_has(
         &out,
         "link: bridge authenticated; 0 frames dropped, 0 wrong keys",

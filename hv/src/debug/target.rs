@@ -693,13 +693,15 @@ impl MonitorCmd for Debugger {
                     let d = &c.state.dbg;
                     outputln!(
                         out,
-                        "cpu {i} (thread {}): apic {} {} rip {:#x} cpl {} cr3 {:#x}",
+                        "cpu {i} (thread {}): apic {} {} rip {:#x} cpl {} cr3 {:#x} dr7 {:#x} dr0-3 {:x?}",
                         i + 1,
                         d.apic_id,
                         if d.parked.load(Acquire) { "stopped" } else { "running" },
                         c.vmcb.save.rip,
                         c.vmcb.save.cpl,
-                        c.vmcb.save.cr3
+                        c.vmcb.save.cr3,
+                        c.vmcb.save.dr7,
+                        d.dr
                     );
                 }
             }
