@@ -176,6 +176,30 @@ fn attach_on_4_cpus_while_the_workload_runs() {
 /// The kernel function behind getpid(2) in 6.1 (`SYSCALL_DEFINE0(getpid)`).
 const GETPID: &str = "__x64_sys_getpid";
 
+/// At the entry of the getpid handler: its argument is the user's registers (the 6.1
+/// wrappers take `const struct pt_regs *`, on the kernel stack) in rdi, and their orig_ax is
+/// the system call's number. (The argument by name, `__unused`: a cast to `struct pt_regs *`
+/// would be as good, but gdb spends some 20 s of CPU looking the type up in this vmlinux.)
+fn check_syscall_argument(m: &Machine, gdb: &mut Gdb) {
+    let out = m.run(gdb, "info registers rdi");
+    let rdi = register(&out, "rdi");
+    if rdi.is_none_or(|rdi| rdi < 0xffff_8000_0000_0000) {
+        m.fail(gdb, "rdi holds the pt_regs pointer", &out);
+    }
+    let out = m.run(gdb, "info args");
+    if !out.contains(&format!("__unused = {:#x}", rdi.unwrap_or(0))) {
+        m.fail(
+            gdb,
+            &format!("the handler's argument is rdi ({rdi:#x?})"),
+            &out,
+        );
+    }
+    let out = m.run(gdb, "p __unused->orig_ax");
+    if value_of(&out) != Some(39) {
+        m.fail(gdb, "the system call number (getpid = 39)", &out);
+    }
+}
+
 #[test]
 fn a_breakpoint_on_the_getpid_handler_hits_and_leaves_no_trace() {
     let mut m = Machine::boot("gdb-break", 2, WORKLOAD_AND_GETPID, "GUEST-READY");
@@ -195,16 +219,7 @@ fn a_breakpoint_on_the_getpid_handler_hits_and_leaves_no_trace() {
         if !out.contains("Breakpoint 1, ") || !out.contains("sys_getpid") {
             m.fail(&gdb, &format!("hit {hit} of the getpid breakpoint"), &out);
         }
-        // The 6.1 wrappers take the user's registers: `struct pt_regs *` in rdi, on the
-        // kernel stack; orig_ax is the system call's number.
-        let out = m.run(&mut gdb, "info registers rdi");
-        if register(&out, "rdi").is_none_or(|rdi| rdi < 0xffff_8000_0000_0000) {
-            m.fail(&gdb, "rdi holds the pt_regs pointer", &out);
-        }
-        let out = m.run(&mut gdb, "p ((struct pt_regs *)$rdi)->orig_ax");
-        if value_of(&out) != Some(39) {
-            m.fail(&gdb, "the system call number (getpid = 39)", &out);
-        }
+        check_syscall_argument(&m, &mut gdb);
         let out = m.run(&mut gdb, "bt");
         if !out.contains("do_syscall_64") {
             m.fail(
@@ -290,14 +305,7 @@ fn a_hardware_watchpoint_and_a_hardware_breakpoint_fire() {
             &out,
         );
     }
-    let out = m.run(&mut gdb, "p ((struct pt_regs *)$rdi)->orig_ax");
-    if value_of(&out) != Some(39) {
-        m.fail(
-            &gdb,
-            "the system call number at the hardware breakpoint",
-            &out,
-        );
-    }
+    check_syscall_argument(&m, &mut gdb);
     m.run(&mut gdb, "delete");
     detach(&m, &mut gdb);
     gdb.quit();

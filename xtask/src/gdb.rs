@@ -146,6 +146,7 @@ pub struct Gdb {
     /// Byte offset in the output up to which commands and waits have consumed.
     cursor: usize,
     seq: u64,
+    started: Instant,
     /// Default time one command may take.
     pub timeout: Duration,
 }
@@ -218,6 +219,7 @@ impl Gdb {
             log_path: log.map(Path::to_path_buf),
             cursor: 0,
             seq: 0,
+            started: Instant::now(),
             timeout: Duration::from_secs(120),
         };
         // Reading a vmlinux with debug info takes seconds.
@@ -238,7 +240,8 @@ impl Gdb {
     /// Types `line` into gdb without waiting for anything.
     pub fn send(&mut self, line: &str) -> Result<(), GdbError> {
         if let Some(log) = &self.log {
-            let _ = writeln!(log.lock().expect("log"), "\n>>> {line}");
+            let at = self.started.elapsed().as_secs_f64();
+            let _ = writeln!(log.lock().expect("log"), "\n>>> [{at:8.3}] {line}");
         }
         self.stdin
             .write_all(format!("{line}\n").as_bytes())
