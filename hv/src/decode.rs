@@ -13,6 +13,7 @@ pub enum Insn {
     Rdmsr,
     Wrmsr,
     Vmmcall,
+    Stgi,
 }
 
 /// Why no length could be found.
@@ -53,6 +54,7 @@ pub fn length(insn: Insn, bytes: &[u8]) -> Result<usize, DecodeError> {
         Insn::Rdmsr => &[0x0F, 0x32],
         Insn::Wrmsr => &[0x0F, 0x30],
         Insn::Vmmcall => &[0x0F, 0x01, 0xD9],
+        Insn::Stgi => &[0x0F, 0x01, 0xDC],
     };
     for (k, want) in opcode.iter().enumerate() {
         let got = *bytes.get(i + k).ok_or(DecodeError::Truncated)?;

@@ -8,7 +8,10 @@
 //! - Writes to EFER keep SVME set (clearing it would pull SVM from under the hv); writes to
 //!   VM_CR and VM_HSAVE_PA get #GP. Both are counted as refusals. A guest that tries to start
 //!   its own hypervisor (kvm_amd) sees EFER.SVME already set and refuses by itself.
-//! - VMRUN, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, INVLPGA: #UD, counted (no nested SVM).
+//! - VMRUN, VMLOAD, VMSAVE, CLGI, SKINIT, INVLPGA: #UD, counted (no nested SVM).
+//! - STGI, and a write of 0 to VM_HSAVE_PA, complete as no-ops: that is how the kernel turns
+//!   virtualization off on its way to reboot or power off (`cpu_svm_disable`), and as far as
+//!   the guest can tell, its GIF is always set.
 //! - VMMCALL from CPL > 0, or without the Quicksilver tag: #UD, as on bare metal.
 //! - A nested page fault inside the hv's memory: the guest's access is refused by remapping
 //!   that guest page to a scratch page (reads see zeros, writes land in scratch), counted.
@@ -42,7 +45,9 @@ pub enum VmExit {
         rcx: u64,
         cpl: u8,
     },
-    /// VMRUN, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, INVLPGA.
+    /// STGI.
+    Stgi,
+    /// VMRUN, VMLOAD, VMSAVE, CLGI, SKINIT, INVLPGA.
     VirtualizationInstruction {
         vmrun: bool,
     },
@@ -75,7 +80,9 @@ impl VmExit {
             VmExit::MsrWrite { .. } | VmExit::MsrRead { .. } => ExitKind::Msr,
             VmExit::Hypercall { .. } => ExitKind::Vmmcall,
             VmExit::VirtualizationInstruction { vmrun: true } => ExitKind::Vmrun,
-            VmExit::VirtualizationInstruction { vmrun: false } => ExitKind::SvmInstruction,
+            VmExit::VirtualizationInstruction { vmrun: false } | VmExit::Stgi => {
+                ExitKind::SvmInstruction
+            }
             VmExit::NestedPageFault { .. } => ExitKind::Npf,
             VmExit::Shutdown => ExitKind::Shutdown,
             VmExit::Nmi
@@ -142,6 +149,7 @@ pub fn handle(exit: VmExit, cpu: &mut impl GuestCpu, count: &impl Refusals) -> A
         VmExit::MsrWrite { msr, value } => msr_write(msr, value, cpu, count),
         VmExit::MsrRead { .. } => Action::Unexpected,
         VmExit::Hypercall { rax, rbx, rcx, cpl } => hypercall(rax, rbx, rcx, cpl, cpu),
+        VmExit::Stgi => Action::Complete(Insn::Stgi),
         VmExit::VirtualizationInstruction { .. } => {
             count.svm_instruction_refused();
             Action::Inject(Event::InvalidOpcode)
@@ -189,6 +197,7 @@ fn msr_write(msr: u32, value: u64, cpu: &mut impl GuestCpu, count: &impl Refusal
             cpu.set_efer(value | instr::EFER_SVME);
             Action::Complete(Insn::Wrmsr)
         }
+        instr::msr::VM_HSAVE_PA if value == 0 => Action::Complete(Insn::Wrmsr),
         instr::msr::VM_CR | instr::msr::VM_HSAVE_PA => {
             count.msr_refused();
             Action::Inject(Event::GeneralProtection)
@@ -323,6 +332,20 @@ mod tests {
         );
         assert_eq!(a, Action::Inject(Event::GeneralProtection));
         assert_eq!(count.0.get(), 2);
+    }
+
+    #[test]
+    fn the_kernels_reboot_path_turning_svm_off_completes_quietly() {
+        // cpu_svm_disable: VM_HSAVE_PA = 0, STGI, EFER without SVME.
+        let mut cpu = FakeCpu::default();
+        let count = Count::default();
+        let hsave_zero = VmExit::MsrWrite {
+            msr: 0xC001_0117,
+            value: 0,
+        };
+        assert_eq!(handle(hsave_zero, &mut cpu, &count), Action::Complete(Insn::Wrmsr));
+        assert_eq!(handle(VmExit::Stgi, &mut cpu, &count), Action::Complete(Insn::Stgi));
+        assert_eq!(count.0.get(), 0, "nothing refused");
     }
 
     #[test]

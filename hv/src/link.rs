@@ -44,10 +44,12 @@ fn with<R>(f: impl FnOnce(&mut Option<Link>) -> R) -> R {
     r
 }
 
-/// Writes bytes to the 16550 UART at `port`, polling its transmitter (bounded, so that a
-/// dead UART cannot hang the caller).
+/// Writes bytes to the 16550A UART at `port`, polling its transmitter (bounded, so that a
+/// dead UART cannot hang the caller). With the FIFO on (the agent sets it up), THRE means
+/// the whole 16-byte transmit FIFO is empty: one poll per 16 bytes, which matters when every
+/// port access is an emulated I/O operation.
 fn uart_write(port: u16, bytes: &[u8]) {
-    for &b in bytes {
+    for chunk in bytes.chunks(16) {
         for _ in 0..100_000 {
             // SAFETY: reading the line status register of the link's UART, which the agent
             // handed to the hv (LinkConfig), has no side effect.
@@ -55,9 +57,11 @@ fn uart_write(port: u16, bytes: &[u8]) {
                 break;
             }
         }
-        // SAFETY: the transmit holding register of the link's UART, which the hv owns for
-        // writing.
-        unsafe { instr::outb(port, b) };
+        for &b in chunk {
+            // SAFETY: the transmit holding register of the link's UART, which the hv owns
+            // for writing.
+            unsafe { instr::outb(port, b) };
+        }
     }
 }
 

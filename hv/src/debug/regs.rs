@@ -115,13 +115,22 @@ impl Registers for X86Regs {
     }
 }
 
-/// Register numbers are only used for `p`/`P`, which this stub leaves to `g`/`G`.
+/// A register number of the description. The stub leaves `p`/`P` to `g`/`G`; numbers are
+/// used to expedite registers in stop replies.
 #[derive(Clone, Copy, Debug)]
-pub struct X86RegId;
+pub struct X86RegId(pub usize);
+
+/// Expedited in every stop reply: gdb needs no `g` packet to show where a CPU stopped.
+pub const RBP: X86RegId = X86RegId(6);
+pub const RSP: X86RegId = X86RegId(7);
+pub const RIP: X86RegId = X86RegId(16);
 
 impl RegId for X86RegId {
-    fn from_raw_id(_id: usize) -> Option<(Self, Option<NonZeroUsize>)> {
-        None
+    fn from_raw_id(id: usize) -> Option<(Self, Option<NonZeroUsize>)> {
+        (id < 66).then_some((X86RegId(id), None))
+    }
+    fn to_raw_id(&self) -> Option<usize> {
+        Some(self.0)
     }
 }
 

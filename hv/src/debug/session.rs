@@ -7,7 +7,7 @@
 
 use super::stop::{self, dbg_of, Resume};
 use super::target::{Debugger, Devirt, HwKind};
-use super::Reason;
+use super::{regs, Reason};
 use crate::link::{self, Polled};
 use crate::vmm::Hv;
 use core::num::NonZeroUsize;
@@ -312,8 +312,29 @@ fn report(hv: &Hv, s: &mut Session, me: u32) {
     for i in 0..hv.cpus {
         dbg_of(hv, i).reason = Reason::None;
     }
+    let who = match reason {
+        MultiThreadStopReason::SwBreak(t)
+        | MultiThreadStopReason::HwBreak(t)
+        | MultiThreadStopReason::Watch { tid: t, .. }
+        | MultiThreadStopReason::SignalWithThread { tid: t, .. } => t.get() as u32 - 1,
+        _ => me,
+    };
+    let save = &stop::cpu_of(hv, who).vmcb.save;
+    let (rip, rsp, rbp) = (
+        save.rip.to_le_bytes(),
+        save.rsp.to_le_bytes(),
+        stop::cpu_of(hv, who).state.regs.rbp.to_le_bytes(),
+    );
+    let mut expedite = [
+        (regs::RIP, &rip[..]),
+        (regs::RSP, &rsp[..]),
+        (regs::RBP, &rbp[..]),
+    ]
+    .into_iter();
     s.stub = match s.stub.take() {
-        Some(GdbStubStateMachine::Running(g)) => g.report_stop(&mut s.target, reason).ok(),
+        Some(GdbStubStateMachine::Running(g)) => g
+            .report_stop_with_regs(&mut s.target, reason, &mut expedite)
+            .ok(),
         Some(GdbStubStateMachine::CtrlCInterrupt(g)) => {
             g.interrupt_handled(&mut s.target, Some(reason)).ok()
         }

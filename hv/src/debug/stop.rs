@@ -12,7 +12,7 @@ use super::PerCpu;
 use crate::arch::instr;
 use crate::vcpu::Cpu;
 use crate::vmm::{self, Hv, COUNTERS};
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 
 /// The stop's shared state, changed only under [`LOCK`].
 struct StopState {
@@ -32,6 +32,8 @@ static LOCK: spin::Mutex<StopState> = spin::Mutex::new(StopState {
 pub static ACTIVATING: AtomicU32 = AtomicU32::new(0);
 /// An attach was asked for while dormant: every CPU parks at activation.
 pub static ATTACH_AT_ACTIVATION: AtomicBool = AtomicBool::new(false);
+/// TSC cycles the last stop took to gather every CPU (leader's entry to all parked).
+pub static LAST_GATHER_CYCLES: AtomicU64 = AtomicU64::new(0);
 
 /// What a parked CPU does when released.
 #[repr(u8)]
@@ -66,8 +68,10 @@ pub unsafe fn enter(hv: &Hv, me: *mut Cpu, lead: impl FnOnce(&Hv, u32)) -> Resum
         leader
     };
     if leader {
+        let t0 = instr::rdtsc();
         stop_others(hv, index);
         wait_for_all(hv);
+        LAST_GATHER_CYCLES.store(instr::rdtsc() - t0, Relaxed);
         lead(hv, index);
         release(hv);
     }
@@ -75,13 +79,16 @@ pub unsafe fn enter(hv: &Hv, me: *mut Cpu, lead: impl FnOnce(&Hv, u32)) -> Resum
     while !dbg.go.load(Acquire) {
         core::hint::spin_loop();
     }
-    dbg.parked.store(false, Relaxed);
     dbg.restore();
     dbg.action
 }
 
-/// NMIs every CPU in guest mode that is not parked.
+/// NMIs every CPU in guest mode that is not parked. At an attach, the CPUs are on their way
+/// into the hv (parking before their first VMRUN): no NMI.
 fn stop_others(hv: &Hv, me: u32) {
+    if ACTIVATING.load(Acquire) != 0 {
+        return;
+    }
     for i in 0..hv.cpus {
         if i == me {
             continue;
@@ -108,29 +115,12 @@ fn target_cpus() -> u32 {
 }
 
 /// Waits until every CPU is parked; gives up after about two seconds (a CPU that never
-/// answers its NMI is left running and is not listed to gdb) after one more NMI.
+/// answers its NMI is left running and is not listed to gdb). The NMI is not sent twice: a
+/// second one could arrive after the first was consumed and reach the kernel as an unknown NMI.
 fn wait_for_all(hv: &Hv) {
-    let second = hv.tsc_khz as u64 * 1000;
+    let limit = hv.tsc_khz as u64 * 2000;
     let start = instr::rdtsc();
-    let mut resent = false;
-    loop {
-        if LOCK.lock().parked >= target_cpus() {
-            return;
-        }
-        let waited = instr::rdtsc() - start;
-        if waited > second && !resent {
-            resent = true;
-            for i in 0..hv.cpus {
-                let d = dbg_of(hv, i);
-                if cpu_active(hv, i) && !d.parked.load(Acquire) {
-                    // SAFETY: as in stop_others.
-                    unsafe { instr::send_nmi(d.apic_id) };
-                }
-            }
-        }
-        if waited > 2 * second {
-            return;
-        }
+    while LOCK.lock().parked < target_cpus() && instr::rdtsc() - start < limit {
         core::hint::spin_loop();
     }
 }
@@ -141,7 +131,10 @@ fn release(hv: &Hv) {
     for i in 0..hv.cpus {
         let d = dbg_of(hv, i);
         if d.parked.load(Acquire) && d.action != Resume::Stay && !d.go.load(Relaxed) {
+            // Not parked from here on, though it may take a moment to notice `go`: the next
+            // stop must send it an NMI.
             s.parked -= 1;
+            d.parked.store(false, Release);
             d.go.store(true, Release);
         }
     }

@@ -636,6 +636,9 @@ impl MonitorCmd for Debugger {
                     }
                 );
                 outputln!(out, "hv code intact: {}", hv.code_intact());
+                let us = super::stop::LAST_GATHER_CYCLES.load(Relaxed) * 1000
+                    / (hv.tsc_khz as u64).max(1);
+                outputln!(out, "last stop gathered every CPU in {us} us");
             }
             "stats" => {
                 outputln!(

@@ -351,10 +351,10 @@ pub fn decode_exit(vmcb: &Vmcb, regs: &GuestRegs) -> VmExit {
             rcx: regs.rcx,
             cpl: vmcb.save.cpl,
         },
+        x if x == ExitCode::Stgi as u64 => VmExit::Stgi,
         x if x == ExitCode::Vmrun as u64
             || x == ExitCode::Vmload as u64
             || x == ExitCode::Vmsave as u64
-            || x == ExitCode::Stgi as u64
             || x == ExitCode::Clgi as u64
             || x == ExitCode::Skinit as u64
             || x == ExitCode::Invlpga as u64 =>
