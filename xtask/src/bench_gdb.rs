@@ -130,7 +130,7 @@ fn measure(gdb: &mut Gdb, addr: &str, label: &str) -> Result<Figures> {
             let (secs, out) = timed(
                 gdb,
                 &format!("[gdb.execute('stepi', to_string=True) for i in range({STEPS})]"),
-                Duration::from_secs(900),
+                Duration::from_secs(300),
             )
             .with_context(|| format!("{label}: stepping"))?;
             if out.contains("Error") || out.contains("Traceback") {
@@ -152,7 +152,7 @@ fn measure(gdb: &mut Gdb, addr: &str, label: &str) -> Result<Figures> {
                     dump.display(),
                     text + READ_BYTES
                 ),
-                Duration::from_secs(900),
+                Duration::from_secs(300),
             )
             .with_context(|| format!("{label}: reading memory"))?;
             let len = std::fs::metadata(&dump).map(|m| m.len()).unwrap_or(0);
