@@ -148,7 +148,7 @@ impl Machine {
             .join(format!("{name}-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&sock);
         let mut qemu = guest(name, smp)
-            .timeout(Duration::from_secs(400))
+            .timeout(Duration::from_secs(300))
             .link_socket(&sock)
             .cmdline("quicksilver.link_port=0x2f8")
             .cmdline(&format!("quicksilver.key={GDB_KEY}"));
@@ -260,6 +260,17 @@ impl Machine {
         )
     }
 
+    /// Waits until the bridge says that `sessions` gdb sessions have ended (detach or kill);
+    /// at once with QEMU's stub.
+    pub fn await_sessions_ended(&self, sessions: usize) {
+        if let Some(bridge) = &self.bridge {
+            // "gdb detached; ..." or "... detached instead, the kernel keeps running".
+            if let Err(e) = bridge.wait_for_count("detached", sessions, Duration::from_secs(60)) {
+                panic!("{}: {e}", self.name);
+            }
+        }
+    }
+
     /// Types `line` on the guest's console (for the script's `wait_host`).
     pub fn send(&mut self, line: &str) {
         self.running
@@ -267,11 +278,17 @@ impl Machine {
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
-    /// Waits for `marker` on the guest's console; returns its line.
+    /// Waits for `marker` on the guest's console; returns its whole line.
     pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> String {
-        self.running
-            .wait_for(marker, timeout)
-            .unwrap_or_else(|e| panic!("{e}\n(qs-bridge said:\n{})", self.bridge_log()))
+        // Then for the end of its line: the console may have delivered only part of it.
+        for needle in [marker, "\n"] {
+            if let Err(e) = self.running.wait_for(needle, timeout) {
+                panic!("{e}\n(qs-bridge said:\n{})", self.bridge_log());
+            }
+        }
+        let console = self.running.console();
+        let line = console.lines().rev().find(|l| l.contains(marker));
+        line.unwrap_or_default().to_string()
     }
 
     /// Waits for the script to end and the guest to power off.

@@ -440,10 +440,20 @@ impl Bridge {
 
     /// Waits until the bridge's stderr contains `needle`.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<(), GdbError> {
+        self.wait_for_count(needle, 1, timeout)
+    }
+
+    /// Waits until the bridge's stderr contains `needle` at least `count` times.
+    pub fn wait_for_count(
+        &self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<(), GdbError> {
         let give_up = Instant::now() + timeout;
         let mut out = self.shared.state.lock().expect("output");
         loop {
-            if out.text.contains(needle) {
+            if out.text.matches(needle).count() >= count {
                 return Ok(());
             }
             let now = Instant::now();
