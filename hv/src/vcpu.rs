@@ -140,7 +140,7 @@ pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame, online: 
     s.first_run = true;
     s.active = true;
     s.stats.seen = 1;
-    crate::debug::record_apic_id(&mut s.dbg);
+    crate::debug::prepare_cpu(&mut s.dbg);
     if crate::debug::stop::ATTACH_AT_ACTIVATION.load(Acquire) {
         // A debugger asked for this activation: the first stop gathers `online` CPUs.
         crate::debug::stop::ACTIVATING.store(online, Release);

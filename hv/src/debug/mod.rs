@@ -71,6 +71,8 @@ pub struct PerCpu {
     /// Single-stepping: the hv set TF (and held interrupts) for this step.
     pub stepping: bool,
     pub tf_was_set: bool,
+    /// A DR slot lent to this step (0-3), or NO_SLOT: see `step_target`.
+    pub step_slot: u8,
     /// The last stop was an instruction breakpoint: resume with RF so it does not hit again.
     pub resume_rf: bool,
 }
@@ -115,9 +117,11 @@ impl PerCpu {
     }
 }
 
-/// Records this CPU's local APIC ID (at activation, on the CPU itself): the leader's NMIs
-/// need it. CPUID leaf 0xB has the full x2APIC ID; leaf 1 the 8-bit one.
-pub fn record_apic_id(dbg: &mut PerCpu) {
+/// Readies this CPU's debug state at activation (on the CPU itself): records its local APIC
+/// ID, which the leader's NMIs need (CPUID leaf 0xB has the full x2APIC ID; leaf 1 the 8-bit
+/// one).
+pub fn prepare_cpu(dbg: &mut PerCpu) {
+    dbg.step_slot = NO_SLOT;
     let max = instr::cpuid(0, 0)[0];
     dbg.apic_id = if max >= 0xB && instr::cpuid(0xB, 0)[1] != 0 {
         instr::cpuid(0xB, 0)[3]
@@ -220,7 +224,10 @@ unsafe fn debug_exception(hv: &Hv, cpu: *mut Cpu, dr6: u64) -> After {
     let c = unsafe { &mut *cpu };
     const BS: u64 = 1 << 14;
     let ours = session::our_slots() as u64 & dr6 & 0xF;
-    let stepped = c.state.dbg.stepping && dr6 & BS != 0;
+    let d = &c.state.dbg;
+    let step_bit = if d.step_slot < 4 { 1u64 << d.step_slot } else { 0 };
+    let ours = ours & !step_bit;
+    let stepped = d.stepping && dr6 & (BS | step_bit) != 0;
     if stepped {
         end_step(c);
     }
@@ -228,7 +235,7 @@ unsafe fn debug_exception(hv: &Hv, cpu: *mut Cpu, dr6: u64) -> After {
         c.vmcb.control.event_inj = event::VALID | event::TYPE_EXCEPTION | event::VECTOR_DB;
         return After::Run;
     }
-    c.vmcb.save.dr6 &= !(ours | if stepped { BS } else { 0 });
+    c.vmcb.save.dr6 &= !(ours | if stepped { BS | step_bit } else { 0 });
     let reason = if ours != 0 {
         let slot = ours.trailing_zeros() as u8;
         if session::slot_is_exec(slot) {
@@ -243,7 +250,10 @@ unsafe fn debug_exception(hv: &Hv, cpu: *mut Cpu, dr6: u64) -> After {
     unsafe { park(hv, cpu, reason) }
 }
 
-/// Undoes what a step set up: TF (unless the guest had it), held interrupts.
+/// No DR slot lent to a step.
+pub const NO_SLOT: u8 = 0xFF;
+
+/// Undoes what a step set up: TF (unless the guest had it), held interrupts, a lent slot.
 pub fn end_step(c: &mut Cpu) {
     let d = &mut c.state.dbg;
     if d.stepping {
@@ -253,6 +263,56 @@ pub fn end_step(c: &mut Cpu) {
         }
         c.vmcb.control.vintr &= !vmcb::V_INTR_MASKING;
     }
+    if d.step_slot < 4 {
+        c.vmcb.save.dr7 &= !target::dr7_fields(d.step_slot as usize);
+        // SAFETY: the slot was lent to the step (free of the kernel's and gdb's use).
+        unsafe { instr::write_dr(7, c.vmcb.save.dr7) };
+        d.step_slot = NO_SLOT;
+    }
+}
+
+/// Where an instruction that reloads RFLAGS continues: POPF, IRETQ and SYSRET take TF away
+/// with the old RFLAGS, so no single-step #DB would follow them. For those, a step also puts
+/// an instruction breakpoint where the CPU goes next (the next instruction, the RIP on the
+/// interrupt frame, RCX).
+fn step_target(hv: &Hv, c: &Cpu) -> Option<u64> {
+    let s = &c.vmcb.save;
+    let mut b = [0u8; 15];
+    if !crate::vmm::read_guest_insn(hv, s.cr3, s.rip, &mut b) {
+        return None;
+    }
+    // Legacy prefixes and REX.
+    let i = b
+        .iter()
+        .take(4)
+        .take_while(|&&x| matches!(x, 0x26 | 0x2E | 0x36 | 0x3E | 0x64 | 0x65 | 0x66 | 0xF2 | 0xF3 | 0x40..=0x4F))
+        .count();
+    match b[i..] {
+        [0x9D, ..] => Some(s.rip + i as u64 + 1),
+        [0xCF, ..] => {
+            let mut rip = [0u8; 8];
+            (target::read_virt(hv, s.cr3, s.rsp, &mut rip) == 8).then(|| u64::from_le_bytes(rip))
+        }
+        [0x0F, 0x07, ..] => Some(c.state.regs.rcx),
+        _ => None,
+    }
+}
+
+/// Lends a free DR slot to a step over an RFLAGS-reloading instruction (see `step_target`).
+fn lend_step_slot(hv: &Hv, c: &mut Cpu) {
+    let Some(target) = step_target(hv, c) else { return };
+    let free = session::free_slots();
+    let Some(n) = (0..4u8).find(|&n| free & (1 << n) != 0) else { return };
+    let dr7 = (c.vmcb.save.dr7 & !target::dr7_fields(n as usize)) | (1 << (2 * n + 1));
+    // SAFETY: slot n is used by neither the kernel nor gdb (free_slots); it is given back at
+    // the end of the step (end_step) and its old value at detach.
+    unsafe {
+        instr::write_dr(n, target);
+        instr::write_dr(7, dr7);
+    }
+    c.state.dbg.dr[n as usize] = target;
+    c.vmcb.save.dr7 = dr7;
+    c.state.dbg.step_slot = n;
 }
 
 /// Parks this CPU with `reason` and applies its resume action.
@@ -301,6 +361,11 @@ fn prepare_run(c: &mut Cpu, action: Resume) {
         ctl.vintr |= vmcb::V_INTR_MASKING;
     }
     apply_debug_registers(&mut c.vmcb, d, action == Resume::Leave || !attached);
+    if action == Resume::Step {
+        if let Some(hv) = crate::vmm::get() {
+            lend_step_slot(hv, c);
+        }
+    }
 }
 
 /// Loads gdb's hardware slots (or, on leaving, the kernel's own values back) into this CPU's

@@ -128,6 +128,14 @@ pub fn our_slots() -> u8 {
     SESSION.lock().as_ref().map_or(0, |s| s.target.armed_slots())
 }
 
+/// Slots neither the kernel nor gdb uses (a step may borrow one).
+pub fn free_slots() -> u8 {
+    SESSION
+        .lock()
+        .as_ref()
+        .map_or(0, |s| !(s.target.kernel_slots | s.target.armed_slots()) & 0xF)
+}
+
 /// Is `slot` an instruction breakpoint?
 pub fn slot_is_exec(slot: u8) -> bool {
     SESSION.lock().as_ref().is_some_and(|s| {
@@ -163,6 +171,9 @@ pub fn debug_registers(guest_dr7: u64, kernel_only: bool) -> (u64, [Slot; 4]) {
                 dr7 |= h.dr7_bits(n);
                 *slot = Slot::Gdb(h.addr);
             }
+            // Leaving: every slot the kernel does not use gets its value back (gdb's, or a
+            // step's temporary breakpoint, may have been there).
+            (true, _) => *slot = Slot::Restore,
             _ if t.touched & (1 << n) != 0 => *slot = Slot::Restore,
             _ => {}
         }

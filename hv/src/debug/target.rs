@@ -171,7 +171,7 @@ fn translate(hv: &Hv, cr3: u64, va: u64) -> Option<u64> {
 }
 
 /// Reads guest-virtual memory; returns how many bytes could be read.
-fn read_virt(hv: &Hv, cr3: u64, va: u64, out: &mut [u8]) -> usize {
+pub fn read_virt(hv: &Hv, cr3: u64, va: u64, out: &mut [u8]) -> usize {
     let mut done = 0;
     while done < out.len() {
         let at = va.wrapping_add(done as u64);
