@@ -8,11 +8,14 @@
 //!
 //! - attach: `target remote` until gdb's prompt is back (every CPU stopped, registers and the
 //!   first frame read); detach: `detach` until gdb is back. Medians over [`CYCLES`] rounds.
-//! - stepping: a breakpoint on `__x64_sys_getpid`, `continue` until it hits, delete it, then
-//!   [`STEPS`] `stepi` (through the handler, the system-call return, user space and the next
-//!   call): `stepi_per_s`.
-//! - memory: `dump binary memory` of 1 MiB from `_text` (kernel text), with gdb's caches off:
-//!   `read_kib_s`.
+//! - memory, in the first round: `dump binary memory` of 1 MiB from `_text` (kernel text),
+//!   with gdb's caches off: `read_kib_s`.
+//! - stepping, in a session of its own after the rounds: a breakpoint on `__x64_sys_getpid`,
+//!   `continue` until it hits, delete it, then [`STEPS`] `stepi` (through the handler, the
+//!   system-call return, user space and the next call): `stepi_per_s`.
+//!
+//! A figure that could not be measured is `null` in the JSON (with the `error`), and the
+//! command fails after writing what it measured.
 //!
 //! QEMU's stub does not know the KASLR offset: gdb gets it from the guest's `/proc/kallsyms`
 //! (`symbol-file -o`). Quicksilver's stub answers `qOffsets`, so gdb is given plain `vmlinux`.
@@ -38,17 +41,19 @@ const KEY: &str = "qs-bench-gdb-key";
 /// Where the vmlinux of Debian's `-dbg` package has `_text` (before KASLR).
 const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
 
-/// One stub's figures.
+/// One stub's figures; those not measured are `None` (see `error`).
 #[derive(Clone, Debug, Default)]
 pub struct Figures {
-    pub stepi_per_s: f64,
-    pub read_kib_s: f64,
-    pub attach_ms: f64,
-    pub detach_ms: f64,
+    pub stepi_per_s: Option<f64>,
+    pub read_kib_s: Option<f64>,
+    pub attach_ms: Option<f64>,
+    pub detach_ms: Option<f64>,
     /// Every attach, in order.
     pub attaches_ms: Vec<f64>,
     /// Every detach, in order.
     pub detaches_ms: Vec<f64>,
+    /// What failed (the figures measured before it are kept).
+    pub error: Option<String>,
 }
 
 /// Guest script: a getpid loop pinned to each CPU, the kernel's `_text` for QEMU's stub, then
@@ -99,44 +104,51 @@ fn timed(gdb: &mut Gdb, what: &str, timeout: Duration) -> Result<(f64, String)> 
     Ok((figure(&out, "QS-BENCH-SECONDS")?, out))
 }
 
-/// The measurements, with gdb connected to nothing yet and the stub at `addr`.
-fn measure(gdb: &mut Gdb, addr: &str, label: &str) -> Result<Figures> {
-    let mut f = Figures::default();
+/// Fails unless a timed gdb command went through.
+fn ensure_ok(out: &str, what: &str) -> Result<()> {
+    if out.contains("Error") || out.contains("Traceback") {
+        bail!("{what} failed:\n{out}");
+    }
+    Ok(())
+}
+
+/// `target remote`, timed.
+fn attach(gdb: &mut Gdb, addr: &str, what: &str) -> Result<f64> {
+    let (secs, out) = timed(
+        gdb,
+        &format!("gdb.execute('target remote {addr}', to_string=True)"),
+        Duration::from_secs(120),
+    )
+    .with_context(|| what.to_string())?;
+    ensure_ok(&out, what)?;
+    Ok(secs * 1000.0)
+}
+
+/// `detach`, timed.
+fn detach(gdb: &mut Gdb, what: &str) -> Result<f64> {
+    let (secs, out) = timed(
+        gdb,
+        "gdb.execute('detach', to_string=True)",
+        Duration::from_secs(120),
+    )
+    .with_context(|| what.to_string())?;
+    ensure_ok(&out, what)?;
+    Ok(secs * 1000.0)
+}
+
+/// The measurements into `f`, with gdb connected to nothing yet and the stub at `addr`:
+/// attach/detach rounds (the memory read in the first), then stepping in a session of its
+/// own, last (a stub that loses a step leaves gdb waiting for good).
+fn measure(gdb: &mut Gdb, addr: &str, label: &str, f: &mut Figures) -> Result<()> {
     gdb.run("set code-cache off")?;
     gdb.run("set stack-cache off")?;
     for cycle in 0..CYCLES {
-        let (attach, out) = timed(
-            gdb,
-            &format!("gdb.execute('target remote {addr}', to_string=True)"),
-            Duration::from_secs(120),
-        )
-        .with_context(|| format!("{label}: attach {cycle}"))?;
-        if out.contains("Error") || out.contains("Traceback") {
-            bail!("{label}: attach {cycle} failed:\n{out}");
-        }
-        f.attaches_ms.push(attach * 1000.0);
+        let ms = attach(gdb, addr, &format!("{label}: attach {cycle}"))?;
+        f.attaches_ms.push(ms);
+        f.attach_ms = Some(median(&f.attaches_ms));
         if cycle == 0 {
             let threads = gdb.run("info threads")?;
             eprintln!("xtask bench: {label}: attached:\n{threads}");
-            let out = gdb.run("break __x64_sys_getpid")?;
-            if !out.contains("Breakpoint 1 at") {
-                bail!("{label}: break __x64_sys_getpid:\n{out}");
-            }
-            let out = gdb.run_timeout("continue", Duration::from_secs(120))?;
-            if !out.contains("Breakpoint 1, ") {
-                bail!("{label}: the getpid breakpoint did not hit:\n{out}");
-            }
-            gdb.run("delete")?;
-            let (secs, out) = timed(
-                gdb,
-                &format!("[gdb.execute('stepi', to_string=True) for i in range({STEPS})]"),
-                Duration::from_secs(300),
-            )
-            .with_context(|| format!("{label}: stepping"))?;
-            if out.contains("Error") || out.contains("Traceback") {
-                bail!("{label}: stepping failed:\n{out}");
-            }
-            f.stepi_per_s = f64::from(STEPS) / secs;
             let text = figure(
                 &gdb.run(
                     "python print('QS-TEXT %d' % int(gdb.parse_and_eval('(unsigned long)&_text')))",
@@ -157,31 +169,51 @@ fn measure(gdb: &mut Gdb, addr: &str, label: &str) -> Result<Figures> {
             .with_context(|| format!("{label}: reading memory"))?;
             let len = std::fs::metadata(&dump).map(|m| m.len()).unwrap_or(0);
             let _ = std::fs::remove_file(&dump);
+            ensure_ok(&out, &format!("{label}: reading memory"))?;
             if len != READ_BYTES {
                 bail!("{label}: dump wrote {len} bytes, not {READ_BYTES}:\n{out}");
             }
-            f.read_kib_s = (READ_BYTES / 1024) as f64 / secs;
+            f.read_kib_s = Some((READ_BYTES / 1024) as f64 / secs);
         }
-        let (detach, out) = timed(
-            gdb,
-            "gdb.execute('detach', to_string=True)",
-            Duration::from_secs(120),
-        )
-        .with_context(|| format!("{label}: detach {cycle}"))?;
-        if out.contains("Error") || out.contains("Traceback") {
-            bail!("{label}: detach {cycle} failed:\n{out}");
-        }
-        f.detaches_ms.push(detach * 1000.0);
-        // Let the guest run between rounds.
+        let ms = detach(gdb, &format!("{label}: detach {cycle}"))?;
+        f.detaches_ms.push(ms);
+        f.detach_ms = Some(median(&f.detaches_ms));
+        // Let the guest run between rounds (and the bridge see the session end).
         std::thread::sleep(Duration::from_millis(500));
     }
-    f.attach_ms = median(&f.attaches_ms);
-    f.detach_ms = median(&f.detaches_ms);
-    Ok(f)
+
+    attach(gdb, addr, &format!("{label}: attach for stepping"))?;
+    let out = gdb.run("break __x64_sys_getpid")?;
+    if !out.contains("Breakpoint 1 at") {
+        bail!("{label}: break __x64_sys_getpid:\n{out}");
+    }
+    let out = gdb.run_timeout("continue", Duration::from_secs(120))?;
+    if !out.contains("Breakpoint 1, ") {
+        bail!("{label}: the getpid breakpoint did not hit:\n{out}");
+    }
+    gdb.run("delete")?;
+    let (secs, out) = timed(
+        gdb,
+        &format!("[gdb.execute('stepi', to_string=True) for i in range({STEPS})]"),
+        Duration::from_secs(300),
+    )
+    .with_context(|| format!("{label}: stepping"))?;
+    ensure_ok(&out, &format!("{label}: stepping"))?;
+    f.stepi_per_s = Some(f64::from(STEPS) / secs);
+    detach(gdb, &format!("{label}: detach after stepping"))?;
+    Ok(())
 }
 
 /// QEMU's gdbstub on the benchmark guest.
-pub fn qemu_stub(a: &Artifacts) -> Result<Figures> {
+pub fn qemu_stub(a: &Artifacts) -> Figures {
+    let mut f = Figures::default();
+    if let Err(e) = qemu_stub_into(a, &mut f) {
+        f.error = Some(format!("{e:#}"));
+    }
+    f
+}
+
+fn qemu_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
     let port = free_port();
     let sock = a
         .dir
@@ -215,16 +247,24 @@ pub fn qemu_stub(a: &Artifacts) -> Result<Figures> {
         &Symbols::Offset(a.vmlinux.clone(), offset),
         Some(&a.logs_dir().join("bench-gdb-qemu.gdb.log")),
     )?;
-    let f = measure(&mut gdb, &format!("127.0.0.1:{port}"), "QEMU's gdbstub")?;
+    measure(&mut gdb, &format!("127.0.0.1:{port}"), "QEMU's gdbstub", f)?;
     gdb.quit();
     running.send("bench-done\n")?;
     let out = running.wait()?;
     out.ensure_success()?;
-    Ok(f)
+    Ok(())
 }
 
 /// Quicksilver's gdbstub, through `qs-bridge`, on the benchmark guest.
-pub fn quicksilver_stub(a: &Artifacts) -> Result<Figures> {
+pub fn quicksilver_stub(a: &Artifacts) -> Figures {
+    let mut f = Figures::default();
+    if let Err(e) = quicksilver_stub_into(a, &mut f) {
+        f.error = Some(format!("{e:#}"));
+    }
+    f
+}
+
+fn quicksilver_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
     a.require_agent()?;
     let sock = a
         .dir
@@ -252,14 +292,14 @@ pub fn quicksilver_stub(a: &Artifacts) -> Result<Figures> {
         &Symbols::File(a.vmlinux.clone()),
         Some(&a.logs_dir().join("bench-gdb-quicksilver.gdb.log")),
     )?;
-    let f = measure(&mut gdb, &bridge.addr(), "Quicksilver's gdbstub")
+    measure(&mut gdb, &bridge.addr(), "Quicksilver's gdbstub", f)
         .with_context(|| format!("qs-bridge said:\n{}", bridge.log()))?;
     gdb.quit();
     running.send("bench-done\n")?;
     let out = running.wait()?;
     // The script checked the getpid loops and that every CPU is native again.
     out.ensure_success()?;
-    Ok(f)
+    Ok(())
 }
 
 /// `s` as a JSON string literal.
@@ -284,18 +324,15 @@ fn fmt_opt(v: Option<f64>, precision: usize) -> String {
     v.map_or("null".into(), |v| format!("{v:.precision$}"))
 }
 
-/// Both stubs; writes the JSON and the Markdown table. Fails (after writing them) if
-/// Quicksilver's half could not be measured.
+/// Both stubs; writes the JSON and the Markdown table, then fails if either stub could not
+/// be measured in full.
 pub fn gdb(a: &Artifacts) -> Result<()> {
     eprintln!("xtask bench: gdb, QEMU's gdbstub");
-    let q = qemu_stub(a).context("QEMU's gdbstub")?;
+    let q = qemu_stub(a);
     eprintln!("xtask bench: QEMU: {q:?}");
     eprintln!("xtask bench: gdb, Quicksilver's gdbstub");
-    let qs = quicksilver_stub(a).context("Quicksilver's gdbstub");
-    if let Ok(qs) = &qs {
-        eprintln!("xtask bench: Quicksilver: {qs:?}");
-    }
-    let s = qs.as_ref().ok();
+    let s = quicksilver_stub(a);
+    eprintln!("xtask bench: Quicksilver: {s:?}");
     let dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let list = |v: &[f64]| {
@@ -314,69 +351,96 @@ pub fn gdb(a: &Artifacts) -> Result<()> {
         "  \"targets\": {{\"stepi_ratio_min\": 0.5, \"read_ratio_min\": 0.5, \"attach_ms_max\": 50}},"
     );
     for (key, v, p) in [
-        ("stepi_per_s", s.map(|f| f.stepi_per_s), 1),
-        ("stepi_per_s_qemu", Some(q.stepi_per_s), 1),
-        ("read_kib_s", s.map(|f| f.read_kib_s), 1),
-        ("read_kib_s_qemu", Some(q.read_kib_s), 1),
-        ("attach_ms", s.map(|f| f.attach_ms), 2),
-        ("attach_ms_qemu", Some(q.attach_ms), 2),
-        ("detach_ms", s.map(|f| f.detach_ms), 2),
-        ("detach_ms_qemu", Some(q.detach_ms), 2),
+        ("stepi_per_s", s.stepi_per_s, 1),
+        ("stepi_per_s_qemu", q.stepi_per_s, 1),
+        ("read_kib_s", s.read_kib_s, 1),
+        ("read_kib_s_qemu", q.read_kib_s, 1),
+        ("attach_ms", s.attach_ms, 2),
+        ("attach_ms_qemu", q.attach_ms, 2),
+        ("detach_ms", s.detach_ms, 2),
+        ("detach_ms_qemu", q.detach_ms, 2),
     ] {
         let _ = writeln!(json, "  \"{key}\": {},", fmt_opt(v, p));
     }
     let _ = writeln!(
         json,
         "  \"attaches_ms\": [{}],\n  \"detaches_ms\": [{}],\n  \"attaches_ms_qemu\": [{}],\n  \"detaches_ms_qemu\": [{}],",
-        s.map_or(String::new(), |f| list(&f.attaches_ms)),
-        s.map_or(String::new(), |f| list(&f.detaches_ms)),
+        list(&s.attaches_ms),
+        list(&s.detaches_ms),
         list(&q.attaches_ms),
         list(&q.detaches_ms)
     );
-    let error = match &qs {
-        Ok(_) => "null".to_string(),
-        Err(e) => json_string(&format!("{e:#}")),
-    };
-    let _ = writeln!(json, "  \"quicksilver_error\": {error}\n}}");
+    let error = |e: &Option<String>| e.as_deref().map_or("null".into(), json_string);
+    let _ = writeln!(
+        json,
+        "  \"error\": {},\n  \"error_qemu\": {}\n}}",
+        error(&s.error),
+        error(&q.error)
+    );
 
     let cell = |v: Option<f64>, p: usize| v.map_or("—".into(), |v| format!("{v:.p$}"));
-    let ratio = |a: Option<f64>, b: f64| a.map_or("—".into(), |a| format!("{:.2}", a / b));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}", a / b),
+        _ => "—".into(),
+    };
     let mut md = String::from(
         "| measure | Quicksilver | QEMU's gdbstub | Quicksilver / QEMU | target |\n|---|---|---|---|---|\n",
     );
-    let _ = writeln!(
-        md,
-        "| stepi per s ({STEPS} steps) | {} | {:.1} | {} | ≥ 0.5 × QEMU |",
-        cell(s.map(|f| f.stepi_per_s), 1),
-        q.stepi_per_s,
-        ratio(s.map(|f| f.stepi_per_s), q.stepi_per_s)
-    );
-    let _ = writeln!(
-        md,
-        "| memory read KiB/s (1 MiB of kernel text) | {} | {:.1} | {} | ≥ 0.5 × QEMU |",
-        cell(s.map(|f| f.read_kib_s), 1),
-        q.read_kib_s,
-        ratio(s.map(|f| f.read_kib_s), q.read_kib_s)
-    );
-    let _ = writeln!(
-        md,
-        "| attach ms (median of {CYCLES}) | {} | {:.2} | {} | < 50 ms |",
-        cell(s.map(|f| f.attach_ms), 2),
-        q.attach_ms,
-        ratio(s.map(|f| f.attach_ms), q.attach_ms)
-    );
-    let _ = writeln!(
-        md,
-        "| detach ms (median of {CYCLES}) | {} | {:.2} | {} | |",
-        cell(s.map(|f| f.detach_ms), 2),
-        q.detach_ms,
-        ratio(s.map(|f| f.detach_ms), q.detach_ms)
-    );
+    for (what, qs, qemu, p, target) in [
+        (
+            format!("stepi per s ({STEPS} steps)"),
+            s.stepi_per_s,
+            q.stepi_per_s,
+            1,
+            "≥ 0.5 × QEMU",
+        ),
+        (
+            "memory read KiB/s (1 MiB of kernel text)".to_string(),
+            s.read_kib_s,
+            q.read_kib_s,
+            1,
+            "≥ 0.5 × QEMU",
+        ),
+        (
+            format!("attach ms (median of {CYCLES})"),
+            s.attach_ms,
+            q.attach_ms,
+            2,
+            "< 50 ms",
+        ),
+        (
+            format!("detach ms (median of {CYCLES})"),
+            s.detach_ms,
+            q.detach_ms,
+            2,
+            "",
+        ),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {what} | {} | {} | {} | {target} |",
+            cell(qs, p),
+            cell(qemu, p),
+            ratio(qs, qemu)
+        );
+    }
     std::fs::write(dir.join("gdb.json"), json)?;
     std::fs::write(dir.join("gdb.md"), &md)?;
     println!("{md}");
     println!("xtask bench: wrote {}", dir.join("gdb.json").display());
-    qs.map(|_| ())
+    match (&q.error, &s.error) {
+        (None, None) => Ok(()),
+        (qe, se) => {
+            let mut why = String::new();
+            if let Some(e) = qe {
+                let _ = writeln!(why, "QEMU's gdbstub: {e}");
+            }
+            if let Some(e) = se {
+                let _ = writeln!(why, "Quicksilver's gdbstub: {e}");
+            }
+            bail!("not every figure was measured:\n{why}")
+        }
+    }
 }
 
 #[cfg(test)]
