@@ -129,6 +129,8 @@ pub fn qemu_stub() -> bool {
 pub struct Machine {
     pub name: String,
     pub smp: u32,
+    /// The link's socket (QEMU leaves it behind).
+    sock: std::path::PathBuf,
     running: Running,
     bridge: Option<Bridge>,
     addr: String,
@@ -186,7 +188,7 @@ impl Machine {
                 &a.bridge,
                 &sock,
                 GDB_KEY.as_bytes(),
-                &a.dir.join("run"),
+                &a.logs_dir(),
                 name,
                 Duration::from_secs(60),
             )
@@ -197,6 +199,7 @@ impl Machine {
         Machine {
             name: name.into(),
             smp,
+            sock,
             running,
             bridge,
             addr,
@@ -210,7 +213,8 @@ impl Machine {
         &self.addr
     }
 
-    /// What `qs-bridge` said so far (empty with QEMU's stub).
+    /// What `qs-bridge` said so far (empty with QEMU's stub; also in
+    /// `logs/<name>.bridge.log`).
     pub fn bridge_log(&self) -> String {
         self.bridge.as_ref().map(Bridge::log).unwrap_or_default()
     }
@@ -294,9 +298,10 @@ impl Machine {
     /// Waits for the script to end and the guest to power off.
     pub fn finish(self) -> RunOutput {
         let log = self.bridge_log();
-        self.running
-            .wait()
-            .unwrap_or_else(|e| panic!("{e}\n(qs-bridge said:\n{log})"))
+        let sock = self.sock.clone();
+        let out = self.running.wait();
+        let _ = std::fs::remove_file(sock);
+        out.unwrap_or_else(|e| panic!("{e}\n(qs-bridge said:\n{log})"))
     }
 }
 

@@ -251,6 +251,7 @@ fn qemu_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
     gdb.quit();
     running.send("bench-done\n")?;
     let out = running.wait()?;
+    let _ = std::fs::remove_file(&sock);
     out.ensure_success()?;
     Ok(())
 }
@@ -283,7 +284,7 @@ fn quicksilver_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
         &a.bridge,
         &sock,
         KEY.as_bytes(),
-        &a.dir.join("run"),
+        &a.logs_dir(),
         "bench-gdb-quicksilver",
         Duration::from_secs(60),
     )?;
@@ -297,6 +298,7 @@ fn quicksilver_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
     gdb.quit();
     running.send("bench-done\n")?;
     let out = running.wait()?;
+    let _ = std::fs::remove_file(&sock);
     // The script checked the getpid loops and that every CPU is native again.
     out.ensure_success()?;
     Ok(())

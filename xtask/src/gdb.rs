@@ -386,8 +386,9 @@ impl std::fmt::Debug for Bridge {
 
 impl Bridge {
     /// Runs `binary --link unix:SOCK --key FILE --gdb 127.0.0.1:PORT --console FILE` with `key`
-    /// written to `<dir>/<name>.key` and the machine's console to `<dir>/<name>.bridge-console`,
-    /// and waits (up to `timeout`) until it says it authenticated.
+    /// written to `<dir>/<name>-<pid>.key` (removed with the bridge), the machine's console to
+    /// `<dir>/<name>.bridge-console` and the bridge's own messages also to
+    /// `<dir>/<name>.bridge.log`, and waits (up to `timeout`) until it says it authenticated.
     pub fn start(
         binary: &Path,
         link: &Path,
@@ -422,10 +423,13 @@ impl Bridge {
         die_with_parent(&mut command);
         let mut child = command.spawn().map_err(spawn_err)?;
         let shared = Arc::new(Shared::default());
+        let log = std::fs::File::create(dir.join(format!("{name}.bridge.log")))
+            .ok()
+            .map(|f| Arc::new(Mutex::new(f)));
         pump(
             child.stderr.take().expect("stderr is piped"),
             shared.clone(),
-            None,
+            log,
         );
         let bridge = Bridge {
             child,
