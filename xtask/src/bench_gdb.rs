@@ -33,7 +33,7 @@ pub const STEPS: u32 = 1000;
 /// Bytes of kernel memory read per stub.
 pub const READ_BYTES: u64 = 1 << 20;
 /// Attach/detach rounds per stub (medians).
-pub const CYCLES: usize = 5;
+pub const CYCLES: usize = 9;
 /// Guest CPUs.
 pub const SMP: u32 = 2;
 /// The link key of the benchmark guest.
