@@ -502,6 +502,9 @@ pub fn serve_gdb(
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
+                // A gdb that detached and at once connects again can be faster than its old
+                // connection's end: give the old one a moment to be gone before refusing.
+                let _ = state.wait(Duration::from_secs(2), |st| !st.gdb_client);
                 if state.update(|st| std::mem::replace(&mut st.gdb_client, true)) {
                     eprintln!("qs-bridge: refused a second GDB client: one is attached already");
                     let _ =

@@ -41,6 +41,7 @@
 #include <linux/serial_8250.h>
 #include <linux/io.h>
 #include <linux/kprobes.h>
+#include <linux/delay.h>
 #include <asm/unaligned.h>
 #include <asm/msr.h>
 #include <asm/pgtable.h>
@@ -69,7 +70,7 @@ static_assert(offsetof(struct qs_image_header, version) == 120);
 static_assert(sizeof(struct qs_init_args) == 56);
 
 typedef long (*qs_init_fn)(const struct qs_init_args *args);
-typedef long (*qs_activate_fn)(u32 cpu, u32 online);
+typedef long (*qs_activate_fn)(u32 cpu);
 typedef long (*qs_control_fn)(u64 op, void *buf, u64 len);
 
 static struct {
@@ -424,6 +425,13 @@ static void qs_attention(struct work_struct *w)
 			pr_info("activated on %u CPUs at the link's request (qs-bridge)\n", r.cpus);
 	}
 	mutex_unlock(&qs_lock);
+	if (r.status == QS_OK) {
+		/* The hv stops every CPU for the debugger at this CPU's next hypercall. Let the
+		 * others get back from the activation IPI to where it found them first, so that
+		 * gdb sees them there. */
+		usleep_range(2000, 3000);
+		qs_control(QS_OP_ACTIVE_CPUS, NULL, 0);
+	}
 }
 
 static int qs_link_start(void)
@@ -506,7 +514,7 @@ static void qs_link_stop(void)
 /* Both run in IPI context (interrupts off) on every online CPU. */
 static void qs_activate_cpu(void *unused)
 {
-	qs_cpu_status[smp_processor_id()] = hv.activate(smp_processor_id(), num_online_cpus());
+	qs_cpu_status[smp_processor_id()] = hv.activate(smp_processor_id());
 }
 
 static void qs_deactivate_cpu(void *unused)

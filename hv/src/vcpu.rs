@@ -102,7 +102,7 @@ impl Cpu {
 ///
 /// # Safety
 /// Only from `qs_entry_activate`, with `frame` the frame it pushed, interrupts off.
-pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame, online: u32) -> i64 {
+pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
     let Some(hv) = vmm::get() else {
         return Status::NotInitialized as i64;
     };
@@ -141,10 +141,6 @@ pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame, online: 
     s.active = true;
     s.stats.seen = 1;
     crate::debug::prepare_cpu(&mut s.dbg);
-    if crate::debug::stop::ATTACH_AT_ACTIVATION.load(Acquire) {
-        // A debugger asked for this activation: the first stop gathers `online` CPUs.
-        crate::debug::stop::ACTIVATING.store(online, Release);
-    }
     if COUNTERS.active_cpus.fetch_add(1, AcqRel) == 0 {
         COUNTERS.activations.fetch_add(1, Relaxed);
     }
@@ -205,11 +201,6 @@ pub unsafe extern "C" fn host_main(cpu: *mut Cpu) -> ! {
     // SAFETY: `cpu` is this CPU's own area, passed by `activate`; only this CPU uses it.
     // The debugger's leader reads and writes it only while this CPU is parked (debug::stop).
     let cpu = unsafe { &mut *cpu };
-    // SAFETY: our own area, no reference held across the call (`cpu` is not used in it).
-    match unsafe { debug::at_activation(hv, cpu_ptr) } {
-        debug::After::Leave => leave(hv, cpu),
-        debug::After::Run | debug::After::Unexpected => {}
-    }
     loop {
         if cpu.state.first_run {
             cpu.state.stats.last_activate_cycles = instr::rdtsc() - cpu.state.tsc_entry;

@@ -413,15 +413,3 @@ pub unsafe fn after_completed(hv: &Hv, cpu: *mut Cpu) -> After {
         None => After::Run,
     }
 }
-
-/// At activation, before the first VMRUN: park if a debugger asked for this activation.
-///
-/// # Safety
-/// As [`handle_exit`].
-pub unsafe fn at_activation(hv: &Hv, cpu: *mut Cpu) -> After {
-    if !stop::ATTACH_AT_ACTIVATION.load(Acquire) {
-        return After::Run;
-    }
-    // SAFETY: forwarded.
-    unsafe { park(hv, cpu, Reason::Attach) }
-}

@@ -11,7 +11,7 @@ use super::{regs, Reason};
 use crate::link::{self, Polled};
 use crate::vmm::Hv;
 use core::num::NonZeroUsize;
-use core::sync::atomic::{AtomicU8, Ordering::*};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering::*};
 use gdbstub::common::Signal;
 use gdbstub::conn::Connection;
 use gdbstub::stub::state_machine::GdbStubStateMachine;
@@ -65,17 +65,21 @@ static ATTACH_REQUESTED: AtomicU8 = AtomicU8::new(0);
 const PACKET_SIZE: usize = 8192;
 static mut PACKET_BUF: [u8; PACKET_SIZE] = [0; PACKET_SIZE];
 
-/// The link's attention request: attach gdb. Returns true if the hv is dormant (the agent
-/// then activates, and every CPU parks on the way in).
+/// The link's attention request: attach gdb at the next hypercall (the CPU making it stops
+/// the others). Returns true if the hv is dormant: the agent then activates and, once every
+/// CPU is back where the activation IPI found it, makes that hypercall.
 pub fn request_attach(dormant: bool) -> bool {
     ATTACH_REQUESTED.store(1, Release);
-    if dormant {
-        stop::ATTACH_AT_ACTIVATION.store(true, Release);
-    } else {
-        PENDING_STOP.store(2, Release);
-    }
+    ATTACH_REQUEST_TSC.store(crate::arch::instr::rdtsc(), Release);
+    PENDING_STOP.store(2, Release);
     dormant
 }
+
+/// When the last attention request came: one older than [`ATTACH_FRESH_SECONDS`] is not
+/// acted on (its bridge gave up waiting; a later activation must not stop the kernel for a
+/// debugger that is gone).
+static ATTACH_REQUEST_TSC: AtomicU64 = AtomicU64::new(0);
+const ATTACH_FRESH_SECONDS: u64 = 10;
 
 /// Bytes of gdb's protocol that arrived while CPUs run (the agent's hypercall).
 pub fn gdb_input(bytes: &[u8]) {
@@ -105,7 +109,11 @@ pub fn gdb_input(bytes: &[u8]) {
 pub fn take_pending_stop() -> Option<Reason> {
     match PENDING_STOP.swap(0, AcqRel) {
         1 => Some(Reason::Interrupt),
-        2 => Some(Reason::Attach),
+        2 => {
+            let khz = crate::vmm::get().map_or(1, |hv| hv.tsc_khz as u64);
+            let age = crate::arch::instr::rdtsc() - ATTACH_REQUEST_TSC.load(Acquire);
+            (age < ATTACH_FRESH_SECONDS * 1000 * khz).then_some(Reason::Attach)
+        }
         _ => None,
     }
 }
@@ -193,7 +201,6 @@ pub fn lead(hv: &Hv, me: u32) {
         if let Some(old) = guard.as_mut() {
             old.target.remove_all();
         }
-        stop::ATTACH_AT_ACTIVATION.store(false, Release);
         *guard = start(hv);
         let cpus = (0..hv.cpus)
             .filter(|&i| dbg_of(hv, i).parked.load(Acquire))
@@ -288,8 +295,7 @@ fn feed(hv: &Hv, s: &mut Session, me: u32, b: u8) {
             g.interrupt_handled(&mut s.target, Some(reason))
         }
         GdbStubStateMachine::Disconnected(g) => {
-            s.target.killed = g.get_reason() == DisconnectReason::Kill;
-            s.target.remove_all();
+            disconnected(s, g.get_reason());
             return;
         }
     };
@@ -304,8 +310,7 @@ fn feed(hv: &Hv, s: &mut Session, me: u32, b: u8) {
             g.interrupt_handled(&mut s.target, Some(reason)).ok()
         }
         Ok(GdbStubStateMachine::Disconnected(g)) => {
-            s.target.killed = g.get_reason() == DisconnectReason::Kill;
-            s.target.remove_all();
+            disconnected(s, g.get_reason());
             None
         }
         Ok(st) => Some(st),
@@ -314,6 +319,16 @@ fn feed(hv: &Hv, s: &mut Session, me: u32, b: u8) {
             None
         }
     };
+}
+
+/// gdb detached or asked to kill: take everything out. A kill is answered like a detach
+/// (`OK`, which gdb's `vKill` waits for) and reported to the bridge as such.
+fn disconnected(s: &mut Session, reason: DisconnectReason) {
+    s.target.killed = reason == DisconnectReason::Kill;
+    if s.target.killed {
+        link::send(Channel::Gdb, b"$OK#9a");
+    }
+    s.target.remove_all();
 }
 
 /// Tells gdb why everything stopped: the leader's reason, or another CPU's if the leader

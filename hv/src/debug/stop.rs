@@ -12,7 +12,7 @@ use super::PerCpu;
 use crate::arch::instr;
 use crate::vcpu::Cpu;
 use crate::vmm::{self, Hv, COUNTERS};
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
+use core::sync::atomic::{AtomicU64, Ordering::*};
 
 /// The stop's shared state, changed only under [`LOCK`].
 struct StopState {
@@ -27,11 +27,6 @@ static LOCK: spin::Mutex<StopState> = spin::Mutex::new(StopState {
     parked: 0,
 });
 
-/// CPUs the agent is activating right now for an attach (they park before their first VMRUN;
-/// the leader waits for this many instead of those already in guest mode).
-pub static ACTIVATING: AtomicU32 = AtomicU32::new(0);
-/// An attach was asked for while dormant: every CPU parks at activation.
-pub static ATTACH_AT_ACTIVATION: AtomicBool = AtomicBool::new(false);
 /// TSC cycles the last stop took to gather every CPU (leader's entry to all parked).
 pub static LAST_GATHER_CYCLES: AtomicU64 = AtomicU64::new(0);
 
@@ -83,12 +78,8 @@ pub unsafe fn enter(hv: &Hv, me: *mut Cpu, lead: impl FnOnce(&Hv, u32)) -> Resum
     dbg.action
 }
 
-/// NMIs every CPU in guest mode that is not parked. At an attach, the CPUs are on their way
-/// into the hv (parking before their first VMRUN): no NMI.
+/// NMIs every CPU in guest mode that is not parked.
 fn stop_others(hv: &Hv, me: u32) {
-    if ACTIVATING.load(Acquire) != 0 {
-        return;
-    }
     for i in 0..hv.cpus {
         if i == me {
             continue;
@@ -106,12 +97,9 @@ fn stop_others(hv: &Hv, me: u32) {
     }
 }
 
-/// How many CPUs a stop must gather.
+/// How many CPUs a stop must gather: those in guest mode.
 fn target_cpus() -> u32 {
-    match ACTIVATING.load(Acquire) {
-        0 => COUNTERS.active_cpus.load(Acquire),
-        n => n,
-    }
+    COUNTERS.active_cpus.load(Acquire)
 }
 
 /// Waits until every CPU is parked; gives up after about two seconds (a CPU that never
@@ -139,7 +127,6 @@ fn release(hv: &Hv) {
         }
     }
     s.stopping = false;
-    ACTIVATING.store(0, Release);
 }
 
 /// Is a stop in progress? (An NMI meant for a stop that is over just resumes.)

@@ -51,7 +51,6 @@ qs_entry_activate:
     push r12
     push rbp
     push rbx
-    mov rdx, rsi                // the number of CPUs the agent is activating
     mov rsi, rsp                // &EntryFrame: rbx, rbp, r12..r15, return address
     sub rsp, 8                  // 16-byte alignment for the call
     call {activate}
