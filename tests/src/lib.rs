@@ -129,6 +129,8 @@ pub fn qemu_stub() -> bool {
 pub struct Machine {
     pub name: String,
     pub smp: u32,
+    /// The running kernel's KASLR offset, from its `/proc/kallsyms`.
+    pub kaslr_offset: u64,
     /// The link's socket (QEMU leaves it behind).
     sock: std::path::PathBuf,
     running: Running,
@@ -172,12 +174,12 @@ impl Machine {
             .lines()
             .find(|l| l.contains("KALLSYMS-TEXT "))
             .unwrap_or_default();
+        let text = line
+            .split("KALLSYMS-TEXT ")
+            .nth(1)
+            .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("no _text address from the guest: {line:?}"));
         let (bridge, addr, symbols) = if qemu_stub() {
-            let text = line
-                .split("KALLSYMS-TEXT ")
-                .nth(1)
-                .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
-                .unwrap_or_else(|| panic!("no _text address from the guest: {line:?}"));
             (
                 None,
                 format!("127.0.0.1:{qemu_port}"),
@@ -199,6 +201,7 @@ impl Machine {
         Machine {
             name: name.into(),
             smp,
+            kaslr_offset: text.wrapping_sub(LINK_TEXT),
             sock,
             running,
             bridge,

@@ -19,6 +19,7 @@ echo GUEST-READY
 wait_host
 stop_workload
 check_native
+echo "HOSTNAME $(hostname)"
 "#;
 
 /// Like [`WORKLOAD_UNTIL_HOST`], with a getpid loop too (on every CPU but 0, like the
@@ -128,6 +129,12 @@ fn attach_and_look_around(smp: u32) {
     if value_of(&out).is_none_or(|j| j == 0) {
         m.fail(&gdb, "p jiffies", &out);
     }
+    // A write the guest can see: its host name (`hostname` prints it after the session).
+    m.run(&mut gdb, "set var init_uts_ns.name.nodename[0] = 'Q'");
+    let out = m.run(&mut gdb, "p init_uts_ns.name.nodename");
+    if !out.contains("= \"Qs-guest") {
+        m.fail(&gdb, "set var on the kernel's host name", &out);
+    }
 
     // Backtraces through real kernel functions on the CPUs in the kernel. One CPU made the
     // agent's hypercall that stopped the others: its stack goes through the agent module,
@@ -168,11 +175,30 @@ fn attach_and_look_around(smp: u32) {
         );
     }
 
+    // Quicksilver's own commands (QEMU's stub has its monitor's instead).
+    if !qemu_stub() {
+        let out = m.run(&mut gdb, "monitor help");
+        for command in ["status", "stats", "kaslr", "cpus", "devirt"] {
+            if !out.contains(command) {
+                m.fail(&gdb, &format!("monitor help lists {command}"), &out);
+            }
+        }
+        let out = m.run(&mut gdb, "monitor kaslr");
+        if !out.contains(&format!("{:x}", m.kaslr_offset)) {
+            m.fail(
+                &gdb,
+                &format!("monitor kaslr gives the offset {:#x}", m.kaslr_offset),
+                &out,
+            );
+        }
+    }
+
     detach(&m, &mut gdb);
     gdb.quit();
     m.send("detached");
     let out = m.finish();
     assert_clean_end(&out);
+    assert_console_has(&out, "HOSTNAME Qs-guest");
 }
 
 #[test]
@@ -249,6 +275,20 @@ fn a_breakpoint_on_the_getpid_handler_hits_and_leaves_no_trace() {
                 &format!("stepi from {pc:x?} went to {after:x?}"),
                 &out,
             );
+        }
+        if hit == 2 {
+            // A source line further (the handler's code is mostly inlined helpers).
+            let out = m.run(&mut gdb, "next");
+            let next = value_of(&m.run(&mut gdb, "p/x $pc"));
+            if next.is_none_or(|n| Some(n) == after || n < 0xffff_8000_0000_0000)
+                || !(out.contains(".c:") || out.contains(".h:") || out.contains("\t"))
+            {
+                m.fail(
+                    &gdb,
+                    &format!("next from {after:x?} went to {next:x?}"),
+                    &out,
+                );
+            }
         }
     }
     m.run(&mut gdb, "delete");
