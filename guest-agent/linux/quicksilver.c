@@ -44,6 +44,7 @@
 #include <linux/delay.h>
 #include <asm/unaligned.h>
 #include <asm/msr.h>
+#include <asm/asm.h>
 #include <asm/pgtable.h>
 #include <asm/tlbflush.h>
 #include <asm/tsc.h>
@@ -120,11 +121,16 @@ static bool qs_this_cpu_virtualized(void)
 	return b == QS_SIG_EBX && c == QS_SIG_ECX && d == QS_SIG_EDX;
 }
 
+/* A hypercall; -EFAULT if this CPU turned out to be native. A debugger's detach can step a
+ * CPU out of guest mode between qs_this_cpu_virtualized() and the VMMCALL (it was stopped
+ * there): the VMMCALL then raises #UD natively, and the exception table sends it here. */
 static long qs_hypercall(u64 op, u64 a0, u64 a1)
 {
 	long ret;
 
-	asm volatile("vmmcall"
+	asm volatile("1: vmmcall\n"
+		     "2:\n"
+		     _ASM_EXTABLE_TYPE_REG(1b, 2b, EX_TYPE_EFAULT_REG, %%rax)
 		     : "=a"(ret)
 		     : "a"(QS_HYPERCALL_MAGIC | op), "b"(a0), "c"(a1)
 		     : "memory");
@@ -522,8 +528,9 @@ static void qs_deactivate_cpu(void *unused)
 	int cpu = smp_processor_id();
 
 	/* A CPU the hv already let go of (see the README's unexpected-exit policy) is native. */
-	qs_cpu_status[cpu] = qs_this_cpu_virtualized() ?
-		qs_hypercall(QS_OP_DEACTIVATE, 0, 0) : QS_NOT_ACTIVE;
+	long st = qs_this_cpu_virtualized() ? qs_hypercall(QS_OP_DEACTIVATE, 0, 0) : -EFAULT;
+
+	qs_cpu_status[cpu] = st == -EFAULT ? QS_NOT_ACTIVE : st;
 }
 
 /* Runs fn on every online CPU and waits; fills r with the first failure. Called with
@@ -602,9 +609,10 @@ static long qs_control(u64 op, void *buf, u64 len)
 	long st;
 
 	preempt_disable();
+	st = -EFAULT;
 	if (qs_this_cpu_virtualized())
 		st = qs_hypercall(op, buf ? virt_to_phys(buf) : 0, len);
-	else
+	if (st == -EFAULT)
 		st = hv.control(op, buf, len);
 	preempt_enable();
 	return st;
