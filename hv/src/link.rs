@@ -45,15 +45,18 @@ fn with<R>(f: impl FnOnce(&mut Option<Link>) -> R) -> R {
 }
 
 /// Writes bytes to the 16550A UART at `port`, polling its transmitter (bounded, so that a
-/// dead UART cannot hang the caller). With the FIFO on (the agent sets it up), THRE means
-/// the whole 16-byte transmit FIFO is empty: one poll per 16 bytes, which matters when every
-/// port access is an emulated I/O operation.
+/// dead UART cannot hang the caller). With the FIFO on (the agent sets it up), TEMT means the
+/// 16-byte transmit FIFO and the shift register are both empty: one poll per 16 bytes, which
+/// matters when every port access is an emulated I/O operation. THRE is not enough: QEMU
+/// sets it while the last byte still waits for its backend, and a FIFO written full behind
+/// such a byte drops bytes.
 fn uart_write(port: u16, bytes: &[u8]) {
+    const TEMT: u8 = 0x40;
     for chunk in bytes.chunks(16) {
-        for _ in 0..100_000 {
+        for _ in 0..1_000_000 {
             // SAFETY: reading the line status register of the link's UART, which the agent
             // handed to the hv (LinkConfig), has no side effect.
-            if unsafe { instr::inb(port + 5) } & 0x20 != 0 {
+            if unsafe { instr::inb(port + 5) } & TEMT != 0 {
                 break;
             }
         }

@@ -161,7 +161,7 @@ pub unsafe fn handle_exit(hv: &Hv, cpu: *mut Cpu, exit: VmExit) -> After {
                     // SAFETY: forwarded.
                     return unsafe { park(hv, cpu, Reason::None) };
                 }
-                return After::Run;
+                return straggler(c);
             }
             c.vmcb.control.event_inj = event::VALID | event::TYPE_NMI | event::VECTOR_NMI;
             After::Run
@@ -232,6 +232,14 @@ unsafe fn debug_exception(hv: &Hv, cpu: *mut Cpu, dr6: u64) -> After {
         end_step(c);
     }
     if ours == 0 && !stepped {
+        let kernel = session::KERNEL_SLOTS.load(Acquire) as u64;
+        if dr6 & 0xF & !kernel != 0 {
+            // A slot gdb armed on this CPU in a session that is over (this CPU missed the
+            // stop that ended it): not the kernel's to see. Disarm it and run on.
+            c.vmcb.save.dr6 &= !(dr6 & 0xF & !kernel);
+            c.vmcb.save.rflags |= 1 << 16;
+            return straggler(c);
+        }
         c.vmcb.control.event_inj = event::VALID | event::TYPE_EXCEPTION | event::VECTOR_DB;
         return After::Run;
     }
@@ -248,6 +256,21 @@ unsafe fn debug_exception(hv: &Hv, cpu: *mut Cpu, dr6: u64) -> After {
     };
     // SAFETY: forwarded.
     unsafe { park(hv, cpu, reason) }
+}
+
+/// A CPU that missed the stop that ended a session: it gets what the others got (its debug
+/// registers back, no debug intercepts) and, if they left guest mode, leaves too.
+fn straggler(c: &mut Cpu) -> After {
+    if session::attached() {
+        return After::Run;
+    }
+    let leave = session::LEAVE_AFTER_DETACH.load(Acquire);
+    prepare_run(c, if leave { Resume::Leave } else { Resume::Continue });
+    if leave {
+        After::Leave
+    } else {
+        After::Run
+    }
 }
 
 /// No DR slot lent to a step.

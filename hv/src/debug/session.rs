@@ -11,7 +11,7 @@ use super::{regs, Reason};
 use crate::link::{self, Polled};
 use crate::vmm::Hv;
 use core::num::NonZeroUsize;
-use core::sync::atomic::{AtomicU64, AtomicU8, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::*};
 use gdbstub::common::Signal;
 use gdbstub::conn::Connection;
 use gdbstub::stub::state_machine::GdbStubStateMachine;
@@ -55,6 +55,12 @@ struct Session {
 }
 
 static SESSION: spin::Mutex<Option<Session>> = spin::Mutex::new(None);
+
+/// The last session ended with every CPU leaving guest mode: a CPU that missed that stop
+/// (it did not answer its NMI in time) leaves too when it next exits for the debugger.
+pub static LEAVE_AFTER_DETACH: AtomicBool = AtomicBool::new(false);
+/// DR slots the kernel had enabled when the last session began.
+pub static KERNEL_SLOTS: AtomicU8 = AtomicU8::new(0);
 
 /// A stop asked for from a hypercall: 1 = Ctrl-C, 2 = attach.
 static PENDING_STOP: AtomicU8 = AtomicU8::new(0);
@@ -247,6 +253,7 @@ pub fn lead(hv: &Hv, me: u32) {
                     End::Detached
                 }));
                 *guard = None;
+                LEAVE_AFTER_DETACH.store(action == Resume::Leave, Release);
                 release_all(hv, action);
                 return;
             }
@@ -259,6 +266,8 @@ pub fn lead(hv: &Hv, me: u32) {
 /// A new session: the target's state from the parked CPUs, and a stub waiting for gdb.
 fn start(hv: &Hv) -> Option<Session> {
     let mut target = Debugger::new(hv);
+    LEAVE_AFTER_DETACH.store(false, Release);
+    KERNEL_SLOTS.store(target.kernel_slots, Release);
     for i in 0..hv.cpus {
         let d = dbg_of(hv, i);
         d.kernel_dr = d.dr;
