@@ -44,6 +44,12 @@ fn assert_clean_end(out: &RunOutput) {
     assert_success(out);
     assert_console_has(out, "WORKLOAD OK");
     assert_console_has(out, "PROBE-NATIVE-OK");
+    assert!(
+        !out.console.contains("GETPID-LOOP FAIL"),
+        "{}: a getpid call returned a wrong value:\n{}",
+        out.name,
+        out.script_output()
+    );
     assert_kernel_clean(out);
 }
 
@@ -312,11 +318,6 @@ fn a_breakpoint_on_the_getpid_handler_hits_and_leaves_no_trace() {
     let out = m.finish();
     assert_clean_end(&out);
     assert_console_has(&out, "GETPID-LOOP OK");
-    assert!(
-        !out.console.contains("GETPID-LOOP FAIL"),
-        "a getpid call returned a wrong value:\n{}",
-        out.script_output()
-    );
 }
 
 #[test]
