@@ -171,7 +171,17 @@ pub fn debug_registers(guest_dr7: u64, kernel_only: bool) -> (u64, [Slot; 4]) {
     let guard = SESSION.lock();
     let mut slots = [Slot::Untouched; 4];
     let Some(s) = guard.as_ref() else {
-        return (guest_dr7, slots);
+        // The session is over (a detach drops it before the CPUs run): every slot but the
+        // kernel's gets its own value back, disarmed.
+        let kernel = KERNEL_SLOTS.load(Acquire);
+        let mut dr7 = guest_dr7;
+        for (n, slot) in slots.iter_mut().enumerate() {
+            if kernel & (1 << n) == 0 {
+                dr7 &= !super::target::dr7_fields(n);
+                *slot = Slot::Restore;
+            }
+        }
+        return (dr7, slots);
     };
     let t = &s.target;
     let mut dr7 = guest_dr7;
