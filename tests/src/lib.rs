@@ -48,6 +48,8 @@ const BAD: &[&str] = &[
     "general protection fault",
     "unchecked MSR access",
     "quicksilver hv:",
+    "NMI received for unknown reason",
+    "invalid opcode:",
 ];
 
 /// Panics if the console shows an oops, warning, lockup, RCU stall or an hv fault report.
