@@ -432,9 +432,10 @@ static void qs_attention(struct work_struct *w)
 	}
 	mutex_unlock(&qs_lock);
 	if (r.status == QS_OK) {
-		/* The hv stops every CPU for the debugger at this CPU's next hypercall. Let the
-		 * others get back from the activation IPI to where it found them first, so that
-		 * gdb sees them there. */
+		/* The hv stops every CPU for the debugger at this CPU's next hypercall (unless
+		 * the request came in a hypercall while active: then that one stopped them). Let
+		 * the others get back from the activation IPI to where it found them first, so
+		 * that gdb sees them there. */
 		usleep_range(2000, 3000);
 		qs_control(QS_OP_ACTIVE_CPUS, NULL, 0);
 	}

@@ -133,9 +133,10 @@ pub fn configure(buf: &[u8]) -> Status {
     Status::Ok
 }
 
-/// `LinkRx`: feeds received bytes (from the agent's interrupt handler). Returns 1 if an
-/// attention request needs the agent to activate (the hv is dormant); gdb's bytes go to the
-/// debugger.
+/// `LinkRx`: feeds received bytes (from the agent's interrupt handler). Returns 1 on an
+/// attention request: the agent then activates if needed and makes the hypercall that stops
+/// every CPU. (Whether the hv is dormant cannot be decided here: a detach may be stepping the
+/// CPUs out right now.) gdb's bytes go to the debugger.
 pub fn receive(bytes: &[u8]) -> i64 {
     let mut gdb = [0u8; 2 * MAX_PAYLOAD];
     let mut gdb_len = 0;
@@ -166,8 +167,10 @@ pub fn receive(bytes: &[u8]) -> i64 {
     if gdb_len > 0 {
         crate::debug::session::gdb_input(&gdb[..gdb_len]);
     }
-    let dormant = crate::vmm::COUNTERS.active_cpus.load(Acquire) == 0;
-    (attention && crate::debug::session::request_attach(dormant)) as i64
+    if attention {
+        crate::debug::session::request_attach();
+    }
+    attention as i64
 }
 
 /// What [`poll`] found on the link.

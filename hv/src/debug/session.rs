@@ -72,13 +72,12 @@ const PACKET_SIZE: usize = 8192;
 static mut PACKET_BUF: [u8; PACKET_SIZE] = [0; PACKET_SIZE];
 
 /// The link's attention request: attach gdb at the next hypercall (the CPU making it stops
-/// the others). Returns true if the hv is dormant: the agent then activates and, once every
-/// CPU is back where the activation IPI found it, makes that hypercall.
-pub fn request_attach(dormant: bool) -> bool {
+/// the others). The agent, told of it, activates if the hv is dormant and makes that
+/// hypercall; if the request arrived in a hypercall while active, that one already stopped.
+pub fn request_attach() {
     ATTACH_REQUESTED.store(1, Release);
     ATTACH_REQUEST_TSC.store(crate::arch::instr::rdtsc(), Release);
     PENDING_STOP.store(2, Release);
-    dormant
 }
 
 /// When the last attention request came: one older than [`ATTACH_FRESH_SECONDS`] is not
