@@ -162,7 +162,10 @@ fn attach_and_look_around(smp: u32) {
         // `#0  0xffffffff9f618710 in cpu_relax () at ...`, `#1  virt_spin_lock (lock=...) at ...`
         let named = |l: &&str| l.starts_with('#') && !l.contains(" ?? (") && l.contains(" (");
         let frames = bt.lines().filter(named).count();
-        if !bt.lines().next().is_some_and(|l| named(&l)) || frames < 2 {
+        // Frame #0 must be a kernel function; how deep gdb can walk depends on where the CPU
+        // was (from the system-call entry's assembly it cannot go further): the depth is
+        // required of one CPU at least, below.
+        if !bt.lines().next().is_some_and(|l| named(&l)) {
             m.fail(
                 &gdb,
                 &format!("{thread}: a backtrace without kernel symbols"),
