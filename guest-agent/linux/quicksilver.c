@@ -419,25 +419,45 @@ static irqreturn_t qs_link_irq(int irq, void *dev)
 	return IRQ_HANDLED;
 }
 
+/* The hypercall at which the hv stops every CPU for the debugger. False if this CPU turned
+ * out to be native: a detach is still stepping the CPUs out. */
+static bool qs_attention_hypercall(void)
+{
+	bool reached = false;
+
+	preempt_disable();
+	if (qs_this_cpu_virtualized())
+		reached = qs_hypercall(QS_OP_ACTIVE_CPUS, 0, 0) != -EFAULT;
+	preempt_enable();
+	return reached;
+}
+
 static void qs_attention(struct work_struct *w)
 {
-	struct qs_switch_result r = { .failed_cpu = -1 };
+	int tries;
 
-	mutex_lock(&qs_lock);
-	qs_refresh_active();
-	if (!qs_active) {
-		qs_do_activate(&r);
-		if (r.status == QS_OK)
-			pr_info("activated on %u CPUs at the link's request (qs-bridge)\n", r.cpus);
-	}
-	mutex_unlock(&qs_lock);
-	if (r.status == QS_OK) {
-		/* The hv stops every CPU for the debugger at this CPU's next hypercall (unless
-		 * the request came in a hypercall while active: then that one stopped them). Let
-		 * the others get back from the activation IPI to where it found them first, so
-		 * that gdb sees them there. */
+	/* A gdb that reconnects right after a detach can be faster than the detach: retry
+	 * (for up to ~0.3 s) until this CPU's hypercall reaches an active hv. */
+	for (tries = 0; tries < 100; tries++) {
+		struct qs_switch_result r = { .failed_cpu = -1 };
+
+		mutex_lock(&qs_lock);
+		qs_refresh_active();
+		if (!qs_active) {
+			qs_do_activate(&r);
+			if (r.status == QS_OK)
+				pr_info("activated on %u CPUs at the link's request (qs-bridge)\n", r.cpus);
+		}
+		mutex_unlock(&qs_lock);
+		if (r.status != QS_OK)
+			return;
+		/* The hv stops every CPU at this CPU's next hypercall (unless the request came
+		 * in a hypercall while active: then that one stopped them). Let the others get
+		 * back from the activation IPI to where it found them first, so that gdb sees
+		 * them there. */
 		usleep_range(2000, 3000);
-		qs_control(QS_OP_ACTIVE_CPUS, NULL, 0);
+		if (qs_attention_hypercall())
+			return;
 	}
 }
 

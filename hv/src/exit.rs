@@ -64,7 +64,9 @@ pub enum VmExit {
     /// #BP intercepted (real hardware; TCG reports INT3 as a software interrupt).
     Breakpoint,
     /// #DB intercepted: single step, hardware breakpoint or watchpoint; `dr6` says which.
-    DebugException { dr6: u64 },
+    DebugException {
+        dr6: u64,
+    },
     /// VMRUN refused the guest state (VMEXIT_INVALID).
     VmrunFailed,
     Unexpected {
@@ -343,8 +345,14 @@ mod tests {
             msr: 0xC001_0117,
             value: 0,
         };
-        assert_eq!(handle(hsave_zero, &mut cpu, &count), Action::Complete(Insn::Wrmsr));
-        assert_eq!(handle(VmExit::Stgi, &mut cpu, &count), Action::Complete(Insn::Stgi));
+        assert_eq!(
+            handle(hsave_zero, &mut cpu, &count),
+            Action::Complete(Insn::Wrmsr)
+        );
+        assert_eq!(
+            handle(VmExit::Stgi, &mut cpu, &count),
+            Action::Complete(Insn::Stgi)
+        );
         assert_eq!(count.0.get(), 0, "nothing refused");
     }
 

@@ -133,11 +133,12 @@ pub fn configure(buf: &[u8]) -> Status {
     Status::Ok
 }
 
-/// `LinkRx`: feeds received bytes (from the agent's interrupt handler). Returns 1 on an
-/// attention request: the agent then activates if needed and makes the hypercall that stops
-/// every CPU. (Whether the hv is dormant cannot be decided here: a detach may be stepping the
-/// CPUs out right now.) gdb's bytes go to the debugger.
-pub fn receive(bytes: &[u8]) -> i64 {
+/// `LinkRx`: feeds received bytes (from the agent's interrupt handler). An attention request
+/// arriving in a hypercall (`in_guest`) stops every CPU when that hypercall completes;
+/// arriving by a direct call (this CPU is native: dormant, or a detach is stepping the CPUs
+/// out) it returns 1, and the agent activates if needed and makes the hypercall that stops
+/// them. gdb's bytes go to the debugger.
+pub fn receive(bytes: &[u8], in_guest: bool) -> i64 {
     let mut gdb = [0u8; 2 * MAX_PAYLOAD];
     let mut gdb_len = 0;
     let mut attention = false;
@@ -170,7 +171,7 @@ pub fn receive(bytes: &[u8]) -> i64 {
     if attention {
         crate::debug::session::request_attach();
     }
-    attention as i64
+    (attention && !in_guest) as i64
 }
 
 /// What [`poll`] found on the link.
@@ -214,7 +215,8 @@ pub fn send(channel: Channel, bytes: &[u8]) {
         if let Some(link) = l.as_mut() {
             if link.endpoint.state() == State::Authenticated {
                 let port = link.port;
-                link.endpoint.send(channel, bytes, &mut |w| uart_write(port, w));
+                link.endpoint
+                    .send(channel, bytes, &mut |w| uart_write(port, w));
             }
         }
     })

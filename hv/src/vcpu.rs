@@ -238,8 +238,10 @@ pub unsafe extern "C" fn host_main(cpu: *mut Cpu) -> ! {
                 if !skip(hv, cpu, insn) {
                     unexpected(hv, cpu);
                 }
+                let hypercall = insn == Insn::Vmmcall;
                 // SAFETY: our own area; `cpu` is not used during the call.
-                if let debug::After::Leave = unsafe { debug::after_completed(hv, cpu_ptr) } {
+                let after = unsafe { debug::after_completed(hv, cpu_ptr, hypercall) };
+                if let debug::After::Leave = after {
                     leave(hv, cpu);
                 }
             }

@@ -334,6 +334,9 @@ impl Hv {
         // SAFETY: [gpa, end) is identity-mapped in the hv's tables, outside the hv's memory,
         // and the guest handed it over for this call (the agent's kmalloc'd buffer).
         let buf = unsafe { core::slice::from_raw_parts_mut(gpa as *mut u8, len as usize) };
+        if op == Op::LinkRx {
+            return crate::link::receive(buf, true);
+        }
         self.control(op, buf)
     }
 
@@ -343,7 +346,7 @@ impl Hv {
         let status = match op {
             Op::Stats => self.write_stats(buf),
             Op::LinkConfig => crate::link::configure(buf),
-            Op::LinkRx => return crate::link::receive(buf),
+            Op::LinkRx => return crate::link::receive(buf, false),
             Op::ActiveCpus => return COUNTERS.active_cpus.load(Acquire) as i64,
             Op::Deactivate => Status::BadOp,
         };
@@ -555,7 +558,9 @@ pub fn read_guest_phys(hv: &Hv, gpa: u64, out: &mut [u8]) -> bool {
 /// Writes guest-physical memory through the identity map (host mode only), never the hv's.
 pub fn write_guest_phys(hv: &Hv, gpa: u64, data: &[u8]) -> bool {
     match gpa.checked_add(data.len() as u64) {
-        Some(end) if end <= hv.map_limit && !(gpa < hv.base_pa + hv.mem_size && hv.base_pa < end) => {
+        Some(end)
+            if end <= hv.map_limit && !(gpa < hv.base_pa + hv.mem_size && hv.base_pa < end) =>
+        {
             // SAFETY: identity-mapped in the hv's tables (host mode), in bounds, outside the
             // hv's memory; the guest is stopped or the caller owns the bytes (gdb's write).
             unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), gpa as *mut u8, data.len()) };

@@ -37,7 +37,9 @@ pub enum Reason {
     Interrupt,
     SwBreak,
     HwBreak,
-    Watch { slot: u8 },
+    Watch {
+        slot: u8,
+    },
     /// A single step finished.
     Step,
 }
@@ -225,7 +227,11 @@ unsafe fn debug_exception(hv: &Hv, cpu: *mut Cpu, dr6: u64) -> After {
     const BS: u64 = 1 << 14;
     let ours = session::our_slots() as u64 & dr6 & 0xF;
     let d = &c.state.dbg;
-    let step_bit = if d.step_slot < 4 { 1u64 << d.step_slot } else { 0 };
+    let step_bit = if d.step_slot < 4 {
+        1u64 << d.step_slot
+    } else {
+        0
+    };
     let ours = ours & !step_bit;
     let stepped = d.stepping && dr6 & (BS | step_bit) != 0;
     if stepped {
@@ -265,7 +271,14 @@ fn straggler(c: &mut Cpu) -> After {
         return After::Run;
     }
     let leave = session::LEAVE_AFTER_DETACH.load(Acquire);
-    prepare_run(c, if leave { Resume::Leave } else { Resume::Continue });
+    prepare_run(
+        c,
+        if leave {
+            Resume::Leave
+        } else {
+            Resume::Continue
+        },
+    );
     if leave {
         After::Leave
     } else {
@@ -308,7 +321,12 @@ fn step_target(hv: &Hv, c: &Cpu) -> Option<u64> {
     let i = b
         .iter()
         .take(4)
-        .take_while(|&&x| matches!(x, 0x26 | 0x2E | 0x36 | 0x3E | 0x64 | 0x65 | 0x66 | 0xF2 | 0xF3 | 0x40..=0x4F))
+        .take_while(|&&x| {
+            matches!(
+                x,
+                0x26 | 0x2E | 0x36 | 0x3E | 0x64 | 0x65 | 0x66 | 0xF2 | 0xF3 | 0x40..=0x4F
+            )
+        })
         .count();
     match b[i..] {
         [0x9D, ..] => Some(s.rip + i as u64 + 1),
@@ -323,9 +341,13 @@ fn step_target(hv: &Hv, c: &Cpu) -> Option<u64> {
 
 /// Lends a free DR slot to a step over an RFLAGS-reloading instruction (see `step_target`).
 fn lend_step_slot(hv: &Hv, c: &mut Cpu) {
-    let Some(target) = step_target(hv, c) else { return };
+    let Some(target) = step_target(hv, c) else {
+        return;
+    };
     let free = session::free_slots();
-    let Some(n) = (0..4u8).find(|&n| free & (1 << n) != 0) else { return };
+    let Some(n) = (0..4u8).find(|&n| free & (1 << n) != 0) else {
+        return;
+    };
     let dr7 = (c.vmcb.save.dr7 & !target::dr7_fields(n as usize)) | (1 << (2 * n + 1));
     // SAFETY: slot n is used by neither the kernel nor gdb (free_slots); it is given back at
     // the end of the step (end_step) and its old value at detach.
@@ -422,13 +444,18 @@ fn apply_debug_registers(vmcb: &mut Vmcb, d: &mut PerCpu, kernel_only: bool) {
 ///
 /// # Safety
 /// As [`handle_exit`].
-pub unsafe fn after_completed(hv: &Hv, cpu: *mut Cpu) -> After {
+pub unsafe fn after_completed(hv: &Hv, cpu: *mut Cpu, hypercall: bool) -> After {
     // SAFETY: our own area (caller).
     let c = unsafe { &mut *cpu };
     if c.state.dbg.stepping {
         end_step(c);
         // SAFETY: forwarded.
         return unsafe { park(hv, cpu, Reason::Step) };
+    }
+    // Only at a hypercall: the agent's CPUID check before it must not be where a CPU stops
+    // (a detach there would send it on to a VMMCALL on a native CPU).
+    if !hypercall {
+        return After::Run;
     }
     match session::take_pending_stop() {
         // SAFETY: forwarded.

@@ -4,8 +4,8 @@
 //! features by register name, takes `fs_base`/`gs_base` from the segments feature, and shows
 //! the system registers of the Quicksilver feature in `info registers` like any other.
 
-use gdbstub::arch::{Arch, RegId, Registers};
 use core::num::NonZeroUsize;
+use gdbstub::arch::{Arch, RegId, Registers};
 
 /// One CPU's registers as gdb reads and writes them (`g`/`G` packets).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -189,7 +189,10 @@ mod tests {
             .sum();
         assert_eq!(bits / 8, G_SIZE);
         for (name, num) in [("xmm0", 40), ("fs_base", 57), ("k_gs_base", 59)] {
-            let i = regs.iter().position(|r| r.starts_with(&format!("name=\"{name}\""))).unwrap();
+            let i = regs
+                .iter()
+                .position(|r| r.starts_with(&format!("name=\"{name}\"")))
+                .unwrap();
             assert_eq!(i, num, "{name}");
             assert!(regs[i].contains(&format!("regnum=\"{num}\"")));
         }

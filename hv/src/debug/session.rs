@@ -138,22 +138,25 @@ pub fn owns_breakpoint(addr: u64) -> bool {
 
 /// Mask of the DR slots gdb has armed.
 pub fn our_slots() -> u8 {
-    SESSION.lock().as_ref().map_or(0, |s| s.target.armed_slots())
+    SESSION
+        .lock()
+        .as_ref()
+        .map_or(0, |s| s.target.armed_slots())
 }
 
 /// Slots neither the kernel nor gdb uses (a step may borrow one).
 pub fn free_slots() -> u8 {
-    SESSION
-        .lock()
-        .as_ref()
-        .map_or(0, |s| !(s.target.kernel_slots | s.target.armed_slots()) & 0xF)
+    SESSION.lock().as_ref().map_or(0, |s| {
+        !(s.target.kernel_slots | s.target.armed_slots()) & 0xF
+    })
 }
 
 /// Is `slot` an instruction breakpoint?
 pub fn slot_is_exec(slot: u8) -> bool {
-    SESSION.lock().as_ref().is_some_and(|s| {
-        s.target.hw[slot as usize].is_some_and(|h| h.kind == HwKind::Exec)
-    })
+    SESSION
+        .lock()
+        .as_ref()
+        .is_some_and(|s| s.target.hw[slot as usize].is_some_and(|h| h.kind == HwKind::Exec))
 }
 
 /// What to do with one DR0-3 slot on the way into the guest.
@@ -207,8 +210,8 @@ pub fn debug_registers(guest_dr7: u64, kernel_only: bool) -> (u64, [Slot; 4]) {
 /// Serves gdb with every CPU parked (the leader, `me`). Sets every parked CPU's action.
 pub fn lead(hv: &Hv, me: u32) {
     let mut guard = SESSION.lock();
-    let new = ATTACH_REQUESTED.swap(0, AcqRel) == 1
-        || guard.as_ref().is_none_or(|s| s.stub.is_none());
+    let new =
+        ATTACH_REQUESTED.swap(0, AcqRel) == 1 || guard.as_ref().is_none_or(|s| s.stub.is_none());
     for i in 0..hv.cpus {
         dbg_of(hv, i).action = Resume::Stay;
     }

@@ -144,7 +144,9 @@ impl Debugger {
     }
 
     pub fn armed_slots(&self) -> u8 {
-        (0..4).filter(|&n| self.hw[n].is_some()).fold(0, |m, n| m | 1 << n)
+        (0..4)
+            .filter(|&n| self.hw[n].is_some())
+            .fold(0, |m, n| m | 1 << n)
     }
 
     /// Takes every INT3 out and disarms every slot (detach, or a session replaced).
@@ -272,7 +274,11 @@ impl MultiThreadBase for Debugger {
         // one (2 bits, 11 = empty). Valid registers are reported as valid (00).
         let abridged = fx[4];
         let ftag = (0..8).fold(0u32, |t, n| {
-            t | if abridged & (1 << n) == 0 { 3 << (2 * n) } else { 0 }
+            t | if abridged & (1 << n) == 0 {
+                3 << (2 * n)
+            } else {
+                0
+            }
         });
         r.fpu = [
             w16(0),
@@ -501,7 +507,11 @@ impl SwBreakpoint for Debugger {
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        let Some(slot) = self.sw.iter().position(|b| b.is_some_and(|(a, _)| a == addr)) else {
+        let Some(slot) = self
+            .sw
+            .iter()
+            .position(|b| b.is_some_and(|(a, _)| a == addr))
+        else {
             return Ok(false);
         };
         let Some((_, orig)) = self.sw[slot].take() else {
@@ -514,7 +524,12 @@ impl SwBreakpoint for Debugger {
 
 impl Debugger {
     fn add_slot(&mut self, slot: HwSlot) -> bool {
-        if self.hw.iter().flatten().any(|h| h.addr == slot.addr && h.kind == slot.kind) {
+        if self
+            .hw
+            .iter()
+            .flatten()
+            .any(|h| h.addr == slot.addr && h.kind == slot.kind)
+        {
             return true;
         }
         match (0..4).find(|&n| self.kernel_slots & (1 << n) == 0 && self.hw[n].is_none()) {
@@ -528,7 +543,11 @@ impl Debugger {
     }
 
     fn remove_slot(&mut self, addr: u64, kind: HwKind) -> bool {
-        match self.hw.iter().position(|h| h.is_some_and(|h| h.addr == addr && h.kind == kind)) {
+        match self
+            .hw
+            .iter()
+            .position(|h| h.is_some_and(|h| h.addr == addr && h.kind == kind))
+        {
             Some(n) => {
                 self.hw[n] = None;
                 true
@@ -552,7 +571,12 @@ impl HwBreakpoint for Debugger {
 }
 
 impl HwWatchpoint for Debugger {
-    fn add_hw_watchpoint(&mut self, addr: u64, len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
+    fn add_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        len: u64,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
         // A slot watches 1, 2, 4 or 8 aligned bytes (APM vol. 2, 13.1.1.5).
         if !matches!(len, 1 | 2 | 4 | 8) || !addr.is_multiple_of(len) {
             return Ok(false);
@@ -562,13 +586,26 @@ impl HwWatchpoint for Debugger {
             // x86 has no read-only data breakpoint: reads and writes both fire.
             WatchKind::Read | WatchKind::ReadWrite => HwKind::ReadWrite,
         };
-        let ok = self.add_slot(HwSlot { addr, len, kind: hw });
-        if let Some(n) = self.hw.iter().position(|h| h.is_some_and(|h| h.addr == addr && h.kind == hw)) {
+        let ok = self.add_slot(HwSlot {
+            addr,
+            len,
+            kind: hw,
+        });
+        if let Some(n) = self
+            .hw
+            .iter()
+            .position(|h| h.is_some_and(|h| h.addr == addr && h.kind == hw))
+        {
             super::session::note_watch(n, kind, addr);
         }
         Ok(ok)
     }
-    fn remove_hw_watchpoint(&mut self, addr: u64, _len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
+    fn remove_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        _len: u64,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
         let hw = match kind {
             WatchKind::Write => HwKind::Write,
             WatchKind::Read | WatchKind::ReadWrite => HwKind::ReadWrite,
@@ -605,7 +642,11 @@ const HELP: &str = "Quicksilver monitor commands:
   help                 this list";
 
 impl MonitorCmd for Debugger {
-    fn handle_monitor_cmd(&mut self, cmd: &[u8], mut out: ConsoleOutput<'_>) -> Result<(), &'static str> {
+    fn handle_monitor_cmd(
+        &mut self,
+        cmd: &[u8],
+        mut out: ConsoleOutput<'_>,
+    ) -> Result<(), &'static str> {
         let cmd = core::str::from_utf8(cmd).unwrap_or("");
         let mut words = cmd.split_whitespace();
         let hv = self.hv;

@@ -374,9 +374,7 @@ pub fn decode_exit(vmcb: &Vmcb, regs: &GuestRegs) -> VmExit {
         x if x == ExitCode::Shutdown as u64 => VmExit::Shutdown,
         x if x == ExitCode::Nmi as u64 => VmExit::Nmi,
         x if x == ExitCode::Intn as u64 => VmExit::SoftwareInterrupt,
-        x if x == ExitCode::ExceptionDb as u64 => VmExit::DebugException {
-            dr6: vmcb.save.dr6,
-        },
+        x if x == ExitCode::ExceptionDb as u64 => VmExit::DebugException { dr6: vmcb.save.dr6 },
         x if x == ExitCode::ExceptionBp as u64 => VmExit::Breakpoint,
         code => VmExit::Unexpected { code },
     }
