@@ -16,7 +16,6 @@ use gdbstub::common::Signal;
 use gdbstub::conn::Connection;
 use gdbstub::stub::state_machine::GdbStubStateMachine;
 use gdbstub::stub::{DisconnectReason, GdbStubBuilder, MultiThreadStopReason};
-use gdbstub::target::ext::breakpoints::WatchKind;
 use quicksilver_proto::link::control::{End, Message};
 use quicksilver_proto::link::{Channel, MAX_PAYLOAD};
 
@@ -171,28 +170,18 @@ pub enum Slot {
 /// are, gdb's armed (or, with `kernel_only`, given back).
 pub fn debug_registers(guest_dr7: u64, kernel_only: bool) -> (u64, [Slot; 4]) {
     let guard = SESSION.lock();
+    let target = guard.as_ref().map(|s| &s.target);
+    // Once the session is over (a detach drops it before the CPUs run), this is a leave.
+    let kernel_only = kernel_only || target.is_none();
+    let kernel = KERNEL_SLOTS.load(Acquire);
     let mut slots = [Slot::Untouched; 4];
-    let Some(s) = guard.as_ref() else {
-        // The session is over (a detach drops it before the CPUs run): every slot but the
-        // kernel's gets its own value back, disarmed.
-        let kernel = KERNEL_SLOTS.load(Acquire);
-        let mut dr7 = guest_dr7;
-        for (n, slot) in slots.iter_mut().enumerate() {
-            if kernel & (1 << n) == 0 {
-                dr7 &= !super::target::dr7_fields(n);
-                *slot = Slot::Restore;
-            }
-        }
-        return (dr7, slots);
-    };
-    let t = &s.target;
     let mut dr7 = guest_dr7;
     for (n, slot) in slots.iter_mut().enumerate() {
-        if t.kernel_slots & (1 << n) != 0 {
+        if kernel & (1 << n) != 0 {
             continue;
         }
         dr7 &= !super::target::dr7_fields(n);
-        match (kernel_only, t.hw[n]) {
+        match (kernel_only, target.and_then(|t| t.hw[n])) {
             (false, Some(h)) => {
                 dr7 |= h.dr7_bits(n);
                 *slot = Slot::Gdb(h.addr);
@@ -200,7 +189,7 @@ pub fn debug_registers(guest_dr7: u64, kernel_only: bool) -> (u64, [Slot; 4]) {
             // Leaving: every slot the kernel does not use gets its value back (gdb's, or a
             // step's temporary breakpoint, may have been there).
             (true, _) => *slot = Slot::Restore,
-            _ if t.touched & (1 << n) != 0 => *slot = Slot::Restore,
+            _ if target.is_some_and(|t| t.touched & (1 << n) != 0) => *slot = Slot::Restore,
             _ => {}
         }
     }
@@ -312,7 +301,7 @@ fn feed(hv: &Hv, s: &mut Session, me: u32, b: u8) {
         GdbStubStateMachine::Running(g) => g.incoming_data(&mut s.target, b),
         GdbStubStateMachine::CtrlCInterrupt(g) => {
             // Everything is stopped already: the interrupt is the stop.
-            let reason = stop_reason(hv, me, Reason::Interrupt);
+            let reason = stop_reason(hv, &s.target, me);
             g.interrupt_handled(&mut s.target, Some(reason))
         }
         GdbStubStateMachine::Disconnected(g) => {
@@ -327,7 +316,7 @@ fn feed(hv: &Hv, s: &mut Session, me: u32, b: u8) {
             for i in 0..hv.cpus {
                 dbg_of(hv, i).action = Resume::Stay;
             }
-            let reason = stop_reason(hv, me, Reason::Interrupt);
+            let reason = stop_reason(hv, &s.target, me);
             g.interrupt_handled(&mut s.target, Some(reason)).ok()
         }
         Ok(GdbStubStateMachine::Disconnected(g)) => {
@@ -355,7 +344,7 @@ fn disconnected(s: &mut Session, reason: DisconnectReason) {
 /// Tells gdb why everything stopped: the leader's reason, or another CPU's if the leader
 /// was only stopped by an NMI.
 fn report(hv: &Hv, s: &mut Session, me: u32) {
-    let reason = stop_reason(hv, me, Reason::Interrupt);
+    let reason = stop_reason(hv, &s.target, me);
     for i in 0..hv.cpus {
         dbg_of(hv, i).reason = Reason::None;
     }
@@ -392,7 +381,9 @@ fn report(hv: &Hv, s: &mut Session, me: u32) {
     }
 }
 
-fn stop_reason(hv: &Hv, me: u32, fallback: Reason) -> MultiThreadStopReason<u64> {
+/// The stop to report: the leader's reason, or another parked CPU's if the leader was only
+/// stopped by an NMI (or an attach); a Ctrl-C if nobody had one.
+fn stop_reason(hv: &Hv, t: &Debugger, me: u32) -> MultiThreadStopReason<u64> {
     let mut who = me;
     let mut why = dbg_of(hv, me).reason;
     if matches!(why, Reason::None | Reason::Attach) {
@@ -403,7 +394,7 @@ fn stop_reason(hv: &Hv, me: u32, fallback: Reason) -> MultiThreadStopReason<u64>
             who = i;
             why = dbg_of(hv, i).reason;
         } else {
-            why = fallback;
+            why = Reason::Interrupt;
         }
     }
     if why == Reason::HwBreak {
@@ -413,14 +404,18 @@ fn stop_reason(hv: &Hv, me: u32, fallback: Reason) -> MultiThreadStopReason<u64>
     match why {
         Reason::SwBreak => MultiThreadStopReason::SwBreak(tid),
         Reason::HwBreak => MultiThreadStopReason::HwBreak(tid),
-        Reason::Watch { slot } => {
-            let hw = SESSION_TARGET_SLOT.with(slot);
-            MultiThreadStopReason::Watch {
+        Reason::Watch { slot } => match t.hw[slot as usize & 3] {
+            Some(h) => MultiThreadStopReason::Watch {
                 tid,
-                kind: hw.0,
-                addr: hw.1,
-            }
-        }
+                kind: h.watch,
+                addr: h.addr,
+            },
+            // gdb removed the watchpoint while this CPU was stopping.
+            None => MultiThreadStopReason::SignalWithThread {
+                tid,
+                signal: Signal::SIGTRAP,
+            },
+        },
         Reason::Step => MultiThreadStopReason::SignalWithThread {
             tid,
             signal: Signal::SIGTRAP,
@@ -430,26 +425,6 @@ fn stop_reason(hv: &Hv, me: u32, fallback: Reason) -> MultiThreadStopReason<u64>
             signal: Signal::SIGINT,
         },
     }
-}
-
-/// The watchpoint in a slot, recorded when it is armed (read without the session lock,
-/// which the caller of `stop_reason` holds).
-struct SlotTable(spin::Mutex<[(WatchKind, u64); 4]>);
-static SESSION_TARGET_SLOT: SlotTable = SlotTable(spin::Mutex::new([(WatchKind::Write, 0); 4]));
-
-impl SlotTable {
-    fn with(&self, slot: u8) -> (WatchKind, u64) {
-        self.0.lock()[slot as usize & 3]
-    }
-    /// Records slot `n`'s watchpoint.
-    pub fn set(&self, n: usize, kind: WatchKind, addr: u64) {
-        self.0.lock()[n & 3] = (kind, addr);
-    }
-}
-
-/// Records a watchpoint's kind and address for its stop report.
-pub fn note_watch(n: usize, kind: WatchKind, addr: u64) {
-    SESSION_TARGET_SLOT.set(n, kind, addr);
 }
 
 fn release_all(hv: &Hv, action: Resume) {

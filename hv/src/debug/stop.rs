@@ -11,7 +11,7 @@
 use super::PerCpu;
 use crate::arch::instr;
 use crate::vcpu::Cpu;
-use crate::vmm::{self, Hv, COUNTERS};
+use crate::vmm::{Hv, COUNTERS};
 use core::sync::atomic::{AtomicU64, Ordering::*};
 
 /// The stop's shared state, changed only under [`LOCK`].
@@ -150,9 +150,4 @@ pub fn dbg_of(hv: &Hv, i: u32) -> &'static mut PerCpu {
 pub fn cpu_of(hv: &Hv, i: u32) -> &'static mut Cpu {
     // SAFETY: as dbg_of; the CPU is parked and does not touch its VMCB or registers.
     unsafe { &mut *hv.cpu(i) }
-}
-
-/// The hv global, for code that has none at hand.
-pub fn hv() -> Option<&'static Hv> {
-    vmm::get()
 }

@@ -51,6 +51,17 @@ pub struct HwSlot {
     pub addr: u64,
     pub len: u64,
     pub kind: HwKind,
+    /// What gdb asked for (a read watch is armed as read/write), for the stop report.
+    pub watch: WatchKind,
+}
+
+/// The DR7 access kind for a gdb watchpoint: x86 has no read-only data breakpoint, so reads
+/// and writes both fire for `rwatch`.
+fn hw_kind(kind: WatchKind) -> HwKind {
+    match kind {
+        WatchKind::Write => HwKind::Write,
+        WatchKind::Read | WatchKind::ReadWrite => HwKind::ReadWrite,
+    }
 }
 
 impl HwSlot {
@@ -563,6 +574,7 @@ impl HwBreakpoint for Debugger {
             addr,
             len: 1,
             kind: HwKind::Exec,
+            watch: WatchKind::ReadWrite,
         }))
     }
     fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
@@ -581,24 +593,12 @@ impl HwWatchpoint for Debugger {
         if !matches!(len, 1 | 2 | 4 | 8) || !addr.is_multiple_of(len) {
             return Ok(false);
         }
-        let hw = match kind {
-            WatchKind::Write => HwKind::Write,
-            // x86 has no read-only data breakpoint: reads and writes both fire.
-            WatchKind::Read | WatchKind::ReadWrite => HwKind::ReadWrite,
-        };
-        let ok = self.add_slot(HwSlot {
+        Ok(self.add_slot(HwSlot {
             addr,
             len,
-            kind: hw,
-        });
-        if let Some(n) = self
-            .hw
-            .iter()
-            .position(|h| h.is_some_and(|h| h.addr == addr && h.kind == hw))
-        {
-            super::session::note_watch(n, kind, addr);
-        }
-        Ok(ok)
+            kind: hw_kind(kind),
+            watch: kind,
+        }))
     }
     fn remove_hw_watchpoint(
         &mut self,
@@ -606,11 +606,7 @@ impl HwWatchpoint for Debugger {
         _len: u64,
         kind: WatchKind,
     ) -> TargetResult<bool, Self> {
-        let hw = match kind {
-            WatchKind::Write => HwKind::Write,
-            WatchKind::Read | WatchKind::ReadWrite => HwKind::ReadWrite,
-        };
-        Ok(self.remove_slot(addr, hw))
+        Ok(self.remove_slot(addr, hw_kind(kind)))
     }
 }
 
