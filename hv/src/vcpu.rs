@@ -215,6 +215,13 @@ pub unsafe extern "C" fn host_main(cpu: *mut Cpu) -> ! {
         c.tlb_control = vmcb::tlb_control::DO_NOTHING;
         c.event_inj = 0;
 
+        if cpu.vmcb.save.cr3 == hv.host.cr3 {
+            // The save area holds the hv's own state (its CR3, CS, RIP after VMRUN), not the
+            // guest's: the kernel's state on this CPU is gone. Seen only under QEMU 7.2's TCG
+            // with CX16 offered to the guest (README, Limits); never VMRUN it (that "guest"
+            // would run the hv's code under nested paging and triple-fault).
+            lost_guest_state(cpu)
+        }
         let exit = svm::decode_exit(&cpu.vmcb, &cpu.state.regs);
         cpu.state.stats.exits[exit.kind() as usize] += 1;
         if exit == exit::VmExit::VmrunFailed {
@@ -325,9 +332,31 @@ fn step_out(hv: &vmm::Hv, cpu: &mut Cpu, native: &NativeState) -> ! {
 fn reset(cpu: &Cpu) -> ! {
     let _ = writeln!(
         crate::serial::Com1,
-        "\r\nquicksilver hv: guest shutdown (triple fault) on cpu {}; resetting the machine",
-        cpu.state.index
+        "\r\nquicksilver hv: guest shutdown (triple fault) on cpu {}; resetting the machine\r\n\
+         quicksilver hv: last state (undefined on silicon, exact under TCG): {:x?}",
+        cpu.state.index,
+        svm::exit_record(cpu.state.index, &cpu.vmcb)
     );
+    hard_reset()
+}
+
+/// An exit that brought back the hv's own state instead of the guest's: nothing to return
+/// the kernel to on this CPU. Say what happened, then reset as for a triple fault.
+fn lost_guest_state(cpu: &Cpu) -> ! {
+    let _ = writeln!(
+        crate::serial::Com1,
+        "\r\nquicksilver hv: cpu {}: exit {:#x} returned the hv's own state instead of the \
+         kernel's (an emulator defect: QEMU TCG with CX16, see the README's limits); the kernel cannot go on; \
+         resetting the machine\r\nquicksilver hv: {:x?}",
+        cpu.state.index,
+        cpu.vmcb.control.exit_code,
+        svm::exit_record(cpu.state.index, &cpu.vmcb)
+    );
+    hard_reset()
+}
+
+/// Resets the machine, as bare metal does after a triple fault.
+fn hard_reset() -> ! {
     // SAFETY: the machine is going down; 0xCF9 = 0x06 is the PCI reset control's hard reset.
     unsafe { instr::outb(0xCF9, 0x06) };
     instr::halt_forever()

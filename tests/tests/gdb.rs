@@ -443,7 +443,6 @@ check_native
 }
 
 #[test]
-#[ignore = "known bug, issue 3 open: one run in four, the guest triple-faulted around the tenth cycle (see the issue notes); run with --ignored"]
 fn twenty_attach_detach_cycles_leave_the_kernel_unharmed() {
     let mut m = Machine::boot("gdb-cycles", 2, WORKLOAD_UNTIL_HOST, "GUEST-READY");
     let mut gdb = m.gdb();

@@ -23,6 +23,8 @@ pub mod msr {
     pub const FS_BASE: u32 = 0xC000_0100;
     pub const GS_BASE: u32 = 0xC000_0101;
     pub const KERNEL_GS_BASE: u32 = 0xC000_0102;
+    /// SYSCALL/SYSRET selectors: bits 47:32 are the kernel's CS (its SS is that + 8).
+    pub const STAR: u32 = 0xC000_0081;
 }
 
 /// EFER.SVME: SVM enable (bit 12).

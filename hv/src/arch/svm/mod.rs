@@ -27,7 +27,7 @@ extern "C" {
     /// See world_switch.S, step 3.
     pub fn qs_run_guest(regs: *mut GuestRegs, vmcb_pa: u64);
     /// See world_switch.S, step 4.
-    pub fn qs_leave_native(state: *const NativeState) -> !;
+    pub fn qs_leave_native(state: *const NativeState, efer: u64, cs: u64, ss: u64) -> !;
     /// See world_switch.S, step 5: 32 stubs, 16 bytes apart.
     pub static qs_host_exc_stubs: [u8; 32 * 16];
     /// See world_switch.S, step 6.
@@ -109,6 +109,8 @@ const _: () = {
     assert!(offset_of!(GuestRegs, r15) == 104);
     assert!(offset_of!(NativeState, rax) == 112);
     assert!(offset_of!(NativeState, rip) == 120);
+    assert!(offset_of!(NativeState, cs) == 128);
+    assert!(offset_of!(NativeState, ds) == 160);
     assert!(offset_of!(NativeState, ss) == 152);
     assert!(offset_of!(NativeState, es) == 168);
     assert!(offset_of!(HostContext, gdtr) == 8);
@@ -307,8 +309,10 @@ pub unsafe fn leave_native(native: &NativeState) -> ! {
     //   guest flushed only its own ASID when it changed kernel mappings meanwhile (vfree'd
     //   stacks, text poking): native code must not see those stale entries;
     // - GDT and IDT next, so that once STGI lets held NMIs in they find the kernel's handlers;
-    // - STGI before clearing SVME (STGI needs SVME; FACTS.md);
-    // - IRETQ last, in qs_leave_native, reloads CS and SS from the kernel's GDT.
+    // - then, in qs_leave_native: kernel CS and SS (an NMI let in must return to kernel
+    //   selectors: the guest's own if it was in the kernel, SYSCALL's from STAR if it was in
+    //   user mode, since a far return to CPL 3 would also pop RSP and SS), STGI before
+    //   clearing SVME (STGI needs SVME; FACTS.md), IRETQ last to the guest's own.
     unsafe {
         instr::write_cr3(native.cr3);
         instr::write_cr4(native.cr4 & !instr::CR4_PGE);
@@ -318,9 +322,13 @@ pub unsafe fn leave_native(native: &NativeState) -> ! {
         instr::lgdt(&native.gdtr);
         instr::lidt(&native.idtr);
         instr::write_dr7(native.dr7);
-        instr::stgi();
-        instr::wrmsr(instr::msr::EFER, native.efer & !instr::EFER_SVME);
-        qs_leave_native(native)
+        let (cs, ss) = if native.cs & 3 == 0 {
+            (native.cs, native.ss)
+        } else {
+            let kernel_cs = (instr::rdmsr(instr::msr::STAR) >> 32) & 0xFFFC;
+            (kernel_cs, kernel_cs + 8)
+        };
+        qs_leave_native(native, native.efer & !instr::EFER_SVME, cs, ss)
     }
 }
 

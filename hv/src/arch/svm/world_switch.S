@@ -13,9 +13,10 @@
 //    RFLAGS among the general registers (APM vol. 2, 15.5), so the guest's others are loaded
 //    from and stored to `regs` here. FS, GS, TR, LDTR and the SYSCALL MSRs are never switched:
 //    the hv does not use them, so the guest's values simply stay in the CPU.
-// 4. qs_leave_native(state): the way back to bare metal, after `leave_native` has put back
-//    the guest's CR3, CR4, CR0, GDT, IDT, STGI'd and cleared EFER.SVME. Loads DS and ES, then
-//    IRETQ to the guest's CS:RIP, RFLAGS and SS:RSP with every register restored.
+// 4. qs_leave_native(state, efer, cs, ss): the way back to bare metal, after `leave_native`
+//    has put back the guest's CR3, CR4, CR0, GDT and IDT. Loads the kernel selectors cs and ss
+//    and the guest's DS and ES, STGI, writes EFER without SVME, then IRETQ to the guest's
+//    CS:RIP, RFLAGS and SS:RSP with every register restored.
 // 5. qs_host_exc_stubs: 32 stubs of 16 bytes for the hv's own IDT (exceptions in host mode
 //    are hv bugs: they are reported on the serial port and the CPU stops).
 // 6. qs_host_nmi: the hv's NMI handler. An NMI the hv intercepted stays pending until GIF is
@@ -126,10 +127,26 @@ qs_run_guest:
 
 .global qs_leave_native
 qs_leave_native:
+    // Kernel CS and SS first (RDX, RCX), from its GDT (loaded by leave_native): an NMI that
+    // STGI lets in below is taken by the kernel's handler, which must find kernel selectors
+    // to return to (the hv's 0x08 is __KERNEL32_CS in Linux's GDT).
+    lea rax, [rip + 3f]
+    push rdx
+    push rax
+    .byte 0x48, 0xCB            // retfq
+3:
+    mov ss, cx
     mov ax, [rdi + 160]         // NativeState.ds
     mov ds, ax
     mov ax, [rdi + 168]         // NativeState.es
     mov es, ax
+    // STGI needs EFER.SVME, so it comes before SVME is cleared (FACTS.md).
+    stgi
+    mov ecx, 0xC0000080         // EFER
+    mov rax, rsi
+    mov rdx, rsi
+    shr rdx, 32
+    wrmsr
     push qword ptr [rdi + 152]  // ss
     push qword ptr [rdi + 144]  // rsp
     push qword ptr [rdi + 136]  // rflags
