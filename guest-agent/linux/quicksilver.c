@@ -121,13 +121,16 @@ static bool qs_this_cpu_virtualized(void)
 	return b == QS_SIG_EBX && c == QS_SIG_ECX && d == QS_SIG_EDX;
 }
 
-/* A hypercall; -EFAULT if this CPU turned out to be native. A debugger's detach can step a
- * CPU out of guest mode between qs_this_cpu_virtualized() and the VMMCALL (it was stopped
- * there): the VMMCALL then raises #UD natively, and the exception table sends it here. */
+/* A hypercall; -EFAULT if this CPU is native (a VMMCALL there would be #UD, or another
+ * hypervisor's). Call with preemption off. A debugger's detach can step a CPU out of guest
+ * mode between the check and the VMMCALL (it was stopped there): the VMMCALL then raises #UD
+ * natively, and the exception table sends it to the same -EFAULT. */
 static long qs_hypercall(u64 op, u64 a0, u64 a1)
 {
 	long ret;
 
+	if (!qs_this_cpu_virtualized())
+		return -EFAULT;
 	asm volatile("1: vmmcall\n"
 		     "2:\n"
 		     _ASM_EXTABLE_TYPE_REG(1b, 2b, EX_TYPE_EFAULT_REG, %%rax)
@@ -423,11 +426,10 @@ static irqreturn_t qs_link_irq(int irq, void *dev)
  * out to be native: a detach is still stepping the CPUs out. */
 static bool qs_attention_hypercall(void)
 {
-	bool reached = false;
+	bool reached;
 
 	preempt_disable();
-	if (qs_this_cpu_virtualized())
-		reached = qs_hypercall(QS_OP_ACTIVE_CPUS, 0, 0) != -EFAULT;
+	reached = qs_hypercall(QS_OP_ACTIVE_CPUS, 0, 0) != -EFAULT;
 	preempt_enable();
 	return reached;
 }
@@ -549,7 +551,7 @@ static void qs_deactivate_cpu(void *unused)
 	int cpu = smp_processor_id();
 
 	/* A CPU the hv already let go of (see the README's unexpected-exit policy) is native. */
-	long st = qs_this_cpu_virtualized() ? qs_hypercall(QS_OP_DEACTIVATE, 0, 0) : -EFAULT;
+	long st = qs_hypercall(QS_OP_DEACTIVATE, 0, 0);
 
 	qs_cpu_status[cpu] = st == -EFAULT ? QS_NOT_ACTIVE : st;
 }
@@ -630,9 +632,7 @@ static long qs_control(u64 op, void *buf, u64 len)
 	long st;
 
 	preempt_disable();
-	st = -EFAULT;
-	if (qs_this_cpu_virtualized())
-		st = qs_hypercall(op, buf ? virt_to_phys(buf) : 0, len);
+	st = qs_hypercall(op, buf ? virt_to_phys(buf) : 0, len);
 	if (st == -EFAULT)
 		st = hv.control(op, buf, len);
 	preempt_enable();

@@ -85,14 +85,14 @@ pub unsafe extern "C" fn qs_entry_control(op: u64, buf: *mut u8, len: u64) -> i6
         return Status::BadOp as i64;
     };
     if op == Op::ActiveCpus {
-        return hv.control(op, &mut []);
+        return hv.control(op, &mut [], false);
     }
     if buf.is_null() || len > (1 << 20) {
         return Status::BadArgument as i64;
     }
     // SAFETY: the agent passes a buffer of `len` bytes it owns for the duration of the call.
     let buf = unsafe { core::slice::from_raw_parts_mut(buf, len as usize) };
-    hv.control(op, buf)
+    hv.control(op, buf, false)
 }
 
 #[panic_handler]

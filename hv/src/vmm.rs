@@ -334,19 +334,16 @@ impl Hv {
         // SAFETY: [gpa, end) is identity-mapped in the hv's tables, outside the hv's memory,
         // and the guest handed it over for this call (the agent's kmalloc'd buffer).
         let buf = unsafe { core::slice::from_raw_parts_mut(gpa as *mut u8, len as usize) };
-        if op == Op::LinkRx {
-            return crate::link::receive(buf, true);
-        }
-        self.control(op, buf)
+        self.control(op, buf, true)
     }
 
-    /// A control operation on a buffer the caller can address: a [`Status`], or for `LinkRx`
-    /// 1 when attention was asked for.
-    pub fn control(&self, op: Op, buf: &mut [u8]) -> i64 {
+    /// A control operation on a buffer the caller can address, from a hypercall (`in_guest`)
+    /// or a direct call: a [`Status`], or for `LinkRx` 1 when attention was asked for.
+    pub fn control(&self, op: Op, buf: &mut [u8], in_guest: bool) -> i64 {
         let status = match op {
             Op::Stats => self.write_stats(buf),
             Op::LinkConfig => crate::link::configure(buf),
-            Op::LinkRx => return crate::link::receive(buf, false),
+            Op::LinkRx => return crate::link::receive(buf, in_guest),
             Op::ActiveCpus => return COUNTERS.active_cpus.load(Acquire) as i64,
             Op::Deactivate => Status::BadOp,
         };

@@ -90,9 +90,6 @@ pub use xtask::gdb::{register, Bridge, Gdb, Symbols};
 /// The link key of the gdb tests' guests.
 pub const GDB_KEY: &str = "the-gdb-test-key";
 
-/// Where the vmlinux of Debian's `-dbg` package has `_text` (before KASLR).
-const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
-
 /// Shell functions every gdb test script starts with, and the kernel's `_text` (which only
 /// QEMU's stub needs: it does not answer `qOffsets`).
 ///
@@ -155,9 +152,7 @@ impl Machine {
         let _ = std::fs::remove_file(&sock);
         let mut qemu = guest(name, smp)
             .timeout(Duration::from_secs(300))
-            .link_socket(&sock)
-            .cmdline("quicksilver.link_port=0x2f8")
-            .cmdline(&format!("quicksilver.key={GDB_KEY}"))
+            .link(&sock, GDB_KEY)
             // The hv does not hide a stop from the kernel's clocks (README, limits): a session
             // on 4 emulated CPUs sharing 2 host cores can hold the kernel longer than the
             // default RCU stall (21 s) and soft-lockup (20 s) thresholds. Raised here, as kgdb
@@ -171,27 +166,19 @@ impl Machine {
         let mut running = qemu
             .spawn_script(&format!("{GDB_PRELUDE}\n{script}"))
             .unwrap_or_else(|e| panic!("{e}"));
-        for (marker, secs) in [("KALLSYMS-TEXT ", 180), (ready, 120)] {
+        // The marker's whole line has arrived once the next marker has.
+        for (marker, secs) in [(xtask::gdb::TEXT_MARKER, 180), (ready, 120)] {
             if let Err(e) = running.wait_for(marker, Duration::from_secs(secs)) {
                 panic!("{e}");
             }
         }
-        // The whole line (`wait_for` may return one that is still arriving).
-        let console = running.console();
-        let line = console
-            .lines()
-            .find(|l| l.contains("KALLSYMS-TEXT "))
-            .unwrap_or_default();
-        let text = line
-            .split("KALLSYMS-TEXT ")
-            .nth(1)
-            .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
-            .unwrap_or_else(|| panic!("no _text address from the guest: {line:?}"));
+        let kaslr_offset = xtask::gdb::kaslr_offset(&running.console())
+            .unwrap_or_else(|| panic!("{name}: no _text address from the guest"));
         let (bridge, addr, symbols) = if qemu_stub() {
             (
                 None,
                 format!("127.0.0.1:{qemu_port}"),
-                Symbols::Offset(a.vmlinux.clone(), text.wrapping_sub(LINK_TEXT)),
+                Symbols::Offset(a.vmlinux.clone(), kaslr_offset),
             )
         } else {
             let bridge = Bridge::start(
@@ -209,7 +196,7 @@ impl Machine {
         Machine {
             name: name.into(),
             smp,
-            kaslr_offset: text.wrapping_sub(LINK_TEXT),
+            kaslr_offset,
             sock,
             running,
             bridge,

@@ -23,10 +23,7 @@ dmesg | grep quicksilver
 "#;
 
 fn guest_with_link(name: &str, sock: &std::path::Path) -> Qemu {
-    guest(name, 2)
-        .link_socket(sock)
-        .cmdline("quicksilver.link_port=0x2f8")
-        .cmdline("quicksilver.key=the-demo-key")
+    guest(name, 2).link(sock, "the-demo-key")
 }
 
 fn sock(name: &str) -> std::path::PathBuf {

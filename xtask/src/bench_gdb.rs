@@ -38,8 +38,6 @@ pub const CYCLES: usize = 9;
 pub const SMP: u32 = 2;
 /// The link key of the benchmark guest.
 const KEY: &str = "qs-bench-gdb-key";
-/// Where the vmlinux of Debian's `-dbg` package has `_text` (before KASLR).
-const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
 
 /// One stub's figures; those not measured are `None` (see `error`).
 #[derive(Clone, Debug, Default)]
@@ -206,8 +204,18 @@ fn measure(gdb: &mut Gdb, addr: &str, label: &str, f: &mut Figures) -> Result<()
 
 /// QEMU's gdbstub on the benchmark guest.
 pub fn qemu_stub(a: &Artifacts) -> Figures {
+    figures(a, qemu_stub_into)
+}
+
+/// Quicksilver's gdbstub, through `qs-bridge`, on the benchmark guest.
+pub fn quicksilver_stub(a: &Artifacts) -> Figures {
+    figures(a, quicksilver_stub_into)
+}
+
+/// What `measure_into` measured, with its error if it stopped early.
+fn figures(a: &Artifacts, measure_into: fn(&Artifacts, &mut Figures) -> Result<()>) -> Figures {
     let mut f = Figures::default();
-    if let Err(e) = qemu_stub_into(a, &mut f) {
+    if let Err(e) = measure_into(a, &mut f) {
         f.error = Some(format!("{e:#}"));
     }
     f
@@ -223,25 +231,14 @@ fn qemu_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
         .qemu("bench-gdb-qemu")
         .smp(SMP)
         .timeout(Duration::from_secs(1800))
-        .link_socket(&sock)
-        .cmdline("quicksilver.link_port=0x2f8")
-        .cmdline(&format!("quicksilver.key={KEY}"))
+        .link(&sock, KEY)
         .args(["-gdb".to_string(), format!("tcp:127.0.0.1:{port}")])
         .spawn_script(SCRIPT)?;
-    running.wait_for("KALLSYMS-TEXT ", Duration::from_secs(300))?;
+    running.wait_for(crate::gdb::TEXT_MARKER, Duration::from_secs(300))?;
+    // The marker's whole line has arrived once the next marker has.
     running.wait_for("BENCH-READY", Duration::from_secs(60))?;
-    // The whole line (`wait_for` may return one that is still arriving).
-    let console = running.console();
-    let line = console
-        .lines()
-        .find(|l| l.contains("KALLSYMS-TEXT "))
-        .unwrap_or_default();
-    let text = line
-        .split("KALLSYMS-TEXT ")
-        .nth(1)
-        .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
-        .with_context(|| format!("no _text address from the guest: {line:?}"))?;
-    let offset = text.wrapping_sub(LINK_TEXT);
+    let offset =
+        crate::gdb::kaslr_offset(&running.console()).context("no _text address from the guest")?;
     let mut gdb = Gdb::start(
         "bench-gdb-qemu",
         &Symbols::Offset(a.vmlinux.clone(), offset),
@@ -256,15 +253,6 @@ fn qemu_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
     Ok(())
 }
 
-/// Quicksilver's gdbstub, through `qs-bridge`, on the benchmark guest.
-pub fn quicksilver_stub(a: &Artifacts) -> Figures {
-    let mut f = Figures::default();
-    if let Err(e) = quicksilver_stub_into(a, &mut f) {
-        f.error = Some(format!("{e:#}"));
-    }
-    f
-}
-
 fn quicksilver_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
     a.require_agent()?;
     let sock = a
@@ -275,9 +263,7 @@ fn quicksilver_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
         .qemu("bench-gdb-quicksilver")
         .smp(SMP)
         .timeout(Duration::from_secs(1800))
-        .link_socket(&sock)
-        .cmdline("quicksilver.link_port=0x2f8")
-        .cmdline(&format!("quicksilver.key={KEY}"))
+        .link(&sock, KEY)
         .spawn_script(SCRIPT)?;
     running.wait_for("BENCH-READY", Duration::from_secs(300))?;
     let bridge = Bridge::start(

@@ -20,8 +20,6 @@ use anyhow::Context as _;
 use crate::build::Artifacts;
 use crate::qemu::Qemu;
 
-/// The guest's link port: COM2.
-pub const LINK_PORT: &str = "0x2f8";
 /// Where gdb connects by default.
 pub const GDB_ADDR: &str = "127.0.0.1:1234";
 
@@ -81,9 +79,7 @@ impl DemoLink {
 
     /// `qemu` with ttyS1 on the link socket and the agent told to watch it with the key.
     pub fn configure(&self, qemu: Qemu) -> Qemu {
-        qemu.link_socket(&self.socket)
-            .cmdline(&format!("quicksilver.link_port={LINK_PORT}"))
-            .cmdline(&format!("quicksilver.key={}", self.key))
+        qemu.link(&self.socket, &self.key)
     }
 
     /// What to type in another terminal to debug the guest's kernel. (The hv answers gdb's

@@ -359,6 +359,22 @@ impl Drop for Gdb {
     }
 }
 
+/// Where the vmlinux of Debian's `-dbg` package has `_text` (before KASLR).
+pub const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
+
+/// The marker before the running kernel's `_text` on a guest console: a guest script prints
+/// it with `echo "KALLSYMS-TEXT $(grep -w _text /proc/kallsyms | cut -d' ' -f1)"`.
+pub const TEXT_MARKER: &str = "KALLSYMS-TEXT ";
+
+/// The KASLR offset from a console with a [`TEXT_MARKER`] line (QEMU's stub does not know
+/// it; gdb is given it with `symbol-file -o`).
+pub fn kaslr_offset(console: &str) -> Option<u64> {
+    let line = console.lines().find(|l| l.contains(TEXT_MARKER))?;
+    let text = line.split(TEXT_MARKER).nth(1)?;
+    let text = u64::from_str_radix(text.trim(), 16).ok()?;
+    Some(text.wrapping_sub(LINK_TEXT))
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -512,6 +528,14 @@ pub fn register(text: &str, name: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_kaslr_offset_comes_from_the_text_marker_line() {
+        let console = "boot\r\nKALLSYMS-TEXT ffffffff9bc00000\nGUEST-READY\n";
+        assert_eq!(super::kaslr_offset(console), Some(0x1ac0_0000));
+        assert_eq!(super::kaslr_offset("KALLSYMS-TEXT \n"), None);
+        assert_eq!(super::kaslr_offset("no marker"), None);
+    }
+
     use super::*;
 
     #[test]

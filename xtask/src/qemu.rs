@@ -228,8 +228,16 @@ impl Qemu {
         self
     }
 
-    /// Makes the guest's second UART (ttyS1, the link port) a Unix socket that QEMU listens on
-    /// at `path` (a bridge or test connects to it; until then output is dropped).
+    /// The link: [`link_socket`](Self::link_socket), and the agent told to use that port
+    /// (COM2) with `key`.
+    pub fn link(self, path: &Path, key: &str) -> Self {
+        self.link_socket(path)
+            .cmdline("quicksilver.link_port=0x2f8")
+            .cmdline(&format!("quicksilver.key={key}"))
+    }
+
+    /// Makes the guest's second UART (ttyS1, COM2) a Unix socket that QEMU listens on at
+    /// `path` (a bridge or test connects to it; until then output is dropped).
     pub fn link_socket(self, path: &Path) -> Self {
         self.args([
             "-chardev".into(),

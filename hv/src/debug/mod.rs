@@ -163,7 +163,7 @@ pub unsafe fn handle_exit(hv: &Hv, cpu: *mut Cpu, exit: VmExit) -> After {
                     // SAFETY: forwarded.
                     return unsafe { park(hv, cpu, Reason::None) };
                 }
-                return straggler(c);
+                return straggler(hv, c);
             }
             c.vmcb.control.event_inj = event::VALID | event::TYPE_NMI | event::VECTOR_NMI;
             After::Run
@@ -244,7 +244,7 @@ unsafe fn debug_exception(hv: &Hv, cpu: *mut Cpu, dr6: u64) -> After {
             // stop that ended it): not the kernel's to see. Disarm it and run on.
             c.vmcb.save.dr6 &= !(dr6 & 0xF & !kernel);
             c.vmcb.save.rflags |= 1 << 16;
-            return straggler(c);
+            return straggler(hv, c);
         }
         c.vmcb.control.event_inj = event::VALID | event::TYPE_EXCEPTION | event::VECTOR_DB;
         return After::Run;
@@ -266,24 +266,16 @@ unsafe fn debug_exception(hv: &Hv, cpu: *mut Cpu, dr6: u64) -> After {
 
 /// A CPU that missed the stop that ended a session: it gets what the others got (its debug
 /// registers back, no debug intercepts) and, if they left guest mode, leaves too.
-fn straggler(c: &mut Cpu) -> After {
+fn straggler(hv: &Hv, c: &mut Cpu) -> After {
     if session::attached() {
         return After::Run;
     }
-    let leave = session::LEAVE_AFTER_DETACH.load(Acquire);
-    prepare_run(
-        c,
-        if leave {
-            Resume::Leave
-        } else {
-            Resume::Continue
-        },
-    );
-    if leave {
-        After::Leave
+    let action = if session::LEAVE_AFTER_DETACH.load(Acquire) {
+        Resume::Leave
     } else {
-        After::Run
-    }
+        Resume::Continue
+    };
+    resume(hv, c, action)
 }
 
 /// No DR slot lent to a step.
@@ -370,8 +362,12 @@ pub unsafe fn park(hv: &Hv, cpu: *mut Cpu, reason: Reason) -> After {
     // SAFETY: forwarded; no reference into our area is held across the call.
     let action = unsafe { stop::enter(hv, cpu, session::lead) };
     // SAFETY: released: our own area again.
-    let c = unsafe { &mut *cpu };
-    prepare_run(c, action);
+    resume(hv, unsafe { &mut *cpu }, action)
+}
+
+/// Sets this CPU up for `action` and tells the run loop what comes next.
+fn resume(hv: &Hv, c: &mut Cpu, action: Resume) -> After {
+    prepare_run(hv, c, action);
     match action {
         Resume::Leave => After::Leave,
         _ => After::Run,
@@ -379,7 +375,7 @@ pub unsafe fn park(hv: &Hv, cpu: *mut Cpu, reason: Reason) -> After {
 }
 
 /// Sets up this CPU's VMCB and debug registers for how it runs next (on the CPU itself).
-fn prepare_run(c: &mut Cpu, action: Resume) {
+fn prepare_run(hv: &Hv, c: &mut Cpu, action: Resume) {
     let attached = session::attached();
     let ctl = &mut c.vmcb.control;
     if attached && action != Resume::Leave {
@@ -407,9 +403,7 @@ fn prepare_run(c: &mut Cpu, action: Resume) {
     }
     apply_debug_registers(&mut c.vmcb, d, action == Resume::Leave || !attached);
     if action == Resume::Step {
-        if let Some(hv) = crate::vmm::get() {
-            lend_step_slot(hv, c);
-        }
+        lend_step_slot(hv, c);
     }
 }
 
@@ -457,7 +451,7 @@ pub unsafe fn after_completed(hv: &Hv, cpu: *mut Cpu, hypercall: bool) -> After 
     if !hypercall {
         return After::Run;
     }
-    match session::take_pending_stop() {
+    match session::take_pending_stop(hv) {
         // SAFETY: forwarded.
         Some(reason) => unsafe { park(hv, cpu, reason) },
         None => After::Run,

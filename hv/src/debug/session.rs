@@ -110,11 +110,11 @@ pub fn gdb_input(bytes: &[u8]) {
 }
 
 /// A stop this CPU must make now that its hypercall is complete.
-pub fn take_pending_stop() -> Option<Reason> {
+pub fn take_pending_stop(hv: &Hv) -> Option<Reason> {
     match PENDING_STOP.swap(0, AcqRel) {
         1 => Some(Reason::Interrupt),
         2 => {
-            let khz = crate::vmm::get().map_or(1, |hv| hv.tsc_khz as u64);
+            let khz = hv.tsc_khz as u64;
             let age = crate::arch::instr::rdtsc() - ATTACH_REQUEST_TSC.load(Acquire);
             (age < ATTACH_FRESH_SECONDS * 1000 * khz).then_some(Reason::Attach)
         }
