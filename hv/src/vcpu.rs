@@ -217,9 +217,9 @@ pub unsafe extern "C" fn host_main(cpu: *mut Cpu) -> ! {
 
         if cpu.vmcb.save.cr3 == hv.host.cr3 {
             // The save area holds the hv's own state (its CR3, CS, RIP after VMRUN), not the
-            // guest's: the kernel's state on this CPU is gone. Seen only under QEMU 7.2's TCG
-            // with CX16 offered to the guest (README, Limits); never VMRUN it (that "guest"
-            // would run the hv's code under nested paging and triple-fault).
+            // guest's: the kernel's state on this CPU is gone. Seen only under QEMU 7.2's TCG,
+            // cause not found (README, Limits); never VMRUN it (that "guest" would run the
+            // hv's code under nested paging and triple-fault).
             lost_guest_state(cpu)
         }
         let exit = svm::decode_exit(&cpu.vmcb, &cpu.state.regs);
@@ -346,7 +346,7 @@ fn lost_guest_state(cpu: &Cpu) -> ! {
     let _ = writeln!(
         crate::serial::Com1,
         "\r\nquicksilver hv: cpu {}: exit {:#x} returned the hv's own state instead of the \
-         kernel's (an emulator defect: QEMU TCG with CX16, see the README's limits); the kernel cannot go on; \
+         kernel's (seen only under QEMU TCG, see the README's limits); the kernel cannot go on; \
          resetting the machine\r\nquicksilver hv: {:x?}",
         cpu.state.index,
         cpu.vmcb.control.exit_code,

@@ -167,9 +167,9 @@ impl Qemu {
             run_dir: artifacts.dir.join("run"),
             smp: 4,
             memory: "1G".into(),
-            // Without CX16: with it, QEMU 7.2's multi-threaded TCG now and then ends an exit
-            // with the hv's own state in the VMCB (about 1 switch in 900; the hv reports it
-            // and resets: README, Limits). Linux 6.1 runs fine without CMPXCHG16B.
+            // Without CX16: an attempt to avoid exits that come back with the hv's own state
+            // under QEMU 7.2's TCG (README, Limits); it made them rarer at best, not gone.
+            // Linux 6.1 runs fine without CMPXCHG16B.
             cpu: "EPYC,-cx16".into(),
             icount: None,
             cmdline: Vec::new(),
