@@ -217,8 +217,9 @@ pub unsafe extern "C" fn host_main(cpu: *mut Cpu) -> ! {
 
         if cpu.vmcb.save.cr3 == hv.host.cr3 {
             // The save area holds the hv's own state (its CR3, CS, RIP after VMRUN), not the
-            // guest's: the kernel's state on this CPU is gone. Seen only under QEMU 7.2's TCG,
-            // cause not found (README, Limits); never VMRUN it (that "guest" would run the
+            // guest's: the kernel's state on this CPU is gone. Stock QEMU's TCG does this to
+            // CPU 0 now and then (another vCPU's FPU load stores back a stale copy of CPU 0's
+            // SVM flags: xtask/src/emulator.rs); never VMRUN it (that "guest" would run the
             // hv's code under nested paging and triple-fault).
             lost_guest_state(cpu)
         }
@@ -346,8 +347,9 @@ fn lost_guest_state(cpu: &Cpu) -> ! {
     let _ = writeln!(
         crate::serial::Com1,
         "\r\nquicksilver hv: cpu {}: exit {:#x} returned the hv's own state instead of the \
-         kernel's (seen only under QEMU TCG, see the README's limits); the kernel cannot go on; \
-         resetting the machine\r\nquicksilver hv: {:x?}",
+         kernel's (a race in stock QEMU's TCG: run the patched QEMU that `cargo xtask setup` \
+         builds, see the README); the kernel cannot go on; resetting the machine\r\n\
+         quicksilver hv: {:x?}",
         cpu.state.index,
         cpu.vmcb.control.exit_code,
         svm::exit_record(cpu.state.index, &cpu.vmcb)

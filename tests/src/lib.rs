@@ -16,7 +16,7 @@ pub fn artifacts() -> Artifacts {
     }
 }
 
-/// A guest with `smp` CPUs on `-cpu EPYC,-cx16`, named after the test.
+/// A guest with `smp` CPUs on `-cpu EPYC`, named after the test.
 pub fn guest(name: &str, smp: u32) -> Qemu {
     artifacts()
         .qemu(name)

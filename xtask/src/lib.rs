@@ -26,6 +26,7 @@ pub mod build;
 pub mod cmd;
 pub mod cpio;
 pub mod demo;
+pub mod emulator;
 pub mod gdb;
 pub mod image;
 pub mod initrd;

@@ -8,7 +8,8 @@
 //! QEMU when dropped, so that no failed test leaves a guest running.
 //!
 //! TCG rather than KVM: the host's `/dev/kvm` exposes no SVM to a guest, and QEMU's TCG
-//! emulates AMD SVM with nested paging (`-cpu EPYC,-cx16`), which the hv needs (FACTS.md).
+//! emulates AMD SVM with nested paging (`-cpu EPYC`), which the hv needs (FACTS.md). The QEMU
+//! binary is Debian's source with one race fixed (`crate::emulator`).
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -24,8 +25,6 @@ use std::time::{Duration, Instant};
 use crate::build::Artifacts;
 use crate::initrd::{self, ExtraFile};
 
-/// The QEMU binary.
-pub const QEMU: &str = "qemu-system-x86_64";
 /// Kernel command line every boot gets: console on the first UART; any panic or oops ends
 /// the run at once (QEMU's `-no-reboot` turns the reboot into an exit) instead of hanging
 /// until the timeout.
@@ -42,9 +41,12 @@ const ERROR_TAIL_LINES: usize = 40;
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
     #[error(
-        "cannot start {QEMU}: {source}; run `cargo xtask setup` (it installs qemu-system-x86)"
+        "cannot start {}: {source}; run `cargo xtask setup` (it installs qemu-system-x86 and builds the patched QEMU)", .binary.display()
     )]
-    Spawn { source: std::io::Error },
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{name}: preparing the run's initramfs failed: {message}")]
     Initrd { name: String, message: String },
     #[error("{name}: no {waiting_for:?} on the console after {after:.1?}{}", context(.console_tail, .log))]
@@ -147,7 +149,7 @@ impl std::fmt::Debug for Qemu {
 
 impl Qemu {
     /// A run named `name` (the log is `logs/<name>.log`) with the defaults: 4 CPUs, 1 GiB,
-    /// `-cpu EPYC,-cx16`, 120 s timeout.
+    /// `-cpu EPYC`, 120 s timeout.
     pub fn new(artifacts: &Artifacts, name: &str) -> Qemu {
         let safe_name: String = name
             .chars()
@@ -167,10 +169,7 @@ impl Qemu {
             run_dir: artifacts.dir.join("run"),
             smp: 4,
             memory: "1G".into(),
-            // Without CX16: an attempt to avoid exits that come back with the hv's own state
-            // under QEMU 7.2's TCG (README, Limits); it made them rarer at best, not gone.
-            // Linux 6.1 runs fine without CMPXCHG16B.
-            cpu: "EPYC,-cx16".into(),
+            cpu: "EPYC".into(),
             icount: None,
             cmdline: Vec::new(),
             args: Vec::new(),
@@ -335,10 +334,11 @@ impl Qemu {
     /// powers off or presses Ctrl-A X). Files added with [`Qemu::file`] are included.
     pub fn run_interactive(&self) -> Result<ExitStatus, QemuError> {
         let initrd = self.prepare_initrd(None)?;
-        let status = Command::new(QEMU)
+        let binary = crate::emulator::binary();
+        let status = Command::new(&binary)
             .args(self.qemu_args(initrd.path(), true))
             .status()
-            .map_err(|source| QemuError::Spawn { source });
+            .map_err(|source| QemuError::Spawn { binary, source });
         drop(initrd);
         status
     }
@@ -397,13 +397,14 @@ impl Qemu {
             name: self.name.clone(),
             source,
         };
+        let binary = crate::emulator::binary();
         let mut log = match &self.log {
             Some(path) => {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(io_err)?;
                 }
                 let mut file = std::fs::File::create(path).map_err(io_err)?;
-                let line = std::iter::once(QEMU.into())
+                let line = std::iter::once(binary.clone().into_os_string())
                     .chain(args.iter().cloned())
                     .collect::<Vec<OsString>>();
                 let line = line
@@ -417,7 +418,7 @@ impl Qemu {
             }
             None => None,
         };
-        let mut command = Command::new(QEMU);
+        let mut command = Command::new(&binary);
         command
             .args(&args)
             .stdin(Stdio::piped())
@@ -437,7 +438,7 @@ impl Qemu {
         }
         let mut child = command
             .spawn()
-            .map_err(|source| QemuError::Spawn { source })?;
+            .map_err(|source| QemuError::Spawn { binary, source })?;
         let started = Instant::now();
         let stdin = child.stdin.take();
         let mut stdout = child.stdout.take().expect("stdout is piped");

@@ -40,6 +40,7 @@ pub fn setup() -> anyhow::Result<Kernel> {
         apt.install(&missing)?;
     }
     ensure_rust_target(HV_TARGET)?;
+    crate::emulator::ensure(&mut apt)?;
     Kernel::prepare_with(&mut apt)
 }
 
@@ -79,11 +80,17 @@ impl Apt {
         if self.updated {
             return Ok(false);
         }
+        self.update()?;
+        Ok(true)
+    }
+
+    /// Runs `apt-get update` (again, after the sources changed).
+    pub(crate) fn update(&mut self) -> anyhow::Result<()> {
         note("apt-get update");
         run_captured(Command::new("apt-get").arg("update"))
             .context("apt-get update failed: check the network and /etc/apt/sources.list")?;
         self.updated = true;
-        Ok(true)
+        Ok(())
     }
 
     /// Installs `packages` non-interactively (after one `apt-get update`).
