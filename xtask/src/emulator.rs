@@ -92,7 +92,10 @@ pub(crate) fn ensure(apt: &mut Apt) -> anyhow::Result<PathBuf> {
         quicksilver_proto::crc32(&patch)
     );
     let ready = dir.join("ready");
-    if binary.exists() && std::fs::read_to_string(&ready).is_ok_and(|s| s.trim() == stamp) {
+    if binary.exists()
+        && std::fs::read_to_string(&ready).is_ok_and(|s| s.trim() == stamp)
+        && check_firmware(&binary).is_ok()
+    {
         note(format!(
             "patched QEMU {version} ready: {}",
             binary.display()
@@ -138,15 +141,45 @@ pub(crate) fn ensure(apt: &mut Apt) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(&bin_dir)?;
     std::fs::copy(build.join(SYSTEM_QEMU), &binary)
         .with_context(|| format!("copying QEMU to {}", binary.display()))?;
-    let reported = stdout_of(Command::new(&binary).arg("--version"))?;
-    if !reported.starts_with("QEMU emulator version") {
-        bail!("the QEMU just built says {reported:?} to --version");
-    }
+    link_firmware(&dir)?;
+    check_firmware(&binary)?;
     // The source and objects are ~1 GB; only the binary is needed.
     remove_if_exists(&src)?;
     std::fs::write(&ready, format!("{stamp}\n"))?;
     note(format!("built {}", binary.display()));
     Ok(binary)
+}
+
+/// QEMU looks for firmware relative to its binary (`bin/../share/qemu` for the prefix /usr,
+/// and so on): `share` and `lib` beside `bin` lead to the system's, which Debian's packages
+/// fill.
+fn link_firmware(dir: &Path) -> anyhow::Result<()> {
+    for (name, system) in [("share", "/usr/share"), ("lib", "/usr/lib")] {
+        let link = dir.join(name);
+        if std::fs::read_link(&link).is_ok_and(|to| to == Path::new(system)) {
+            continue;
+        }
+        remove_if_exists(&link)?;
+        std::os::unix::fs::symlink(system, &link)
+            .with_context(|| format!("linking {} to {system}", link.display()))?;
+    }
+    Ok(())
+}
+
+/// Fails unless `binary` finds the PC BIOS in its firmware path (`-L help`).
+fn check_firmware(binary: &Path) -> anyhow::Result<()> {
+    let dirs = stdout_of(Command::new(binary).args(["-L", "help"]))?;
+    if dirs
+        .lines()
+        .any(|d| Path::new(d.trim()).join("bios-256k.bin").exists())
+    {
+        return Ok(());
+    }
+    bail!(
+        "{} finds no bios-256k.bin in its firmware path ({}): is the seabios package installed?",
+        binary.display(),
+        dirs.lines().collect::<Vec<_>>().join(", ")
+    )
 }
 
 /// `apt-get source qemu=VERSION` into `src`. Debian's images often list binary packages only:
@@ -232,11 +265,12 @@ fn source_tree(src: &Path) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Removes a file, a symlink (not what it leads to) or a whole directory, if there.
 fn remove_if_exists(path: &Path) -> anyhow::Result<()> {
-    let result = if path.is_dir() {
-        std::fs::remove_dir_all(path)
-    } else {
-        std::fs::remove_file(path)
+    let result = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
     };
     match result {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
