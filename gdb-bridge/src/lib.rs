@@ -642,7 +642,7 @@ fn serve_client(stream: TcpStream, link: &Link, state: &State, stop_timeout: Dur
         "qs-bridge: every CPU stopped ({} CPUs); gdb is served",
         st.cpus.unwrap_or(0)
     );
-    let asked_to_end = pump_client(stream, link);
+    let asked_to_end = pump_client(stream, link, state);
     if state.status().session != SessionState::Stopped {
         return;
     }
@@ -665,55 +665,151 @@ fn serve_client(stream: TcpStream, link: &Link, state: &State, stop_timeout: Dur
     }
 }
 
-/// Copies one client's bytes to the link until it disconnects; returns whether gdb sent a
-/// detach or kill packet (`D`, `k`, `vKill`) meanwhile.
-fn pump_client(mut reader: TcpStream, link: &Link) -> bool {
+/// Copies one client's bytes to the link until it disconnects (answering what
+/// [`GdbFilter`] answers itself); returns whether gdb sent a detach or kill packet (`D`, `k`,
+/// `vKill`) meanwhile.
+fn pump_client(mut reader: TcpStream, link: &Link, state: &State) -> bool {
     let mut buf = [0u8; link::MAX_PAYLOAD];
-    let mut watch = EndWatch::default();
-    loop {
+    let mut filter = GdbFilter::default();
+    let mut out = Vec::new();
+    'read: loop {
         match reader.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                watch.push(&buf[..n]);
-                if link.send(Channel::Gdb, &buf[..n]).is_err() {
-                    break;
+                filter.push(&buf[..n], &mut out);
+                for o in out.drain(..) {
+                    match o {
+                        ToSend::Machine(bytes) => {
+                            if link.send(Channel::Gdb, &bytes).is_err() {
+                                break 'read;
+                            }
+                        }
+                        ToSend::Gdb(bytes) => {
+                            if let Some(s) = state.client.lock().expect("client").as_mut() {
+                                let _ = s.write_all(&bytes);
+                            }
+                        }
+                    }
                 }
             }
         }
     }
-    watch.seen
+    filter.ended
 }
 
-/// Spots gdb's detach and kill packets in its byte stream, across reads. (`$` only starts a
-/// packet: inside one it is escaped.)
+/// Where [`GdbFilter`] sends a piece of gdb's stream, or its own answer.
+#[derive(Debug, PartialEq, Eq)]
+enum ToSend {
+    Machine(Vec<u8>),
+    Gdb(Vec<u8>),
+}
+
+/// gdb's byte stream, packet by packet (across reads). Everything goes on to the machine as
+/// it came, except reads of the target description: the bridge answers those from its own
+/// copy (`quicksilver_proto::gdb::TARGET_XML`, the hv's), which keeps 5.6 KB off the serial
+/// link at every attach. Acks always flow (the hv's stub offers no `QStartNoAckMode`): the
+/// bridge acks the packet it answers and takes gdb's ack of its answer (a `-` gets the answer
+/// again). Also notes gdb's detach and kill packets.
 #[derive(Default)]
-struct EndWatch {
-    tail: Vec<u8>,
-    seen: bool,
+struct GdbFilter {
+    /// The packet being collected, from `$` to the end of its checksum.
+    packet: Vec<u8>,
+    /// Checksum characters still to come once `#` was seen.
+    checksum_left: Option<u8>,
+    /// The bridge's last answer, until gdb acks it.
+    answer: Option<Vec<u8>>,
+    /// gdb sent `D`, `k` or `vKill`.
+    ended: bool,
 }
 
-impl EndWatch {
-    const PACKETS: [&'static [u8]; 3] = [b"$D", b"$k", b"$vKill"];
+impl GdbFilter {
+    const TARGET_XML_READ: &'static [u8] = b"qXfer:features:read:target.xml:";
 
-    fn push(&mut self, bytes: &[u8]) {
-        self.tail.extend_from_slice(bytes);
-        for start in self
-            .tail
-            .iter()
-            .enumerate()
-            .filter(|(_, &b)| b == b'$')
-            .map(|(i, _)| i)
-        {
-            if Self::PACKETS
-                .iter()
-                .any(|p| self.tail[start..].starts_with(p))
-            {
-                self.seen = true;
+    fn push(&mut self, bytes: &[u8], out: &mut Vec<ToSend>) {
+        let mut machine = Vec::new();
+        for &b in bytes {
+            if !self.packet.is_empty() {
+                self.packet.push(b);
+                match &mut self.checksum_left {
+                    Some(left) => {
+                        *left -= 1;
+                        if *left == 0 {
+                            self.checksum_left = None;
+                            let packet = std::mem::take(&mut self.packet);
+                            self.packet_done(packet, &mut machine, out);
+                        }
+                    }
+                    None if b == b'#' => self.checksum_left = Some(2),
+                    None => {}
+                }
+                continue;
+            }
+            match b {
+                b'$' => self.packet.push(b),
+                b'+' if self.answer.is_some() => self.answer = None,
+                b'-' if self.answer.is_some() => {
+                    flush(&mut machine, out);
+                    out.push(ToSend::Gdb(self.answer.clone().unwrap_or_default()));
+                }
+                // Acks of the machine's packets, Ctrl-C (0x03).
+                _ => machine.push(b),
             }
         }
-        let keep = self.tail.len().saturating_sub(b"$vKil".len());
-        self.tail.drain(..keep);
+        flush(&mut machine, out);
     }
+
+    fn packet_done(&mut self, packet: Vec<u8>, machine: &mut Vec<u8>, out: &mut Vec<ToSend>) {
+        let body = &packet[1..packet.len() - 3];
+        if let Some(answer) = body
+            .strip_prefix(Self::TARGET_XML_READ)
+            .and_then(|range| xfer_answer(range, quicksilver_proto::gdb::TARGET_XML.as_bytes()))
+        {
+            flush(machine, out);
+            out.push(ToSend::Gdb([b"+".as_slice(), &answer].concat()));
+            self.answer = Some(answer);
+            return;
+        }
+        if body == b"D" || body.starts_with(b"D;") || body == b"k" || body.starts_with(b"vKill") {
+            self.ended = true;
+        }
+        machine.extend_from_slice(&packet);
+    }
+}
+
+/// Moves collected machine-bound bytes into `out`, keeping the stream's order.
+fn flush(machine: &mut Vec<u8>, out: &mut Vec<ToSend>) {
+    if !machine.is_empty() {
+        out.push(ToSend::Machine(std::mem::take(machine)));
+    }
+}
+
+/// The answer packet to a `qXfer:...:read` of `doc` for the `OFFSET,LENGTH` (hex) in `range`:
+/// `m` and a part when more follows, `l` and the rest at the end, binary-escaped, at most
+/// LENGTH bytes of data. None if `range` does not parse.
+fn xfer_answer(range: &[u8], doc: &[u8]) -> Option<Vec<u8>> {
+    let (offset, length) = std::str::from_utf8(range).ok()?.split_once(',')?;
+    let offset = usize::from_str_radix(offset, 16).ok()?;
+    let length = usize::from_str_radix(length, 16).ok()?;
+    let rest = doc.get(offset.min(doc.len())..).unwrap_or_default();
+    let mut data = Vec::new();
+    let mut taken = 0;
+    for &c in rest {
+        let escaped: &[u8] = match c {
+            b'#' | b'$' | b'}' | b'*' => &[b'}', c ^ 0x20],
+            _ => std::slice::from_ref(&c),
+        };
+        if data.len() + escaped.len() > length {
+            break;
+        }
+        data.extend_from_slice(escaped);
+        taken += 1;
+    }
+    let kind = if taken < rest.len() { b'm' } else { b'l' };
+    let sum = data.iter().fold(kind, |s, &c| s.wrapping_add(c));
+    let mut packet = vec![b'$', kind];
+    packet.extend_from_slice(&data);
+    packet.extend_from_slice(format!("#{sum:02x}").as_bytes());
+    Some(packet)
 }
 
 /// Opens the control socket at `path`: a stale socket file is replaced; anything else there
@@ -785,20 +881,106 @@ pub fn control_reply(command: &str, state: &State) -> serde_json::Value {
 mod tests {
     use super::*;
 
+    /// Feeds `chunks` to a fresh filter; returns what it sent where, and whether gdb ended.
+    fn filter(chunks: &[&[u8]]) -> (Vec<ToSend>, bool) {
+        let mut f = GdbFilter::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            f.push(c, &mut out);
+        }
+        (out, f.ended)
+    }
+
     #[test]
     fn detach_and_kill_packets_are_spotted_across_reads() {
-        let seen = |chunks: &[&[u8]]| {
-            let mut w = EndWatch::default();
-            for c in chunks {
-                w.push(c);
+        assert!(filter(&[b"+$D#44"]).1);
+        assert!(filter(&[b"$g#67+$", b"k#6b"]).1);
+        assert!(filter(&[b"$vK", b"ill;a410#33"]).1);
+        assert!(!filter(&[b"$qSupported:multiprocess+#c6", b"$m ffff,4#00"]).1);
+        assert!(!filter(&[b"$g#67", b"D"]).1, "a D outside a packet start");
+    }
+
+    #[test]
+    fn everything_but_target_description_reads_goes_to_the_machine_unchanged() {
+        let stream: &[&[u8]] = &[
+            b"+$qSupp",
+            b"orted:xmlRegisters=i386#6a",
+            b"\x03+$g#67",
+            b"+",
+        ];
+        let (out, _) = filter(stream);
+        let sent: Vec<u8> = out
+            .iter()
+            .flat_map(|o| match o {
+                ToSend::Machine(b) => b.clone(),
+                ToSend::Gdb(b) => panic!("answered {b:?} itself"),
+            })
+            .collect();
+        assert_eq!(sent, stream.concat());
+    }
+
+    #[test]
+    fn the_target_description_is_answered_here_in_parts_that_gdb_can_join() {
+        let doc = quicksilver_proto::gdb::TARGET_XML.as_bytes();
+        let mut joined = Vec::new();
+        let mut f = GdbFilter::default();
+        let mut offset = 0;
+        loop {
+            let mut out = Vec::new();
+            let request = format!("qXfer:features:read:target.xml:{offset:x},3fb");
+            let sum = request.bytes().fold(0u8, |s, c| s.wrapping_add(c));
+            f.push(format!("${request}#{sum:02x}").as_bytes(), &mut out);
+            let [ToSend::Gdb(reply)] = &out[..] else {
+                panic!("not answered here: {out:?}")
+            };
+            let reply = reply.clone();
+            out.clear();
+            // Our ack of gdb's packet, then `$`, m or l, data, `#xx` with a valid checksum.
+            assert_eq!(&reply[..2], b"+$");
+            let packet = &reply[2..];
+            let (body, sum) = packet.split_at(packet.len() - 3);
+            let want = body.iter().fold(0u8, |s, &c| s.wrapping_add(c));
+            assert_eq!(sum, format!("#{want:02x}").as_bytes());
+            assert!(body.len() - 1 <= 0x3fb);
+            joined.extend_from_slice(&body[1..]);
+            offset = joined.len();
+            // gdb's ack of the answer is the bridge's, not the machine's.
+            f.push(b"+", &mut out);
+            assert!(out.is_empty(), "the ack went on: {out:?}");
+            if body[0] == b'l' {
+                break;
             }
-            w.seen
+            assert_eq!(body[0], b'm');
+        }
+        assert_eq!(joined, doc);
+    }
+
+    #[test]
+    fn a_nacked_answer_is_sent_again_and_bad_ranges_go_to_the_machine() {
+        let (out, _) = filter(&[b"$qXfer:features:read:target.xml:0,10#00", b"-"]);
+        assert_eq!(out.len(), 2);
+        let (ToSend::Gdb(first), ToSend::Gdb(again)) = (&out[0], &out[1]) else {
+            panic!("{out:?}")
         };
-        assert!(seen(&[b"+$D#44"]));
-        assert!(seen(&[b"$g#67+$", b"k#6b"]));
-        assert!(seen(&[b"$vK", b"ill;a410#33"]));
-        assert!(!seen(&[b"$qSupported:multiprocess+#c6", b"$m ffff,4#00"]));
-        assert!(!seen(&[b"$g#67", b"D"]), "a D outside a packet start");
+        assert_eq!(
+            &first[1..],
+            &again[..],
+            "the same answer, without a second ack"
+        );
+        let (out, _) = filter(&[b"$qXfer:features:read:target.xml:zz#00"]);
+        assert!(matches!(&out[..], [ToSend::Machine(_)]));
+    }
+
+    #[test]
+    fn escaped_bytes_count_against_the_length() {
+        // `#` takes two bytes (`}` and # ^ 0x20), so 3 bytes hold "a#" and "b" is left.
+        let sum = [b'm', b'a', b'}', 0x03]
+            .iter()
+            .fold(0u8, |s, &c| s.wrapping_add(c));
+        let mut want = b"$ma}\x03".to_vec();
+        want.extend_from_slice(format!("#{sum:02x}").as_bytes());
+        assert_eq!(xfer_answer(b"0,3", b"a#b"), Some(want));
+        assert_eq!(xfer_answer(b"3,10", b"a#b").as_deref(), Some(&b"$l#6c"[..]));
     }
 
     #[test]

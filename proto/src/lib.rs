@@ -14,6 +14,7 @@
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 
 pub mod abi;
+pub mod gdb;
 pub mod image;
 pub mod link;
 pub mod stats;
