@@ -104,3 +104,28 @@ fn is_executable(path: &Path) -> bool {
     path.metadata()
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
+
+/// Removes a file, a symlink (not what it leads to) or a whole directory, if there.
+pub fn remove_if_exists(path: &Path) -> anyhow::Result<()> {
+    let result = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Makes `link` a symlink to `target` unless it already is one.
+pub fn ensure_symlink(target: &Path, link: &Path) -> anyhow::Result<()> {
+    if std::fs::read_link(link).is_ok_and(|to| to == target) {
+        return Ok(());
+    }
+    remove_if_exists(link)?;
+    std::os::unix::fs::symlink(target, link)
+        .with_context(|| format!("linking {} to {}", link.display(), target.display()))
+}

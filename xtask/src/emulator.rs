@@ -20,7 +20,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context as _};
 
-use crate::cmd::{run_captured, stdout_of};
+use crate::cmd::{ensure_symlink, remove_if_exists, run_captured, stdout_of};
 use crate::setup::Apt;
 use crate::{cache_dir, note, repo_root};
 
@@ -74,7 +74,8 @@ fn patched_binary(dir: &Path) -> PathBuf {
     dir.join("bin").join(SYSTEM_QEMU)
 }
 
-/// Builds the patched QEMU unless the build for this source version and patch is there.
+/// Builds the patched QEMU unless the build for this source version, patch and configuration
+/// is there.
 pub(crate) fn ensure(apt: &mut Apt) -> anyhow::Result<PathBuf> {
     let dir = dir();
     let binary = patched_binary(&dir);
@@ -87,15 +88,16 @@ pub(crate) fn ensure(apt: &mut Apt) -> anyhow::Result<PathBuf> {
     let patch_path = repo_root().join(PATCH);
     let patch =
         std::fs::read(&patch_path).with_context(|| format!("reading {}", patch_path.display()))?;
+    // A new source version, patch or configuration means a new build.
+    let recipe = [patch.as_slice(), CONFIGURE.join(" ").as_bytes()].concat();
     let stamp = format!(
-        "qemu {version} patch {:08x}",
-        quicksilver_proto::crc32(&patch)
+        "qemu {version} recipe {:08x}",
+        quicksilver_proto::crc32(&recipe)
     );
     let ready = dir.join("ready");
-    if binary.exists()
-        && std::fs::read_to_string(&ready).is_ok_and(|s| s.trim() == stamp)
-        && check_firmware(&binary).is_ok()
-    {
+    if binary.exists() && std::fs::read_to_string(&ready).is_ok_and(|s| s.trim() == stamp) {
+        link_firmware(&dir)?;
+        check_firmware(&binary)?;
         note(format!(
             "patched QEMU {version} ready: {}",
             binary.display()
@@ -155,13 +157,7 @@ pub(crate) fn ensure(apt: &mut Apt) -> anyhow::Result<PathBuf> {
 /// fill.
 fn link_firmware(dir: &Path) -> anyhow::Result<()> {
     for (name, system) in [("share", "/usr/share"), ("lib", "/usr/lib")] {
-        let link = dir.join(name);
-        if std::fs::read_link(&link).is_ok_and(|to| to == Path::new(system)) {
-            continue;
-        }
-        remove_if_exists(&link)?;
-        std::os::unix::fs::symlink(system, &link)
-            .with_context(|| format!("linking {} to {system}", link.display()))?;
+        ensure_symlink(Path::new(system), &dir.join(name))?;
     }
     Ok(())
 }
@@ -263,19 +259,4 @@ fn source_tree(src: &Path) -> anyhow::Result<PathBuf> {
         "apt-get source left no unpacked qemu-* tree in {} (is dpkg-dev installed?)",
         src.display()
     )
-}
-
-/// Removes a file, a symlink (not what it leads to) or a whole directory, if there.
-fn remove_if_exists(path: &Path) -> anyhow::Result<()> {
-    let result = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    match result {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", path.display()))
-        }
-        _ => Ok(()),
-    }
 }

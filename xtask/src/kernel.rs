@@ -26,7 +26,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context as _};
 
-use crate::cmd::{run_captured, stdout_of};
+use crate::cmd::{ensure_symlink, remove_if_exists, run_captured, stdout_of};
 use crate::setup::Apt;
 use crate::{note, LocateError};
 
@@ -483,11 +483,7 @@ impl Kernel {
         // A convenience link for people typing the path.
         let link = dir.join("vmlinux");
         let target = PathBuf::from(self.vmlinux.file_name().context("vmlinux has no name")?);
-        if std::fs::read_link(&link).ok().as_ref() != Some(&target) {
-            remove_if_exists(&link)?;
-            std::os::unix::fs::symlink(&target, &link)
-                .with_context(|| format!("linking {}", link.display()))?;
-        }
+        ensure_symlink(&target, &link)?;
         note(format!(
             "kernel debug info ready: {}",
             self.vmlinux.display()
@@ -605,13 +601,6 @@ fn lock(path: &Path) -> anyhow::Result<std::fs::File> {
         }
     }
     Ok(file)
-}
-
-fn remove_if_exists(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]
