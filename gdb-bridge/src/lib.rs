@@ -468,9 +468,16 @@ impl State {
         }
     }
 
-    /// Ends our side of the gdb client's connection (after what was written to it).
-    fn close_client(&self, how: std::net::Shutdown) {
-        if let Some(s) = self.client.lock().expect("client").as_ref() {
+    /// Changes the status as [`State::update`] does and ends our side of the connection of
+    /// the gdb client of that moment (after what was written to it). Both happen under the
+    /// client lock: the ending session's thread frees the client's place only once the status
+    /// says so, and a new client may take the place at once; without the lock, this would
+    /// close the new client instead (a gdb that reconnected at once was told "Remote
+    /// connection closed").
+    fn update_and_close_client(&self, how: std::net::Shutdown, f: impl FnOnce(&mut Status)) {
+        let client = self.client.lock().expect("client");
+        self.update(f);
+        if let Some(s) = client.as_ref() {
             let _ = s.shutdown(how);
         }
     }
@@ -528,8 +535,9 @@ pub fn serve_gdb(
         match link.recv(Duration::from_secs(3600)) {
             None => continue,
             Some(Inbound::Closed(why)) => {
-                state.update(|st| st.link = LinkState::Lost);
-                state.close_client(std::net::Shutdown::Both);
+                state.update_and_close_client(std::net::Shutdown::Both, |st| {
+                    st.link = LinkState::Lost
+                });
                 bail!("{why}: the machine keeps running; restart qs-bridge to reconnect");
             }
             Some(Inbound::Frame {
@@ -585,10 +593,11 @@ fn on_control(payload: &[u8], link: &Link, state: &State) -> Result<()> {
                     "qs-bridge: gdb asked to kill the machine: Quicksilver never kills it; detached instead, the kernel keeps running"
                 ),
             }
-            state.update(|st| st.session = SessionState::Ended);
             // gdb closes by itself after a detach or kill; make sure it does not linger on a
             // session that is over. What was written to it still reaches it first.
-            state.close_client(std::net::Shutdown::Write);
+            state.update_and_close_client(std::net::Shutdown::Write, |st| {
+                st.session = SessionState::Ended
+            });
         }
         Ok(other) => eprintln!("qs-bridge: ignored an unexpected {other:?} from the machine"),
         Err(_) => eprintln!("qs-bridge: ignored an undecodable control message from the machine"),

@@ -384,6 +384,30 @@ fn gdb_bytes_wait_until_every_cpu_is_stopped() {
 }
 
 #[test]
+fn a_gdb_that_reconnects_at_once_after_a_detach_is_served() {
+    // The session's end closes the old client's connection; it must never close the new one
+    // (a gdb script's `detach` then `target remote` once got "Remote connection closed").
+    let dir = tempdir("reconnect");
+    let _m = machine(
+        UnixListener::bind(dir.join("link")).unwrap(),
+        KEY,
+        Some(Duration::ZERO),
+    );
+    let b = bridge(&dir, KEY, &[]);
+    b.stderr.wait_for("authenticated", LONG);
+    let mut gdb = b.gdb();
+    for session in 1..=40 {
+        gdb.write_all(b"$g#67").unwrap();
+        let got = read_some(&mut gdb, b"echo:$g#67".len());
+        assert_eq!(got, b"echo:$g#67", "session {session}: served");
+        gdb.write_all(b"$D#44").unwrap();
+        // As gdb does: close on the OK, connect again at once (not waiting for our close).
+        assert_eq!(read_some(&mut gdb, 7), b"+$OK#9a", "session {session}: detached");
+        gdb = b.gdb();
+    }
+}
+
+#[test]
 fn a_machine_that_does_not_stop_gets_gdb_closed_with_the_reason() {
     let dir = tempdir("nostop");
     let m = machine(UnixListener::bind(dir.join("link")).unwrap(), KEY, None);
