@@ -36,12 +36,12 @@
 #include <linux/ktime.h>
 #include <linux/interrupt.h>
 #include <linux/ioport.h>
-#include <linux/workqueue.h>
+#include <linux/kthread.h>
+#include <linux/hrtimer.h>
 #include <linux/string.h>
 #include <linux/serial_8250.h>
 #include <linux/io.h>
 #include <linux/kprobes.h>
-#include <linux/delay.h>
 #include <asm/unaligned.h>
 #include <asm/msr.h>
 #include <asm/asm.h>
@@ -400,15 +400,27 @@ static void qs_give_port_back(void)
 		pr_warn("could not give port %#x back to the serial driver (error %d)\n", link_port, line);
 	qs_taken_line = -1;
 }
-static void qs_attention(struct work_struct *w);
-static DECLARE_WORK(qs_attention_work, qs_attention);
+/* The agent's own thread for attention requests (see qs_stop_timer_fn for why not a
+ * workqueue), the requests it has to serve, and the timer that makes the stop. */
+static struct task_struct *qs_attention_task;
+static unsigned long qs_attention_wanted;
+static struct hrtimer qs_stop_timer;
+/* Stop hypercalls that found this CPU native, in a row (see qs_stop_timer_fn). */
+static atomic_t qs_stop_tries = ATOMIC_INIT(0);
 
 static long qs_control(u64 op, void *buf, u64 len);
 static void qs_do_activate(struct qs_switch_result *r);
 static void qs_refresh_active(void);
 
+static void qs_want_attention(void)
+{
+	set_bit(0, &qs_attention_wanted);
+	wake_up_process(qs_attention_task);
+}
+
 /* Received bytes go to the hv's link endpoint; an authenticated bridge's attention request
- * schedules an activation (in process context: switching waits for every CPU). */
+ * wakes the attention thread (activating is for process context: switching waits for every
+ * CPU). */
 static irqreturn_t qs_link_irq(int irq, void *dev)
 {
 	int n = 0;
@@ -417,50 +429,78 @@ static irqreturn_t qs_link_irq(int irq, void *dev)
 		qs_link_buf[n++] = inb(link_port + QS_UART_RBR);
 	if (!n)
 		return IRQ_NONE;
-	if (qs_control(QS_OP_LINK_RX, qs_link_buf, n) == 1)
-		schedule_work(&qs_attention_work);
+	if (qs_control(QS_OP_LINK_RX, qs_link_buf, n) == 1) {
+		atomic_set(&qs_stop_tries, 0);
+		qs_want_attention();
+	}
 	return IRQ_HANDLED;
 }
 
-/* The hypercall at which the hv stops every CPU for the debugger. False if this CPU turned
- * out to be native: a detach is still stepping the CPUs out. */
-static bool qs_attention_hypercall(void)
+/*
+ * The stop is made from a timer interrupt, on top of whatever task runs on this CPU then, and
+ * never in the attention thread. Linux charges the whole stop (seconds, or an hour of
+ * debugging) to the task current on each CPU as run time, and CFS then holds that task back
+ * for as long: a kworker charged so ran the next attention request only that much later,
+ * past the hv's 10 s freshness limit, and gdb was never served. (A workqueue would not do
+ * either: any of its pool's workers may be the one charged.) The stop lands on a task as it
+ * does on every other CPU.
+ */
+static enum hrtimer_restart qs_stop_timer_fn(struct hrtimer *t)
 {
 	bool reached;
 
-	preempt_disable();
+	/* The thread is still finishing: let it go to sleep first. */
+	if (current == qs_attention_task) {
+		hrtimer_forward_now(t, ms_to_ktime(1));
+		return HRTIMER_RESTART;
+	}
+	/* The hypercall at which the hv stops every CPU for the debugger; -EFAULT if this CPU
+	 * turned out to be native: a gdb that reconnects right after a detach can be faster
+	 * than the detach stepping the CPUs out. Try again (for up to ~0.3 s) until the
+	 * hypercall reaches an active hv. */
 	reached = qs_hypercall(QS_OP_ACTIVE_CPUS, 0, 0) != -EFAULT;
-	preempt_enable();
-	return reached;
+	if (!reached && atomic_inc_return(&qs_stop_tries) < 100)
+		qs_want_attention();
+	return HRTIMER_NORESTART;
 }
 
-static void qs_attention(struct work_struct *w)
+/* Activates if dormant, then arms the stop. */
+static void qs_attention(void)
 {
-	int tries;
+	struct qs_switch_result r = { .failed_cpu = -1 };
 
-	/* A gdb that reconnects right after a detach can be faster than the detach: retry
-	 * (for up to ~0.3 s) until this CPU's hypercall reaches an active hv. */
-	for (tries = 0; tries < 100; tries++) {
-		struct qs_switch_result r = { .failed_cpu = -1 };
-
-		mutex_lock(&qs_lock);
-		qs_refresh_active();
-		if (!qs_active) {
-			qs_do_activate(&r);
-			if (r.status == QS_OK)
-				pr_info("activated on %u CPUs at the link's request (qs-bridge)\n", r.cpus);
-		}
-		mutex_unlock(&qs_lock);
-		if (r.status != QS_OK)
-			return;
-		/* The hv stops every CPU at this CPU's next hypercall (unless the request came
-		 * in a hypercall while active: then that one stopped them). Let the others get
-		 * back from the activation IPI to where it found them first, so that gdb sees
-		 * them there. */
-		usleep_range(2000, 3000);
-		if (qs_attention_hypercall())
-			return;
+	mutex_lock(&qs_lock);
+	qs_refresh_active();
+	if (!qs_active) {
+		qs_do_activate(&r);
+		if (r.status == QS_OK)
+			pr_info("activated on %u CPUs at the link's request (qs-bridge)\n", r.cpus);
 	}
+	mutex_unlock(&qs_lock);
+	if (r.status != QS_OK)
+		return;
+	/* The hv stops every CPU at the next hypercall (unless the request came in a hypercall
+	 * while active: then that one stopped them). Let the others get back from the
+	 * activation IPI to where it found them first, so that gdb sees them there. */
+	hrtimer_start_range_ns(&qs_stop_timer, ms_to_ktime(2), NSEC_PER_MSEC,
+			       HRTIMER_MODE_REL_PINNED_HARD);
+}
+
+static int qs_attention_thread(void *unused)
+{
+	for (;;) {
+		set_current_state(TASK_INTERRUPTIBLE);
+		if (kthread_should_stop())
+			break;
+		if (!test_and_clear_bit(0, &qs_attention_wanted)) {
+			schedule();
+			continue;
+		}
+		__set_current_state(TASK_RUNNING);
+		qs_attention();
+	}
+	__set_current_state(TASK_RUNNING);
+	return 0;
 }
 
 static int qs_link_start(void)
@@ -507,16 +547,29 @@ static int qs_link_start(void)
 		err = -EINVAL;
 		goto out_buf;
 	}
+	hrtimer_init(&qs_stop_timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL_PINNED_HARD);
+	qs_stop_timer.function = qs_stop_timer_fn;
+	qs_attention_task = kthread_run(qs_attention_thread, NULL, "quicksilver-attn");
+	if (IS_ERR(qs_attention_task)) {
+		err = PTR_ERR(qs_attention_task);
+		pr_err("refusing to load: cannot start the link's thread (error %d)\n", err);
+		goto out_buf;
+	}
+	/* The timer may still wake the thread after it stopped: keep its task_struct. */
+	get_task_struct(qs_attention_task);
 	err = request_irq(link_irq, qs_link_irq, 0, "quicksilver-link", &qs_link_up);
 	if (err) {
 		pr_err("refusing to load: cannot take IRQ %u for the link (error %d)\n", link_irq, err);
-		goto out_buf;
+		goto out_thread;
 	}
 	outb(0x01, link_port + QS_UART_IER);
 	qs_link_up = true;
 	pr_info("link on port %#x IRQ %u%s\n", link_port, link_irq,
 		klen ? "" : ": no key, every bridge will be refused");
 	return 0;
+out_thread:
+	kthread_stop(qs_attention_task);
+	put_task_struct(qs_attention_task);
 out_buf:
 	kfree(qs_link_buf);
 out_region:
@@ -531,7 +584,11 @@ static void qs_link_stop(void)
 		return;
 	outb(0, link_port + QS_UART_IER);
 	free_irq(link_irq, &qs_link_up);
-	cancel_work_sync(&qs_attention_work);
+	/* The thread arms the timer and the timer wakes the thread: with the thread gone, the
+	 * timer cancelled stays so. */
+	kthread_stop(qs_attention_task);
+	hrtimer_cancel(&qs_stop_timer);
+	put_task_struct(qs_attention_task);
 	kfree(qs_link_buf);
 	release_region(link_port, 8);
 	qs_give_port_back();

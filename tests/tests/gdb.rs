@@ -550,3 +550,44 @@ fn a_second_gdb_is_refused_while_one_is_attached() {
         "the bridge says it refused the second gdb:\n{log}"
     );
 }
+
+#[test]
+fn attach_works_again_after_a_session_longer_than_ten_seconds() {
+    // Linux charges a stop to the task that ran on each CPU as run time, and CFS then holds
+    // that task back for as long. The agent's own thread must never be that task: once, a
+    // 15 s session left the next attach waiting 15 s for it, past the hv's 10 s limit on an
+    // attention request's age, and gdb was never served. CPU 0 (the link's interrupt) runs a
+    // getpid loop too, so that the charged task competes with something there.
+    let script = r#"
+taskset -c 0 qs-workload --getpid-loop 0 > /tmp/gp.out &
+GP=$!
+start_workload
+sleep 2
+echo GUEST-READY
+wait_host
+kill -TERM $GP; wait $GP; cat /tmp/gp.out
+stop_workload
+check_native
+"#;
+    let mut m = Machine::boot("gdb-long-session", 2, script, "GUEST-READY");
+    let mut gdb = m.attach();
+    // A user reading, thinking: the machine stays stopped meanwhile.
+    std::thread::sleep(Duration::from_secs(12));
+    let threads = m.run(&mut gdb, "info threads");
+    if thread_lines(&threads).len() != 2 {
+        m.fail(&gdb, "info threads after 12 s", &threads);
+    }
+    detach(&m, &mut gdb);
+    m.await_sessions_ended(1);
+    let out = m.run(&mut gdb, &format!("target remote {}", m.addr()));
+    let threads = m.run(&mut gdb, "info threads");
+    if thread_lines(&threads).len() != 2 {
+        m.fail(&gdb, "attaching again", &format!("{out}{threads}"));
+    }
+    detach(&m, &mut gdb);
+    gdb.quit();
+    m.send("detached");
+    let out = m.finish();
+    assert_clean_end(&out);
+    assert_console_has(&out, "GETPID-LOOP OK");
+}
