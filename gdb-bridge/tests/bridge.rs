@@ -402,7 +402,11 @@ fn a_gdb_that_reconnects_at_once_after_a_detach_is_served() {
         assert_eq!(got, b"echo:$g#67", "session {session}: served");
         gdb.write_all(b"$D#44").unwrap();
         // As gdb does: close on the OK, connect again at once (not waiting for our close).
-        assert_eq!(read_some(&mut gdb, 7), b"+$OK#9a", "session {session}: detached");
+        assert_eq!(
+            read_some(&mut gdb, 7),
+            b"+$OK#9a",
+            "session {session}: detached"
+        );
         gdb = b.gdb();
     }
 }
