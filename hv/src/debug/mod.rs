@@ -17,7 +17,10 @@ pub mod stop;
 pub mod target;
 
 use crate::arch::instr;
-use crate::arch::svm::vmcb::{self, event, Vmcb};
+use crate::arch::svm::{
+    self,
+    vmcb::{self, event, Vmcb},
+};
 use crate::exit::VmExit;
 use crate::vcpu::Cpu;
 use crate::vmm::Hv;
@@ -54,6 +57,10 @@ pub struct PerCpu {
     pub go: AtomicBool,
     /// The leader sent this CPU an NMI that is not consumed yet.
     pub nmi_expected: AtomicBool,
+    /// Parked and about to halt (or halted): `go` needs an NMI to be seen; the releaser sent
+    /// that NMI and it is not taken yet (see stop::wait_for_go).
+    pub asleep: AtomicBool,
+    pub wake_sent: AtomicBool,
     pub apic_id: u32,
     pub reason: Reason,
     pub action: Resume,
@@ -153,11 +160,8 @@ pub unsafe fn handle_exit(hv: &Hv, cpu: *mut Cpu, exit: VmExit) -> After {
         VmExit::Nmi => {
             // The NMI stays pending until GIF is set: take it into the hv's own handler.
             // SAFETY: host mode with RFLAGS.IF = 0: only the NMI can arrive, and the hv's IDT
-            // sends it to an IRETQ.
-            unsafe {
-                instr::stgi();
-                instr::clgi();
-            }
+            // sends it to its handler, which returns.
+            unsafe { svm::qs_take_nmi() };
             if c.state.dbg.nmi_expected.swap(false, AcqRel) {
                 if stop::stopping() {
                     // SAFETY: forwarded.

@@ -9,7 +9,7 @@
 //! next run and are counted in the next stop without another NMI.
 
 use super::PerCpu;
-use crate::arch::instr;
+use crate::arch::{instr, svm};
 use crate::vcpu::Cpu;
 use crate::vmm::{Hv, COUNTERS};
 use core::sync::atomic::{AtomicU64, Ordering::*};
@@ -71,11 +71,63 @@ pub unsafe fn enter(hv: &Hv, me: *mut Cpu, lead: impl FnOnce(&Hv, u32)) -> Resum
         release(hv);
     }
     // A leader whose own action is Stay waits like everyone else.
-    while !dbg.go.load(Acquire) {
-        core::hint::spin_loop();
-    }
+    wait_for_go(hv, dbg);
     dbg.restore();
     dbg.action
+}
+
+/// Waits, halted, until this CPU is released, then stops being parked. A parked CPU that
+/// spun would take a host core from the leader serving gdb (under QEMU, an emulated CPU's
+/// thread; on silicon, an SMT sibling's share).
+///
+/// - [`release`] sets `go` and sends an NMI to a CPU that said it is `asleep`. The SeqCst pair
+///   (`asleep` then `go` here, `go` then `asleep` there) means that either this CPU sees `go`
+///   before halting or the releaser sees `asleep` and wakes it; an NMI that comes just before
+///   the HLT skips it (world_switch.S, step 6).
+/// - The CPU counts as parked until it leaves, under the lock: a new stop that began before
+///   it got going keeps it (no stop NMI goes to a parked CPU), and so the only NMI meant for
+///   it here is the wake, which it takes before leaving (in the kernel it would be an
+///   unknown NMI).
+fn wait_for_go(hv: &Hv, dbg: &PerCpu) {
+    loop {
+        while !dbg.go.load(Acquire) {
+            dbg.asleep.store(true, SeqCst);
+            if dbg.go.load(SeqCst) {
+                dbg.asleep.store(false, Relaxed);
+                break;
+            }
+            // SAFETY: host mode with RFLAGS.IF = 0 (the hv runs with interrupts off): only an
+            // NMI ends the HLT, and the hv's IDT sends it to its handler, which returns.
+            if unsafe { svm::qs_sleep_until_nmi() } == 1 {
+                dbg.wake_sent.store(false, Relaxed);
+            }
+            dbg.asleep.store(false, Relaxed);
+        }
+        let mut s = LOCK.lock();
+        if s.stopping || dbg.action == Resume::Stay {
+            // A new stop, or a release whose `go` this CPU saw late: stay parked for it.
+            dbg.go.store(false, Relaxed);
+            continue;
+        }
+        if dbg.wake_sent.load(Relaxed) {
+            take_wake_nmi(hv);
+            dbg.wake_sent.store(false, Relaxed);
+        }
+        s.parked -= 1;
+        dbg.parked.store(false, Release);
+        return;
+    }
+}
+
+/// Takes the wake NMI of a CPU that saw `go` by itself: once the releaser let go of the lock,
+/// the NMI is sent; it arrives within microseconds. Gives up after 1 ms.
+fn take_wake_nmi(hv: &Hv) {
+    let start = instr::rdtsc();
+    // SAFETY: host mode with RFLAGS.IF = 0: only an NMI can arrive, into the hv's handler,
+    // which returns.
+    while unsafe { svm::qs_take_nmi() } == 0 && instr::rdtsc() - start < hv.tsc_khz as u64 {
+        core::hint::spin_loop();
+    }
 }
 
 /// NMIs every CPU in guest mode that is not parked.
@@ -119,11 +171,14 @@ fn release(hv: &Hv) {
     for i in 0..hv.cpus {
         let d = dbg_of(hv, i);
         if d.parked.load(Acquire) && d.action != Resume::Stay && !d.go.load(Relaxed) {
-            // Not parked from here on, though it may take a moment to notice `go`: the next
-            // stop must send it an NMI.
-            s.parked -= 1;
-            d.parked.store(false, Release);
-            d.go.store(true, Release);
+            // It stops being parked when it leaves (wait_for_go), under this lock.
+            d.go.store(true, SeqCst);
+            if d.asleep.load(SeqCst) {
+                d.wake_sent.store(true, Relaxed);
+                // SAFETY: host mode; the target is parked in the hv, where its NMI handler
+                // only returns, and takes this NMI before it leaves.
+                unsafe { instr::send_nmi(d.apic_id) };
+            }
         }
     }
     s.stopping = false;

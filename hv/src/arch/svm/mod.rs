@@ -31,7 +31,11 @@ extern "C" {
     /// See world_switch.S, step 5: 32 stubs, 16 bytes apart.
     pub static qs_host_exc_stubs: [u8; 32 * 16];
     /// See world_switch.S, step 6.
-    pub static qs_host_nmi: [u8; 2];
+    pub static qs_host_nmi: u8;
+    /// See world_switch.S, step 7.
+    pub fn qs_take_nmi() -> u32;
+    /// See world_switch.S, step 7.
+    pub fn qs_sleep_until_nmi() -> u32;
 }
 
 /// The guest's general registers that VMRUN does not switch (RAX and RSP live in the VMCB).

@@ -19,8 +19,15 @@
 //    CS:RIP, RFLAGS and SS:RSP with every register restored.
 // 5. qs_host_exc_stubs: 32 stubs of 16 bytes for the hv's own IDT (exceptions in host mode
 //    are hv bugs: they are reported on the serial port and the CPU stops).
-// 6. qs_host_nmi: the hv's NMI handler. An NMI the hv intercepted stays pending until GIF is
-//    set; the run loop takes it with STGI/CLGI into this handler, which only returns.
+// 6. qs_host_nmi: the hv's NMI handler. GIF is set in host mode only inside qs_take_nmi and
+//    qs_sleep_until_nmi (step 7), so only they are ever interrupted by it (elsewhere in host
+//    mode an NMI stays pending; on the way out, qs_leave_native's STGI comes after the
+//    kernel's IDT is back). It sets EAX = 1 to tell them an NMI was taken, and returns past
+//    the HLT of qs_sleep_until_nmi when the NMI came right before it (it was pending at
+//    STGI): that HLT would otherwise wait for the next NMI, which may never come.
+// 7. qs_take_nmi(): takes an NMI held pending by GIF = 0, if any; qs_sleep_until_nmi(): halts
+//    until an NMI (RFLAGS.IF is 0 in host mode: interrupts do not wake it). Both return 1 if
+//    an NMI was taken, else 0, with GIF clear again.
 //
 // Offsets below are those of GuestRegs and NativeState in arch/svm/mod.rs (checked there).
 
@@ -171,7 +178,31 @@ qs_leave_native:
     .balign 16
 .global qs_host_nmi
 qs_host_nmi:
+    mov eax, 1
+    push rcx
+    lea rcx, [rip + qs_sleep_hlt]
+    cmp [rsp + 8], rcx          // the interrupted RIP
+    jne 1f
+    add qword ptr [rsp + 8], 1  // past the one-byte HLT
+1:
+    pop rcx
     iretq
+
+.global qs_take_nmi
+qs_take_nmi:
+    xor eax, eax
+    stgi
+    clgi
+    ret
+
+.global qs_sleep_until_nmi
+qs_sleep_until_nmi:
+    xor eax, eax
+    stgi
+qs_sleep_hlt:
+    hlt
+    clgi
+    ret
 
 .global qs_host_exc_stubs
 qs_host_exc_stubs:
