@@ -184,26 +184,6 @@ pub fn read_rflags() -> u64 {
     v
 }
 
-/// Clears the global interrupt flag: no interrupt, NMI or SMI is taken until STGI.
-///
-/// # Safety
-/// EFER.SVME must be set (else #UD), and someone must STGI again.
-#[inline]
-pub unsafe fn clgi() {
-    // SAFETY: forwarded to the caller.
-    unsafe { asm!("clgi", options(nomem, nostack)) };
-}
-
-/// Sets the global interrupt flag: held interrupts, NMIs and machine checks are taken.
-///
-/// # Safety
-/// EFER.SVME must be set, and the IDT and stacks in force must be able to take them.
-#[inline]
-pub unsafe fn stgi() {
-    // SAFETY: forwarded to the caller.
-    unsafe { asm!("stgi", options(nomem, nostack)) };
-}
-
 /// Writes a byte to an I/O port.
 ///
 /// # Safety
