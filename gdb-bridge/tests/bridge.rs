@@ -260,6 +260,19 @@ fn bridge(dir: &Path, key: &[u8], extra: &[&str]) -> Bridge {
     }
 }
 
+/// A fake machine that stops at once when asked, and a bridge authenticated to it.
+fn authenticated_to_a_stopping_machine(name: &str) -> (Machine, Bridge) {
+    let dir = tempdir(name);
+    let m = machine(
+        UnixListener::bind(dir.join("link")).unwrap(),
+        KEY,
+        Some(Duration::ZERO),
+    );
+    let b = bridge(&dir, KEY, &[]);
+    b.stderr.wait_for("authenticated", LONG);
+    (m, b)
+}
+
 fn tempdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("qs-bridge-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -387,14 +400,7 @@ fn gdb_bytes_wait_until_every_cpu_is_stopped() {
 fn a_gdb_that_reconnects_at_once_after_a_detach_is_served() {
     // The session's end closes the old client's connection; it must never close the new one
     // (a gdb script's `detach` then `target remote` once got "Remote connection closed").
-    let dir = tempdir("reconnect");
-    let _m = machine(
-        UnixListener::bind(dir.join("link")).unwrap(),
-        KEY,
-        Some(Duration::ZERO),
-    );
-    let b = bridge(&dir, KEY, &[]);
-    b.stderr.wait_for("authenticated", LONG);
+    let (_m, b) = authenticated_to_a_stopping_machine("reconnect");
     let mut gdb = b.gdb();
     for session in 1..=40 {
         gdb.write_all(b"$g#67").unwrap();
@@ -462,14 +468,7 @@ fn a_machine_that_stops_after_gdb_gave_up_is_let_go() {
 
 #[test]
 fn a_gdb_that_vanishes_mid_session_is_detached_on_its_behalf() {
-    let dir = tempdir("vanish");
-    let m = machine(
-        UnixListener::bind(dir.join("link")).unwrap(),
-        KEY,
-        Some(Duration::ZERO),
-    );
-    let b = bridge(&dir, KEY, &[]);
-    b.stderr.wait_for("authenticated", LONG);
+    let (m, b) = authenticated_to_a_stopping_machine("vanish");
     let mut gdb = b.gdb();
     gdb.write_all(b"$g#67").unwrap();
     assert_eq!(read_some(&mut gdb, 10), b"echo:$g#67");
@@ -482,14 +481,7 @@ fn a_gdb_that_vanishes_mid_session_is_detached_on_its_behalf() {
 
 #[test]
 fn a_kill_is_a_detach_and_the_bridge_says_so() {
-    let dir = tempdir("kill");
-    let m = machine(
-        UnixListener::bind(dir.join("link")).unwrap(),
-        KEY,
-        Some(Duration::ZERO),
-    );
-    let b = bridge(&dir, KEY, &[]);
-    b.stderr.wait_for("authenticated", LONG);
+    let (m, b) = authenticated_to_a_stopping_machine("kill");
     let mut gdb = b.gdb();
     b.stderr.wait_for("gdb is served", LONG);
     gdb.write_all(b"$k#6b").unwrap();
@@ -668,14 +660,7 @@ fn an_unreachable_link_says_so() {
 
 #[test]
 fn a_lost_link_closes_gdb_and_exits_non_zero() {
-    let dir = tempdir("lost");
-    let m = machine(
-        UnixListener::bind(dir.join("link")).unwrap(),
-        KEY,
-        Some(Duration::ZERO),
-    );
-    let b = bridge(&dir, KEY, &[]);
-    b.stderr.wait_for("authenticated", LONG);
+    let (m, b) = authenticated_to_a_stopping_machine("lost");
     let mut gdb = b.gdb();
     b.stderr.wait_for("gdb is served", LONG);
     m.hang_up();

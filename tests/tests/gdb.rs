@@ -53,6 +53,17 @@ fn assert_clean_end(out: &RunOutput) {
     assert_kernel_clean(out);
 }
 
+/// How a test ends: gdb detaches and quits, the guest's script finishes, and the run must
+/// end clean ([`assert_clean_end`]). The run, for the test's own checks.
+fn detach_and_finish(mut m: Machine, mut gdb: Gdb) -> RunOutput {
+    detach(&m, &mut gdb);
+    gdb.quit();
+    m.send("detached");
+    let out = m.finish();
+    assert_clean_end(&out);
+    out
+}
+
 /// `detach`, which must say so.
 fn detach(m: &Machine, gdb: &mut Gdb) {
     let out = m.run(gdb, "detach");
@@ -202,11 +213,7 @@ fn attach_and_look_around(smp: u32) {
         }
     }
 
-    detach(&m, &mut gdb);
-    gdb.quit();
-    m.send("detached");
-    let out = m.finish();
-    assert_clean_end(&out);
+    let out = detach_and_finish(m, gdb);
     assert_console_has(&out, "HOSTNAME Qs-guest");
 }
 
@@ -315,11 +322,7 @@ fn a_breakpoint_on_the_getpid_handler_hits_and_leaves_no_trace() {
             &after,
         );
     }
-    detach(&m, &mut gdb);
-    gdb.quit();
-    m.send("detached");
-    let out = m.finish();
-    assert_clean_end(&out);
+    let out = detach_and_finish(m, gdb);
     assert_console_has(&out, "GETPID-LOOP OK");
 }
 
@@ -365,11 +368,7 @@ fn a_hardware_watchpoint_and_a_hardware_breakpoint_fire() {
     }
     check_syscall_argument(&m, &mut gdb);
     m.run(&mut gdb, "delete");
-    detach(&m, &mut gdb);
-    gdb.quit();
-    m.send("detached");
-    let out = m.finish();
-    assert_clean_end(&out);
+    let out = detach_and_finish(m, gdb);
     assert_console_has(&out, "GETPID-LOOP OK");
 }
 
@@ -434,11 +433,7 @@ check_native
     if value_of(&out).is_none() {
         m.fail(&gdb, "p jiffies after the interrupt", &out);
     }
-    detach(&m, &mut gdb);
-    gdb.quit();
-    m.send("detached");
-    let out = m.finish();
-    assert_clean_end(&out);
+    let out = detach_and_finish(m, gdb);
     assert_console_has(&out, "GETPID-LOOP OK");
 }
 
@@ -481,11 +476,7 @@ fn gdb_can_reconnect_at_once_after_a_detach() {
             );
         }
     }
-    detach(&m, &mut gdb);
-    gdb.quit();
-    m.send("detached");
-    let out = m.finish();
-    assert_clean_end(&out);
+    detach_and_finish(m, gdb);
 }
 
 #[test]
@@ -584,10 +575,6 @@ check_native
     if thread_lines(&threads).len() != 2 {
         m.fail(&gdb, "attaching again", &format!("{out}{threads}"));
     }
-    detach(&m, &mut gdb);
-    gdb.quit();
-    m.send("detached");
-    let out = m.finish();
-    assert_clean_end(&out);
+    let out = detach_and_finish(m, gdb);
     assert_console_has(&out, "GETPID-LOOP OK");
 }
