@@ -174,7 +174,9 @@ fn release(hv: &Hv) {
             // It stops being parked when it leaves (wait_for_go), under this lock.
             d.go.store(true, SeqCst);
             if d.asleep.load(SeqCst) {
-                d.wake_sent.store(true, Relaxed);
+                // SeqCst: a fence before the ICR write (an x2APIC WRMSR does not order
+                // stores), so that the woken CPU sees `wake_sent` and clears it.
+                d.wake_sent.store(true, SeqCst);
                 // SAFETY: host mode; the target is parked in the hv, where its NMI handler
                 // only returns, and takes this NMI before it leaves.
                 unsafe { instr::send_nmi(d.apic_id) };
