@@ -716,9 +716,10 @@ enum ToSend {
 /// gdb's byte stream, packet by packet (across reads). Everything goes on to the machine as
 /// it came, except reads of the target description: the bridge answers those from its own
 /// copy (`quicksilver_proto::gdb::TARGET_XML`, the hv's), which keeps 5.6 KB off the serial
-/// link at every attach. Acks always flow (the hv's stub offers no `QStartNoAckMode`): the
-/// bridge acks the packet it answers and takes gdb's ack of its answer (a `-` gets the answer
-/// again). Also notes gdb's detach and kill packets.
+/// link at every attach. Until gdb asks for `QStartNoAckMode` (which the hv's stub grants:
+/// the gdbstub crate's default, and gdb asks before it reads the description), the bridge
+/// acks the packet it answers and takes gdb's ack of its answer (a `-` gets the answer again);
+/// after it, neither side acks. Also notes gdb's detach and kill packets.
 #[derive(Default)]
 struct GdbFilter {
     /// The packet being collected, from `$` to the end of its checksum.
@@ -727,6 +728,8 @@ struct GdbFilter {
     checksum_left: Option<u8>,
     /// The bridge's last answer, until gdb acks it.
     answer: Option<Vec<u8>>,
+    /// gdb asked for no acks.
+    no_ack: bool,
     /// gdb sent `D`, `k` or `vKill`.
     ended: bool,
 }
@@ -774,9 +777,16 @@ impl GdbFilter {
             .and_then(|range| xfer_answer(range, quicksilver_proto::gdb::TARGET_XML.as_bytes()))
         {
             flush(machine, out);
-            out.push(ToSend::Gdb([b"+".as_slice(), &answer].concat()));
-            self.answer = Some(answer);
+            if self.no_ack {
+                out.push(ToSend::Gdb(answer));
+            } else {
+                out.push(ToSend::Gdb([b"+".as_slice(), &answer].concat()));
+                self.answer = Some(answer);
+            }
             return;
+        }
+        if body == b"QStartNoAckMode" {
+            self.no_ack = true;
         }
         if body == b"D" || body.starts_with(b"D;") || body == b"k" || body.starts_with(b"vKill") {
             self.ended = true;
@@ -978,6 +988,19 @@ mod tests {
         );
         let (out, _) = filter(&[b"$qXfer:features:read:target.xml:zz#00"]);
         assert!(matches!(&out[..], [ToSend::Machine(_)]));
+    }
+
+    #[test]
+    fn after_no_ack_mode_the_answer_comes_without_an_ack() {
+        let (out, _) = filter(&[
+            b"$QStartNoAckMode#b0",
+            b"$qXfer:features:read:target.xml:0,10#00",
+        ]);
+        let [ToSend::Machine(asked), ToSend::Gdb(answer)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(asked, b"$QStartNoAckMode#b0", "the machine grants it");
+        assert_eq!(answer[0], b'$', "no ack before the answer");
     }
 
     #[test]
