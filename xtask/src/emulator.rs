@@ -108,14 +108,7 @@ pub(crate) fn ensure(apt: &mut Apt) -> anyhow::Result<PathBuf> {
         "building QEMU {version} with {PATCH} into {} (once; a few minutes)",
         dir.display()
     ));
-    let missing: Vec<&str> = BUILD_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !crate::setup::dpkg_installed(p))
-        .collect();
-    if !missing.is_empty() {
-        apt.install(&missing)?;
-    }
+    apt.install_missing(BUILD_PACKAGES)?;
     remove_if_exists(&ready)?;
     let src = dir.join("src");
     remove_if_exists(&src)?;

@@ -26,18 +26,11 @@ pub const HV_TARGET: &str = "x86_64-unknown-none";
 /// Installs what is missing and prepares the kernel; returns the kernel's paths.
 pub fn setup() -> anyhow::Result<Kernel> {
     let mut apt = Apt::default();
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
-    if missing.is_empty() {
+    if !apt.install_missing(APT_PACKAGES)? {
         note(format!(
             "host packages present ({})",
             APT_PACKAGES.join(", ")
         ));
-    } else {
-        apt.install(&missing)?;
     }
     ensure_rust_target(HV_TARGET)?;
     crate::emulator::ensure(&mut apt)?;
@@ -91,6 +84,20 @@ impl Apt {
             .context("apt-get update failed: check the network and /etc/apt/sources.list")?;
         self.updated = true;
         Ok(())
+    }
+
+    /// Installs those of `packages` that dpkg does not have; returns whether any were missing.
+    pub(crate) fn install_missing(&mut self, packages: &[&str]) -> anyhow::Result<bool> {
+        let missing: Vec<&str> = packages
+            .iter()
+            .copied()
+            .filter(|p| !dpkg_installed(p))
+            .collect();
+        if missing.is_empty() {
+            return Ok(false);
+        }
+        self.install(&missing)?;
+        Ok(true)
     }
 
     /// Installs `packages` non-interactively (after one `apt-get update`).
