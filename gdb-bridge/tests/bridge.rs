@@ -1,7 +1,8 @@
 //! `qs-bridge` as a user runs it, against the machine's end of the link (`Endpoint` from
 //! `quicksilver-proto`, the code the agent and the hv run) behind a Unix socket, as QEMU's
 //! chardev would be. The fake machine answers attention with `Stopped` (when told to), echoes
-//! gdb's bytes, answers a detach or kill with `Ended`, and injects corrupt, replayed and
+//! gdb's bytes, answers a detach or kill with `Ended`, sends [`BULK`] bytes on the bulk
+//! channel when gdb's bytes ask for it ([`BULK_PLEASE`]), and injects corrupt, replayed and
 //! garbage frames, which must change nothing. (The real machine is tests/tests/gdb.rs.)
 
 use quicksilver_proto::link::control::{End, Message};
@@ -18,6 +19,11 @@ use std::time::{Duration, Instant};
 const KEY: &[u8] = b"correct horse battery staple";
 const CPUS: u32 = 2;
 const ATTENTION_CONSOLE: &[u8] = b"machine: attention received\n";
+/// gdb bytes that make the fake machine send [`BULK`] bytes on the bulk channel (as
+/// checkpoint export will) before it echoes them.
+const BULK_PLEASE: &[u8] = b"$qQsBulk#";
+/// Bytes the fake machine sends per [`BULK_PLEASE`]: three frames (1024 + 1024 + 952).
+const BULK: usize = 3000;
 
 fn frame(channel: Channel, seq: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; link::MAX_WIRE];
@@ -180,6 +186,10 @@ fn machine_deaf_at_first(
                         } else if p.windows(5).any(|w| w == b"$k#6b") {
                             e.send_control(Message::Ended(End::Killed), &mut tx);
                         } else {
+                            if p.windows(BULK_PLEASE.len()).any(|w| w == BULK_PLEASE) {
+                                let bulk: Vec<u8> = (0..BULK).map(|i| i as u8).collect();
+                                e.send(Channel::Bulk, &bulk, &mut tx);
+                            }
                             e.send(Channel::Gdb, &[b"echo:", &p[..]].concat(), &mut tx);
                         }
                     }
@@ -579,6 +589,43 @@ fn the_control_socket_reports_the_session() {
     let s = status_until(&mut c2, |s| s["gdb_client"] == false);
     assert_eq!(s["session"], "ended", "{s}");
     drop(b);
+}
+
+#[test]
+fn bulk_frames_without_a_consumer_are_counted_on_the_control_socket_and_said_once() {
+    let dir = tempdir("bulk");
+    let sock = dir.join("ctl.sock");
+    let _m = machine(
+        UnixListener::bind(dir.join("link")).unwrap(),
+        KEY,
+        Some(Duration::ZERO),
+    );
+    let b = bridge(&dir, KEY, &["--control", sock.to_str().unwrap()]);
+    b.stderr.wait_for("authenticated", LONG);
+    let mut c = control(&sock);
+    let s = ask(&mut c, "status");
+    assert_eq!(s["bulk_dropped_frames"], 0, "{s}");
+    assert_eq!(s["bulk_dropped_bytes"], 0, "{s}");
+
+    let mut gdb = b.gdb();
+    let ask_bulk = [BULK_PLEASE, b"00"].concat();
+    let echo = [b"echo:", &ask_bulk[..]].concat();
+    for round in 1..=2u64 {
+        gdb.write_all(&ask_bulk).unwrap();
+        // The machine sent the bulk frames before the echo, and the link keeps their order.
+        assert_eq!(read_some(&mut gdb, echo.len()), echo, "round {round}");
+        let s = ask(&mut c, "status");
+        assert_eq!(s["bulk_dropped_frames"], 3 * round, "{s}");
+        assert_eq!(s["bulk_dropped_bytes"], BULK as u64 * round, "{s}");
+    }
+    // Said once, not once per frame; and gdb was served throughout.
+    b.stderr.wait_for("bulk_dropped_frames", LONG);
+    let said = b.stderr.lines();
+    let said = said
+        .iter()
+        .filter(|l| l.contains("the machine sent bulk data"))
+        .count();
+    assert_eq!(said, 1, "{:?}", b.stderr.lines());
 }
 
 #[test]

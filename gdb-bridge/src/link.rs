@@ -1,0 +1,254 @@
+//! The framed link to the machine: where it is ([`LinkAddr`]), opening it over a Unix socket,
+//! TCP or a serial port (raw mode, set through termios), and [`Link`]: a writer that splits
+//! payloads into frames, and a reader thread that decodes frames and drops (and counts)
+//! anything corrupt, truncated, oversized or replayed before it reaches a consumer.
+
+use anyhow::{bail, Context, Result};
+use quicksilver_proto::link::{self, control, Channel, Decoder, DropCounts, Session};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Where the link is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkAddr {
+    /// A Unix socket (QEMU's `-chardev socket,path=...`).
+    Unix(String),
+    /// A TCP address (a serial-over-IP console server).
+    Tcp(String),
+    /// A serial device, at a baud rate.
+    Serial(String),
+}
+
+impl LinkAddr {
+    /// Parses `unix:PATH`, `tcp:HOST:PORT` or `/dev/ttyXXX`.
+    pub fn parse(s: &str) -> Result<LinkAddr> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            Ok(LinkAddr::Unix(p.to_string()))
+        } else if let Some(a) = s.strip_prefix("tcp:") {
+            Ok(LinkAddr::Tcp(a.to_string()))
+        } else if s.starts_with('/') {
+            Ok(LinkAddr::Serial(s.to_string()))
+        } else {
+            bail!(
+                "--link {s:?}: give unix:PATH, tcp:HOST:PORT or a serial device such as /dev/ttyS1"
+            )
+        }
+    }
+}
+
+/// Something that arrived on the link.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A sound, new frame.
+    Frame { channel: Channel, payload: Vec<u8> },
+    /// The link closed or failed.
+    Closed(String),
+}
+
+type Writer = Box<dyn Write + Send>;
+
+/// The framed link.
+pub struct Link {
+    writer: Mutex<Writer>,
+    seq: AtomicU32,
+    inbound: Mutex<Receiver<Inbound>>,
+    drops: Arc<Mutex<DropCounts>>,
+}
+
+fn open_serial(path: &str, baud: u32) -> Result<(Box<dyn Read + Send>, Writer)> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| {
+            format!("cannot open the link {path}: check the device and its permissions")
+        })?;
+    let speed = match baud {
+        9600 => libc::B9600,
+        19200 => libc::B19200,
+        38400 => libc::B38400,
+        57600 => libc::B57600,
+        115200 => libc::B115200,
+        230400 => libc::B230400,
+        460800 => libc::B460800,
+        921600 => libc::B921600,
+        other => {
+            bail!("--baud {other}: use 9600, 19200, 38400, 57600, 115200, 230400, 460800 or 921600")
+        }
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    // SAFETY: termios is plain data filled by tcgetattr on an open descriptor of ours; the
+    // calls only read and write that struct and the descriptor's line settings.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) != 0 {
+            bail!(
+                "{path} is not a serial port: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        libc::cfmakeraw(&mut t);
+        libc::cfsetispeed(&mut t, speed);
+        libc::cfsetospeed(&mut t, speed);
+        if libc::tcsetattr(fd, libc::TCSANOW, &t) != 0 {
+            bail!(
+                "cannot configure {path}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let r = f.try_clone()?;
+    Ok((Box::new(r), Box::new(f)))
+}
+
+impl Link {
+    /// Opens the link and starts its reader.
+    pub fn open(addr: &LinkAddr, baud: u32) -> Result<Link> {
+        let (reader, writer): (Box<dyn Read + Send>, Writer) = match addr {
+            LinkAddr::Unix(p) => {
+                let s = std::os::unix::net::UnixStream::connect(p).with_context(|| {
+                    format!("link not reachable at unix:{p}: is the machine (QEMU) running with its link port there?")
+                })?;
+                (Box::new(s.try_clone()?), Box::new(s))
+            }
+            LinkAddr::Tcp(a) => {
+                let s = TcpStream::connect(a).with_context(|| {
+                    format!("link not reachable at tcp:{a}: is the console server up?")
+                })?;
+                s.set_nodelay(true)?;
+                (Box::new(s.try_clone()?), Box::new(s))
+            }
+            LinkAddr::Serial(p) => open_serial(p, baud)?,
+        };
+        Ok(Link::over(reader, writer))
+    }
+
+    /// A link over any byte stream (used by `open`, and by tests over a socket pair).
+    pub fn over(mut reader: Box<dyn Read + Send>, writer: Writer) -> Link {
+        let (tx, rx) = mpsc::channel();
+        let drops = Arc::new(Mutex::new(DropCounts::default()));
+        let counts = drops.clone();
+        std::thread::spawn(move || {
+            let mut decoder = Decoder::default();
+            let mut session = Session::default();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => {
+                        let _ = tx.send(Inbound::Closed("the link closed".into()));
+                        return;
+                    }
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Inbound::Closed(format!("the link failed: {e}")));
+                        return;
+                    }
+                };
+                for &b in &buf[..n] {
+                    let msg = match decoder.push(b) {
+                        Some(Ok(f)) => match session.accept(f.seq) {
+                            Ok(()) => Some(Inbound::Frame {
+                                channel: f.channel,
+                                payload: f.payload.to_vec(),
+                            }),
+                            Err(_) => None,
+                        },
+                        _ => None,
+                    };
+                    let mut c = decoder.drops;
+                    c.replayed = session.replayed;
+                    *counts.lock().expect("drop counts") = c;
+                    if let Some(m) = msg {
+                        if tx.send(m).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Link {
+            writer: Mutex::new(writer),
+            seq: AtomicU32::new(1),
+            inbound: Mutex::new(rx),
+            drops,
+        }
+    }
+
+    /// Sends `payload` on `channel`, split into frames of at most [`link::MAX_PAYLOAD`].
+    pub fn send(&self, channel: Channel, payload: &[u8]) -> Result<()> {
+        let mut w = self.writer.lock().expect("link writer");
+        let mut out = [0u8; link::MAX_WIRE];
+        for chunk in payload
+            .chunks(link::MAX_PAYLOAD)
+            .chain(payload.is_empty().then_some(&[][..]))
+        {
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let n = link::encode(channel, seq, chunk, &mut out).expect("chunks fit a frame");
+            w.write_all(&out[..n]).context("writing to the link")?;
+        }
+        w.flush().context("writing to the link")
+    }
+
+    /// Writes raw bytes onto the line, outside any frame: a lone 0x00 resynchronizes the
+    /// machine's decoder; the tests use it to inject noise.
+    pub fn write_raw(&self, bytes: &[u8]) -> Result<()> {
+        let mut w = self.writer.lock().expect("link writer");
+        w.write_all(bytes).context("writing to the link")?;
+        w.flush().context("writing to the link")
+    }
+
+    /// Sends a control message.
+    pub fn send_control(&self, m: control::Message) -> Result<()> {
+        let mut buf = [0u8; 33];
+        let n = m.encode(&mut buf);
+        self.send(Channel::Control, &buf[..n])
+    }
+
+    /// The next inbound item, waiting at most `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Option<Inbound> {
+        match self
+            .inbound
+            .lock()
+            .expect("link reader")
+            .recv_timeout(timeout)
+        {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                Some(Inbound::Closed("the link reader stopped".into()))
+            }
+        }
+    }
+
+    /// Frames dropped so far, by reason.
+    pub fn drops(&self) -> DropCounts {
+        *self.drops.lock().expect("drop counts")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_addresses_parse_or_say_what_to_give() {
+        assert_eq!(
+            LinkAddr::parse("unix:/tmp/l").unwrap(),
+            LinkAddr::Unix("/tmp/l".into())
+        );
+        assert_eq!(
+            LinkAddr::parse("tcp:h:1").unwrap(),
+            LinkAddr::Tcp("h:1".into())
+        );
+        assert_eq!(
+            LinkAddr::parse("/dev/ttyS1").unwrap(),
+            LinkAddr::Serial("/dev/ttyS1".into())
+        );
+        let e = LinkAddr::parse("ttyS1").unwrap_err().to_string();
+        assert!(e.contains("unix:PATH"), "{e}");
+    }
+}
