@@ -10,6 +10,10 @@
 //! - [`control`]: the control socket (for `qs-tui`): one request a line, one JSON reply a line.
 //!
 //! `main.rs` wires them: open the link, authenticate, serve the control socket and gdb.
+//!
+//! No `unsafe` here: a serial port's termios goes through `rustix`'s safe calls.
+
+#![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod control;

@@ -5,6 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use quicksilver_proto::link::{self, control, Channel, Decoder, DropCounts, Session};
+use rustix::termios;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -67,40 +68,20 @@ fn open_serial(path: &str, baud: u32) -> Result<(Box<dyn Read + Send>, Writer)> 
         .with_context(|| {
             format!("cannot open the link {path}: check the device and its permissions")
         })?;
-    let speed = match baud {
-        9600 => libc::B9600,
-        19200 => libc::B19200,
-        38400 => libc::B38400,
-        57600 => libc::B57600,
-        115200 => libc::B115200,
-        230400 => libc::B230400,
-        460800 => libc::B460800,
-        921600 => libc::B921600,
-        other => {
-            bail!("--baud {other}: use 9600, 19200, 38400, 57600, 115200, 230400, 460800 or 921600")
-        }
-    };
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
-    // SAFETY: termios is plain data filled by tcgetattr on an open descriptor of ours; the
-    // calls only read and write that struct and the descriptor's line settings.
-    unsafe {
-        let mut t: libc::termios = std::mem::zeroed();
-        if libc::tcgetattr(fd, &mut t) != 0 {
-            bail!(
-                "{path} is not a serial port: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        libc::cfmakeraw(&mut t);
-        libc::cfsetispeed(&mut t, speed);
-        libc::cfsetospeed(&mut t, speed);
-        if libc::tcsetattr(fd, libc::TCSANOW, &t) != 0 {
-            bail!(
-                "cannot configure {path}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+    if ![9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600].contains(&baud) {
+        bail!("--baud {baud}: use 9600, 19200, 38400, 57600, 115200, 230400, 460800 or 921600");
     }
+    // Raw mode: no echo, no line editing, no translation of CR/LF or of the frame's bytes.
+    let mut t = termios::tcgetattr(&f)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("{path} is not a serial port"))?;
+    t.make_raw();
+    t.set_speed(baud)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("cannot set {path} to {baud} baud"))?;
+    termios::tcsetattr(&f, termios::OptionalActions::Now, &t)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("cannot configure {path}"))?;
     let r = f.try_clone()?;
     Ok((Box::new(r), Box::new(f)))
 }
