@@ -13,7 +13,7 @@ pub enum ToSend {
 
 /// gdb's byte stream, packet by packet (across reads). Everything goes on to the machine as
 /// it came, except reads of the target description: the bridge answers those from its own
-/// copy (`quicksilver_proto::gdb::TARGET_XML`, the hv's), which keeps 5.6 KB off the serial
+/// copy (`quicksilver_proto::gdb::TARGET_XML`, the hv's), which keeps 6.3 KB off the serial
 /// link at every attach. Until gdb asks for `QStartNoAckMode` (which the hv's stub grants:
 /// the gdbstub crate's default, and gdb asks before it reads the description), the bridge
 /// acks the packet it answers and takes gdb's ack of its answer (a `-` gets the answer again);

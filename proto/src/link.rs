@@ -306,8 +306,9 @@ impl Session {
     }
 }
 
-/// The link protocol version spoken in the hello.
-pub const LINK_VERSION: u16 = 1;
+/// The link protocol version spoken in the hello. 2: the target description
+/// (`gdb::TARGET_XML`) gives `cr0`, `cr4` and `efer` flag types.
+pub const LINK_VERSION: u16 = 2;
 
 /// Authentication: the bridge proves it holds the key the agent was loaded with. The hv sends
 /// a 32-byte challenge; the bridge answers HMAC-SHA256(key, "qs-link-v1" | challenge).
