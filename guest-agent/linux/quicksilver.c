@@ -64,11 +64,15 @@ MODULE_PARM_DESC(link_irq, "IRQ of the link UART (3 for COM2)");
 static char *key = "";
 module_param(key, charp, 0400);
 MODULE_PARM_DESC(key, "the link key qs-bridge must prove; without one the link refuses every bridge");
+static char *store_mem = "16M";
+module_param(store_mem, charp, 0444);
+MODULE_PARM_DESC(store_mem, "memory for the hv's store (where checkpoints will live), taken at load in 4 MiB blocks: bytes with an optional K, M or G suffix (default 16M); 0 = no store");
 
-static_assert(sizeof(struct qs_image_header) == QS_HEADER_SIZE);
-static_assert(offsetof(struct qs_image_header, checksum) == QS_CHECKSUM_OFFSET);
-static_assert(offsetof(struct qs_image_header, version) == 120);
-static_assert(sizeof(struct qs_init_args) == 56);
+/* qs_abi.h is generated from quicksilver-proto (cargo xtask abi-header) and asserts every
+ * layout; the store's chunks are page-allocator blocks of this order. */
+#define QS_STORE_ORDER 10
+static_assert((PAGE_SIZE << QS_STORE_ORDER) == QS_STORE_CHUNK_SIZE);
+static_assert(QS_STORE_ORDER <= MAX_ORDER - 1);
 
 typedef long (*qs_init_fn)(const struct qs_init_args *args);
 typedef long (*qs_activate_fn)(u32 cpu);
@@ -89,28 +93,6 @@ static bool qs_active;			/* under qs_lock */
 static bool qs_hotplug_blocked;		/* read by the hotplug callbacks */
 static int qs_hp_state = -1;
 static long qs_cpu_status[NR_CPUS];	/* per-CPU result of the last switch */
-
-static const char *qs_status_message(long s)
-{
-	switch (s) {
-	case QS_OK: return "ok";
-	case QS_NO_SVM: return "this CPU has no AMD SVM: Quicksilver needs AMD-V";
-	case QS_SVM_DISABLED: return "SVM is disabled by firmware (VM_CR.SVMDIS): enable SVM/AMD-V in the BIOS";
-	case QS_SVM_IN_USE: return "EFER.SVME is already set: another hypervisor (kvm_amd?) owns SVM; stop its VMs or unload it";
-	case QS_NO_NPT: return "this CPU has no nested paging (NPT) or 1 GiB pages, which the hv needs";
-	case QS_NOT_ENOUGH_MEMORY: return "the hv was given too little memory";
-	case QS_TOO_MANY_CPUS: return "more CPUs than this hv image supports";
-	case QS_BAD_ARGUMENT: return "bad argument to the hv";
-	case QS_ALREADY_ACTIVE: return "the hypervisor is already active";
-	case QS_NOT_ACTIVE: return "the hypervisor is not active (dormant)";
-	case QS_VMRUN_FAILED: return "VMRUN failed its consistency checks; the CPU stayed native";
-	case QS_BAD_OP: return "unknown operation";
-	case QS_BUFFER_TOO_SMALL: return "buffer too small";
-	case QS_NOT_INITIALIZED: return "the hv image is not initialized";
-	case QS_LA57_UNSUPPORTED: return "5-level paging is not supported yet";
-	default: return "unknown status";
-	}
-}
 
 /* Is this CPU running as a guest of our hv? Asked with CPUID, which the hv answers. */
 static bool qs_this_cpu_virtualized(void)
@@ -188,6 +170,68 @@ static const char *qs_validate(const u8 *p, size_t len, struct qs_image_header *
 	if (h->max_cpus < nr_cpu_ids)
 		return "more possible CPUs than the image supports";
 	return NULL;
+}
+
+/* ---- the store: the hv's second memory region ---- */
+
+/*
+ * The store (checkpoints will live there) can be far larger than the one block the page
+ * allocator gives the hv, so it is a list of blocks of QS_STORE_CHUNK_SIZE bytes wherever the
+ * allocator found them; init gets their physical addresses. Taken at load and kept until
+ * unload: the hv owns it from init on.
+ */
+static struct {
+	u64 *chunks;		/* physical addresses; kvmalloc'd */
+	unsigned int count;
+} qs_store;
+
+static void qs_store_free(void)
+{
+	unsigned int i;
+
+	for (i = 0; i < qs_store.count; i++)
+		__free_pages(pfn_to_page(PHYS_PFN(qs_store.chunks[i])), QS_STORE_ORDER);
+	kvfree(qs_store.chunks);
+	qs_store.chunks = NULL;
+	qs_store.count = 0;
+}
+
+/* Takes store_mem bytes, rounded up to whole chunks, zeroed; all or nothing. */
+static int qs_store_alloc(void)
+{
+	unsigned long long bytes, want;
+	char *end;
+
+	bytes = memparse(store_mem, &end);
+	if (end == store_mem || *end) {
+		pr_err("refusing to load: store_mem=%s is not a size: give bytes with an optional K, M or G suffix (store_mem=64M), or 0 for no store\n",
+		       store_mem);
+		return -EINVAL;
+	}
+	want = DIV_ROUND_UP(bytes, QS_STORE_CHUNK_SIZE);
+	if (!want)
+		return 0;
+	if (want > (totalram_pages() >> QS_STORE_ORDER)) {
+		pr_err("refusing to load: store_mem=%s is more than this machine's %lu MiB of RAM: load with a smaller store_mem=\n",
+		       store_mem, totalram_pages() >> (20 - PAGE_SHIFT));
+		return -ENOMEM;
+	}
+	qs_store.chunks = kvcalloc(want, sizeof(*qs_store.chunks), GFP_KERNEL);
+	while (qs_store.chunks && qs_store.count < want) {
+		struct page *p = alloc_pages(GFP_KERNEL | __GFP_ZERO | __GFP_NOWARN, QS_STORE_ORDER);
+
+		if (!p)
+			break;
+		qs_store.chunks[qs_store.count++] = page_to_phys(p);
+		cond_resched();
+	}
+	if (qs_store.count < want) {
+		pr_err("refusing to load: cannot allocate store_mem=%s (got %u of %llu blocks of %llu MiB): load with a smaller store_mem=, or earlier after boot before memory fragments\n",
+		       store_mem, qs_store.count, want, QS_STORE_CHUNK_SIZE >> 20);
+		qs_store_free();
+		return -ENOMEM;
+	}
+	return 0;
 }
 
 /* ---- load: read, validate, allocate, map executable, init ---- */
@@ -312,6 +356,9 @@ static int qs_load(void)
 	if (err)
 		goto out_unmap;
 	memcpy(hv.base, file, got);
+	err = qs_store_alloc();
+	if (err)
+		goto out_unmap;
 
 	args = (struct qs_init_args){
 		.base_va = (u64)hv.base,
@@ -322,20 +369,25 @@ static int qs_load(void)
 		.tsc_khz = tsc_khz,
 		.kernel_text = qs_kernel_text(),
 		.kernel_text_link = __START_KERNEL,
+		.store_chunks_va = (u64)qs_store.chunks,
+		.store_chunks = qs_store.count,
 	};
 	st = ((qs_init_fn)(hv.base + h->entry_init))(&args);
 	if (st != QS_OK) {
 		pr_err("refusing to load: %s\n", qs_status_message(st));
 		err = st == QS_NOT_ENOUGH_MEMORY ? -ENOMEM : -ENODEV;
-		goto out_unmap;
+		goto out_store;
 	}
 	hv.activate = (qs_activate_fn)(hv.base + h->entry_activate);
 	hv.control = (qs_control_fn)(hv.base + h->entry_control);
 	vfree(file);
-	pr_info("hv %.32s loaded: %llu KiB at %pa for %u CPUs; dormant\n", h->version,
-		hv.size >> 10, &args.base_pa, nr_cpu_ids);
+	pr_info("hv %.32s loaded: %llu KiB at %pa for %u CPUs, store %llu MiB; dormant\n",
+		h->version, hv.size >> 10, &args.base_pa, nr_cpu_ids,
+		(qs_store.count * QS_STORE_CHUNK_SIZE) >> 20);
 	return 0;
 
+out_store:
+	qs_store_free();
 out_unmap:
 	vunmap(hv.base);
 out_pages:
@@ -802,6 +854,16 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 		}
 		break;
 	}
+	case QS_IOC_AGENT_INFO: {
+		struct qs_agent_info info = {
+			.store_bytes = qs_store.count * QS_STORE_CHUNK_SIZE,
+			.store_chunks = qs_store.count,
+		};
+
+		if (copy_to_user(uarg, &info, sizeof(info)))
+			ret = -EFAULT;
+		break;
+	}
 	case QS_IOC_PEEK_PHYS: {
 		struct qs_peek p;
 		void __iomem *at;
@@ -887,6 +949,7 @@ out_hp:
 out:
 	vunmap(hv.base);
 	__free_pages(hv.pages, hv.order);
+	qs_store_free();
 	return err;
 }
 
@@ -906,6 +969,7 @@ static void __exit qs_exit(void)
 	cpuhp_remove_state_nocalls(qs_hp_state);
 	vunmap(hv.base);
 	__free_pages(hv.pages, hv.order);
+	qs_store_free();
 	pr_info("unloaded\n");
 }
 

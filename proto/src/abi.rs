@@ -16,36 +16,22 @@
 /// Tag in the high half of RAX that marks a Quicksilver hypercall ("QS").
 pub const HYPERCALL_MAGIC: u64 = 0x5153_0000_0000_0000;
 
-/// Control operations, the same numbers for the dormant entry and for hypercalls.
-#[repr(u64)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    /// Leave guest mode on this CPU (hypercall only, from the agent's IPI on each CPU).
-    Deactivate = 1,
-    /// Fill a [`crate::stats`] block: arg0 = buffer (kernel VA dormant, PA active), arg1 = len.
-    Stats = 2,
-    /// Start serving the serial link: buffer = port (u16 LE) then the key (may be empty: then
-    /// every bridge is refused). The hv writes its replies to that UART itself.
-    LinkConfig = 3,
-    /// Bytes received on the link (the agent's interrupt handler reads the UART). Returns 1 if
-    /// an authenticated bridge asked for attention (the agent then activates), else 0.
-    LinkRx = 4,
-    /// How many CPUs are in guest mode now (the agent's view can go stale: a debugger's detach
-    /// steps every CPU out without the agent). Returns the count.
-    ActiveCpus = 5,
-}
-
-impl Op {
-    /// The op for a number, if known.
-    pub fn from_u64(v: u64) -> Option<Op> {
-        match v {
-            1 => Some(Op::Deactivate),
-            2 => Some(Op::Stats),
-            3 => Some(Op::LinkConfig),
-            4 => Some(Op::LinkRx),
-            5 => Some(Op::ActiveCpus),
-            _ => None,
-        }
+crate::abi_enum! {
+    /// Control operations, the same numbers for the dormant entry and for hypercalls.
+    pub enum Op: u64, from_u64 {
+        /// Leave guest mode on this CPU (hypercall only, from the agent's IPI on each CPU).
+        Deactivate = 1,
+        /// Fill a [`crate::stats`] block: arg0 = buffer (kernel VA dormant, PA active), arg1 = len.
+        Stats = 2,
+        /// Start serving the serial link: buffer = port (u16 LE) then the key (may be empty: then
+        /// every bridge is refused). The hv writes its replies to that UART itself.
+        LinkConfig = 3,
+        /// Bytes received on the link (the agent's interrupt handler reads the UART). Returns 1 if
+        /// an authenticated bridge asked for attention (the agent then activates), else 0.
+        LinkRx = 4,
+        /// How many CPUs are in guest mode now (the agent's view can go stale: a debugger's detach
+        /// steps every CPU out without the agent). Returns the count.
+        ActiveCpus = 5,
     }
 }
 
@@ -56,127 +42,173 @@ pub const CPUID_INFO_LEAF: u32 = 0x4000_0001;
 /// EBX, ECX, EDX of the signature leaf spell this.
 pub const CPUID_SIGNATURE: [u8; 12] = *b"Quicksilver\0";
 
-/// Arguments to the `init` entry point.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct InitArgs {
-    /// Kernel virtual address where the image starts; the block is contiguous and mapped RWX.
-    pub base_va: u64,
-    /// Physical address of the same first byte (the block is physically contiguous).
-    pub base_pa: u64,
-    /// Bytes in the block: the image rounded up to a page, then the working memory.
-    pub mem_size: u64,
-    /// Physical addresses below this are identity-mapped into the guest (RAM and MMIO).
-    pub phys_limit: u64,
-    /// Possible CPUs; `activate` is called with indices below this.
-    pub cpus: u32,
-    /// TSC frequency in kHz, to turn cycles into time.
-    pub tsc_khz: u32,
-    /// Where the kernel's text (`_text`) runs, and where it was linked: their difference is
-    /// the KASLR offset the debugger reports (qOffsets, `monitor kaslr`). 0 if unknown.
-    pub kernel_text: u64,
-    pub kernel_text_link: u64,
-}
+/// Bytes in one chunk of the hv's store (the second memory region, where checkpoints will
+/// live): 4 MiB, one order-10 block of Linux's page allocator, naturally aligned to its size.
+/// The store is any number of such chunks, wherever the allocator found them.
+pub const STORE_CHUNK_SIZE: u64 = 4 << 20;
 
-const _: () = assert!(core::mem::size_of::<InitArgs>() == 56);
-
-/// What an entry point or hypercall returns: 0 for success, otherwise a code that names the
-/// cause. The numbers are ABI.
-#[repr(i64)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Status {
-    /// Done.
-    Ok = 0,
-    /// CPUID says the CPU has no AMD SVM.
-    NoSvm = 1,
-    /// SVM is disabled by firmware (VM_CR.SVMDIS).
-    SvmDisabled = 2,
-    /// EFER.SVME is already set: another hypervisor (such as kvm_amd) owns SVM.
-    SvmInUse = 3,
-    /// The CPU has no nested paging.
-    NoNpt = 4,
-    /// The memory given to `init` is too small.
-    NotEnoughMemory = 5,
-    /// More CPUs than the image supports.
-    TooManyCpus = 6,
-    /// An argument is out of range.
-    BadArgument = 7,
-    /// The hv is already active on this CPU.
-    AlreadyActive = 8,
-    /// The hv is not active.
-    NotActive = 9,
-    /// VMRUN failed its consistency checks; the CPU stayed native.
-    VmrunFailed = 10,
-    /// Unknown operation.
-    BadOp = 11,
-    /// The buffer is too small for the answer.
-    BufferTooSmall = 12,
-    /// `init` has not run, or failed.
-    NotInitialized = 13,
-    /// The CPU runs 5-level paging, which the hv does not support yet.
-    La57Unsupported = 14,
-}
-
-impl Status {
-    /// The status for a returned value.
-    pub fn from_i64(v: i64) -> Option<Status> {
-        use Status::*;
-        Some(match v {
-            0 => Ok,
-            1 => NoSvm,
-            2 => SvmDisabled,
-            3 => SvmInUse,
-            4 => NoNpt,
-            5 => NotEnoughMemory,
-            6 => TooManyCpus,
-            7 => BadArgument,
-            8 => AlreadyActive,
-            9 => NotActive,
-            10 => VmrunFailed,
-            11 => BadOp,
-            12 => BufferTooSmall,
-            13 => NotInitialized,
-            14 => La57Unsupported,
-            _ => return None,
-        })
+crate::abi_struct! {
+    /// Arguments to the `init` entry point.
+    #[c_name = "qs_init_args"]
+    pub struct InitArgs {
+        /// Kernel virtual address where the image starts; the block is contiguous and mapped RWX.
+        pub base_va: u64,
+        /// Physical address of the same first byte (the block is physically contiguous).
+        pub base_pa: u64,
+        /// Bytes in the block: the image rounded up to a page, then the working memory.
+        pub mem_size: u64,
+        /// Physical addresses below this are identity-mapped into the guest (RAM and MMIO).
+        pub phys_limit: u64,
+        /// Possible CPUs; `activate` is called with indices below this.
+        pub cpus: u32,
+        /// TSC frequency in kHz, to turn cycles into time.
+        pub tsc_khz: u32,
+        /// Where the kernel's text (`_text`) runs: with `kernel_text_link`, the KASLR offset the
+        /// debugger reports (qOffsets, `monitor kaslr`). 0 if unknown.
+        pub kernel_text: u64,
+        /// Where the kernel's text was linked (`__START_KERNEL`).
+        pub kernel_text_link: u64,
+        /// Kernel virtual address of an array of `store_chunks` u64 physical addresses, one per
+        /// store chunk of [`STORE_CHUNK_SIZE`] bytes (zeroed, each aligned to its size). Valid
+        /// only during `init` (which runs on the kernel's address space): the hv copies it. 0 if
+        /// there is no store.
+        pub store_chunks_va: u64,
+        /// Entries in that array; 0 if there is no store (the agent's `store_mem=0`).
+        pub store_chunks: u32,
+        /// Zero; keeps the struct a multiple of 8 bytes.
+        pub _reserved: u32,
     }
+}
 
-    /// What went wrong and what to do, in one line.
-    pub fn message(self) -> &'static str {
-        use Status::*;
-        match self {
-            Ok => "ok",
-            NoSvm => "this CPU has no AMD SVM: Quicksilver needs AMD-V (Intel VMX comes later)",
-            SvmDisabled => "SVM is disabled by firmware (VM_CR.SVMDIS): enable SVM/AMD-V in the BIOS",
-            SvmInUse => {
-                "EFER.SVME is already set: another hypervisor (kvm_amd?) owns SVM; stop its VMs or unload it"
-            }
-            NoNpt => "this CPU has no nested paging (NPT), which the hv needs",
-            NotEnoughMemory => "the hv was given too little memory: a bug in the agent, please report",
-            TooManyCpus => "more CPUs than this hv image supports: rebuild with a larger MAX_CPUS",
-            BadArgument => "bad argument to the hv",
-            AlreadyActive => "the hypervisor is already active",
-            NotActive => "the hypervisor is not active (dormant)",
-            VmrunFailed => "VMRUN failed its consistency checks; the CPU stayed native (see qsctl stats)",
-            BadOp => "unknown operation",
-            BufferTooSmall => "buffer too small",
-            NotInitialized => "the hv image is not initialized",
-            La57Unsupported => "5-level paging is not supported yet",
-        }
+const _: () = assert!(core::mem::size_of::<InitArgs>() == 72);
+
+/// The message for a status number the hv returned, known or not (the C header's
+/// `qs_status_message` answers the same).
+pub fn status_message(v: i64) -> &'static str {
+    match Status::from_i64(v) {
+        Some(s) => s.message(),
+        None => UNKNOWN_STATUS,
+    }
+}
+
+/// What the agent and `qsctl` say for a status number this tree does not know.
+pub const UNKNOWN_STATUS: &str =
+    "the hv returned an unknown status: the hv image and the agent come from different trees; rebuild both with cargo xtask build";
+
+crate::abi_enum! {
+    /// What an entry point or hypercall returns: 0 for success, otherwise a code that names the
+    /// cause. The numbers are ABI; each message names the cause and the fix.
+    pub enum Status: i64, from_i64 {
+        /// Done.
+        Ok = 0 => "ok",
+        /// CPUID says the CPU has no AMD SVM.
+        NoSvm = 1 =>
+            "this CPU has no AMD SVM: Quicksilver needs AMD-V (Intel VMX comes later); under a hypervisor, give the guest a CPU model with svm",
+        /// SVM is disabled by firmware (VM_CR.SVMDIS).
+        SvmDisabled = 2 =>
+            "SVM is disabled by firmware (VM_CR.SVMDIS): enable SVM/AMD-V in the BIOS",
+        /// EFER.SVME is already set: another hypervisor (such as kvm_amd) owns SVM.
+        SvmInUse = 3 =>
+            "EFER.SVME is already set: another hypervisor (kvm_amd?) owns SVM; stop its VMs or unload it",
+        /// The CPU has no nested paging, or no 1 GiB pages (the nested tables map with them).
+        NoNpt = 4 =>
+            "this CPU has no nested paging (NPT) or no 1 GiB pages, both of which the hv needs: use a CPU (or a CPU model) that has both",
+        /// The memory given to `init` is too small.
+        NotEnoughMemory = 5 =>
+            "the hv was given too little memory for its tables: the agent sized it wrong, please report this bug",
+        /// More CPUs than the image supports.
+        TooManyCpus = 6 =>
+            "more possible CPUs than this hv image supports: boot with fewer (nr_cpus=) or rebuild the hv with a larger MAX_CPUS",
+        /// An argument is out of range.
+        BadArgument = 7 =>
+            "an argument to the hv is out of range: the agent and the hv disagree; rebuild both with cargo xtask build",
+        /// The hv is already active on this CPU.
+        AlreadyActive = 8 =>
+            "the hypervisor is already active: nothing to do (qsctl deactivate returns every CPU to native)",
+        /// The hv is not active.
+        NotActive = 9 =>
+            "the hypervisor is not active (dormant): nothing to do (qsctl activate starts it)",
+        /// VMRUN failed its consistency checks; the CPU stayed native.
+        VmrunFailed = 10 =>
+            "VMRUN failed its consistency checks; the CPU stayed native: qsctl stats shows the state it refused, please report it",
+        /// Unknown operation.
+        BadOp = 11 =>
+            "unknown operation: the hv image and the agent come from different trees; rebuild both with cargo xtask build",
+        /// The buffer is too small for the answer.
+        BufferTooSmall = 12 =>
+            "the buffer is too small for the hv's answer: pass a larger one",
+        /// `init` has not run, or failed.
+        NotInitialized = 13 =>
+            "the hv image is not initialized (its init failed or never ran): reload the module and read its log",
+        /// The kernel runs 5-level paging, which the hv does not support yet.
+        La57Unsupported = 14 =>
+            "the kernel runs 5-level paging, which the hv does not support yet: boot it with no5lvl",
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::c_abi::CStruct;
 
     #[test]
-    fn every_status_round_trips() {
-        for v in 0..=14 {
-            let s = Status::from_i64(v).unwrap();
-            assert_eq!(s as i64, v);
-            assert!(!s.message().is_empty());
+    fn every_status_round_trips_and_says_what_to_do() {
+        for &s in Status::ALL {
+            assert_eq!(Status::from_i64(s as i64), Some(s));
+            assert_eq!(status_message(s as i64), s.message());
+            // The cause, then what to do about it.
+            assert!(
+                s == Status::Ok || s.message().contains(": "),
+                "{s:?}: {}",
+                s.message()
+            );
         }
-        assert_eq!(Status::from_i64(15), None);
+        assert_eq!(Status::from_i64(Status::ALL.len() as i64), None);
+        assert_eq!(status_message(-1), UNKNOWN_STATUS);
+    }
+
+    #[test]
+    fn every_op_round_trips() {
+        for &op in Op::ALL {
+            assert_eq!(Op::from_u64(op as u64), Some(op));
+        }
+        assert_eq!(Op::from_u64(0), None);
+        assert_eq!(Op::from_u64(99), None);
+    }
+
+    #[test]
+    fn the_variant_lists_carry_numbers_docs_and_messages() {
+        let no_npt = &Status::VARIANTS[Status::NoNpt as usize];
+        assert_eq!((no_npt.name, no_npt.value), ("NoNpt", 4));
+        assert!(no_npt.doc.contains("1 GiB pages"));
+        assert_eq!(no_npt.message, Some(Status::NoNpt.message()));
+        assert_eq!(Op::VARIANTS.len(), Op::ALL.len());
+        assert_eq!(Op::VARIANTS[0].message, None);
+    }
+
+    #[test]
+    fn init_args_layout_is_the_one_the_agent_fills() {
+        let offsets: Vec<(&str, usize)> = InitArgs::FIELDS
+            .iter()
+            .map(|f| (f.name, f.offset))
+            .collect();
+        assert_eq!(
+            offsets,
+            [
+                ("base_va", 0),
+                ("base_pa", 8),
+                ("mem_size", 16),
+                ("phys_limit", 24),
+                ("cpus", 32),
+                ("tsc_khz", 36),
+                ("kernel_text", 40),
+                ("kernel_text_link", 48),
+                ("store_chunks_va", 56),
+                ("store_chunks", 64),
+                ("_reserved", 68),
+            ]
+        );
+        assert_eq!(InitArgs::SIZE, 72);
+        assert_eq!(core::mem::align_of::<InitArgs>(), 8);
     }
 }

@@ -3,19 +3,23 @@
 //! - [`image`]: the hv image format (header, relocations, checksum) that the Linux agent
 //!   loads and that `cargo xtask build` writes.
 //! - [`abi`]: how the agent calls into the hv (entry points while dormant, `VMMCALL` while
-//!   active), and the status codes that come back.
+//!   active), and the status codes that come back with their messages.
+//! - [`ioctl`]: the agent's device, its requests and their structs (`qsctl` and the module).
 //! - [`stats`]: the statistics block the hv fills for `qsctl status` / `qsctl stats`.
 //! - [`link`]: frames on the serial link to `qs-bridge` (COBS, CRC-32, channels, replay guard,
 //!   challenge/response authentication).
 //!
-//! The C side of the agent (`guest-agent/linux/qs_abi.h`) mirrors [`image::ImageHeader`],
-//! [`abi::InitArgs`] and the numbers in [`abi`]; the tests in this crate pin every size and
-//! offset so that a change here that the C header does not follow fails loudly.
+//! The C side of the agent includes `guest-agent/linux/qs_abi.h`, which `cargo xtask
+//! abi-header` generates from this crate ([`c_abi`] describes the types for it); a host test
+//! fails while the committed header differs from what this crate generates, and the header
+//! asserts every size, offset and request number, so the two sides cannot drift apart.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 
 pub mod abi;
+pub mod c_abi;
 pub mod gdb;
 pub mod image;
+pub mod ioctl;
 pub mod link;
 pub mod stats;
 

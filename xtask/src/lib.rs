@@ -20,6 +20,7 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod abi_header;
 pub mod bench;
 pub mod bench_gdb;
 pub mod build;

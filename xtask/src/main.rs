@@ -29,6 +29,12 @@ enum Cli {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write guest-agent/linux/qs_abi.h, the C side of the ABI, from quicksilver-proto (or with
+    /// --check, fail if the committed one differs).
+    AbiHeader {
+        #[arg(long)]
+        check: bool,
+    },
     /// Benchmarks: `mode-switch` (the switch and the overheads), `gdb` (Quicksilver's gdbstub
     /// against QEMU's).
     Bench {
@@ -92,6 +98,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cli::Build => {
             let kernel = xtask::setup()?;
             xtask::build(&kernel)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cli::AbiHeader { check: true } => {
+            xtask::abi_header::check()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cli::AbiHeader { check: false } => {
+            let changed = xtask::abi_header::write()?;
+            note(format!(
+                "{} {}",
+                xtask::abi_header::HEADER,
+                if changed { "written" } else { "was up to date" }
+            ));
             Ok(ExitCode::SUCCESS)
         }
         Cli::Demo(args) => demo(args),

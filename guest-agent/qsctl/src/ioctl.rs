@@ -1,81 +1,104 @@
-//! The agent's ioctl ABI (mirror of `guest-agent/linux/qs_abi.h`).
+//! The agent's ioctls (`quicksilver_proto::ioctl`), one safe function per request.
+//!
+//! Each request number comes from proto with its argument type attached, and each function
+//! here builds that argument itself: no caller can pair a number with the wrong struct, or
+//! hand the kernel a pointer it did not make (`stats` takes a slice, not an address).
 
 use std::fs::File;
+use std::io;
 use std::os::fd::AsRawFd;
 
-/// Result of switching every online CPU.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SwitchResult {
-    pub status: i64,
-    pub elapsed_ns: u64,
-    pub cpus: u32,
-    pub failed_cpu: i32,
-}
+use quicksilver_proto::ioctl::{self, AgentInfo, Peek, Probe, Request, StatsRequest, SwitchResult};
 
-/// Statistics request.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StatsRequest {
-    pub buf: u64,
-    pub len: u64,
-    pub status: i64,
-}
-
-/// One CPU, seen from the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Probe {
-    pub cpu: u32,
-    pub signature: u32,
-    pub efer: u64,
-}
-
-/// 8 bytes of the hv's memory, read or written by the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Peek {
-    pub offset: u64,
-    pub value: u64,
-}
-
-const _: () = assert!(std::mem::size_of::<SwitchResult>() == 24);
-const _: () = assert!(std::mem::size_of::<StatsRequest>() == 24);
-const _: () = assert!(std::mem::size_of::<Probe>() == 16);
-
-const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
-    (dir << 30) | ((size as u64) << 16) | ((b'Q' as u64) << 8) | nr
-}
-const WRITE: u64 = 1;
-const READ: u64 = 2;
-
-pub const ACTIVATE: u64 = ioc(READ, 1, std::mem::size_of::<SwitchResult>());
-pub const DEACTIVATE: u64 = ioc(READ, 2, std::mem::size_of::<SwitchResult>());
-pub const STATS: u64 = ioc(READ | WRITE, 3, std::mem::size_of::<StatsRequest>());
-pub const PROBE: u64 = ioc(READ | WRITE, 4, std::mem::size_of::<Probe>());
-pub const PEEK: u64 = ioc(READ | WRITE, 5, std::mem::size_of::<Peek>());
-pub const POKE: u64 = ioc(WRITE, 6, std::mem::size_of::<Peek>());
-pub const PEEK_PHYS: u64 = ioc(READ | WRITE, 7, std::mem::size_of::<Peek>());
-
-/// Issues `request` with `arg` on the agent's device.
-pub fn call<T>(dev: &File, request: u64, arg: &mut T) -> std::io::Result<()> {
-    // SAFETY: every request number above is paired by its callers with the struct whose size
-    // is encoded in it, and `arg` is a valid, exclusive pointer to such a struct.
-    let r = unsafe { libc::ioctl(dev.as_raw_fd(), request as _, arg as *mut T) };
+/// Issues `req` with `arg` on the agent's device.
+///
+/// # Safety
+/// The agent's handler for `req` reads and writes `*arg` (whose type and size `req` encodes)
+/// and whatever memory the pointers inside `*arg` designate: those must be valid for it, for
+/// the duration of the call.
+unsafe fn ioctl<T>(dev: &File, req: Request<T>, arg: &mut T) -> io::Result<()> {
+    // SAFETY: `arg` is an exclusive reference to a `T`, the type whose size `req` encodes, so
+    // the kernel's copy in or out of it stays inside it; the caller vouches for the pointers
+    // it holds. `as _`: the request's C type differs between libcs (glibc unsigned long,
+    // musl int); the number fits either.
+    let r = unsafe { libc::ioctl(dev.as_raw_fd(), req.number() as _, arg as *mut T) };
     if r < 0 {
-        Err(std::io::Error::last_os_error())
+        Err(io::Error::last_os_error())
     } else {
         Ok(())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn request_numbers_match_the_c_header() {
-        // _IOR('Q', 1, 24 bytes) and _IOWR('Q', 3, 24 bytes) as the kernel's macros encode them.
-        assert_eq!(super::ACTIVATE, 0x8018_5101);
-        assert_eq!(super::STATS, 0xC018_5103);
-        assert_eq!(super::POKE, 0x4010_5106);
-    }
+/// Switches every online CPU into guest mode.
+pub fn activate(dev: &File) -> io::Result<SwitchResult> {
+    let mut r = SwitchResult::default();
+    // SAFETY: a SwitchResult holds no pointer.
+    unsafe { ioctl(dev, ioctl::ACTIVATE, &mut r) }?;
+    Ok(r)
+}
+
+/// Switches every CPU back to native.
+pub fn deactivate(dev: &File) -> io::Result<SwitchResult> {
+    let mut r = SwitchResult::default();
+    // SAFETY: a SwitchResult holds no pointer.
+    unsafe { ioctl(dev, ioctl::DEACTIVATE, &mut r) }?;
+    Ok(r)
+}
+
+/// Copies the hv's statistics block into `buf`; returns the hv's status (0 for success).
+pub fn stats(dev: &File, buf: &mut [u8]) -> io::Result<i64> {
+    let mut req = StatsRequest {
+        buf: buf.as_mut_ptr() as u64,
+        len: buf.len() as u64,
+        status: 0,
+    };
+    // SAFETY: `req.buf` points at `buf`, writable for `req.len` bytes until we return, and the
+    // agent writes at most `len` bytes there.
+    unsafe { ioctl(dev, ioctl::STATS, &mut req) }?;
+    Ok(req.status)
+}
+
+/// CPU `cpu` as the kernel sees it (CPUID signature, EFER).
+pub fn probe(dev: &File, cpu: u32) -> io::Result<Probe> {
+    let mut p = Probe {
+        cpu,
+        ..Default::default()
+    };
+    // SAFETY: a Probe holds no pointer.
+    unsafe { ioctl(dev, ioctl::PROBE, &mut p) }?;
+    Ok(p)
+}
+
+/// The kernel reads 8 bytes at `offset` in the hv's memory.
+pub fn peek(dev: &File, offset: u64) -> io::Result<u64> {
+    let mut p = Peek { offset, value: 0 };
+    // SAFETY: a Peek holds no pointer (the offset is into the hv's block, checked by the agent).
+    unsafe { ioctl(dev, ioctl::PEEK, &mut p) }?;
+    Ok(p.value)
+}
+
+/// The kernel writes `value` at `offset` in the hv's memory (refused while dormant).
+pub fn poke(dev: &File, offset: u64, value: u64) -> io::Result<()> {
+    let mut p = Peek { offset, value };
+    // SAFETY: a Peek holds no pointer (the offset is into the hv's block, checked by the agent).
+    unsafe { ioctl(dev, ioctl::POKE, &mut p) }
+}
+
+/// The kernel reads 8 bytes at physical address `address` (device memory or a hole only).
+pub fn peek_phys(dev: &File, address: u64) -> io::Result<u64> {
+    let mut p = Peek {
+        offset: address,
+        value: 0,
+    };
+    // SAFETY: a Peek holds no pointer in our address space (the agent maps `address` itself).
+    unsafe { ioctl(dev, ioctl::PEEK_PHYS, &mut p) }?;
+    Ok(p.value)
+}
+
+/// What the agent gave the hv besides its block (the store).
+pub fn agent_info(dev: &File) -> io::Result<AgentInfo> {
+    let mut info = AgentInfo::default();
+    // SAFETY: an AgentInfo holds no pointer.
+    unsafe { ioctl(dev, ioctl::AGENT_INFO, &mut info) }?;
+    Ok(info)
 }

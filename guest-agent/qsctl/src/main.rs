@@ -15,11 +15,10 @@
 mod ioctl;
 
 use anyhow::{bail, Context, Result};
-use quicksilver_proto::abi::{self, Status};
+use quicksilver_proto::abi;
+use quicksilver_proto::ioctl::{SwitchResult, DEVICE};
 use quicksilver_proto::stats::{ExitKind, Stats};
 use std::fs::{File, OpenOptions};
-
-const DEVICE: &str = "/dev/quicksilver";
 
 fn open() -> Result<File> {
     OpenOptions::new()
@@ -32,34 +31,25 @@ fn open() -> Result<File> {
 }
 
 fn status_error(s: i64) -> anyhow::Error {
-    match Status::from_i64(s) {
-        Some(st) => anyhow::anyhow!("{}", st.message()),
-        None => anyhow::anyhow!("the hv answered an unknown status {s}"),
-    }
+    anyhow::anyhow!("{}", abi::status_message(s))
 }
 
 fn read_stats(dev: &File) -> Result<Stats> {
     let mut buf = vec![0u8; 64 << 10];
-    let mut req = ioctl::StatsRequest {
-        buf: buf.as_mut_ptr() as u64,
-        len: buf.len() as u64,
-        status: 0,
-    };
-    ioctl::call(dev, ioctl::STATS, &mut req).context("statistics request failed")?;
-    if req.status != 0 {
-        return Err(status_error(req.status));
+    let status = ioctl::stats(dev, &mut buf).context("statistics request failed")?;
+    if status != 0 {
+        return Err(status_error(status));
     }
     Stats::parse(&buf).map_err(|e| anyhow::anyhow!("the hv's statistics block is bad: {e:?}"))
 }
 
-fn switch(dev: &File, activate: bool) -> Result<ioctl::SwitchResult> {
-    let mut r = ioctl::SwitchResult::default();
-    let req = if activate {
-        ioctl::ACTIVATE
+fn switch(dev: &File, activate: bool) -> Result<SwitchResult> {
+    let r = if activate {
+        ioctl::activate(dev)
     } else {
-        ioctl::DEACTIVATE
-    };
-    ioctl::call(dev, req, &mut r).context("switch request failed")?;
+        ioctl::deactivate(dev)
+    }
+    .context("switch request failed")?;
     if r.status != 0 {
         let cpu = if r.failed_cpu >= 0 {
             format!(" (CPU {})", r.failed_cpu)
@@ -145,6 +135,17 @@ fn cmd_status() -> Result<()> {
         "switches: {} activations, {} deactivations",
         h.activations, h.deactivations
     );
+    let info = ioctl::agent_info(&dev).context("agent information request failed")?;
+    if info.store_chunks == 0 {
+        println!("store: none (loaded with store_mem=0)");
+    } else {
+        println!(
+            "store: {} MiB in {} blocks of {} MiB",
+            info.store_bytes >> 20,
+            info.store_chunks,
+            abi::STORE_CHUNK_SIZE >> 20
+        );
+    }
     Ok(())
 }
 
@@ -230,11 +231,7 @@ fn cmd_probe(expect: Option<&str>) -> Result<()> {
     for cpu in online_cpus() {
         pin_to(cpu)?;
         let user_sig = cpuid_signature();
-        let mut p = ioctl::Probe {
-            cpu,
-            ..Default::default()
-        };
-        ioctl::call(&dev, ioctl::PROBE, &mut p).context("probe request failed")?;
+        let p = ioctl::probe(&dev, cpu).context("probe request failed")?;
         let svme = (p.efer >> 12) & 1;
         println!(
             "cpu {cpu}: signature {} (kernel: {}), EFER {:#x} SVME={svme}",
@@ -269,44 +266,33 @@ fn parse_u64(s: &str) -> Result<u64> {
 
 fn cmd_peek(offset: &str) -> Result<()> {
     let dev = open()?;
-    let mut p = ioctl::Peek {
-        offset: parse_u64(offset)?,
-        value: 0,
-    };
-    ioctl::call(&dev, ioctl::PEEK, &mut p)
+    let value = ioctl::peek(&dev, parse_u64(offset)?)
         .context("peek refused (offset 8-aligned, inside the hv?)")?;
-    let text: String = p
-        .value
+    let text: String = value
         .to_le_bytes()
         .iter()
         .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
         .collect();
-    println!("{:#018x} {text}", p.value);
+    println!("{value:#018x} {text}");
     Ok(())
 }
 
 fn cmd_peek_phys(address: &str) -> Result<()> {
     let dev = open()?;
-    let mut p = ioctl::Peek {
-        offset: parse_u64(address)?,
-        value: 0,
-    };
-    ioctl::call(&dev, ioctl::PEEK_PHYS, &mut p).context(
+    let address = parse_u64(address)?;
+    let value = ioctl::peek_phys(&dev, address).context(
         "peek-phys refused (8-aligned, and not RAM: ioremap maps only devices and holes)",
     )?;
-    println!("{:#018x} at physical {:#x}", p.value, p.offset);
+    println!("{value:#018x} at physical {address:#x}");
     Ok(())
 }
 
 fn cmd_poke(offset: &str, value: &str) -> Result<()> {
     let dev = open()?;
-    let mut p = ioctl::Peek {
-        offset: parse_u64(offset)?,
-        value: parse_u64(value)?,
-    };
-    ioctl::call(&dev, ioctl::POKE, &mut p)
+    let (offset, value) = (parse_u64(offset)?, parse_u64(value)?);
+    ioctl::poke(&dev, offset, value)
         .context("poke refused: only while active (the test of the hv's isolation)")?;
-    println!("wrote {:#x} at offset {:#x}", p.value, p.offset);
+    println!("wrote {value:#x} at offset {offset:#x}");
     Ok(())
 }
 
