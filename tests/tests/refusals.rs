@@ -107,11 +107,23 @@ qsctl activate && qsctl probe --expect active && qsctl deactivate
         "{o}"
     );
     // The kernel's write went to scratch: refused, counted, and the hv's code is intact.
+    // A missing stats line is a failure too, not a pass.
     let refused = o
         .lines()
         .find(|l| l.contains("accesses to hv memory"))
-        .unwrap_or("");
-    assert!(!refused.contains("refused: 0 accesses"), "{refused}");
+        .unwrap_or_else(|| {
+            panic!("`qsctl stats` printed no \"refused: N accesses to hv memory\" line:\n{o}")
+        });
+    let count = refused
+        .split("refused: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no count in the refusals line: {refused}"));
+    assert!(
+        count > 0,
+        "the write to hv memory was not refused: {refused}"
+    );
     assert!(
         o.contains("code: intact (checksum matches the image)"),
         "{o}"

@@ -8,26 +8,75 @@
 //! with the hv active. Medians throughout. Results: `target/bench/mode-switch.json` and a
 //! Markdown table (`target/bench/mode-switch.md`) for BENCHMARKS.md.
 
-use crate::build::Artifacts;
 use anyhow::{bail, Context, Result};
+use qs_testkit::Artifacts;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-/// One configuration's figures.
-#[derive(Clone, Debug, Default)]
+/// One configuration's figures, as `mode-switch.json` lists them (rounded by [`round`]).
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct ModeSwitch {
     pub smp: u32,
     pub clock: &'static str,
     pub switches: u32,
+    #[serde(serialize_with = "one_decimal")]
     pub activate_us: f64,
+    #[serde(serialize_with = "one_decimal")]
     pub deactivate_us: f64,
+    #[serde(serialize_with = "one_decimal")]
     pub roundtrip_us: f64,
+    #[serde(serialize_with = "one_decimal")]
     pub roundtrip_hv_us: f64,
     /// Workload time with the agent loaded and dormant / without the agent.
+    #[serde(serialize_with = "three_decimals")]
     pub dormant_ratio: f64,
     /// Workload time with the hv active / native (before the agent was loaded).
+    #[serde(serialize_with = "three_decimals")]
     pub active_ratio: f64,
+    #[serde(serialize_with = "one_decimal")]
     pub exits_per_s_active: f64,
+}
+
+/// `value` rounded to `decimals` places: the JSON keeps the precision the figures have.
+pub fn round(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
+}
+
+fn one_decimal<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(round(*v, 1))
+}
+
+fn three_decimals<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(round(*v, 3))
+}
+
+/// What `qsctl bench-switch` prints after `QS-BENCH `.
+#[derive(Debug, Deserialize)]
+struct SwitchBench {
+    activate_us: f64,
+    deactivate_us: f64,
+    roundtrip_us: f64,
+    roundtrip_hv_us: f64,
+}
+
+/// `mode-switch.json`.
+#[derive(Serialize)]
+struct Report<'a> {
+    benchmark: &'static str,
+    anchors: Anchors,
+    results: &'a [ModeSwitch],
+}
+
+/// Published figures the results are read against (BENCHMARKS.md says where from).
+#[derive(Serialize)]
+struct Anchors {
+    mercury_switch_us: u32,
+    bitvisor_insert_us: u32,
+    bitvisor_remove_us: u32,
+    dichotomy_us: u32,
+    king_hosted_overhead: [f64; 2],
 }
 
 const WORK_RUNS: usize = 9;
@@ -81,19 +130,6 @@ fn total_exits(console: &str, marker: &str) -> Result<u64> {
     Ok(total)
 }
 
-fn json_field(line: &str, key: &str) -> Result<f64> {
-    let pat = format!("\"{key}\":");
-    let rest = line
-        .split(&pat)
-        .nth(1)
-        .with_context(|| format!("no {key} in {line}"))?;
-    let num: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    Ok(num.parse()?)
-}
-
 /// Runs one configuration.
 pub fn mode_switch_one(a: &Artifacts, smp: u32, icount: bool, switches: u32) -> Result<ModeSwitch> {
     let clock = if icount { "icount" } else { "wall" };
@@ -125,10 +161,13 @@ pub fn mode_switch_one(a: &Artifacts, smp: u32, icount: bool, switches: u32) -> 
     let run = guest("run").noload().run_script(&script)?;
     run.ensure_success()?;
     let c = &run.console;
-    let bench = c
+    let line = c
         .lines()
         .find(|l| l.contains("QS-BENCH"))
         .context("no QS-BENCH line")?;
+    let json = line.split_once("QS-BENCH ").map_or("", |(_, json)| json);
+    let bench: SwitchBench = serde_json::from_str(json.trim())
+        .with_context(|| format!("the QS-BENCH line is not the JSON qsctl prints: {line}"))?;
     let native_ms = phase_work_ms(c, "native")?;
     let dormant_ms = phase_work_ms(c, "dormant")?;
     let active_ms = phase_work_ms(c, "active")?;
@@ -137,10 +176,10 @@ pub fn mode_switch_one(a: &Artifacts, smp: u32, icount: bool, switches: u32) -> 
         smp,
         clock,
         switches,
-        activate_us: json_field(bench, "activate_us")?,
-        deactivate_us: json_field(bench, "deactivate_us")?,
-        roundtrip_us: json_field(bench, "roundtrip_us")?,
-        roundtrip_hv_us: json_field(bench, "roundtrip_hv_us")?,
+        activate_us: bench.activate_us,
+        deactivate_us: bench.deactivate_us,
+        roundtrip_us: bench.roundtrip_us,
+        roundtrip_hv_us: bench.roundtrip_hv_us,
         dormant_ratio: dormant_ms / native_ms,
         active_ratio: active_ms / native_ms,
         exits_per_s_active: exits as f64 / (active_ms * 3.0 / 1000.0),
@@ -166,15 +205,8 @@ pub fn mode_switch(a: &Artifacts, switches: u32) -> Result<Vec<ModeSwitch>> {
     }
     let dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
-    let mut json = String::from("{\n  \"benchmark\": \"mode-switch\",\n  \"anchors\": {\"mercury_switch_us\": 200, \"bitvisor_insert_us\": 20000, \"bitvisor_remove_us\": 30000, \"dichotomy_us\": 80000, \"king_hosted_overhead\": [0.14, 0.35]},\n  \"results\": [\n");
     let mut md = String::from("| smp | clock | activate µs | deactivate µs | roundtrip µs | hv part µs | roundtrip / Mercury 200 µs | dormant_ratio | active_ratio | exits/s active |\n|---|---|---|---|---|---|---|---|---|---|\n");
-    for (i, r) in rows.iter().enumerate() {
-        let _ = writeln!(
-            json,
-            "    {{\"smp\": {}, \"clock\": \"{}\", \"switches\": {}, \"activate_us\": {:.1}, \"deactivate_us\": {:.1}, \"roundtrip_us\": {:.1}, \"roundtrip_hv_us\": {:.1}, \"dormant_ratio\": {:.3}, \"active_ratio\": {:.3}, \"exits_per_s_active\": {:.1}}}{}",
-            r.smp, r.clock, r.switches, r.activate_us, r.deactivate_us, r.roundtrip_us, r.roundtrip_hv_us,
-            r.dormant_ratio, r.active_ratio, r.exits_per_s_active, if i + 1 < rows.len() { "," } else { "" }
-        );
+    for r in &rows {
         let _ = writeln!(
             md,
             "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.3} | {:.3} | {:.0} |",
@@ -190,7 +222,19 @@ pub fn mode_switch(a: &Artifacts, switches: u32) -> Result<Vec<ModeSwitch>> {
             r.exits_per_s_active
         );
     }
-    json.push_str("  ]\n}\n");
+    let report = Report {
+        benchmark: "mode-switch",
+        anchors: Anchors {
+            mercury_switch_us: 200,
+            bitvisor_insert_us: 20000,
+            bitvisor_remove_us: 30000,
+            dichotomy_us: 80000,
+            king_hosted_overhead: [0.14, 0.35],
+        },
+        results: &rows,
+    };
+    let mut json = serde_json::to_string_pretty(&report)?;
+    json.push('\n');
     std::fs::write(dir.join("mode-switch.json"), json)?;
     std::fs::write(dir.join("mode-switch.md"), &md)?;
     println!("{md}");
@@ -199,4 +243,29 @@ pub fn mode_switch(a: &Artifacts, switches: u32) -> Result<Vec<ModeSwitch>> {
         dir.join("mode-switch.json").display()
     );
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_switch_figures_come_from_qsctls_json_and_go_out_rounded() {
+        let line = r#"QS-BENCH {"switches":100,"activate_us":812.3,"deactivate_us":640.0,"roundtrip_us":1452.7,"roundtrip_hv_us":33.1}"#;
+        let bench: SwitchBench =
+            serde_json::from_str(line.split_once("QS-BENCH ").unwrap().1).unwrap();
+        assert_eq!((bench.activate_us, bench.roundtrip_hv_us), (812.3, 33.1));
+        let row = ModeSwitch {
+            smp: 2,
+            clock: "wall",
+            dormant_ratio: 1.00049,
+            exits_per_s_active: 1234.56,
+            ..ModeSwitch::default()
+        };
+        let json = serde_json::to_value(&row).unwrap();
+        assert_eq!(json["dormant_ratio"], 1.0);
+        assert_eq!(json["exits_per_s_active"], 1234.6);
+        assert_eq!(json["clock"], "wall");
+        assert_eq!(json.as_object().unwrap().len(), 10);
+    }
 }

@@ -22,9 +22,10 @@
 //! Results: `target/bench/gdb.json` and a Markdown table (`target/bench/gdb.md`) for
 //! BENCHMARKS.md.
 
-use crate::build::Artifacts;
-use crate::gdb::{free_port, Bridge, Gdb, Symbols};
+use crate::bench::round;
 use anyhow::{bail, Context, Result};
+use qs_testkit::{Artifacts, Gdb, Machine, MachineConfig, Stub};
+use serde::Serialize;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -222,94 +223,105 @@ fn figures(a: &Artifacts, measure_into: fn(&Artifacts, &mut Figures) -> Result<(
 }
 
 fn qemu_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
-    let port = free_port();
-    let sock = a
-        .dir
-        .join("run")
-        .join(format!("bench-gdb-qemu-{}.sock", std::process::id()));
-    let mut running = a
-        .qemu("bench-gdb-qemu")
-        .smp(SMP)
-        .timeout(Duration::from_secs(1800))
-        .link(&sock, KEY)
-        .args(["-gdb".to_string(), format!("tcp:127.0.0.1:{port}")])
-        .spawn_script(SCRIPT)?;
-    running.wait_for(crate::gdb::TEXT_MARKER, Duration::from_secs(300))?;
-    // The marker's whole line has arrived once the next marker has.
-    running.wait_for("BENCH-READY", Duration::from_secs(60))?;
-    let offset =
-        crate::gdb::kaslr_offset(&running.console()).context("no _text address from the guest")?;
-    let mut gdb = Gdb::start(
-        "bench-gdb-qemu",
-        &Symbols::Offset(a.vmlinux.clone(), offset),
-        Some(&a.logs_dir().join("bench-gdb-qemu.gdb.log")),
-    )?;
-    measure(&mut gdb, &format!("127.0.0.1:{port}"), "QEMU's gdbstub", f)?;
-    gdb.quit();
-    running.send("bench-done\n")?;
-    let out = running.wait()?;
-    let _ = std::fs::remove_file(&sock);
-    out.ensure_success()?;
-    Ok(())
+    stub_into(a, Stub::Qemu, "bench-gdb-qemu", "QEMU's gdbstub", f)
 }
 
 fn quicksilver_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
-    a.require_agent()?;
-    let sock = a
-        .dir
-        .join("run")
-        .join(format!("bench-gdb-qs-{}.sock", std::process::id()));
-    let mut running = a
-        .qemu("bench-gdb-quicksilver")
-        .smp(SMP)
-        .timeout(Duration::from_secs(1800))
-        .link(&sock, KEY)
-        .spawn_script(SCRIPT)?;
-    running.wait_for("BENCH-READY", Duration::from_secs(300))?;
-    let bridge = Bridge::start(
-        &a.bridge,
-        &sock,
-        KEY.as_bytes(),
-        &a.logs_dir(),
+    stub_into(
+        a,
+        Stub::Quicksilver,
         "bench-gdb-quicksilver",
-        Duration::from_secs(60),
-    )?;
-    let mut gdb = Gdb::start(
-        "bench-gdb-quicksilver",
-        &Symbols::File(a.vmlinux.clone()),
-        Some(&a.logs_dir().join("bench-gdb-quicksilver.gdb.log")),
-    )?;
-    measure(&mut gdb, &bridge.addr(), "Quicksilver's gdbstub", f)
-        .with_context(|| format!("qs-bridge said:\n{}", bridge.log()))?;
+        "Quicksilver's gdbstub",
+        f,
+    )
+}
+
+/// One boot of the benchmark guest with `stub`, measured into `f`.
+fn stub_into(a: &Artifacts, stub: Stub, name: &str, label: &str, f: &mut Figures) -> Result<()> {
+    let mut config = MachineConfig::new(name, SMP, SCRIPT, "BENCH-READY");
+    config.stub = stub;
+    config.key = KEY.into();
+    config.timeout = Duration::from_secs(1800);
+    config.boot_timeout = Duration::from_secs(300);
+    let mut machine = Machine::start(a, &config)?;
+    let mut gdb = machine.try_gdb()?;
+    let addr = machine.addr().to_string();
+    measure(&mut gdb, &addr, label, f)
+        .with_context(|| format!("qs-bridge said:\n{}", machine.bridge_log()))?;
     gdb.quit();
-    running.send("bench-done\n")?;
-    let out = running.wait()?;
-    let _ = std::fs::remove_file(&sock);
+    machine.try_send("bench-done")?;
     // The script checked the getpid loops and that every CPU is native again.
-    out.ensure_success()?;
+    machine.try_finish()?.ensure_success()?;
     Ok(())
 }
 
-/// `s` as a JSON string literal.
-fn json_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// `gdb.json`: both stubs' figures, Quicksilver's plain and QEMU's with `_qemu`; a figure
+/// not measured is `null`, and `error` says why.
+#[derive(Debug, Serialize)]
+struct Report {
+    benchmark: &'static str,
+    smp: u32,
+    steps: u32,
+    read_bytes: u64,
+    cycles: usize,
+    targets: Targets,
+    stepi_per_s: Option<f64>,
+    stepi_per_s_qemu: Option<f64>,
+    read_kib_s: Option<f64>,
+    read_kib_s_qemu: Option<f64>,
+    attach_ms: Option<f64>,
+    attach_ms_qemu: Option<f64>,
+    detach_ms: Option<f64>,
+    detach_ms_qemu: Option<f64>,
+    attaches_ms: Vec<f64>,
+    detaches_ms: Vec<f64>,
+    attaches_ms_qemu: Vec<f64>,
+    detaches_ms_qemu: Vec<f64>,
+    error: Option<String>,
+    error_qemu: Option<String>,
 }
 
-fn fmt_opt(v: Option<f64>, precision: usize) -> String {
-    v.map_or("null".into(), |v| format!("{v:.precision$}"))
+/// What the figures should reach (BENCHMARKS.md).
+#[derive(Debug, Serialize)]
+struct Targets {
+    stepi_ratio_min: f64,
+    read_ratio_min: f64,
+    attach_ms_max: u32,
+}
+
+impl Report {
+    /// The report of Quicksilver's figures `s` and QEMU's `q`, rounded to the precision they
+    /// have (rates to 0.1, times to 0.01 ms).
+    fn new(s: &Figures, q: &Figures) -> Report {
+        let r = |v: Option<f64>, d| v.map(|v| round(v, d));
+        let all = |v: &[f64]| v.iter().map(|&v| round(v, 2)).collect();
+        Report {
+            benchmark: "gdb",
+            smp: SMP,
+            steps: STEPS,
+            read_bytes: READ_BYTES,
+            cycles: CYCLES,
+            targets: Targets {
+                stepi_ratio_min: 0.5,
+                read_ratio_min: 0.5,
+                attach_ms_max: 50,
+            },
+            stepi_per_s: r(s.stepi_per_s, 1),
+            stepi_per_s_qemu: r(q.stepi_per_s, 1),
+            read_kib_s: r(s.read_kib_s, 1),
+            read_kib_s_qemu: r(q.read_kib_s, 1),
+            attach_ms: r(s.attach_ms, 2),
+            attach_ms_qemu: r(q.attach_ms, 2),
+            detach_ms: r(s.detach_ms, 2),
+            detach_ms_qemu: r(q.detach_ms, 2),
+            attaches_ms: all(&s.attaches_ms),
+            detaches_ms: all(&s.detaches_ms),
+            attaches_ms_qemu: all(&q.attaches_ms),
+            detaches_ms_qemu: all(&q.detaches_ms),
+            error: s.error.clone(),
+            error_qemu: q.error.clone(),
+        }
+    }
 }
 
 /// Both stubs; writes the JSON and the Markdown table, then fails if either stub could not
@@ -323,48 +335,8 @@ pub fn gdb(a: &Artifacts) -> Result<()> {
     eprintln!("xtask bench: Quicksilver: {s:?}");
     let dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
-    let list = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{x:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let mut json = String::from("{\n  \"benchmark\": \"gdb\",\n");
-    let _ = writeln!(
-        json,
-        "  \"smp\": {SMP},\n  \"steps\": {STEPS},\n  \"read_bytes\": {READ_BYTES},\n  \"cycles\": {CYCLES},"
-    );
-    let _ = writeln!(
-        json,
-        "  \"targets\": {{\"stepi_ratio_min\": 0.5, \"read_ratio_min\": 0.5, \"attach_ms_max\": 50}},"
-    );
-    for (key, v, p) in [
-        ("stepi_per_s", s.stepi_per_s, 1),
-        ("stepi_per_s_qemu", q.stepi_per_s, 1),
-        ("read_kib_s", s.read_kib_s, 1),
-        ("read_kib_s_qemu", q.read_kib_s, 1),
-        ("attach_ms", s.attach_ms, 2),
-        ("attach_ms_qemu", q.attach_ms, 2),
-        ("detach_ms", s.detach_ms, 2),
-        ("detach_ms_qemu", q.detach_ms, 2),
-    ] {
-        let _ = writeln!(json, "  \"{key}\": {},", fmt_opt(v, p));
-    }
-    let _ = writeln!(
-        json,
-        "  \"attaches_ms\": [{}],\n  \"detaches_ms\": [{}],\n  \"attaches_ms_qemu\": [{}],\n  \"detaches_ms_qemu\": [{}],",
-        list(&s.attaches_ms),
-        list(&s.detaches_ms),
-        list(&q.attaches_ms),
-        list(&q.detaches_ms)
-    );
-    let error = |e: &Option<String>| e.as_deref().map_or("null".into(), json_string);
-    let _ = writeln!(
-        json,
-        "  \"error\": {},\n  \"error_qemu\": {}\n}}",
-        error(&s.error),
-        error(&q.error)
-    );
+    let mut json = serde_json::to_string_pretty(&Report::new(&s, &q))?;
+    json.push('\n');
 
     let cell = |v: Option<f64>, p: usize| v.map_or("—".into(), |v| format!("{v:.p$}"));
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -444,7 +416,51 @@ mod tests {
     }
 
     #[test]
-    fn errors_become_json_strings() {
-        assert_eq!(json_string("a \"b\"\n\\c\u{1b}"), r#""a \"b\"\n\\c\u001b""#);
+    fn the_report_has_every_field_and_null_for_what_was_not_measured() {
+        let s = Figures {
+            stepi_per_s: Some(275.04),
+            attaches_ms: vec![23.456, 24.0],
+            error: Some("a \"quoted\"\nerror".into()),
+            ..Figures::default()
+        };
+        let json = serde_json::to_value(Report::new(&s, &Figures::default())).unwrap();
+        assert_eq!(json["stepi_per_s"], 275.0);
+        assert_eq!(json["attaches_ms"], serde_json::json!([23.46, 24.0]));
+        assert!(json["read_kib_s"].is_null() && json["error_qemu"].is_null());
+        assert_eq!(json["error"], "a \"quoted\"\nerror");
+        assert_eq!(json["targets"]["attach_ms_max"], 50);
+        // The fields the hand-written JSON had.
+        let mut keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "attach_ms",
+                "attach_ms_qemu",
+                "attaches_ms",
+                "attaches_ms_qemu",
+                "benchmark",
+                "cycles",
+                "detach_ms",
+                "detach_ms_qemu",
+                "detaches_ms",
+                "detaches_ms_qemu",
+                "error",
+                "error_qemu",
+                "read_bytes",
+                "read_kib_s",
+                "read_kib_s_qemu",
+                "smp",
+                "stepi_per_s",
+                "stepi_per_s_qemu",
+                "steps",
+                "targets"
+            ]
+        );
     }
 }

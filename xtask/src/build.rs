@@ -24,99 +24,13 @@ use object::read::elf::{FileHeader as _, ProgramHeader as _};
 use crate::cmd::{describe, run_inherit, tail};
 use crate::initrd::{self, InitrdInputs};
 use crate::kernel::Kernel;
-use crate::qemu::Qemu;
-use crate::{note, LocateError};
+use crate::note;
+pub use qs_testkit::Artifacts;
 
 /// The Rust target of the guest binaries (built static, so the initramfs needs no libc).
 pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Modules shipped for the "KVM and Quicksilver exclude each other" checks.
 pub const KVM_MODULES: &[&str] = &["kvm_amd"];
-
-/// Paths of everything `cargo xtask build` makes.
-#[derive(Clone, Debug)]
-pub struct Artifacts {
-    /// `<target>/qs`.
-    pub dir: PathBuf,
-    /// The kernel the guest boots.
-    pub kernel: Kernel,
-    /// `hv.img`.
-    pub hv_image: PathBuf,
-    /// `quicksilver.ko`.
-    pub agent: PathBuf,
-    /// The static `qsctl`.
-    pub qsctl: PathBuf,
-    /// The static `qs-workload`.
-    pub workload: PathBuf,
-    /// The base initramfs.
-    pub initrd: PathBuf,
-    /// The kernel's ELF with debug info, for `gdb <vmlinux>` (= `kernel.vmlinux`).
-    pub vmlinux: PathBuf,
-    /// The host's `qs-bridge`.
-    pub bridge: PathBuf,
-}
-
-impl Artifacts {
-    /// Where the artifacts for `kernel` are (or will be); nothing is checked.
-    pub fn at(kernel: Kernel) -> Artifacts {
-        let dir = crate::out_dir();
-        Artifacts {
-            hv_image: dir.join("hv.img"),
-            agent: dir.join("quicksilver.ko"),
-            qsctl: dir.join("qsctl"),
-            workload: dir.join("qs-workload"),
-            initrd: dir.join("initrd.cpio"),
-            bridge: dir.join("qs-bridge"),
-            vmlinux: kernel.vmlinux.clone(),
-            kernel,
-            dir,
-        }
-    }
-
-    /// The artifacts of an earlier `cargo xtask build`: checks that the kernel, its debug
-    /// info and the initramfs are there. (The hv image, the agent and the bridge may be
-    /// missing if they failed to build; [`Artifacts::require_agent`] checks the first two.)
-    pub fn locate() -> Result<Artifacts, LocateError> {
-        let artifacts = Artifacts::at(Kernel::locate()?);
-        if !artifacts.vmlinux.exists() {
-            return Err(LocateError::NoVmlinux {
-                path: artifacts.vmlinux,
-            });
-        }
-        if !artifacts.initrd.exists() {
-            return Err(LocateError::NotBuilt {
-                what: "the initramfs",
-                path: artifacts.initrd,
-            });
-        }
-        Ok(artifacts)
-    }
-
-    /// Fails unless the hv image and the agent module were built (and so are in the initramfs).
-    pub fn require_agent(&self) -> Result<(), LocateError> {
-        for (what, path) in [
-            ("the hv image", &self.hv_image),
-            ("the agent module", &self.agent),
-        ] {
-            if !path.exists() {
-                return Err(LocateError::NotBuilt {
-                    what,
-                    path: path.clone(),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Where console logs of runs go.
-    pub fn logs_dir(&self) -> PathBuf {
-        self.dir.join("logs")
-    }
-
-    /// A QEMU runner for this build, logging to `logs/<name>.log`.
-    pub fn qemu(&self, name: &str) -> Qemu {
-        Qemu::new(self, name)
-    }
-}
 
 /// Builds every part for `kernel`; see the module documentation.
 pub fn build(kernel: &Kernel) -> anyhow::Result<Artifacts> {

@@ -23,17 +23,7 @@ pub fn describe(cmd: &Command) -> String {
 
 /// The last 60 lines of `text` (where a failed command says why).
 pub fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let skip = lines.len().saturating_sub(TAIL_LINES);
-    let mut out = String::new();
-    if skip > 0 {
-        out.push_str(&format!("[... {skip} earlier lines ...]\n"));
-    }
-    for line in &lines[skip..] {
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
+    qs_testkit::child::tail(text, TAIL_LINES)
 }
 
 /// Starting failed: most often the program is not installed.

@@ -6,19 +6,16 @@
 //! of the link), `bridge.sock` (the bridge's control socket), `logs/demo-bridge.log` (what the
 //! bridge says) and `logs/demo-bridge-console.log` (the machine's console channel).
 
-use std::io::{BufRead as _, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-
-use crate::build::Artifacts;
-use crate::qemu::Qemu;
+use qs_testkit::child::{Process, Stream, Watch};
+use qs_testkit::{Artifacts, Qemu};
 
 /// Where gdb connects by default.
 pub const GDB_ADDR: &str = "127.0.0.1:1234";
@@ -111,99 +108,85 @@ impl DemoLink {
         std::fs::create_dir_all(artifacts.logs_dir())?;
         let mut log = std::fs::File::create(&self.bridge_log)
             .with_context(|| format!("cannot write {}", self.bridge_log.display()))?;
-        let mut command = Command::new(&artifacts.bridge);
+        let mut command = qs_testkit::bridge::command(
+            &artifacts.bridge,
+            &self.socket,
+            &self.key_file,
+            &self.gdb,
+            &self.console_log,
+        );
         command
-            .arg("--link")
-            .arg(format!("unix:{}", self.socket.display()))
-            .arg("--key")
-            .arg(&self.key_file)
-            .args(["--gdb", &self.gdb])
-            .arg("--console")
-            .arg(&self.console_log)
             .arg("--control")
             .arg(&self.control)
             .args(["--timeout", "5"])
-            .args(["--retry", &patience.as_secs().to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: the closure runs in the child between fork and exec and only makes one
-        // async-signal-safe system call (prctl), which touches no memory of ours.
-        unsafe {
-            command.pre_exec(|| {
-                // The bridge must not outlive the demo, even if xtask itself is killed.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("cannot start {}", artifacts.bridge.display()))?;
+            .args(["--retry", &patience.as_secs().to_string()]);
         let quiet = Arc::new(AtomicBool::new(false));
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (echo_quiet, gdb_line) = (quiet.clone(), self.gdb_command(&artifacts.vmlinux));
-        let bridge_log = self.bridge_log.clone();
-        std::thread::spawn(move || {
-            let say = |text: &str| {
-                if raw_terminal {
-                    eprint!("\r\n{text}\r\n");
-                } else {
-                    eprintln!("{text}");
-                }
-            };
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let _ = writeln!(log, "{line}");
-                if line.contains("authenticated") {
-                    say(&format!(
-                        "xtask: qs-bridge is on the link; in another terminal: {gdb_line}"
-                    ));
-                    continue;
-                }
-                // Expected while the guest boots: the log has it.
-                if line.contains("no answer yet") {
-                    continue;
-                }
-                // The link closes when QEMU exits: at the end of the demo that is no news.
-                if line.contains("the link closed") || line.contains("the link failed") {
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-                if !echo_quiet.load(Ordering::Acquire) {
-                    say(&line);
-                }
+        let say = move |text: &str| {
+            if raw_terminal {
+                eprint!("\r\n{text}\r\n");
+            } else {
+                eprintln!("{text}");
             }
-            std::thread::sleep(Duration::from_secs(1));
+        };
+        let (echo_quiet, gdb_line) = (quiet.clone(), self.gdb_command(&artifacts.vmlinux));
+        let on_line = move |_, line: &str| {
+            let _ = writeln!(log, "{line}");
+            if line.contains("authenticated") {
+                say(&format!(
+                    "xtask: qs-bridge is on the link; in another terminal: {gdb_line}"
+                ));
+                return;
+            }
+            // Expected while the guest boots: the log has it.
+            if line.contains("no answer yet") {
+                return;
+            }
+            // The link closes when QEMU exits: at the end of the demo that is no news.
+            if line.contains("the link closed") || line.contains("the link failed") {
+                std::thread::sleep(Duration::from_secs(1));
+            }
             if !echo_quiet.load(Ordering::Acquire) {
+                say(line);
+            }
+        };
+        let (end_quiet, bridge_log) = (quiet.clone(), self.bridge_log.clone());
+        let on_end = move || {
+            std::thread::sleep(Duration::from_secs(1));
+            if !end_quiet.load(Ordering::Acquire) {
                 say(&format!(
                     "xtask: qs-bridge stopped; gdb is not served any more (log: {})",
                     bridge_log.display()
                 ));
             }
-        });
-        Ok(DemoBridge { child, quiet })
+        };
+        // The bridge must not outlive the demo, even if xtask itself is killed: the process
+        // dies with this thread, and with the `DemoBridge`.
+        let process = Watch::new(Stream::Stderr)
+            .on_line(on_line)
+            .on_end(on_end)
+            .spawn("qs-bridge", command)
+            .with_context(|| format!("cannot start {}", artifacts.bridge.display()))?;
+        Ok(DemoBridge { process, quiet })
     }
 }
 
 /// The demo's running bridge: killed when dropped.
 #[derive(Debug)]
 pub struct DemoBridge {
-    child: Child,
+    process: Process,
     quiet: Arc<AtomicBool>,
 }
 
 impl DemoBridge {
     /// The bridge's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 }
 
 impl Drop for DemoBridge {
     fn drop(&mut self) {
         self.quiet.store(true, Ordering::Release);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 }

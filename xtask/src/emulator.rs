@@ -22,10 +22,8 @@ use anyhow::{bail, Context as _};
 
 use crate::cmd::{ensure_symlink, remove_if_exists, run_captured, stdout_of};
 use crate::setup::Apt;
-use crate::{cache_dir, note, repo_root};
-
-/// The system's QEMU, used when no patched build is there.
-pub const SYSTEM_QEMU: &str = "qemu-system-x86_64";
+use crate::{note, repo_root};
+use qs_testkit::paths::{patched_qemu, qemu_dir, SYSTEM_QEMU};
 /// Our fix, applied to Debian's source.
 const PATCH: &str = "xtask/qemu/cpu0-hflags2-race.patch";
 /// What building QEMU for x86_64/TCG needs beyond `gcc` and `make`; `dpkg-dev` unpacks the
@@ -54,31 +52,11 @@ const CONFIGURE: &[&str] = &[
     "--disable-werror",
 ];
 
-/// The QEMU binary to run: the patched build if `cargo xtask setup` made one, else the
-/// system's.
-pub fn binary() -> PathBuf {
-    let patched = patched_binary(&dir());
-    if patched.exists() {
-        patched
-    } else {
-        PathBuf::from(SYSTEM_QEMU)
-    }
-}
-
-/// `<repo>/.cache/qemu`.
-fn dir() -> PathBuf {
-    cache_dir().join("qemu")
-}
-
-fn patched_binary(dir: &Path) -> PathBuf {
-    dir.join("bin").join(SYSTEM_QEMU)
-}
-
 /// Builds the patched QEMU unless the build for this source version, patch and configuration
 /// is there.
 pub(crate) fn ensure(apt: &mut Apt) -> anyhow::Result<PathBuf> {
-    let dir = dir();
-    let binary = patched_binary(&dir);
+    let dir = qemu_dir();
+    let binary = patched_qemu(&dir);
     let version = stdout_of(Command::new("dpkg-query").args([
         "-W",
         "-f=${source:Version}",

@@ -12,17 +12,19 @@
 //! /lib/quicksilver/quicksilver.ko   the agent
 //! /lib/quicksilver/kvm-modules      paths of the KVM modules, one a line, in insmod order
 //! /lib/modules-extra/*.ko           those modules (kvm-amd and what it depends on)
-//! /qs/script.sh                     per run: appended by [`with_script`]
+//! /qs/script.sh                     per run: appended by the runner (qs_testkit::qemu)
 //! ```
+//!
+//! The archive is written with `qs_testkit::initramfs` (newc, through the `cpio` crate), which
+//! also appends each run's files.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use object::read::elf::{FileHeader as _, SectionHeader as _};
 
-use crate::cpio::Archive;
+use qs_testkit::initramfs::{write_atomically, Archive};
 
 /// The guest's `/init`.
 pub const INIT_SCRIPT: &str = include_str!("init.sh");
@@ -150,17 +152,6 @@ pub struct InitrdInputs {
     pub kvm_modules: Vec<KernelModule>,
 }
 
-/// A file added to an initramfs.
-#[derive(Clone, Debug)]
-pub struct ExtraFile {
-    /// Path in the guest (`/qs/data.bin`).
-    pub path: String,
-    /// Permission bits.
-    pub mode: u32,
-    /// Contents.
-    pub data: Vec<u8>,
-}
-
 /// Writes the base initramfs to `out` (atomically: a concurrent reader never sees half of it).
 pub fn write_base(inputs: &InitrdInputs, out: &Path) -> anyhow::Result<()> {
     let read = |p: &Path| {
@@ -210,56 +201,6 @@ pub fn write_base(inputs: &InitrdInputs, out: &Path) -> anyhow::Result<()> {
     }
     a.file(KVM_MODULES_LIST, 0o644, list.as_bytes())?;
     write_atomically(out, &a.finish()?)
-}
-
-/// Writes to `out` a copy of the initramfs `base` with `/qs/script.sh` added: `/init` runs it
-/// and powers off.
-pub fn with_script(base: &Path, script: &str, out: &Path) -> anyhow::Result<()> {
-    with_files(
-        base,
-        &[ExtraFile {
-            path: "/qs/script.sh".into(),
-            mode: 0o755,
-            data: script.as_bytes().to_vec(),
-        }],
-        out,
-    )
-}
-
-/// Writes to `out` a copy of the initramfs `base` followed by a second archive holding
-/// `files` (and their parent directories). Linux unpacks both, the later one winning, so this
-/// also replaces files of the base.
-pub fn with_files(base: &Path, files: &[ExtraFile], out: &Path) -> anyhow::Result<()> {
-    let mut bytes = std::fs::read(base)
-        .with_context(|| format!("reading the base initramfs {}", base.display()))?;
-    // Inode numbers of their own, far above the base archive's.
-    let mut a = Archive::new(Vec::new(), 1 << 20);
-    let mut dirs = BTreeSet::new();
-    for f in files {
-        let mut parent = Path::new(f.path.trim_start_matches('/')).parent();
-        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
-            dirs.insert(p.to_string_lossy().into_owned());
-            parent = p.parent();
-        }
-    }
-    // BTreeSet order puts "a" before "a/b": parents first, as the kernel needs.
-    for dir in &dirs {
-        a.dir(dir, 0o755)?;
-    }
-    for f in files {
-        a.file(&f.path, f.mode, &f.data)?;
-    }
-    bytes.extend(a.finish()?);
-    write_atomically(out, &bytes)
-}
-
-fn write_atomically(out: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
-    let mut file =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(bytes)?;
-    drop(file);
-    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))
 }
 
 /// The modules `wanted` need, in an order `insmod` accepts (dependencies first), read from
@@ -384,28 +325,6 @@ pub fn module_depends(ko: &Path) -> anyhow::Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn extra_files_get_their_parents_and_follow_the_base() {
-        let dir = std::env::temp_dir().join(format!("qs-initrd-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let base = dir.join("base.cpio");
-        let mut a = Archive::new(Vec::new(), 1);
-        a.file("init", 0o755, b"#!/bin/sh\n").unwrap();
-        std::fs::write(&base, a.finish().unwrap()).unwrap();
-
-        let out = dir.join("run.cpio");
-        with_script(&base, "echo hello\n", &out).unwrap();
-        let bytes = std::fs::read(&out).unwrap();
-        let base_len = std::fs::metadata(&base).unwrap().len() as usize;
-        assert_eq!(&bytes[..base_len], &std::fs::read(&base).unwrap()[..]);
-        let text = String::from_utf8_lossy(&bytes[base_len..]);
-        let qs_dir = text.find("qs\0").unwrap();
-        let script = text.find("qs/script.sh\0").unwrap();
-        assert!(qs_dir < script, "the directory comes first");
-        assert!(text.contains("echo hello\n"));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn the_init_script_prints_the_markers_the_runner_parses() {

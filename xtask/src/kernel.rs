@@ -18,7 +18,7 @@
 //! The flavour headers (`linux-headers-<abi>-cloud-amd64`) are a thin layer over the
 //! `-common` tree and the kbuild tools, and refer to them by absolute `/usr/src/...` paths
 //! (their `Makefile`), or by links meant for an installed system (`lib/modules/*/build`).
-//! [`Kernel::prepare`] rewrites those to point inside `root/`, so `make -C <headers_dir>
+//! [`prepare`] rewrites those to point inside `root/`, so `make -C <headers_dir>
 //! M=...` works without anything installed.
 
 use std::path::{Path, PathBuf};
@@ -26,180 +26,109 @@ use std::process::Command;
 
 use anyhow::{bail, Context as _};
 
+use qs_testkit::artifacts::{kernel_cache_dir as cache_dir, FLAVOUR};
+pub use qs_testkit::Kernel;
+
 use crate::cmd::{ensure_symlink, remove_if_exists, run_captured, stdout_of};
+use crate::note;
 use crate::setup::Apt;
-use crate::{note, LocateError};
 
 /// Environment variable that picks the kernel ABI (`6.1.0-56`) instead of whatever
 /// `linux-image-cloud-amd64` depends on.
 pub const ABI_ENV: &str = "QS_KERNEL_ABI";
-/// The kernel flavour: the cloud kernel is LZ4-compressed and boots fast under TCG.
-pub const FLAVOUR: &str = "cloud-amd64";
 /// The metapackage whose dependency names the current ABI.
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
 
-/// Paths into the extracted kernel packages.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Kernel {
-    /// Debian's kernel ABI, e.g. `6.1.0-56`.
-    pub abi: String,
-    /// The release `uname -r` prints, e.g. `6.1.0-56-cloud-amd64`.
-    pub release: String,
-    /// Where the packages are extracted.
-    pub root: PathBuf,
-    /// The bootable kernel (`boot/vmlinuz-<release>`).
-    pub vmlinuz: PathBuf,
-    /// The flavour headers to build modules against (`make -C <headers_dir> M=...`).
-    pub headers_dir: PathBuf,
-    /// The kernel's modules (`lib/modules/<release>`).
-    pub modules_dir: PathBuf,
-    /// The static busybox for the initramfs.
-    pub busybox: PathBuf,
-    /// The kernel's ELF with debug info (`vmlinux-<release>` in the cache, from the `-dbg`
-    /// package), for `gdb <vmlinux>`. Fetched by setup after the rest.
-    pub vmlinux: PathBuf,
+/// Makes the kernel for the chosen ABI ready in the cache, downloading and extracting only what
+/// is missing. Fast (no apt, no network) when a previous run completed.
+pub fn prepare() -> anyhow::Result<Kernel> {
+    prepare_with(&mut Apt::default())
 }
 
-/// `<repo>/.cache/kernel`.
-pub fn cache_dir() -> PathBuf {
-    crate::cache_dir().join("kernel")
+/// [`prepare`], sharing `apt`'s state with the rest of setup.
+pub(crate) fn prepare_with(apt: &mut Apt) -> anyhow::Result<Kernel> {
+    let kernel = prepare_boot(apt)?;
+    ensure_vmlinux(&kernel, apt)?;
+    Ok(kernel)
 }
 
-impl Kernel {
-    /// The paths for `abi` in the cache at `dir` (nothing is checked).
-    pub fn in_cache(dir: &Path, abi: &str) -> Kernel {
-        let root = dir.join("root");
-        let release = format!("{abi}-{FLAVOUR}");
-        Kernel {
-            abi: abi.to_string(),
-            vmlinuz: root.join(format!("boot/vmlinuz-{release}")),
-            headers_dir: root.join(format!("usr/src/linux-headers-{release}")),
-            modules_dir: root.join(format!("lib/modules/{release}")),
-            busybox: root.join("bin/busybox"),
-            vmlinux: dir.join(format!("vmlinux-{release}")),
-            release,
-            root,
-        }
+/// What booting and building modules need: the image, headers, modules and busybox.
+fn prepare_boot(apt: &mut Apt) -> anyhow::Result<Kernel> {
+    let dir = cache_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let abi = choose_abi(&dir, apt)?;
+    let kernel = Kernel::in_cache(&dir, &abi);
+    let ready = dir.join("ready");
+    if std::fs::read_to_string(&ready).is_ok_and(|s| s.trim() == abi) && kernel.is_complete() {
+        record_abi(&dir, &abi)?;
+        note(format!(
+            "kernel {} ready in {}",
+            kernel.release,
+            kernel.root.display()
+        ));
+        return Ok(kernel);
     }
+    let debs = dir.join("debs");
+    let image = format!("linux-image-{abi}-{FLAVOUR}");
+    let headers = format!("linux-headers-{abi}-{FLAVOUR}");
+    let mut packages = vec![image.clone(), headers.clone()];
+    let mut files = download(apt, &packages, &debs)?;
+    // The flavour headers name the exact -common and kbuild packages they need (the kbuild
+    // package is linux-kbuild-6.1 for 6.1, but carries the full version for 6.12).
+    let depends = stdout_of(
+        Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(&files[1])
+            .arg("Depends"),
+    )?;
+    let common = dependency(&depends, |p| {
+        p.starts_with("linux-headers-") && p.ends_with("-common")
+    })
+    .with_context(|| format!("{headers} does not depend on a linux-headers-*-common package"))?;
+    let kbuild = dependency(&depends, |p| p.starts_with("linux-kbuild-"))
+        .with_context(|| format!("{headers} does not depend on a linux-kbuild-* package"))?;
+    let rest = vec![common, kbuild, "busybox-static".to_string()];
+    files.extend(download(apt, &rest, &debs)?);
+    packages.extend(rest);
 
-    /// The kernel a completed `cargo xtask setup` left in the cache, without running
-    /// anything.
-    pub fn locate() -> Result<Kernel, LocateError> {
-        let dir = cache_dir();
-        let not_ready = || LocateError::KernelNotReady { dir: dir.clone() };
-        let abi = std::fs::read_to_string(dir.join("ready")).map_err(|_| not_ready())?;
-        let kernel = Kernel::in_cache(&dir, abi.trim());
-        if !kernel.is_complete() {
-            return Err(not_ready());
-        }
-        Ok(kernel)
+    // From here on root/ is being rebuilt: it is not ready until the end.
+    remove_if_exists(&ready)?;
+    let root = &kernel.root;
+    if root.exists() {
+        std::fs::remove_dir_all(root)
+            .with_context(|| format!("removing the incomplete {}", root.display()))?;
     }
-
-    /// Whether the files later steps need are all there.
-    fn is_complete(&self) -> bool {
-        [
-            &self.vmlinuz,
-            &self.headers_dir.join("Makefile"),
-            &self.modules_dir,
-            &self.busybox,
-        ]
-        .iter()
-        .all(|p| p.exists())
-    }
-
-    /// Makes the kernel for the chosen ABI ready in the cache, downloading and extracting
-    /// only what is missing. Fast (no apt, no network) when a previous run completed.
-    pub fn prepare() -> anyhow::Result<Kernel> {
-        Kernel::prepare_with(&mut Apt::default())
-    }
-
-    /// [`Kernel::prepare`], sharing `apt`'s state with the rest of setup.
-    pub(crate) fn prepare_with(apt: &mut Apt) -> anyhow::Result<Kernel> {
-        let kernel = Kernel::prepare_boot(apt)?;
-        kernel.ensure_vmlinux(apt)?;
-        Ok(kernel)
-    }
-
-    /// What booting and building modules need: the image, headers, modules and busybox.
-    fn prepare_boot(apt: &mut Apt) -> anyhow::Result<Kernel> {
-        let dir = cache_dir();
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let abi = choose_abi(&dir, apt)?;
-        let kernel = Kernel::in_cache(&dir, &abi);
-        let ready = dir.join("ready");
-        if std::fs::read_to_string(&ready).is_ok_and(|s| s.trim() == abi) && kernel.is_complete() {
-            record_abi(&dir, &abi)?;
-            note(format!(
-                "kernel {} ready in {}",
-                kernel.release,
-                kernel.root.display()
-            ));
-            return Ok(kernel);
-        }
-        let debs = dir.join("debs");
-        let image = format!("linux-image-{abi}-{FLAVOUR}");
-        let headers = format!("linux-headers-{abi}-{FLAVOUR}");
-        let mut packages = vec![image.clone(), headers.clone()];
-        let mut files = download(apt, &packages, &debs)?;
-        // The flavour headers name the exact -common and kbuild packages they need (the kbuild
-        // package is linux-kbuild-6.1 for 6.1, but carries the full version for 6.12).
-        let depends = stdout_of(
-            Command::new("dpkg-deb")
-                .arg("-f")
-                .arg(&files[1])
-                .arg("Depends"),
-        )?;
-        let common = dependency(&depends, |p| {
-            p.starts_with("linux-headers-") && p.ends_with("-common")
-        })
-        .with_context(|| {
-            format!("{headers} does not depend on a linux-headers-*-common package")
-        })?;
-        let kbuild = dependency(&depends, |p| p.starts_with("linux-kbuild-"))
-            .with_context(|| format!("{headers} does not depend on a linux-kbuild-* package"))?;
-        let rest = vec![common, kbuild, "busybox-static".to_string()];
-        files.extend(download(apt, &rest, &debs)?);
-        packages.extend(rest);
-
-        // From here on root/ is being rebuilt: it is not ready until the end.
-        remove_if_exists(&ready)?;
-        let root = &kernel.root;
-        if root.exists() {
-            std::fs::remove_dir_all(root)
-                .with_context(|| format!("removing the incomplete {}", root.display()))?;
-        }
-        std::fs::create_dir_all(root)?;
-        for (package, deb) in packages.iter().zip(&files) {
-            note(format!("extracting {package}"));
-            if let Err(err) = run_captured(Command::new("dpkg").arg("-x").arg(deb).arg(root)) {
-                // A truncated download is the likely cause: drop it so the next run fetches it.
-                let _ = std::fs::remove_file(deb);
-                return Err(err.context(format!(
+    std::fs::create_dir_all(root)?;
+    for (package, deb) in packages.iter().zip(&files) {
+        note(format!("extracting {package}"));
+        if let Err(err) = run_captured(Command::new("dpkg").arg("-x").arg(deb).arg(root)) {
+            // A truncated download is the likely cause: drop it so the next run fetches it.
+            let _ = std::fs::remove_file(deb);
+            return Err(err.context(format!(
                     "extracting {} failed; the file was deleted, run `cargo xtask setup` again to download it",
                     deb.display()
                 )));
-            }
         }
-        fix_absolute_paths(root)?;
-        check_headers(&kernel, apt)?;
-        if !kernel.is_complete() {
-            bail!(
+    }
+    fix_absolute_paths(root)?;
+    check_headers(&kernel, apt)?;
+    if !kernel.is_complete() {
+        bail!(
                 "the extracted packages lack an expected file (one of {}, {}, {}, {}): is {FLAVOUR} still the flavour's name?",
                 kernel.vmlinuz.display(),
                 kernel.headers_dir.display(),
                 kernel.modules_dir.display(),
                 kernel.busybox.display()
             );
-        }
-        std::fs::write(&ready, format!("{abi}\n"))?;
-        record_abi(&dir, &abi)?;
-        note(format!(
-            "kernel {} ready in {}",
-            kernel.release,
-            root.display()
-        ));
-        Ok(kernel)
     }
+    std::fs::write(&ready, format!("{abi}\n"))?;
+    record_abi(&dir, &abi)?;
+    note(format!(
+        "kernel {} ready in {}",
+        kernel.release,
+        root.display()
+    ));
+    Ok(kernel)
 }
 
 /// Picks the ABI: `$QS_KERNEL_ABI`, else the one recorded by an earlier successful run, else
@@ -464,82 +393,79 @@ fn check_headers(kernel: &Kernel, apt: &mut Apt) -> anyhow::Result<()> {
     Ok(())
 }
 
-impl Kernel {
-    /// Makes sure [`Kernel::vmlinux`] is there: downloads `linux-image-<release>-dbg`, extracts
-    /// only the vmlinux from it, deletes the package. Holds a lock meanwhile, so that
-    /// concurrent setups download it once.
-    fn ensure_vmlinux(&self, apt: &mut Apt) -> anyhow::Result<()> {
-        let dir = self
-            .vmlinux
-            .parent()
-            .context("the vmlinux path has no folder")?
-            .to_path_buf();
-        if !self.vmlinux.exists() {
-            let _lock = lock(&dir.join("vmlinux.lock"))?;
-            if !self.vmlinux.exists() {
-                self.fetch_vmlinux(apt, &dir)?;
-            }
+/// Makes sure [`Kernel::vmlinux`] is there: downloads `linux-image-<release>-dbg`, extracts
+/// only the vmlinux from it, deletes the package. Holds a lock meanwhile, so that
+/// concurrent setups download it once.
+fn ensure_vmlinux(kernel: &Kernel, apt: &mut Apt) -> anyhow::Result<()> {
+    let dir = kernel
+        .vmlinux
+        .parent()
+        .context("the vmlinux path has no folder")?
+        .to_path_buf();
+    if !kernel.vmlinux.exists() {
+        let _lock = lock(&dir.join("vmlinux.lock"))?;
+        if !kernel.vmlinux.exists() {
+            fetch_vmlinux(kernel, apt, &dir)?;
         }
-        // A convenience link for people typing the path.
-        let link = dir.join("vmlinux");
-        let target = PathBuf::from(self.vmlinux.file_name().context("vmlinux has no name")?);
-        ensure_symlink(&target, &link)?;
-        note(format!(
-            "kernel debug info ready: {}",
-            self.vmlinux.display()
-        ));
-        Ok(())
     }
+    // A convenience link for people typing the path.
+    let link = dir.join("vmlinux");
+    let target = PathBuf::from(kernel.vmlinux.file_name().context("vmlinux has no name")?);
+    ensure_symlink(&target, &link)?;
+    note(format!(
+        "kernel debug info ready: {}",
+        kernel.vmlinux.display()
+    ));
+    Ok(())
+}
 
-    fn fetch_vmlinux(&self, apt: &mut Apt, dir: &Path) -> anyhow::Result<()> {
-        let package = format!("linux-image-{}-dbg", self.release);
-        let scratch = dir.join("dbg.partial");
-        if scratch.exists() {
-            std::fs::remove_dir_all(&scratch)
-                .with_context(|| format!("removing the leftover {}", scratch.display()))?;
+fn fetch_vmlinux(kernel: &Kernel, apt: &mut Apt, dir: &Path) -> anyhow::Result<()> {
+    let package = format!("linux-image-{}-dbg", kernel.release);
+    let scratch = dir.join("dbg.partial");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)
+            .with_context(|| format!("removing the leftover {}", scratch.display()))?;
+    }
+    std::fs::create_dir_all(&scratch)?;
+    note(format!(
+        "apt-get download {package} (about 300 MB, once: only its vmlinux is kept)"
+    ));
+    let mut download = Command::new("apt-get");
+    download
+        .args(["download", "-o", "APT::Sandbox::User=root", &package])
+        .current_dir(&scratch);
+    if let Err(first) = run_captured(&mut download) {
+        if !apt.update_once()? {
+            return Err(first.context(format!("downloading {package} failed")));
         }
-        std::fs::create_dir_all(&scratch)?;
-        note(format!(
-            "apt-get download {package} (about 300 MB, once: only its vmlinux is kept)"
-        ));
-        let mut download = Command::new("apt-get");
-        download
-            .args(["download", "-o", "APT::Sandbox::User=root", &package])
-            .current_dir(&scratch);
-        if let Err(first) = run_captured(&mut download) {
-            if !apt.update_once()? {
-                return Err(first.context(format!("downloading {package} failed")));
-            }
-            run_captured(&mut download).with_context(|| {
-                format!(
-                    "downloading {package} failed even after apt-get update: is the bookworm \
-                     security archive in sources.list (apt-cache policy {package})?"
-                )
-            })?;
-        }
-        let deb = find_deb(&scratch, &package)
-            .with_context(|| format!("apt-get download left no .deb for {package}"))?;
-        let inside = format!("./usr/lib/debug/boot/vmlinux-{}", self.release);
-        note(format!("extracting {inside} from {package}"));
-        extract_one(&deb, &inside, &scratch)?;
-        let extracted = scratch.join(&inside);
-        if !extracted.is_file() {
-            bail!(
-                "{package} has no {inside}: has Debian moved the kernel's debug info? (dpkg -c {})",
-                deb.display()
-            );
-        }
-        std::fs::rename(&extracted, &self.vmlinux).with_context(|| {
+        run_captured(&mut download).with_context(|| {
             format!(
-                "moving {} to {}",
-                extracted.display(),
-                self.vmlinux.display()
+                "downloading {package} failed even after apt-get update: is the bookworm \
+                     security archive in sources.list (apt-cache policy {package})?"
             )
         })?;
-        std::fs::remove_dir_all(&scratch)
-            .with_context(|| format!("removing {}", scratch.display()))?;
-        Ok(())
     }
+    let deb = find_deb(&scratch, &package)
+        .with_context(|| format!("apt-get download left no .deb for {package}"))?;
+    let inside = format!("./usr/lib/debug/boot/vmlinux-{}", kernel.release);
+    note(format!("extracting {inside} from {package}"));
+    extract_one(&deb, &inside, &scratch)?;
+    let extracted = scratch.join(&inside);
+    if !extracted.is_file() {
+        bail!(
+            "{package} has no {inside}: has Debian moved the kernel's debug info? (dpkg -c {})",
+            deb.display()
+        );
+    }
+    std::fs::rename(&extracted, &kernel.vmlinux).with_context(|| {
+        format!(
+            "moving {} to {}",
+            extracted.display(),
+            kernel.vmlinux.display()
+        )
+    })?;
+    std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
+    Ok(())
 }
 
 /// Extracts the one member `inside` (as `./path`) of the package `deb` under `into`, streaming
@@ -641,24 +567,5 @@ mod tests {
             "already rewritten paths stay"
         );
         assert_eq!(rewrite_absolute(b"nothing here", b"/c/root"), None);
-    }
-
-    #[test]
-    fn cache_paths_follow_debian_naming() {
-        let k = Kernel::in_cache(Path::new("/c"), "6.1.0-56");
-        assert_eq!(k.release, "6.1.0-56-cloud-amd64");
-        assert_eq!(
-            k.vmlinuz,
-            Path::new("/c/root/boot/vmlinuz-6.1.0-56-cloud-amd64")
-        );
-        assert_eq!(
-            k.headers_dir,
-            Path::new("/c/root/usr/src/linux-headers-6.1.0-56-cloud-amd64")
-        );
-        assert_eq!(
-            k.modules_dir,
-            Path::new("/c/root/lib/modules/6.1.0-56-cloud-amd64")
-        );
-        assert_eq!(k.vmlinux, Path::new("/c/vmlinux-6.1.0-56-cloud-amd64"));
     }
 }

@@ -212,7 +212,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // If the guest never boots, `wait` below says why.
     let bridge = running
         .wait_for(
-            xtask::qemu::BOOTED_MARKER,
+            qs_testkit::qemu::BOOTED_MARKER,
             Duration::from_secs(args.timeout),
         )
         .ok()

@@ -34,7 +34,7 @@ pub fn setup() -> anyhow::Result<Kernel> {
     }
     ensure_rust_target(HV_TARGET)?;
     crate::emulator::ensure(&mut apt)?;
-    Kernel::prepare_with(&mut apt)
+    crate::kernel::prepare_with(&mut apt)
 }
 
 /// Whether dpkg reports `package` as installed (not merely known, or removed with its

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use xtask::{Artifacts, QemuError};
+use qs_testkit::{Artifacts, QemuError};
 
 fn artifacts() -> Artifacts {
     Artifacts::locate().unwrap_or_else(|e| panic!("{e}"))
@@ -130,7 +130,7 @@ fn the_monitor_and_the_link_port_are_reachable() {
         assert!(n > 0, "link closed");
         got.extend_from_slice(&buf[..n]);
     }
-    let cpus = xtask::qemu::hmp(&monitor, "info cpus", Duration::from_secs(10)).unwrap();
+    let cpus = qs_testkit::qemu::hmp(&monitor, "info cpus", Duration::from_secs(10)).unwrap();
     assert!(
         cpus.contains("CPU #0") && cpus.contains("CPU #1"),
         "{cpus:?}"
