@@ -23,9 +23,9 @@ use object::read::elf::{FileHeader as _, ProgramHeader as _};
 
 use crate::cmd::{describe, run_inherit, tail};
 use crate::initrd::{self, InitrdInputs};
-use crate::kernel::Kernel;
 use crate::note;
-pub use qs_testkit::Artifacts;
+use crate::Kernel;
+use qs_testkit::Artifacts;
 
 /// The Rust target of the guest binaries (built static, so the initramfs needs no libc).
 pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";

@@ -27,7 +27,7 @@ use std::process::Command;
 use anyhow::{bail, Context as _};
 
 use qs_testkit::artifacts::{kernel_cache_dir as cache_dir, FLAVOUR};
-pub use qs_testkit::Kernel;
+use qs_testkit::Kernel;
 
 use crate::cmd::{ensure_symlink, remove_if_exists, run_captured, stdout_of};
 use crate::note;

@@ -6,8 +6,8 @@ use std::process::Command;
 use anyhow::{bail, Context as _};
 
 use crate::cmd::{run_captured, run_inherit, stdout_of};
-use crate::kernel::Kernel;
 use crate::note;
+use crate::Kernel;
 
 /// Debian packages the build and the tests run: QEMU for the guest, a C toolchain and the
 /// libraries of kbuild's prebuilt `modpost`/`objtool` for the agent module.
