@@ -14,6 +14,10 @@ pub const RW: u64 = 1 << 1;
 pub const US: u64 = 1 << 2;
 /// Page size: a leaf at level 3 (1 GiB) or 2 (2 MiB).
 pub const PS: u64 = 1 << 7;
+/// Accessed: set by the processor's walk when it uses an entry.
+pub const A: u64 = 1 << 5;
+/// Dirty: set by the processor on the first write through a leaf entry.
+pub const D: u64 = 1 << 6;
 /// No-execute.
 pub const NX: u64 = 1 << 63;
 /// Physical-address bits of an entry (51:12).
@@ -24,18 +28,49 @@ pub const SIZE_2M: u64 = 1 << 21;
 pub const SIZE_1G: u64 = 1 << 30;
 pub const SIZE_512G: u64 = 1 << 39;
 
+/// A guest-physical address: the input of the nested page tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct Gpa(pub u64);
+
+/// A host-physical address: what the nested page tables translate to, and where the hv's
+/// own frames are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct Hpa(pub u64);
+
 /// Where page-table frames come from and how the builder reaches them.
 ///
 /// # Safety
 /// `alloc` must return distinct, zeroed, 4 KiB frames owned by the caller, and `table` must
-/// return a pointer valid for reads and writes of that frame, for every address `alloc`
-/// returned (and the root passed to the functions below). The builders rely on it for every
-/// entry they read and write.
+/// return a pointer valid for reads and writes of that frame, 8-byte aligned, for every
+/// address `alloc` returned and not yet freed (and the root passed to the functions below).
+/// The builders rely on it for every entry they read and write.
 pub unsafe trait Frames {
     /// A new zeroed frame, by physical address, or `None` when out of memory.
     fn alloc(&mut self) -> Option<u64>;
     /// Pointer to the table in the frame at `pa` (a frame this source handed out).
     fn table(&self, pa: u64) -> *mut [u64; 512];
+    /// Gives back a frame `alloc` returned, which nothing references any more. `false` when
+    /// the source cannot take it (a source that never frees, like a bump allocator, or a frame
+    /// it does not know): the frame is then simply not reused.
+    fn free(&mut self, pa: u64) -> bool {
+        let _ = pa;
+        false
+    }
+}
+
+// SAFETY: forwards to `F`, which upholds the contract.
+unsafe impl<F: Frames + ?Sized> Frames for &mut F {
+    fn alloc(&mut self) -> Option<u64> {
+        (**self).alloc()
+    }
+    fn table(&self, pa: u64) -> *mut [u64; 512] {
+        (**self).table(pa)
+    }
+    fn free(&mut self, pa: u64) -> bool {
+        (**self).free(pa)
+    }
 }
 
 /// Out of frames while building.
