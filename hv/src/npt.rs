@@ -327,6 +327,10 @@ impl Slot {
     fn compare_exchange(self, current: u64, new: u64) -> Result<u64, u64> {
         self.with(|a| a.compare_exchange(current, new, AcqRel, Acquire))
     }
+    /// Clears the bits not in `mask`; returns the old entry.
+    fn fetch_and(self, mask: u64) -> u64 {
+        self.with(|a| a.fetch_and(mask, AcqRel))
+    }
     /// Applies `f` atomically; returns the old entry.
     fn update(self, f: impl Fn(u64) -> u64) -> u64 {
         self.with(|a| match a.fetch_update(AcqRel, Acquire, |e| Some(f(e))) {
@@ -692,12 +696,14 @@ impl<F: Frames> Npt<F> {
         flush: &mut Flush,
     ) -> Result<(), NptError> {
         let size = level_size(level);
+        // Looked up once per table, not per entry: a pool's PA-to-VA lookup is a search.
+        let entries = self.frames.table(table.0).cast::<u64>();
         for i in index(start, level)..=index(end - 1, level) {
             let e_base = base + i as u64 * size;
             let lo = start.max(e_base);
             let hi = end.min(e_base + size);
             let covered = lo == e_base && hi == e_base + size;
-            let slot = self.slot(table, i);
+            let slot = Slot(entries.wrapping_add(i));
             let e = slot.load();
             let present = e & P != 0;
             let leaf = present && (level == 1 || (level <= 3 && e & PS != 0));
@@ -783,7 +789,9 @@ impl<F: Frames> Npt<F> {
                     if level == 1 {
                         match mode {
                             DirtyLog::DirtyBits => {
-                                slot.update(|e| e & !D);
+                                if e & D != 0 {
+                                    slot.fetch_and(!D);
+                                }
                             }
                             DirtyLog::WriteFault => {
                                 slot.update(|e| (e | LOGGED) & !RW);
@@ -819,23 +827,22 @@ impl<F: Frames> Npt<F> {
                     }
                     if leaf {
                         let dirty = match mode {
-                            DirtyLog::DirtyBits if covered => {
-                                let old = slot.update(|e| e & !D);
-                                if old & D != 0 {
-                                    *flush = Flush::EveryCpu;
-                                }
-                                old & D != 0
+                            // A clean entry is only read: a D the processor sets after this
+                            // load stays for the next harvest. A dirty one is cleared with
+                            // fetch_and, which keeps whatever else the processor changed.
+                            DirtyLog::DirtyBits if covered && e & D != 0 => {
+                                slot.fetch_and(!D);
+                                *flush = Flush::EveryCpu;
+                                true
                             }
                             // Clearing D would lose the part outside the range.
                             DirtyLog::DirtyBits => e & D != 0,
-                            DirtyLog::WriteFault => {
-                                let armed = |e: u64| e & (LOGGED | RW) == LOGGED | RW;
-                                let old = slot.update(|e| if armed(e) { e & !RW } else { e });
-                                if armed(old) {
-                                    *flush = Flush::EveryCpu;
-                                }
-                                armed(old)
+                            DirtyLog::WriteFault if e & (LOGGED | RW) == LOGGED | RW => {
+                                slot.fetch_and(!RW);
+                                *flush = Flush::EveryCpu;
+                                true
                             }
+                            DirtyLog::WriteFault => false,
                         };
                         if dirty {
                             let mut page = lo;
