@@ -101,6 +101,45 @@ impl<'a> FramePool<'a> {
         }
     }
 
+    /// A pool over `[pa, pa + len)` (mapped at `va`) that keeps its own bitmap in the first
+    /// frames of that region, sized for `capacity` bytes of frames in all (this region and
+    /// those added later). For the hv: its work area, with room for the store's chunks.
+    ///
+    /// # Safety
+    /// As for [`Self::add_region`], for the whole of `[pa, pa + len)`, for `'a`.
+    pub unsafe fn in_place(
+        pa: Hpa,
+        va: u64,
+        len: u64,
+        capacity: u64,
+    ) -> Result<FramePool<'a>, FrameError> {
+        for a in [pa.0, va, len] {
+            if !a.is_multiple_of(SIZE_4K) {
+                return Err(FrameError::Unaligned(a));
+            }
+        }
+        // Each region may waste up to 63 bits to start on a word.
+        let words = Self::words_for(capacity) + MAX_REGIONS;
+        let bitmap_bytes = (words as u64 * 8).next_multiple_of(SIZE_4K);
+        if bitmap_bytes >= len {
+            return Err(FrameError::OutOfFrames);
+        }
+        // SAFETY: the first `bitmap_bytes` of the region are ours alone for 'a (the caller's
+        // promise), mapped read-write at `va`, page aligned hence aligned for u64; the pool
+        // hands out only frames after them.
+        let bitmap = unsafe { core::slice::from_raw_parts_mut(va as *mut u64, words) };
+        let mut pool = FramePool::new(bitmap);
+        // SAFETY: the rest of the region, under the caller's promise.
+        unsafe {
+            pool.add_region(
+                Hpa(pa.0 + bitmap_bytes),
+                va + bitmap_bytes,
+                len - bitmap_bytes,
+            )?
+        };
+        Ok(pool)
+    }
+
     /// Adds `[pa, pa + len)`, mapped at `va`, as free frames.
     ///
     /// # Safety
@@ -431,6 +470,30 @@ pub(crate) mod tests {
         );
         assert_eq!(pool.free_frames(), 5);
         let _ = f1;
+    }
+
+    #[test]
+    fn a_pool_in_place_keeps_its_bitmap_in_its_first_frames() {
+        let mut work = Memory::new(0x100_0000, 32);
+        let mut chunk = Memory::new(0x4000_0000, 16);
+        let va = work.pages.as_mut_ptr() as u64;
+        // Room for 65 regions of 4 MiB: 1040 words, and 65 for word alignment: 3 frames.
+        // SAFETY: `work` is ours, aligned, and outlives the pool; nothing else touches it.
+        let mut pool =
+            unsafe { FramePool::in_place(Hpa(0x100_0000), va, 32 * SIZE_4K, (4 << 20) * 65) }
+                .unwrap();
+        assert_eq!((pool.total(), pool.free_frames()), (29, 29));
+        chunk.lend(&mut pool).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        while let Ok(pa) = pool.alloc() {
+            assert!(pa.0 >= 0x100_3000, "a bitmap frame was handed out");
+            seen.insert(pa);
+        }
+        assert_eq!(seen.len(), 29 + 16);
+        // A bitmap that would not leave a single frame is refused.
+        // SAFETY: as above (nothing is written when it is refused).
+        let refused = unsafe { FramePool::in_place(Hpa(0x100_0000), va, SIZE_4K, 1 << 30) };
+        assert_eq!(refused.err(), Some(FrameError::OutOfFrames));
     }
 
     #[test]

@@ -1464,6 +1464,13 @@ mod tests {
     }
 
     #[test]
+    fn tables_over_a_pool_can_live_in_a_lock_shared_by_cpus() {
+        fn shareable<T: Send>() {}
+        shareable::<Npt<FramePool<'static>>>();
+        shareable::<spin::Mutex<Npt<FramePool<'static>>>>();
+    }
+
+    #[test]
     fn the_tlb_generation_moves_only_when_rights_were_removed() {
         let gen = TlbGeneration::new();
         let mut seen = gen.current();

@@ -73,9 +73,15 @@ unsafe impl<F: Frames + ?Sized> Frames for &mut F {
     }
 }
 
-/// Out of frames while building.
+/// Why a builder stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OutOfFrames;
+pub enum BuildError {
+    /// The frame source had no frame left for a table.
+    OutOfFrames,
+    /// A large page maps the address where a smaller mapping was asked for: these builders
+    /// do not split (the nested tables' [`crate::npt::Npt`] does).
+    LargePageInTheWay { va: u64 },
+}
 
 /// Index of `va` in the table at `level` (4 = PML4 ... 1 = PT).
 const fn index(va: u64, level: u32) -> usize {
@@ -83,14 +89,15 @@ const fn index(va: u64, level: u32) -> usize {
 }
 
 /// The entry for `va` at `level`, creating the tables above it with `table_flags`.
-/// Fails if a large page is in the way.
+/// Fails if a large page is in the way (these builders make the hv's own tables, which are
+/// built once; [`crate::npt::Npt`] splits on demand).
 fn entry<F: Frames>(
     frames: &mut F,
     root: u64,
     va: u64,
     level: u32,
     table_flags: u64,
-) -> Result<*mut u64, OutOfFrames> {
+) -> Result<*mut u64, BuildError> {
     let mut table = root;
     let mut l = 4;
     loop {
@@ -103,11 +110,11 @@ fn entry<F: Frames>(
         let e = unsafe { slot.read() };
         if e & P != 0 {
             if e & PS != 0 {
-                return Err(OutOfFrames);
+                return Err(BuildError::LargePageInTheWay { va });
             }
             table = e & ADDR_MASK;
         } else {
-            let new = frames.alloc().ok_or(OutOfFrames)?;
+            let new = frames.alloc().ok_or(BuildError::OutOfFrames)?;
             // SAFETY: as above; the slot is ours to write while building.
             unsafe { slot.write(new | table_flags) };
             table = new;
@@ -126,7 +133,7 @@ pub fn identity_map_with_hole<F: Frames>(
     hole: core::ops::Range<u64>,
     leaf: u64,
     table_flags: u64,
-) -> Result<(), OutOfFrames> {
+) -> Result<(), BuildError> {
     let overlaps = |start: u64, size: u64| start < hole.end && hole.start < start + size;
     let mut gib = 0;
     while gib < limit {
@@ -168,7 +175,7 @@ pub fn map_4k<F: Frames>(
     len: u64,
     leaf: u64,
     table_flags: u64,
-) -> Result<(), OutOfFrames> {
+) -> Result<(), BuildError> {
     let mut off = 0;
     while off < len {
         let e = entry(frames, root, va + off, 1, table_flags)?;
@@ -328,6 +335,17 @@ mod tests {
         // SAFETY: the leaf points into the arena's live table.
         assert_eq!(unsafe { leaf.read() }, 0x8000_1000 | P | RW);
         assert!(leaf_4k(&a, root, 0).is_none());
+    }
+
+    #[test]
+    fn a_large_page_in_the_way_is_not_called_out_of_frames() {
+        let mut a = Arena::new(0x10_0000);
+        let root = a.alloc().unwrap();
+        identity_map_with_hole(&mut a, root, SIZE_1G, 0..0, P | RW, P | RW).unwrap();
+        assert_eq!(
+            map_4k(&mut a, root, 0x20_0000, 0, SIZE_4K, P | RW, P | RW),
+            Err(BuildError::LargePageInTheWay { va: 0x20_0000 })
+        );
     }
 
     #[test]
