@@ -241,9 +241,12 @@ impl<'a> FramePool<'a> {
             if w != 0 {
                 let bit = self.hint as u64 * 64 + w.trailing_zeros() as u64;
                 self.bitmap[self.hint] = w & (w - 1);
+                // Set bits exist only inside regions (see `add_region`); a stray one would
+                // simply be dropped.
+                let Some(r) = self.region_of_bit(bit) else {
+                    continue;
+                };
                 self.free -= 1;
-                // Set bits exist only inside regions (see `add_region`).
-                let r = self.region_of_bit(bit).ok_or(FrameError::OutOfFrames)?;
                 let pa = self.regions[r].pa + (bit - self.regions[r].first_bit) * SIZE_4K;
                 self.zero(r, pa, 1);
                 return Ok(Hpa(pa));
