@@ -125,6 +125,43 @@ QS_ASSERT(__builtin_offsetof(struct qs_init_args, _reserved) == 68);
  */
 #define QS_STORE_CHUNK_SIZE 0x400000ull
 
+/* ---- freeze (proto/src/abi.rs) ---- */
+
+/* `Op::Freeze`'s argument and answer: every CPU stopped for `ms` milliseconds. */
+struct qs_freeze {
+	/* Out: the hv's `Status` (the hypercall's RAX; the agent copies it here for qsctl). */
+	__s64 status;
+	/* In: how long every CPU stays stopped, at most `FREEZE_MAX_MS`. */
+	__u32 ms;
+	/* In: `FREEZE_CHECK` or 0. */
+	__u32 flags;
+	/* Out: CPUs that were stopped. */
+	__u32 cpus;
+	/* Out: CPUs whose state came back identical (with `FREEZE_CHECK`). */
+	__u32 identical;
+	/* Out: microseconds from the request to every CPU stopped. */
+	__u64 gather_us;
+	/* Out: microseconds every CPU was held. */
+	__u64 held_us;
+	/* Out: bit n set if CPU n's state came back different. */
+	__u64 differing_cpus;
+	/* Out: what differed on the first such CPU (comma-separated names, NUL-padded). */
+	__u8 what[32];
+};
+QS_ASSERT(sizeof(struct qs_freeze) == 80);
+QS_ASSERT(__builtin_offsetof(struct qs_freeze, status) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_freeze, ms) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_freeze, flags) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_freeze, cpus) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_freeze, identical) == 20);
+QS_ASSERT(__builtin_offsetof(struct qs_freeze, gather_us) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_freeze, held_us) == 32);
+QS_ASSERT(__builtin_offsetof(struct qs_freeze, differing_cpus) == 40);
+QS_ASSERT(__builtin_offsetof(struct qs_freeze, what) == 48);
+
+#define QS_FREEZE_CHECK 1
+#define QS_FREEZE_MAX_MS 10000
+
 /* ---- hypercalls and CPUID (proto/src/abi.rs) ---- */
 
 #define QS_HYPERCALL_MAGIC 0x5153000000000000ull
@@ -147,6 +184,11 @@ QS_ASSERT(__builtin_offsetof(struct qs_init_args, _reserved) == 68);
  * steps every CPU out without the agent). Returns the count.
  */
 #define QS_OP_ACTIVE_CPUS 5
+/*
+ * Stop every CPU for a while, then resume them (hypercall only): buffer = a
+ * `FreezeArgs` (guest-physical address, length), answered in place.
+ */
+#define QS_OP_FREEZE 6
 
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 #define QS_CPUID_INFO_LEAF 0x40000001u
@@ -187,6 +229,12 @@ enum qs_status {
 	QS_NOT_INITIALIZED = 13,
 	/* The kernel runs 5-level paging, which the hv does not support yet. */
 	QS_LA57_UNSUPPORTED = 14,
+	/* A debugger holds the CPUs (a gdb session is attached). */
+	QS_BUSY = 15,
+	/* More store chunks than the hv takes. */
+	QS_STORE_TOO_LARGE = 17,
+	/* The CPU's XSAVE state is larger than the hv keeps per CPU. */
+	QS_XSAVE_TOO_LARGE = 16,
 };
 
 /* What went wrong and what to do about it: Status::message() in Rust. */
@@ -206,6 +254,9 @@ static const char *const qs_status_text[] = {
 	[QS_BUFFER_TOO_SMALL] = "the buffer is too small for the hv's answer: pass a larger one",
 	[QS_NOT_INITIALIZED] = "the hv image is not initialized (its init failed or never ran): reload the module and read its log",
 	[QS_LA57_UNSUPPORTED] = "the kernel runs 5-level paging, which the hv does not support yet: boot it with no5lvl",
+	[QS_BUSY] = "a gdb session is attached to the hv: detach gdb first, then try again",
+	[QS_STORE_TOO_LARGE] = "the store is larger than this hv takes (64 chunks of 4 MiB, 256 MiB): load the agent with a smaller store_mem=",
+	[QS_XSAVE_TOO_LARGE] = "this CPU's XSAVE state (CPUID 0xD) is larger than the hv keeps per CPU: please report it; the hv needs a larger XSAVE_AREA_SIZE",
 };
 
 #define QS_UNKNOWN_STATUS "the hv returned an unknown status: the hv image and the agent come from different trees; rebuild both with cargo xtask build"
@@ -319,5 +370,8 @@ QS_ASSERT(QS_IOC_PEEK_PHYS == 0xc0105107u);
 /* What the agent gave the hv besides its block (the store). */
 #define QS_IOC_AGENT_INFO _IOR(QS_IOC_MAGIC, 8, struct qs_agent_info)
 QS_ASSERT(QS_IOC_AGENT_INFO == 0x80105108u);
+/* Every CPU stopped for a while, then resumed (`qsctl freeze`); the hv must be active. */
+#define QS_IOC_FREEZE _IOWR(QS_IOC_MAGIC, 9, struct qs_freeze)
+QS_ASSERT(QS_IOC_FREEZE == 0xc0505109u);
 
 #endif /* QS_ABI_H */

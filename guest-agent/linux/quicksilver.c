@@ -854,6 +854,36 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 		}
 		break;
 	}
+	case QS_IOC_FREEZE: {
+		/* The hv answers in this buffer by physical address, after every CPU ran again. */
+		struct qs_freeze *fz = kzalloc(sizeof(*fz), GFP_KERNEL);
+		long st;
+
+		if (!fz) {
+			ret = -ENOMEM;
+			break;
+		}
+		if (copy_from_user(fz, uarg, sizeof(*fz))) {
+			kfree(fz);
+			ret = -EFAULT;
+			break;
+		}
+		if (!qs_active) {
+			fz->status = QS_NOT_ACTIVE;
+		} else {
+			preempt_disable();
+			st = qs_hypercall(QS_OP_FREEZE, virt_to_phys(fz), sizeof(*fz));
+			preempt_enable();
+			if (st == -EFAULT)
+				st = QS_NOT_ACTIVE;
+			if (st != QS_OK)
+				fz->status = st;
+		}
+		if (copy_to_user(uarg, fz, sizeof(*fz)))
+			ret = -EFAULT;
+		kfree(fz);
+		break;
+	}
 	case QS_IOC_AGENT_INFO: {
 		struct qs_agent_info info = {
 			.store_bytes = qs_store.count * QS_STORE_CHUNK_SIZE,

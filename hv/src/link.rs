@@ -4,45 +4,25 @@
 //! polled port I/O, which works the same in the kernel's context and in host mode.
 
 use crate::arch::instr;
-use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, Ordering::*};
+use core::sync::atomic::{AtomicU64, Ordering::*};
+use spin::Mutex;
 use quicksilver_proto::abi::Status;
 use quicksilver_proto::link::auth;
 use quicksilver_proto::link::control::Message;
 use quicksilver_proto::link::endpoint::{Endpoint, Event, State};
 use quicksilver_proto::link::{Channel, MAX_PAYLOAD};
+use quicksilver_proto::stats::StatsHeader;
 
 struct Link {
     port: u16,
     endpoint: Endpoint,
 }
 
-struct Locked {
-    busy: AtomicBool,
-    link: UnsafeCell<Option<Link>>,
-}
+static LINK: Mutex<Option<Link>> = Mutex::new(None);
 
-// SAFETY: `link` is only accessed while `busy` is held (see `with`).
-unsafe impl Sync for Locked {}
-
-static LINK: Locked = Locked {
-    busy: AtomicBool::new(false),
-    link: UnsafeCell::new(None),
-};
-
-fn with<R>(f: impl FnOnce(&mut Option<Link>) -> R) -> R {
-    while LINK
-        .busy
-        .compare_exchange(false, true, Acquire, Relaxed)
-        .is_err()
-    {
-        core::hint::spin_loop();
-    }
-    // SAFETY: the lock above gives exclusive access until the store below.
-    let r = f(unsafe { &mut *LINK.link.get() });
-    LINK.busy.store(false, Release);
-    r
-}
+/// Frames an authenticated bridge sent that nothing in the hv consumes yet (bulk data, control
+/// messages other than attention): counted, for `qsctl stats`, then dropped.
+static UNROUTED: AtomicU64 = AtomicU64::new(0);
 
 /// Writes bytes to the 16550A UART at `port`, polling its transmitter (bounded, so that a
 /// dead UART cannot hang the caller). With the FIFO on (the agent sets it up), TEMT means the
@@ -93,26 +73,22 @@ fn nonce() -> [u8; auth::LEN] {
     out
 }
 
-/// The link's counters for the statistics block: (state, dropped, wrong keys,
-/// unauthenticated requests); state 0 = off, 1 = configured, 2 = a bridge is authenticated.
-pub fn counters() -> [u64; 4] {
-    with(|l| match l {
-        None => [0; 4],
-        Some(link) => {
-            let e = &link.endpoint;
-            let state = if e.state() == State::Authenticated {
-                2
-            } else {
-                1
-            };
-            [
-                state,
-                e.drops().total(),
-                e.counters.wrong_key,
-                e.counters.unauthenticated,
-            ]
-        }
-    })
+/// The link's part of the statistics block.
+pub fn write_stats(h: &mut StatsHeader) {
+    h.link_unrouted = UNROUTED.load(Relaxed);
+    let Some(link) = &*LINK.lock() else {
+        return;
+    };
+    let e = &link.endpoint;
+    // 1 = configured, 2 = a bridge is authenticated (0, off, is the header's default).
+    h.link_state = if e.state() == State::Authenticated {
+        2
+    } else {
+        1
+    };
+    h.link_dropped = e.drops().total();
+    h.link_wrong_keys = e.counters.wrong_key;
+    h.link_unauthenticated = e.counters.unauthenticated;
 }
 
 /// `LinkConfig`: port (u16 LE), then the key.
@@ -124,27 +100,26 @@ pub fn configure(buf: &[u8]) -> Status {
     if port == 0 {
         return Status::BadArgument;
     }
-    with(|l| {
-        *l = Some(Link {
-            port,
-            endpoint: Endpoint::new(key),
-        })
+    *LINK.lock() = Some(Link {
+        port,
+        endpoint: Endpoint::new(key),
     });
     Status::Ok
 }
 
-/// `LinkRx`: feeds received bytes (from the agent's interrupt handler). An attention request
-/// arriving in a hypercall (`in_guest`) stops every CPU when that hypercall completes;
-/// arriving by a direct call (this CPU is native: dormant, or a detach is stepping the CPUs
-/// out) it returns 1, and the agent activates if needed and makes the hypercall that stops
-/// them. gdb's bytes go to the debugger.
+/// `LinkRx`: feeds received bytes (from the agent's interrupt handler), then routes what they
+/// made to its consumer. An attention request arriving in a hypercall (`in_guest`) stops every
+/// CPU when that hypercall completes; arriving by a direct call (this CPU is native: dormant,
+/// or a detach is stepping the CPUs out) it returns 1, and the agent activates if needed and
+/// makes the hypercall that stops them.
 pub fn receive(bytes: &[u8], in_guest: bool) -> i64 {
     let mut gdb = [0u8; 2 * MAX_PAYLOAD];
     let mut gdb_len = 0;
     let mut attention = false;
-    let status = with(|l| {
-        let Some(link) = l.as_mut() else {
-            return Err(Status::NotInitialized);
+    {
+        let mut guard = LINK.lock();
+        let Some(link) = guard.as_mut() else {
+            return Status::NotInitialized as i64;
         };
         let port = link.port;
         for &b in bytes {
@@ -156,80 +131,86 @@ pub fn receive(bytes: &[u8], in_guest: bool) -> i64 {
                     gdb[gdb_len..gdb_len + n].copy_from_slice(&p[..n]);
                     gdb_len += n;
                 }
+                Some(Event::Control(_) | Event::Bulk(_)) => unrouted(),
                 None => {}
             }
         }
-        Ok(())
-    });
-    if let Err(s) = status {
-        return s as i64;
     }
     // The link lock is released: the debugger may answer through it.
-    if gdb_len > 0 {
-        crate::debug::session::gdb_input(&gdb[..gdb_len]);
-    }
+    route(&Routed::Gdb(&gdb[..gdb_len]));
     if attention {
-        crate::debug::session::request_attach();
+        route(&Routed::Attention);
     }
     (attention && !in_guest) as i64
 }
 
-/// What [`poll`] found on the link.
-pub enum Polled {
-    Nothing,
+/// What the link delivers to the hv's clients.
+pub enum Routed<'a> {
+    /// An authenticated bridge asks for the debugger.
     Attention,
-    /// gdb's bytes, this many at the start of the caller's buffer.
-    Gdb(usize),
+    /// Bytes of gdb's remote protocol.
+    Gdb(&'a [u8]),
+}
+
+/// The one place that knows which client consumes which channel (bulk and other control
+/// messages have no consumer yet: `unrouted`).
+fn route(r: &Routed<'_>) {
+    match r {
+        Routed::Attention => crate::debug::session::request_attach(),
+        Routed::Gdb([]) => {}
+        Routed::Gdb(bytes) => crate::debug::session::gdb_input(bytes),
+    }
+}
+
+fn unrouted() {
+    UNROUTED.fetch_add(1, Relaxed);
 }
 
 /// Reads the UART directly (host mode, CPUs parked: no interrupt handler runs) until it has
-/// no more bytes or one event is complete.
-pub fn poll(out: &mut [u8; MAX_PAYLOAD]) -> Polled {
-    with(|l| {
-        let Some(link) = l.as_mut() else {
-            return Polled::Nothing;
-        };
-        let port = link.port;
-        // SAFETY: the link UART's line status register (bit 0: data ready) and receive
-        // buffer; the agent handed the port to the hv, and no interrupt handler runs now.
-        while unsafe { instr::inb(port + 5) } & 1 != 0 {
-            // SAFETY: as above.
-            let b = unsafe { instr::inb(port) };
-            let mut tx = |w: &[u8]| uart_write(port, w);
-            match link.endpoint.push(b, &mut nonce, &mut tx) {
-                Some(Event::Attention) => return Polled::Attention,
-                Some(Event::Gdb(p)) => {
-                    out[..p.len()].copy_from_slice(p);
-                    return Polled::Gdb(p.len());
-                }
-                None => {}
+/// no more bytes or one event for the stopped machine's client (the debugger, which polls) is
+/// complete: gdb's bytes into `out`, or an attention request.
+pub fn poll(out: &mut [u8; MAX_PAYLOAD]) -> Option<Routed<'_>> {
+    let mut guard = LINK.lock();
+    let link = guard.as_mut()?;
+    let port = link.port;
+    // SAFETY: the link UART's line status register (bit 0: data ready) and receive buffer;
+    // the agent handed the port to the hv, and no interrupt handler runs now.
+    while unsafe { instr::inb(port + 5) } & 1 != 0 {
+        // SAFETY: as above.
+        let b = unsafe { instr::inb(port) };
+        let mut tx = |w: &[u8]| uart_write(port, w);
+        match link.endpoint.push(b, &mut nonce, &mut tx) {
+            Some(Event::Attention) => return Some(Routed::Attention),
+            Some(Event::Gdb(p)) => {
+                let n = p.len();
+                out[..n].copy_from_slice(p);
+                drop(guard);
+                return Some(Routed::Gdb(&out[..n]));
             }
+            Some(Event::Control(_) | Event::Bulk(_)) => unrouted(),
+            None => {}
         }
-        Polled::Nothing
-    })
+    }
+    None
 }
 
 /// Sends `bytes` on `channel` (only to an authenticated bridge).
 pub fn send(channel: Channel, bytes: &[u8]) {
-    with(|l| {
-        if let Some(link) = l.as_mut() {
-            if link.endpoint.state() == State::Authenticated {
-                let port = link.port;
-                link.endpoint
-                    .send(channel, bytes, &mut |w| uart_write(port, w));
-            }
+    if let Some(link) = LINK.lock().as_mut() {
+        if link.endpoint.state() == State::Authenticated {
+            let port = link.port;
+            link.endpoint
+                .send(channel, bytes, &mut |w| uart_write(port, w));
         }
-    })
+    }
 }
 
 /// Sends a control message (only to an authenticated bridge).
 pub fn send_control(m: Message) {
-    with(|l| {
-        if let Some(link) = l.as_mut() {
-            if link.endpoint.state() == State::Authenticated {
-                let port = link.port;
-                link.endpoint.send_control(m, &mut |w| uart_write(port, w));
-            }
+    if let Some(link) = LINK.lock().as_mut() {
+        if link.endpoint.state() == State::Authenticated {
+            let port = link.port;
+            link.endpoint.send_control(m, &mut |w| uart_write(port, w));
         }
-    })
+    }
 }

@@ -38,7 +38,7 @@ static QS_HEADER: ImageHeader = ImageHeader {
     entry_activate: 0,
     entry_control: 0,
     mem_fixed: vmm::FIXED_PAGES * image::PAGE_SIZE,
-    mem_per_cpu: vmm::mem_per_cpu(),
+    mem_per_cpu: quicksilver_hv::vcpu::mem_per_cpu(),
     // One page-directory-pointer page for each of the two tables per 512 GiB.
     mem_per_gib: 16,
     max_cpus: vmm::MAX_CPUS,

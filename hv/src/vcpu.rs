@@ -1,80 +1,126 @@
-//! One CPU's life under the hv: activation, the run loop, stepping out.
+//! One CPU's life under the hv: its area in the hv's memory, activation, the run loop, stopping
+//! with the others, and stepping out.
 //!
 //! `activate` runs on the kernel's stack and address space in the agent's IPI on that CPU; it
 //! captures the CPU's live state so that the guest continues as if `qs_entry_activate` had
 //! just returned 0, then enters host mode (`qs_enter_host`) where `host_main` runs the guest
 //! until a hypercall or an unexpected exit sends this CPU back to native execution.
+//!
+//! A CPU's area has three parts, by who may touch them:
+//! - `private` (the vendor's vCPU, the run loop's bookkeeping): this CPU only;
+//! - `shared` (in guest mode, APIC ID, counters): every CPU, through atomics;
+//! - `stopped` (the CPU's whole state as captured when it parked, its clients' per-CPU data):
+//!   this CPU while it runs, the rendezvous leader (through [`Parked`]) while it is parked.
 
-use crate::arch::instr;
-use crate::arch::svm::{self, vmcb, EntryFrame, GuestRegs, NativeState, Vmcb, VmcbSetup};
-use crate::debug;
+use crate::arch::context::{EntryFrame, NativeState};
+use crate::arch::{self, instr, Vcpu, VirtCpu, VmExit, VmcbSetup};
+use crate::cpu_state::CpuState;
 use crate::decode::{self, Insn};
-use crate::exit::{self, Action, GuestCpu};
-use crate::vmm::{self, COUNTERS};
+use crate::exit::{self, npf, Action, Stop, Then};
+use crate::rendezvous::{ClientId, Gathered, Platform, Release, Rendezvous};
+use crate::vmm::{self, Hv, COUNTERS};
+use crate::{debug, freeze};
+use core::cell::UnsafeCell;
 use core::fmt::Write;
-use core::sync::atomic::Ordering::*;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use quicksilver_proto::abi::{Op, Status};
-use quicksilver_proto::stats::CpuStats;
+use quicksilver_proto::stats::{CpuStats, ExitKind, EXIT_KINDS};
+
+// The world switch, wired to the entry points this module owns.
+core::arch::global_asm!(
+    include_str!("arch/svm/world_switch.S"),
+    activate = sym activate,
+    host_main = sym host_main,
+    host_exception = sym host_exception,
+);
 
 /// Bytes of host stack per CPU.
-pub const STACK_SIZE: usize = 36 * 1024;
+pub const STACK_SIZE: usize = 32 * 1024;
 
-/// A CPU's private state; lives in the third page of its [`Cpu`] area.
-#[repr(C, align(4096))]
-pub struct CpuState {
+/// What every CPU may read of a CPU: atomics only.
+pub struct Shared {
     index: u32,
-    /// In guest mode now (written by this CPU only).
-    active: bool,
-    /// The next exit is the first of this activation.
-    first_run: bool,
-    vmcb_pa: u64,
-    host_save_pa: u64,
-    pub(crate) regs: GuestRegs,
-    /// Native state at activation, returned to if the first VMRUN fails.
-    entry_state: NativeState,
-    /// TSC when `activate` was entered and when the last exit arrived.
-    tsc_entry: u64,
-    tsc_exit: u64,
-    stats: CpuStats,
-    /// The debugger's view of this CPU.
-    pub dbg: crate::debug::PerCpu,
+    /// In guest mode now (written by this CPU).
+    active: AtomicBool,
+    /// Activated at least once.
+    seen: AtomicBool,
+    /// Its local APIC ID, for the rendezvous' NMIs (written at activation).
+    apic_id: AtomicU32,
+    exits: [AtomicU64; EXIT_KINDS],
+    cycles_in_hv: AtomicU64,
+    last_activate_cycles: AtomicU64,
+    last_deactivate_cycles: AtomicU64,
 }
 
-impl CpuState {
+impl Shared {
     pub fn index(&self) -> u32 {
         self.index
     }
 
-    /// In guest mode (read by other CPUs: a volatile read of a flag its CPU writes).
     pub fn is_active(&self) -> bool {
-        // SAFETY: a valid, aligned bool field.
-        unsafe { core::ptr::read_volatile(&self.active) }
+        self.active.load(Acquire)
     }
 
-    /// A copy of this CPU's counters (they are only written by their CPU; torn reads of a
-    /// counter being incremented cannot happen for aligned u64 on x86-64).
-    pub fn stats_snapshot(&self) -> CpuStats {
-        // SAFETY: `stats` and `active` are valid, aligned fields; volatile reads keep the
-        // compiler from assuming no other CPU writes them.
-        unsafe {
-            let mut s = core::ptr::read_volatile(&self.stats);
-            s.active = core::ptr::read_volatile(&self.active) as u32;
-            s
+    pub fn apic_id(&self) -> u32 {
+        self.apic_id.load(Relaxed)
+    }
+
+    /// A copy of this CPU's counters (each written by its CPU only; relaxed loads suffice
+    /// for statistics).
+    pub fn stats(&self) -> CpuStats {
+        CpuStats {
+            exits: core::array::from_fn(|k| self.exits[k].load(Relaxed)),
+            cycles_in_hv: self.cycles_in_hv.load(Relaxed),
+            last_activate_cycles: self.last_activate_cycles.load(Relaxed),
+            last_deactivate_cycles: self.last_deactivate_cycles.load(Relaxed),
+            active: self.is_active() as u32,
+            seen: self.seen.load(Relaxed) as u32,
         }
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        // Only this CPU writes its counters: a load and a store, no locked RMW on the hot path.
+        counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
     }
 }
 
-/// A CPU's area in the hv's memory: VMCB, host save area, state, stack (48 KiB).
+/// What only this CPU's run loop touches.
+struct Private {
+    vcpu: Vcpu,
+    /// The next exit is the first of this activation.
+    first_run: bool,
+    /// TSC when `activate` was entered and when the last exit arrived.
+    tsc_entry: u64,
+    tsc_exit: u64,
+    /// Native state at activation, returned to if the first VMRUN fails.
+    entry_state: NativeState,
+    /// The nested tables' TLB generation this CPU's guest translations are from.
+    npt_seen: u64,
+}
+
+/// A CPU's state as captured when it parked, and its clients' per-CPU data.
+#[repr(C)]
+pub struct Stopped {
+    pub state: CpuState,
+    /// Parts of `state` a client changed (`arch::parts`): written back before the CPU runs.
+    pub dirty: u8,
+    pub dbg: debug::PerCpu,
+}
+
+/// A CPU's area in the hv's memory.
 #[repr(C, align(4096))]
 pub struct Cpu {
-    pub(crate) vmcb: Vmcb,
-    host_save: [u8; 4096],
-    pub state: CpuState,
+    private: UnsafeCell<Private>,
+    pub shared: Shared,
+    stopped: UnsafeCell<Stopped>,
     stack: [u8; STACK_SIZE],
 }
 
-const _: () = assert!(core::mem::size_of::<CpuState>() == 4096);
-const _: () = assert!(core::mem::size_of::<Cpu>() == 48 * 1024);
+// SAFETY: `private` is touched by its own CPU only, `stopped` by its own CPU or the leader of
+// a stop while the CPU is parked (see `Parked`), `shared` is atomics.
+unsafe impl Sync for Cpu {}
+
+const _: () = assert!(core::mem::size_of::<Cpu>() <= 56 * 1024);
 
 impl Cpu {
     /// Prepares the area at `cpu` (physical address `pa`) for CPU `index`.
@@ -83,13 +129,13 @@ impl Cpu {
     /// `cpu` must point to an unused, page-aligned area of `size_of::<Cpu>()` bytes of the hv's
     /// memory, at physical address `pa`.
     pub unsafe fn init_in_place(cpu: *mut Cpu, index: u32, pa: u64) {
-        // SAFETY: forwarded; an all-zero Cpu is valid (plain integers and bools).
+        // SAFETY: forwarded; an all-zero Cpu is valid (integers, bools, atomics, and the
+        // vCPU, which `init_in_place` sets up from zero). `private` is the area's first field.
         unsafe {
             core::ptr::write_bytes(cpu, 0, 1);
-            let s = &mut (*cpu).state;
-            s.index = index;
-            s.vmcb_pa = pa;
-            s.host_save_pa = pa + 4096;
+            Vcpu::init_in_place(core::ptr::addr_of_mut!((*(*cpu).private.get()).vcpu), pa);
+            core::ptr::addr_of_mut!((*cpu).shared.index).write(index);
+            (*(*cpu).stopped.get()).dbg = debug::PerCpu::new();
         }
     }
 
@@ -106,12 +152,10 @@ pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
     let Some(hv) = vmm::get() else {
         return Status::NotInitialized as i64;
     };
-    if index >= hv.cpus {
+    let Some(cpu) = hv.cpu(index) else {
         return Status::BadArgument as i64;
-    }
-    // SAFETY: index < cpus; this CPU is the only user of its own area.
-    let cpu = unsafe { &mut *hv.cpu(index) };
-    if cpu.state.active {
+    };
+    if cpu.shared.is_active() {
         return Status::AlreadyActive as i64;
     }
     // SAFETY: EFER exists on every x86-64 CPU.
@@ -125,67 +169,34 @@ pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
     let tsc_entry = instr::rdtsc();
     // SAFETY: `frame` is the frame qs_entry_activate pushed on this CPU, which is the one
     // being captured, still on the kernel's address space.
-    let native = unsafe { svm::capture_native(&*frame, Status::Ok as u64) };
+    let native = unsafe { arch::context::capture_native(&*frame, Status::Ok as u64) };
+    // SAFETY: this CPU's own private part; it is not active, so nothing else runs on it.
+    let p = unsafe { &mut *cpu.private.get() };
     let setup = VmcbSetup {
         msrpm_pa: hv.msrpm_pa,
         npt_root_pa: hv.npt_root_pa,
+        host_cr3: hv.host.cr3,
     };
-    // SAFETY: as above.
-    unsafe { svm::build_vmcb(&mut cpu.vmcb, &native, &setup) };
-    let s = &mut cpu.state;
-    s.regs = native.regs;
-    s.entry_state = native;
-    s.entry_state.rax = Status::VmrunFailed as i64 as u64;
-    s.tsc_entry = tsc_entry;
-    s.first_run = true;
-    s.active = true;
-    s.stats.seen = 1;
-    crate::debug::prepare_cpu(&mut s.dbg);
+    p.entry_state = native;
+    p.entry_state.rax = Status::VmrunFailed as i64 as u64;
+    p.tsc_entry = tsc_entry;
+    p.first_run = true;
+    // The first VMRUN flushes everything (`prepare`).
+    p.npt_seen = vmm::NPT_TLB.current();
+    cpu.shared.apic_id.store(arch::context::apic_id(), Relaxed);
+    cpu.shared.seen.store(true, Relaxed);
+    // SAFETY: this CPU's own stopped part: it is not parked (not even active).
+    debug::prepare_cpu(unsafe { &mut (*cpu.stopped.get()).dbg });
+    cpu.shared.active.store(true, Release);
     if COUNTERS.active_cpus.fetch_add(1, AcqRel) == 0 {
         COUNTERS.activations.fetch_add(1, Relaxed);
     }
-    // SAFETY: SVM is supported and not in use (checked in init and above); VM_HSAVE_PA is
-    // this CPU's own page. qs_enter_host switches to the hv's tables, which map this code
-    // and `cpu` at the same addresses, and never returns.
+    // SAFETY: on the CPU `native` was captured from, on the kernel's address space; SVM is
+    // supported (init) and not in use (checked above). qs_enter_host switches to the hv's
+    // tables, which map this code and `cpu` at the same addresses, and never returns.
     unsafe {
-        instr::wrmsr(instr::msr::EFER, efer | instr::EFER_SVME);
-        instr::wrmsr(instr::msr::VM_HSAVE_PA, s.host_save_pa);
-        svm::qs_enter_host(cpu, cpu.stack_top(), &hv.host)
-    }
-}
-
-/// The view of a CPU the exit handlers get.
-struct Guest<'a> {
-    hv: &'a vmm::Hv,
-    cpu: &'a mut Cpu,
-}
-
-impl GuestCpu for Guest<'_> {
-    fn index(&self) -> u32 {
-        self.cpu.state.index
-    }
-    fn set_cpuid_result(&mut self, r: [u32; 4]) {
-        self.cpu.vmcb.save.rax = r[0] as u64;
-        self.cpu.state.regs.rbx = r[1] as u64;
-        self.cpu.state.regs.rcx = r[2] as u64;
-        self.cpu.state.regs.rdx = r[3] as u64;
-    }
-    fn set_rax(&mut self, v: u64) {
-        self.cpu.vmcb.save.rax = v;
-    }
-    fn set_efer(&mut self, v: u64) {
-        self.cpu.vmcb.save.efer = v;
-    }
-    fn refuse_hv_access(&mut self, gpa: u64) -> bool {
-        let done = self.hv.map_to_scratch(gpa);
-        if done {
-            // The guest's TLB may hold the not-present walk; flush this ASID on re-entry.
-            self.cpu.vmcb.control.tlb_control = vmcb::tlb_control::FLUSH_GUEST;
-        }
-        done
-    }
-    fn control(&mut self, op: Op, buf_gpa: u64, len: u64) -> i64 {
-        self.hv.control_phys(op, buf_gpa, len)
+        p.vcpu.prepare(&native, &setup);
+        arch::svm::qs_enter_host(cpu as *const Cpu as *mut _, cpu.stack_top(), &hv.host)
     }
 }
 
@@ -193,116 +204,324 @@ impl GuestCpu for Guest<'_> {
 ///
 /// # Safety
 /// Only from `qs_enter_host`, with `cpu` this CPU's own area.
-pub unsafe extern "C" fn host_main(cpu: *mut Cpu) -> ! {
+pub unsafe extern "C" fn host_main(cpu: *mut core::ffi::c_void) -> ! {
     let Some(hv) = vmm::get() else {
         instr::halt_forever()
     };
-    let cpu_ptr = cpu;
-    // SAFETY: `cpu` is this CPU's own area, passed by `activate`; only this CPU uses it.
-    // The debugger's leader reads and writes it only while this CPU is parked (debug::stop).
-    let cpu = unsafe { &mut *cpu };
+    // SAFETY: `activate` passes this CPU's area, which lives as long as the image.
+    let cpu: &Cpu = unsafe { &*(cpu as *const Cpu) };
+    // SAFETY: the private part is this CPU's alone; no other CPU ever makes a reference to
+    // it (the leader of a stop works on `stopped`), so this one lives for the whole loop.
+    let p = unsafe { &mut *cpu.private.get() };
+    let env = HvEnv {
+        hv,
+        me: cpu.shared.index,
+    };
     loop {
-        if cpu.state.first_run {
-            cpu.state.stats.last_activate_cycles = instr::rdtsc() - cpu.state.tsc_entry;
+        if p.first_run {
+            let cycles = instr::rdtsc() - p.tsc_entry;
+            cpu.shared.last_activate_cycles.store(cycles, Relaxed);
         }
-        // SAFETY: the VMCB was built by `activate` and is updated only by this loop; VMRUN's
-        // consistency checks catch anything wrong, reported as VmrunFailed below.
-        unsafe { svm::qs_run_guest(&mut cpu.state.regs, cpu.state.vmcb_pa) };
+        if vmm::NPT_TLB.must_flush(&mut p.npt_seen) {
+            p.vcpu.flush_tlb();
+        }
+        // SAFETY: host mode on this CPU, after `prepare` in `activate`.
+        let exit = unsafe { p.vcpu.run() };
         let t = instr::rdtsc();
-        cpu.state.tsc_exit = t;
-        let first = core::mem::replace(&mut cpu.state.first_run, false);
-        let c = &mut cpu.vmcb.control;
-        c.tlb_control = vmcb::tlb_control::DO_NOTHING;
-        c.event_inj = 0;
-
-        if cpu.vmcb.save.cr3 == hv.host.cr3 {
-            // The save area holds the hv's own state (its CR3, CS, RIP after VMRUN), not the
-            // guest's: the kernel's state on this CPU is gone. Stock QEMU's TCG does this to
-            // CPU 0 now and then (another vCPU's FPU load stores back a stale copy of CPU 0's
-            // SVM flags: xtask/src/emulator.rs); never VMRUN it (that "guest" would run the
-            // hv's code under nested paging and triple-fault).
-            lost_guest_state(cpu)
+        p.tsc_exit = t;
+        let first = core::mem::replace(&mut p.first_run, false);
+        Shared::add(&cpu.shared.exits[exit.kind() as usize], 1);
+        match exit {
+            VmExit::LostGuestState => lost_guest_state(cpu, &p.vcpu),
+            VmExit::VmrunFailed => {
+                COUNTERS.unexpected_exit(p.vcpu.exit_record(env.me));
+                if first {
+                    // The VMCB may now hold host state (FACTS.md); the captured entry state
+                    // is the one to return to, with RAX = VmrunFailed.
+                    let native = p.entry_state;
+                    step_out(hv, cpu, p, &native);
+                }
+                fatal(env.me, "VMRUN failed after the guest ran", &p.vcpu);
+            }
+            // An event these exits interrupted is delivered again, unless the handler
+            // injects another.
+            VmExit::Nmi
+            | VmExit::SoftwareInterrupt
+            | VmExit::Breakpoint
+            | VmExit::DebugException { .. } => p.vcpu.reinject_interrupted(),
+            _ => {}
         }
-        let exit = svm::decode_exit(&cpu.vmcb, &cpu.state.regs);
-        cpu.state.stats.exits[exit.kind() as usize] += 1;
-        if exit == exit::VmExit::VmrunFailed {
-            COUNTERS.unexpected_exit(svm::exit_record(cpu.state.index, &cpu.vmcb));
-            if first {
-                // The VMCB may now hold host state (FACTS.md); the captured entry state is
-                // the one to return to, with RAX = VmrunFailed.
-                let native = cpu.state.entry_state;
-                step_out(hv, cpu, &native);
+        let action = match exit {
+            VmExit::SoftwareInterrupt | VmExit::Breakpoint | VmExit::DebugException { .. } => {
+                // SAFETY: this CPU's own stopped part, while it runs (not parked).
+                let st = unsafe { &mut *cpu.stopped.get() };
+                debug::exit::handle(hv, &mut p.vcpu, st, exit)
             }
-            fatal(
-                cpu.state.index,
-                "VMRUN failed after the guest ran",
-                &cpu.vmcb,
-            );
-        }
-        let action = exit::handle(exit, &mut Guest { hv, cpu: &mut *cpu }, &COUNTERS);
-        match action {
-            Action::Resume => reinject(&mut cpu.vmcb),
-            Action::Complete(insn) => {
-                if !skip(hv, cpu, insn) {
-                    unexpected(hv, cpu);
-                }
-                let hypercall = insn == Insn::Vmmcall;
-                // SAFETY: our own area; `cpu` is not used during the call.
-                let after = unsafe { debug::after_completed(hv, cpu_ptr, hypercall) };
-                if let debug::After::Leave = after {
-                    leave(hv, cpu);
-                }
-            }
-            Action::Debug(e) => {
-                reinject(&mut cpu.vmcb);
-                // SAFETY: as above.
-                match unsafe { debug::handle_exit(hv, cpu_ptr, e) } {
-                    debug::After::Run => {}
-                    debug::After::Leave => leave(hv, cpu),
-                    debug::After::Unexpected => unexpected(hv, cpu),
-                }
-            }
-            Action::Inject(e) => cpu.vmcb.control.event_inj = svm::encode_event(e),
-            Action::CompleteAndLeave => {
-                if !skip(hv, cpu, Insn::Vmmcall) {
-                    unexpected(hv, cpu);
-                }
-                let native = svm::native_from_guest(&cpu.vmcb, &cpu.state.regs);
-                step_out(hv, cpu, &native);
-            }
-            Action::Unexpected => unexpected(hv, cpu),
-            Action::Reset => reset(cpu),
-        }
-        cpu.state.stats.cycles_in_hv += instr::rdtsc() - t;
+            _ => exit::handle(exit, &mut p.vcpu, &env),
+        };
+        apply(hv, cpu, p, action);
+        Shared::add(&cpu.shared.cycles_in_hv, instr::rdtsc() - t);
     }
 }
 
-/// Steps out where the guest is (the debugger detached with the deactivate policy).
-fn leave(hv: &vmm::Hv, cpu: &mut Cpu) -> ! {
-    let native = svm::native_from_guest(&cpu.vmcb, &cpu.state.regs);
-    step_out(hv, cpu, &native)
+/// Carries out `action` until the guest can run again (or this CPU steps out).
+fn apply(hv: &'static Hv, cpu: &Cpu, p: &mut Private, mut action: Action) {
+    loop {
+        action = match action {
+            Action::Resume => {
+                p.vcpu.reinject_interrupted();
+                return;
+            }
+            Action::Run => return,
+            Action::Inject(e) => {
+                p.vcpu.inject(e);
+                return;
+            }
+            Action::Complete(insn, then) => {
+                if !skip(hv, &mut p.vcpu, insn) {
+                    unexpected(hv, cpu, p);
+                }
+                match then {
+                    Then::Leave => leave(hv, cpu, p),
+                    Then::Park(stop) => Action::Park(stop),
+                    Then::Run => {
+                        // SAFETY: this CPU's own stopped part, while it runs.
+                        let st = unsafe { &mut *cpu.stopped.get() };
+                        match debug::after_instruction(hv, &mut p.vcpu, st, insn) {
+                            Some(stop) => Action::Park(stop),
+                            None => return,
+                        }
+                    }
+                }
+            }
+            Action::Park(stop) => park(hv, cpu, p, Some(stop)),
+            Action::Follow => park(hv, cpu, p, None),
+            Action::Leave => leave(hv, cpu, p),
+            Action::Unexpected => unexpected(hv, cpu, p),
+            Action::Reset => reset(cpu.shared.index, &p.vcpu),
+        }
+    }
 }
 
-/// Re-delivers an event the exit interrupted.
-fn reinject(vmcb: &mut Vmcb) {
-    if let Some(info) = svm::pending_event(vmcb) {
-        vmcb.control.event_inj = info;
+/// The clients of the rendezvous.
+const CLIENT_DEBUG: ClientId = 1;
+const CLIENT_FREEZE: ClientId = 2;
+
+/// The hv's rendezvous: every stop of every client goes through it.
+pub static STOP: Rendezvous = Rendezvous::new(2000);
+
+/// Captures this CPU's state, stops with the others (for `stop`, or following the leader's
+/// NMI when `None`), and once released, writes back what a client changed and lets that
+/// client decide how this CPU goes on.
+fn park(hv: &'static Hv, cpu: &Cpu, p: &mut Private, stop: Option<Stop>) -> Action {
+    let me = cpu.shared.index;
+    {
+        // SAFETY: this CPU's own stopped part: it is not parked yet. The borrow ends before
+        // the rendezvous, during which the leader may use it.
+        let st = unsafe { &mut *cpu.stopped.get() };
+        st.dirty = 0;
+        // SAFETY: host mode on this CPU, after an exit.
+        unsafe { p.vcpu.save_state(&mut st.state) };
+        if let Some(Stop::Debug(reason)) = stop {
+            st.dbg.reason = reason;
+        }
     }
+    let platform = HvPlatform { hv };
+    let released = match stop {
+        None => STOP.follow(&platform, me),
+        Some(Stop::Debug(_)) => Some(STOP.enter(&platform, me, CLIENT_DEBUG, |g| {
+            debug::session::lead(hv, Parked::new(hv, g))
+        })),
+        Some(Stop::Freeze) => Some(STOP.enter(&platform, me, CLIENT_FREEZE, |g| {
+            freeze::lead(hv, Parked::new(hv, g))
+        })),
+    };
+    // SAFETY: released (or never parked): this CPU's own stopped part again.
+    let st = unsafe { &mut *cpu.stopped.get() };
+    let Some((release, client)) = released else {
+        // The NMI came after the stop it was for was over.
+        return debug::straggler(hv, &mut p.vcpu, st);
+    };
+    if st.dirty != 0 {
+        // SAFETY: host mode on this CPU; the state was captured here and changed only by a
+        // client within the limits it checks.
+        unsafe { p.vcpu.restore_state(&st.state, st.dirty) };
+        st.dirty = 0;
+    }
+    if stop == Some(Stop::Freeze) && client != CLIENT_FREEZE {
+        // A debugger's stop began first and this CPU joined it: that freeze did not happen.
+        freeze::abandon(hv, &mut p.vcpu);
+    }
+    match client {
+        CLIENT_FREEZE => freeze::resumed(hv, me, &mut p.vcpu, st, release),
+        _ => debug::resumed(hv, &mut p.vcpu, st, release),
+    }
+}
+
+/// The leader's proof that CPUs are parked, and its access to their stopped state. Made only
+/// from the rendezvous' [`Gathered`] inside a leader callback; it must not outlive the
+/// callback (the debugger keeps it in its session only while it leads, see
+/// `debug::session::lead`). Not `Clone`: one owner, whose `&mut self` keeps its borrows of
+/// other CPUs' areas one at a time.
+pub struct Parked {
+    hv: &'static Hv,
+    leader: u32,
+}
+
+impl Parked {
+    fn new(hv: &'static Hv, g: &Gathered<'_>) -> Parked {
+        Parked {
+            hv,
+            leader: g.leader(),
+        }
+    }
+
+    pub fn leader(&self) -> u32 {
+        self.leader
+    }
+
+    pub fn is_parked(&self, i: u32) -> bool {
+        i < self.hv.cpus && STOP.is_parked(i)
+    }
+
+    /// The parked CPUs.
+    pub fn parked(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.hv.cpus).filter(|&i| self.is_parked(i))
+    }
+
+    /// CPU `i`'s stopped state, if it is parked.
+    pub fn get(&mut self, i: u32) -> Option<&mut Stopped> {
+        if !self.is_parked(i) {
+            return None;
+        }
+        let cpu = self.hv.cpu(i)?;
+        // SAFETY: CPU `i` is parked: it holds no reference to its stopped part from before
+        // it parked until it is released (`park`), and only the leader, which owns the one
+        // `Parked` of this stop, reaches it meanwhile; `&mut self` keeps one borrow at a time.
+        Some(unsafe { &mut *cpu.stopped.get() })
+    }
+
+    /// CPU `i`'s stopped state, read-only.
+    pub fn peek(&self, i: u32) -> Option<&Stopped> {
+        if !self.is_parked(i) {
+            return None;
+        }
+        let cpu = self.hv.cpu(i)?;
+        // SAFETY: as in `get`; `&self` rules out a `&mut` from `get` at the same time.
+        Some(unsafe { &*cpu.stopped.get() })
+    }
+
+    /// Tells parked CPU `i` what to do when released.
+    pub fn set_release(&self, i: u32, r: Release) {
+        STOP.set_release(i, r);
+    }
+
+    pub fn release_of(&self, i: u32) -> Release {
+        STOP.release_of(i)
+    }
+
+    pub fn release_all(&self, r: Release) {
+        for i in self.parked() {
+            self.set_release(i, r);
+        }
+    }
+}
+
+/// The machine, as the rendezvous needs it.
+struct HvPlatform<'a> {
+    hv: &'a Hv,
+}
+
+impl Platform for HvPlatform<'_> {
+    fn now(&self) -> u64 {
+        instr::rdtsc()
+    }
+    fn ticks_per_ms(&self) -> u64 {
+        self.hv.tsc_khz as u64
+    }
+    fn send_nmi(&self, cpu: u32) {
+        if let Some(c) = self.hv.cpu(cpu) {
+            // SAFETY: host mode; the target intercepts NMIs (every VMCB does) and expects
+            // this one (a stop NMI, `nmi_expected`) or is parked and takes it as its wake.
+            unsafe { instr::send_nmi(c.shared.apic_id()) };
+        }
+    }
+    fn sleep_until_nmi(&self, _me: u32) -> bool {
+        // SAFETY: host mode with RFLAGS.IF = 0 (the hv runs with interrupts off), the hv's IDT
+        // loaded: only an NMI ends the HLT, into the hv's handler, which returns.
+        unsafe { arch::sleep_until_nmi() }
+    }
+    fn take_nmi(&self, _me: u32) -> bool {
+        // SAFETY: as above.
+        unsafe { arch::take_nmi() }
+    }
+    fn in_guest(&self, cpu: u32) -> bool {
+        self.hv.cpu(cpu).is_some_and(|c| c.shared.is_active())
+    }
+    fn expected(&self) -> u32 {
+        COUNTERS.active_cpus.load(Acquire)
+    }
+    fn cpus(&self) -> u32 {
+        self.hv.cpus
+    }
+}
+
+/// The hv, as the exit handlers need it.
+struct HvEnv<'a> {
+    hv: &'a Hv,
+    me: u32,
+}
+
+impl exit::Env for HvEnv<'_> {
+    fn cpu_index(&self) -> u32 {
+        self.me
+    }
+    fn control(&self, op: Op, buf_gpa: u64, len: u64) -> i64 {
+        self.hv.control_phys(op, buf_gpa, len)
+    }
+    fn freeze_request(&self, buf_gpa: u64, len: u64) -> i64 {
+        self.hv.freeze_request(self.me, buf_gpa, len)
+    }
+    fn take_stop_nmi(&self) -> bool {
+        STOP.nmi_was_expected(self.me)
+    }
+    fn page_owner(&self, gpa: u64) -> npf::Owner {
+        if self.hv.owns(gpa) {
+            npf::Owner::Hv
+        } else {
+            npf::Owner::Nobody
+        }
+    }
+    fn refuse_hv_access(&self, gpa: u64) -> bool {
+        self.hv.map_to_scratch(gpa)
+    }
+    fn msr_refused(&self) {
+        COUNTERS.msr_refusals.fetch_add(1, Relaxed);
+    }
+    fn svm_instruction_refused(&self) {
+        COUNTERS.svm_insn_refusals.fetch_add(1, Relaxed);
+    }
+    fn hv_access_refused(&self, gpa: u64) {
+        COUNTERS.hv_refusals.fetch_add(1, Relaxed);
+        COUNTERS.last_refused_gpa.store(gpa, Relaxed);
+    }
+}
+
+/// Steps out where the guest is.
+fn leave(hv: &Hv, cpu: &Cpu, p: &mut Private) -> ! {
+    let native = p.vcpu.native_state();
+    step_out(hv, cpu, p, &native)
 }
 
 /// Advances the guest's RIP past `insn`; false if the bytes there are not `insn`.
-fn skip(hv: &vmm::Hv, cpu: &mut Cpu, insn: Insn) -> bool {
+fn skip(hv: &Hv, vcpu: &mut Vcpu, insn: Insn) -> bool {
     let mut bytes = [0u8; 15];
-    let s = &cpu.vmcb.save;
-    if !vmm::read_guest_insn(hv, s.cr3, s.rip, &mut bytes) {
+    if !vmm::read_guest_insn(hv, vcpu.cr3(), vcpu.rip(), &mut bytes) {
         return false;
     }
     match decode::length(insn, &bytes) {
         Ok(len) => {
-            cpu.vmcb.save.rip += len as u64;
-            // The instruction is done: an interrupt shadow it had (after STI or MOV SS) no
-            // longer applies to the next one (APM 15.21.5).
-            cpu.vmcb.control.interrupt_shadow &= !1;
+            vcpu.skip(len as u64);
             true
         }
         Err(_) => false,
@@ -310,49 +529,49 @@ fn skip(hv: &vmm::Hv, cpu: &mut Cpu, insn: Insn) -> bool {
 }
 
 /// The unexpected-exit policy: record, then step out at the exiting instruction.
-fn unexpected(hv: &vmm::Hv, cpu: &mut Cpu) -> ! {
-    COUNTERS.unexpected_exit(svm::exit_record(cpu.state.index, &cpu.vmcb));
-    let native = svm::native_from_guest(&cpu.vmcb, &cpu.state.regs);
-    step_out(hv, cpu, &native)
+fn unexpected(hv: &Hv, cpu: &Cpu, p: &mut Private) -> ! {
+    COUNTERS.unexpected_exit(p.vcpu.exit_record(cpu.shared.index));
+    leave(hv, cpu, p)
 }
 
 /// Leaves guest mode on this CPU for good (until the next activation).
-fn step_out(hv: &vmm::Hv, cpu: &mut Cpu, native: &NativeState) -> ! {
-    cpu.state.active = false;
-    cpu.state.stats.last_deactivate_cycles = instr::rdtsc() - cpu.state.tsc_exit;
+fn step_out(hv: &Hv, cpu: &Cpu, p: &mut Private, native: &NativeState) -> ! {
+    cpu.shared.active.store(false, Release);
+    cpu.shared
+        .last_deactivate_cycles
+        .store(instr::rdtsc() - p.tsc_exit, Relaxed);
     if COUNTERS.active_cpus.fetch_sub(1, AcqRel) == 1 {
         COUNTERS.deactivations.fetch_add(1, Relaxed);
         hv.reset_guest_view();
     }
     // SAFETY: host mode on this CPU after its last exit; the hv's memory is mapped at the same
     // address in the kernel's tables (the agent's mapping).
-    unsafe { svm::leave_native(native) }
+    unsafe { arch::svm::leave_native(native) }
 }
 
 /// The SHUTDOWN policy: the guest triple-faulted; do what bare metal does and reset.
-fn reset(cpu: &Cpu) -> ! {
+fn reset(index: u32, vcpu: &Vcpu) -> ! {
     let _ = writeln!(
         crate::serial::Com1,
-        "\r\nquicksilver hv: guest shutdown (triple fault) on cpu {}; resetting the machine\r\n\
+        "\r\nquicksilver hv: guest shutdown (triple fault) on cpu {index}; resetting the machine\r\n\
          quicksilver hv: last state (undefined on silicon, exact under TCG): {:x?}",
-        cpu.state.index,
-        svm::exit_record(cpu.state.index, &cpu.vmcb)
+        vcpu.exit_record(index)
     );
     hard_reset()
 }
 
 /// An exit that brought back the hv's own state instead of the guest's: nothing to return
 /// the kernel to on this CPU. Say what happened, then reset as for a triple fault.
-fn lost_guest_state(cpu: &Cpu) -> ! {
+fn lost_guest_state(cpu: &Cpu, vcpu: &Vcpu) -> ! {
+    let index = cpu.shared.index;
     let _ = writeln!(
         crate::serial::Com1,
-        "\r\nquicksilver hv: cpu {}: exit {:#x} returned the hv's own state instead of the \
+        "\r\nquicksilver hv: cpu {index}: exit {:#x} returned the hv's own state instead of the \
          kernel's (a race in stock QEMU's TCG: run the patched QEMU that `cargo xtask setup` \
          builds, see the README); the kernel cannot go on; resetting the machine\r\n\
          quicksilver hv: {:x?}",
-        cpu.state.index,
-        cpu.vmcb.control.exit_code,
-        svm::exit_record(cpu.state.index, &cpu.vmcb)
+        vcpu.exit_code(),
+        vcpu.exit_record(index)
     );
     hard_reset()
 }
@@ -365,8 +584,8 @@ fn hard_reset() -> ! {
 }
 
 /// A failure the hv cannot step out of: report and stop this CPU.
-fn fatal(cpu: u32, what: &str, vmcb: &Vmcb) -> ! {
-    let r = svm::exit_record(cpu, vmcb);
+fn fatal(cpu: u32, what: &str, vcpu: &Vcpu) -> ! {
+    let r = vcpu.exit_record(cpu);
     let _ = writeln!(
         crate::serial::Com1,
         "\r\nquicksilver hv: cpu {cpu}: {what}: {r:x?}"
@@ -391,4 +610,14 @@ pub unsafe extern "C" fn host_exception(frame: *const [u64; 7]) -> ! {
         instr::read_cr2()
     );
     instr::halt_forever()
+}
+
+/// Memory the image asks for per CPU, as written into its header.
+pub const fn mem_per_cpu() -> u64 {
+    core::mem::size_of::<Cpu>() as u64
+}
+
+/// The exit kinds, for `monitor stats`.
+pub fn exit_count(s: &CpuStats, k: ExitKind) -> u64 {
+    s.exits[k as usize]
 }

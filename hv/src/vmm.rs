@@ -14,62 +14,33 @@
 //! `[0, max(phys_limit, 512 GiB))` with 1 GiB pages, split down to 4 KiB around the hv's block,
 //! whose pages are not present: the guest cannot reach the hv (APM vol. 2, 15.25).
 
+use crate::arch::context::{HostContext, HOST_CODE_SELECTOR, HOST_GDT as GDT};
 use crate::arch::instr::{self, DescriptorTablePointer};
-use crate::arch::svm::{self, msrpm, HostContext};
-use crate::paging::{self, Frames, P, RW, SIZE_4K, SIZE_512G, US};
+use crate::arch::svm::{self, msrpm};
+use crate::frames::FramePool;
+use crate::npt::{Flush, Npt, Perms, TlbGeneration};
+use crate::paging::{self, Gpa, Hpa, P, RW, SIZE_4K, SIZE_512G};
 use crate::vcpu::Cpu;
 use core::cell::UnsafeCell;
+use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
-use quicksilver_proto::abi::{InitArgs, Op, Status};
+use spin::Mutex;
+use quicksilver_proto::abi::{InitArgs, Op, Status, STORE_CHUNK_SIZE};
 use quicksilver_proto::image::{ImageHeader, PAGE_SIZE};
 use quicksilver_proto::stats::{self, CpuStats, ExitRecord, StatsHeader};
 
 /// Most CPUs this image supports.
 pub const MAX_CPUS: u32 = 64;
-/// Pages of working memory besides the per-CPU areas: MSRPM (2), scratch, IDT, and the page
-/// tables (see `init`); generous, and checked exactly by the bump allocator.
-pub const FIXED_PAGES: u64 = 40;
+/// Pages of working memory besides the per-CPU areas: MSRPM (2), scratch, IDT, the frame
+/// pool's bitmap, the hv's page tables and the nested tables (holes for the block and, at
+/// 2 MiB granularity, for each store chunk: one page directory per GiB that holds one).
+pub const FIXED_PAGES: u64 = 48 + STORE_MAX_CHUNKS as u64;
+/// Most store chunks the hv takes (256 MiB).
+pub const STORE_MAX_CHUNKS: usize = 64;
 
-/// Bump allocator over the working memory.
-#[derive(Clone, Default)]
-struct Bump {
-    base_va: u64,
-    base_pa: u64,
-    next_pa: u64,
-    end_pa: u64,
-}
-
-// SAFETY: frames come from [next_pa, end_pa) of the block the agent gave us, each once, zeroed
-// before being handed out, and `table` maps a frame's PA to its VA in that block.
-unsafe impl Frames for Bump {
-    fn alloc(&mut self) -> Option<u64> {
-        if self.next_pa + SIZE_4K > self.end_pa {
-            return None;
-        }
-        let pa = self.next_pa;
-        self.next_pa += SIZE_4K;
-        // SAFETY: the frame is inside the block the agent gave us, mapped at base_va, and
-        // handed out once.
-        unsafe { core::ptr::write_bytes(self.table(pa), 0, 1) };
-        Some(pa)
-    }
-    fn table(&self, pa: u64) -> *mut [u64; 512] {
-        (pa - self.base_pa + self.base_va) as *mut [u64; 512]
-    }
-}
-
-impl Bump {
-    fn alloc_pages(&mut self, n: u64) -> Option<u64> {
-        let first = self.alloc()?;
-        for _ in 1..n {
-            self.alloc()?;
-        }
-        Some(first)
-    }
-    fn va(&self, pa: u64) -> u64 {
-        pa - self.base_pa + self.base_va
-    }
-}
+/// The nested page tables' TLB generation: each CPU flushes its guest translations at its
+/// next VMRUN after a change that took rights away.
+pub static NPT_TLB: TlbGeneration = TlbGeneration::new();
 
 /// Everything `init` builds.
 pub struct Hv {
@@ -89,21 +60,29 @@ pub struct Hv {
     pub npt_root_pa: u64,
     pub scratch_pa: u64,
     pub host: HostContext,
-    frames: Bump,
+    /// The nested page tables and the frame pool they (and everything the hv allocates later)
+    /// draw from: the block's free part, then the store.
+    pub npt: Mutex<Npt<FramePool<'static>>>,
+    /// The store: chunks of `STORE_CHUNK_SIZE` bytes (physical addresses), hidden from the
+    /// guest, reached in host mode through the identity map.
+    store: [u64; STORE_MAX_CHUNKS],
+    store_chunks: usize,
 }
 
-struct Global(UnsafeCell<Option<Hv>>);
+struct Global(UnsafeCell<MaybeUninit<Hv>>);
 // SAFETY: `Hv` is written only by `init`, which the agent calls once, on one CPU, before any
-// `activate`; afterwards it is only read. Mutable statistics live in atomics or per-CPU areas.
+// `activate`; afterwards it is only read (what changes is in atomics, locks or per-CPU areas).
 unsafe impl Sync for Global {}
 
-static HV: Global = Global(UnsafeCell::new(None));
+/// Built in place by `init` (on the kernel's stack, 16 KiB, a few KiB of `Hv` built there and
+/// moved would not fit beside the kernel's own frames).
+static HV: Global = Global(UnsafeCell::new(MaybeUninit::uninit()));
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
 /// Some guest page is mapped to scratch (see `map_to_scratch`) since the last reset.
 static SCRATCH_IN_USE: AtomicBool = AtomicBool::new(false);
 
 /// The hv's GDT, read by the CPU in host mode.
-static HOST_GDT: [u64; 3] = svm::HOST_GDT;
+static HOST_GDT: [u64; 3] = GDT;
 
 /// Counters shared by all CPUs.
 pub struct Counters {
@@ -115,12 +94,11 @@ pub struct Counters {
     pub msr_refusals: AtomicU64,
     pub svm_insn_refusals: AtomicU64,
     pub unexpected: AtomicU64,
-    record_lock: AtomicBool,
-    record: UnsafeCell<ExitRecord>,
+    /// gdb breakpoints that could not be taken out of the kernel's memory.
+    pub breakpoints_left: AtomicU64,
+    /// The last unexpected exit.
+    record: Mutex<ExitRecord>,
 }
-
-// SAFETY: `record` is only accessed under `record_lock`.
-unsafe impl Sync for Counters {}
 
 pub static COUNTERS: Counters = Counters {
     active_cpus: AtomicU32::new(0),
@@ -131,8 +109,8 @@ pub static COUNTERS: Counters = Counters {
     msr_refusals: AtomicU64::new(0),
     svm_insn_refusals: AtomicU64::new(0),
     unexpected: AtomicU64::new(0),
-    record_lock: AtomicBool::new(false),
-    record: UnsafeCell::new(ExitRecord {
+    breakpoints_left: AtomicU64::new(0),
+    record: Mutex::new(ExitRecord {
         cpu: 0,
         valid: 0,
         exit_code: 0,
@@ -153,57 +131,35 @@ pub static COUNTERS: Counters = Counters {
 };
 
 impl Counters {
-    fn with_record<R>(&self, f: impl FnOnce(&mut ExitRecord) -> R) -> R {
-        while self
-            .record_lock
-            .compare_exchange(false, true, Acquire, Relaxed)
-            .is_err()
-        {
-            core::hint::spin_loop();
-        }
-        // SAFETY: the lock above gives exclusive access.
-        let r = f(unsafe { &mut *self.record.get() });
-        self.record_lock.store(false, Release);
-        r
-    }
-
     /// Keeps `rec` as the last unexpected exit.
     pub fn unexpected_exit(&self, rec: ExitRecord) {
         self.unexpected.fetch_add(1, Relaxed);
-        self.with_record(|r| *r = rec);
-    }
-}
-
-impl crate::exit::Refusals for Counters {
-    fn msr_refused(&self) {
-        self.msr_refusals.fetch_add(1, Relaxed);
-    }
-    fn svm_instruction_refused(&self) {
-        self.svm_insn_refusals.fetch_add(1, Relaxed);
-    }
-    fn hv_access_refused(&self, gpa: u64) {
-        self.hv_refusals.fetch_add(1, Relaxed);
-        self.last_refused_gpa.store(gpa, Relaxed);
+        *self.record.lock() = rec;
     }
 }
 
 /// The global state, once `init` has succeeded.
 pub fn get() -> Option<&'static Hv> {
     if INITIALIZED.load(Acquire) {
-        // SAFETY: after INITIALIZED is set, `Hv` is never written again (see `Global`).
-        unsafe { (*HV.0.get()).as_ref() }
+        // SAFETY: INITIALIZED is set only once `init` has written every field, after which
+        // `Hv` is never written again (see `Global`).
+        Some(unsafe { (*HV.0.get()).assume_init_ref() })
     } else {
         None
     }
 }
 
 impl Hv {
-    /// The per-CPU area of CPU `index`.
-    ///
-    /// # Safety
-    /// Only CPU `index` itself may use the result mutably, and `index < self.cpus`.
-    pub unsafe fn cpu(&self, index: u32) -> *mut Cpu {
-        (self.cpu_base + index as u64 * core::mem::size_of::<Cpu>() as u64) as *mut Cpu
+    /// The area of CPU `index` (its parts say who may change what: `vcpu::Cpu`).
+    pub fn cpu(&self, index: u32) -> Option<&Cpu> {
+        if index >= self.cpus {
+            return None;
+        }
+        let p = (self.cpu_base + index as u64 * core::mem::size_of::<Cpu>() as u64) as *const Cpu;
+        // SAFETY: `init` prepared `cpus` areas at `cpu_base`, which live as long as the image;
+        // a shared reference is sound because every part of `Cpu` that changes is atomic or
+        // in an `UnsafeCell`.
+        Some(unsafe { &*p })
     }
 
     /// Physical address of a pointer into the hv's block.
@@ -211,44 +167,73 @@ impl Hv {
         p as u64 - self.base_va + self.base_pa
     }
 
-    /// Is `gpa` inside the hv's own memory?
+    /// Is `gpa` inside the hv's own memory (its block or its store)?
     pub fn owns(&self, gpa: u64) -> bool {
         (self.base_pa..self.base_pa + self.mem_size).contains(&gpa)
+            || self.store().any(|c| c.contains(&gpa))
     }
 
-    /// Remaps the guest page of `gpa` (inside the hv's memory) to the scratch page.
+    /// Does `r` touch the hv's own memory?
+    pub fn overlaps_own(&self, r: core::ops::Range<u64>) -> bool {
+        let block = self.base_pa..self.base_pa + self.mem_size;
+        core::iter::once(block)
+            .chain(self.store())
+            .any(|o| r.start < o.end && o.start < r.end)
+    }
+
+    /// The store's chunks, as physical ranges.
+    pub fn store(&self) -> impl Iterator<Item = core::ops::Range<u64>> + '_ {
+        self.store[..self.store_chunks]
+            .iter()
+            .map(|&pa| pa..pa + STORE_CHUNK_SIZE)
+    }
+
+    /// Maps the guest page of `gpa` (inside the hv's memory) to the scratch page: the guest's
+    /// access is refused without a fault it could not handle (reads see zeros, writes land in
+    /// scratch). Adds rights only: no other CPU needs a flush.
     pub fn map_to_scratch(&self, gpa: u64) -> bool {
         if !self.owns(gpa) {
             return false;
         }
-        match paging::leaf_4k(&self.frames, self.npt_root_pa, gpa & !(SIZE_4K - 1)) {
-            Some(pte) => {
-                // SAFETY: `pte` is a leaf of the nested tables `init` built; an aligned 8-byte
-                // store is atomic, so another CPU's walk sees the old or the new entry.
-                unsafe { pte.write_volatile(self.scratch_pa | P | RW | US) };
+        let page = Gpa(gpa & !(SIZE_4K - 1));
+        match self
+            .npt
+            .lock()
+            .map(page, Hpa(self.scratch_pa), SIZE_4K, Perms::RWX)
+        {
+            Ok(flush) => {
+                NPT_TLB.publish(flush);
                 SCRATCH_IN_USE.store(true, Relaxed);
                 true
             }
-            None => false,
+            Err(_) => false,
         }
     }
 
-    /// Takes every scratch mapping back out and clears the scratch page (last CPU out).
+    /// Takes every scratch mapping back out and clears the scratch page (last CPU out: no CPU
+    /// runs the guest, so the tables the mappings used can be reclaimed at once).
     pub fn reset_guest_view(&self) {
         // Nothing to undo in the common case: keep the last CPU's way out short.
         if !SCRATCH_IN_USE.swap(false, Relaxed) {
             return;
         }
-        let mut gpa = self.base_pa;
-        while gpa < self.base_pa + self.mem_size {
-            if let Some(pte) = paging::leaf_4k(&self.frames, self.npt_root_pa, gpa) {
-                // SAFETY: a leaf of our nested tables; no CPU runs the guest now.
-                unsafe { pte.write_volatile(0) };
-            }
-            gpa += SIZE_4K;
+        let mut npt = self.npt.lock();
+        let mut flush = npt
+            .unmap(Gpa(self.base_pa), self.mem_size)
+            .unwrap_or(Flush::EveryCpu);
+        for c in self.store() {
+            flush |= npt.unmap(Gpa(c.start), STORE_CHUNK_SIZE).unwrap_or(Flush::EveryCpu);
         }
-        // SAFETY: the scratch page is ours, mapped at its VA.
-        unsafe { core::ptr::write_bytes(self.frames.va(self.scratch_pa) as *mut u8, 0, 4096) };
+        NPT_TLB.publish(flush);
+        // SAFETY: no CPU is in guest mode (the last one is on its way out, in host mode), so
+        // no walk can be using a retired table, and every CPU flushes at its next VMRUN.
+        unsafe { npt.reclaim() };
+        let scratch = npt.frames().va(Hpa(self.scratch_pa));
+        drop(npt);
+        if let Some(va) = scratch {
+            // SAFETY: the scratch page is ours, mapped at its VA in the hv's tables.
+            unsafe { core::ptr::write_bytes(va as *mut u8, 0, 4096) };
+        }
     }
 
     /// Is the hv's code what was built? (CRC-32 of the code range against the header.)
@@ -277,7 +262,7 @@ impl Hv {
             cpus: self.cpus,
             active_cpus: c.active_cpus.load(Relaxed),
             code_intact: self.code_intact() as u32,
-            reserved: 0,
+            breakpoints_left: c.breakpoints_left.load(Relaxed) as u32,
             hv_version: [0; 32],
             mem_bytes: self.mem_size,
             mem_base_pa: self.base_pa,
@@ -289,31 +274,26 @@ impl Hv {
             msr_refusals: c.msr_refusals.load(Relaxed),
             svm_insn_refusals: c.svm_insn_refusals.load(Relaxed),
             unexpected_exits: c.unexpected.load(Relaxed),
-            last_unexpected: c.with_record(|r| *r),
+            last_unexpected: *c.record.lock(),
             link_state: 0,
             link_dropped: 0,
             link_wrong_keys: 0,
             link_unauthenticated: 0,
+            link_unrouted: 0,
         };
-        [
-            h.link_state,
-            h.link_dropped,
-            h.link_wrong_keys,
-            h.link_unauthenticated,
-        ] = crate::link::counters();
+        crate::link::write_stats(&mut h);
         if let Some(hdr) = self.header {
             h.hv_version = hdr.version;
         }
         let hsize = core::mem::size_of::<StatsHeader>();
-        // SAFETY: `out` has room for the header and every CPU (checked above); the writes are
-        // unaligned-safe copies of plain integer structs.
-        unsafe {
-            core::ptr::write_unaligned(out.as_mut_ptr().cast::<StatsHeader>(), h);
-            for i in 0..self.cpus {
-                let s: CpuStats = (*self.cpu(i)).state.stats_snapshot();
-                let at = hsize + i as usize * core::mem::size_of::<CpuStats>();
-                core::ptr::write_unaligned(out[at..].as_mut_ptr().cast::<CpuStats>(), s);
-            }
+        // SAFETY: `out` has room for the header (checked above); an unaligned-safe copy of a
+        // plain integer struct.
+        unsafe { core::ptr::write_unaligned(out.as_mut_ptr().cast::<StatsHeader>(), h) };
+        for i in 0..self.cpus {
+            let s: CpuStats = self.cpu(i).map(|c| c.shared.stats()).unwrap_or_default();
+            let at = hsize + i as usize * core::mem::size_of::<CpuStats>();
+            // SAFETY: `out` has room for every CPU (checked above); as for the header.
+            unsafe { core::ptr::write_unaligned(out[at..].as_mut_ptr().cast::<CpuStats>(), s) };
         }
         Status::Ok
     }
@@ -324,17 +304,35 @@ impl Hv {
         if op == Op::ActiveCpus {
             return COUNTERS.active_cpus.load(Acquire) as i64;
         }
+        match self.guest_buffer(gpa, len) {
+            Ok(buf) => self.control(op, buf, true),
+            Err(s) => s as i64,
+        }
+    }
+
+    /// `Op::Freeze` from CPU `me`, on a guest-physical buffer: checked and kept for the
+    /// rendezvous that follows the hypercall (`crate::freeze`).
+    pub fn freeze_request(&self, me: u32, gpa: u64, len: u64) -> i64 {
+        match self.guest_buffer(gpa, len) {
+            Ok(buf) => crate::freeze::request(me, gpa, buf) as i64,
+            Err(s) => s as i64,
+        }
+    }
+
+    /// A buffer the guest handed over for a hypercall, by guest-physical address: in the
+    /// identity map, outside the hv's memory, at most 1 MiB.
+    fn guest_buffer(&self, gpa: u64, len: u64) -> Result<&mut [u8], Status> {
         let end = match gpa.checked_add(len) {
             Some(e) if e <= self.map_limit && len <= (1 << 20) => e,
-            _ => return Status::BadArgument as i64,
+            _ => return Err(Status::BadArgument),
         };
-        if gpa < self.base_pa + self.mem_size && self.base_pa < end {
-            return Status::BadArgument as i64;
+        if self.overlaps_own(gpa..end) {
+            return Err(Status::BadArgument);
         }
         // SAFETY: [gpa, end) is identity-mapped in the hv's tables, outside the hv's memory,
-        // and the guest handed it over for this call (the agent's kmalloc'd buffer).
-        let buf = unsafe { core::slice::from_raw_parts_mut(gpa as *mut u8, len as usize) };
-        self.control(op, buf, true)
+        // and the guest handed it over for this call (the agent's kmalloc'd buffer); host
+        // mode only, where the identity map is the address space.
+        Ok(unsafe { core::slice::from_raw_parts_mut(gpa as *mut u8, len as usize) })
     }
 
     /// A control operation on a buffer the caller can address, from a hypercall (`in_guest`)
@@ -345,7 +343,8 @@ impl Hv {
             Op::LinkConfig => crate::link::configure(buf),
             Op::LinkRx => return crate::link::receive(buf, in_guest),
             Op::ActiveCpus => return COUNTERS.active_cpus.load(Acquire) as i64,
-            Op::Deactivate => Status::BadOp,
+            // Hypercalls only (`freeze_request`, the run loop).
+            Op::Deactivate | Op::Freeze => Status::BadOp,
         };
         status as i64
     }
@@ -393,6 +392,9 @@ pub fn init(header: &ImageHeader, args: &InitArgs) -> Status {
     if let Err(s) = svm::check_support() {
         return s;
     }
+    if !crate::arch::live::xsave_fits() {
+        return Status::XsaveTooLarge;
+    }
     if args.cpus == 0 || args.cpus > MAX_CPUS {
         return Status::TooManyCpus;
     }
@@ -410,20 +412,19 @@ pub fn init(header: &ImageHeader, args: &InitArgs) -> Status {
     let image_pages = header.image_size.div_ceil(PAGE_SIZE);
     let cpu_bytes = args.cpus as u64 * core::mem::size_of::<Cpu>() as u64;
     let work_pa = args.base_pa + image_pages * PAGE_SIZE;
-    if work_pa + cpu_bytes > args.base_pa + args.mem_size {
+    let pool_pa = work_pa + cpu_bytes;
+    if pool_pa >= args.base_pa + args.mem_size {
         return Status::NotEnoughMemory;
     }
-    let mut frames = Bump {
-        base_va: args.base_va,
-        base_pa: args.base_pa,
-        next_pa: work_pa + cpu_bytes,
-        end_pa: args.base_pa + args.mem_size,
+    let store = match store_chunks(args, map_limit) {
+        Ok(s) => s,
+        Err(s) => return s,
     };
-    match build(&mut frames, header, args, map_limit, work_pa) {
-        Ok(hv) => {
-            // SAFETY: INITIALIZED is false, so no other reader exists yet; the agent calls
-            // init once, on one CPU (see `Global`).
-            unsafe { *HV.0.get() = Some(hv) };
+    // SAFETY: INITIALIZED is false, so no reader exists yet; the agent calls init once, on
+    // one CPU (see `Global`).
+    let slot = unsafe { (*HV.0.get()).as_mut_ptr() };
+    match build(slot, header, args, map_limit, work_pa, pool_pa, &store) {
+        Ok(()) => {
             INITIALIZED.store(true, Release);
             Status::Ok
         }
@@ -431,40 +432,79 @@ pub fn init(header: &ImageHeader, args: &InitArgs) -> Status {
     }
 }
 
+/// The store's chunks, copied from the agent's list (valid only during `init`) and checked:
+/// each aligned to its size, in the identity map, apart from the block and from each other.
+fn store_chunks(
+    args: &InitArgs,
+    map_limit: u64,
+) -> Result<([u64; STORE_MAX_CHUNKS], usize), Status> {
+    let n = args.store_chunks as usize;
+    let mut store = [0u64; STORE_MAX_CHUNKS];
+    if n == 0 {
+        return Ok((store, 0));
+    }
+    if n > STORE_MAX_CHUNKS || args.store_chunks_va == 0 {
+        return Err(Status::StoreTooLarge);
+    }
+    // SAFETY: the agent passes a kernel VA of `store_chunks` u64s, valid for this call (init
+    // runs on the kernel's address space); read_unaligned needs no alignment.
+    let list = args.store_chunks_va as *const u64;
+    let block = args.base_pa..args.base_pa + args.mem_size;
+    for i in 0..n {
+        // SAFETY: as above, i < store_chunks.
+        let pa = unsafe { list.add(i).read_unaligned() };
+        let end = pa.checked_add(STORE_CHUNK_SIZE);
+        let overlaps = |r: &core::ops::Range<u64>| pa < r.end && r.start < pa + STORE_CHUNK_SIZE;
+        if !pa.is_multiple_of(STORE_CHUNK_SIZE)
+            || end.is_none_or(|e| e > map_limit)
+            || overlaps(&block)
+            || store[..i]
+                .iter()
+                .any(|&o| overlaps(&(o..o + STORE_CHUNK_SIZE)))
+        {
+            return Err(Status::BadArgument);
+        }
+        store[i] = pa;
+    }
+    Ok((store, n))
+}
+
+/// Builds everything into `hv`, which is fully written when this returns `Ok`.
 fn build(
-    frames: &mut Bump,
+    hv: *mut Hv,
     header: &ImageHeader,
     args: &InitArgs,
     map_limit: u64,
     cpu_pa: u64,
-) -> Result<Hv, Status> {
-    let oom = |_| Status::NotEnoughMemory;
-    let msrpm_pa = frames.alloc_pages(2).ok_or(Status::NotEnoughMemory)?;
+    pool_pa: u64,
+    (store, store_n): &([u64; STORE_MAX_CHUNKS], usize),
+) -> Result<(), Status> {
+    let store_n = *store_n;
+    fn oom<E>(_: E) -> Status {
+        Status::NotEnoughMemory
+    }
+    let va = |pa: u64| pa - args.base_pa + args.base_va;
+    let block_end = args.base_pa + args.mem_size;
+    let capacity = args.mem_size + store_n as u64 * STORE_CHUNK_SIZE;
+    // SAFETY: [pool_pa, block_end) is the free part of the block the agent gave us, mapped at
+    // its VA (in the kernel's tables now, in the hv's later), used by nothing else.
+    let mut pool =
+        unsafe { FramePool::in_place(Hpa(pool_pa), va(pool_pa), block_end - pool_pa, capacity) }
+            .map_err(|_| Status::NotEnoughMemory)?;
+    let msrpm_pa = pool.alloc_contiguous(2).map_err(oom)?.0;
     // SAFETY: two fresh, zeroed, contiguous pages of ours.
-    let map = unsafe { &mut *(frames.va(msrpm_pa) as *mut [u8; msrpm::MSRPM_SIZE]) };
+    let map = unsafe { &mut *(va(msrpm_pa) as *mut [u8; msrpm::MSRPM_SIZE]) };
     for msr in [instr::msr::EFER, instr::msr::VM_CR, instr::msr::VM_HSAVE_PA] {
         msrpm::intercept_write(map, msr);
     }
-    let scratch_pa = frames.alloc().ok_or(Status::NotEnoughMemory)?;
-    let idt_pa = frames.alloc().ok_or(Status::NotEnoughMemory)?;
-    build_idt(frames.va(idt_pa) as *mut u64);
+    let scratch_pa = pool.alloc().map_err(oom)?.0;
+    let idt_pa = pool.alloc().map_err(oom)?.0;
+    build_idt(va(idt_pa) as *mut u64);
 
-    let hole = args.base_pa..args.base_pa + args.mem_size;
-    let npt_root_pa = frames.alloc().ok_or(Status::NotEnoughMemory)?;
-    paging::identity_map_with_hole(
-        frames,
-        npt_root_pa,
-        map_limit,
-        hole,
-        P | RW | US,
-        P | RW | US,
-    )
-    .map_err(oom)?;
-
-    let host_root = frames.alloc().ok_or(Status::NotEnoughMemory)?;
+    let host_root = pool.alloc().map_err(oom)?.0;
     // The hv reads guest memory through this identity map; never executes from it.
     paging::identity_map_with_hole(
-        frames,
+        &mut pool,
         host_root,
         map_limit,
         0..0,
@@ -473,7 +513,7 @@ fn build(
     )
     .map_err(oom)?;
     paging::map_4k(
-        frames,
+        &mut pool,
         host_root,
         args.base_va,
         args.base_pa,
@@ -483,38 +523,67 @@ fn build(
     )
     .map_err(oom)?;
 
+    // The guest sees all of physical memory but the hv's: the block and the store. Written in
+    // place (see `HV`).
+    // SAFETY: `hv` is the static's storage, written by nobody else (see `init`).
+    let npt_slot = unsafe { core::ptr::addr_of_mut!((*hv).npt) };
+    // SAFETY: as above; `npt_slot` is valid for writes and not yet initialized.
+    unsafe { npt_slot.write(Mutex::new(Npt::new(pool).map_err(oom)?)) };
+    // SAFETY: just written.
+    let npt = unsafe { (*npt_slot).get_mut() };
+    let _ = npt
+        .identity(map_limit, &[args.base_pa..block_end], Perms::RWX)
+        .map_err(oom)?;
+    for &c in &store[..store_n] {
+        let _ = npt.unmap(Gpa(c), STORE_CHUNK_SIZE).map_err(oom)?;
+    }
+    for &c in &store[..store_n] {
+        // SAFETY: the chunk is the agent's gift for as long as the hv lives, hidden from the
+        // guest above; its frames are handed out only in host mode, where the identity map
+        // reaches it at VA = PA (nothing in `init` allocates after this).
+        unsafe { npt.frames_mut().add_region(Hpa(c), c, STORE_CHUNK_SIZE) }
+            .map_err(|_| Status::NotEnoughMemory)?;
+    }
+
     let gdtr = DescriptorTablePointer {
         limit: (core::mem::size_of_val(&HOST_GDT) - 1) as u16,
         base: HOST_GDT.as_ptr() as u64,
     };
     let idtr = DescriptorTablePointer {
         limit: 256 * 16 - 1,
-        base: frames.va(idt_pa),
+        base: va(idt_pa),
     };
-    let cpu_base = frames.va(cpu_pa);
+    let cpu_base = va(cpu_pa);
     for i in 0..args.cpus {
-        let cpu = (cpu_base + i as u64 * core::mem::size_of::<Cpu>() as u64) as *mut Cpu;
+        let pa = cpu_pa + i as u64 * core::mem::size_of::<Cpu>() as u64;
         // SAFETY: the per-CPU areas lie in our block (checked by the caller), are page
         // aligned and not yet used by anyone.
-        unsafe { Cpu::init_in_place(cpu, i, frames.base_pa + (cpu as u64 - frames.base_va)) };
+        unsafe { Cpu::init_in_place(va(pa) as *mut Cpu, i, pa) };
     }
-    Ok(Hv {
-        base_va: args.base_va,
-        base_pa: args.base_pa,
-        mem_size: args.mem_size,
-        header: Some(*header),
-        map_limit,
-        cpus: args.cpus,
-        tsc_khz: args.tsc_khz,
-        kernel_text: args.kernel_text,
-        kernel_text_link: args.kernel_text_link,
-        cpu_base,
-        msrpm_pa,
-        npt_root_pa,
-        scratch_pa,
-        host: HostContext::new(host_root, gdtr, idtr),
-        frames: frames.clone(),
-    })
+    let npt_root_pa = npt.root().0;
+    // SAFETY: `hv` is the static's storage (see above); every field but `npt`, which is
+    // written already, is written here, field by field so that nothing large is built on the
+    // stack.
+    unsafe {
+        use core::ptr::addr_of_mut as at;
+        at!((*hv).base_va).write(args.base_va);
+        at!((*hv).base_pa).write(args.base_pa);
+        at!((*hv).mem_size).write(args.mem_size);
+        at!((*hv).header).write(Some(*header));
+        at!((*hv).map_limit).write(map_limit);
+        at!((*hv).cpus).write(args.cpus);
+        at!((*hv).tsc_khz).write(args.tsc_khz);
+        at!((*hv).kernel_text).write(args.kernel_text);
+        at!((*hv).kernel_text_link).write(args.kernel_text_link);
+        at!((*hv).cpu_base).write(cpu_base);
+        at!((*hv).msrpm_pa).write(msrpm_pa);
+        at!((*hv).npt_root_pa).write(npt_root_pa);
+        at!((*hv).scratch_pa).write(scratch_pa);
+        at!((*hv).host).write(HostContext::new(host_root, gdtr, idtr));
+        at!((*hv).store).write(*store);
+        at!((*hv).store_chunks).write(store_n);
+    }
+    Ok(())
 }
 
 /// Fills the hv's IDT: the 32 exception vectors go to the stubs in world_switch.S.
@@ -526,7 +595,7 @@ fn build_idt(idt: *mut u64) {
         let handler = if v == 2 { nmi } else { stubs + v * 16 };
         // 64-bit interrupt gate (type 0xE), present, DPL 0, IST 0 (APM vol. 2, 4.8.4).
         let low = (handler & 0xFFFF)
-            | ((svm::HOST_CODE_SELECTOR as u64) << 16)
+            | ((HOST_CODE_SELECTOR as u64) << 16)
             | (0x8E << 40)
             | (((handler >> 16) & 0xFFFF) << 48);
         let high = handler >> 32;
@@ -556,7 +625,7 @@ pub fn read_guest_phys(hv: &Hv, gpa: u64, out: &mut [u8]) -> bool {
 pub fn write_guest_phys(hv: &Hv, gpa: u64, data: &[u8]) -> bool {
     match gpa.checked_add(data.len() as u64) {
         Some(end)
-            if end <= hv.map_limit && !(gpa < hv.base_pa + hv.mem_size && hv.base_pa < end) =>
+            if end <= hv.map_limit && !hv.overlaps_own(gpa..end) =>
         {
             // SAFETY: identity-mapped in the hv's tables (host mode), in bounds, outside the
             // hv's memory; the guest is stopped or the caller owns the bytes (gdb's write).
@@ -588,9 +657,4 @@ pub fn read_guest_insn(hv: &Hv, cr3: u64, rip: u64, out: &mut [u8; 15]) -> bool 
         return read_guest_phys(hv, pa2, &mut out[first..]);
     }
     true
-}
-
-/// Memory the image asks for, as written into its header.
-pub const fn mem_per_cpu() -> u64 {
-    core::mem::size_of::<Cpu>() as u64
 }

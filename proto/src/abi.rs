@@ -32,6 +32,9 @@ crate::abi_enum! {
         /// How many CPUs are in guest mode now (the agent's view can go stale: a debugger's detach
         /// steps every CPU out without the agent). Returns the count.
         ActiveCpus = 5,
+        /// Stop every CPU for a while, then resume them (hypercall only): buffer = a
+        /// [`FreezeArgs`] (guest-physical address, length), answered in place.
+        Freeze = 6,
     }
 }
 
@@ -95,6 +98,37 @@ pub fn status_message(v: i64) -> &'static str {
 pub const UNKNOWN_STATUS: &str =
     "the hv returned an unknown status: the hv image and the agent come from different trees; rebuild both with cargo xtask build";
 
+/// [`FreezeArgs::flags`]: after the freeze, every CPU writes its whole captured state back,
+/// captures it again and compares (a test of capture and restore under a running kernel).
+pub const FREEZE_CHECK: u32 = 1;
+/// The longest freeze: longer stops make the kernel report soft lockups (after ~20 s).
+pub const FREEZE_MAX_MS: u32 = 10_000;
+
+crate::abi_struct! {
+    /// `Op::Freeze`'s argument and answer: every CPU stopped for `ms` milliseconds.
+    #[c_name = "qs_freeze"]
+    pub struct FreezeArgs {
+        /// Out: the hv's `Status` (the hypercall's RAX; the agent copies it here for qsctl).
+        pub status: i64,
+        /// In: how long every CPU stays stopped, at most [`FREEZE_MAX_MS`].
+        pub ms: u32,
+        /// In: [`FREEZE_CHECK`] or 0.
+        pub flags: u32,
+        /// Out: CPUs that were stopped.
+        pub cpus: u32,
+        /// Out: CPUs whose state came back identical (with [`FREEZE_CHECK`]).
+        pub identical: u32,
+        /// Out: microseconds from the request to every CPU stopped.
+        pub gather_us: u64,
+        /// Out: microseconds every CPU was held.
+        pub held_us: u64,
+        /// Out: bit n set if CPU n's state came back different.
+        pub differing_cpus: u64,
+        /// Out: what differed on the first such CPU (comma-separated names, NUL-padded).
+        pub what: [u8; 32],
+    }
+}
+
 crate::abi_enum! {
     /// What an entry point or hypercall returns: 0 for success, otherwise a code that names the
     /// cause. The numbers are ABI; each message names the cause and the fix.
@@ -143,6 +177,15 @@ crate::abi_enum! {
         /// The kernel runs 5-level paging, which the hv does not support yet.
         La57Unsupported = 14 =>
             "the kernel runs 5-level paging, which the hv does not support yet: boot it with no5lvl",
+        /// A debugger holds the CPUs (a gdb session is attached).
+        Busy = 15 =>
+            "a gdb session is attached to the hv: detach gdb first, then try again",
+        /// More store chunks than the hv takes.
+        StoreTooLarge = 17 =>
+            "the store is larger than this hv takes (64 chunks of 4 MiB, 256 MiB): load the agent with a smaller store_mem=",
+        /// The CPU's XSAVE state is larger than the hv keeps per CPU.
+        XsaveTooLarge = 16 =>
+            "this CPU's XSAVE state (CPUID 0xD) is larger than the hv keeps per CPU: please report it; the hv needs a larger XSAVE_AREA_SIZE",
     }
 }
 

@@ -131,6 +131,8 @@ requests! {
     PEEK_PHYS = ReadWrite(7, Peek);
     /// What the agent gave the hv besides its block (the store).
     AGENT_INFO = Read(8, AgentInfo);
+    /// Every CPU stopped for a while, then resumed (`qsctl freeze`); the hv must be active.
+    FREEZE = ReadWrite(9, crate::abi::FreezeArgs);
 }
 
 crate::abi_struct! {

@@ -689,6 +689,10 @@ pub mod endpoint {
         Attention,
         /// Bytes of GDB's remote protocol.
         Gdb(&'a [u8]),
+        /// A control message other than the handshake and attention.
+        Control(Message),
+        /// Bulk data (checkpoint export, later).
+        Bulk(&'a [u8]),
     }
 
     /// Counters for `qsctl stats` and the tests.
@@ -832,9 +836,13 @@ pub mod endpoint {
                     None
                 }
                 (State::Authenticated, Some(Message::Attention)) => Some(Event::Attention),
+                (State::Authenticated, Some(m)) => Some(Event::Control(m)),
+                // Borrow the payload again from the decoder's buffer.
                 (State::Authenticated, None) if channel == Channel::Gdb => {
-                    // Borrow the payload again from the decoder's buffer.
                     self.decoder.last_payload().map(Event::Gdb)
+                }
+                (State::Authenticated, None) if channel == Channel::Bulk => {
+                    self.decoder.last_payload().map(Event::Bulk)
                 }
                 _ => {
                     self.counters.unauthenticated += u64::from(self.state != State::Authenticated);

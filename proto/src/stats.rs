@@ -5,7 +5,7 @@
 /// "QSST".
 pub const STATS_MAGIC: u32 = 0x5453_5351;
 /// Layout version of this block.
-pub const STATS_VERSION: u32 = 3;
+pub const STATS_VERSION: u32 = 4;
 
 /// Kinds of #VMEXIT counted per CPU. The numbers index [`CpuStats::exits`].
 #[repr(usize)]
@@ -109,8 +109,9 @@ pub struct StatsHeader {
     pub active_cpus: u32,
     /// 1 if the hv's code is byte-for-byte what was built (self-check).
     pub code_intact: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// gdb breakpoints (INT3s) the debugger could not take out of the kernel's memory when a
+    /// session ended (0 unless a removal failed twice): the kernel would trap on them.
+    pub breakpoints_left: u32,
     /// The hv's version, NUL-padded.
     pub hv_version: [u8; 32],
     /// Bytes the hv owns (image and working memory).
@@ -143,6 +144,9 @@ pub struct StatsHeader {
     pub link_wrong_keys: u64,
     /// Requests ignored because the bridge had not authenticated.
     pub link_unauthenticated: u64,
+    /// Frames an authenticated bridge sent that no part of the hv consumes yet (bulk data,
+    /// control messages other than attention), counted and dropped.
+    pub link_unrouted: u64,
 }
 
 /// Per-CPU counters.
@@ -163,7 +167,7 @@ pub struct CpuStats {
     pub seen: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 32);
+const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 40);
 const _: () = assert!(core::mem::size_of::<CpuStats>() == 104);
 
 /// Bytes in a block for `cpus` CPUs.
@@ -238,7 +242,7 @@ mod tests {
             cpus: 2,
             active_cpus: 1,
             code_intact: 1,
-            reserved: 0,
+            breakpoints_left: 0,
             hv_version: [0; 32],
             mem_bytes: 1 << 20,
             mem_base_pa: 0x100_0000,
@@ -255,6 +259,7 @@ mod tests {
             link_dropped: 0,
             link_wrong_keys: 0,
             link_unauthenticated: 0,
+            link_unrouted: 0,
         };
         h.hv_version[..5].copy_from_slice(b"0.1.0");
         // SAFETY: test-only byte copies of repr(C) integer structs into a large enough buffer.
@@ -265,7 +270,8 @@ mod tests {
                 active: 1,
                 ..Default::default()
             };
-            core::ptr::write_unaligned(bytes[288 + 104..].as_mut_ptr().cast(), c);
+            let at = core::mem::size_of::<StatsHeader>() + core::mem::size_of::<CpuStats>();
+            core::ptr::write_unaligned(bytes[at..].as_mut_ptr().cast(), c);
         }
         let s = Stats::parse(&bytes).unwrap();
         assert_eq!(s.hv_version(), "0.1.0");

@@ -82,6 +82,16 @@ pub fn generate() -> String {
         [("QS_STORE_CHUNK_SIZE", u64_hex(abi::STORE_CHUNK_SIZE))],
     );
 
+    section(&mut h, "freeze (proto/src/abi.rs)");
+    structure::<abi::FreezeArgs>(&mut h);
+    defines(
+        &mut h,
+        [
+            ("QS_FREEZE_CHECK", abi::FREEZE_CHECK.to_string()),
+            ("QS_FREEZE_MAX_MS", abi::FREEZE_MAX_MS.to_string()),
+        ],
+    );
+
     section(&mut h, "hypercalls and CPUID (proto/src/abi.rs)");
     defines(
         &mut h,

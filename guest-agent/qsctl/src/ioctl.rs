@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
+use quicksilver_proto::abi::FreezeArgs;
 use quicksilver_proto::ioctl::{self, AgentInfo, Peek, Probe, Request, StatsRequest, SwitchResult};
 
 /// Issues `req` with `arg` on the agent's device.
@@ -101,4 +102,16 @@ pub fn agent_info(dev: &File) -> io::Result<AgentInfo> {
     // SAFETY: an AgentInfo holds no pointer.
     unsafe { ioctl(dev, ioctl::AGENT_INFO, &mut info) }?;
     Ok(info)
+}
+
+/// Every CPU stopped for `ms` milliseconds, then resumed (`flags`: `abi::FREEZE_CHECK`).
+pub fn freeze(dev: &File, ms: u32, flags: u32) -> io::Result<FreezeArgs> {
+    let mut f = FreezeArgs {
+        ms,
+        flags,
+        ..Default::default()
+    };
+    // SAFETY: a FreezeArgs holds no pointer.
+    unsafe { ioctl(dev, ioctl::FREEZE, &mut f) }?;
+    Ok(f)
 }

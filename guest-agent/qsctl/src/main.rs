@@ -204,9 +204,17 @@ fn cmd_stats() -> Result<()> {
         _ => "bridge authenticated",
     };
     println!(
-        "link: {link}; {} frames dropped, {} wrong keys, {} unauthenticated requests ignored",
-        h.link_dropped, h.link_wrong_keys, h.link_unauthenticated
+        "link: {link}; {} frames dropped, {} wrong keys, {} unauthenticated requests ignored, {} frames with no consumer yet (bulk, other control)",
+        h.link_dropped, h.link_wrong_keys, h.link_unauthenticated, h.link_unrouted
     );
+    if h.breakpoints_left > 0 {
+        println!(
+            "WARNING: {} gdb breakpoints could not be removed from kernel memory when a gdb session \
+             ended (the hv's log on the console names them): the kernel oopses if it runs into one; \
+             reboot when you can",
+            h.breakpoints_left
+        );
+    }
     println!("unexpected exits: {}", h.unexpected_exits);
     let r = &h.last_unexpected;
     if r.valid == 1 {
@@ -296,6 +304,51 @@ fn cmd_poke(offset: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// `qsctl freeze MS [--check]`: every CPU stopped for MS ms and resumed; with `--check`,
+/// each CPU writes its whole captured state back, captures it again and compares.
+fn cmd_freeze(ms: &str, check: bool) -> Result<()> {
+    let dev = open()?;
+    let ms: u32 = ms
+        .parse()
+        .with_context(|| format!("{ms:?} is not a number of milliseconds"))?;
+    if ms > abi::FREEZE_MAX_MS {
+        bail!(
+            "{ms} ms is too long: at most {} ms (longer stops make the kernel report soft lockups)",
+            abi::FREEZE_MAX_MS
+        );
+    }
+    let flags = if check { abi::FREEZE_CHECK } else { 0 };
+    let f = ioctl::freeze(&dev, ms, flags).context("the freeze ioctl failed")?;
+    if f.status != 0 {
+        return Err(status_error(f.status).context("freeze refused"));
+    }
+    println!(
+        "froze {} CPUs for {:.1} ms (every CPU stopped {} us after the request)",
+        f.cpus,
+        f.held_us as f64 / 1000.0,
+        f.gather_us
+    );
+    if check {
+        if f.identical == f.cpus {
+            println!("state check: {} of {} CPUs came back identical", f.identical, f.cpus);
+        } else {
+            let what = String::from_utf8_lossy(&f.what);
+            let cpus: Vec<String> = (0..64)
+                .filter(|n| f.differing_cpus & (1 << n) != 0)
+                .map(|n: u32| n.to_string())
+                .collect();
+            bail!(
+                "state check: {} of {} CPUs came back identical; CPUs {} differed in {}",
+                f.identical,
+                f.cpus,
+                cpus.join(","),
+                what.trim_end_matches(['\0', ','])
+            );
+        }
+    }
+    Ok(())
+}
+
 fn median(v: &mut [u64]) -> u64 {
     v.sort_unstable();
     v.get(v.len() / 2).copied().unwrap_or(0)
@@ -367,8 +420,10 @@ fn main() {
         ["poke", off, v] => cmd_poke(off, v),
         ["peek-phys", addr] => cmd_peek_phys(addr),
         ["bench-switch", n] => cmd_bench_switch(n),
+        ["freeze", ms] => cmd_freeze(ms, false),
+        ["freeze", ms, "--check"] => cmd_freeze(ms, true),
         _ => {
-            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|peek OFFSET|poke OFFSET VALUE|peek-phys ADDRESS|bench-switch N");
+            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|peek OFFSET|poke OFFSET VALUE|peek-phys ADDRESS|bench-switch N");
             std::process::exit(2);
         }
     };

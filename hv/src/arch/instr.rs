@@ -25,7 +25,16 @@ pub mod msr {
     pub const KERNEL_GS_BASE: u32 = 0xC000_0102;
     /// SYSCALL/SYSRET selectors: bits 47:32 are the kernel's CS (its SS is that + 8).
     pub const STAR: u32 = 0xC000_0081;
+    /// The value RDTSCP and RDPID return (Linux keeps the CPU and node number there).
+    pub const TSC_AUX: u32 = 0xC000_0103;
+    /// The local APIC timer's deadline in TSC-deadline mode.
+    pub const TSC_DEADLINE: u32 = 0x0000_06E0;
+    /// x2APIC registers: 0x800 + xAPIC offset / 16.
+    pub const X2APIC_BASE: u32 = 0x0000_0800;
 }
+
+/// CR4.OSXSAVE: XSAVE and XGETBV enabled by the OS (bit 18).
+pub const CR4_OSXSAVE: u64 = 1 << 18;
 
 /// EFER.SVME: SVM enable (bit 12).
 pub const EFER_SVME: u64 = 1 << 12;
@@ -109,7 +118,7 @@ control_register!(read_dr7, write_dr7, "dr7");
 
 /// A descriptor-table register as SGDT/SIDT store it.
 #[repr(C, packed)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DescriptorTablePointer {
     /// Limit (size - 1).
     pub limit: u16,
@@ -255,6 +264,55 @@ pub unsafe fn write_dr(n: u8, v: u64) {
             _ => asm!("mov dr7, {}", in(reg) v, options(nomem, nostack, preserves_flags)),
         }
     }
+}
+
+/// Writes CR8 (the task-priority register).
+///
+/// # Safety
+/// Changes which interrupts this CPU accepts: the caller restores the guest's own value.
+#[inline]
+pub unsafe fn write_cr8(v: u64) {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("mov cr8, {}", in(reg) v, options(nomem, nostack, preserves_flags)) };
+}
+
+/// XCR0: the state components XSAVE manages. Only with CR4.OSXSAVE set (else #UD).
+#[inline]
+pub fn xgetbv0() -> u64 {
+    if read_cr4() & CR4_OSXSAVE == 0 {
+        return 0;
+    }
+    let (lo, hi): (u32, u32);
+    // SAFETY: CR4.OSXSAVE is set (checked above), so XGETBV of XCR0 cannot fault.
+    unsafe { asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    ((hi as u64) << 32) | lo as u64
+}
+
+/// XSAVE64 of the components in `mask` into a 64-byte aligned area.
+///
+/// # Safety
+/// CR4.OSXSAVE set; `area` 64-byte aligned and large enough for every component `mask`
+/// selects (CPUID.(EAX=0DH,ECX=0):EBX).
+#[inline]
+pub unsafe fn xsave(area: *mut u8, mask: u64) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        asm!("xsave64 [{}]", in(reg) area, in("eax") mask as u32, in("edx") (mask >> 32) as u32,
+             options(nostack, preserves_flags))
+    };
+}
+
+/// XRSTOR64 of the components in `mask` from an area XSAVE filled.
+///
+/// # Safety
+/// As [`xsave`]; the area must hold a valid image (reserved header bits clear, else #GP).
+#[inline]
+pub unsafe fn xrstor(area: *const u8, mask: u64) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        asm!("xrstor64 [{}]", in(reg) area, in("eax") mask as u32, in("edx") (mask >> 32) as u32,
+             options(nostack, preserves_flags))
+    };
 }
 
 /// FXSAVE64 into a 512-byte, 16-byte aligned area.

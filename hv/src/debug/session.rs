@@ -5,10 +5,12 @@
 //! run, gdb's bytes arrive through the agent's link hypercall ([`gdb_input`]); a Ctrl-C there
 //! becomes a stop on that CPU once its hypercall completes ([`take_pending_stop`]).
 
-use super::stop::{self, dbg_of, Resume};
 use super::target::{Debugger, Devirt, HwKind};
 use super::{regs, Reason};
-use crate::link::{self, Polled};
+use crate::link::{self, Routed};
+use crate::rendezvous::Release;
+use crate::vcpu::Parked;
+use crate::rendezvous::MAX_CPUS as MAX;
 use crate::vmm::Hv;
 use core::num::NonZeroUsize;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::*};
@@ -61,8 +63,22 @@ pub static LEAVE_AFTER_DETACH: AtomicBool = AtomicBool::new(false);
 /// DR slots the kernel had enabled when the last session began.
 pub static KERNEL_SLOTS: AtomicU8 = AtomicU8::new(0);
 
-/// A stop asked for from a hypercall: 1 = Ctrl-C, 2 = attach.
-static PENDING_STOP: AtomicU8 = AtomicU8::new(0);
+/// A stop asked for from a hypercall, to make once it is complete ([`Pending`] as u8).
+static PENDING_STOP: AtomicU8 = AtomicU8::new(Pending::Nothing as u8);
+
+/// Why the CPU making the next hypercall must stop every CPU.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    Nothing = 0,
+    /// gdb's Ctrl-C arrived.
+    Interrupt = 1,
+    /// The bridge asked for attention: gdb attaches.
+    Attach = 2,
+    /// gdb detached (or its bridge did so for it) while the kernel ran: the session ends as a
+    /// detach does, with every CPU stopped and released by the devirt policy.
+    End = 3,
+}
 /// An attention request arrived: the next stop begins a new session.
 static ATTACH_REQUESTED: AtomicU8 = AtomicU8::new(0);
 
@@ -76,7 +92,7 @@ static mut PACKET_BUF: [u8; PACKET_SIZE] = [0; PACKET_SIZE];
 pub fn request_attach() {
     ATTACH_REQUESTED.store(1, Release);
     ATTACH_REQUEST_TSC.store(crate::arch::instr::rdtsc(), Release);
-    PENDING_STOP.store(2, Release);
+    PENDING_STOP.store(Pending::Attach as u8, Release);
 }
 
 /// When the last attention request came: one older than [`ATTACH_FRESH_SECONDS`] is not
@@ -97,9 +113,16 @@ pub fn gdb_input(bytes: &[u8]) {
             other => Ok(other),
         };
         match next {
+            Ok(GdbStubStateMachine::Disconnected(g)) => {
+                // A detach (or kill) while the CPUs run: breakpoints out now, and the CPU
+                // whose hypercall this is stops everyone to finish it (`lead`).
+                disconnected(s, g.get_reason());
+                PENDING_STOP.store(Pending::End as u8, Release);
+                return;
+            }
             Ok(st) => {
                 if matches!(st, GdbStubStateMachine::CtrlCInterrupt(_)) {
-                    PENDING_STOP.store(1, Release);
+                    PENDING_STOP.store(Pending::Interrupt as u8, Release);
                 }
                 s.stub = Some(st);
             }
@@ -111,13 +134,14 @@ pub fn gdb_input(bytes: &[u8]) {
 
 /// A stop this CPU must make now that its hypercall is complete.
 pub fn take_pending_stop(hv: &Hv) -> Option<Reason> {
-    match PENDING_STOP.swap(0, AcqRel) {
-        1 => Some(Reason::Interrupt),
-        2 => {
+    match PENDING_STOP.swap(Pending::Nothing as u8, AcqRel) {
+        x if x == Pending::Interrupt as u8 => Some(Reason::Interrupt),
+        x if x == Pending::Attach as u8 => {
             let khz = hv.tsc_khz as u64;
             let age = crate::arch::instr::rdtsc() - ATTACH_REQUEST_TSC.load(Acquire);
             (age < ATTACH_FRESH_SECONDS * 1000 * khz).then_some(Reason::Attach)
         }
+        x if x == Pending::End as u8 => Some(Reason::None),
         _ => None,
     }
 }
@@ -196,112 +220,154 @@ pub fn debug_registers(guest_dr7: u64, kernel_only: bool) -> (u64, [Slot; 4]) {
     (dr7, slots)
 }
 
-/// Serves gdb with every CPU parked (the leader, `me`). Sets every parked CPU's action.
-pub fn lead(hv: &Hv, me: u32) {
-    let mut guard = SESSION.lock();
-    let new =
-        ATTACH_REQUESTED.swap(0, AcqRel) == 1 || guard.as_ref().is_none_or(|s| s.stub.is_none());
+/// Serves gdb with every CPU parked: the debugger's leader callback. Decides every parked
+/// CPU's release; lends `p` to the session's target while it serves, and takes it back.
+pub fn lead(hv: &'static Hv, mut p: Parked) {
+    let me = p.leader();
     for i in 0..hv.cpus {
-        dbg_of(hv, i).action = Resume::Stay;
+        if let Some(st) = p.get(i) {
+            st.dbg.step = false;
+        }
     }
+    let mut guard = SESSION.lock();
+    if let Some(s) = guard.as_mut().filter(|s| s.stub.is_none()) {
+        // gdb left while the kernel ran (`gdb_input`): end the session as a detach would.
+        s.target.parked = Some(p);
+        end(hv, s);
+        *guard = None;
+        return;
+    }
+    let new = ATTACH_REQUESTED.swap(0, AcqRel) == 1 || guard.is_none();
     if new {
         if let Some(old) = guard.as_mut() {
+            old.target.parked = Some(p);
             old.target.remove_all();
+            p = old.target.parked.take().unwrap_or_else(|| unreachable!());
         }
-        *guard = start(hv);
-        let cpus = (0..hv.cpus)
-            .filter(|&i| dbg_of(hv, i).parked.load(Acquire))
-            .count() as u32;
-        link::send_control(Message::Stopped { cpus });
+        // The old stub (the packet buffer's borrower) goes before a new one borrows it.
+        *guard = None;
+        match start(hv, p) {
+            Ok(s) => {
+                let cpus = s.target.threads();
+                *guard = Some(s);
+                link::send_control(Message::Stopped { cpus });
+            }
+            Err(p) => {
+                // No session could be made: nothing to serve; run on.
+                p.release_all(Release::Run);
+                return;
+            }
+        }
+    } else if let Some(s) = guard.as_mut() {
+        s.target.parked = Some(p);
+        report(s, me);
     }
-    let Some(s) = guard.as_mut() else {
-        // No session could be made: nothing to serve; run on.
-        release_all(hv, Resume::Continue);
-        return;
-    };
-    if !new {
-        report(hv, s, me);
+    if let Some(s) = guard.as_mut() {
+        if serve(hv, s, me) {
+            *guard = None;
+        }
     }
+}
+
+/// Feeds gdb's bytes to the stub until gdb resumes the CPUs or the session ends; every
+/// parked CPU's release is set before this returns, and the target's `parked` taken back.
+/// True when the session ended.
+fn serve(hv: &'static Hv, s: &mut Session, me: u32) -> bool {
     let mut buf = [0u8; MAX_PAYLOAD];
     loop {
         match link::poll(&mut buf) {
-            Polled::Nothing => core::hint::spin_loop(),
-            Polled::Attention => {
+            None => core::hint::spin_loop(),
+            Some(Routed::Attention) => {
                 // A bridge that lost its gdb attaches anew: fresh session, same stop.
                 s.target.remove_all();
-                if let Some(fresh) = start(hv) {
-                    *s = fresh;
+                s.stub = None;
+                let Some(p) = s.target.parked.take() else {
+                    return true;
+                };
+                match start(hv, p) {
+                    Ok(fresh) => *s = fresh,
+                    Err(p) => {
+                        p.release_all(Release::Run);
+                        return true;
+                    }
                 }
                 let cpus = s.target.threads();
                 link::send_control(Message::Stopped { cpus });
             }
-            Polled::Gdb(n) => {
-                for &b in &buf[..n] {
-                    feed(hv, s, me, b);
+            Some(Routed::Gdb(bytes)) => {
+                for &b in bytes {
+                    feed(s, me, b);
                 }
             }
         }
         match &s.stub {
             None => {
-                // Detached (or the session broke): every CPU runs per the devirt policy.
-                let action = match s.target.policy {
-                    Devirt::Deactivate => Resume::Leave,
-                    Devirt::Stay => Resume::Continue,
-                };
-                link::send_control(Message::Ended(if s.target.killed {
-                    End::Killed
-                } else {
-                    End::Detached
-                }));
-                *guard = None;
-                LEAVE_AFTER_DETACH.store(action == Resume::Leave, Release);
-                release_all(hv, action);
-                return;
+                end(hv, s);
+                return true;
             }
-            Some(GdbStubStateMachine::Running(_)) => return,
+            Some(GdbStubStateMachine::Running(_)) => {
+                s.target.parked = None;
+                return false;
+            }
             Some(_) => {}
         }
     }
 }
 
-/// A new session: the target's state from the parked CPUs, and a stub waiting for gdb.
-fn start(hv: &Hv) -> Option<Session> {
-    let mut target = Debugger::new(hv);
-    LEAVE_AFTER_DETACH.store(false, Release);
-    KERNEL_SLOTS.store(target.kernel_slots, Release);
-    for i in 0..hv.cpus {
-        let d = dbg_of(hv, i);
-        d.kernel_dr = d.dr;
-        d.reason = Reason::None;
+/// The session is over (detached, killed, or broken): every CPU runs per the devirt policy,
+/// and the bridge is told.
+fn end(_hv: &Hv, s: &mut Session) {
+    let release = match s.target.policy {
+        Devirt::Deactivate => Release::Leave,
+        Devirt::Stay => Release::Run,
+    };
+    link::send_control(Message::Ended(if s.target.killed {
+        End::Killed
+    } else {
+        End::Detached
+    }));
+    LEAVE_AFTER_DETACH.store(release == Release::Leave, Release);
+    if let Some(p) = s.target.parked.take() {
+        p.release_all(release);
     }
+}
+
+/// A new session: the target's state from the parked CPUs, and a stub waiting for gdb. The
+/// caller dropped any earlier stub, the only other user of the packet buffer.
+fn start(hv: &'static Hv, p: Parked) -> Result<Session, Parked> {
+    LEAVE_AFTER_DETACH.store(false, Release);
+    let mut target = Debugger::new(hv, p);
+    KERNEL_SLOTS.store(target.kernel_slots, Release);
     let conn = Conn {
         buf: [0; MAX_PAYLOAD],
         len: 0,
     };
-    // SAFETY: one session at a time: the previous stub, the only other user of the buffer,
-    // was dropped (the caller replaces it under the session lock).
+    // SAFETY: one session at a time, under the session lock, and the caller dropped the
+    // previous stub (the only other borrower of the buffer) before calling.
     let buf: &'static mut [u8] = unsafe { &mut *core::ptr::addr_of_mut!(PACKET_BUF) };
     let stub = GdbStubBuilder::new(conn)
         .with_packet_buffer(buf)
         .build()
-        .ok()?
-        .run_state_machine(&mut target)
-        .ok()?;
-    Some(Session {
-        target,
-        stub: Some(stub),
-    })
+        .ok()
+        .and_then(|b| b.run_state_machine(&mut target).ok());
+    match stub {
+        Some(stub) => Ok(Session {
+            target,
+            stub: Some(stub),
+        }),
+        None => Err(target.parked.take().unwrap_or_else(|| unreachable!())),
+    }
 }
 
 /// Feeds one byte of gdb's; handles what it turns the stub into.
-fn feed(hv: &Hv, s: &mut Session, me: u32, b: u8) {
+fn feed(s: &mut Session, me: u32, b: u8) {
     let Some(stub) = s.stub.take() else { return };
     let next = match stub {
         GdbStubStateMachine::Idle(g) => g.incoming_data(&mut s.target, b),
         GdbStubStateMachine::Running(g) => g.incoming_data(&mut s.target, b),
         GdbStubStateMachine::CtrlCInterrupt(g) => {
             // Everything is stopped already: the interrupt is the stop.
-            let reason = stop_reason(hv, &s.target, me);
+            let reason = stop_reason(&mut s.target, me);
             g.interrupt_handled(&mut s.target, Some(reason))
         }
         GdbStubStateMachine::Disconnected(g) => {
@@ -313,10 +379,10 @@ fn feed(hv: &Hv, s: &mut Session, me: u32, b: u8) {
         Ok(GdbStubStateMachine::CtrlCInterrupt(g)) => {
             // gdb's Ctrl-C while we are still parked (it followed a resume in the same
             // chunk): take the resume back and report the stop.
-            for i in 0..hv.cpus {
-                dbg_of(hv, i).action = Resume::Stay;
+            if let Some(p) = s.target.parked.as_ref() {
+                p.release_all(Release::Stay);
             }
-            let reason = stop_reason(hv, &s.target, me);
+            let reason = stop_reason(&mut s.target, me);
             g.interrupt_handled(&mut s.target, Some(reason)).ok()
         }
         Ok(GdbStubStateMachine::Disconnected(g)) => {
@@ -343,11 +409,8 @@ fn disconnected(s: &mut Session, reason: DisconnectReason) {
 
 /// Tells gdb why everything stopped: the leader's reason, or another CPU's if the leader
 /// was only stopped by an NMI.
-fn report(hv: &Hv, s: &mut Session, me: u32) {
-    let reason = stop_reason(hv, &s.target, me);
-    for i in 0..hv.cpus {
-        dbg_of(hv, i).reason = Reason::None;
-    }
+fn report(s: &mut Session, me: u32) {
+    let reason = stop_reason(&mut s.target, me);
     let who = match reason {
         MultiThreadStopReason::SwBreak(t)
         | MultiThreadStopReason::HwBreak(t)
@@ -355,12 +418,19 @@ fn report(hv: &Hv, s: &mut Session, me: u32) {
         | MultiThreadStopReason::SignalWithThread { tid: t, .. } => t.get() as u32 - 1,
         _ => me,
     };
-    let save = &stop::cpu_of(hv, who).vmcb.save;
-    let (rip, rsp, rbp) = (
-        save.rip.to_le_bytes(),
-        save.rsp.to_le_bytes(),
-        stop::cpu_of(hv, who).state.regs.rbp.to_le_bytes(),
-    );
+    let Some(p) = s.target.parked.as_mut() else {
+        return;
+    };
+    for i in 0..MAX as u32 {
+        if let Some(st) = p.get(i) {
+            st.dbg.reason = Reason::None;
+        }
+    }
+    let (rip, rsp, rbp) = match p.peek(who) {
+        Some(st) => (st.state.rip, st.state.rsp, st.state.gprs.rbp),
+        None => (0, 0, 0),
+    };
+    let (rip, rsp, rbp) = (rip.to_le_bytes(), rsp.to_le_bytes(), rbp.to_le_bytes());
     let mut expedite = [
         (regs::RIP, &rip[..]),
         (regs::RSP, &rsp[..]),
@@ -383,22 +453,29 @@ fn report(hv: &Hv, s: &mut Session, me: u32) {
 
 /// The stop to report: the leader's reason, or another parked CPU's if the leader was only
 /// stopped by an NMI (or an attach); a Ctrl-C if nobody had one.
-fn stop_reason(hv: &Hv, t: &Debugger, me: u32) -> MultiThreadStopReason<u64> {
+fn stop_reason(t: &mut Debugger, me: u32) -> MultiThreadStopReason<u64> {
+    let reason_of = |t: &Debugger, i: u32| {
+        t.parked
+            .as_ref()
+            .and_then(|p| p.peek(i))
+            .map_or(Reason::None, |st| st.dbg.reason)
+    };
+    let quiet = |r: Reason| matches!(r, Reason::None | Reason::Attach);
     let mut who = me;
-    let mut why = dbg_of(hv, me).reason;
-    if matches!(why, Reason::None | Reason::Attach) {
-        if let Some(i) = (0..hv.cpus).find(|&i| {
-            let d = dbg_of(hv, i);
-            d.parked.load(Acquire) && !matches!(d.reason, Reason::None | Reason::Attach)
-        }) {
-            who = i;
-            why = dbg_of(hv, i).reason;
-        } else {
-            why = Reason::Interrupt;
+    let mut why = reason_of(t, me);
+    if quiet(why) {
+        match (0..MAX as u32).find(|&i| !quiet(reason_of(t, i))) {
+            Some(i) => {
+                who = i;
+                why = reason_of(t, i);
+            }
+            None => why = Reason::Interrupt,
         }
     }
     if why == Reason::HwBreak {
-        dbg_of(hv, who).resume_rf = true;
+        if let Some(st) = t.parked.as_mut().and_then(|p| p.get(who)) {
+            st.dbg.resume_rf = true;
+        }
     }
     let tid = NonZeroUsize::new(who as usize + 1).unwrap_or(NonZeroUsize::MIN);
     match why {
@@ -424,14 +501,5 @@ fn stop_reason(hv: &Hv, t: &Debugger, me: u32) -> MultiThreadStopReason<u64> {
             tid,
             signal: Signal::SIGINT,
         },
-    }
-}
-
-fn release_all(hv: &Hv, action: Resume) {
-    for i in 0..hv.cpus {
-        let d = dbg_of(hv, i);
-        if d.parked.load(Acquire) {
-            d.action = action;
-        }
     }
 }

@@ -4,8 +4,11 @@
 //! DR0-3 slots the kernel does not use; `monitor` commands.
 
 use super::regs::{gpr, sys, X86Regs, X86_64Sys};
-use super::stop::{cpu_of, dbg_of, Resume};
+use crate::arch::parts;
+use crate::cpu_state::CpuState;
 use crate::paging;
+use crate::rendezvous::Release;
+use crate::vcpu::Parked;
 use crate::vmm::{self, Hv, COUNTERS};
 use core::fmt::Write;
 use core::num::NonZeroUsize;
@@ -90,6 +93,9 @@ pub fn dr7_fields(n: usize) -> u64 {
 /// The target state of a session.
 pub struct Debugger {
     hv: &'static Hv,
+    /// The leader's access to the parked CPUs, lent by `session::lead` while it serves gdb
+    /// (and taken back before the CPUs are released).
+    pub parked: Option<Parked>,
     sw: [Option<(u64, u8)>; MAX_SW],
     pub hw: [Option<HwSlot>; 4],
     /// Slots the kernel had enabled when the session began (never touched).
@@ -106,20 +112,23 @@ fn cpu_index(tid: Tid) -> u32 {
 }
 
 impl Debugger {
-    pub fn new(hv: &Hv) -> Debugger {
-        // SAFETY: `hv` is the global, which lives as long as the image.
-        let hv: &'static Hv = unsafe { &*(hv as *const Hv) };
+    /// A new session's target, with every parked CPU's debug state reset: the kernel's DR0-3
+    /// are recorded (put back at detach), its enabled slots left alone.
+    pub fn new(hv: &'static Hv, mut p: Parked) -> Debugger {
         let mut kernel_slots = 0u8;
         for i in 0..hv.cpus {
-            let dr7 = cpu_of(hv, i).vmcb.save.dr7;
+            let Some(st) = p.get(i) else { continue };
+            st.dbg.kernel_dr = st.state.dr;
+            st.dbg.reason = super::Reason::None;
             for n in 0..4 {
-                if dr7 & (0b11 << (2 * n)) != 0 {
+                if st.state.dr7 & (0b11 << (2 * n)) != 0 {
                     kernel_slots |= 1 << n;
                 }
             }
         }
         Debugger {
             hv,
+            parked: Some(p),
             sw: [None; MAX_SW],
             hw: [None; 4],
             kernel_slots,
@@ -132,22 +141,32 @@ impl Debugger {
 
     /// Number of CPUs gdb sees (the parked ones).
     pub fn threads(&self) -> u32 {
-        (0..self.hv.cpus)
-            .filter(|&i| dbg_of(self.hv, i).parked.load(Acquire))
-            .count() as u32
+        self.parked.as_ref().map_or(0, |p| p.parked().count() as u32)
     }
 
-    fn parked(&self, tid: Tid) -> Option<u32> {
+    /// The CPU of `tid`, if it is parked.
+    fn parked_cpu(&self, tid: Tid) -> Option<u32> {
         let i = cpu_index(tid);
-        (i < self.hv.cpus && dbg_of(self.hv, i).parked.load(Acquire)).then_some(i)
+        self.parked.as_ref()?.is_parked(i).then_some(i)
     }
 
     /// The CR3 memory accesses go through: the thread's CPU's, or the first parked one's.
     fn cr3(&self, tid: Option<Tid>) -> Option<u64> {
+        let p = self.parked.as_ref()?;
         let i = tid
-            .and_then(|t| self.parked(t))
-            .or_else(|| (0..self.hv.cpus).find(|&i| dbg_of(self.hv, i).parked.load(Acquire)))?;
-        Some(cpu_of(self.hv, i).vmcb.save.cr3)
+            .and_then(|t| self.parked_cpu(t))
+            .or_else(|| p.parked().next())?;
+        Some(p.peek(i)?.state.cr3)
+    }
+
+    /// Tells every parked CPU gdb's resume action (`Stay` keeps it parked).
+    fn set_action(&mut self, i: u32, r: Release, step: bool) {
+        if let Some(p) = self.parked.as_mut() {
+            p.set_release(i, r);
+            if let Some(st) = p.get(i) {
+                st.dbg.step = step;
+            }
+        }
     }
 
     pub fn sw_breakpoint_at(&self, addr: u64) -> bool {
@@ -160,16 +179,27 @@ impl Debugger {
             .fold(0, |m, n| m | 1 << n)
     }
 
-    /// Takes every INT3 out and disarms every slot (detach, or a session replaced).
-    pub fn remove_all(&mut self) {
+    /// Takes every INT3 out and disarms every slot (detach, or a session replaced). A removal
+    /// that fails is tried once more; returns how many INT3s are left in the kernel's memory
+    /// (counted in the statistics: a clean detach is never claimed with one left).
+    pub fn remove_all(&mut self) -> u32 {
         let cr3 = self.cr3(None);
+        let mut left = 0;
         for bp in self.sw.iter_mut() {
-            if let (Some((addr, orig)), Some(cr3)) = (*bp, cr3) {
-                let _ = patch(self.hv, cr3, addr, 0xCC, orig);
+            if let Some((addr, orig)) = *bp {
+                let undo = |cr3| patch(self.hv, cr3, addr, 0xCC, orig);
+                let removed = cr3.is_some_and(|cr3| undo(cr3).is_some() || undo(cr3).is_some());
+                if !removed {
+                    left += 1;
+                }
             }
             *bp = None;
         }
         self.hw = [None; 4];
+        if left > 0 {
+            COUNTERS.breakpoints_left.fetch_add(left as u64, Relaxed);
+        }
+        left
     }
 }
 
@@ -237,6 +267,124 @@ fn canonical(a: u64) -> bool {
     top == 0 || top == 0x1_FFFF
 }
 
+/// gdb's view of a CPU's state (the `g` packet).
+pub fn registers_from_state(st: &CpuState, r: &mut X86Regs) {
+    let g = &st.gprs;
+    r.gpr = [
+        st.rax, g.rbx, g.rcx, g.rdx, g.rsi, g.rdi, g.rbp, st.rsp, g.r8, g.r9, g.r10, g.r11,
+        g.r12, g.r13, g.r14, g.r15,
+    ];
+    r.rip = st.rip;
+    r.eflags = st.rflags as u32;
+    r.seg = [st.cs, st.ss, st.ds, st.es, st.fs, st.gs].map(|s| s.selector as u32);
+    let fx = st.xsave.legacy();
+    for (n, reg) in r.st.iter_mut().enumerate() {
+        reg.copy_from_slice(&fx[32 + 16 * n..42 + 16 * n]);
+    }
+    let w16 = |o: usize| u16::from_le_bytes([fx[o], fx[o + 1]]) as u32;
+    let w32 = |o: usize| u32::from_le_bytes([fx[o], fx[o + 1], fx[o + 2], fx[o + 3]]);
+    // FXSAVE keeps an abridged tag (1 bit per register, 1 = valid); gdb wants the full one
+    // (2 bits, 11 = empty). Valid registers are reported as valid (00).
+    let abridged = fx[4];
+    let ftag = (0..8).fold(0u32, |t, n| {
+        t | if abridged & (1 << n) == 0 {
+            3 << (2 * n)
+        } else {
+            0
+        }
+    });
+    r.fpu = [
+        w16(0),
+        w16(2),
+        ftag,
+        w16(12),
+        w32(8),
+        w16(20),
+        w32(16),
+        w16(6) & 0x7FF,
+    ];
+    for (n, x) in r.xmm.iter_mut().enumerate() {
+        let o = 160 + 16 * n;
+        *x = u128::from_le_bytes(fx[o..o + 16].try_into().unwrap_or([0; 16]));
+    }
+    r.mxcsr = w32(24);
+    r.fs_base = st.fs.base;
+    r.gs_base = st.gs.base;
+    r.sys = [
+        st.msrs.kernel_gs_base,
+        st.cr0,
+        st.cr2,
+        st.cr3,
+        st.cr4,
+        st.cr8,
+        st.msrs.efer,
+    ];
+}
+
+/// gdb's `G` packet into a CPU's state: which parts changed (`arch::parts`), or `None` for
+/// a value the CPU would refuse (a non-canonical RIP or base). Selectors, CR0/CR3/CR4 and EFER
+/// are shown, not written: changing them under a running kernel is not a debugger's job. CR2
+/// is harmless.
+pub fn registers_into_state(r: &X86Regs, st: &mut CpuState) -> Option<u8> {
+    let bases = [r.fs_base, r.gs_base, r.sys[sys::K_GS_BASE]];
+    if !canonical(r.rip) || !bases.iter().all(|&b| canonical(b)) {
+        return None;
+    }
+    let v = &r.gpr;
+    // What a `G` may change besides the FPU (compared after, without copying the XSAVE area).
+    let regs = |st: &CpuState| {
+        (
+            st.rax,
+            st.rsp,
+            st.gprs,
+            st.rip,
+            st.rflags,
+            st.cr2,
+            [st.fs.base, st.gs.base, st.msrs.kernel_gs_base],
+        )
+    };
+    let before = regs(st);
+    st.rax = v[gpr::RAX];
+    st.rsp = v[gpr::RSP];
+    let g = &mut st.gprs;
+    [g.rbx, g.rcx, g.rdx, g.rsi, g.rdi, g.rbp] = [
+        v[gpr::RBX],
+        v[gpr::RCX],
+        v[gpr::RDX],
+        v[gpr::RSI],
+        v[gpr::RDI],
+        v[gpr::RBP],
+    ];
+    [g.r8, g.r9, g.r10, g.r11, g.r12, g.r13, g.r14, g.r15] =
+        [v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]];
+    st.rip = r.rip;
+    // Reserved bit 1 stays set; VM and VIF/VIP cannot be chosen in long mode.
+    st.rflags = (r.eflags as u64 & 0x3F_7FD5) | 2;
+    st.cr2 = r.sys[sys::CR2];
+    [st.fs.base, st.gs.base, st.msrs.kernel_gs_base] = bases;
+    let mut fx = st.xsave.legacy();
+    let old_fx = fx;
+    for (n, reg) in r.st.iter().enumerate() {
+        fx[32 + 16 * n..42 + 16 * n].copy_from_slice(reg);
+    }
+    fx[0..2].copy_from_slice(&(r.fpu[0] as u16).to_le_bytes());
+    fx[2..4].copy_from_slice(&(r.fpu[1] as u16).to_le_bytes());
+    for (n, x) in r.xmm.iter().enumerate() {
+        fx[160 + 16 * n..176 + 16 * n].copy_from_slice(&x.to_le_bytes());
+    }
+    // Reserved MXCSR bits make XRSTOR fault: keep the architectural ones only.
+    fx[24..28].copy_from_slice(&(r.mxcsr & 0xFFFF).to_le_bytes());
+    let mut changed = 0;
+    if fx != old_fx {
+        st.xsave.set_legacy(&fx);
+        changed |= parts::XSAVE;
+    }
+    if regs(st) != before {
+        changed |= parts::REGS;
+    }
+    Some(changed)
+}
+
 impl Target for Debugger {
     type Arch = X86_64Sys;
     type Error = &'static str;
@@ -257,108 +405,25 @@ impl Target for Debugger {
 
 impl MultiThreadBase for Debugger {
     fn read_registers(&mut self, r: &mut X86Regs, tid: Tid) -> TargetResult<(), Self> {
-        let i = self.parked(tid).ok_or(TargetError::NonFatal)?;
-        let c = cpu_of(self.hv, i);
-        let (s, g, d) = (&c.vmcb.save, &c.state.regs, &c.state.dbg);
-        r.gpr = [
-            s.rax, g.rbx, g.rcx, g.rdx, g.rsi, g.rdi, g.rbp, s.rsp, g.r8, g.r9, g.r10, g.r11,
-            g.r12, g.r13, g.r14, g.r15,
-        ];
-        r.rip = s.rip;
-        // The hv's own TF of a step in progress is not the guest's.
-        r.eflags = s.rflags as u32;
-        r.seg = [
-            s.cs.selector as u32,
-            s.ss.selector as u32,
-            s.ds.selector as u32,
-            s.es.selector as u32,
-            d.fs as u32,
-            d.gs as u32,
-        ];
-        let fx = &d.fx;
-        for (n, st) in r.st.iter_mut().enumerate() {
-            st.copy_from_slice(&fx[32 + 16 * n..42 + 16 * n]);
-        }
-        let w16 = |o: usize| u16::from_le_bytes([fx[o], fx[o + 1]]) as u32;
-        let w32 = |o: usize| u32::from_le_bytes([fx[o], fx[o + 1], fx[o + 2], fx[o + 3]]);
-        // FXSAVE keeps an abridged tag (1 bit per register, 1 = valid); gdb wants the full
-        // one (2 bits, 11 = empty). Valid registers are reported as valid (00).
-        let abridged = fx[4];
-        let ftag = (0..8).fold(0u32, |t, n| {
-            t | if abridged & (1 << n) == 0 {
-                3 << (2 * n)
-            } else {
-                0
-            }
-        });
-        r.fpu = [
-            w16(0),
-            w16(2),
-            ftag,
-            w16(12),
-            w32(8),
-            w16(20),
-            w32(16),
-            w16(6) & 0x7FF,
-        ];
-        for (n, x) in r.xmm.iter_mut().enumerate() {
-            let o = 160 + 16 * n;
-            *x = u128::from_le_bytes(fx[o..o + 16].try_into().unwrap_or([0; 16]));
-        }
-        r.mxcsr = w32(24);
-        r.fs_base = d.fs_base;
-        r.gs_base = d.gs_base;
-        r.sys = [d.kernel_gs_base, s.cr0, s.cr2, s.cr3, s.cr4, d.cr8, s.efer];
+        let i = self.parked_cpu(tid).ok_or(TargetError::NonFatal)?;
+        let st = self
+            .parked
+            .as_ref()
+            .and_then(|p| p.peek(i))
+            .ok_or(TargetError::NonFatal)?;
+        registers_from_state(&st.state, r);
         Ok(())
     }
 
     fn write_registers(&mut self, r: &X86Regs, tid: Tid) -> TargetResult<(), Self> {
-        let i = self.parked(tid).ok_or(TargetError::NonFatal)?;
-        let c = cpu_of(self.hv, i);
-        let (s, g, d) = (&mut c.vmcb.save, &mut c.state.regs, &mut c.state.dbg);
-        let v = &r.gpr;
-        s.rax = v[gpr::RAX];
-        [g.rbx, g.rcx, g.rdx, g.rsi, g.rdi, g.rbp] = [
-            v[gpr::RBX],
-            v[gpr::RCX],
-            v[gpr::RDX],
-            v[gpr::RSI],
-            v[gpr::RDI],
-            v[gpr::RBP],
-        ];
-        s.rsp = v[gpr::RSP];
-        [g.r8, g.r9, g.r10, g.r11, g.r12, g.r13, g.r14, g.r15] =
-            [v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]];
-        if !canonical(r.rip) {
-            return Err(TargetError::NonFatal);
-        }
-        s.rip = r.rip;
-        // Reserved bit 1 stays set; VM and VIF/VIP cannot be chosen in long mode.
-        s.rflags = (r.eflags as u64 & 0x3F_7FD5) | 2;
-        // Selectors, CR0/CR3/CR4 and EFER are shown, not written: changing them under a
-        // running kernel is not a debugger's job. CR2 is harmless.
-        s.cr2 = r.sys[sys::CR2];
-        let fx = &mut d.fx;
-        let before = *fx;
-        for (n, st) in r.st.iter().enumerate() {
-            fx[32 + 16 * n..42 + 16 * n].copy_from_slice(st);
-        }
-        fx[0..2].copy_from_slice(&(r.fpu[0] as u16).to_le_bytes());
-        fx[2..4].copy_from_slice(&(r.fpu[1] as u16).to_le_bytes());
-        for (n, x) in r.xmm.iter().enumerate() {
-            fx[160 + 16 * n..176 + 16 * n].copy_from_slice(&x.to_le_bytes());
-        }
-        // Reserved MXCSR bits make FXRSTOR fault: keep the architectural ones only.
-        fx[24..28].copy_from_slice(&(r.mxcsr & 0xFFFF).to_le_bytes());
-        d.fx_dirty |= *fx != before;
-        let bases = [r.fs_base, r.gs_base, r.sys[sys::K_GS_BASE]];
-        if bases != [d.fs_base, d.gs_base, d.kernel_gs_base] {
-            if !bases.iter().all(|&b| canonical(b)) {
-                return Err(TargetError::NonFatal);
-            }
-            [d.fs_base, d.gs_base, d.kernel_gs_base] = bases;
-            d.bases_dirty = true;
-        }
+        let i = self.parked_cpu(tid).ok_or(TargetError::NonFatal)?;
+        let st = self
+            .parked
+            .as_mut()
+            .and_then(|p| p.get(i))
+            .ok_or(TargetError::NonFatal)?;
+        let changed = registers_into_state(r, &mut st.state).ok_or(TargetError::NonFatal)?;
+        st.dirty |= changed;
         Ok(())
     }
 
@@ -380,11 +445,9 @@ impl MultiThreadBase for Debugger {
     }
 
     fn list_active_threads(&mut self, active: &mut dyn FnMut(Tid)) -> Result<(), &'static str> {
-        for i in 0..self.hv.cpus {
-            if dbg_of(self.hv, i).parked.load(Acquire) {
-                if let Some(t) = NonZeroUsize::new(i as usize + 1) {
-                    active(t);
-                }
+        for i in self.parked.iter().flat_map(|p| p.parked()) {
+            if let Some(t) = NonZeroUsize::new(i as usize + 1) {
+                active(t);
             }
         }
         Ok(())
@@ -424,15 +487,17 @@ impl Write for Buf<'_> {
 
 impl MultiThreadResume for Debugger {
     fn resume(&mut self) -> Result<(), &'static str> {
-        let default = if self.scheduler_lock {
-            Resume::Stay
-        } else {
-            Resume::Continue
-        };
+        if self.scheduler_lock {
+            return Ok(());
+        }
+        // gdb's "the rest continue": every CPU it said nothing about.
         for i in 0..self.hv.cpus {
-            let d = dbg_of(self.hv, i);
-            if d.parked.load(Acquire) && d.action == Resume::Stay {
-                d.action = default;
+            let stays = self
+                .parked
+                .as_ref()
+                .is_some_and(|p| p.is_parked(i) && p.release_of(i) == Release::Stay);
+            if stays {
+                self.set_action(i, Release::Run, false);
             }
         }
         Ok(())
@@ -441,7 +506,7 @@ impl MultiThreadResume for Debugger {
     fn clear_resume_actions(&mut self) -> Result<(), &'static str> {
         self.scheduler_lock = false;
         for i in 0..self.hv.cpus {
-            dbg_of(self.hv, i).action = Resume::Stay;
+            self.set_action(i, Release::Stay, false);
         }
         Ok(())
     }
@@ -451,8 +516,8 @@ impl MultiThreadResume for Debugger {
         tid: Tid,
         _signal: Option<Signal>,
     ) -> Result<(), &'static str> {
-        let i = self.parked(tid).ok_or("no such CPU")?;
-        dbg_of(self.hv, i).action = Resume::Continue;
+        let i = self.parked_cpu(tid).ok_or("no such CPU")?;
+        self.set_action(i, Release::Run, false);
         Ok(())
     }
 
@@ -471,8 +536,8 @@ impl MultiThreadSingleStep for Debugger {
         tid: Tid,
         _signal: Option<Signal>,
     ) -> Result<(), &'static str> {
-        let i = self.parked(tid).ok_or("no such CPU")?;
-        dbg_of(self.hv, i).action = Resume::Step;
+        let i = self.parked_cpu(tid).ok_or("no such CPU")?;
+        self.set_action(i, Release::Run, true);
         Ok(())
     }
 }
@@ -673,8 +738,7 @@ impl MonitorCmd for Debugger {
                     }
                 );
                 outputln!(out, "hv code intact: {}", hv.code_intact());
-                let us = super::stop::LAST_GATHER_CYCLES.load(Relaxed) * 1000
-                    / (hv.tsc_khz as u64).max(1);
+                let us = crate::vcpu::STOP.last_gather_ticks() * 1000 / (hv.tsc_khz as u64).max(1);
                 outputln!(out, "last stop gathered every CPU in {us} us");
             }
             "stats" => {
@@ -687,7 +751,9 @@ impl MonitorCmd for Debugger {
                     COUNTERS.hv_refusals.load(Relaxed)
                 );
                 for i in 0..hv.cpus {
-                    let s = cpu_of(hv, i).state.stats_snapshot();
+                    let Some(s) = hv.cpu(i).map(|c| c.shared.stats()) else {
+                        continue;
+                    };
                     if s.seen == 0 {
                         continue;
                     }
@@ -726,23 +792,26 @@ impl MonitorCmd for Debugger {
             },
             "cpus" => {
                 for i in 0..hv.cpus {
-                    let c = cpu_of(hv, i);
-                    if !c.state.is_active() {
+                    let Some(c) = hv.cpu(i).filter(|c| c.shared.is_active()) else {
                         continue;
+                    };
+                    let apic = c.shared.apic_id();
+                    match self.parked.as_ref().and_then(|p| p.peek(i)) {
+                        Some(st) => {
+                            let s = &st.state;
+                            outputln!(
+                                out,
+                                "cpu {i} (thread {}): apic {apic} stopped rip {:#x} cpl {} cr3 {:#x} dr7 {:#x} dr0-3 {:x?}",
+                                i + 1,
+                                s.rip,
+                                s.cpl,
+                                s.cr3,
+                                s.dr7,
+                                s.dr
+                            );
+                        }
+                        None => outputln!(out, "cpu {i}: apic {apic} running"),
                     }
-                    let d = &c.state.dbg;
-                    outputln!(
-                        out,
-                        "cpu {i} (thread {}): apic {} {} rip {:#x} cpl {} cr3 {:#x} dr7 {:#x} dr0-3 {:x?}",
-                        i + 1,
-                        d.apic_id,
-                        if d.parked.load(Acquire) { "stopped" } else { "running" },
-                        c.vmcb.save.rip,
-                        c.vmcb.save.cpl,
-                        c.vmcb.save.cr3,
-                        c.vmcb.save.dr7,
-                        d.dr
-                    );
                 }
             }
             "devirt" => {

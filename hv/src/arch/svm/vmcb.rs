@@ -7,15 +7,8 @@
 use core::mem::offset_of;
 
 /// A segment register in the state-save area (APM table B-2): selector, 12-bit packed
-/// attributes, expanded byte limit, base.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VmcbSegment {
-    pub selector: u16,
-    pub attrib: u16,
-    pub limit: u32,
-    pub base: u64,
-}
+/// attributes, expanded byte limit, base. The VMCB's layout is the neutral one.
+pub use crate::arch::context::Segment as VmcbSegment;
 
 /// Control area (APM table B-1).
 #[repr(C)]
@@ -263,46 +256,9 @@ pub mod event {
     }
 }
 
-/// Packs the attribute bits of a GDT descriptor into the VMCB's 12-bit form:
-/// descriptor bits 47:40 (type, S, DPL, P) then 55:52 (AVL, L, D/B, G) (APM 15.5.1).
-pub const fn pack_attrib(descriptor: u64) -> u16 {
-    (((descriptor >> 40) & 0xFF) | (((descriptor >> 52) & 0xF) << 8)) as u16
-}
-
-/// The expanded byte limit of a GDT descriptor (granularity applied).
-pub const fn expand_limit(descriptor: u64) -> u32 {
-    let raw = ((descriptor & 0xFFFF) | ((descriptor >> 32) & 0xF_0000)) as u32;
-    if descriptor & (1 << 55) != 0 {
-        (raw << 12) | 0xFFF
-    } else {
-        raw
-    }
-}
-
-/// The 32-bit base of a code/data descriptor.
-pub const fn descriptor_base(descriptor: u64) -> u64 {
-    ((descriptor >> 16) & 0xFF_FFFF) | (((descriptor >> 56) & 0xFF) << 24)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn segment_attributes_pack_as_the_manual_says() {
-        // Linux __KERNEL_CS: 64-bit code, present, DPL 0, G: attrib 0xA9B (FACTS.md).
-        let kernel_cs = 0x00af_9b00_0000_ffff_u64;
-        assert_eq!(pack_attrib(kernel_cs), 0xA9B);
-        assert_eq!(expand_limit(kernel_cs), 0xFFFF_FFFF);
-        // __KERNEL_DS: data, writable, accessed: 0xC93.
-        let kernel_ds = 0x00cf_9300_0000_ffff_u64;
-        assert_eq!(pack_attrib(kernel_ds), 0xC93);
-        // A busy 64-bit TSS with a byte-granular limit of 0x67: 0x08B.
-        let tss_low = 0x0000_8b00_0000_0067_u64 | (0x12_3456 << 16) | (0x78 << 56);
-        assert_eq!(pack_attrib(tss_low), 0x08B);
-        assert_eq!(expand_limit(tss_low), 0x67);
-        assert_eq!(descriptor_base(tss_low), 0x7812_3456);
-    }
 
     #[test]
     fn events_encode_as_the_manual_says() {

@@ -1,0 +1,194 @@
+//! The part of a guest CPU's state that no world switch touches: it stays in the CPU while
+//! the hv runs in host mode, so it is read and written there, on that CPU, with ordinary
+//! instructions. XSAVE state, DR0-3, CR8, XCR0, TSC_AUX and the local APIC (AMD APM vol. 2,
+//! 16.3-16.4: xAPIC registers at their MMIO page, identity-mapped in the hv's tables; x2APIC
+//! registers as MSRs 0x800 + offset / 16).
+
+use super::instr::{self, msr};
+use crate::cpu_state::{apic_reg, CpuState, LocalApic, LVT_COUNT, XSAVE_AREA_SIZE};
+
+/// Does the XSAVE area fit what this CPU enables? (`init` refuses a CPU where it does not.)
+pub fn xsave_fits() -> bool {
+    if instr::xgetbv0() == 0 {
+        return true;
+    }
+    instr::cpuid(0xD, 0)[1] as usize <= XSAVE_AREA_SIZE
+}
+
+/// Reads the live part of the state into `s` (on the CPU itself, host mode after an exit).
+pub fn capture(s: &mut CpuState) {
+    s.xcr0 = instr::xgetbv0();
+    let area = s.xsave.0.as_mut_ptr();
+    if s.xcr0 != 0 {
+        // The header must be clean for a later XRSTOR: XSAVE writes XSTATE_BV and leaves the
+        // rest of the header, which a capture into a reused area must not inherit.
+        s.xsave.0[512..576].fill(0);
+        // SAFETY: CR4.OSXSAVE is set (xcr0 != 0); the area is 64-byte aligned and large enough
+        // for XCR0's components (checked by `init` through `xsave_fits`).
+        unsafe { instr::xsave(area, s.xcr0) };
+    } else {
+        // SAFETY: 512 bytes, 16-byte aligned (the area is 64-byte aligned); Linux runs with
+        // CR0.TS clear (eager FPU) and host mode has the guest's CR0.
+        unsafe { instr::fxsave(area.cast()) };
+    }
+    for (n, d) in s.dr.iter_mut().enumerate() {
+        *d = instr::read_dr(n as u8);
+    }
+    s.cr8 = instr::read_cr8();
+    s.msrs.tsc_aux = if has_tsc_aux() {
+        // SAFETY: TSC_AUX exists where CPUID says RDTSCP is supported (checked).
+        unsafe { instr::rdmsr(msr::TSC_AUX) }
+    } else {
+        0
+    };
+    s.apic = capture_apic();
+}
+
+/// Writes the x87/SSE/AVX state back (a debugger changed it, or a restore).
+pub fn restore_xsave(s: &CpuState) {
+    let area = s.xsave.0.as_ptr();
+    if s.xcr0 != 0 {
+        // SAFETY: an image XSAVE made on this CPU with the same XCR0 (host mode does not
+        // change XCR0); a debugger's writes go through `XsaveArea::set_legacy`, which keeps
+        // the header valid, and MXCSR's reserved bits clear (the debugger masks them).
+        unsafe { instr::xrstor(area, s.xcr0) };
+    } else {
+        // SAFETY: an FXSAVE image, MXCSR reserved bits clear, as above.
+        unsafe { instr::fxrstor(area.cast()) };
+    }
+}
+
+/// Writes back the live part of the state other than XSAVE (see [`restore_xsave`]) and the
+/// debug registers, which the debugger owns while a session is on.
+pub fn restore(s: &CpuState) {
+    // SAFETY: the guest's own CR8 value, captured on this CPU.
+    unsafe { instr::write_cr8(s.cr8) };
+    if has_tsc_aux() {
+        // SAFETY: the MSR exists (checked); the guest's own value.
+        unsafe { instr::wrmsr(msr::TSC_AUX, s.msrs.tsc_aux) };
+    }
+    restore_apic(&s.apic);
+}
+
+fn has_tsc_aux() -> bool {
+    instr::cpuid(0x8000_0001, 0)[3] & (1 << 27) != 0
+}
+
+/// This CPU's local APIC, whichever mode the kernel put it in.
+enum Apic {
+    X2,
+    X(u64),
+}
+
+impl Apic {
+    fn current() -> Option<(Apic, u64)> {
+        // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU with a local APIC.
+        let base = unsafe { instr::rdmsr(msr::APIC_BASE) };
+        if base & (1 << 11) == 0 {
+            return None;
+        }
+        let apic = if base & (1 << 10) != 0 {
+            Apic::X2
+        } else {
+            Apic::X(base & 0x000F_FFFF_FFFF_F000)
+        };
+        Some((apic, base))
+    }
+
+    fn read(&self, reg: u32) -> u32 {
+        match self {
+            // SAFETY: x2APIC mode is on; the register exists (the offsets used are
+            // architectural and readable).
+            Apic::X2 => unsafe { instr::rdmsr(msr::X2APIC_BASE + (reg >> 4)) as u32 },
+            // SAFETY: the xAPIC page of this CPU, identity-mapped in the hv's tables (host
+            // mode); reading these registers has no side effect.
+            Apic::X(page) => unsafe { ((page + reg as u64) as *const u32).read_volatile() },
+        }
+    }
+
+    fn write(&self, reg: u32, v: u32) {
+        match self {
+            // SAFETY: x2APIC mode is on; the callers write only the kernel's own values into
+            // registers that are writable in this mode.
+            Apic::X2 => unsafe { instr::wrmsr(msr::X2APIC_BASE + (reg >> 4), v as u64) },
+            // SAFETY: the xAPIC page, as in `read`; the kernel's own values.
+            Apic::X(page) => unsafe { ((page + reg as u64) as *mut u32).write_volatile(v) },
+        }
+    }
+}
+
+fn capture_apic() -> LocalApic {
+    let Some((apic, base)) = Apic::current() else {
+        return LocalApic::default();
+    };
+    let x2apic = matches!(apic, Apic::X2);
+    let mut a = LocalApic {
+        present: true,
+        x2apic,
+        base_msr: base,
+        id: apic.read(apic_reg::ID),
+        tpr: apic.read(apic_reg::TPR),
+        ldr: apic.read(apic_reg::LDR),
+        // x2APIC has no DFR (reading it faults).
+        dfr: if x2apic { 0 } else { apic.read(apic_reg::DFR) },
+        svr: apic.read(apic_reg::SVR),
+        timer_divide: apic.read(apic_reg::TIMER_DIVIDE),
+        timer_initial: apic.read(apic_reg::TIMER_INITIAL),
+        timer_current: apic.read(apic_reg::TIMER_CURRENT),
+        ..Default::default()
+    };
+    for (n, lvt) in a.lvt.iter_mut().enumerate().take(LVT_COUNT) {
+        *lvt = apic.read(apic_reg::LVT[n]);
+    }
+    for i in 0..8u32 {
+        a.isr[i as usize] = apic.read(apic_reg::ISR + 0x10 * i);
+        a.irr[i as usize] = apic.read(apic_reg::IRR + 0x10 * i);
+        a.tmr[i as usize] = apic.read(apic_reg::TMR + 0x10 * i);
+    }
+    if a.timer_mode() == 2 {
+        // SAFETY: TSC-deadline mode is only selectable where the MSR exists.
+        a.tsc_deadline = unsafe { instr::rdmsr(msr::TSC_DEADLINE) };
+    }
+    a
+}
+
+/// Writes back the APIC's writable registers. The timer: its LVT and divider first, then the
+/// count. A one-shot timer that was still counting is re-armed with what it had left when
+/// captured (the time the CPU was stopped does not count against it); one that fired
+/// meanwhile is not re-armed (its interrupt is pending in the IRR and will be delivered).
+fn restore_apic(a: &LocalApic) {
+    let Some((apic, base)) = Apic::current() else {
+        return;
+    };
+    if !a.present || base != a.base_msr {
+        // The APIC changed mode or place since the capture: writing the old values into the
+        // other mode's registers would be wrong.
+        return;
+    }
+    apic.write(apic_reg::TPR, a.tpr);
+    if !a.x2apic {
+        apic.write(apic_reg::DFR, a.dfr);
+        apic.write(apic_reg::LDR, a.ldr);
+    }
+    apic.write(apic_reg::SVR, a.svr);
+    for (n, &lvt) in a.lvt.iter().enumerate() {
+        apic.write(apic_reg::LVT[n], lvt);
+    }
+    apic.write(apic_reg::TIMER_DIVIDE, a.timer_divide);
+    match a.timer_mode() {
+        // Periodic: the period is the initial count.
+        1 => apic.write(apic_reg::TIMER_INITIAL, a.timer_initial),
+        // TSC-deadline: the deadline MSR.
+        2 => {
+            if a.tsc_deadline != 0 {
+                // SAFETY: TSC-deadline mode exists here (it was captured in it).
+                unsafe { instr::wrmsr(msr::TSC_DEADLINE, a.tsc_deadline) };
+            }
+        }
+        _ => {
+            if a.timer_current != 0 && apic.read(apic_reg::TIMER_CURRENT) != 0 {
+                apic.write(apic_reg::TIMER_INITIAL, a.timer_current);
+            }
+        }
+    }
+}

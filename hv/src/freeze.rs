@@ -1,0 +1,181 @@
+//! `qsctl freeze MS [--check]`: every CPU stopped for MS milliseconds, then resumed. The
+//! rendezvous' second client after the debugger, and the consistent cut the checkpoint
+//! engine will take: every CPU parked at once, its whole state captured (`CpuState`).
+//!
+//! With [`FREEZE_CHECK`], each CPU, once released, writes its whole captured state back
+//! (registers, segments, MSRs, XSAVE, the local APIC), captures it again and compares: what a
+//! rollback will do, tried in place on a running kernel. The hypercalling CPU leads, waits for
+//! every CPU's verdict, and answers in the caller's [`FreezeArgs`].
+
+use crate::arch::{parts, Gpr, Vcpu, VirtCpu};
+use crate::cpu_state::CpuState;
+use crate::exit::Action;
+use crate::rendezvous::Release;
+use crate::vcpu::{Parked, Stopped};
+use crate::vmm::{self, Hv};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
+use quicksilver_proto::abi::{FreezeArgs, Status, FREEZE_CHECK, FREEZE_MAX_MS};
+
+/// The freeze being made (one at a time: the hypercall that asks is refused while another
+/// is under way).
+struct Request {
+    /// Where the caller's `FreezeArgs` is (guest-physical).
+    gpa: u64,
+    args: FreezeArgs,
+    /// When the request arrived (TSC).
+    asked: u64,
+    /// The CPU that asked, which leads and answers.
+    leader: u32,
+}
+
+static REQUEST: spin::Mutex<Option<Request>> = spin::Mutex::new(None);
+/// CPUs that finished their check since the release.
+static CHECKED: AtomicU32 = AtomicU32::new(0);
+static IDENTICAL: AtomicU32 = AtomicU32::new(0);
+static DIFFERING: AtomicU64 = AtomicU64::new(0);
+/// The first differing CPU's part names are recorded (under the request lock).
+static FIRST_DIFFERENCE_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// `Op::Freeze` from CPU `me`: checks and keeps the request in the guest's buffer at `gpa`.
+/// Every CPU stops once the hypercall is complete (`exit::hypercall`).
+pub fn request(me: u32, gpa: u64, buf: &mut [u8]) -> Status {
+    if buf.len() < core::mem::size_of::<FreezeArgs>() {
+        return Status::BufferTooSmall;
+    }
+    // SAFETY: the buffer holds at least a FreezeArgs (checked); it is plain integers, any
+    // bit pattern is valid, and read_unaligned needs no alignment.
+    let args = unsafe { core::ptr::read_unaligned(buf.as_ptr().cast::<FreezeArgs>()) };
+    if args.ms > FREEZE_MAX_MS || args.flags & !FREEZE_CHECK != 0 {
+        return Status::BadArgument;
+    }
+    if crate::debug::session::attached() {
+        return Status::Busy;
+    }
+    let mut r = REQUEST.lock();
+    if r.is_some() {
+        return Status::Busy;
+    }
+    *r = Some(Request {
+        gpa,
+        args,
+        asked: crate::arch::instr::rdtsc(),
+        leader: me,
+    });
+    Status::Ok
+}
+
+/// The leader, with every CPU parked: holds them for the requested time, then lets them all
+/// run.
+pub fn lead(hv: &Hv, p: Parked) {
+    let khz = hv.tsc_khz as u64;
+    let now = crate::arch::instr::rdtsc;
+    let mut r = REQUEST.lock();
+    let Some(req) = r.as_mut() else {
+        p.release_all(Release::Run);
+        return;
+    };
+    let held_from = now();
+    req.args.cpus = p.parked().count() as u32;
+    req.args.gather_us = (held_from - req.asked) * 1000 / khz.max(1);
+    CHECKED.store(0, Relaxed);
+    IDENTICAL.store(0, Relaxed);
+    DIFFERING.store(0, Relaxed);
+    FIRST_DIFFERENCE_TAKEN.store(false, Relaxed);
+    while now() - held_from < req.args.ms as u64 * khz {
+        core::hint::spin_loop();
+    }
+    req.args.held_us = (now() - held_from) * 1000 / khz.max(1);
+    p.release_all(Release::Run);
+}
+
+/// On each CPU once released: the check, then run on. The leader then waits for every CPU's
+/// verdict and answers.
+pub fn resumed(hv: &Hv, me: u32, vcpu: &mut Vcpu, st: &mut Stopped, release: Release) -> Action {
+    let (check, leader, cpus) = match REQUEST.lock().as_ref() {
+        Some(r) => (r.args.flags & FREEZE_CHECK != 0, r.leader, r.args.cpus),
+        None => (false, u32::MAX, 0),
+    };
+    if check {
+        check_round_trip(me, vcpu, &st.state);
+    }
+    if me == leader {
+        answer(hv, check, cpus);
+    }
+    match release {
+        Release::Leave => Action::Leave,
+        _ => Action::Run,
+    }
+}
+
+/// The freeze this CPU asked for did not happen (it joined a debugger's stop that began
+/// first): the request is dropped and the caller told the CPUs were busy.
+pub fn abandon(hv: &Hv, vcpu: &mut Vcpu) {
+    if let Some(mut req) = REQUEST.lock().take() {
+        req.args.status = Status::Busy as i64;
+        write_args(hv, &req);
+    }
+    vcpu.set_gpr(Gpr::Rax, Status::Busy as i64 as u64);
+}
+
+/// Writes `saved` back, captures again, compares.
+fn check_round_trip(me: u32, vcpu: &mut Vcpu, saved: &CpuState) {
+    let mut again = CpuState::default();
+    // SAFETY: host mode on this CPU, after its release; `saved` was captured here at this
+    // stop and nothing changed it (the freeze's leader only counts).
+    unsafe {
+        vcpu.restore_state(saved, parts::ALL);
+        vcpu.save_state(&mut again);
+    }
+    let mut names = [""; 8];
+    let n = saved.differences(&again, &mut names);
+    if n == 0 {
+        IDENTICAL.fetch_add(1, Relaxed);
+    } else {
+        DIFFERING.fetch_or(1 << (me & 63), Relaxed);
+        if !FIRST_DIFFERENCE_TAKEN.swap(true, AcqRel) {
+            if let Some(r) = REQUEST.lock().as_mut() {
+                let mut at = 0;
+                for name in names.iter().take(n.min(names.len())) {
+                    for &b in name.as_bytes().iter().chain(b",") {
+                        if at < r.args.what.len() - 1 {
+                            r.args.what[at] = b;
+                            at += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    CHECKED.fetch_add(1, Release);
+}
+
+/// The leader's answer, once every stopped CPU has checked (at most 100 ms more: a CPU that
+/// does not get there is counted as not identical).
+fn answer(hv: &Hv, check: bool, cpus: u32) {
+    if check {
+        let start = crate::arch::instr::rdtsc();
+        while CHECKED.load(Acquire) < cpus
+            && crate::arch::instr::rdtsc() - start < 100 * hv.tsc_khz as u64
+        {
+            core::hint::spin_loop();
+        }
+    }
+    let Some(mut req) = REQUEST.lock().take() else {
+        return;
+    };
+    req.args.identical = IDENTICAL.load(Relaxed);
+    req.args.differing_cpus = DIFFERING.load(Relaxed);
+    req.args.status = Status::Ok as i64;
+    write_args(hv, &req);
+}
+
+/// The answer into the caller's buffer.
+fn write_args(hv: &Hv, req: &Request) {
+    let bytes = {
+        let p = &req.args as *const FreezeArgs as *const u8;
+        // SAFETY: FreezeArgs is plain integers with no padding (abi_struct! proves it); the
+        // slice lives as long as the borrow of `req`.
+        unsafe { core::slice::from_raw_parts(p, core::mem::size_of::<FreezeArgs>()) }
+    };
+    vmm::write_guest_phys(hv, req.gpa, bytes);
+}
