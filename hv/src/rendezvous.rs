@@ -552,7 +552,7 @@ mod tests {
             });
         }
         for i in 1..CPUS {
-            assert_eq!(rig.m.nmis_sent[i as usize].load(SeqCst) >= 20, true);
+            assert!(rig.m.nmis_sent[i as usize].load(SeqCst) >= 20);
         }
         assert_eq!(rig.m.foreign.load(SeqCst), 0, "no NMI reached the kernel");
         rig.finish();
@@ -576,7 +576,11 @@ mod tests {
         let t = Instant::now();
         assert_eq!(rig.stop(Release::Run), vec![0, 1, 2]);
         assert!(t.elapsed() >= Duration::from_millis(100));
-        assert_eq!(rig.m.nmis_sent[3].load(SeqCst), 1, "the stop NMI is sent once");
+        assert_eq!(
+            rig.m.nmis_sent[3].load(SeqCst),
+            1,
+            "the stop NMI is sent once"
+        );
         rig.finish();
     }
 
@@ -599,7 +603,10 @@ mod tests {
             during = rig.m.nmis_sent[2].load(SeqCst);
             g.release_all(Release::Run);
         });
-        assert_eq!(during, nmis, "a parked CPU gets no stop NMI (only its wake after)");
+        assert_eq!(
+            during, nmis,
+            "a parked CPU gets no stop NMI (only its wake after)"
+        );
         wait_until("all released", || rig.released.load(SeqCst) == 5);
         rig.finish();
     }

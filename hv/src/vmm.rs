@@ -24,10 +24,10 @@ use crate::vcpu::Cpu;
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
-use spin::Mutex;
 use quicksilver_proto::abi::{InitArgs, Op, Status, STORE_CHUNK_SIZE};
 use quicksilver_proto::image::{ImageHeader, PAGE_SIZE};
 use quicksilver_proto::stats::{self, CpuStats, ExitRecord, StatsHeader};
+use spin::Mutex;
 
 /// Most CPUs this image supports.
 pub const MAX_CPUS: u32 = 64;
@@ -222,7 +222,9 @@ impl Hv {
             .unmap(Gpa(self.base_pa), self.mem_size)
             .unwrap_or(Flush::EveryCpu);
         for c in self.store() {
-            flush |= npt.unmap(Gpa(c.start), STORE_CHUNK_SIZE).unwrap_or(Flush::EveryCpu);
+            flush |= npt
+                .unmap(Gpa(c.start), STORE_CHUNK_SIZE)
+                .unwrap_or(Flush::EveryCpu);
         }
         NPT_TLB.publish(flush);
         // SAFETY: no CPU is in guest mode (the last one is on its way out, in host mode), so
@@ -304,7 +306,8 @@ impl Hv {
         if op == Op::ActiveCpus {
             return COUNTERS.active_cpus.load(Acquire) as i64;
         }
-        match self.guest_buffer(gpa, len) {
+        // SAFETY: a hypercall's buffer, used for this call only.
+        match unsafe { self.guest_buffer(gpa, len) } {
             Ok(buf) => self.control(op, buf, true),
             Err(s) => s as i64,
         }
@@ -313,7 +316,8 @@ impl Hv {
     /// `Op::Freeze` from CPU `me`, on a guest-physical buffer: checked and kept for the
     /// rendezvous that follows the hypercall (`crate::freeze`).
     pub fn freeze_request(&self, me: u32, gpa: u64, len: u64) -> i64 {
-        match self.guest_buffer(gpa, len) {
+        // SAFETY: a hypercall's buffer, used for this call only.
+        match unsafe { self.guest_buffer(gpa, len) } {
             Ok(buf) => crate::freeze::request(me, gpa, buf) as i64,
             Err(s) => s as i64,
         }
@@ -321,7 +325,11 @@ impl Hv {
 
     /// A buffer the guest handed over for a hypercall, by guest-physical address: in the
     /// identity map, outside the hv's memory, at most 1 MiB.
-    fn guest_buffer(&self, gpa: u64, len: u64) -> Result<&mut [u8], Status> {
+    ///
+    /// # Safety
+    /// Host mode; the guest handed `[gpa, gpa + len)` over for the current hypercall, and the
+    /// slice must not be kept beyond it (it is the guest's memory, not the hv's).
+    unsafe fn guest_buffer<'g>(&self, gpa: u64, len: u64) -> Result<&'g mut [u8], Status> {
         let end = match gpa.checked_add(len) {
             Some(e) if e <= self.map_limit && len <= (1 << 20) => e,
             _ => return Err(Status::BadArgument),
@@ -532,7 +540,11 @@ fn build(
     // SAFETY: just written.
     let npt = unsafe { (*npt_slot).get_mut() };
     let _ = npt
-        .identity(map_limit, &[args.base_pa..block_end], Perms::RWX)
+        .identity(
+            map_limit,
+            core::slice::from_ref(&(args.base_pa..block_end)),
+            Perms::RWX,
+        )
         .map_err(oom)?;
     for &c in &store[..store_n] {
         let _ = npt.unmap(Gpa(c), STORE_CHUNK_SIZE).map_err(oom)?;
@@ -624,9 +636,7 @@ pub fn read_guest_phys(hv: &Hv, gpa: u64, out: &mut [u8]) -> bool {
 /// Writes guest-physical memory through the identity map (host mode only), never the hv's.
 pub fn write_guest_phys(hv: &Hv, gpa: u64, data: &[u8]) -> bool {
     match gpa.checked_add(data.len() as u64) {
-        Some(end)
-            if end <= hv.map_limit && !hv.overlaps_own(gpa..end) =>
-        {
+        Some(end) if end <= hv.map_limit && !hv.overlaps_own(gpa..end) => {
             // SAFETY: identity-mapped in the hv's tables (host mode), in bounds, outside the
             // hv's memory; the guest is stopped or the caller owns the bytes (gdb's write).
             unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), gpa as *mut u8, data.len()) };

@@ -20,6 +20,7 @@ pub mod emulator;
 pub mod image;
 pub mod initrd;
 pub mod kernel;
+pub mod lint;
 pub mod setup;
 
 pub use build::build;

@@ -23,8 +23,10 @@ enum Cli {
     /// Boot the test guest under QEMU: an interactive shell on this terminal, or a script;
     /// qs-bridge serves gdb for its kernel on 127.0.0.1:1234.
     Demo(DemoArgs),
-    /// Set up, build, then run the workspace's tests (cargo nextest if installed, else cargo
-    /// test). Arguments after `--` go to the test runner.
+    /// rustfmt and clippy (-D warnings) over every crate, host and the hv's own target.
+    Lint,
+    /// Set up, build, lint, then run the workspace's tests (cargo nextest if installed, else
+    /// cargo test). Arguments after `--` go to the test runner.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -114,6 +116,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cli::Demo(args) => demo(args),
+        Cli::Lint => {
+            xtask::lint::lint()?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cli::Test { args } => test(&args),
         Cli::Bench { args } => bench(&args),
     }
@@ -244,6 +250,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 fn test(args: &[String]) -> anyhow::Result<ExitCode> {
     let kernel = xtask::setup()?;
     xtask::build(&kernel)?;
+    xtask::lint::lint()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let has_nextest = Command::new(&cargo)
         .args(["nextest", "--version"])
