@@ -68,7 +68,9 @@ impl XsaveArea {
         fx.copy_from_slice(&self.0[..512]);
         let bv = self.xstate_bv();
         if bv & xfeature::X87 == 0 {
-            let mxcsr = [fx[24], fx[25], fx[26], fx[27], fx[28], fx[29], fx[30], fx[31]];
+            let mxcsr = [
+                fx[24], fx[25], fx[26], fx[27], fx[28], fx[29], fx[30], fx[31],
+            ];
             fx[..160].fill(0);
             fx[0..2].copy_from_slice(&0x037Fu16.to_le_bytes());
             fx[24..32].copy_from_slice(&mxcsr);
@@ -276,7 +278,15 @@ impl LocalApic {
             self.lvt,
             self.timer_divide,
         ) == (
-            o.present, o.x2apic, o.base_msr, o.id, o.tpr, o.ldr, o.dfr, o.svr, o.lvt,
+            o.present,
+            o.x2apic,
+            o.base_msr,
+            o.id,
+            o.tpr,
+            o.ldr,
+            o.dfr,
+            o.svr,
+            o.lvt,
             o.timer_divide,
         )
     }
@@ -295,7 +305,11 @@ mod tests {
         let fx = x.legacy();
         assert_eq!(u16::from_le_bytes([fx[0], fx[1]]), 0x037F, "FCW initial");
         assert_eq!(fx[4], 0, "every x87 register empty");
-        assert_eq!(&fx[24..28], &0x1F80u32.to_le_bytes(), "MXCSR is always saved");
+        assert_eq!(
+            &fx[24..28],
+            &0x1F80u32.to_le_bytes(),
+            "MXCSR is always saved"
+        );
         assert!(fx[160..416].iter().all(|&b| b == 0), "XMM initial");
         x.set_xstate_bv(xfeature::X87 | xfeature::SSE);
         assert_eq!(x.legacy()[0], 0xAB, "saved state is shown as it is");

@@ -5,13 +5,13 @@
 
 use crate::arch::instr;
 use core::sync::atomic::{AtomicU64, Ordering::*};
-use spin::Mutex;
 use quicksilver_proto::abi::Status;
 use quicksilver_proto::link::auth;
 use quicksilver_proto::link::control::Message;
 use quicksilver_proto::link::endpoint::{Endpoint, Event, State};
 use quicksilver_proto::link::{Channel, MAX_PAYLOAD};
 use quicksilver_proto::stats::StatsHeader;
+use spin::Mutex;
 
 struct Link {
     port: u16,

@@ -204,7 +204,6 @@ pub unsafe fn capture_native(frame: &EntryFrame, status: u64) -> NativeState {
     }
 }
 
-
 /// This CPU's local APIC ID, which NMIs to it need: CPUID leaf 0xB has the full x2APIC ID,
 /// leaf 1 the 8-bit one (AMD APM vol. 3, appendix E).
 pub fn apic_id() -> u32 {

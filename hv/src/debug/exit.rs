@@ -10,11 +10,11 @@
 //! hypercall becomes a stop.
 
 use super::{run, session, target, Reason};
-use crate::vcpu::Stopped;
 use crate::arch::virt_cpu::{dr6, rflags, vector};
 use crate::arch::{Event, VirtCpu, VmExit};
 use crate::decode::Insn;
 use crate::exit::{Action, Stop};
+use crate::vcpu::Stopped;
 use crate::vmm::{self, Hv};
 use core::sync::atomic::Ordering::*;
 
@@ -49,12 +49,7 @@ fn software_interrupt(hv: &Hv, cpu: &mut impl VirtCpu, hw_bp: bool) -> Action {
         [b, ..] if b != 0xCC && b != 0xCD && b != 0xCE && b != 0xF1 => return Action::Run,
         [0xCC, ..] => (1, Event::BP),
         [0xCD, n, ..] => (2, Event::SoftwareInterrupt { vector: n }),
-        [0xCE, ..] => (
-            1,
-            Event::SoftwareInterrupt {
-                vector: vector::OF,
-            },
-        ),
+        [0xCE, ..] => (1, Event::SoftwareInterrupt { vector: vector::OF }),
         // INT1 (ICEBP).
         _ => (1, Event::DB),
     };

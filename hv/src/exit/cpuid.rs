@@ -12,12 +12,7 @@ pub fn handle(leaf: u32, subleaf: u32, cpu: &mut impl VirtCpu, env: &impl Env) -
     let word = |i: usize| u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]]);
     let r = match leaf {
         abi::CPUID_SIGNATURE_LEAF => [abi::CPUID_INFO_LEAF, word(0), word(4), word(8)],
-        abi::CPUID_INFO_LEAF => [
-            quicksilver_proto::image::ABI_VERSION,
-            env.cpu_index(),
-            0,
-            0,
-        ],
+        abi::CPUID_INFO_LEAF => [quicksilver_proto::image::ABI_VERSION, env.cpu_index(), 0, 0],
         _ => instr::cpuid(leaf, subleaf),
     };
     set_cpuid_result(cpu, r);
@@ -42,6 +37,10 @@ mod tests {
         }
         assert_eq!(&sig, b"Quicksilver\0");
         handle(0x4000_0001, 0, &mut cpu, &env);
-        assert_eq!(cpu.gpr(Gpr::Rbx), 3, "EBX of the info leaf is the CPU index");
+        assert_eq!(
+            cpu.gpr(Gpr::Rbx),
+            3,
+            "EBX of the info leaf is the CPU index"
+        );
     }
 }

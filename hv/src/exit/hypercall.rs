@@ -7,7 +7,14 @@ use crate::arch::{Event, Gpr, VirtCpu};
 use crate::decode::Insn;
 use quicksilver_proto::abi::{self, Op, Status};
 
-pub fn handle(rax: u64, rbx: u64, rcx: u64, cpl: u8, cpu: &mut impl VirtCpu, env: &impl Env) -> Action {
+pub fn handle(
+    rax: u64,
+    rbx: u64,
+    rcx: u64,
+    cpl: u8,
+    cpu: &mut impl VirtCpu,
+    env: &impl Env,
+) -> Action {
     // As on a machine without a hypervisor: #UD from user mode, or without our tag.
     if cpl != 0 || rax & 0xFFFF_0000_0000_0000 != abi::HYPERCALL_MAGIC {
         return Action::Inject(Event::UD);
@@ -42,7 +49,10 @@ mod tests {
             handle(deactivate, 0, 0, 3, &mut cpu, &env),
             Action::Inject(Event::UD)
         );
-        assert_eq!(handle(1, 0, 0, 0, &mut cpu, &env), Action::Inject(Event::UD));
+        assert_eq!(
+            handle(1, 0, 0, 0, &mut cpu, &env),
+            Action::Inject(Event::UD)
+        );
         assert_eq!(
             handle(deactivate, 0, 0, 0, &mut cpu, &env),
             Action::Complete(Insn::Vmmcall, Then::Leave)

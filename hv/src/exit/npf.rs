@@ -49,7 +49,10 @@ mod tests {
     #[test]
     fn hv_memory_faults_are_refused_others_are_unexpected() {
         let (mut cpu, env) = (FakeCpu::default(), FakeEnv::default());
-        assert_eq!(handle(0x110_0000, true, false, &mut cpu, &env), Action::Resume);
+        assert_eq!(
+            handle(0x110_0000, true, false, &mut cpu, &env),
+            Action::Resume
+        );
         assert_eq!(env.hv_refusals.get(), 1);
         assert!(cpu.tlb_flushed);
         assert_eq!(

@@ -19,8 +19,11 @@ pub use vcpu::{encode_event, parts, Vcpu, VmcbSetup};
 
 extern "C" {
     /// See world_switch.S, step 2.
-    pub fn qs_enter_host(cpu: *mut core::ffi::c_void, stack_top: u64, host: *const HostContext)
-        -> !;
+    pub fn qs_enter_host(
+        cpu: *mut core::ffi::c_void,
+        stack_top: u64,
+        host: *const HostContext,
+    ) -> !;
     /// See world_switch.S, step 3.
     pub fn qs_run_guest(regs: *mut GuestRegs, vmcb_pa: u64);
     /// See world_switch.S, step 4.

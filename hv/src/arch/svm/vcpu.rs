@@ -131,8 +131,7 @@ impl Vcpu {
         let c = &mut self.vmcb.control;
         c.tlb_control = tlb_control::DO_NOTHING;
         c.event_inj = 0;
-        if c.exit_code as u32 != vmcb::VMEXIT_INVALID_LOW && self.vmcb.save.cr3 == self.host_cr3
-        {
+        if c.exit_code as u32 != vmcb::VMEXIT_INVALID_LOW && self.vmcb.save.cr3 == self.host_cr3 {
             // The save area holds the hv's own state (its CR3, CS, RIP after VMRUN), not the
             // guest's. Stock QEMU's TCG does this to CPU 0 now and then (another vCPU's FPU
             // load stores back a stale copy of CPU 0's SVM flags: xtask/src/emulator.rs);
