@@ -169,9 +169,7 @@ pub fn our_slots() -> u8 {
 
 /// Slots neither the kernel nor gdb uses (a step may borrow one).
 pub fn free_slots() -> u8 {
-    SESSION.lock().as_ref().map_or(0, |s| {
-        !(s.target.kernel_slots | s.target.armed_slots()) & 0xF
-    })
+    SESSION.lock().as_ref().map_or(0, |s| s.target.slots.free())
 }
 
 /// Is `slot` an instruction breakpoint?
@@ -179,7 +177,7 @@ pub fn slot_is_exec(slot: u8) -> bool {
     SESSION
         .lock()
         .as_ref()
-        .is_some_and(|s| s.target.hw[slot as usize].is_some_and(|h| h.kind == HwKind::Exec))
+        .is_some_and(|s| s.target.slots.hw[slot as usize].is_some_and(|h| h.kind == HwKind::Exec))
 }
 
 /// What to do with one DR0-3 slot on the way into the guest.
@@ -205,7 +203,7 @@ pub fn debug_registers(guest_dr7: u64, kernel_only: bool) -> (u64, [Slot; 4]) {
             continue;
         }
         dr7 &= !super::target::dr7_fields(n);
-        match (kernel_only, target.and_then(|t| t.hw[n])) {
+        match (kernel_only, target.and_then(|t| t.slots.hw[n])) {
             (false, Some(h)) => {
                 dr7 |= h.dr7_bits(n);
                 *slot = Slot::Gdb(h.addr);
@@ -213,7 +211,7 @@ pub fn debug_registers(guest_dr7: u64, kernel_only: bool) -> (u64, [Slot; 4]) {
             // Leaving: every slot the kernel does not use gets its value back (gdb's, or a
             // step's temporary breakpoint, may have been there).
             (true, _) => *slot = Slot::Restore,
-            _ if target.is_some_and(|t| t.touched & (1 << n) != 0) => *slot = Slot::Restore,
+            _ if target.is_some_and(|t| t.slots.touched & (1 << n) != 0) => *slot = Slot::Restore,
             _ => {}
         }
     }
@@ -337,7 +335,7 @@ fn end(_hv: &Hv, s: &mut Session) {
 fn start(hv: &'static Hv, p: Parked) -> Result<Session, Parked> {
     LEAVE_AFTER_DETACH.store(false, Release);
     let mut target = Debugger::new(hv, p);
-    KERNEL_SLOTS.store(target.kernel_slots, Release);
+    KERNEL_SLOTS.store(target.slots.kernel, Release);
     let conn = Conn {
         buf: [0; MAX_PAYLOAD],
         len: 0,
@@ -481,7 +479,7 @@ fn stop_reason(t: &mut Debugger, me: u32) -> MultiThreadStopReason<u64> {
     match why {
         Reason::SwBreak => MultiThreadStopReason::SwBreak(tid),
         Reason::HwBreak => MultiThreadStopReason::HwBreak(tid),
-        Reason::Watch { slot } => match t.hw[slot as usize & 3] {
+        Reason::Watch { slot } => match t.slots.hw[slot as usize & 3] {
             Some(h) => MultiThreadStopReason::Watch {
                 tid,
                 kind: h.watch,
