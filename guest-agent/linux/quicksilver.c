@@ -836,13 +836,21 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 			ret = -EFAULT;
 			break;
 		}
-		if (p.offset % 8 || p.offset > hv.size - 8) {
+		/* Offsets past the block are into the store, chunk after chunk. */
+		if (p.offset % 8 || p.offset > hv.size + qs_store.count * QS_STORE_CHUNK_SIZE - 8) {
 			ret = -EINVAL;
 			break;
 		}
 		/* The kernel touching the hv's memory: allowed while dormant, refused by the hv's
 		 * nested page tables while active (reads see zeros, writes land in scratch). */
-		at = hv.base + p.offset;
+		if (p.offset < hv.size) {
+			at = hv.base + p.offset;
+		} else {
+			u64 off = p.offset - hv.size;
+
+			at = (u64 *)((u8 *)phys_to_virt(qs_store.chunks[off / QS_STORE_CHUNK_SIZE]) +
+				     off % QS_STORE_CHUNK_SIZE);
+		}
 		if (cmd == QS_IOC_PEEK) {
 			p.value = READ_ONCE(*at);
 			if (copy_to_user(uarg, &p, sizeof(p)))

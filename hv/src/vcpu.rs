@@ -7,7 +7,7 @@
 //! until a hypercall or an unexpected exit sends this CPU back to native execution.
 //!
 //! A CPU's area has three parts, by who may touch them:
-//! - `private` (the vendor's vCPU, the run loop's bookkeeping): this CPU only;
+//! - `vcpu` and `run` (the vendor's vCPU, the run loop's bookkeeping): this CPU only;
 //! - `shared` (in guest mode, APIC ID, counters): every CPU, through atomics;
 //! - `stopped` (the CPU's whole state as captured when it parked, its clients' per-CPU data):
 //!   this CPU while it runs, the rendezvous leader (through [`Parked`]) while it is parked.
@@ -84,9 +84,15 @@ impl Shared {
     }
 }
 
-/// What only this CPU's run loop touches.
-struct Private {
-    vcpu: Vcpu,
+/// What only this CPU's run loop touches: its vendor vCPU and its bookkeeping (two cells of
+/// the area, so that the vCPU's page alignment does not pad the bookkeeping to a page).
+struct Private<'a> {
+    vcpu: &'a mut Vcpu,
+    run: &'a mut RunState,
+}
+
+/// The run loop's bookkeeping.
+struct RunState {
     /// The next exit is the first of this activation.
     first_run: bool,
     /// TSC when `activate` was entered and when the last exit arrived.
@@ -110,17 +116,18 @@ pub struct Stopped {
 /// A CPU's area in the hv's memory.
 #[repr(C, align(4096))]
 pub struct Cpu {
-    private: UnsafeCell<Private>,
+    vcpu: UnsafeCell<Vcpu>,
+    run: UnsafeCell<RunState>,
     pub shared: Shared,
     stopped: UnsafeCell<Stopped>,
     stack: [u8; STACK_SIZE],
 }
 
-// SAFETY: `private` is touched by its own CPU only, `stopped` by its own CPU or the leader of
+// SAFETY: `vcpu` and `run` are touched by their own CPU only, `stopped` by its own CPU or the leader of
 // a stop while the CPU is parked (see `Parked`), `shared` is atomics.
 unsafe impl Sync for Cpu {}
 
-const _: () = assert!(core::mem::size_of::<Cpu>() <= 56 * 1024);
+const _: () = assert!(core::mem::size_of::<Cpu>() == 52 * 1024);
 
 impl Cpu {
     /// Prepares the area at `cpu` (physical address `pa`) for CPU `index`.
@@ -130,12 +137,26 @@ impl Cpu {
     /// memory, at physical address `pa`.
     pub unsafe fn init_in_place(cpu: *mut Cpu, index: u32, pa: u64) {
         // SAFETY: forwarded; an all-zero Cpu is valid (integers, bools, atomics, and the
-        // vCPU, which `init_in_place` sets up from zero). `private` is the area's first field.
+        // vCPU, which `init_in_place` sets up from zero). `vcpu` is the area's first field.
         unsafe {
             core::ptr::write_bytes(cpu, 0, 1);
-            Vcpu::init_in_place(core::ptr::addr_of_mut!((*(*cpu).private.get()).vcpu), pa);
+            Vcpu::init_in_place((*cpu).vcpu.get(), pa);
             core::ptr::addr_of_mut!((*cpu).shared.index).write(index);
             (*(*cpu).stopped.get()).dbg = debug::PerCpu::new();
+        }
+    }
+
+    /// This CPU's private part.
+    ///
+    /// # Safety
+    /// Only on this CPU, and only one such borrow at a time (`activate`, then the run loop).
+    unsafe fn private(&self) -> Private<'_> {
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            Private {
+                vcpu: &mut *self.vcpu.get(),
+                run: &mut *self.run.get(),
+            }
         }
     }
 
@@ -171,18 +192,18 @@ pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
     // being captured, still on the kernel's address space.
     let native = unsafe { arch::context::capture_native(&*frame, Status::Ok as u64) };
     // SAFETY: this CPU's own private part; it is not active, so nothing else runs on it.
-    let p = unsafe { &mut *cpu.private.get() };
+    let p = unsafe { cpu.private() };
     let setup = VmcbSetup {
         msrpm_pa: hv.msrpm_pa,
         npt_root_pa: hv.npt_root_pa,
         host_cr3: hv.host.cr3,
     };
-    p.entry_state = native;
-    p.entry_state.rax = Status::VmrunFailed as i64 as u64;
-    p.tsc_entry = tsc_entry;
-    p.first_run = true;
+    p.run.entry_state = native;
+    p.run.entry_state.rax = Status::VmrunFailed as i64 as u64;
+    p.run.tsc_entry = tsc_entry;
+    p.run.first_run = true;
     // The first VMRUN flushes everything (`prepare`).
-    p.npt_seen = vmm::NPT_TLB.current();
+    p.run.npt_seen = vmm::NPT_TLB.current();
     cpu.shared.apic_id.store(arch::context::apic_id(), Relaxed);
     cpu.shared.seen.store(true, Relaxed);
     // SAFETY: this CPU's own stopped part: it is not parked (not even active).
@@ -212,24 +233,24 @@ pub unsafe extern "C" fn host_main(cpu: *mut core::ffi::c_void) -> ! {
     let cpu: &Cpu = unsafe { &*(cpu as *const Cpu) };
     // SAFETY: the private part is this CPU's alone; no other CPU ever makes a reference to
     // it (the leader of a stop works on `stopped`), so this one lives for the whole loop.
-    let p = unsafe { &mut *cpu.private.get() };
+    let p = &mut unsafe { cpu.private() };
     let env = HvEnv {
         hv,
         me: cpu.shared.index,
     };
     loop {
-        if p.first_run {
-            let cycles = instr::rdtsc() - p.tsc_entry;
+        if p.run.first_run {
+            let cycles = instr::rdtsc() - p.run.tsc_entry;
             cpu.shared.last_activate_cycles.store(cycles, Relaxed);
         }
-        if vmm::NPT_TLB.must_flush(&mut p.npt_seen) {
+        if vmm::NPT_TLB.must_flush(&mut p.run.npt_seen) {
             p.vcpu.flush_tlb();
         }
         // SAFETY: host mode on this CPU, after `prepare` in `activate`.
         let exit = unsafe { p.vcpu.run() };
         let t = instr::rdtsc();
-        p.tsc_exit = t;
-        let first = core::mem::replace(&mut p.first_run, false);
+        p.run.tsc_exit = t;
+        let first = core::mem::replace(&mut p.run.first_run, false);
         Shared::add(&cpu.shared.exits[exit.kind() as usize], 1);
         match exit {
             VmExit::LostGuestState => lost_guest_state(cpu, &p.vcpu),
@@ -238,7 +259,7 @@ pub unsafe extern "C" fn host_main(cpu: *mut core::ffi::c_void) -> ! {
                 if first {
                     // The VMCB may now hold host state (FACTS.md); the captured entry state
                     // is the one to return to, with RAX = VmrunFailed.
-                    let native = p.entry_state;
+                    let native = p.run.entry_state;
                     step_out(hv, cpu, p, &native);
                 }
                 fatal(env.me, "VMRUN failed after the guest ran", &p.vcpu);
@@ -255,9 +276,9 @@ pub unsafe extern "C" fn host_main(cpu: *mut core::ffi::c_void) -> ! {
             VmExit::SoftwareInterrupt | VmExit::Breakpoint | VmExit::DebugException { .. } => {
                 // SAFETY: this CPU's own stopped part, while it runs (not parked).
                 let st = unsafe { &mut *cpu.stopped.get() };
-                debug::exit::handle(hv, &mut p.vcpu, st, exit)
+                debug::exit::handle(hv, p.vcpu, st, exit)
             }
-            _ => exit::handle(exit, &mut p.vcpu, &env),
+            _ => exit::handle(exit, p.vcpu, &env),
         };
         apply(hv, cpu, p, action);
         Shared::add(&cpu.shared.cycles_in_hv, instr::rdtsc() - t);
@@ -278,7 +299,7 @@ fn apply(hv: &'static Hv, cpu: &Cpu, p: &mut Private, mut action: Action) {
                 return;
             }
             Action::Complete(insn, then) => {
-                if !skip(hv, &mut p.vcpu, insn) {
+                if !skip(hv, p.vcpu, insn) {
                     unexpected(hv, cpu, p);
                 }
                 match then {
@@ -287,7 +308,7 @@ fn apply(hv: &'static Hv, cpu: &Cpu, p: &mut Private, mut action: Action) {
                     Then::Run => {
                         // SAFETY: this CPU's own stopped part, while it runs.
                         let st = unsafe { &mut *cpu.stopped.get() };
-                        match debug::after_instruction(hv, &mut p.vcpu, st, insn) {
+                        match debug::after_instruction(hv, p.vcpu, st, insn) {
                             Some(stop) => Action::Park(stop),
                             None => return,
                         }
@@ -340,7 +361,7 @@ fn park(hv: &'static Hv, cpu: &Cpu, p: &mut Private, stop: Option<Stop>) -> Acti
     let st = unsafe { &mut *cpu.stopped.get() };
     let Some((release, client)) = released else {
         // The NMI came after the stop it was for was over.
-        return debug::straggler(hv, &mut p.vcpu, st);
+        return debug::straggler(hv, p.vcpu, st);
     };
     if st.dirty != 0 {
         // SAFETY: host mode on this CPU; the state was captured here and changed only by a
@@ -350,11 +371,11 @@ fn park(hv: &'static Hv, cpu: &Cpu, p: &mut Private, stop: Option<Stop>) -> Acti
     }
     if stop == Some(Stop::Freeze) && client != CLIENT_FREEZE {
         // A debugger's stop began first and this CPU joined it: that freeze did not happen.
-        freeze::abandon(hv, &mut p.vcpu);
+        freeze::abandon(hv, p.vcpu);
     }
     match client {
-        CLIENT_FREEZE => freeze::resumed(hv, me, &mut p.vcpu, st, release),
-        _ => debug::resumed(hv, &mut p.vcpu, st, release),
+        CLIENT_FREEZE => freeze::resumed(hv, me, p.vcpu, st, release),
+        _ => debug::resumed(hv, p.vcpu, st, release),
     }
 }
 
@@ -539,7 +560,7 @@ fn step_out(hv: &Hv, cpu: &Cpu, p: &mut Private, native: &NativeState) -> ! {
     cpu.shared.active.store(false, Release);
     cpu.shared
         .last_deactivate_cycles
-        .store(instr::rdtsc() - p.tsc_exit, Relaxed);
+        .store(instr::rdtsc() - p.run.tsc_exit, Relaxed);
     if COUNTERS.active_cpus.fetch_sub(1, AcqRel) == 1 {
         COUNTERS.deactivations.fetch_add(1, Relaxed);
         hv.reset_guest_view();

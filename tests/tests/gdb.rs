@@ -578,3 +578,46 @@ check_native
     let out = detach_and_finish(m, gdb);
     assert_console_has(&out, "GETPID-LOOP OK");
 }
+
+/// A guest that, once the host lets it go on, runs `sync` (its handler is where the test puts a
+/// breakpoint): an INT3 left there by a gdb that died would oops the kernel.
+const WORKLOAD_THEN_SYNC: &str = r#"
+start_workload
+sleep 2
+echo GUEST-READY
+wait_host
+sync && echo SYNC-OK
+stop_workload
+check_native
+"#;
+
+#[test]
+fn a_gdb_killed_mid_continue_with_a_breakpoint_set_ends_like_a_detach() {
+    if qemu_stub() {
+        eprintln!("skipped with QS_GDB_STUB=qemu: the bridge's detach on gdb's behalf is Quicksilver's");
+        return;
+    }
+    let mut m = Machine::boot("gdb-killed-running", 2, WORKLOAD_THEN_SYNC, "GUEST-READY");
+    let mut gdb = m.attach();
+    let out = m.run(&mut gdb, "break __x64_sys_sync");
+    if !out.contains("Breakpoint 1 at") {
+        m.fail(&gdb, "break __x64_sys_sync", &out);
+    }
+    // The kernel runs (nothing calls sync yet) with the breakpoint in its text; then gdb dies.
+    if let Err(e) = gdb.send("continue") {
+        m.fail(&gdb, &format!("continue: {e}"), "");
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    drop(gdb);
+    m.await_sessions_ended(1);
+    // Every CPU must be native again (check_native), and the breakpoint gone (sync runs).
+    m.send("gdb was killed");
+    let log = m.bridge_log();
+    let out = m.finish();
+    assert_clean_end(&out);
+    assert_console_has(&out, "SYNC-OK");
+    assert!(
+        log.contains("sent a detach on its behalf"),
+        "the bridge says it detached for the gdb that died:\n{log}"
+    );
+}

@@ -272,10 +272,16 @@ fn parse_u64(s: &str) -> Result<u64> {
     r.with_context(|| format!("{s:?} is not a number"))
 }
 
+/// The ioctls' offset of `offset` into the store: the store follows the hv's block.
+fn store_offset(dev: &File, offset: &str) -> Result<String> {
+    let block = read_stats(dev)?.header.mem_bytes;
+    Ok((block + parse_u64(offset)?).to_string())
+}
+
 fn cmd_peek(offset: &str) -> Result<()> {
     let dev = open()?;
     let value = ioctl::peek(&dev, parse_u64(offset)?)
-        .context("peek refused (offset 8-aligned, inside the hv?)")?;
+        .context("peek refused (offset 8-aligned, inside the hv or its store?)")?;
     let text: String = value
         .to_le_bytes()
         .iter()
@@ -313,7 +319,7 @@ fn cmd_freeze(ms: &str, check: bool) -> Result<()> {
         .with_context(|| format!("{ms:?} is not a number of milliseconds"))?;
     if ms > abi::FREEZE_MAX_MS {
         bail!(
-            "{ms} ms is too long: at most {} ms (longer stops make the kernel report soft lockups)",
+            "{ms} ms is too long: at most {} ms (the kernel's watchdogs complain of stops over ~20 s)",
             abi::FREEZE_MAX_MS
         );
     }
@@ -330,7 +336,10 @@ fn cmd_freeze(ms: &str, check: bool) -> Result<()> {
     );
     if check {
         if f.identical == f.cpus {
-            println!("state check: {} of {} CPUs came back identical", f.identical, f.cpus);
+            println!(
+                "state check: {} of {} CPUs came back identical",
+                f.identical, f.cpus
+            );
         } else {
             let what = String::from_utf8_lossy(&f.what);
             let cpus: Vec<String> = (0..64)
@@ -418,12 +427,18 @@ fn main() {
         ["probe", "--expect", s] => cmd_probe(Some(s)),
         ["peek", off] => cmd_peek(off),
         ["poke", off, v] => cmd_poke(off, v),
+        ["peek-store", off] => open()
+            .and_then(|d| store_offset(&d, off))
+            .and_then(|o| cmd_peek(&o)),
+        ["poke-store", off, v] => open()
+            .and_then(|d| store_offset(&d, off))
+            .and_then(|o| cmd_poke(&o, v)),
         ["peek-phys", addr] => cmd_peek_phys(addr),
         ["bench-switch", n] => cmd_bench_switch(n),
         ["freeze", ms] => cmd_freeze(ms, false),
         ["freeze", ms, "--check"] => cmd_freeze(ms, true),
         _ => {
-            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|peek OFFSET|poke OFFSET VALUE|peek-phys ADDRESS|bench-switch N");
+            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|peek OFFSET|poke OFFSET VALUE|peek-store OFFSET|poke-store OFFSET VALUE|peek-phys ADDRESS|bench-switch N");
             std::process::exit(2);
         }
     };

@@ -12,6 +12,7 @@ use crate::rendezvous::Release;
 use crate::rendezvous::MAX_CPUS as MAX;
 use crate::vcpu::Parked;
 use crate::vmm::Hv;
+use core::fmt::Write as _;
 use core::num::NonZeroUsize;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::*};
 use gdbstub::common::Signal;
@@ -315,6 +316,13 @@ fn serve(hv: &'static Hv, s: &mut Session, me: u32) -> bool {
 /// The session is over (detached, killed, or broken): every CPU runs per the devirt policy,
 /// and the bridge is told.
 fn end(_hv: &Hv, s: &mut Session) {
+    let left = s.target.remove_all();
+    if left > 0 {
+        let _ = writeln!(
+            crate::serial::Com1,
+            "quicksilver hv: {left} gdb breakpoints could not be taken out of the kernel's memory at the end of the session (qsctl stats counts them)"
+        );
+    }
     let release = match s.target.policy {
         Devirt::Deactivate => Release::Leave,
         Devirt::Stay => Release::Run,
@@ -395,14 +403,14 @@ fn feed(s: &mut Session, me: u32, b: u8) {
     };
 }
 
-/// gdb detached or asked to kill: take everything out. A kill is answered like a detach
-/// (`OK`, which gdb's `vKill` waits for) and reported to the bridge as such.
+/// gdb detached or asked to kill. A kill is answered like a detach (`OK`, which gdb's `vKill`
+/// waits for) and reported to the bridge as such. The breakpoints come out in [`end`], with
+/// every CPU stopped: only a parked CPU's page tables say where they are.
 fn disconnected(s: &mut Session, reason: DisconnectReason) {
     s.target.killed = reason == DisconnectReason::Kill;
     if s.target.killed {
         link::send(Channel::Gdb, b"$OK#9a");
     }
-    s.target.remove_all();
 }
 
 /// Tells gdb why everything stopped: the leader's reason, or another CPU's if the leader
