@@ -49,7 +49,10 @@ fn freezes_on(smp: u32) {
         FREEZES as usize,
         "every CPU's whole state came back as captured, every time:\n{o}"
     );
-    assert!(o.contains("too-long-rc=1") && o.contains("at most 10000 ms"), "{o}");
+    assert!(
+        o.contains("too-long-rc=1") && o.contains("at most 10000 ms"),
+        "{o}"
+    );
     assert_console_has(&out, "STILL-ACTIVE");
     assert_console_has(&out, "WORKLOAD OK");
     assert_kernel_clean(&out);

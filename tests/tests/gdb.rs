@@ -594,7 +594,9 @@ check_native
 #[test]
 fn a_gdb_killed_mid_continue_with_a_breakpoint_set_ends_like_a_detach() {
     if qemu_stub() {
-        eprintln!("skipped with QS_GDB_STUB=qemu: the bridge's detach on gdb's behalf is Quicksilver's");
+        eprintln!(
+            "skipped with QS_GDB_STUB=qemu: the bridge's detach on gdb's behalf is Quicksilver's"
+        );
         return;
     }
     let mut m = Machine::boot("gdb-killed-running", 2, WORKLOAD_THEN_SYNC, "GUEST-READY");
