@@ -253,7 +253,7 @@ pub unsafe extern "C" fn host_main(cpu: *mut core::ffi::c_void) -> ! {
         let first = core::mem::replace(&mut p.run.first_run, false);
         Shared::add(&cpu.shared.exits[exit.kind() as usize], 1);
         match exit {
-            VmExit::LostGuestState => lost_guest_state(cpu, &p.vcpu),
+            VmExit::LostGuestState => lost_guest_state(cpu, p.vcpu),
             VmExit::VmrunFailed => {
                 COUNTERS.unexpected_exit(p.vcpu.exit_record(env.me));
                 if first {
@@ -262,7 +262,7 @@ pub unsafe extern "C" fn host_main(cpu: *mut core::ffi::c_void) -> ! {
                     let native = p.run.entry_state;
                     step_out(hv, cpu, p, &native);
                 }
-                fatal(env.me, "VMRUN failed after the guest ran", &p.vcpu);
+                fatal(env.me, "VMRUN failed after the guest ran", p.vcpu);
             }
             // An event these exits interrupted is delivered again, unless the handler
             // injects another.
@@ -319,7 +319,7 @@ fn apply(hv: &'static Hv, cpu: &Cpu, p: &mut Private, mut action: Action) {
             Action::Follow => park(hv, cpu, p, None),
             Action::Leave => leave(hv, cpu, p),
             Action::Unexpected => unexpected(hv, cpu, p),
-            Action::Reset => reset(cpu.shared.index, &p.vcpu),
+            Action::Reset => reset(cpu.shared.index, p.vcpu),
         }
     }
 }
