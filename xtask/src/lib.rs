@@ -17,6 +17,7 @@ pub mod build;
 pub mod cmd;
 pub mod demo;
 pub mod emulator;
+pub mod fuzz;
 pub mod image;
 pub mod initrd;
 pub mod kernel;

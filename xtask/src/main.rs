@@ -25,6 +25,15 @@ enum Cli {
     Demo(DemoArgs),
     /// rustfmt and clippy (-D warnings) over every crate, host and the hv's own target.
     Lint,
+    /// The coverage-guided fuzzers (fuzz/): every target, or TARGET, for 10 million inputs
+    /// (or --runs N, or --seconds S). Installs nightly and cargo-fuzz when missing.
+    Fuzz {
+        target: Option<String>,
+        #[arg(long, conflicts_with = "seconds")]
+        runs: Option<u64>,
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
     /// Set up, build, lint, then run the workspace's tests (cargo nextest if installed, else
     /// cargo test). Arguments after `--` go to the test runner.
     Test {
@@ -118,6 +127,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cli::Demo(args) => demo(args),
         Cli::Lint => {
             xtask::lint::lint()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cli::Fuzz {
+            target,
+            runs,
+            seconds,
+        } => {
+            let budget = match (runs, seconds) {
+                (_, Some(s)) => xtask::fuzz::Budget::Seconds(s),
+                (Some(n), None) => xtask::fuzz::Budget::Runs(n),
+                (None, None) => xtask::fuzz::Budget::Runs(10_000_000),
+            };
+            xtask::fuzz::run(target.as_deref(), budget)?;
             Ok(ExitCode::SUCCESS)
         }
         Cli::Test { args } => test(&args),
@@ -251,6 +273,8 @@ fn test(args: &[String]) -> anyhow::Result<ExitCode> {
     let kernel = xtask::setup()?;
     xtask::build(&kernel)?;
     xtask::lint::lint()?;
+    // A short bounded run of every fuzzer: the full campaign is `cargo xtask fuzz`.
+    xtask::fuzz::run(None, xtask::fuzz::Budget::Seconds(20))?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let has_nextest = Command::new(&cargo)
         .args(["nextest", "--version"])
