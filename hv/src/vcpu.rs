@@ -13,7 +13,7 @@
 //!   this CPU while it runs, the rendezvous leader (through [`Parked`]) while it is parked.
 
 use crate::arch::context::{EntryFrame, NativeState};
-use crate::arch::{self, instr, Vcpu, VirtCpu, VmExit, VmcbSetup};
+use crate::arch::{self, instr, Vcpu, VcpuSetup, VirtCpu, VmExit};
 use crate::cpu_state::CpuState;
 use crate::decode::{self, Insn};
 use crate::exit::{self, npf, Action, Stop, Then};
@@ -193,9 +193,9 @@ pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
     let native = unsafe { arch::context::capture_native(&*frame, Status::Ok as u64) };
     // SAFETY: this CPU's own private part; it is not active, so nothing else runs on it.
     let p = unsafe { cpu.private() };
-    let setup = VmcbSetup {
-        msrpm_pa: hv.msrpm_pa,
-        npt_root_pa: hv.npt_root_pa,
+    let setup = VcpuSetup {
+        msr_intercepts_pa: hv.msr_intercepts_pa,
+        nested_root_pa: hv.npt_root_pa,
         host_cr3: hv.host.cr3,
     };
     p.run.entry_state = native;
@@ -217,7 +217,7 @@ pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
     // tables, which map this code and `cpu` at the same addresses, and never returns.
     unsafe {
         p.vcpu.prepare(&native, &setup);
-        arch::svm::qs_enter_host(cpu as *const Cpu as *mut _, cpu.stack_top(), &hv.host)
+        arch::enter_host(cpu as *const Cpu as *mut _, cpu.stack_top(), &hv.host)
     }
 }
 
@@ -567,7 +567,7 @@ fn step_out(hv: &Hv, cpu: &Cpu, p: &mut Private, native: &NativeState) -> ! {
     }
     // SAFETY: host mode on this CPU after its last exit; the hv's memory is mapped at the same
     // address in the kernel's tables (the agent's mapping).
-    unsafe { arch::svm::leave_native(native) }
+    unsafe { arch::leave_native(native) }
 }
 
 /// The SHUTDOWN policy: the guest triple-faulted; do what bare metal does and reset.

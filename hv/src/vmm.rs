@@ -5,18 +5,18 @@
 //!
 //! ```text
 //! base        the image (header, code, data, bss, relocation table), rounded up to a page
-//! work        per-CPU: VMCB, host save area, state, stack  (vcpu::Cpu, 48 KiB each)
-//!             MSR permission map (8 KiB), scratch page, IDT page
-//!             nested page tables, the hv's page tables    (bump-allocated frames)
+//! work        per-CPU: vCPU, run state, shared, stopped, stack  (vcpu::Cpu, 52 KiB each)
+//!             the frame pool: its bitmap, the MSR intercept map, scratch page, IDT page,
+//!             the hv's page tables and the nested page tables
+//! store       the agent's chunks of 4 MiB (`store_mem=`), hidden from the guest
 //! ```
 //!
-//! Nested paging identity-maps guest-physical to host-physical addresses for all of
-//! `[0, max(phys_limit, 512 GiB))` with 1 GiB pages, split down to 4 KiB around the hv's block,
-//! whose pages are not present: the guest cannot reach the hv (APM vol. 2, 15.25).
+//! Nested paging (`crate::npt`) identity-maps guest-physical to host-physical addresses for all
+//! of `[0, max(phys_limit, 512 GiB))` with the largest pages that fit, leaving the hv's block and
+//! its store not present: the guest cannot reach the hv (APM vol. 2, 15.25).
 
-use crate::arch::context::{HostContext, HOST_CODE_SELECTOR, HOST_GDT as GDT};
-use crate::arch::instr::{self, DescriptorTablePointer};
-use crate::arch::svm::{self, msrpm};
+use crate::arch::context::{HostContext, HOST_GDT as GDT};
+use crate::arch::instr::DescriptorTablePointer;
 use crate::frames::FramePool;
 use crate::npt::{Flush, Npt, Perms, TlbGeneration};
 use crate::paging::{self, Gpa, Hpa, P, RW, SIZE_4K, SIZE_512G};
@@ -56,7 +56,7 @@ pub struct Hv {
     pub kernel_text: u64,
     pub kernel_text_link: u64,
     cpu_base: u64,
-    pub msrpm_pa: u64,
+    pub msr_intercepts_pa: u64,
     pub npt_root_pa: u64,
     pub scratch_pa: u64,
     pub host: HostContext,
@@ -397,7 +397,7 @@ pub fn init(header: &ImageHeader, args: &InitArgs) -> Status {
     if INITIALIZED.load(Acquire) {
         return Status::Ok;
     }
-    if let Err(s) = svm::check_support() {
+    if let Err(s) = crate::arch::check_support() {
         return s;
     }
     if !crate::arch::live::xsave_fits() {
@@ -499,15 +499,15 @@ fn build(
     let mut pool =
         unsafe { FramePool::in_place(Hpa(pool_pa), va(pool_pa), block_end - pool_pa, capacity) }
             .map_err(|_| Status::NotEnoughMemory)?;
-    let msrpm_pa = pool.alloc_contiguous(2).map_err(oom)?.0;
+    let msr_intercepts_pa = pool.alloc_contiguous(2).map_err(oom)?.0;
     // SAFETY: two fresh, zeroed, contiguous pages of ours.
-    let map = unsafe { &mut *(va(msrpm_pa) as *mut [u8; msrpm::MSRPM_SIZE]) };
-    for msr in [instr::msr::EFER, instr::msr::VM_CR, instr::msr::VM_HSAVE_PA] {
-        msrpm::intercept_write(map, msr);
-    }
+    let map =
+        unsafe { &mut *(va(msr_intercepts_pa) as *mut [u8; crate::arch::MSR_INTERCEPTS_SIZE]) };
+    crate::arch::intercept_msr_writes(map);
     let scratch_pa = pool.alloc().map_err(oom)?.0;
     let idt_pa = pool.alloc().map_err(oom)?.0;
-    build_idt(va(idt_pa) as *mut u64);
+    // SAFETY: a fresh page of ours.
+    unsafe { crate::arch::build_host_idt(va(idt_pa) as *mut u64) };
 
     let host_root = pool.alloc().map_err(oom)?.0;
     // The hv reads guest memory through this identity map; never executes from it.
@@ -588,7 +588,7 @@ fn build(
         at!((*hv).kernel_text).write(args.kernel_text);
         at!((*hv).kernel_text_link).write(args.kernel_text_link);
         at!((*hv).cpu_base).write(cpu_base);
-        at!((*hv).msrpm_pa).write(msrpm_pa);
+        at!((*hv).msr_intercepts_pa).write(msr_intercepts_pa);
         at!((*hv).npt_root_pa).write(npt_root_pa);
         at!((*hv).scratch_pa).write(scratch_pa);
         at!((*hv).host).write(HostContext::new(host_root, gdtr, idtr));
@@ -596,27 +596,6 @@ fn build(
         at!((*hv).store_chunks).write(store_n);
     }
     Ok(())
-}
-
-/// Fills the hv's IDT: the 32 exception vectors go to the stubs in world_switch.S.
-fn build_idt(idt: *mut u64) {
-    let stubs = core::ptr::addr_of!(svm::qs_host_exc_stubs) as u64;
-    let nmi = core::ptr::addr_of!(svm::qs_host_nmi) as u64;
-    for v in 0..32u64 {
-        // NMIs the hv intercepted are taken on purpose (debug::handle_exit): they only return.
-        let handler = if v == 2 { nmi } else { stubs + v * 16 };
-        // 64-bit interrupt gate (type 0xE), present, DPL 0, IST 0 (APM vol. 2, 4.8.4).
-        let low = (handler & 0xFFFF)
-            | ((HOST_CODE_SELECTOR as u64) << 16)
-            | (0x8E << 40)
-            | (((handler >> 16) & 0xFFFF) << 48);
-        let high = handler >> 32;
-        // SAFETY: `idt` is a fresh page of ours with room for 256 16-byte gates.
-        unsafe {
-            idt.add(2 * v as usize).write(low);
-            idt.add(2 * v as usize + 1).write(high);
-        }
-    }
 }
 
 /// Reads guest-physical memory through the identity map (host mode only).

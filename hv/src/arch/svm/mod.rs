@@ -15,7 +15,7 @@ mod vcpu;
 
 use crate::arch::context::{GuestRegs, HostContext, NativeState};
 use crate::arch::instr;
-pub use vcpu::{encode_event, parts, Vcpu, VmcbSetup};
+pub use vcpu::{encode_event, parts, Vcpu, VcpuSetup};
 
 extern "C" {
     /// See world_switch.S, step 2.

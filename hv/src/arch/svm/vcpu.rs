@@ -15,10 +15,12 @@ use quicksilver_proto::stats::ExitRecord;
 /// The ASID every guest CPU uses (one guest: the kernel that loaded us).
 const GUEST_ASID: u32 = 1;
 
-/// What the VMCB needs beyond the guest's own state.
-pub struct VmcbSetup {
-    pub msrpm_pa: u64,
-    pub npt_root_pa: u64,
+/// What a vCPU needs beyond the guest's own state.
+pub struct VcpuSetup {
+    /// The MSR intercept map (`arch::intercept_msr_writes`).
+    pub msr_intercepts_pa: u64,
+    /// The nested page tables' root.
+    pub nested_root_pa: u64,
     /// The hv's own CR3: an exit whose saved CR3 is this one brought back host state.
     pub host_cr3: u64,
 }
@@ -67,7 +69,7 @@ impl Vcpu {
     /// # Safety
     /// Must run on the CPU whose state `native` is, still on the kernel's address space (the
     /// GDT is read for segment attributes), with SVM supported and not in use.
-    pub unsafe fn prepare(&mut self, native: &NativeState, setup: &VmcbSetup) {
+    pub unsafe fn prepare(&mut self, native: &NativeState, setup: &VcpuSetup) {
         let vmcb = &mut self.vmcb;
         // SAFETY: Vmcb is plain integers; all-zero is its documented reset state.
         unsafe { core::ptr::write_bytes(vmcb as *mut Vmcb, 0, 1) };
@@ -77,12 +79,12 @@ impl Vcpu {
         c.intercept_misc1 =
             misc1::NMI | misc1::CPUID | misc1::MSR_PROT | misc1::SHUTDOWN | vmcb::MISC1_INVLPGA;
         c.intercept_misc2 = misc2::ALL_SVM;
-        c.msrpm_base_pa = setup.msrpm_pa;
+        c.msrpm_base_pa = setup.msr_intercepts_pa;
         c.guest_asid = GUEST_ASID;
         // This ASID may hold translations from an earlier activation with other nested tables.
         c.tlb_control = tlb_control::FLUSH_ALL;
         c.np_enable = 1;
-        c.n_cr3 = setup.npt_root_pa;
+        c.n_cr3 = setup.nested_root_pa;
 
         let s = &mut vmcb.save;
         let gdt = native.gdtr;
