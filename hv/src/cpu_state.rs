@@ -293,6 +293,53 @@ impl LocalApic {
 }
 
 #[cfg(test)]
+impl CpuState {
+    /// A kernel CPU as it parks, for tests: long mode, paging, some registers in use, a busy
+    /// 64-bit TSS, the FPU untouched since boot (XSTATE_BV clear: x87 and SSE in their initial
+    /// configuration).
+    pub fn kernel_sample() -> CpuState {
+        let mut st = CpuState {
+            rax: 0x27,
+            rsp: 0xffff_c900_0001_3f28,
+            rip: 0xffff_ffff_8100_1234,
+            rflags: 0x246,
+            cr0: 0x8005_0033,
+            cr2: 0x7f00_dead_0000,
+            cr3: 0x1_2345_6000,
+            cr4: 0x3506f0,
+            dr6: 0xffff_0ff0,
+            dr7: 0x400,
+            ..CpuState::default()
+        };
+        st.gprs.rbx = 1;
+        st.gprs.rbp = 0xffff_c900_0001_3f80;
+        st.gprs.r15 = 15;
+        st.cs = Segment {
+            selector: 0x10,
+            attrib: 0xA9B,
+            limit: 0xFFFF_FFFF,
+            base: 0,
+        };
+        st.ss.selector = 0x18;
+        st.tr = Segment {
+            selector: 0x40,
+            attrib: 0x08B,
+            limit: 0x4087,
+            base: 0xffff_fe00_0000_3000,
+        };
+        st.gs.base = 0xffff_8880_7fc0_0000;
+        st.gdtr = DescriptorTablePointer {
+            limit: 0x7f,
+            base: 0xffff_fe00_0000_1000,
+        };
+        st.msrs.efer = 0xd01;
+        st.msrs.lstar = 0xffff_ffff_8200_0040;
+        st.msrs.kernel_gs_base = 0x7f12_3456_7000;
+        st
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

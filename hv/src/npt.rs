@@ -731,10 +731,8 @@ impl<F: Frames> Npt<F> {
                         // Not present, so no walk reads or writes this entry: a store will do.
                         slot.store(t.0 | TABLE);
                         t
-                    } else if leaf {
-                        self.split_entry(slot, level, flush)?
                     } else {
-                        Hpa(e & ADDR_MASK)
+                        self.table_below(slot, e, leaf, level, flush)?
                     }
                 }
                 Op::Unmap => {
@@ -749,11 +747,7 @@ impl<F: Frames> Npt<F> {
                         *flush = Flush::EveryCpu;
                         continue;
                     }
-                    if leaf {
-                        self.split_entry(slot, level, flush)?
-                    } else {
-                        Hpa(e & ADDR_MASK)
-                    }
+                    self.table_below(slot, e, leaf, level, flush)?
                 }
                 Op::Rights { set, clear } => {
                     if !present {
@@ -766,21 +760,13 @@ impl<F: Frames> Npt<F> {
                         }
                         continue;
                     }
-                    if leaf {
-                        self.split_entry(slot, level, flush)?
-                    } else {
-                        Hpa(e & ADDR_MASK)
-                    }
+                    self.table_below(slot, e, leaf, level, flush)?
                 }
                 Op::Split { level: to } => {
                     if !present || (leaf && level <= *to) {
                         continue;
                     }
-                    if leaf {
-                        self.split_entry(slot, level, flush)?
-                    } else {
-                        Hpa(e & ADDR_MASK)
-                    }
+                    self.table_below(slot, e, leaf, level, flush)?
                 }
                 Op::LogStart(mode) => {
                     if !present {
@@ -800,11 +786,7 @@ impl<F: Frames> Npt<F> {
                         *flush = Flush::EveryCpu;
                         continue;
                     }
-                    if leaf {
-                        self.split_entry(slot, level, flush)?
-                    } else {
-                        Hpa(e & ADDR_MASK)
-                    }
+                    self.table_below(slot, e, leaf, level, flush)?
                 }
                 Op::LogStop(mode) => {
                     if !present {
@@ -872,6 +854,22 @@ impl<F: Frames> Npt<F> {
 
     /// Replaces the large page in `slot` (at `level`, 3 or 2) by a table of 512 pages of the
     /// next size that translate the same way, and returns that table.
+    /// The table an entry at `level` points to; a large page (`leaf`) is split into one first.
+    fn table_below(
+        &mut self,
+        slot: Slot,
+        e: u64,
+        leaf: bool,
+        level: u32,
+        flush: &mut Flush,
+    ) -> Result<Hpa, NptError> {
+        if leaf {
+            self.split_entry(slot, level, flush)
+        } else {
+            Ok(Hpa(e & ADDR_MASK))
+        }
+    }
+
     fn split_entry(&mut self, slot: Slot, level: u32, flush: &mut Flush) -> Result<Hpa, NptError> {
         let table = Hpa(self.frames.alloc().ok_or(NptError::OutOfFrames)?);
         let mut large = slot.load();

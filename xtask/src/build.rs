@@ -113,21 +113,26 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
+/// What selects the hv image for cargo (build, clippy): the release build of the `qs-hv`
+/// binary with the `image` feature, for the hv's own target.
+pub const HV_IMAGE_ARGS: &[&str] = &[
+    "--release",
+    "-p",
+    "quicksilver-hv",
+    "--bin",
+    "qs-hv",
+    "--features",
+    "image",
+    "--target",
+    crate::setup::HV_TARGET,
+];
+
 /// Builds the hv ELF for `x86_64-unknown-none` and converts it to the image at `out`.
 pub fn build_hv_image(out: &Path) -> anyhow::Result<()> {
     let mut cmd = cargo();
-    cmd.current_dir(crate::repo_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "quicksilver-hv",
-        "--bin",
-        "qs-hv",
-        "--features",
-        "image",
-        "--target",
-        crate::setup::HV_TARGET,
-    ]);
+    cmd.current_dir(crate::repo_root())
+        .arg("build")
+        .args(HV_IMAGE_ARGS);
     run_inherit(&mut cmd).context("the hv (crate quicksilver-hv, bin qs-hv) does not build")?;
     let elf = crate::target_dir()
         .join(crate::setup::HV_TARGET)

@@ -36,21 +36,13 @@ pub fn lint() -> anyhow::Result<()> {
     ]))
     .context("clippy found problems in the host crates (above): fix them")?;
     note(format!("clippy, the hv image for {HV_TARGET}"));
-    run_inherit(Command::new(cargo()).current_dir(&root).args([
-        "clippy",
-        "--release",
-        "-p",
-        "quicksilver-hv",
-        "--bin",
-        "qs-hv",
-        "--features",
-        "image",
-        "--target",
-        HV_TARGET,
-        "--",
-        "-D",
-        "warnings",
-    ]))
+    run_inherit(
+        Command::new(cargo())
+            .current_dir(&root)
+            .arg("clippy")
+            .args(crate::build::HV_IMAGE_ARGS)
+            .args(["--", "-D", "warnings"]),
+    )
     .context("clippy found problems in the hv image (above): fix them")?;
     Ok(())
 }

@@ -518,7 +518,6 @@ pub fn encode_event(e: Event) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::context::Segment;
 
     #[test]
     fn events_encode_as_the_manual_says() {
@@ -538,42 +537,8 @@ mod tests {
 
     #[test]
     fn a_cpu_state_survives_the_vmcb_and_back() {
-        let mut st = CpuState {
-            rax: 1,
-            rsp: 0xffff_c900_0001_0000,
-            rip: 0xffff_ffff_8100_0000,
-            rflags: 0x246,
-            cpl: 0,
-            cr0: 0x8005_0033,
-            cr2: 0x7f00_0000_1000,
-            cr3: 0x1234_5000,
-            cr4: 0x3506f0,
-            dr6: 0xffff_0ff0,
-            dr7: 0x400,
-            ..Default::default()
-        };
-        st.gprs.r15 = 15;
-        st.gprs.rbx = 3;
-        st.cs = Segment {
-            selector: 0x10,
-            attrib: 0xA9B,
-            limit: 0xFFFF_FFFF,
-            base: 0,
-        };
-        st.tr = Segment {
-            selector: 0x40,
-            attrib: 0x08B,
-            limit: 0x4087,
-            base: 0xffff_fe00_0000_3000,
-        };
-        st.gs.base = 0xffff_8880_7fc0_0000;
-        st.gdtr = DescriptorTablePointer {
-            limit: 0x7f,
-            base: 0xffff_fe00_0000_1000,
-        };
-        st.msrs.lstar = 0xffff_ffff_8200_0040;
-        st.msrs.kernel_gs_base = 0x7f12_3400_0000;
-        st.msrs.efer = 0xD01 | instr::EFER_SVME;
+        let mut st = CpuState::kernel_sample();
+        st.msrs.efer |= instr::EFER_SVME;
         st.interrupts.pending = PendingEvent {
             valid: true,
             kind: 3,

@@ -135,30 +135,8 @@ mod tests {
     use super::*;
     use crate::cpu_state::xfeature;
 
-    /// A kernel CPU as it parks: long mode, paging, some registers in use, the FPU untouched
-    /// since boot (XSTATE_BV clear: x87 and SSE in their initial configuration).
     fn kernel_cpu() -> CpuState {
-        let mut st = CpuState {
-            rax: 0x27,
-            rsp: 0xffff_c900_0001_3f28,
-            rip: 0xffff_ffff_8100_1234,
-            rflags: 0x246,
-            cr0: 0x8005_0033,
-            cr2: 0x7f00_dead_0000,
-            cr3: 0x1_2345_6000,
-            cr4: 0x3506f0,
-            cr8: 0,
-            ..CpuState::default()
-        };
-        st.gprs.rbx = 1;
-        st.gprs.rbp = 0xffff_c900_0001_3f80;
-        st.gprs.r15 = 15;
-        st.cs.selector = 0x10;
-        st.ss.selector = 0x18;
-        st.gs.base = 0xffff_8880_7fc0_0000;
-        st.msrs.efer = 0xd01;
-        st.msrs.kernel_gs_base = 0x7f12_3456_7000;
-        st
+        CpuState::kernel_sample()
     }
 
     fn read(st: &CpuState) -> X86Regs {
