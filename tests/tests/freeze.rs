@@ -20,6 +20,7 @@ while [ $i -lt {FREEZES} ]; do
     i=$((i + 1))
 done
 qsctl freeze 20000; echo "too-long-rc=$?"
+qsctl bench-freeze 25
 qsctl probe --expect active > /dev/null && echo "STILL-ACTIVE"
 qsctl deactivate
 kill -TERM $WL

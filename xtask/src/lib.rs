@@ -12,6 +12,7 @@
 
 pub mod abi_header;
 pub mod bench;
+pub mod bench_freeze;
 pub mod bench_gdb;
 pub mod build;
 pub mod cmd;

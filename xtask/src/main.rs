@@ -47,7 +47,7 @@ enum Cli {
         check: bool,
     },
     /// Benchmarks: `mode-switch` (the switch and the overheads), `gdb` (Quicksilver's gdbstub
-    /// against QEMU's).
+    /// against QEMU's), `freeze` (stopping every CPU, with and without the state check).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -168,8 +168,14 @@ fn bench(args: &[String]) -> anyhow::Result<ExitCode> {
             xtask::bench_gdb::gdb(&Artifacts::locate()?)?;
             Ok(ExitCode::SUCCESS)
         }
+        Some("freeze") => {
+            let kernel = xtask::setup()?;
+            let artifacts = xtask::build(&kernel)?;
+            xtask::bench_freeze::freeze(&artifacts, 50)?;
+            Ok(ExitCode::SUCCESS)
+        }
         other => anyhow::bail!(
-            "unknown benchmark {other:?}: the benchmarks are `mode-switch` and `gdb` (cargo xtask bench mode-switch|gdb)"
+            "unknown benchmark {other:?}: the benchmarks are `mode-switch`, `gdb` and `freeze` (cargo xtask bench mode-switch|gdb|freeze)"
         ),
     }
 }

@@ -358,6 +358,41 @@ fn cmd_freeze(ms: &str, check: bool) -> Result<()> {
     Ok(())
 }
 
+/// N freezes of 0 ms, 20 ms apart, then N with `--check`: medians of how long every CPU took
+/// to stop (the hv's count, from the request) and of the whole pause as the caller sees it (the
+/// ioctl), as one JSON line.
+fn cmd_bench_freeze(n: &str) -> Result<()> {
+    let n = parse_u64(n)? as usize;
+    let dev = open()?;
+    let series = |flags: u32| -> Result<(Vec<u64>, Vec<u64>, u32)> {
+        let (mut gather, mut pause, mut identical) = (vec![], vec![], 0);
+        for _ in 0..n {
+            // Every CPU back in the kernel first: a freeze right after the last one finds CPUs
+            // that have not left it yet still parked, and gathers them at no cost.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let t = std::time::Instant::now();
+            let f = ioctl::freeze(&dev, 0, flags).context("the freeze ioctl failed")?;
+            pause.push(t.elapsed().as_nanos() as u64);
+            if f.status != 0 {
+                return Err(status_error(f.status).context("freeze refused"));
+            }
+            gather.push(f.gather_us);
+            identical += u32::from(f.identical == f.cpus);
+        }
+        Ok((gather, pause, identical))
+    };
+    let (mut gather, mut pause, _) = series(0)?;
+    let (mut gather_c, mut pause_c, identical) = series(abi::FREEZE_CHECK)?;
+    println!(
+        "QS-BENCH {{\"freezes\":{n},\"gather_us\":{},\"pause_us\":{:.1},\"check_gather_us\":{},\"check_pause_us\":{:.1},\"checks_identical\":{identical}}}",
+        median(&mut gather),
+        median(&mut pause) as f64 / 1000.0,
+        median(&mut gather_c),
+        median(&mut pause_c) as f64 / 1000.0,
+    );
+    Ok(())
+}
+
 fn median(v: &mut [u64]) -> u64 {
     v.sort_unstable();
     v.get(v.len() / 2).copied().unwrap_or(0)
@@ -436,9 +471,10 @@ fn main() {
         ["peek-phys", addr] => cmd_peek_phys(addr),
         ["bench-switch", n] => cmd_bench_switch(n),
         ["freeze", ms] => cmd_freeze(ms, false),
+        ["bench-freeze", n] => cmd_bench_freeze(n),
         ["freeze", ms, "--check"] => cmd_freeze(ms, true),
         _ => {
-            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|peek OFFSET|poke OFFSET VALUE|peek-store OFFSET|poke-store OFFSET VALUE|peek-phys ADDRESS|bench-switch N");
+            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|peek OFFSET|poke OFFSET VALUE|peek-store OFFSET|poke-store OFFSET VALUE|peek-phys ADDRESS|bench-switch N|bench-freeze N");
             std::process::exit(2);
         }
     };

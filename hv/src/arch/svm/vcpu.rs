@@ -140,7 +140,17 @@ impl Vcpu {
             // never VMRUN it (that "guest" would run the hv's code under nested paging).
             return VmExit::LostGuestState;
         }
-        self.decode_exit()
+        let exit = self.decode_exit();
+        if exit == VmExit::Nmi {
+            // The intercepted NMI stays pending until GIF is set (APM 15.12): take it into the
+            // hv's own handler now. Left pending, it would be taken by the next STGI in host
+            // mode (a parked CPU's sleep, where it would pass for a wake) or at the next VMRUN
+            // (another NMI exit, for ever).
+            // SAFETY: host mode with RFLAGS.IF = 0: only this NMI can arrive, into the hv's
+            // handler, which returns.
+            unsafe { super::qs_take_nmi() };
+        }
+        exit
     }
 
     /// Turns the VMCB's exit information into a [`VmExit`].
