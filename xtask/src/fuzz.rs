@@ -16,7 +16,7 @@ use crate::note;
 pub const TARGETS: &[(&str, &[&str])] = &[
     ("link_decoder", &[]),
     ("handshake", &[]),
-    ("rsp_filter", &["-dict=rsp.dict"]),
+    ("rsp_filter", &["-dict=rsp.dict", "-max_len=512"]),
 ];
 
 /// How long a run is.
