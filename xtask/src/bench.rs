@@ -186,6 +186,23 @@ pub fn mode_switch_one(a: &Artifacts, smp: u32, icount: bool, switches: u32) -> 
     })
 }
 
+/// Writes `target/bench/NAME.json` (pretty JSON) and `NAME.md` (the Markdown table for
+/// BENCHMARKS.md), and prints the table.
+pub fn write_report(name: &str, report: &impl Serialize, md: &str) -> Result<()> {
+    let dir = crate::target_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let mut json = serde_json::to_string_pretty(report)?;
+    json.push('\n');
+    std::fs::write(dir.join(format!("{name}.json")), json)?;
+    std::fs::write(dir.join(format!("{name}.md")), md)?;
+    println!("{md}");
+    println!(
+        "xtask bench: wrote {}",
+        dir.join(format!("{name}.json")).display()
+    );
+    Ok(())
+}
+
 /// Every configuration; writes the JSON and the Markdown table.
 pub fn mode_switch(a: &Artifacts, switches: u32) -> Result<Vec<ModeSwitch>> {
     let mut rows = Vec::new();
@@ -203,8 +220,6 @@ pub fn mode_switch(a: &Artifacts, switches: u32) -> Result<Vec<ModeSwitch>> {
             rows.push(r);
         }
     }
-    let dir = crate::target_dir().join("bench");
-    std::fs::create_dir_all(&dir)?;
     let mut md = String::from("| smp | clock | activate µs | deactivate µs | roundtrip µs | hv part µs | roundtrip / Mercury 200 µs | dormant_ratio | active_ratio | exits/s active |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for r in &rows {
         let _ = writeln!(
@@ -233,15 +248,7 @@ pub fn mode_switch(a: &Artifacts, switches: u32) -> Result<Vec<ModeSwitch>> {
         },
         results: &rows,
     };
-    let mut json = serde_json::to_string_pretty(&report)?;
-    json.push('\n');
-    std::fs::write(dir.join("mode-switch.json"), json)?;
-    std::fs::write(dir.join("mode-switch.md"), &md)?;
-    println!("{md}");
-    println!(
-        "xtask bench: wrote {}",
-        dir.join("mode-switch.json").display()
-    );
+    write_report("mode-switch", &report, &md)?;
     Ok(rows)
 }
 

@@ -77,8 +77,6 @@ pub fn freeze(a: &Artifacts, freezes: u32) -> Result<Vec<Freeze>> {
         eprintln!("xtask bench: {r:?}");
         rows.push(r);
     }
-    let dir = crate::target_dir().join("bench");
-    std::fs::create_dir_all(&dir)?;
     let mut md = String::from(
         "| smp | every CPU stopped after µs | pause µs | with check: stopped after µs | pause µs | pause / Mercury 200 µs | checks identical |\n|---|---|---|---|---|---|---|\n",
     );
@@ -103,12 +101,7 @@ pub fn freeze(a: &Artifacts, freezes: u32) -> Result<Vec<Freeze>> {
         },
         results: &rows,
     };
-    let mut json = serde_json::to_string_pretty(&report)?;
-    json.push('\n');
-    std::fs::write(dir.join("freeze.json"), json)?;
-    std::fs::write(dir.join("freeze.md"), &md)?;
-    println!("{md}");
-    println!("xtask bench: wrote {}", dir.join("freeze.json").display());
+    crate::bench::write_report("freeze", &report, &md)?;
     Ok(rows)
 }
 
