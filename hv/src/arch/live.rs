@@ -95,6 +95,18 @@ impl Apic {
         Some((apic, base))
     }
 
+}
+
+/// Register access to one local APIC: the live one, or a test's.
+trait ApicRegs {
+    fn read(&self, reg: u32) -> u32;
+    fn write(&self, reg: u32, v: u32);
+    /// IA32_TSC_DEADLINE (only called in TSC-deadline mode, where it exists).
+    fn tsc_deadline(&self) -> u64;
+    fn set_tsc_deadline(&self, v: u64);
+}
+
+impl ApicRegs for Apic {
     fn read(&self, reg: u32) -> u32 {
         match self {
             // SAFETY: x2APIC mode is on; the register exists (the offsets used are
@@ -114,6 +126,16 @@ impl Apic {
             // SAFETY: the xAPIC page, as in `read`; the kernel's own values.
             Apic::X(page) => unsafe { ((page + reg as u64) as *mut u32).write_volatile(v) },
         }
+    }
+
+    fn tsc_deadline(&self) -> u64 {
+        // SAFETY: called in TSC-deadline mode only, which exists only where the MSR does.
+        unsafe { instr::rdmsr(msr::TSC_DEADLINE) }
+    }
+
+    fn set_tsc_deadline(&self, v: u64) {
+        // SAFETY: as in `tsc_deadline`; the kernel's own deadline.
+        unsafe { instr::wrmsr(msr::TSC_DEADLINE, v) }
     }
 }
 
@@ -146,16 +168,25 @@ fn capture_apic() -> LocalApic {
         a.tmr[i as usize] = apic.read(apic_reg::TMR + 0x10 * i);
     }
     if a.timer_mode() == 2 {
-        // SAFETY: TSC-deadline mode is only selectable where the MSR exists.
-        a.tsc_deadline = unsafe { instr::rdmsr(msr::TSC_DEADLINE) };
+        a.tsc_deadline = apic.tsc_deadline();
     }
     a
 }
 
-/// Writes back the APIC's writable registers. The timer: its LVT and divider first, then the
-/// count. A one-shot timer that was still counting is re-armed with what it had left when
-/// captured (the time the CPU was stopped does not count against it); one that fired
-/// meanwhile is not re-armed (its interrupt is pending in the IRR and will be delivered).
+/// LVT bit 12, delivery status: read-only, so it does not make a saved entry differ.
+const LVT_DELIVERY_STATUS: u32 = 1 << 12;
+
+/// Writes back the APIC's writable registers, each only where it differs from what the APIC
+/// holds now. A write of the same value is not a no-op in every APIC: QEMU's re-evaluates the
+/// timer on an LVT-timer write and cancels a one-shot expiry that is due but not yet raised,
+/// which loses that interrupt for good (a CPU idling in HLT then sleeps for ever: found by the
+/// 4-CPU freeze test, an RCU stall on the CPU whose tick was lost).
+///
+/// The timer: its LVT and divider first, then the count. A one-shot timer that was still
+/// counting is re-armed with what it had left when captured (the time the CPU was stopped does
+/// not count against it); one that fired meanwhile is not re-armed (its interrupt is pending in
+/// the IRR and will be delivered). A TSC deadline is written back when it differs: if it
+/// passed meanwhile, the APIC raises it at once (a spurious tick is harmless; a lost one is not).
 fn restore_apic(a: &LocalApic) {
     let Some((apic, base)) = Apic::current() else {
         return;
@@ -165,24 +196,32 @@ fn restore_apic(a: &LocalApic) {
         // other mode's registers would be wrong.
         return;
     }
-    apic.write(apic_reg::TPR, a.tpr);
+    write_back(&apic, a);
+}
+
+fn write_back(apic: &impl ApicRegs, a: &LocalApic) {
+    let put = |reg: u32, v: u32, read_only: u32| {
+        if (apic.read(reg) ^ v) & !read_only != 0 {
+            apic.write(reg, v);
+        }
+    };
+    put(apic_reg::TPR, a.tpr, 0);
     if !a.x2apic {
-        apic.write(apic_reg::DFR, a.dfr);
-        apic.write(apic_reg::LDR, a.ldr);
+        put(apic_reg::DFR, a.dfr, 0);
+        put(apic_reg::LDR, a.ldr, 0);
     }
-    apic.write(apic_reg::SVR, a.svr);
+    put(apic_reg::SVR, a.svr, 0);
     for (n, &lvt) in a.lvt.iter().enumerate() {
-        apic.write(apic_reg::LVT[n], lvt);
+        put(apic_reg::LVT[n], lvt, LVT_DELIVERY_STATUS);
     }
-    apic.write(apic_reg::TIMER_DIVIDE, a.timer_divide);
+    put(apic_reg::TIMER_DIVIDE, a.timer_divide, 0);
     match a.timer_mode() {
         // Periodic: the period is the initial count.
-        1 => apic.write(apic_reg::TIMER_INITIAL, a.timer_initial),
+        1 => put(apic_reg::TIMER_INITIAL, a.timer_initial, 0),
         // TSC-deadline: the deadline MSR.
         2 => {
-            if a.tsc_deadline != 0 {
-                // SAFETY: TSC-deadline mode exists here (it was captured in it).
-                unsafe { instr::wrmsr(msr::TSC_DEADLINE, a.tsc_deadline) };
+            if a.tsc_deadline != 0 && apic.tsc_deadline() != a.tsc_deadline {
+                apic.set_tsc_deadline(a.tsc_deadline);
             }
         }
         _ => {
@@ -190,5 +229,143 @@ fn restore_apic(a: &LocalApic) {
                 apic.write(apic_reg::TIMER_INITIAL, a.timer_current);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    /// An APIC holding registers, recording every write.
+    #[derive(Default)]
+    struct FakeApic {
+        regs: RefCell<BTreeMap<u32, u32>>,
+        deadline: RefCell<u64>,
+        writes: RefCell<Vec<(u32, u64)>>,
+    }
+
+    const DEADLINE: u32 = u32::MAX;
+
+    impl FakeApic {
+        /// An APIC whose registers hold what `a` captured.
+        fn holding(a: &LocalApic) -> FakeApic {
+            let f = FakeApic::default();
+            let mut r = f.regs.borrow_mut();
+            for (reg, v) in [
+                (apic_reg::TPR, a.tpr),
+                (apic_reg::DFR, a.dfr),
+                (apic_reg::LDR, a.ldr),
+                (apic_reg::SVR, a.svr),
+                (apic_reg::TIMER_DIVIDE, a.timer_divide),
+                (apic_reg::TIMER_INITIAL, a.timer_initial),
+                (apic_reg::TIMER_CURRENT, a.timer_current),
+            ] {
+                r.insert(reg, v);
+            }
+            for (n, &v) in a.lvt.iter().enumerate() {
+                r.insert(apic_reg::LVT[n], v);
+            }
+            drop(r);
+            *f.deadline.borrow_mut() = a.tsc_deadline;
+            f
+        }
+
+        fn writes(&self) -> Vec<(u32, u64)> {
+            self.writes.borrow().clone()
+        }
+    }
+
+    impl ApicRegs for FakeApic {
+        fn read(&self, reg: u32) -> u32 {
+            self.regs.borrow().get(&reg).copied().unwrap_or(0)
+        }
+        fn write(&self, reg: u32, v: u32) {
+            self.writes.borrow_mut().push((reg, v as u64));
+            self.regs.borrow_mut().insert(reg, v);
+        }
+        fn tsc_deadline(&self) -> u64 {
+            *self.deadline.borrow()
+        }
+        fn set_tsc_deadline(&self, v: u64) {
+            self.writes.borrow_mut().push((DEADLINE, v));
+            *self.deadline.borrow_mut() = v;
+        }
+    }
+
+    /// Linux's xAPIC on `-cpu EPYC`: one-shot timer on vector 0xEC, 0x1000 counts left.
+    fn one_shot() -> LocalApic {
+        LocalApic {
+            present: true,
+            tpr: 0,
+            ldr: 0x0100_0000,
+            dfr: 0xFFFF_FFFF,
+            svr: 0x1FF,
+            lvt: [0xEC, 0x1_0000, 0x400, 0x700, 0x400, 0xFE],
+            timer_divide: 0xB,
+            timer_initial: 0x8000,
+            timer_current: 0x1000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_apic_that_holds_the_saved_state_gets_no_write_but_the_timer_rearm() {
+        // A freeze's round trip: nothing changed, so nothing but the still-counting one-shot
+        // timer is written (an LVT-timer write can cancel a due tick in QEMU's APIC).
+        let saved = one_shot();
+        let apic = FakeApic::holding(&saved);
+        write_back(&apic, &saved);
+        assert_eq!(apic.writes(), vec![(apic_reg::TIMER_INITIAL, 0x1000)]);
+    }
+
+    #[test]
+    fn a_one_shot_timer_that_fired_meanwhile_is_not_rearmed() {
+        let saved = one_shot();
+        let apic = FakeApic::holding(&saved);
+        apic.regs.borrow_mut().insert(apic_reg::TIMER_CURRENT, 0);
+        write_back(&apic, &saved);
+        assert_eq!(apic.writes(), vec![]);
+    }
+
+    #[test]
+    fn registers_that_differ_are_written_back_and_delivery_status_is_not_a_difference() {
+        let saved = one_shot();
+        let apic = FakeApic::holding(&saved);
+        {
+            let mut r = apic.regs.borrow_mut();
+            r.insert(apic_reg::TPR, 0x20);
+            r.insert(apic_reg::LVT[3], saved.lvt[3] | 0x1_0000); // LINT0 masked
+            r.insert(apic_reg::LVT[5], saved.lvt[5] | LVT_DELIVERY_STATUS);
+            r.insert(apic_reg::TIMER_CURRENT, 0);
+        }
+        write_back(&apic, &saved);
+        assert_eq!(
+            apic.writes(),
+            vec![(apic_reg::TPR, 0), (apic_reg::LVT[3], saved.lvt[3] as u64)]
+        );
+    }
+
+    #[test]
+    fn a_periodic_timer_gets_its_period_and_a_deadline_its_deadline_where_they_differ() {
+        let mut periodic = one_shot();
+        periodic.lvt[0] |= 1 << 17;
+        let apic = FakeApic::holding(&periodic);
+        write_back(&apic, &periodic);
+        assert_eq!(apic.writes(), vec![], "same period: no write");
+        apic.regs.borrow_mut().insert(apic_reg::TIMER_INITIAL, 5);
+        write_back(&apic, &periodic);
+        assert_eq!(apic.writes(), vec![(apic_reg::TIMER_INITIAL, 0x8000)]);
+
+        let mut deadline = one_shot();
+        deadline.lvt[0] = 0xEC | 2 << 17;
+        deadline.tsc_deadline = 123_456;
+        let apic = FakeApic::holding(&deadline);
+        write_back(&apic, &deadline);
+        assert_eq!(apic.writes(), vec![], "armed with the same deadline: no write");
+        *apic.deadline.borrow_mut() = 0; // it fired (reads 0), or a rollback
+        write_back(&apic, &deadline);
+        assert_eq!(apic.writes(), vec![(DEADLINE, 123_456)]);
     }
 }

@@ -103,8 +103,9 @@ pub fn registers_into_state(r: &X86Regs, st: &mut CpuState) -> Option<u8> {
     [g.r8, g.r9, g.r10, g.r11, g.r12, g.r13, g.r14, g.r15] =
         [v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]];
     st.rip = r.rip;
-    // Reserved bit 1 stays set; VM and VIF/VIP cannot be chosen in long mode.
-    st.rflags = (r.eflags as u64 & 0x3F_7FD5) | 2;
+    // Reserved bit 1 stays set, the other reserved bits clear; VM (17), VIF (19) and VIP (20)
+    // cannot be chosen in long mode (VMRUN would refuse the state), so gdb cannot set them.
+    st.rflags = (r.eflags as u64 & 0x25_7FD5) | 2;
     st.cr2 = r.sys[sys::CR2];
     [st.fs.base, st.gs.base, st.msrs.kernel_gs_base] = bases;
     let mut fx = st.xsave.legacy();
@@ -216,6 +217,15 @@ mod tests {
         r.eflags = 1 << 31 | 1 << 22 | 1 << 18 | 1 << 15 | 0x200 | 1 << 5 | 1 << 3;
         registers_into_state(&r, &mut st);
         assert_eq!(st.rflags, 1 << 18 | 0x200 | 2);
+    }
+
+    #[test]
+    fn eflags_vm_vif_and_vip_cannot_be_set_from_gdb_but_rf_and_id_can() {
+        let mut st = kernel_cpu();
+        let mut r = read(&st);
+        r.eflags = 1 << 21 | 1 << 20 | 1 << 19 | 1 << 17 | 1 << 16 | 0x200;
+        registers_into_state(&r, &mut st);
+        assert_eq!(st.rflags, 1 << 21 | 1 << 16 | 0x200 | 2);
     }
 
     #[test]
