@@ -94,7 +94,6 @@ impl Apic {
         };
         Some((apic, base))
     }
-
 }
 
 /// Register access to one local APIC: the live one, or a test's.
@@ -363,7 +362,11 @@ mod tests {
         deadline.tsc_deadline = 123_456;
         let apic = FakeApic::holding(&deadline);
         write_back(&apic, &deadline);
-        assert_eq!(apic.writes(), vec![], "armed with the same deadline: no write");
+        assert_eq!(
+            apic.writes(),
+            vec![],
+            "armed with the same deadline: no write"
+        );
         *apic.deadline.borrow_mut() = 0; // it fired (reads 0), or a rollback
         write_back(&apic, &deadline);
         assert_eq!(apic.writes(), vec![(DEADLINE, 123_456)]);
