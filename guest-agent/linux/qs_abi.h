@@ -143,12 +143,17 @@ struct qs_freeze {
 	__u64 gather_us;
 	/* Out: microseconds every CPU was held. */
 	__u64 held_us;
-	/* Out: bit n set if CPU n's state came back different. */
+	/* Out: bit n set if CPU n's state came back different, or its verdict did not come. */
 	__u64 differing_cpus;
+	/*
+	 * Out: bit n set if CPU n was active but did not stop (it did not answer its NMI in
+	 * time and ran on: the cut is not consistent).
+	 */
+	__u64 missing_cpus;
 	/* Out: what differed on the first such CPU (comma-separated names, NUL-padded). */
 	__u8 what[32];
 };
-QS_ASSERT(sizeof(struct qs_freeze) == 80);
+QS_ASSERT(sizeof(struct qs_freeze) == 88);
 QS_ASSERT(__builtin_offsetof(struct qs_freeze, status) == 0);
 QS_ASSERT(__builtin_offsetof(struct qs_freeze, ms) == 8);
 QS_ASSERT(__builtin_offsetof(struct qs_freeze, flags) == 12);
@@ -157,7 +162,8 @@ QS_ASSERT(__builtin_offsetof(struct qs_freeze, identical) == 20);
 QS_ASSERT(__builtin_offsetof(struct qs_freeze, gather_us) == 24);
 QS_ASSERT(__builtin_offsetof(struct qs_freeze, held_us) == 32);
 QS_ASSERT(__builtin_offsetof(struct qs_freeze, differing_cpus) == 40);
-QS_ASSERT(__builtin_offsetof(struct qs_freeze, what) == 48);
+QS_ASSERT(__builtin_offsetof(struct qs_freeze, missing_cpus) == 48);
+QS_ASSERT(__builtin_offsetof(struct qs_freeze, what) == 56);
 
 #define QS_FREEZE_CHECK 1
 #define QS_FREEZE_MAX_MS 10000
@@ -372,6 +378,6 @@ QS_ASSERT(QS_IOC_PEEK_PHYS == 0xc0105107u);
 QS_ASSERT(QS_IOC_AGENT_INFO == 0x80105108u);
 /* Every CPU stopped for a while, then resumed (`qsctl freeze`); the hv must be active. */
 #define QS_IOC_FREEZE _IOWR(QS_IOC_MAGIC, 9, struct qs_freeze)
-QS_ASSERT(QS_IOC_FREEZE == 0xc0505109u);
+QS_ASSERT(QS_IOC_FREEZE == 0xc0585109u);
 
 #endif /* QS_ABI_H */

@@ -42,6 +42,8 @@
 #include <linux/serial_8250.h>
 #include <linux/io.h>
 #include <linux/kprobes.h>
+#include <linux/delay.h>
+#include <linux/math64.h>
 #include <asm/unaligned.h>
 #include <asm/msr.h>
 #include <asm/asm.h>
@@ -287,6 +289,48 @@ static u64 qs_kernel_text(void)
 	return text;
 }
 
+/* TSC ticks per millisecond over 20 ms of the kernel's clock; 0 if either went backwards. */
+static u64 qs_tsc_khz_once(void)
+{
+	u64 t0, t1, c0, c1;
+	unsigned long flags;
+
+	local_irq_save(flags);
+	t0 = ktime_get_ns();
+	c0 = rdtsc_ordered();
+	local_irq_restore(flags);
+	msleep(20);
+	local_irq_save(flags);
+	t1 = ktime_get_ns();
+	c1 = rdtsc_ordered();
+	local_irq_restore(flags);
+	if (t1 <= t0 || c1 <= c0)
+		return 0;
+	return div64_u64((c1 - c0) * NSEC_PER_MSEC, t1 - t0);
+}
+
+/* The TSC's rate in kHz, for the hv's timeouts (it counts TSC ticks in host mode, where no
+ * kernel clock runs). The kernel's tsc_khz is a boot-time calibration that nothing checks
+ * once the TSC is not the clocksource: under QEMU on a loaded host it came out as 37 MHz for
+ * a 2.6 GHz TSC ("PIT calibration deviates from HPET"), which made every hv timeout 70 times
+ * too short. So the rate is measured against the kernel's clock, the median of three 20 ms
+ * samples (a vCPU the host preempts between the two reads spoils one); the kernel's figure is
+ * kept when they agree within 5 % (it is the finer one). */
+static u32 qs_tsc_khz(void)
+{
+	u64 a = qs_tsc_khz_once(), b = qs_tsc_khz_once(), c = qs_tsc_khz_once();
+	u64 measured = max(min(a, b), min(max(a, b), c));
+
+	if (!measured || measured > U32_MAX)
+		return tsc_khz;
+	if (tsc_khz && measured * 100 >= (u64)tsc_khz * 95 &&
+	    measured * 100 <= (u64)tsc_khz * 105)
+		return tsc_khz;
+	pr_warn("the kernel's TSC rate (%u kHz) is not what the TSC runs at (%llu kHz, measured against the kernel's clock): the hv times its waits with the measured rate\n",
+		tsc_khz, measured);
+	return measured;
+}
+
 static int qs_load(void)
 {
 	void *file = NULL;
@@ -366,7 +410,7 @@ static int qs_load(void)
 		.mem_size = hv.size,
 		.phys_limit = phys_limit,
 		.cpus = nr_cpu_ids,
-		.tsc_khz = tsc_khz,
+		.tsc_khz = qs_tsc_khz(),
 		.kernel_text = qs_kernel_text(),
 		.kernel_text_link = __START_KERNEL,
 		.store_chunks_va = (u64)qs_store.chunks,

@@ -29,10 +29,15 @@ struct Request {
 }
 
 static REQUEST: spin::Mutex<Option<Request>> = spin::Mutex::new(None);
-/// CPUs that finished their check since the release.
-static CHECKED: AtomicU32 = AtomicU32::new(0);
+/// CPUs that finished their check since the release (bit n: CPU n).
+static CHECKED: AtomicU64 = AtomicU64::new(0);
+/// CPUs this freeze stopped (bit n: CPU n), whose verdicts the leader waits for.
+static STOPPED: AtomicU64 = AtomicU64::new(0);
 static IDENTICAL: AtomicU32 = AtomicU32::new(0);
 static DIFFERING: AtomicU64 = AtomicU64::new(0);
+/// How long the leader waits for the other CPUs' verdicts (a check takes microseconds; a
+/// vCPU thread the host does not schedule can take far longer).
+const VERDICT_WAIT_MS: u64 = 1000;
 /// The first differing CPU's part names are recorded (under the request lock).
 static FIRST_DIFFERENCE_TAKEN: AtomicBool = AtomicBool::new(false);
 
@@ -76,7 +81,14 @@ pub fn lead(hv: &Hv, p: Parked) {
     };
     let held_from = now();
     req.args.cpus = p.parked().count() as u32;
+    req.args.missing_cpus = (0..hv.cpus.min(64))
+        .filter(|&i| !p.is_parked(i) && hv.cpu(i).is_some_and(|c| c.shared.is_active()))
+        .fold(0, |m, i| m | 1 << i);
     req.args.gather_us = (held_from - req.asked) * 1000 / khz.max(1);
+    STOPPED.store(
+        p.parked().filter(|&i| i < 64).fold(0, |m, i| m | 1 << i),
+        Relaxed,
+    );
     CHECKED.store(0, Relaxed);
     IDENTICAL.store(0, Relaxed);
     DIFFERING.store(0, Relaxed);
@@ -91,15 +103,15 @@ pub fn lead(hv: &Hv, p: Parked) {
 /// On each CPU once released: the check, then run on. The leader then waits for every CPU's
 /// verdict and answers.
 pub fn resumed(hv: &Hv, me: u32, vcpu: &mut Vcpu, st: &mut Stopped, release: Release) -> Action {
-    let (check, leader, cpus) = match REQUEST.lock().as_ref() {
-        Some(r) => (r.args.flags & FREEZE_CHECK != 0, r.leader, r.args.cpus),
-        None => (false, u32::MAX, 0),
+    let (check, leader) = match REQUEST.lock().as_ref() {
+        Some(r) => (r.args.flags & FREEZE_CHECK != 0, r.leader),
+        None => (false, u32::MAX),
     };
     if check {
         check_round_trip(me, vcpu, &st.state);
     }
     if me == leader {
-        answer(hv, check, cpus);
+        answer(hv, check);
     }
     match release {
         Release::Leave => Action::Leave,
@@ -146,25 +158,33 @@ fn check_round_trip(me: u32, vcpu: &mut Vcpu, saved: &CpuState) {
             }
         }
     }
-    CHECKED.fetch_add(1, Release);
+    CHECKED.fetch_or(1 << (me & 63), Release);
 }
 
-/// The leader's answer, once every stopped CPU has checked (at most 100 ms more: a CPU that
-/// does not get there is counted as not identical).
-fn answer(hv: &Hv, check: bool, cpus: u32) {
+/// The leader's answer, once every stopped CPU has checked (at most [`VERDICT_WAIT_MS`] more:
+/// a CPU whose verdict has not come by then is counted as differing, named "no verdict").
+fn answer(hv: &Hv, check: bool) {
+    let stopped = STOPPED.load(Relaxed);
+    let mut late = 0;
     if check {
         let start = crate::arch::instr::rdtsc();
-        while CHECKED.load(Acquire) < cpus
-            && crate::arch::instr::rdtsc() - start < 100 * hv.tsc_khz as u64
+        let limit = VERDICT_WAIT_MS * hv.tsc_khz as u64;
+        while CHECKED.load(Acquire) & stopped != stopped
+            && crate::arch::instr::rdtsc() - start < limit
         {
             core::hint::spin_loop();
         }
+        late = stopped & !CHECKED.load(Acquire);
     }
     let Some(mut req) = REQUEST.lock().take() else {
         return;
     };
     req.args.identical = IDENTICAL.load(Relaxed);
-    req.args.differing_cpus = DIFFERING.load(Relaxed);
+    req.args.differing_cpus = DIFFERING.load(Relaxed) | late;
+    if late != 0 && !FIRST_DIFFERENCE_TAKEN.load(Acquire) {
+        let why = b"no verdict";
+        req.args.what[..why.len()].copy_from_slice(why);
+    }
     req.args.status = Status::Ok as i64;
     write_args(hv, &req);
 }

@@ -122,8 +122,11 @@ crate::abi_struct! {
         pub gather_us: u64,
         /// Out: microseconds every CPU was held.
         pub held_us: u64,
-        /// Out: bit n set if CPU n's state came back different.
+        /// Out: bit n set if CPU n's state came back different, or its verdict did not come.
         pub differing_cpus: u64,
+        /// Out: bit n set if CPU n was active but did not stop (it did not answer its NMI in
+        /// time and ran on: the cut is not consistent).
+        pub missing_cpus: u64,
         /// Out: what differed on the first such CPU (comma-separated names, NUL-padded).
         pub what: [u8; 32],
     }

@@ -3,6 +3,8 @@
 //! state (registers, segments, MSRs, XSAVE, the local APIC), writes it back, captures it again
 //! and compares, while a self-verifying workload runs. The consistent cut a checkpoint needs.
 
+use std::time::Duration;
+
 use quicksilver_tests::*;
 
 const FREEZES: u32 = 10;
@@ -20,9 +22,14 @@ while [ $i -lt {FREEZES} ]; do
     i=$((i + 1))
 done
 qsctl freeze 20000; echo "too-long-rc=$?"
-qsctl bench-freeze 25
+qsctl bench-freeze 100
 qsctl probe --expect active > /dev/null && echo "STILL-ACTIVE"
 qsctl deactivate
+n=0
+while [ $n -lt $(nproc) ]; do
+    timeout 5 taskset -c $n usleep 50000 && echo "cpu$n: timer-ok" || echo "cpu$n: timer LOST"
+    n=$((n + 1))
+done
 kill -TERM $WL
 wait $WL
 tail -3 /tmp/workload.log
@@ -31,7 +38,10 @@ tail -3 /tmp/workload.log
 }
 
 fn freezes_on(smp: u32) {
-    let out = run(guest(&format!("freeze-smp{smp}"), smp), &freeze_script());
+    // About 20 s when all is well, 60 s on a loaded CI machine; a CPU that lost its tick
+    // hangs the script, so the deadline is what ends it.
+    let machine = guest(&format!("freeze-smp{smp}"), smp).timeout(Duration::from_secs(240));
+    let out = run(machine, &freeze_script());
     assert_success(&out);
     let o = out.script_output();
     assert!(
@@ -54,7 +64,18 @@ fn freezes_on(smp: u32) {
         o.contains("too-long-rc=1") && o.contains("at most 10000 ms"),
         "{o}"
     );
+    assert!(
+        o.contains(r#""checks_identical":100,"incomplete":0}"#),
+        "100 more freezes stopped every CPU and every state came back identical:\n{o}"
+    );
     assert_console_has(&out, "STILL-ACTIVE");
+    // A tick lost in a restore leaves that CPU asleep for ever in its idle HLT (the kernel
+    // believes the lost expiry is still coming, so a sleep queued on that CPU never ends).
+    assert_eq!(
+        o.matches(": timer-ok").count(),
+        smp as usize,
+        "every CPU's local APIC timer still fires after the freezes:\n{o}"
+    );
     assert_console_has(&out, "WORKLOAD OK");
     assert_kernel_clean(&out);
 }
@@ -67,4 +88,39 @@ fn freezes_hold_every_cpu_and_their_whole_state_comes_back_identical_on_4_cpus()
 #[test]
 fn a_freeze_on_one_cpu_leads_alone() {
     freezes_on(1);
+}
+
+/// The hv times its waits in TSC ticks. A kernel whose boot calibration of the TSC is far off
+/// (seen under QEMU on a loaded host: 37 MHz for a 2.6 GHz TSC) must not shrink them: the
+/// agent measures the rate itself, says so, and a freeze of 500 ms holds 500 ms by the
+/// kernel's clock (with the kernel's figure it held 7 ms, and the NMI timeout was 29 ms).
+#[test]
+fn a_kernel_that_miscalibrated_its_tsc_still_gets_freezes_as_long_as_asked() {
+    let machine = guest("freeze-tsc", 2)
+        .cmdline("tsc_early_khz=37000")
+        .timeout(Duration::from_secs(240));
+    let script = r#"qsctl activate
+a=$(cut -d' ' -f1 /proc/uptime)
+qsctl freeze 500
+b=$(cut -d' ' -f1 /proc/uptime)
+echo "held-cs=$(( (${b%.*}${b#*.}) - (${a%.*}${a#*.}) ))"
+qsctl deactivate
+"#;
+    let out = run(machine, script);
+    assert_success(&out);
+    assert_console_has(&out, "tsc: Detected 37.000 MHz processor");
+    assert_console_has(&out, "the hv times its waits with the measured rate");
+    let o = out.script_output();
+    let held: u64 = o
+        .split("held-cs=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no held-cs line:\n{o}"));
+    // /proc/uptime counts in hundredths; 500 ms asked, so at least 45 of them.
+    assert!(
+        held >= 45,
+        "a 500 ms freeze held {held}0 ms by the kernel's clock:\n{o}"
+    );
+    assert_kernel_clean(&out);
 }

@@ -30,6 +30,9 @@ pub struct Freeze {
     pub check_pause_us: f64,
     /// Checks in which every CPU's state came back identical.
     pub checks_identical: u32,
+    /// Freezes in which a CPU did not stop (it ran on: no consistent cut).
+    #[serde(default)]
+    pub incomplete: u32,
 }
 
 #[derive(Serialize)]
@@ -78,12 +81,12 @@ pub fn freeze(a: &Artifacts, freezes: u32) -> Result<Vec<Freeze>> {
         rows.push(r);
     }
     let mut md = String::from(
-        "| smp | every CPU stopped after µs | pause µs | with check: stopped after µs | pause µs | pause / Mercury 200 µs | checks identical |\n|---|---|---|---|---|---|---|\n",
+        "| smp | every CPU stopped after µs | pause µs | with check: stopped after µs | pause µs | pause / Mercury 200 µs | checks identical | incomplete |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in &rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {} | {:.0} | {:.1}x | {} of {} |",
+            "| {} | {} | {:.0} | {} | {:.0} | {:.1}x | {} of {} | {} of {} |",
             r.smp,
             r.gather_us,
             r.pause_us,
@@ -91,7 +94,9 @@ pub fn freeze(a: &Artifacts, freezes: u32) -> Result<Vec<Freeze>> {
             r.check_pause_us,
             r.pause_us / 200.0,
             r.checks_identical,
-            r.freezes
+            r.freezes,
+            r.incomplete,
+            2 * r.freezes
         );
     }
     let report = Report {
@@ -111,9 +116,12 @@ mod tests {
 
     #[test]
     fn the_freeze_figures_come_from_qsctls_json() {
-        let line = r#"QS-BENCH {"freezes":50,"gather_us":35,"pause_us":412.5,"check_gather_us":40,"check_pause_us":980.0,"checks_identical":50}"#;
+        let line = r#"QS-BENCH {"freezes":50,"gather_us":35,"pause_us":412.5,"check_gather_us":40,"check_pause_us":980.0,"checks_identical":50,"incomplete":1}"#;
         let f: Freeze = serde_json::from_str(line.split_once("QS-BENCH ").unwrap().1).unwrap();
-        assert_eq!((f.freezes, f.gather_us, f.checks_identical), (50, 35, 50));
+        assert_eq!(
+            (f.freezes, f.gather_us, f.checks_identical, f.incomplete),
+            (50, 35, 50, 1)
+        );
         assert_eq!(f.check_pause_us, 980.0);
     }
 }

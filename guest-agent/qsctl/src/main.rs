@@ -310,6 +310,15 @@ fn cmd_poke(offset: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// "0,3" for bits 0 and 3.
+fn cpu_list(mask: u64) -> String {
+    let cpus: Vec<String> = (0..64u32)
+        .filter(|n| mask & (1 << n) != 0)
+        .map(|n| n.to_string())
+        .collect();
+    cpus.join(",")
+}
+
 /// `qsctl freeze MS [--check]`: every CPU stopped for MS ms and resumed; with `--check`,
 /// each CPU writes its whole captured state back, captures it again and compares.
 fn cmd_freeze(ms: &str, check: bool) -> Result<()> {
@@ -328,6 +337,16 @@ fn cmd_freeze(ms: &str, check: bool) -> Result<()> {
     if f.status != 0 {
         return Err(status_error(f.status).context("freeze refused"));
     }
+    if f.missing_cpus != 0 {
+        bail!(
+            "froze {} CPUs for {:.1} ms, but CPUs {} did not stop (no answer to the hv's NMI \
+             within 2 s) and ran on: not a consistent cut; retry, and if it persists, see \
+             `dmesg` for that CPU",
+            f.cpus,
+            f.held_us as f64 / 1000.0,
+            cpu_list(f.missing_cpus)
+        );
+    }
     println!(
         "froze {} CPUs for {:.1} ms (every CPU stopped {} us after the request)",
         f.cpus,
@@ -342,15 +361,11 @@ fn cmd_freeze(ms: &str, check: bool) -> Result<()> {
             );
         } else {
             let what = String::from_utf8_lossy(&f.what);
-            let cpus: Vec<String> = (0..64)
-                .filter(|n| f.differing_cpus & (1 << n) != 0)
-                .map(|n: u32| n.to_string())
-                .collect();
             bail!(
                 "state check: {} of {} CPUs came back identical; CPUs {} differed in {}",
                 f.identical,
                 f.cpus,
-                cpus.join(","),
+                cpu_list(f.differing_cpus),
                 what.trim_end_matches(['\0', ','])
             );
         }
@@ -360,11 +375,12 @@ fn cmd_freeze(ms: &str, check: bool) -> Result<()> {
 
 /// N freezes of 0 ms, 20 ms apart, then N with `--check`: medians of how long every CPU took
 /// to stop (the hv's count, from the request) and of the whole pause as the caller sees it (the
-/// ioctl), as one JSON line.
+/// ioctl), as one JSON line, with the count of freezes that did not stop every CPU.
 fn cmd_bench_freeze(n: &str) -> Result<()> {
     let n = parse_u64(n)? as usize;
     let dev = open()?;
-    let series = |flags: u32| -> Result<(Vec<u64>, Vec<u64>, u32)> {
+    let mut incomplete = 0;
+    let mut series = |flags: u32| -> Result<(Vec<u64>, Vec<u64>, u32)> {
         let (mut gather, mut pause, mut identical) = (vec![], vec![], 0);
         for _ in 0..n {
             // Every CPU back in the kernel first: a freeze right after the last one finds CPUs
@@ -377,14 +393,15 @@ fn cmd_bench_freeze(n: &str) -> Result<()> {
                 return Err(status_error(f.status).context("freeze refused"));
             }
             gather.push(f.gather_us);
-            identical += u32::from(f.identical == f.cpus);
+            incomplete += u32::from(f.missing_cpus != 0);
+            identical += u32::from(f.identical == f.cpus && f.missing_cpus == 0);
         }
         Ok((gather, pause, identical))
     };
     let (mut gather, mut pause, _) = series(0)?;
     let (mut gather_c, mut pause_c, identical) = series(abi::FREEZE_CHECK)?;
     println!(
-        "QS-BENCH {{\"freezes\":{n},\"gather_us\":{},\"pause_us\":{:.1},\"check_gather_us\":{},\"check_pause_us\":{:.1},\"checks_identical\":{identical}}}",
+        "QS-BENCH {{\"freezes\":{n},\"gather_us\":{},\"pause_us\":{:.1},\"check_gather_us\":{},\"check_pause_us\":{:.1},\"checks_identical\":{identical},\"incomplete\":{incomplete}}}",
         median(&mut gather),
         median(&mut pause) as f64 / 1000.0,
         median(&mut gather_c),
