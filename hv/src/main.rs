@@ -53,13 +53,32 @@ fn header() -> ImageHeader {
     unsafe { core::ptr::read_volatile(&QS_HEADER) }
 }
 
-/// `init`: relocate the image, check the CPU, build the tables. Once, on one CPU.
+// The agent reaches every entry point by an indirect call. On a kernel built with IBT
+// (Debian's 6.12) each target must begin with ENDBR64, which is a NOP where IBT is off. Stable
+// Rust cannot emit it, so each Rust entry point gets a trampoline: ENDBR64, then a jump
+// (`qs_entry_activate` in world_switch.S begins with one itself). The image builder refuses an
+// image whose entry points lack it.
+core::arch::global_asm!(
+    ".section .text.qs_entry_init, \"ax\"",
+    ".global qs_entry_init",
+    "qs_entry_init:",
+    "    endbr64",
+    "    jmp {init}",
+    ".section .text.qs_entry_control, \"ax\"",
+    ".global qs_entry_control",
+    "qs_entry_control:",
+    "    endbr64",
+    "    jmp {control}",
+    init = sym init,
+    control = sym control,
+);
+
+/// `init` (`qs_entry_init`): relocate the image, check the CPU, build the tables. Once, on one
+/// CPU.
 ///
 /// # Safety
 /// The agent's call: the image validated and loaded at `args.base_va`, `args` valid.
-#[no_mangle]
-#[link_section = ".text.qs_entry_init"]
-pub unsafe extern "C" fn qs_entry_init(args: *const InitArgs) -> i64 {
+unsafe extern "C" fn init(args: *const InitArgs) -> i64 {
     if args.is_null() {
         return Status::BadArgument as i64;
     }
@@ -71,13 +90,12 @@ pub unsafe extern "C" fn qs_entry_init(args: *const InitArgs) -> i64 {
     vmm::init(&header(), &args) as i64
 }
 
-/// `control`: operations while dormant, on a buffer in the kernel's address space.
+/// `control` (`qs_entry_control`): operations while dormant, on a buffer in the kernel's address
+/// space.
 ///
 /// # Safety
 /// The agent's call: `buf` valid for `len` bytes for the duration of the call.
-#[no_mangle]
-#[link_section = ".text.qs_entry_control"]
-pub unsafe extern "C" fn qs_entry_control(op: u64, buf: *mut u8, len: u64) -> i64 {
+unsafe extern "C" fn control(op: u64, buf: *mut u8, len: u64) -> i64 {
     let Some(hv) = vmm::get() else {
         return Status::NotInitialized as i64;
     };

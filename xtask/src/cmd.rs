@@ -61,6 +61,64 @@ pub fn run_captured(cmd: &mut Command) -> anyhow::Result<Output> {
     Ok(output)
 }
 
+/// Runs a long build step with its output captured, like [`run_captured`], and says how far it
+/// is: `progress` reads "n of m" out of an output line (ninja's `[n/m]`), and a line goes to
+/// the user at every further tenth of the steps, with the time so far.
+pub fn run_with_progress(
+    cmd: &mut Command,
+    what: &str,
+    progress: fn(&str) -> Option<(u64, u64)>,
+) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| spawn_error(cmd, e))?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let start = std::time::Instant::now();
+    let mut text = String::new();
+    let mut told = 0;
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line.unwrap_or_default();
+        if let Some((n, m)) = progress(&line) {
+            let tenth = n * 10 / m.max(1);
+            if tenth > told {
+                told = tenth;
+                crate::note(format!(
+                    "{what}: {n} of {m} steps ({}%) after {} s",
+                    n * 100 / m.max(1),
+                    start.elapsed().as_secs()
+                ));
+            }
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let status = child.wait().map_err(|e| spawn_error(cmd, e))?;
+    text.push_str(&errors.join().unwrap_or_default());
+    if !status.success() {
+        bail!(
+            "`{}` failed ({status}); its output ends with:\n{}",
+            describe(cmd),
+            tail(&text)
+        );
+    }
+    Ok(())
+}
+
+/// ninja's progress, "[n/m] ..." at the start of a line.
+pub fn ninja_progress(line: &str) -> Option<(u64, u64)> {
+    let (n, m) = line.strip_prefix('[')?.split_once(']')?.0.split_once('/')?;
+    Some((n.parse().ok()?, m.parse().ok()?))
+}
+
 /// Runs `cmd` with its output captured and returns its stdout as text.
 pub fn stdout_of(cmd: &mut Command) -> anyhow::Result<String> {
     let output = run_captured(cmd)?;
@@ -118,4 +176,38 @@ pub fn ensure_symlink(target: &Path, link: &Path) -> anyhow::Result<()> {
     remove_if_exists(link)?;
     std::os::unix::fs::symlink(target, link)
         .with_context(|| format!("linking {} to {}", link.display(), target.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ninjas_progress_is_read_from_its_lines() {
+        assert_eq!(
+            ninja_progress("[123/2345] Compiling C object libqemu.a.p/foo.c.o"),
+            Some((123, 2345))
+        );
+        assert_eq!(ninja_progress("ninja: Entering directory `build'"), None);
+        assert_eq!(ninja_progress("[a/b] x"), None);
+    }
+
+    #[test]
+    fn a_long_step_says_how_far_it_is_and_a_failure_shows_its_output() {
+        // Ten steps, then a failure with a message on stderr.
+        let mut ok = Command::new("sh");
+        ok.args([
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8 9 10; do echo \"[$i/10] step\"; done",
+        ]);
+        run_with_progress(&mut ok, "test build", ninja_progress).unwrap();
+        let mut bad = Command::new("sh");
+        bad.args(["-c", "echo '[1/2] a'; echo 'no such header' >&2; exit 3"]);
+        let err = run_with_progress(&mut bad, "test build", ninja_progress).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no such header") && msg.contains("exit status: 3"),
+            "{msg}"
+        );
+    }
 }

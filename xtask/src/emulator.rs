@@ -20,7 +20,9 @@ use std::process::Command;
 
 use anyhow::{bail, Context as _};
 
-use crate::cmd::{ensure_symlink, remove_if_exists, run_captured, stdout_of};
+use crate::cmd::{
+    ensure_symlink, ninja_progress, remove_if_exists, run_captured, run_with_progress, stdout_of,
+};
 use crate::setup::Apt;
 use crate::{note, repo_root};
 use qs_testkit::paths::{patched_qemu, qemu_dir, SYSTEM_QEMU};
@@ -88,11 +90,13 @@ pub(crate) fn ensure(apt: &mut Apt) -> anyhow::Result<PathBuf> {
     ));
     apt.install_missing(BUILD_PACKAGES)?;
     remove_if_exists(&ready)?;
+    note("QEMU step 1 of 4: fetching Debian's source (apt-get source)");
     let src = dir.join("src");
     remove_if_exists(&src)?;
     std::fs::create_dir_all(&src).with_context(|| format!("creating {}", src.display()))?;
     fetch_source(apt, &version, &src)?;
     let tree = source_tree(&src)?;
+    note(format!("QEMU step 2 of 4: applying {PATCH}"));
     run_captured(
         Command::new("patch")
             .args(["-p1", "--forward", "-i"])
@@ -102,14 +106,20 @@ pub(crate) fn ensure(apt: &mut Apt) -> anyhow::Result<PathBuf> {
     .with_context(|| format!("{PATCH} does not apply to Debian's QEMU {version}"))?;
     let build = tree.join("build");
     std::fs::create_dir_all(&build)?;
+    note("QEMU step 3 of 4: configuring (about 30 s)");
     run_captured(
         Command::new(tree.join("configure"))
             .args(CONFIGURE)
             .current_dir(&build),
     )
     .context("configuring QEMU failed")?;
-    run_captured(Command::new("ninja").arg("-C").arg(&build).arg(SYSTEM_QEMU))
-        .context("building QEMU failed")?;
+    note("QEMU step 4 of 4: compiling (a few minutes; a line at every tenth)");
+    run_with_progress(
+        Command::new("ninja").arg("-C").arg(&build).arg(SYSTEM_QEMU),
+        "compiling QEMU",
+        ninja_progress,
+    )
+    .context("building QEMU failed")?;
     let bin_dir = dir.join("bin");
     std::fs::create_dir_all(&bin_dir)?;
     std::fs::copy(build.join(SYSTEM_QEMU), &binary)

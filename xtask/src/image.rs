@@ -36,6 +36,9 @@ pub const ENTRY_INIT: &str = "qs_entry_init";
 pub const ENTRY_ACTIVATE: &str = "qs_entry_activate";
 /// `extern "C" fn(op: u64, buf: *mut u8, len: u64) -> i64`.
 pub const ENTRY_CONTROL: &str = "qs_entry_control";
+/// `endbr64` (F3 0F 1E FA): where an indirect branch may land when IBT is on. Every entry
+/// point starts with it (the agent reaches each by an indirect call).
+pub const ENDBR64: [u8; 4] = [0xF3, 0x0F, 0x1E, 0xFA];
 
 /// Why an ELF could not be turned into an image. Each message names what to change.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,12 @@ pub enum ImageBuildError {
     RelocationInCode { offset: u64, start: u64, end: u64 },
     #[error("symbol {0} is missing from the hv ELF (the linker script must define __qs_code_start/__qs_code_end, the hv must export qs_entry_*)")]
     MissingSymbol(&'static str),
+    #[error("entry point {name} at {offset:#x} does not begin with ENDBR64 (found {found:02x?}): on a kernel built with IBT (Debian's 6.12) the agent's indirect call into it would fault; begin it with endbr64 (hv/src/main.rs has trampolines for the Rust entry points)")]
+    NoEndbr64 {
+        name: &'static str,
+        offset: u64,
+        found: Vec<u8>,
+    },
     #[error("no image header at offset 0 (found {found:02x?} instead of the magic {IMAGE_MAGIC:02x?}): the hv must place its ImageHeader static in section .qs_header first")]
     NoHeader { found: Vec<u8> },
     #[error("code range [{start:#x}, {end:#x}) is not inside the {size}-byte image")]
@@ -236,6 +245,20 @@ pub fn assemble(
     // The flat part is a page multiple, so the table that follows is 8-aligned.
     header.reloc_offset = flat_size;
     header.reloc_count = reloc_offsets.len() as u64;
+    for (name, offset) in [
+        (ENTRY_INIT, symbols.entry_init),
+        (ENTRY_ACTIVATE, symbols.entry_activate),
+        (ENTRY_CONTROL, symbols.entry_control),
+    ] {
+        let found = flat.get(offset as usize..).unwrap_or(&[]);
+        if !found.starts_with(&ENDBR64) {
+            return Err(ImageBuildError::NoEndbr64 {
+                name,
+                offset,
+                found: found.iter().take(4).copied().collect(),
+            });
+        }
+    }
     header.entry_init = symbols.entry_init;
     header.entry_activate = symbols.entry_activate;
     header.entry_control = symbols.entry_control;
@@ -517,6 +540,9 @@ mod tests {
         }
         let mut code = hv_header().to_bytes().to_vec();
         code.resize(0x200, 0x90);
+        for entry in [0x100, 0x140, 0x180] {
+            code[entry..entry + 4].copy_from_slice(&ENDBR64);
+        }
 
         // File layout: ELF header, 2 program headers, code at 0x1000, data at 0x2000, then
         // .rela.dyn, .symtab, .strtab, .shstrtab and the section headers.
@@ -620,7 +646,8 @@ mod tests {
             (h.entry_init, h.entry_activate, h.entry_control),
             (0x100, 0x140, 0x180)
         );
-        assert_eq!(h.code_crc, quicksilver_proto::crc32(&[0x90; 0x100]));
+        assert_eq!(h.code_crc, quicksilver_proto::crc32(&bytes[0x100..0x200]));
+        assert_eq!(&bytes[0x140..0x144], ENDBR64);
         // Flat part: 0x1010 bytes rounded up to two pages; then two table entries.
         assert_eq!(
             (h.reloc_offset, h.reloc_count, h.image_size),
@@ -640,6 +667,26 @@ mod tests {
             (h.mem_fixed, h.max_cpus, h.version_str()),
             (1 << 20, 64, "0.1.0")
         );
+    }
+
+    #[test]
+    fn an_entry_point_without_endbr64_is_refused_and_named() {
+        let mut elf_bytes = tiny_elf(elf::R_X86_64_RELATIVE);
+        // entry_control at 0x180 in the image, 0x1180 in the file.
+        elf_bytes[0x1180..0x1184].copy_from_slice(&[0x55, 0x48, 0x89, 0xE5]);
+        let err = build_image(&elf_bytes).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ImageBuildError::NoEndbr64 {
+                    name: ENTRY_CONTROL,
+                    offset: 0x180,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("IBT"), "{err}");
     }
 
     #[test]

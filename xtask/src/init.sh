@@ -2,6 +2,7 @@
 # /init of Quicksilver's test initramfs (from xtask/src/init.sh, packed by `cargo xtask build`).
 #
 # What the tests rely on, on the console (ttyS0):
+#   QS-INIT                                      the kernel reached userspace (this script)
 #   QS-LOADED | QS-LOAD-FAILED ... | QS-NOLOAD   the agent module was loaded, failed, or skipped
 #   QS-BOOTED                                    userspace is up, the agent step is done
 #   QS-SCRIPT-EXIT <n>                           /qs/script.sh (added per run) exited with n;
@@ -12,6 +13,7 @@
 # are passed to insmod as `<param>=<value>` (busybox insmod does not read /proc/cmdline the
 # way modprobe does).
 
+echo "QS-INIT"
 export PATH=/bin
 export HOME=/root
 mount -t proc proc /proc

@@ -95,6 +95,37 @@ fn a_hung_guest_is_killed_at_the_deadline() {
     assert!(err.to_string().contains("runner-timeout.log"), "{err}");
 }
 
+/// A kernel that never reaches userspace (here: `/bin/sh` as the initramfs' init, waiting on
+/// the console, so `/init` never prints `QS-INIT`) is booted once more, and the hung boot's log
+/// is kept; the second hang then ends at the deadline.
+#[test]
+fn a_boot_that_does_not_reach_userspace_is_tried_once_more_and_its_log_kept() {
+    let a = artifacts();
+    let hung_log = a.logs_dir().join("runner-boot-hang.hung-boot.log");
+    let _ = std::fs::remove_file(&hung_log);
+    let started = std::time::Instant::now();
+    let err = a
+        .qemu("runner-boot-hang")
+        .smp(1)
+        .noload()
+        .cmdline("rdinit=/bin/sh")
+        .boot_limit(Duration::from_secs(4))
+        .timeout(Duration::from_secs(10))
+        .run_script("echo never\n")
+        .unwrap_err();
+    assert!(matches!(err, QemuError::Timeout { .. }), "{err}");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(14),
+        "two boots: 4 s, then 10 s ({elapsed:?})"
+    );
+    let hung = std::fs::read_to_string(&hung_log).expect("the hung boot's log is kept");
+    assert!(
+        hung.contains("Linux version") && !hung.contains("QS-INIT"),
+        "{hung}"
+    );
+}
+
 #[test]
 fn the_monitor_and_the_link_port_are_reachable() {
     let dir = std::env::temp_dir().join(format!("qs-runner-sockets-{}", std::process::id()));

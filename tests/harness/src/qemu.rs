@@ -31,6 +31,11 @@ use crate::initramfs::{self, ExtraFile};
 pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 oops=panic";
 /// Printed by `/init` when userspace is up and the agent step is done.
 pub const BOOTED_MARKER: &str = "QS-BOOTED";
+/// The first line of the initramfs' `/init`: the kernel has booted to userspace.
+pub const INIT_MARKER: &str = "QS-INIT";
+/// How long a stock kernel may take to reach userspace before [`Qemu::run_script`] takes it
+/// for an emulator hang (a boot takes 1-3 s here, 20 s on a loaded CI machine).
+pub const KERNEL_BOOT_LIMIT: Duration = Duration::from_secs(100);
 /// Printed by `/init` after the script, followed by its exit status.
 pub const SCRIPT_EXIT_MARKER: &str = "QS-SCRIPT-EXIT ";
 
@@ -127,6 +132,7 @@ pub struct Qemu {
     args: Vec<OsString>,
     files: Vec<ExtraFile>,
     timeout: Duration,
+    boot_limit: Duration,
     on_line: Option<LineCallback>,
 }
 
@@ -167,6 +173,7 @@ impl Qemu {
             args: Vec::new(),
             files: Vec::new(),
             timeout: Duration::from_secs(120),
+            boot_limit: KERNEL_BOOT_LIMIT,
             on_line: None,
         }
     }
@@ -266,6 +273,14 @@ impl Qemu {
         self
     }
 
+    /// How long the kernel may take to reach userspace in [`Qemu::run_script`] before the run
+    /// is taken for an emulator hang and booted once more (default [`KERNEL_BOOT_LIMIT`]); a
+    /// run whose timeout is not over twice this is never booted again.
+    pub fn boot_limit(mut self, limit: Duration) -> Self {
+        self.boot_limit = limit;
+        self
+    }
+
     /// Where to save the console (default `logs/<name>.log`); `None` keeps no log.
     pub fn log(mut self, path: Option<PathBuf>) -> Self {
         self.log = path;
@@ -338,8 +353,36 @@ impl Qemu {
     /// Boots, runs `script` (busybox sh) as `/qs/script.sh`, and waits until the guest powers
     /// off or the timeout passes. A script that fails is not an error here: see
     /// [`RunOutput::ensure_success`].
+    ///
+    /// A kernel that has not reached userspace ([`INIT_MARKER`]) after [`Qemu::boot_limit`]
+    /// is booted once more, saying so on stderr and keeping the hung boot's log beside the
+    /// run's (`.hung-boot` added): nothing of Quicksilver has run by then, and QEMU's TCG
+    /// now and then hangs a stock kernel's boot (seen once in about 200 boots: CPU 0 looping on
+    /// a jump label being patched in `alg_test`, soft lockups for 10 minutes).
     pub fn run_script(&self, script: &str) -> Result<RunOutput, QemuError> {
-        self.spawn_script(script)?.wait()
+        let mut run = self.spawn_script(script)?;
+        if self.timeout <= 2 * self.boot_limit {
+            return run.wait();
+        }
+        match run.wait_for(INIT_MARKER, self.boot_limit) {
+            Err(QemuError::Timeout { after, .. }) => {
+                drop(run);
+                let kept = self.log.as_ref().map(|log| {
+                    let hung = log.with_extension("hung-boot.log");
+                    let _ = std::fs::rename(log, &hung);
+                    hung.display().to_string()
+                });
+                eprintln!(
+                    "{}: the kernel did not reach userspace in {} s, before any Quicksilver code ran \
+                     (an emulator hang; its log: {}): booting once more",
+                    self.name,
+                    after.as_secs(),
+                    kept.as_deref().unwrap_or("not kept")
+                );
+                self.spawn_script(script)?.wait()
+            }
+            _ => run.wait(),
+        }
     }
 
     /// Boots with `script` and returns at once; drive the run with [`Running`].
