@@ -14,6 +14,7 @@ pub mod abi_header;
 pub mod bench;
 pub mod bench_freeze;
 pub mod bench_gdb;
+pub mod boot_summary;
 pub mod build;
 pub mod cmd;
 pub mod demo;

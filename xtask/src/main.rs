@@ -230,7 +230,11 @@ fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         note("booting; leave with `poweroff` in the guest, or Ctrl-A X (Ctrl-A C: QEMU monitor)");
         // Started first: it connects once QEMU listens and the agent answers.
         let _bridge = start_bridge(true);
-        let status = qemu.run_interactive()?;
+        let started = std::time::Instant::now();
+        let log = artifacts.logs_dir().join("demo.log");
+        let status = qemu.run_interactive_quiet(|console| {
+            xtask::boot_summary::boot_summary(console, started.elapsed().as_secs_f64(), &log)
+        })?;
         return Ok(if status.success() {
             ExitCode::SUCCESS
         } else {
