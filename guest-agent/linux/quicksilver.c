@@ -63,9 +63,9 @@ MODULE_PARM_DESC(link_port, "I/O port of the 16550 UART for the link to qs-bridg
 static unsigned int link_irq = 3;
 module_param(link_irq, uint, 0444);
 MODULE_PARM_DESC(link_irq, "IRQ of the link UART (3 for COM2)");
-static char *key = "";
-module_param(key, charp, 0400);
-MODULE_PARM_DESC(key, "the link key qs-bridge must prove; without one the link refuses every bridge");
+static char *key_file = "";
+module_param(key_file, charp, 0444);
+MODULE_PARM_DESC(key_file, "a file only root may read (mode 0600 or 0400) holding the link key qs-bridge must prove (the bridge's --key-file); the key itself is never a parameter, which /sys, shell history and ps would show. Without one the link refuses every bridge");
 static char *store_mem = "16M";
 module_param(store_mem, charp, 0444);
 MODULE_PARM_DESC(store_mem, "memory for the hv's store (where checkpoints will live), taken at load in 4 MiB blocks: bytes with an optional K, M or G suffix (default 16M); 0 = no store");
@@ -599,18 +599,67 @@ static int qs_attention_thread(void *unused)
 	return 0;
 }
 
+/* The link key, from key_file, into key[] (at most 64 bytes; a trailing newline dropped).
+ * The file must be root's and closed to group and others: a key others can read is no key. */
+static int qs_read_key(char *key, size_t *klen)
+{
+	struct file *f;
+	struct inode *inode;
+	loff_t pos = 0;
+	char buf[66];
+	ssize_t got;
+	int err = 0;
+
+	*klen = 0;
+	if (!*key_file)
+		return 0;
+	f = filp_open(key_file, O_RDONLY, 0);
+	if (IS_ERR(f)) {
+		pr_err("refusing to load: cannot open the key file %s (error %ld): give key_file= a file that exists\n",
+		       key_file, PTR_ERR(f));
+		return PTR_ERR(f);
+	}
+	inode = file_inode(f);
+	if (!uid_eq(inode->i_uid, GLOBAL_ROOT_UID) || (inode->i_mode & 0077)) {
+		pr_err("refusing to load: the key file %s can be read by others than root (mode %04o, uid %u): chown root %s; chmod 600 %s\n",
+		       key_file, inode->i_mode & 07777, from_kuid(&init_user_ns, inode->i_uid),
+		       key_file, key_file);
+		err = -EPERM;
+		goto out;
+	}
+	got = kernel_read(f, buf, sizeof(buf), &pos);
+	if (got < 0) {
+		pr_err("refusing to load: cannot read the key file %s (error %zd)\n", key_file, got);
+		err = got;
+		goto out;
+	}
+	while (got > 0 && (buf[got - 1] == '\n' || buf[got - 1] == '\r'))
+		got--;
+	if (got > 64) {
+		pr_err("refusing to load: the key in %s is longer than 64 bytes\n", key_file);
+		err = -EINVAL;
+		goto out;
+	}
+	memcpy(key, buf, got);
+	*klen = got;
+out:
+	memzero_explicit(buf, sizeof(buf));
+	filp_close(f, NULL);
+	return err;
+}
+
 static int qs_link_start(void)
 {
-	size_t klen = strlen(key);
+	char key[64];
+	size_t klen;
 	long st;
 	int err;
 
 	if (!link_port)
 		return 0;
-	if (klen > 64) {
-		pr_err("refusing to load: the link key is longer than 64 bytes\n");
-		return -EINVAL;
-	}
+	err = qs_read_key(key, &klen);
+	if (err)
+		return err;
 	if (!request_region(link_port, 8, "quicksilver-link")) {
 		qs_take_port_from_8250();
 	}
@@ -618,10 +667,12 @@ static int qs_link_start(void)
 		qs_give_port_back();
 		pr_err("refusing to load: the link port %#x is owned by another driver: give another link_port\n",
 		       link_port);
+		memzero_explicit(key, sizeof(key));
 		return -EBUSY;
 	}
 	qs_link_buf = kmalloc(256, GFP_KERNEL);
 	if (!qs_link_buf) {
+		memzero_explicit(key, sizeof(key));
 		err = -ENOMEM;
 		goto out_region;
 	}
@@ -636,6 +687,7 @@ static int qs_link_start(void)
 	qs_link_buf[0] = link_port & 0xff;
 	qs_link_buf[1] = link_port >> 8;
 	memcpy(qs_link_buf + 2, key, klen);
+	memzero_explicit(key, sizeof(key));
 	st = qs_control(QS_OP_LINK_CONFIG, qs_link_buf, 2 + klen);
 	memzero_explicit(qs_link_buf, 256);
 	if (st != QS_OK) {

@@ -20,6 +20,8 @@ qsctl stats | grep "^link:"
 qsctl probe
 qsctl deactivate || true
 dmesg | grep quicksilver
+echo "cmdline: $(cat /proc/cmdline)"
+echo "params: $(cat /sys/module/quicksilver/parameters/* 2>/dev/null | tr '\n' ' ')"
 "#;
 
 fn guest_with_link(name: &str, sock: &std::path::Path) -> Qemu {
@@ -88,6 +90,49 @@ fn an_authenticated_bridge_activates_the_hv() {
         link.drops().total(),
         0,
         "no frame from the machine was dropped"
+    );
+    assert!(
+        out.console.contains("cmdline: ") && out.console.contains("params: "),
+        "{}",
+        out.console
+    );
+    assert!(
+        !out.console.contains("the-demo-key"),
+        "the key is not on the kernel command line, in a module parameter or in the log:\n{}",
+        out.console
+    );
+    assert_kernel_clean(&out);
+}
+
+/// The key comes from a file only root may read; one that others can read is refused, with
+/// the commands that fix it, and the agent loads once the mode is fixed.
+#[test]
+fn a_key_file_others_can_read_is_refused_with_the_fix() {
+    let script = r#"insmod_agent() {
+    insmod /lib/quicksilver/quicksilver.ko image=/lib/quicksilver/hv.img link_port=0x2f8 key_file=/root/link.key
+}
+echo "a-secret-key" > /root/link.key
+chmod 644 /root/link.key
+insmod_agent; echo "open-key-rc=$?"
+chmod 600 /root/link.key
+insmod_agent; echo "closed-key-rc=$?"
+qsctl status | head -1
+dmesg | grep "quicksilver: link on port"
+"#;
+    let s = sock("key-file");
+    let out = run(guest("link-key-file", 1).noload().link_socket(&s), script);
+    assert_success(&out);
+    let o = out.script_output();
+    assert!(o.contains("open-key-rc=1"), "{o}");
+    assert_console_has(
+        &out,
+        "the key file /root/link.key can be read by others than root (mode 0644, uid 0): chown root /root/link.key; chmod 600 /root/link.key",
+    );
+    assert!(o.contains("closed-key-rc=0"), "{o}");
+    assert!(o.contains("state: dormant"), "{o}");
+    assert!(
+        !out.console.contains("a-secret-key"),
+        "the key is not logged:\n{o}"
     );
     assert_kernel_clean(&out);
 }

@@ -36,6 +36,8 @@ pub const BOOTED_MARKER: &str = "QS-BOOTED";
 /// The guest sees the same CPUID either way.
 pub const EPYC_UNDER_TCG: &str =
     "EPYC,-rdseed,-sha-ni,-xsavec,-3dnowprefetch,-misalignsse,-osvw,-topoext,-fxsr-opt,-nrip-save";
+/// Where [`Qemu::link`] puts the link key in the guest.
+pub const LINK_KEY_FILE: &str = "/etc/quicksilver/link.key";
 /// The first line of the initramfs' `/init`: the kernel has booted to userspace.
 pub const INIT_MARKER: &str = "QS-INIT";
 /// How long a stock kernel may take to reach userspace before [`Qemu::run_script`] takes it
@@ -232,11 +234,13 @@ impl Qemu {
     }
 
     /// The link: [`link_socket`](Self::link_socket), and the agent told to use that port
-    /// (COM2) with `key`.
+    /// (COM2) with `key`, which goes into the guest as a root-only file
+    /// ([`LINK_KEY_FILE`], mode 0600): never on the kernel command line.
     pub fn link(self, path: &Path, key: &str) -> Self {
         self.link_socket(path)
+            .file(LINK_KEY_FILE, 0o600, format!("{key}\n"))
             .cmdline("quicksilver.link_port=0x2f8")
-            .cmdline(&format!("quicksilver.key={key}"))
+            .cmdline(&format!("quicksilver.key_file={LINK_KEY_FILE}"))
     }
 
     /// Makes the guest's second UART (ttyS1, COM2) a Unix socket that QEMU listens on at
