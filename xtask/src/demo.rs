@@ -1,6 +1,7 @@
 //! The demo's link to the operator: the guest's second UART (ttyS1, port 0x2f8) on a Unix
-//! socket, a fresh random key on the kernel command line, and the built `qs-bridge` on the
-//! other end, serving gdb on TCP and its control socket for as long as the demo runs.
+//! socket, a fresh random key (in the guest as a root-only file, never on its command line),
+//! and the built `qs-bridge` on the other end, serving gdb on TCP and its control socket for
+//! as long as the demo runs.
 //!
 //! Files, all in `<target>/qs`: `demo.key` (the key, mode 0600), `demo-link.sock` (QEMU's end
 //! of the link), `bridge.sock` (the bridge's control socket), `logs/demo-bridge.log` (what the
