@@ -28,7 +28,7 @@ struct Args {
     /// Baud rate of a serial device.
     #[arg(long, default_value_t = 115200)]
     baud: u32,
-    /// File holding the link key (the agent's key= parameter).
+    /// File holding the link key (the same key as the file the agent's key_file= names).
     #[arg(long)]
     key: std::path::PathBuf,
     /// Where GDB connects.

@@ -65,7 +65,7 @@ module_param(link_irq, uint, 0444);
 MODULE_PARM_DESC(link_irq, "IRQ of the link UART (3 for COM2)");
 static char *key_file = "";
 module_param(key_file, charp, 0444);
-MODULE_PARM_DESC(key_file, "a file only root may read (mode 0600 or 0400) holding the link key qs-bridge must prove (the bridge's --key-file); the key itself is never a parameter, which /sys, shell history and ps would show. Without one the link refuses every bridge");
+MODULE_PARM_DESC(key_file, "a file only root may read (mode 0600 or 0400) holding the link key qs-bridge must prove (the same key as qs-bridge's --key FILE); the key itself is never a parameter, which /sys, shell history and ps would show. Without one the link refuses every bridge");
 static char *store_mem = "16M";
 module_param(store_mem, charp, 0444);
 MODULE_PARM_DESC(store_mem, "memory for the hv's store (where checkpoints will live), taken at load in 4 MiB blocks: bytes with an optional K, M or G suffix (default 16M); 0 = no store");
