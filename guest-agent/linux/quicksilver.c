@@ -599,9 +599,9 @@ static int qs_attention_thread(void *unused)
 	return 0;
 }
 
-/* The link key, from key_file, into key[] (at most 64 bytes; a trailing newline dropped).
+/* The link key, from key_file, into key (room for 64 bytes; a trailing newline dropped).
  * The file must be root's and closed to group and others: a key others can read is no key. */
-static int qs_read_key(char *key, size_t *klen)
+static int qs_read_key(u8 *key, size_t *klen)
 {
 	struct file *f;
 	struct inode *inode;
@@ -650,16 +650,12 @@ out:
 
 static int qs_link_start(void)
 {
-	char key[64];
 	size_t klen;
 	long st;
 	int err;
 
 	if (!link_port)
 		return 0;
-	err = qs_read_key(key, &klen);
-	if (err)
-		return err;
 	if (!request_region(link_port, 8, "quicksilver-link")) {
 		qs_take_port_from_8250();
 	}
@@ -667,15 +663,17 @@ static int qs_link_start(void)
 		qs_give_port_back();
 		pr_err("refusing to load: the link port %#x is owned by another driver: give another link_port\n",
 		       link_port);
-		memzero_explicit(key, sizeof(key));
 		return -EBUSY;
 	}
-	qs_link_buf = kmalloc(256, GFP_KERNEL);
+	qs_link_buf = kzalloc(256, GFP_KERNEL);
 	if (!qs_link_buf) {
-		memzero_explicit(key, sizeof(key));
 		err = -ENOMEM;
 		goto out_region;
 	}
+	/* Straight into the buffer the hv takes it from, which is wiped once it has. */
+	err = qs_read_key(qs_link_buf + 2, &klen);
+	if (err)
+		goto out_buf;
 	/* 115200 8N1; FIFO with a 14-byte trigger: QEMU's UART takes at most the trigger level from its
 	 * backend at a time, and a 1-byte trigger made gdb's packets crawl. OUT2 routes the interrupt. */
 	outb(0x80, link_port + QS_UART_LCR);
@@ -686,8 +684,6 @@ static int qs_link_start(void)
 	outb(0x0B, link_port + QS_UART_MCR);
 	qs_link_buf[0] = link_port & 0xff;
 	qs_link_buf[1] = link_port >> 8;
-	memcpy(qs_link_buf + 2, key, klen);
-	memzero_explicit(key, sizeof(key));
 	st = qs_control(QS_OP_LINK_CONFIG, qs_link_buf, 2 + klen);
 	memzero_explicit(qs_link_buf, 256);
 	if (st != QS_OK) {

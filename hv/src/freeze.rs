@@ -80,15 +80,15 @@ pub fn lead(hv: &Hv, p: Parked) {
         return;
     };
     let held_from = now();
-    req.args.cpus = p.parked().count() as u32;
-    req.args.missing_cpus = (0..hv.cpus.min(64))
-        .filter(|&i| !p.is_parked(i) && hv.cpu(i).is_some_and(|c| c.shared.is_active()))
-        .fold(0, |m, i| m | 1 << i);
+    // At most 64 CPUs (vmm::MAX_CPUS): one bit each.
+    let stopped = p.parked().fold(0u64, |m, i| m | 1 << i);
+    let active = (0..hv.cpus)
+        .filter(|&i| hv.cpu(i).is_some_and(|c| c.shared.is_active()))
+        .fold(0u64, |m, i| m | 1 << i);
+    req.args.cpus = stopped.count_ones();
+    req.args.missing_cpus = active & !stopped;
     req.args.gather_us = (held_from - req.asked) * 1000 / khz.max(1);
-    STOPPED.store(
-        p.parked().filter(|&i| i < 64).fold(0, |m, i| m | 1 << i),
-        Relaxed,
-    );
+    STOPPED.store(stopped, Relaxed);
     CHECKED.store(0, Relaxed);
     IDENTICAL.store(0, Relaxed);
     DIFFERING.store(0, Relaxed);

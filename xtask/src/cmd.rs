@@ -51,14 +51,18 @@ pub fn run_captured(cmd: &mut Command) -> anyhow::Result<Output> {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        bail!(
-            "`{}` failed ({}); its output ends with:\n{}",
-            describe(cmd),
-            output.status,
-            tail(&text)
-        );
+        return Err(failed(cmd, output.status, &text));
     }
     Ok(output)
+}
+
+/// A command that exited non-zero: its command line, status and the tail of its output.
+fn failed(cmd: &Command, status: std::process::ExitStatus, output: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "`{}` failed ({status}); its output ends with:\n{}",
+        describe(cmd),
+        tail(output)
+    )
 }
 
 /// Runs a long build step with its output captured, like [`run_captured`], and says how far it
@@ -104,11 +108,7 @@ pub fn run_with_progress(
     let status = child.wait().map_err(|e| spawn_error(cmd, e))?;
     text.push_str(&errors.join().unwrap_or_default());
     if !status.success() {
-        bail!(
-            "`{}` failed ({status}); its output ends with:\n{}",
-            describe(cmd),
-            tail(&text)
-        );
+        return Err(failed(cmd, status, &text));
     }
     Ok(())
 }

@@ -40,7 +40,7 @@ pub const EPYC_UNDER_TCG: &str =
 pub const LINK_KEY_FILE: &str = "/etc/quicksilver/link.key";
 /// The first line of the initramfs' `/init`: the kernel has booted to userspace.
 pub const INIT_MARKER: &str = "QS-INIT";
-/// How long a stock kernel may take to reach userspace before [`Qemu::run_script`] takes it
+/// How long a stock kernel may take to reach userspace before [`Qemu::spawn_script`] takes it
 /// for an emulator hang (a boot takes 1-3 s here, 20 s on a loaded CI machine).
 pub const KERNEL_BOOT_LIMIT: Duration = Duration::from_secs(100);
 /// Printed by `/init` after the script, followed by its exit status.
@@ -284,7 +284,7 @@ impl Qemu {
 
     /// How long the kernel may take to reach userspace in [`Qemu::run_script`] before the run
     /// is taken for an emulator hang and booted once more (default [`KERNEL_BOOT_LIMIT`]); a
-    /// run whose timeout is not over twice this is never booted again.
+    /// run whose timeout is not longer than this is never booted again.
     pub fn boot_limit(mut self, limit: Duration) -> Self {
         self.boot_limit = limit;
         self
@@ -359,6 +359,17 @@ impl Qemu {
         status
     }
 
+    /// The console log file, created afresh (with its folder), if one is kept.
+    fn create_log(&self) -> std::io::Result<Option<std::fs::File>> {
+        let Some(path) = &self.log else {
+            return Ok(None);
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::File::create(path).map(Some)
+    }
+
     /// Like [`Qemu::run_interactive`], but the boot goes only to the log: the terminal shows
     /// nothing until `/init` says `QS-BOOTED`, then the line `summary` makes of the boot's
     /// console text, then the console as it comes (the guest's prompt first). If QEMU ends
@@ -382,15 +393,7 @@ impl Qemu {
                 binary: binary.clone(),
                 source,
             })?;
-        let mut log = match &self.log {
-            Some(path) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(io_err)?;
-                }
-                Some(std::fs::File::create(path).map_err(io_err)?)
-            }
-            None => None,
-        };
+        let mut log = self.create_log().map_err(io_err)?;
         let mut from_qemu = child.stdout.take().expect("piped");
         let mut terminal = std::io::stdout();
         let mut boot = Vec::new();
@@ -435,16 +438,33 @@ impl Qemu {
     /// Boots, runs `script` (busybox sh) as `/qs/script.sh`, and waits until the guest powers
     /// off or the timeout passes. A script that fails is not an error here: see
     /// [`RunOutput::ensure_success`].
-    ///
-    /// A kernel that has not reached userspace ([`INIT_MARKER`]) after [`Qemu::boot_limit`]
-    /// is booted once more, saying so on stderr and keeping the hung boot's log beside the
-    /// run's (`.hung-boot` added): nothing of Quicksilver has run by then, and QEMU's TCG
-    /// now and then hangs a stock kernel's boot (seen once in about 200 boots: CPU 0 looping on
-    /// a jump label being patched in `alg_test`, soft lockups for 10 minutes).
     pub fn run_script(&self, script: &str) -> Result<RunOutput, QemuError> {
-        let mut run = self.spawn_script(script)?;
-        if self.timeout <= 2 * self.boot_limit {
-            return run.wait();
+        self.spawn_script(script)?.wait()
+    }
+
+    /// Boots with `script` and returns once the kernel has reached userspace; drive the run
+    /// with [`Running`].
+    pub fn spawn_script(&self, script: &str) -> Result<Running, QemuError> {
+        self.boot(Some(script))
+    }
+
+    /// Boots to the interactive shell with the console on a pipe: type with
+    /// [`Running::send`], read with [`Running::wait_for`].
+    pub fn spawn(&self) -> Result<Running, QemuError> {
+        self.boot(None)
+    }
+
+    /// Starts QEMU and waits until the kernel has reached userspace ([`INIT_MARKER`]). One that
+    /// has not after [`Qemu::boot_limit`] is booted once more, saying so on stderr and keeping
+    /// the hung boot's log beside the run's (`.hung-boot` added): nothing of Quicksilver has
+    /// run by then, and QEMU's TCG now and then hangs a stock kernel's boot (seen three times
+    /// in about 450 boots: a CPU taking INT3 for ever at a jump label the kernel had just
+    /// patched, see the README's Limits). If QEMU exits first, the run is returned as it is,
+    /// for its caller to report.
+    fn boot(&self, script: Option<&str>) -> Result<Running, QemuError> {
+        let mut run = self.spawn_with(self.prepare_initrd(script)?)?;
+        if self.timeout <= self.boot_limit {
+            return Ok(run);
         }
         match run.wait_for(INIT_MARKER, self.boot_limit) {
             Err(QemuError::Timeout { after, .. }) => {
@@ -461,23 +481,10 @@ impl Qemu {
                     after.as_secs(),
                     kept.as_deref().unwrap_or("not kept")
                 );
-                self.spawn_script(script)?.wait()
+                self.spawn_with(self.prepare_initrd(script)?)
             }
-            _ => run.wait(),
+            _ => Ok(run),
         }
-    }
-
-    /// Boots with `script` and returns at once; drive the run with [`Running`].
-    pub fn spawn_script(&self, script: &str) -> Result<Running, QemuError> {
-        let initrd = self.prepare_initrd(Some(script))?;
-        self.spawn_with(initrd)
-    }
-
-    /// Boots to the interactive shell with the console on a pipe: type with
-    /// [`Running::send`], read with [`Running::wait_for`].
-    pub fn spawn(&self) -> Result<Running, QemuError> {
-        let initrd = self.prepare_initrd(None)?;
-        self.spawn_with(initrd)
     }
 
     /// The base initramfs, or a per-run copy with the script and files appended.
@@ -515,26 +522,16 @@ impl Qemu {
             source,
         };
         let binary = crate::paths::qemu_binary();
-        let mut log = match &self.log {
-            Some(path) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(io_err)?;
-                }
-                let mut file = std::fs::File::create(path).map_err(io_err)?;
-                let line = std::iter::once(binary.clone().into_os_string())
-                    .chain(args.iter().cloned())
-                    .collect::<Vec<OsString>>();
-                let line = line
-                    .iter()
-                    .map(|a| a.to_string_lossy())
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                writeln!(file, "# {line}\n# [host seconds since start] console line")
-                    .map_err(io_err)?;
-                Some(file)
-            }
-            None => None,
-        };
+        let mut log = self.create_log().map_err(io_err)?;
+        if let Some(file) = log.as_mut() {
+            let line = std::iter::once(binary.clone().into_os_string())
+                .chain(args.iter().cloned())
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ");
+            writeln!(file, "# {line}\n# [host seconds since start] console line")
+                .map_err(io_err)?;
+        }
         let mut command = Command::new(&binary);
         command.args(&args);
         let booted_after = Arc::new(OnceLock::new());
