@@ -44,7 +44,12 @@
 #include <linux/kprobes.h>
 #include <linux/delay.h>
 #include <linux/math64.h>
+/* 6.12 moved the unaligned accessors from asm/ to linux/. */
+#if __has_include(<linux/unaligned.h>)
+#include <linux/unaligned.h>
+#else
 #include <asm/unaligned.h>
+#endif
 #include <asm/msr.h>
 #include <asm/asm.h>
 #include <asm/pgtable.h>
@@ -74,7 +79,15 @@ MODULE_PARM_DESC(store_mem, "memory for the hv's store (where checkpoints will l
  * layout; the store's chunks are page-allocator blocks of this order. */
 #define QS_STORE_ORDER 10
 static_assert((PAGE_SIZE << QS_STORE_ORDER) == QS_STORE_CHUNK_SIZE);
-static_assert(QS_STORE_ORDER <= MAX_ORDER - 1);
+/* The largest order the page allocator gives: 6.8 renamed the inclusive bound MAX_PAGE_ORDER;
+ * 6.1's MAX_ORDER was exclusive. (6.4 to 6.7 had an inclusive MAX_ORDER: this reads it as one
+ * less, which only refuses the largest block; neither is a kernel Quicksilver supports.) */
+#ifdef MAX_PAGE_ORDER
+#define QS_MAX_ORDER MAX_PAGE_ORDER
+#else
+#define QS_MAX_ORDER (MAX_ORDER - 1)
+#endif
+static_assert(QS_STORE_ORDER <= QS_MAX_ORDER);
 
 typedef long (*qs_init_fn)(const struct qs_init_args *args);
 typedef long (*qs_activate_fn)(u32 cpu);
@@ -154,6 +167,9 @@ static const char *qs_validate(const u8 *p, size_t len, struct qs_image_header *
 		return "size mismatch: the file is truncated or padded";
 	if (h->code_start < QS_HEADER_SIZE || h->code_start > h->code_end || h->code_end > len)
 		return "code range out of bounds";
+	/* Its pages are mapped read-only and executable, the rest never executable. */
+	if (!PAGE_ALIGNED(h->code_start))
+		return "code does not start on a page boundary: rebuild the image with hv/link.ld";
 	if (h->entry_init < h->code_start || h->entry_init >= h->code_end ||
 	    h->entry_activate < h->code_start || h->entry_activate >= h->code_end ||
 	    h->entry_control < h->code_start || h->entry_control >= h->code_end)
@@ -168,6 +184,9 @@ static const char *qs_validate(const u8 *p, size_t len, struct qs_image_header *
 
 		if (off < QS_HEADER_SIZE || off > len - 8)
 			return "relocation entry out of bounds";
+		/* The code pages are mapped read-only (qs_protect_code). */
+		if (off + 8 > h->code_start && off < PAGE_ALIGN(h->code_end))
+			return "relocation entry inside the code";
 	}
 	if (h->max_cpus < nr_cpu_ids)
 		return "more possible CPUs than the image supports";
@@ -244,24 +263,28 @@ static void qs_flush_tlb(void *unused)
 }
 
 /*
- * vmap() forces NX (pgprot_nx, since Linux 5.8) and the kernel exports no other way for a
- * module to get executable memory (module_alloc, set_memory_x and __vmalloc_node_range are
- * not exported), so the agent clears NX on the PTEs of its own, fresh mapping and flushes
- * every CPU's TLB. The mapping is only ever used for the hv image and its working memory.
+ * vmap() forces NX (pgprot_nx, since Linux 5.8) and the kernel exports no way for a module to
+ * get executable memory (neither 6.1's module_alloc nor 6.12's execmem_alloc, set_memory_x or
+ * __vmalloc_node_range are exported), so the agent edits the PTEs of its own, fresh mapping:
+ * the image's code pages (text and read-only data, which hv/link.ld page-aligns) become
+ * read-only and executable; the header page, the data and the working memory stay writable
+ * and NX. No page is both writable and executable, which is what the kernel's W^X checks
+ * (CONFIG_DEBUG_WX) look for; the relocations never touch the code (qs_validate). The image
+ * is copied in before this, through the writable mapping.
  */
-static int qs_make_executable(void *base, unsigned long pages)
+static int qs_protect_code(void *code, unsigned long pages)
 {
 	unsigned long i;
 	unsigned int level;
 
 	for (i = 0; i < pages; i++) {
-		pte_t *pte = lookup_address((unsigned long)base + i * PAGE_SIZE, &level);
+		pte_t *pte = lookup_address((unsigned long)code + i * PAGE_SIZE, &level);
 
 		if (!pte || level != PG_LEVEL_4K) {
 			pr_err("refusing to load: unexpected mapping of the hv's memory\n");
 			return -EFAULT;
 		}
-		set_pte(pte, pte_clear_flags(*pte, _PAGE_NX));
+		set_pte(pte, pte_clear_flags(*pte, _PAGE_NX | _PAGE_RW));
 	}
 	on_each_cpu(qs_flush_tlb, NULL, 1);
 	return 0;
@@ -345,8 +368,11 @@ static int qs_load(void)
 	long st;
 	int err;
 
+	/* Read as what it is: code that will run in ring 0, so that the security policies
+	 * which govern modules (IMA appraisal, LoadPin, IPE) govern the image too. 6.12's IPE
+	 * warns about READING_UNKNOWN, which no policy can name. */
 	got = kernel_read_file_from_path(image, 0, &file, QS_MAX_IMAGE_SIZE, &file_size,
-					 READING_UNKNOWN);
+					 READING_MODULE);
 	if (got < 0) {
 		pr_err("refusing to load: cannot read hv image %s (error %zd): pass image=PATH\n",
 		       image, got);
@@ -366,9 +392,9 @@ static int qs_load(void)
 	need = image_bytes + PAGE_ALIGN(h->mem_fixed + h->mem_per_cpu * nr_cpu_ids +
 					h->mem_per_gib * gib);
 	hv.order = get_order(need);
-	if (hv.order > MAX_ORDER - 1) {
+	if (hv.order > QS_MAX_ORDER) {
 		pr_err("refusing to load: the hv needs %llu KiB in one block, more than the page allocator gives (%lu KiB): fewer possible CPUs (nr_cpus=) help\n",
-		       need >> 10, (PAGE_SIZE << (MAX_ORDER - 1)) >> 10);
+		       need >> 10, (PAGE_SIZE << QS_MAX_ORDER) >> 10);
 		err = -ENOMEM;
 		goto out_file;
 	}
@@ -396,10 +422,11 @@ static int qs_load(void)
 		err = -ENOMEM;
 		goto out_pages;
 	}
-	err = qs_make_executable(hv.base, n);
+	memcpy(hv.base, file, got);
+	err = qs_protect_code(hv.base + h->code_start,
+			      (PAGE_ALIGN(h->code_end) - h->code_start) >> PAGE_SHIFT);
 	if (err)
 		goto out_unmap;
-	memcpy(hv.base, file, got);
 	err = qs_store_alloc();
 	if (err)
 		goto out_unmap;

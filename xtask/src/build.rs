@@ -2,11 +2,12 @@
 //!
 //! ```text
 //! hv.img           the hv image (from the quicksilver-hv ELF, see crate::image)
-//! quicksilver.ko   the agent, built against the cached kernel headers in module/
 //! qsctl            static guest binaries
 //! qs-workload
-//! initrd.cpio      the base initramfs (crate::initrd); runs add a script archive to a copy
 //! qs-bridge        the operator's bridge (host binary, for the demo and the tests)
+//! kernels/<id>/    what differs per kernel (6.12-cloud, ...):
+//!   quicksilver.ko   the agent, built against that kernel's cached headers in module/
+//!   initrd.cpio      the base initramfs (crate::initrd); runs add a script archive to a copy
 //! logs/            console logs of test runs
 //! run/             per-run initramfs copies (removed when the run ends)
 //! ```
@@ -34,46 +35,72 @@ pub const KVM_MODULES: &[&str] = &["kvm_amd"];
 
 /// Builds every part for `kernel`; see the module documentation.
 pub fn build(kernel: &Kernel) -> anyhow::Result<Artifacts> {
-    let artifacts = Artifacts::at(kernel.clone());
-    std::fs::create_dir_all(&artifacts.dir)
-        .with_context(|| format!("creating {}", artifacts.dir.display()))?;
-    std::fs::create_dir_all(artifacts.logs_dir())?;
-    let mut failed: Vec<&str> = Vec::new();
+    let mut all = build_all(std::slice::from_ref(kernel))?;
+    Ok(all.remove(0))
+}
+
+/// Builds the parts every kernel shares once, then the agent and the initramfs for each of
+/// `kernels`; returns their artifacts in the same order.
+pub fn build_all(kernels: &[Kernel]) -> anyhow::Result<Vec<Artifacts>> {
+    let all: Vec<Artifacts> = kernels.iter().cloned().map(Artifacts::at).collect();
+    let shared = all.first().context("no kernel to build for")?;
+    std::fs::create_dir_all(shared.logs_dir())
+        .with_context(|| format!("creating {}", shared.logs_dir().display()))?;
+    let mut failed: Vec<String> = Vec::new();
     // Each part replaces its file atomically (tests may be reading it meanwhile); a part that
     // fails loses its file, so that a stale copy does not end up in the initramfs.
-    let mut step =
-        |what: &'static str, out: &Path, result: &dyn Fn() -> anyhow::Result<()>| match result() {
-            Ok(()) => note(format!("built {what}: {}", out.display())),
-            Err(err) => {
-                let _ = std::fs::remove_file(out);
-                eprintln!("xtask: FAILED to build {what}: {err:#}\n");
-                failed.push(what);
-            }
-        };
-    step("the hv image", &artifacts.hv_image, &|| {
-        build_hv_image(&artifacts.hv_image)
+    let mut step = |what: String, out: &Path, result: &dyn Fn() -> anyhow::Result<()>| match result()
+    {
+        Ok(()) => note(format!("built {what}: {}", out.display())),
+        Err(err) => {
+            let _ = std::fs::remove_file(out);
+            eprintln!("xtask: FAILED to build {what}: {err:#}\n");
+            failed.push(what);
+        }
+    };
+    step("the hv image".into(), &shared.hv_image, &|| {
+        build_hv_image(&shared.hv_image)
     });
-    step("the agent module", &artifacts.agent, &|| {
-        let ko = build_module(
-            kernel,
-            &crate::repo_root().join("guest-agent/linux"),
-            &artifacts.dir.join("module"),
-        )?;
-        let built = ko.iter().find(|p| p.file_name().is_some_and(|n| n == "quicksilver.ko")).with_context(|| {
-            format!("the agent's kbuild made {ko:?} but no quicksilver.ko: its Kbuild needs `obj-m := quicksilver.o`")
-        })?;
-        install(built, &artifacts.agent)
+    step("qsctl".into(), &shared.qsctl, &|| {
+        build_guest_binary("qsctl", "qsctl", &shared.qsctl)
     });
-    step("qsctl", &artifacts.qsctl, &|| {
-        build_guest_binary("qsctl", "qsctl", &artifacts.qsctl)
+    step("qs-workload".into(), &shared.workload, &|| {
+        build_guest_binary("qs-workload", "qs-workload", &shared.workload)
     });
-    step("qs-workload", &artifacts.workload, &|| {
-        build_guest_binary("qs-workload", "qs-workload", &artifacts.workload)
+    step("qs-bridge".into(), &shared.bridge, &|| {
+        build_bridge(&shared.bridge)
     });
-    step("qs-bridge", &artifacts.bridge, &|| {
-        build_bridge(&artifacts.bridge)
-    });
+    for artifacts in &all {
+        let kernel = &artifacts.kernel;
+        let dir = artifacts.agent.parent().context("the agent's path has no folder")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        step(format!("the agent module for {}", kernel.id), &artifacts.agent, &|| {
+            let ko = build_module(
+                kernel,
+                &crate::repo_root().join("guest-agent/linux"),
+                &dir.join("module"),
+            )?;
+            let built = ko.iter().find(|p| p.file_name().is_some_and(|n| n == "quicksilver.ko")).with_context(|| {
+                format!("the agent's kbuild made {ko:?} but no quicksilver.ko: its Kbuild needs `obj-m := quicksilver.o`")
+            })?;
+            install(built, &artifacts.agent)
+        });
+        write_initrd(artifacts)?;
+    }
 
+    if !failed.is_empty() {
+        bail!(
+            "{} failed to build (see above); the initramfs was built without {}",
+            failed.join(", "),
+            if failed.len() == 1 { "it" } else { "them" }
+        );
+    }
+    Ok(all)
+}
+
+/// The base initramfs for `artifacts.kernel`, with whatever of the parts was built.
+fn write_initrd(artifacts: &Artifacts) -> anyhow::Result<()> {
+    let kernel = &artifacts.kernel;
     let present = |p: &PathBuf| p.exists().then(|| p.clone());
     let inputs = InitrdInputs {
         busybox: kernel.busybox.clone(),
@@ -84,7 +111,8 @@ pub fn build(kernel: &Kernel) -> anyhow::Result<Artifacts> {
         kvm_modules: initrd::module_load_order(&kernel.modules_dir, KVM_MODULES)?,
     };
     note(format!(
-        "KVM modules in load order: {}",
+        "{}: KVM modules in load order: {}",
+        kernel.id,
         inputs
             .kvm_modules
             .iter()
@@ -94,18 +122,11 @@ pub fn build(kernel: &Kernel) -> anyhow::Result<Artifacts> {
     ));
     initrd::write_base(&inputs, &artifacts.initrd)?;
     note(format!(
-        "built the initramfs: {}",
+        "built the initramfs for {}: {}",
+        kernel.id,
         artifacts.initrd.display()
     ));
-
-    if !failed.is_empty() {
-        bail!(
-            "{} failed to build (see above); the initramfs was built without {}",
-            failed.join(", "),
-            if failed.len() == 1 { "it" } else { "them" }
-        );
-    }
-    Ok(artifacts)
+    Ok(())
 }
 
 /// The `cargo` that runs us (`$CARGO`), so the same toolchain builds the parts.

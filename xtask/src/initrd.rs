@@ -196,7 +196,9 @@ pub fn write_base(inputs: &InitrdInputs, out: &Path) -> anyhow::Result<()> {
             .file_name()
             .context("module path has no file name")?
             .to_string_lossy();
-        a.file(&format!("{KVM_MODULES_DIR}/{file}"), 0o644, &read(&m.path)?)?;
+        // busybox's insmod hands the kernel the bytes as they are: ship them uncompressed.
+        let file = file.strip_suffix(".xz").unwrap_or(&file);
+        a.file(&format!("{KVM_MODULES_DIR}/{file}"), 0o644, &read_module(&m.path)?)?;
         list.push_str(&format!("/{KVM_MODULES_DIR}/{file}\n"));
     }
     a.file(KVM_MODULES_LIST, 0o644, list.as_bytes())?;
@@ -244,10 +246,11 @@ fn visit(
     Ok(())
 }
 
-/// Every module under `modules_dir/kernel`, by kernel name (`-` read as `_`, as the kernel does).
+/// Every module under `modules_dir/kernel`, by kernel name (`-` read as `_`, as the kernel
+/// does): `.ko` files, or `.ko.xz` ones (Debian compresses 6.12's modules).
 fn module_index(modules_dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     let mut index = BTreeMap::new();
-    let mut compressed = None;
+    let mut unsupported = None;
     let mut stack = vec![modules_dir.join("kernel")];
     while let Some(dir) = stack.pop() {
         for entry in
@@ -258,21 +261,21 @@ fn module_index(modules_dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>>
             let name = entry.file_name().to_string_lossy().into_owned();
             if entry.file_type()?.is_dir() {
                 stack.push(path);
-            } else if let Some(stem) = name.strip_suffix(".ko") {
-                index.insert(stem.replace('-', "_"), path);
-            } else if [".ko.xz", ".ko.zst", ".ko.gz"]
-                .iter()
-                .any(|s| name.ends_with(s))
+            } else if let Some(stem) = name
+                .strip_suffix(".ko")
+                .or_else(|| name.strip_suffix(".ko.xz"))
             {
-                compressed = Some(path);
+                index.insert(stem.replace('-', "_"), path);
+            } else if [".ko.zst", ".ko.gz"].iter().any(|s| name.ends_with(s)) {
+                unsupported = Some(path);
             }
         }
     }
     if index.is_empty() {
-        if let Some(path) = compressed {
+        if let Some(path) = unsupported {
             bail!(
-                "this kernel's modules are compressed ({}); the initramfs builder only ships plain .ko files: \
-                 use a bookworm kernel (QS_KERNEL_ABI) or teach xtask/src/initrd.rs to decompress them",
+                "this kernel's modules are compressed in a way the initramfs builder does not read ({}): \
+                 it reads .ko and .ko.xz; teach read_module in xtask/src/initrd.rs the other",
                 path.display()
             );
         }
@@ -284,9 +287,30 @@ fn module_index(modules_dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>>
     Ok(index)
 }
 
+/// A module's ELF bytes: the file, or for `.ko.xz` its decompressed contents (`xz -dc`).
+pub fn read_module(ko: &Path) -> anyhow::Result<Vec<u8>> {
+    if ko.extension().is_some_and(|e| e == "xz") {
+        let out = std::process::Command::new("xz")
+            .arg("-dc")
+            .arg(ko)
+            .output()
+            .context("cannot run xz to decompress a kernel module: apt-get install xz-utils")?;
+        if !out.status.success() {
+            bail!(
+                "xz -dc {} failed ({}): {}; is the kernel package extracted completely? (cargo xtask setup)",
+                ko.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        return Ok(out.stdout);
+    }
+    std::fs::read(ko).with_context(|| format!("reading {}", ko.display()))
+}
+
 /// The `key=value` entries of a `.ko`'s `.modinfo` section (what `modinfo` prints), in order.
 pub fn modinfo(ko: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let data = std::fs::read(ko).with_context(|| format!("reading {}", ko.display()))?;
+    let data = read_module(ko)?;
     let parse = || -> Result<Vec<(String, String)>, object::read::Error> {
         let header = object::elf::FileHeader64::<object::LittleEndian>::parse(&*data)?;
         let endian = header.endian()?;

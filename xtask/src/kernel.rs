@@ -1,63 +1,85 @@
-//! The stock Debian kernel Quicksilver is tested on: fetched with `apt-get download`,
-//! extracted with `dpkg -x` into `<repo>/.cache/kernel/root`, never installed.
+//! The stock Debian kernels Quicksilver is tested on: fetched with `apt-get download`,
+//! extracted with `dpkg -x` into `<repo>/.cache/kernel/<id>/root`, never installed. `<id>` is a
+//! supported kernel ([`KernelId`]: `6.12-cloud`, `6.12-generic`, `6.1-cloud`, `6.1-generic`);
+//! 6.1 is Debian 12's own series, 6.12 comes from Debian 12's security archive (the same
+//! source and configuration as Debian 13's kernel, built with Debian 12's compiler, so that
+//! modules for it build on this machine).
 //!
-//! Layout of `<repo>/.cache/kernel`:
+//! Layout of `<repo>/.cache/kernel/<id>`:
 //!
 //! ```text
-//! abi       the chosen ABI ("6.1.0-56"), so later runs need neither apt lists nor network
+//! abi       the chosen ABI ("6.1.0-56", "6.12.118+deb12"), so later runs need neither apt
+//!           lists nor network
 //! debs/     the downloaded packages (kept: re-extraction needs no download)
 //! root/     every package extracted, headers fixed up to build modules in place
 //! ready     written last, holding the ABI: root/ is complete for that ABI
 //! vmlinux-<release>  the kernel's ELF with debug info, for GDB: the only file taken from
-//!           linux-image-<release>-dbg (a 283 MB download, deleted after extraction); renamed
+//!           linux-image-<release>-dbg (300 MB to 1 GB, deleted after extraction); renamed
 //!           into place when complete, so its presence is its own readiness marker; kept
 //!           outside root/ so that re-extracting the rest does not download it again
-//! vmlinux   a link to vmlinux-<release> (for typing: gdb .cache/kernel/vmlinux)
+//! vmlinux   a link to vmlinux-<release> (for typing: gdb .cache/kernel/6.12-cloud/vmlinux)
 //! ```
 //!
-//! The flavour headers (`linux-headers-<abi>-cloud-amd64`) are a thin layer over the
-//! `-common` tree and the kbuild tools, and refer to them by absolute `/usr/src/...` paths
-//! (their `Makefile`), or by links meant for an installed system (`lib/modules/*/build`).
-//! [`prepare`] rewrites those to point inside `root/`, so `make -C <headers_dir>
-//! M=...` works without anything installed.
+//! The flavour headers (`linux-headers-<abi>-<flavour>`) are a thin layer over the `-common`
+//! tree and the kbuild tools, and refer to them by absolute `/usr/src/...` paths (their
+//! `Makefile`), or by links meant for an installed system (`lib/modules/*/build`).
+//! [`prepare`] rewrites those to point inside `root/`, so `make -C <headers_dir> M=...` works
+//! without anything installed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context as _};
 
-use qs_testkit::artifacts::{kernel_cache_dir as cache_dir, FLAVOUR};
-use qs_testkit::Kernel;
+use qs_testkit::artifacts::{kernel_cache_dir as cache_dir, Series};
+use qs_testkit::{Kernel, KernelId};
 
 use crate::cmd::{ensure_symlink, remove_if_exists, run_captured, stdout_of};
 use crate::note;
 use crate::setup::Apt;
 
-/// Environment variable that picks the kernel ABI (`6.1.0-56`) instead of whatever
-/// `linux-image-cloud-amd64` depends on.
+/// Environment variable that picks the kernel ABI (`6.1.0-56`, `6.12.118+deb12`) instead of
+/// whatever the series' metapackage depends on.
 pub const ABI_ENV: &str = "QS_KERNEL_ABI";
-/// The metapackage whose dependency names the current ABI.
-const META_PACKAGE: &str = "linux-image-cloud-amd64";
 
-/// Makes the kernel for the chosen ABI ready in the cache, downloading and extracting only what
-/// is missing. Fast (no apt, no network) when a previous run completed.
-pub fn prepare() -> anyhow::Result<Kernel> {
-    prepare_with(&mut Apt::default())
+/// Makes kernel `id` ready in the cache with its debug info, downloading and extracting only
+/// what is missing. Fast (no apt, no network) when a previous run completed.
+pub fn prepare(id: KernelId) -> anyhow::Result<Kernel> {
+    prepare_with(id, &mut Apt::default(), true)
 }
 
-/// [`prepare`], sharing `apt`'s state with the rest of setup.
-pub(crate) fn prepare_with(apt: &mut Apt) -> anyhow::Result<Kernel> {
-    let kernel = prepare_boot(apt)?;
-    ensure_vmlinux(&kernel, apt)?;
+/// [`prepare`], sharing `apt`'s state with the rest of setup; `with_symbols` fetches the
+/// `-dbg` vmlinux too.
+pub(crate) fn prepare_with(id: KernelId, apt: &mut Apt, with_symbols: bool) -> anyhow::Result<Kernel> {
+    let kernel = prepare_boot(id, apt)?;
+    if with_symbols {
+        ensure_vmlinux(&kernel, apt)?;
+    }
     Ok(kernel)
 }
 
+/// The metapackage whose dependency names the current ABI of `id`, and the suffix that
+/// dependency ends with after the ABI. Debian 12 has no `linux-image-6.12-*` metapackage for
+/// the image, only for its debug info.
+fn meta_package(id: KernelId) -> (String, String) {
+    match id.series {
+        Series::V6_1 => (
+            format!("linux-image-{}", id.flavour_suffix()),
+            format!("-{}", id.flavour_suffix()),
+        ),
+        Series::V6_12 => (
+            format!("linux-image-6.12-{}-dbg", id.flavour_suffix()),
+            format!("-{}-dbg", id.flavour_suffix()),
+        ),
+    }
+}
+
 /// What booting and building modules need: the image, headers, modules and busybox.
-fn prepare_boot(apt: &mut Apt) -> anyhow::Result<Kernel> {
-    let dir = cache_dir();
+fn prepare_boot(id: KernelId, apt: &mut Apt) -> anyhow::Result<Kernel> {
+    let dir = cache_dir(id);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let abi = choose_abi(&dir, apt)?;
-    let kernel = Kernel::in_cache(&dir, &abi);
+    let abi = choose_abi(id, &dir, apt)?;
+    let kernel = Kernel::in_cache(&dir, id, &abi);
     let ready = dir.join("ready");
     if std::fs::read_to_string(&ready).is_ok_and(|s| s.trim() == abi) && kernel.is_complete() {
         record_abi(&dir, &abi)?;
@@ -69,8 +91,10 @@ fn prepare_boot(apt: &mut Apt) -> anyhow::Result<Kernel> {
         return Ok(kernel);
     }
     let debs = dir.join("debs");
-    let image = format!("linux-image-{abi}-{FLAVOUR}");
-    let headers = format!("linux-headers-{abi}-{FLAVOUR}");
+    // The unsigned image: the same kernel as the signed one, and the only name 6.12 has in
+    // Debian 12.
+    let image = format!("linux-image-{}-unsigned", kernel.release);
+    let headers = format!("linux-headers-{}", kernel.release);
     let mut packages = vec![image.clone(), headers.clone()];
     let mut files = download(apt, &packages, &debs)?;
     // The flavour headers name the exact -common and kbuild packages they need (the kbuild
@@ -114,11 +138,12 @@ fn prepare_boot(apt: &mut Apt) -> anyhow::Result<Kernel> {
     check_headers(&kernel, apt)?;
     if !kernel.is_complete() {
         bail!(
-                "the extracted packages lack an expected file (one of {}, {}, {}, {}): is {FLAVOUR} still the flavour's name?",
+                "the extracted packages lack an expected file (one of {}, {}, {}, {}): is {} still the flavour's name?",
                 kernel.vmlinuz.display(),
                 kernel.headers_dir.display(),
                 kernel.modules_dir.display(),
-                kernel.busybox.display()
+                kernel.busybox.display(),
+                id.flavour_suffix()
             );
     }
     std::fs::write(&ready, format!("{abi}\n"))?;
@@ -132,17 +157,20 @@ fn prepare_boot(apt: &mut Apt) -> anyhow::Result<Kernel> {
 }
 
 /// Picks the ABI: `$QS_KERNEL_ABI`, else the one recorded by an earlier successful run, else
-/// what the metapackage depends on today.
-fn choose_abi(dir: &Path, apt: &mut Apt) -> anyhow::Result<String> {
+/// what the series' metapackage depends on today.
+fn choose_abi(id: KernelId, dir: &Path, apt: &mut Apt) -> anyhow::Result<String> {
     if let Ok(wanted) = std::env::var(ABI_ENV) {
         // Accept the full release too ("6.1.0-56-cloud-amd64").
         let wanted = wanted
             .trim()
-            .trim_end_matches(&format!("-{FLAVOUR}"))
+            .trim_end_matches(&format!("-{}", id.flavour_suffix()))
             .to_string();
-        if wanted.is_empty() || wanted.contains(|c: char| c.is_whitespace() || c == '/' || c == '_')
+        if !wanted.starts_with(&format!("{}.", id.series_name()))
+            || wanted.contains(|c: char| c.is_whitespace() || c == '/' || c == '_')
         {
-            bail!("{ABI_ENV}={wanted:?} is not a kernel ABI: use the form 6.1.0-56");
+            bail!(
+                "{ABI_ENV}={wanted:?} is not an ABI of kernel {id}: use the form 6.1.0-56 or 6.12.118+deb12, of the series --kernel names"
+            );
         }
         return Ok(wanted);
     }
@@ -150,9 +178,10 @@ fn choose_abi(dir: &Path, apt: &mut Apt) -> anyhow::Result<String> {
     if !recorded.trim().is_empty() {
         return Ok(recorded.trim().to_string());
     }
-    let abi = resolve_abi(apt)?;
+    let abi = resolve_abi(id, apt)?;
     note(format!(
-        "{META_PACKAGE} depends on kernel ABI {abi} (later runs keep it: set {ABI_ENV} to change)"
+        "{} depends on kernel ABI {abi} (later runs keep it: set {ABI_ENV} to change)",
+        meta_package(id).0
     ));
     Ok(abi)
 }
@@ -176,19 +205,20 @@ fn dependency(depends: &str, pick: impl Fn(&str) -> bool) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The ABI `linux-image-cloud-amd64` depends on.
-fn resolve_abi(apt: &mut Apt) -> anyhow::Result<String> {
+/// The ABI the metapackage of `id` depends on.
+fn resolve_abi(id: KernelId, apt: &mut Apt) -> anyhow::Result<String> {
+    let (meta, suffix) = meta_package(id);
     loop {
-        let found = stdout_of(Command::new("apt-cache").args(["depends", META_PACKAGE]))
+        let found = stdout_of(Command::new("apt-cache").args(["depends", &meta]))
             .ok()
-            .and_then(|out| parse_meta_depends(&out));
+            .and_then(|out| parse_meta_depends(&out, &suffix));
         if let Some(abi) = found {
             return Ok(abi);
         }
         if !apt.update_once()? {
             bail!(
-                "cannot tell which kernel {META_PACKAGE} depends on (apt-cache depends {META_PACKAGE}): \
-                 set {ABI_ENV}=6.1.0-NN to choose one"
+                "cannot tell which kernel {meta} depends on (apt-cache depends {meta}): is the \
+                 Debian 12 security archive in sources.list? Or set {ABI_ENV} to choose an ABI"
             );
         }
     }
@@ -255,14 +285,14 @@ fn download(apt: &mut Apt, packages: &[String], debs: &Path) -> anyhow::Result<V
         .collect()
 }
 
-/// `apt-cache depends linux-image-cloud-amd64` → `6.1.0-56`.
-fn parse_meta_depends(output: &str) -> Option<String> {
+/// `apt-cache depends linux-image-cloud-amd64` → `6.1.0-56` (with `suffix` `-cloud-amd64`),
+/// `apt-cache depends linux-image-6.12-amd64-dbg` → `6.12.118+deb12` (suffix `-amd64-dbg`).
+fn parse_meta_depends(output: &str, suffix: &str) -> Option<String> {
     output.lines().find_map(|line| {
         let name = line.trim().strip_prefix("Depends:")?.trim();
-        let abi = name
-            .strip_prefix("linux-image-")?
-            .strip_suffix(&format!("-{FLAVOUR}"))?;
-        Some(abi.to_string())
+        let abi = name.strip_prefix("linux-image-")?.strip_suffix(suffix)?;
+        // linux-image-amd64 must not match linux-image-6.1.0-56-cloud-amd64.
+        (!abi.contains("cloud")).then(|| abi.to_string())
     })
 }
 
@@ -536,8 +566,20 @@ mod tests {
     #[test]
     fn the_abi_comes_from_the_metapackage_dependency() {
         let out = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n";
-        assert_eq!(parse_meta_depends(out).as_deref(), Some("6.1.0-56"));
-        assert_eq!(parse_meta_depends("linux-image-cloud-amd64\n"), None);
+        assert_eq!(
+            parse_meta_depends(out, "-cloud-amd64").as_deref(),
+            Some("6.1.0-56")
+        );
+        assert_eq!(parse_meta_depends(out, "-amd64"), None, "not the generic one");
+        assert_eq!(
+            parse_meta_depends("linux-image-cloud-amd64\n", "-cloud-amd64"),
+            None
+        );
+        let out = "linux-image-6.12-amd64-dbg\n  Depends: linux-image-6.12.118+deb12-amd64-dbg\n";
+        assert_eq!(
+            parse_meta_depends(out, "-amd64-dbg").as_deref(),
+            Some("6.12.118+deb12")
+        );
     }
 
     #[test]

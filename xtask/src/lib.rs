@@ -26,10 +26,10 @@ pub mod kernel;
 pub mod lint;
 pub mod setup;
 
-pub use build::build;
+pub use build::{build, build_all};
 pub use qs_testkit::paths::{cache_dir, out_dir, repo_root, target_dir};
-pub use qs_testkit::{Artifacts, Kernel, LocateError};
-pub use setup::setup;
+pub use qs_testkit::{Artifacts, Kernel, KernelId, LocateError};
+pub use setup::{setup, setup_all};
 
 /// Prints a progress line of `cargo xtask` (to stderr, so that a script's console output on
 /// stdout stays clean).

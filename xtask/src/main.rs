@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser};
-use xtask::{note, Artifacts};
+use xtask::{note, Artifacts, KernelId};
 
 #[derive(Parser)]
 #[command(
@@ -15,11 +15,11 @@ use xtask::{note, Artifacts};
     about = "Quicksilver's setup, build, demo, test and bench tasks"
 )]
 enum Cli {
-    /// Install missing host packages and the Rust target, and fetch the test kernel into
-    /// .cache/kernel (does nothing when already done).
-    Setup,
+    /// Install missing host packages and the Rust target, and fetch a kernel into
+    /// .cache/kernel/<K> (does nothing when already done).
+    Setup(KernelArg),
     /// Build the hv image, the agent module, the guest tools and the initramfs into target/qs.
-    Build,
+    Build(KernelArg),
     /// Boot the test guest under QEMU: an interactive shell on this terminal, or a script;
     /// qs-bridge serves gdb for its kernel on 127.0.0.1:1234.
     Demo(DemoArgs),
@@ -34,9 +34,12 @@ enum Cli {
         #[arg(long)]
         seconds: Option<u64>,
     },
-    /// Set up, build, lint, then run the workspace's tests (cargo nextest if installed, else
-    /// cargo test). Arguments after `--` go to the test runner.
+    /// Set up and build for every supported kernel, lint, then run the workspace's tests
+    /// (cargo nextest if installed, else cargo test): the whole suite on --kernel, a matrix
+    /// subset on the others. Arguments after `--` go to the test runner.
     Test {
+        #[command(flatten)]
+        kernel: KernelArg,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -46,16 +49,43 @@ enum Cli {
         #[arg(long)]
         check: bool,
     },
-    /// Benchmarks: `mode-switch` (the switch and the overheads), `gdb` (Quicksilver's gdbstub
-    /// against QEMU's), `freeze` (stopping every CPU, with and without the state check).
+    /// Benchmarks: `mode-switch` (the switch, the overheads and the platform's IPI floor),
+    /// `gdb` (Quicksilver's gdbstub against QEMU's), `freeze` (stopping every CPU, with and
+    /// without the state check); each takes `--kernel K` (the default kernel otherwise).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
 
+/// `--kernel K`: which Debian kernel to fetch, build for and boot.
+#[derive(Args, Clone, Copy)]
+struct KernelArg {
+    /// The kernel: 6.12 (Debian 13's series, the default) or 6.1 (Debian 12's), optionally with
+    /// a flavour: 6.12-cloud (the default flavour, built for VMs) or 6.12-generic (bare-metal
+    /// servers). Also $QS_KERNEL.
+    #[arg(long = "kernel", value_name = "K", value_parser = parse_kernel)]
+    id: Option<KernelId>,
+}
+
+impl KernelArg {
+    /// `--kernel`, else `$QS_KERNEL`, else the default.
+    fn resolve(self) -> anyhow::Result<KernelId> {
+        match self.id {
+            Some(id) => Ok(id),
+            None => Ok(KernelId::from_env()?),
+        }
+    }
+}
+
+fn parse_kernel(s: &str) -> Result<KernelId, String> {
+    s.parse().map_err(|e: xtask::LocateError| e.to_string())
+}
+
 #[derive(Args)]
 struct DemoArgs {
+    #[command(flatten)]
+    kernel: KernelArg,
     /// Guest CPUs.
     #[arg(long, default_value_t = 4)]
     smp: u32,
@@ -93,8 +123,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli {
-        Cli::Setup => {
-            let kernel = xtask::setup()?;
+        Cli::Setup(kernel) => {
+            let kernel = xtask::setup(kernel.resolve()?)?;
             println!("kernel {}:", kernel.release);
             println!("  vmlinuz  {}", kernel.vmlinuz.display());
             println!("  headers  {}", kernel.headers_dir.display());
@@ -106,8 +136,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cli::Build => {
-            let kernel = xtask::setup()?;
+        Cli::Build(kernel) => {
+            let kernel = xtask::setup(kernel.resolve()?)?;
             xtask::build(&kernel)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -142,34 +172,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             xtask::fuzz::run(target.as_deref(), budget)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cli::Test { args } => test(&args),
+        Cli::Test { kernel, args } => test(kernel.resolve()?, &args),
         Cli::Bench { args } => bench(&args),
     }
 }
 
 fn bench(args: &[String]) -> anyhow::Result<ExitCode> {
+    let (id, args) = kernel_in(args)?;
+    let args = &args[..];
     let switches = std::env::var("QS_BENCH_SWITCHES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     match args.first().map(String::as_str) {
         Some("mode-switch") => {
-            let kernel = xtask::setup()?;
+            let kernel = xtask::setup(id)?;
             let artifacts = xtask::build(&kernel)?;
             xtask::bench::mode_switch(&artifacts, switches)?;
             Ok(ExitCode::SUCCESS)
         }
         Some("gdb") => {
-            let kernel = xtask::setup()?;
+            let kernel = xtask::setup(id)?;
             // QEMU's half needs no hv: measure it even if the hv does not build.
             if let Err(err) = xtask::build(&kernel) {
                 eprintln!("xtask: warning: {err:#}");
             }
-            xtask::bench_gdb::gdb(&Artifacts::locate()?)?;
+            xtask::bench_gdb::gdb(&Artifacts::locate_id(id)?)?;
             Ok(ExitCode::SUCCESS)
         }
         Some("freeze") => {
-            let kernel = xtask::setup()?;
+            let kernel = xtask::setup(id)?;
             let artifacts = xtask::build(&kernel)?;
             xtask::bench_freeze::freeze(&artifacts, 50)?;
             Ok(ExitCode::SUCCESS)
@@ -180,14 +212,36 @@ fn bench(args: &[String]) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Takes `--kernel K` (or `--kernel=K`) out of a benchmark's arguments.
+fn kernel_in(args: &[String]) -> anyhow::Result<(KernelId, Vec<String>)> {
+    let mut id = None;
+    let mut rest = Vec::new();
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        if word == "--kernel" {
+            let value = words
+                .next()
+                .context("--kernel needs a kernel: 6.12, 6.1, 6.12-generic ...")?;
+            id = Some(value.parse::<KernelId>()?);
+        } else if let Some(value) = word.strip_prefix("--kernel=") {
+            id = Some(value.parse::<KernelId>()?);
+        } else {
+            rest.push(word.clone());
+        }
+    }
+    let id = KernelArg { id }.resolve()?;
+    Ok((id, rest))
+}
+
 fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let kernel = xtask::setup()?;
+    let id = args.kernel.resolve()?;
+    let kernel = xtask::setup(id)?;
     // A part that does not build (the hv, the agent) should not keep the rest from booting:
     // /init reports what is missing on the console.
     if let Err(err) = xtask::build(&kernel) {
         eprintln!("xtask: warning: {err:#}\nxtask: booting what was built");
     }
-    let artifacts = Artifacts::locate()?;
+    let artifacts = Artifacts::locate_id(id)?;
     let mut qemu = artifacts.qemu("demo").smp(args.smp).memory(&args.memory);
     if args.noload {
         qemu = qemu.noload();
@@ -279,9 +333,9 @@ fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn test(args: &[String]) -> anyhow::Result<ExitCode> {
-    let kernel = xtask::setup()?;
-    xtask::build(&kernel)?;
+fn test(suite: KernelId, args: &[String]) -> anyhow::Result<ExitCode> {
+    let kernels = xtask::setup_all(suite)?;
+    xtask::build_all(&kernels)?;
     xtask::lint::lint()?;
     // A short bounded run of every fuzzer: the full campaign is `cargo xtask fuzz`.
     xtask::fuzz::run(None, xtask::fuzz::Budget::Seconds(20))?;
@@ -298,7 +352,11 @@ fn test(args: &[String]) -> anyhow::Result<ExitCode> {
         note("cargo-nextest is not installed (cargo install cargo-nextest); using cargo test");
         cmd.args(["test", "--workspace"]);
     }
-    cmd.args(args);
+    cmd.args(args)
+        .env(qs_testkit::artifacts::KERNEL_ENV, suite.to_string());
+    note(format!(
+        "the whole suite runs on kernel {suite}, a matrix subset on the others"
+    ));
     note(xtask::cmd::describe(&cmd));
     let status = cmd
         .status()

@@ -7,10 +7,12 @@ use anyhow::{bail, Context as _};
 
 use crate::cmd::{run_captured, run_inherit, stdout_of};
 use crate::note;
-use crate::Kernel;
+use crate::{Kernel, KernelId};
 
 /// Debian packages the build and the tests run: QEMU for the guest, a C toolchain and the
-/// libraries of kbuild's prebuilt `modpost`/`objtool` for the agent module.
+/// libraries of kbuild's prebuilt `modpost`/`objtool` for the agent module, and `pahole`
+/// (dwarves), with which 6.12's kbuild gives the module its BTF, and xz, which unpacks 6.12's
+/// compressed modules for the initramfs.
 pub const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "gcc",
@@ -18,13 +20,34 @@ pub const APT_PACKAGES: &[&str] = &[
     "libelf1",
     "libssl3",
     "zlib1g",
+    "dwarves",
+    "xz-utils",
 ];
 
 /// The Rust target the hv image is built for.
 pub const HV_TARGET: &str = "x86_64-unknown-none";
 
-/// Installs what is missing and prepares the kernel; returns the kernel's paths.
-pub fn setup() -> anyhow::Result<Kernel> {
+/// Installs what is missing and prepares kernel `id` with its debug info; returns the kernel's
+/// paths.
+pub fn setup(id: KernelId) -> anyhow::Result<Kernel> {
+    let mut apt = host(id)?;
+    crate::kernel::prepare_with(id, &mut apt, true)
+}
+
+/// [`setup`] for `suite` (with its debug info, for the whole suite's gdb tests) and every
+/// other supported kernel (without: the matrix runs on them need none), `suite` first.
+pub fn setup_all(suite: KernelId) -> anyhow::Result<Vec<Kernel>> {
+    let mut apt = host(suite)?;
+    let mut kernels = vec![crate::kernel::prepare_with(suite, &mut apt, true)?];
+    for id in KernelId::ALL.into_iter().filter(|&id| id != suite) {
+        kernels.push(crate::kernel::prepare_with(id, &mut apt, false)?);
+    }
+    Ok(kernels)
+}
+
+/// The host's part of setup: packages, the Rust target, QEMU.
+fn host(id: KernelId) -> anyhow::Result<Apt> {
+    note(format!("setting up for kernel {id}"));
     let mut apt = Apt::default();
     if !apt.install_missing(APT_PACKAGES)? {
         note(format!(
@@ -34,7 +57,7 @@ pub fn setup() -> anyhow::Result<Kernel> {
     }
     ensure_rust_target(HV_TARGET)?;
     crate::emulator::ensure(&mut apt)?;
-    crate::kernel::prepare_with(&mut apt)
+    Ok(apt)
 }
 
 /// Whether dpkg reports `package` as installed (not merely known, or removed with its

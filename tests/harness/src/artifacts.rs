@@ -6,26 +6,141 @@ use std::path::{Path, PathBuf};
 
 use crate::qemu::Qemu;
 
-/// The kernel flavour: the cloud kernel is LZ4-compressed and boots fast under TCG.
-pub const FLAVOUR: &str = "cloud-amd64";
+/// A Debian kernel series: 6.1 is Debian 12's own, 6.12 is Debian 13's (and the one Debian 12
+/// ships in its security archive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Series {
+    V6_1,
+    V6_12,
+}
+
+/// A Debian kernel flavour: `cloud` is built for virtual machines (fewer drivers, LZ4, boots
+/// fast under TCG), `generic` (Debian's `amd64`, `linux-image-amd64`) is what bare-metal
+/// servers run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Flavour {
+    Cloud,
+    Generic,
+}
+
+/// Which kernel a run boots: a series and a flavour, spelled `6.12`, `6.12-generic`,
+/// `6.1-cloud` (the flavour defaults to cloud).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelId {
+    pub series: Series,
+    pub flavour: Flavour,
+}
+
+/// Environment variable that picks the kernel of `cargo xtask` and the tests (`6.1-generic`);
+/// `--kernel` sets it for the runs it starts.
+pub const KERNEL_ENV: &str = "QS_KERNEL";
+
+impl KernelId {
+    /// What the whole suite and the demo boot: Debian 13's 6.12, the series a new user is most
+    /// likely to run (see the README for why cloud).
+    pub const DEFAULT: KernelId = KernelId {
+        series: Series::V6_12,
+        flavour: Flavour::Cloud,
+    };
+    /// Every kernel Quicksilver supports, the default first.
+    pub const ALL: [KernelId; 4] = [
+        KernelId::DEFAULT,
+        KernelId {
+            series: Series::V6_12,
+            flavour: Flavour::Generic,
+        },
+        KernelId {
+            series: Series::V6_1,
+            flavour: Flavour::Cloud,
+        },
+        KernelId {
+            series: Series::V6_1,
+            flavour: Flavour::Generic,
+        },
+    ];
+
+    /// `$QS_KERNEL`, else [`KernelId::DEFAULT`].
+    pub fn from_env() -> Result<KernelId, LocateError> {
+        match std::env::var(KERNEL_ENV) {
+            Ok(value) if !value.trim().is_empty() => value.parse(),
+            _ => Ok(KernelId::DEFAULT),
+        }
+    }
+
+    /// The series as Debian's package names spell it: `6.1`, `6.12`.
+    pub fn series_name(self) -> &'static str {
+        match self.series {
+            Series::V6_1 => "6.1",
+            Series::V6_12 => "6.12",
+        }
+    }
+
+    /// The flavour as Debian's package names end: `cloud-amd64`, `amd64`.
+    pub fn flavour_suffix(self) -> &'static str {
+        match self.flavour {
+            Flavour::Cloud => "cloud-amd64",
+            Flavour::Generic => "amd64",
+        }
+    }
+
+    /// The flavour as the user spells it: `cloud`, `generic`.
+    pub fn flavour_name(self) -> &'static str {
+        match self.flavour {
+            Flavour::Cloud => "cloud",
+            Flavour::Generic => "generic",
+        }
+    }
+}
+
+impl std::fmt::Display for KernelId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.series_name(), self.flavour_name())
+    }
+}
+
+impl std::str::FromStr for KernelId {
+    type Err = LocateError;
+
+    fn from_str(s: &str) -> Result<KernelId, LocateError> {
+        let bad = || LocateError::UnknownKernel {
+            given: s.to_string(),
+        };
+        let (series, flavour) = s.trim().split_once('-').unwrap_or((s.trim(), "cloud"));
+        let series = match series {
+            "6.1" => Series::V6_1,
+            "6.12" => Series::V6_12,
+            _ => return Err(bad()),
+        };
+        let flavour = match flavour {
+            "cloud" | "cloud-amd64" => Flavour::Cloud,
+            "generic" | "amd64" => Flavour::Generic,
+            _ => return Err(bad()),
+        };
+        Ok(KernelId { series, flavour })
+    }
+}
 
 /// Something that `cargo xtask setup` or `cargo xtask build` should have produced is not
 /// there.
 #[derive(Debug, thiserror::Error)]
 pub enum LocateError {
-    #[error("the kernel cache {} is not ready: run `cargo xtask setup` first", .dir.display())]
-    KernelNotReady { dir: PathBuf },
+    #[error("the kernel cache {} is not ready: run `cargo xtask setup --kernel {id}` first", .dir.display())]
+    KernelNotReady { id: KernelId, dir: PathBuf },
+    #[error("{given:?} is not a kernel Quicksilver supports: say 6.12 or 6.1, optionally with -cloud or -generic (6.12-generic)")]
+    UnknownKernel { given: String },
     #[error("{what} is missing ({}): run `cargo xtask build` first", .path.display())]
     NotBuilt { what: &'static str, path: PathBuf },
-    #[error("the kernel's debug info {} is missing (gdb needs it): run `cargo xtask setup` (it fetches linux-image-<release>-dbg once)", .path.display())]
+    #[error("the kernel's debug info {} is missing (gdb needs it): run `cargo xtask setup --kernel K` (it fetches linux-image-<release>-dbg once)", .path.display())]
     NoVmlinux { path: PathBuf },
 }
 
-/// Paths into the extracted kernel packages in `<repo>/.cache/kernel` (layout: see
+/// Paths into the extracted kernel packages in `<repo>/.cache/kernel/<id>` (layout: see
 /// `xtask/src/kernel.rs`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Kernel {
-    /// Debian's kernel ABI, e.g. `6.1.0-56`.
+    /// Which supported kernel this is.
+    pub id: KernelId,
+    /// Debian's kernel ABI, e.g. `6.1.0-56` or `6.12.118+deb12`.
     pub abi: String,
     /// The release `uname -r` prints, e.g. `6.1.0-56-cloud-amd64`.
     pub release: String,
@@ -44,17 +159,18 @@ pub struct Kernel {
     pub vmlinux: PathBuf,
 }
 
-/// `<repo>/.cache/kernel`.
-pub fn kernel_cache_dir() -> PathBuf {
-    crate::paths::cache_dir().join("kernel")
+/// `<repo>/.cache/kernel/<id>`: one folder per supported kernel.
+pub fn kernel_cache_dir(id: KernelId) -> PathBuf {
+    crate::paths::cache_dir().join("kernel").join(id.to_string())
 }
 
 impl Kernel {
     /// The paths for `abi` in the cache at `dir` (nothing is checked).
-    pub fn in_cache(dir: &Path, abi: &str) -> Kernel {
+    pub fn in_cache(dir: &Path, id: KernelId, abi: &str) -> Kernel {
         let root = dir.join("root");
-        let release = format!("{abi}-{FLAVOUR}");
+        let release = format!("{abi}-{}", id.flavour_suffix());
         Kernel {
+            id,
             abi: abi.to_string(),
             vmlinuz: root.join(format!("boot/vmlinuz-{release}")),
             headers_dir: root.join(format!("usr/src/linux-headers-{release}")),
@@ -66,13 +182,21 @@ impl Kernel {
         }
     }
 
-    /// The kernel a completed `cargo xtask setup` left in the cache, without running
-    /// anything.
+    /// The kernel `$QS_KERNEL` names (else the default), as a completed `cargo xtask setup`
+    /// left it in the cache, without running anything.
     pub fn locate() -> Result<Kernel, LocateError> {
-        let dir = kernel_cache_dir();
-        let not_ready = || LocateError::KernelNotReady { dir: dir.clone() };
+        Kernel::locate_id(KernelId::from_env()?)
+    }
+
+    /// Kernel `id`, as a completed `cargo xtask setup` left it in the cache.
+    pub fn locate_id(id: KernelId) -> Result<Kernel, LocateError> {
+        let dir = kernel_cache_dir(id);
+        let not_ready = || LocateError::KernelNotReady {
+            id,
+            dir: dir.clone(),
+        };
         let abi = std::fs::read_to_string(dir.join("ready")).map_err(|_| not_ready())?;
-        let kernel = Kernel::in_cache(&dir, abi.trim());
+        let kernel = Kernel::in_cache(&dir, id, abi.trim());
         if !kernel.is_complete() {
             return Err(not_ready());
         }
@@ -101,13 +225,13 @@ pub struct Artifacts {
     pub kernel: Kernel,
     /// `hv.img`.
     pub hv_image: PathBuf,
-    /// `quicksilver.ko`.
+    /// `kernels/<id>/quicksilver.ko`: the agent built for `kernel`.
     pub agent: PathBuf,
     /// The static `qsctl`.
     pub qsctl: PathBuf,
     /// The static `qs-workload`.
     pub workload: PathBuf,
-    /// The base initramfs.
+    /// `kernels/<id>/initrd.cpio`: the base initramfs, with `kernel`'s modules.
     pub initrd: PathBuf,
     /// The kernel's ELF with debug info, for `gdb <vmlinux>` (= `kernel.vmlinux`).
     pub vmlinux: PathBuf,
@@ -119,12 +243,13 @@ impl Artifacts {
     /// Where the artifacts for `kernel` are (or will be); nothing is checked.
     pub fn at(kernel: Kernel) -> Artifacts {
         let dir = crate::paths::out_dir();
+        let for_kernel = dir.join("kernels").join(kernel.id.to_string());
         Artifacts {
             hv_image: dir.join("hv.img"),
-            agent: dir.join("quicksilver.ko"),
+            agent: for_kernel.join("quicksilver.ko"),
             qsctl: dir.join("qsctl"),
             workload: dir.join("qs-workload"),
-            initrd: dir.join("initrd.cpio"),
+            initrd: for_kernel.join("initrd.cpio"),
             bridge: dir.join("qs-bridge"),
             vmlinux: kernel.vmlinux.clone(),
             kernel,
@@ -132,16 +257,24 @@ impl Artifacts {
         }
     }
 
-    /// The artifacts of an earlier `cargo xtask build`: checks that the kernel, its debug
-    /// info and the initramfs are there. (The hv image, the agent and the bridge may be
-    /// missing if they failed to build; [`Artifacts::require_agent`] checks the first two.)
+    /// The artifacts of an earlier `cargo xtask build` for the kernel `$QS_KERNEL` names (else
+    /// the default): checks that the kernel, its debug info and the initramfs are there. (The
+    /// hv image, the agent and the bridge may be missing if they failed to build;
+    /// [`Artifacts::require_agent`] checks the first two.)
     pub fn locate() -> Result<Artifacts, LocateError> {
-        let artifacts = Artifacts::at(Kernel::locate()?);
+        let artifacts = Artifacts::locate_id(KernelId::from_env()?)?;
         if !artifacts.vmlinux.exists() {
             return Err(LocateError::NoVmlinux {
                 path: artifacts.vmlinux,
             });
         }
+        Ok(artifacts)
+    }
+
+    /// The artifacts built for kernel `id`, which need not have its debug info (the matrix
+    /// runs on the other kernels use /proc/kallsyms instead).
+    pub fn locate_id(id: KernelId) -> Result<Artifacts, LocateError> {
+        let artifacts = Artifacts::at(Kernel::locate_id(id)?);
         if !artifacts.initrd.exists() {
             return Err(LocateError::NotBuilt {
                 what: "the initramfs",
@@ -184,7 +317,7 @@ mod tests {
 
     #[test]
     fn cache_paths_follow_debian_naming() {
-        let k = Kernel::in_cache(Path::new("/c"), "6.1.0-56");
+        let k = Kernel::in_cache(Path::new("/c"), "6.1-cloud".parse().unwrap(), "6.1.0-56");
         assert_eq!(k.release, "6.1.0-56-cloud-amd64");
         assert_eq!(
             k.vmlinuz,
@@ -199,5 +332,23 @@ mod tests {
             Path::new("/c/root/lib/modules/6.1.0-56-cloud-amd64")
         );
         assert_eq!(k.vmlinux, Path::new("/c/vmlinux-6.1.0-56-cloud-amd64"));
+        let g = Kernel::in_cache(Path::new("/c"), "6.12-generic".parse().unwrap(), "6.12.118+deb12");
+        assert_eq!(g.release, "6.12.118+deb12-amd64");
+    }
+
+    #[test]
+    fn kernel_spellings() {
+        for id in KernelId::ALL {
+            assert_eq!(id.to_string().parse::<KernelId>().unwrap(), id);
+        }
+        assert_eq!("6.12".parse::<KernelId>().unwrap(), KernelId::DEFAULT);
+        assert_eq!(
+            "6.1-amd64".parse::<KernelId>().unwrap().to_string(),
+            "6.1-generic"
+        );
+        for bad in ["6.2", "6.12-rt", "", "generic", "6.12-"] {
+            let err = bad.parse::<KernelId>().unwrap_err().to_string();
+            assert!(err.contains("6.12-generic"), "{bad}: {err}");
+        }
     }
 }

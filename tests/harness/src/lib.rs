@@ -34,7 +34,7 @@ pub mod machine;
 pub mod paths;
 pub mod qemu;
 
-pub use artifacts::{Artifacts, Kernel, LocateError};
+pub use artifacts::{Artifacts, Kernel, KernelId, LocateError};
 pub use bridge::Bridge;
 pub use gdb::{Gdb, GdbError, Symbols};
 pub use machine::{Machine, MachineConfig, MachineError, Stub};
