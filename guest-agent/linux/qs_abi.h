@@ -379,5 +379,12 @@ QS_ASSERT(QS_IOC_AGENT_INFO == 0x80105108u);
 /* Every CPU stopped for a while, then resumed (`qsctl freeze`); the hv must be active. */
 #define QS_IOC_FREEZE _IOWR(QS_IOC_MAGIC, 9, struct qs_freeze)
 QS_ASSERT(QS_IOC_FREEZE == 0xc0585109u);
+/*
+ * The platform's floor under a round trip: two calls of an empty function on every online
+ * CPU, timed as ACTIVATE and DEACTIVATE time their one call each (`qsctl bench-switch`).
+ * The hv is not involved: this is the IPI delivery and wake-up the agent cannot avoid.
+ */
+#define QS_IOC_IPI_FLOOR _IOR(QS_IOC_MAGIC, 10, struct qs_switch_result)
+QS_ASSERT(QS_IOC_IPI_FLOOR == 0x8018510au);
 
 #endif /* QS_ABI_H */

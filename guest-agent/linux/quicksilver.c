@@ -824,6 +824,26 @@ static void qs_do_deactivate(struct qs_switch_result *r)
 	cpus_read_unlock();
 }
 
+static void qs_nothing(void *unused)
+{
+}
+
+/* IPI_FLOOR: what a round trip costs with nothing to do on each CPU, timed and locked as
+ * qs_switch is (the hv is not called). */
+static void qs_ipi_floor(struct qs_switch_result *r)
+{
+	u64 t0;
+
+	cpus_read_lock();
+	t0 = ktime_get_ns();
+	on_each_cpu(qs_nothing, NULL, 1);
+	on_each_cpu(qs_nothing, NULL, 1);
+	r->elapsed_ns = ktime_get_ns() - t0;
+	r->cpus = num_online_cpus();
+	r->status = QS_OK;
+	cpus_read_unlock();
+}
+
 static void qs_do_activate(struct qs_switch_result *r)
 {
 	struct qs_switch_result undo;
@@ -902,6 +922,14 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 		if (cmd == QS_IOC_DEACTIVATE && r.status != QS_OK && r.status != QS_NOT_ACTIVE)
 			pr_err("deactivate failed on CPU %d: %s\n", r.failed_cpu,
 			       qs_status_message(r.status));
+		if (copy_to_user(uarg, &r, sizeof(r)))
+			ret = -EFAULT;
+		break;
+	}
+	case QS_IOC_IPI_FLOOR: {
+		struct qs_switch_result r = { .failed_cpu = -1 };
+
+		qs_ipi_floor(&r);
 		if (copy_to_user(uarg, &r, sizeof(r)))
 			ret = -EFAULT;
 		break;

@@ -133,6 +133,10 @@ requests! {
     AGENT_INFO = Read(8, AgentInfo);
     /// Every CPU stopped for a while, then resumed (`qsctl freeze`); the hv must be active.
     FREEZE = ReadWrite(9, crate::abi::FreezeArgs);
+    /// The platform's floor under a round trip: two calls of an empty function on every online
+    /// CPU, timed as ACTIVATE and DEACTIVATE time their one call each (`qsctl bench-switch`).
+    /// The hv is not involved: this is the IPI delivery and wake-up the agent cannot avoid.
+    IPI_FLOOR = Read(10, SwitchResult);
 }
 
 crate::abi_struct! {

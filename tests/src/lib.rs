@@ -2,8 +2,12 @@
 //! built artifacts or saying how to get them, booting a guest with a script, and the checks
 //! every test makes on the kernel log.
 //!
-//! The tests boot the stock Debian cloud kernel under QEMU/TCG with the agent loaded and drive
-//! Quicksilver through `qsctl` as a user would. `cargo xtask test` builds everything first.
+//! The tests boot a stock Debian kernel under QEMU/TCG (the default one, or `$QS_KERNEL`; the
+//! matrix boots each of the others) with the agent loaded and drive Quicksilver through
+//! `qsctl` as a user would. `cargo xtask test` builds everything first.
+
+pub mod scenarios;
+pub mod session;
 
 use std::time::Duration;
 
@@ -21,7 +25,12 @@ pub fn artifacts() -> Artifacts {
 
 /// A guest with `smp` CPUs on `-cpu EPYC`, named after the test.
 pub fn guest(name: &str, smp: u32) -> Qemu {
-    artifacts()
+    guest_on(&artifacts(), name, smp)
+}
+
+/// [`guest`], booting the kernel of `artifacts`.
+pub fn guest_on(artifacts: &Artifacts, name: &str, smp: u32) -> Qemu {
+    artifacts
         .qemu(name)
         .smp(smp)
         .timeout(Duration::from_secs(600))
@@ -53,6 +62,13 @@ const BAD: &[&str] = &[
     "quicksilver hv:",
     "NMI received for unknown reason",
     "invalid opcode:",
+    // IBT (6.12): an indirect branch to a target without ENDBR64.
+    "Missing ENDBR",
+    "control protection",
+    // CONFIG_DEBUG_WX, and the page-attribute code refusing a W^X violation.
+    "insecure W+X",
+    "CPA refuse W^X",
+    "objtool",
 ];
 
 /// Panics if the console shows an oops, warning, lockup, RCU stall or an hv fault report.

@@ -7,6 +7,10 @@
 //! `target/qs/logs/<test>.gdb<N>.log`. `QS_GDB_STUB=qemu` runs the same sessions against
 //! QEMU's own gdbstub, to tell a test's mistake from the stub's.
 
+use quicksilver_tests::session::{
+    assert_clean_end, check_syscall_argument, detach, detach_and_finish, GETPID,
+    WORKLOAD_AND_GETPID,
+};
 use quicksilver_tests::*;
 use std::time::Duration;
 
@@ -21,56 +25,6 @@ stop_workload
 check_native
 echo "HOSTNAME $(hostname)"
 "#;
-
-/// Like [`WORKLOAD_UNTIL_HOST`], with a getpid loop too (on every CPU but 0, like the
-/// workload), which after the session runs again for 2 s: a breakpoint left in the handler
-/// would hit a kernel without gdb (an oops).
-const WORKLOAD_AND_GETPID: &str = r#"
-start_workload
-taskset -c "$cpus" qs-workload --getpid-loop 0 > /tmp/gp.out &
-GP=$!
-sleep 2
-echo GUEST-READY
-wait_host
-kill -TERM $GP; wait $GP; cat /tmp/gp.out
-qs-workload --getpid-loop 2
-stop_workload
-check_native
-"#;
-
-/// Checks what every run must end with: the script passed, the workload verified itself,
-/// every CPU is native, and the kernel log is clean.
-fn assert_clean_end(out: &RunOutput) {
-    assert_success(out);
-    assert_console_has(out, "WORKLOAD OK");
-    assert_console_has(out, "PROBE-NATIVE-OK");
-    assert!(
-        !out.console.contains("GETPID-LOOP FAIL"),
-        "{}: a getpid call returned a wrong value:\n{}",
-        out.name,
-        out.script_output()
-    );
-    assert_kernel_clean(out);
-}
-
-/// How a test ends: gdb detaches and quits, the guest's script finishes, and the run must
-/// end clean ([`assert_clean_end`]). The run, for the test's own checks.
-fn detach_and_finish(mut m: Machine, mut gdb: Gdb) -> RunOutput {
-    detach(&m, &mut gdb);
-    gdb.quit();
-    m.send("detached");
-    let out = m.finish();
-    assert_clean_end(&out);
-    out
-}
-
-/// `detach`, which must say so.
-fn detach(m: &Machine, gdb: &mut Gdb) {
-    let out = m.run(gdb, "detach");
-    if !out.contains("detached") {
-        m.fail(gdb, "detach did not detach", &out);
-    }
-}
 
 fn attach_and_look_around(smp: u32) {
     let name = format!("gdb-attach-smp{smp}");
@@ -225,33 +179,6 @@ fn attach_on_2_cpus_while_the_workload_runs() {
 #[test]
 fn attach_on_4_cpus_while_the_workload_runs() {
     attach_and_look_around(4);
-}
-
-/// The kernel function behind getpid(2) in 6.1 (`SYSCALL_DEFINE0(getpid)`).
-const GETPID: &str = "__x64_sys_getpid";
-
-/// At the entry of the getpid handler: its argument is the user's registers (the 6.1
-/// wrappers take `const struct pt_regs *`, on the kernel stack) in rdi, and their orig_ax is
-/// the system call's number. (The argument by name, `__unused`: a cast to `struct pt_regs *`
-/// would be as good, but gdb spends some 20 s of CPU looking the type up in this vmlinux.)
-fn check_syscall_argument(m: &Machine, gdb: &mut Gdb) {
-    let out = m.run(gdb, "info registers rdi");
-    let rdi = register(&out, "rdi");
-    if rdi.is_none_or(|rdi| rdi < 0xffff_8000_0000_0000) {
-        m.fail(gdb, "rdi holds the pt_regs pointer", &out);
-    }
-    let out = m.run(gdb, "info args");
-    if !out.contains(&format!("__unused = {:#x}", rdi.unwrap_or(0))) {
-        m.fail(
-            gdb,
-            &format!("the handler's argument is rdi ({rdi:#x?})"),
-            &out,
-        );
-    }
-    let out = m.run(gdb, "p __unused->orig_ax");
-    if value_of(&out) != Some(39) {
-        m.fail(gdb, "the system call number (getpid = 39)", &out);
-    }
 }
 
 #[test]

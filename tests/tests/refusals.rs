@@ -2,65 +2,17 @@
 //! no SVM, another hypervisor owning SVM, double activate, deactivate while dormant, hotplug
 //! while active, rmmod while active, and the guest reaching for the hv's memory.
 
+use quicksilver_tests::scenarios::KO;
 use quicksilver_tests::*;
-
-const KO: &str = "/lib/quicksilver/quicksilver.ko";
 
 #[test]
 fn bad_images_are_refused_and_a_good_one_still_loads() {
-    let good = std::fs::read(artifacts().hv_image).expect("hv image built");
-    let mut flipped = good.clone();
-    flipped[300] ^= 0x08; // one bit in the code
-    let short = good[..good.len() - 100].to_vec();
-    let mut foreign = good.clone();
-    foreign[..8].copy_from_slice(b"\x7fELF\x02\x01\x01\x00");
-    let script = format!(
-        r#"for img in flipped short foreign; do
-    if insmod {KO} image=/lib/quicksilver/$img.img; then echo "LOADED-$img"; rmmod quicksilver; else echo "REFUSED-$img"; fi
-done
-dmesg | grep "quicksilver: refusing"
-qsctl status; echo "status-rc=$?"
-insmod {KO} image=/lib/quicksilver/hv.img && echo LOADED-good
-qsctl status
-"#
-    );
-    let q = guest("bad-images", 1)
-        .noload()
-        .file("/lib/quicksilver/flipped.img", 0o644, flipped)
-        .file("/lib/quicksilver/short.img", 0o644, short)
-        .file("/lib/quicksilver/foreign.img", 0o644, foreign);
-    let out = run(q, &script);
-    assert_success(&out);
-    for (img, why) in [
-        ("flipped", "checksum mismatch: the file is corrupt"),
-        ("short", "size mismatch"),
-        ("foreign", "bad magic: not a Quicksilver hv image"),
-    ] {
-        assert_console_has(&out, &format!("REFUSED-{img}"));
-        assert_console_has(
-            &out,
-            &format!("bad hv image /lib/quicksilver/{img}.img: {why}"),
-        );
-    }
-    assert_console_has(&out, "status-rc=1");
-    assert_console_has(&out, "load the agent first");
-    assert_console_has(&out, "LOADED-good");
-    assert_console_has(&out, "state: dormant");
-    assert_kernel_clean(&out);
+    scenarios::bad_images(&artifacts(), "bad-images");
 }
 
 #[test]
 fn a_cpu_without_svm_is_refused() {
-    let q = guest("no-svm", 1).cpu("qemu64,-svm");
-    let out = run(
-        q,
-        "dmesg | grep quicksilver\nqsctl activate; echo \"activate-rc=$?\"\n",
-    );
-    assert_success(&out);
-    assert_console_has(&out, "QS-LOAD-FAILED");
-    assert_console_has(&out, "refusing to load: this CPU has no AMD SVM");
-    assert_console_has(&out, "activate-rc=1");
-    assert_kernel_clean(&out);
+    scenarios::no_svm(&artifacts(), "no-svm");
 }
 
 #[test]
@@ -145,37 +97,7 @@ qsctl activate && qsctl probe --expect active && qsctl deactivate
 
 #[test]
 fn kvm_owning_svm_is_refused_and_cannot_start_under_us() {
-    let script = r#"for m in $(cat /lib/quicksilver/kvm-modules); do insmod $m || echo "INSMOD-FAILED $m"; done
-qs-workload --hold-kvm-vm 600 > /tmp/kvm.log 2>&1 &
-H=$!
-sleep 3
-cat /tmp/kvm.log
-qsctl probe
-qsctl activate; echo "activate-with-kvm-rc=$?"
-kill $H; wait $H
-qsctl activate; echo "activate-after-rc=$?"
-qs-workload --hold-kvm-vm 1; echo "vm-under-hv-rc=$?"
-qsctl probe --expect active; echo "still-active-rc=$?"
-qsctl deactivate
-qsctl stats
-"#;
-    let out = run(guest("kvm-owns-svm", 2), script);
-    assert_success(&out);
-    let o = out.script_output();
-    assert!(!o.contains("INSMOD-FAILED"), "{o}");
-    assert!(o.contains("KVM-VM created"), "{o}");
-    assert!(o.contains("activate-with-kvm-rc=1"), "{o}");
-    assert!(
-        o.contains("EFER.SVME is already set: another hypervisor (kvm_amd?) owns SVM"),
-        "{o}"
-    );
-    assert_console_has(&out, "quicksilver: activate refused on CPU");
-    assert!(o.contains("activate-after-rc=0"), "{o}");
-    // Under the hv, kvm_amd sees EFER.SVME set and refuses by itself.
-    assert!(o.contains("KVM-VM refused"), "{o}");
-    assert!(o.contains("vm-under-hv-rc=1"), "{o}");
-    assert!(o.contains("still-active-rc=0"), "{o}");
-    assert_kernel_clean(&out);
+    scenarios::kvm_owns_svm(&artifacts(), "kvm-owns-svm");
 }
 
 #[test]

@@ -1,12 +1,13 @@
-//! `cargo xtask bench mode-switch`: how long a switch of every CPU takes, and what the hv
-//! costs the kernel while dormant and while active.
+//! `cargo xtask bench mode-switch [--kernel K]`: how long a switch of every CPU takes, how
+//! close that is to the floor the platform sets (two IPIs to every CPU with nothing to do,
+//! measured in the same boot), and what the hv costs the kernel while dormant and active.
 //!
 //! For each CPU count (1, 2, 4) and each clock — wall time under TCG, and QEMU's instruction
 //! counter (`-icount shift=0`, one instruction = 1 ns of guest time, reproducible) — two boots:
 //! one without the agent (the native baseline) and one with it, where the guest runs
 //! `qs-workload --fixed-work` dormant, then `qsctl bench-switch N`, then the workload again
-//! with the hv active. Medians throughout. Results: `target/bench/mode-switch.json` and a
-//! Markdown table (`target/bench/mode-switch.md`) for BENCHMARKS.md.
+//! with the hv active. Medians throughout. Results: `target/bench/mode-switch-<kernel>.json`
+//! and a Markdown table (`target/bench/mode-switch-<kernel>.md`) for BENCHMARKS.md.
 
 use anyhow::{bail, Context, Result};
 use qs_testkit::Artifacts;
@@ -14,9 +15,11 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-/// One configuration's figures, as `mode-switch.json` lists them (rounded by [`round`]).
+/// One configuration's figures, as `mode-switch-<kernel>.json` lists them (rounded by [`round`]).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ModeSwitch {
+    /// The kernel booted (`6.12-generic`).
+    pub kernel: String,
     pub smp: u32,
     pub clock: &'static str,
     pub switches: u32,
@@ -28,6 +31,14 @@ pub struct ModeSwitch {
     pub roundtrip_us: f64,
     #[serde(serialize_with = "one_decimal")]
     pub roundtrip_hv_us: f64,
+    /// Two calls of an empty function on every CPU (`on_each_cpu`), in the same boot: what a
+    /// round trip cannot go below.
+    #[serde(serialize_with = "one_decimal")]
+    pub ipi_floor_us: f64,
+    /// `roundtrip_us / ipi_floor_us`: how close the switch is to the platform's limit (the goal
+    /// is at most 1.2).
+    #[serde(serialize_with = "three_decimals")]
+    pub floor_ratio: f64,
     /// Workload time with the agent loaded and dormant / without the agent.
     #[serde(serialize_with = "three_decimals")]
     pub dormant_ratio: f64,
@@ -59,9 +70,10 @@ struct SwitchBench {
     deactivate_us: f64,
     roundtrip_us: f64,
     roundtrip_hv_us: f64,
+    ipi_floor_us: f64,
 }
 
-/// `mode-switch.json`.
+/// `mode-switch-<kernel>.json`.
 #[derive(Serialize)]
 struct Report<'a> {
     benchmark: &'static str,
@@ -173,6 +185,7 @@ pub fn mode_switch_one(a: &Artifacts, smp: u32, icount: bool, switches: u32) -> 
     let active_ms = phase_work_ms(c, "active")?;
     let exits = total_exits(c, "STATS-AFTER")?.saturating_sub(total_exits(c, "STATS-BEFORE")?);
     Ok(ModeSwitch {
+        kernel: a.kernel.id.to_string(),
         smp,
         clock,
         switches,
@@ -180,6 +193,8 @@ pub fn mode_switch_one(a: &Artifacts, smp: u32, icount: bool, switches: u32) -> 
         deactivate_us: bench.deactivate_us,
         roundtrip_us: bench.roundtrip_us,
         roundtrip_hv_us: bench.roundtrip_hv_us,
+        ipi_floor_us: bench.ipi_floor_us,
+        floor_ratio: bench.roundtrip_us / bench.ipi_floor_us,
         dormant_ratio: dormant_ms / native_ms,
         active_ratio: active_ms / native_ms,
         exits_per_s_active: exits as f64 / (active_ms * 3.0 / 1000.0),
@@ -220,17 +235,20 @@ pub fn mode_switch(a: &Artifacts, switches: u32) -> Result<Vec<ModeSwitch>> {
             rows.push(r);
         }
     }
-    let mut md = String::from("| smp | clock | activate µs | deactivate µs | roundtrip µs | hv part µs | roundtrip / Mercury 200 µs | dormant_ratio | active_ratio | exits/s active |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut md = String::from("| kernel | smp | clock | activate µs | deactivate µs | roundtrip µs | hv part µs | IPI floor µs | roundtrip / floor | roundtrip / Mercury 200 µs | dormant_ratio | active_ratio | exits/s active |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in &rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.3} | {:.3} | {:.0} |",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1}x | {:.3} | {:.3} | {:.0} |",
+            r.kernel,
             r.smp,
             r.clock,
             r.activate_us,
             r.deactivate_us,
             r.roundtrip_us,
             r.roundtrip_hv_us,
+            r.ipi_floor_us,
+            r.floor_ratio,
             r.roundtrip_us / 200.0,
             r.dormant_ratio,
             r.active_ratio,
@@ -248,7 +266,7 @@ pub fn mode_switch(a: &Artifacts, switches: u32) -> Result<Vec<ModeSwitch>> {
         },
         results: &rows,
     };
-    write_report("mode-switch", &report, &md)?;
+    write_report(&format!("mode-switch-{}", a.kernel.id), &report, &md)?;
     Ok(rows)
 }
 
@@ -258,13 +276,17 @@ mod tests {
 
     #[test]
     fn the_switch_figures_come_from_qsctls_json_and_go_out_rounded() {
-        let line = r#"QS-BENCH {"switches":100,"activate_us":812.3,"deactivate_us":640.0,"roundtrip_us":1452.7,"roundtrip_hv_us":33.1}"#;
+        let line = r#"QS-BENCH {"switches":100,"activate_us":812.3,"deactivate_us":640.0,"roundtrip_us":1452.7,"roundtrip_hv_us":33.1,"ipi_floor_us":1300.0}"#;
         let bench: SwitchBench =
             serde_json::from_str(line.split_once("QS-BENCH ").unwrap().1).unwrap();
-        assert_eq!((bench.activate_us, bench.roundtrip_hv_us), (812.3, 33.1));
+        assert_eq!(
+            (bench.activate_us, bench.roundtrip_hv_us, bench.ipi_floor_us),
+            (812.3, 33.1, 1300.0)
+        );
         let row = ModeSwitch {
             smp: 2,
             clock: "wall",
+            floor_ratio: 1.11746,
             dormant_ratio: 1.00049,
             exits_per_s_active: 1234.56,
             ..ModeSwitch::default()
@@ -272,7 +294,8 @@ mod tests {
         let json = serde_json::to_value(&row).unwrap();
         assert_eq!(json["dormant_ratio"], 1.0);
         assert_eq!(json["exits_per_s_active"], 1234.6);
+        assert_eq!(json["floor_ratio"], 1.117);
         assert_eq!(json["clock"], "wall");
-        assert_eq!(json.as_object().unwrap().len(), 10);
+        assert_eq!(json.as_object().unwrap().len(), 13);
     }
 }

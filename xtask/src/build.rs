@@ -49,15 +49,15 @@ pub fn build_all(kernels: &[Kernel]) -> anyhow::Result<Vec<Artifacts>> {
     let mut failed: Vec<String> = Vec::new();
     // Each part replaces its file atomically (tests may be reading it meanwhile); a part that
     // fails loses its file, so that a stale copy does not end up in the initramfs.
-    let mut step = |what: String, out: &Path, result: &dyn Fn() -> anyhow::Result<()>| match result()
-    {
-        Ok(()) => note(format!("built {what}: {}", out.display())),
-        Err(err) => {
-            let _ = std::fs::remove_file(out);
-            eprintln!("xtask: FAILED to build {what}: {err:#}\n");
-            failed.push(what);
-        }
-    };
+    let mut step =
+        |what: String, out: &Path, result: &dyn Fn() -> anyhow::Result<()>| match result() {
+            Ok(()) => note(format!("built {what}: {}", out.display())),
+            Err(err) => {
+                let _ = std::fs::remove_file(out);
+                eprintln!("xtask: FAILED to build {what}: {err:#}\n");
+                failed.push(what);
+            }
+        };
     step("the hv image".into(), &shared.hv_image, &|| {
         build_hv_image(&shared.hv_image)
     });
@@ -72,19 +72,26 @@ pub fn build_all(kernels: &[Kernel]) -> anyhow::Result<Vec<Artifacts>> {
     });
     for artifacts in &all {
         let kernel = &artifacts.kernel;
-        let dir = artifacts.agent.parent().context("the agent's path has no folder")?;
+        let dir = artifacts
+            .agent
+            .parent()
+            .context("the agent's path has no folder")?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        step(format!("the agent module for {}", kernel.id), &artifacts.agent, &|| {
-            let ko = build_module(
-                kernel,
-                &crate::repo_root().join("guest-agent/linux"),
-                &dir.join("module"),
-            )?;
-            let built = ko.iter().find(|p| p.file_name().is_some_and(|n| n == "quicksilver.ko")).with_context(|| {
+        step(
+            format!("the agent module for {}", kernel.id),
+            &artifacts.agent,
+            &|| {
+                let ko = build_module(
+                    kernel,
+                    &crate::repo_root().join("guest-agent/linux"),
+                    &dir.join("module"),
+                )?;
+                let built = ko.iter().find(|p| p.file_name().is_some_and(|n| n == "quicksilver.ko")).with_context(|| {
                 format!("the agent's kbuild made {ko:?} but no quicksilver.ko: its Kbuild needs `obj-m := quicksilver.o`")
             })?;
-            install(built, &artifacts.agent)
-        });
+                install(built, &artifacts.agent)
+            },
+        );
         write_initrd(artifacts)?;
     }
 

@@ -198,7 +198,11 @@ pub fn write_base(inputs: &InitrdInputs, out: &Path) -> anyhow::Result<()> {
             .to_string_lossy();
         // busybox's insmod hands the kernel the bytes as they are: ship them uncompressed.
         let file = file.strip_suffix(".xz").unwrap_or(&file);
-        a.file(&format!("{KVM_MODULES_DIR}/{file}"), 0o644, &read_module(&m.path)?)?;
+        a.file(
+            &format!("{KVM_MODULES_DIR}/{file}"),
+            0o644,
+            &read_module(&m.path)?,
+        )?;
         list.push_str(&format!("/{KVM_MODULES_DIR}/{file}\n"));
     }
     a.file(KVM_MODULES_LIST, 0o644, list.as_bytes())?;

@@ -14,7 +14,7 @@
 //! root/     every package extracted, headers fixed up to build modules in place
 //! ready     written last, holding the ABI: root/ is complete for that ABI
 //! vmlinux-<release>  the kernel's ELF with debug info, for GDB: the only file taken from
-//!           linux-image-<release>-dbg (300 MB to 1 GB, deleted after extraction); renamed
+//!           linux-image-<release>-dbg (deleted after extraction); renamed
 //!           into place when complete, so its presence is its own readiness marker; kept
 //!           outside root/ so that re-extracting the rest does not download it again
 //! vmlinux   a link to vmlinux-<release> (for typing: gdb .cache/kernel/6.12-cloud/vmlinux)
@@ -45,16 +45,13 @@ pub const ABI_ENV: &str = "QS_KERNEL_ABI";
 /// Makes kernel `id` ready in the cache with its debug info, downloading and extracting only
 /// what is missing. Fast (no apt, no network) when a previous run completed.
 pub fn prepare(id: KernelId) -> anyhow::Result<Kernel> {
-    prepare_with(id, &mut Apt::default(), true)
+    prepare_with(id, &mut Apt::default())
 }
 
-/// [`prepare`], sharing `apt`'s state with the rest of setup; `with_symbols` fetches the
-/// `-dbg` vmlinux too.
-pub(crate) fn prepare_with(id: KernelId, apt: &mut Apt, with_symbols: bool) -> anyhow::Result<Kernel> {
+/// [`prepare`], sharing `apt`'s state with the rest of setup.
+pub(crate) fn prepare_with(id: KernelId, apt: &mut Apt) -> anyhow::Result<Kernel> {
     let kernel = prepare_boot(id, apt)?;
-    if with_symbols {
-        ensure_vmlinux(&kernel, apt)?;
-    }
+    ensure_vmlinux(&kernel, apt)?;
     Ok(kernel)
 }
 
@@ -458,7 +455,7 @@ fn fetch_vmlinux(kernel: &Kernel, apt: &mut Apt, dir: &Path) -> anyhow::Result<(
     }
     std::fs::create_dir_all(&scratch)?;
     note(format!(
-        "apt-get download {package} (about 300 MB, once: only its vmlinux is kept)"
+        "apt-get download {package} (300 MB to 1 GB, once: only its vmlinux is kept)"
     ));
     let mut download = Command::new("apt-get");
     download
@@ -570,7 +567,11 @@ mod tests {
             parse_meta_depends(out, "-cloud-amd64").as_deref(),
             Some("6.1.0-56")
         );
-        assert_eq!(parse_meta_depends(out, "-amd64"), None, "not the generic one");
+        assert_eq!(
+            parse_meta_depends(out, "-amd64"),
+            None,
+            "not the generic one"
+        );
         assert_eq!(
             parse_meta_depends("linux-image-cloud-amd64\n", "-cloud-amd64"),
             None

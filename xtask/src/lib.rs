@@ -3,8 +3,8 @@
 //! the `qs-testkit` crate in `tests/harness`, which the integration tests use too.
 //!
 //! - [`mod@setup`]: host packages, the Rust target, the patched QEMU ([`emulator`]), and a
-//!   stock Debian cloud kernel (image, headers, modules) plus busybox, fetched into
-//!   `<repo>/.cache/kernel` and never installed ([`kernel`]).
+//!   stock Debian kernel per supported series and flavour (image, headers, modules) plus
+//!   busybox, fetched into `<repo>/.cache/kernel/<id>` and never installed ([`kernel`]).
 //! - [`mod@build`]: the hv image, the agent module, the guest binaries and the initramfs, all in
 //!   `<repo>/target/qs` ([`Artifacts`]).
 //! - [`demo`]: the demo's link: a random key, the link socket, `qs-bridge` serving gdb.

@@ -62,8 +62,8 @@ enum Cli {
 #[derive(Args, Clone, Copy)]
 struct KernelArg {
     /// The kernel: 6.12 (Debian 13's series, the default) or 6.1 (Debian 12's), optionally with
-    /// a flavour: 6.12-cloud (the default flavour, built for VMs) or 6.12-generic (bare-metal
-    /// servers). Also $QS_KERNEL.
+    /// a flavour: 6.12-generic (the default flavour, what bare-metal servers run) or 6.12-cloud
+    /// (built for VMs, boots faster under emulation). Also $QS_KERNEL.
     #[arg(long = "kernel", value_name = "K", value_parser = parse_kernel)]
     id: Option<KernelId>,
 }

@@ -31,16 +31,16 @@ pub const HV_TARGET: &str = "x86_64-unknown-none";
 /// paths.
 pub fn setup(id: KernelId) -> anyhow::Result<Kernel> {
     let mut apt = host(id)?;
-    crate::kernel::prepare_with(id, &mut apt, true)
+    crate::kernel::prepare_with(id, &mut apt)
 }
 
-/// [`setup`] for `suite` (with its debug info, for the whole suite's gdb tests) and every
-/// other supported kernel (without: the matrix runs on them need none), `suite` first.
+/// [`setup`] for `suite`, the kernel of the whole suite, and every other supported kernel
+/// (the matrix's), `suite` first.
 pub fn setup_all(suite: KernelId) -> anyhow::Result<Vec<Kernel>> {
     let mut apt = host(suite)?;
-    let mut kernels = vec![crate::kernel::prepare_with(suite, &mut apt, true)?];
+    let mut kernels = vec![crate::kernel::prepare_with(suite, &mut apt)?];
     for id in KernelId::ALL.into_iter().filter(|&id| id != suite) {
-        kernels.push(crate::kernel::prepare_with(id, &mut apt, false)?);
+        kernels.push(crate::kernel::prepare_with(id, &mut apt)?);
     }
     Ok(kernels)
 }

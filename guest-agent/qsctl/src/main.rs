@@ -9,7 +9,8 @@
 //! qsctl peek OFFSET               the kernel reads 8 bytes of the hv's memory
 //! qsctl poke OFFSET VALUE         the kernel writes 8 bytes of the hv's memory (active only)
 //! qsctl peek-phys ADDRESS         the kernel reads 8 bytes of device memory or a hole
-//! qsctl bench-switch N            N activate/deactivate round trips; one JSON line of medians
+//! qsctl bench-switch N            N activate/deactivate round trips and N of the IPI floor
+//!                                 (two empty calls on every CPU); one JSON line of medians
 //! ```
 
 mod ioctl;
@@ -416,12 +417,20 @@ fn median(v: &mut [u64]) -> u64 {
 }
 
 /// N round trips; one JSON line with medians (the request-to-all-switched time measured by
-/// the agent, and the hv's own part from its cycle counters, max over CPUs).
+/// the agent, the hv's own part from its cycle counters, max over CPUs, and the platform's
+/// floor: two IPIs to every CPU with nothing to do, measured between the round trips so that
+/// both see the same machine).
 fn cmd_bench_switch(n: &str) -> Result<()> {
     let n = parse_u64(n)? as usize;
     let dev = open()?;
     let (mut act, mut deact, mut hv_act, mut hv_deact) = (vec![], vec![], vec![], vec![]);
+    let mut floor = vec![];
     for _ in 0..n {
+        floor.push(
+            ioctl::ipi_floor(&dev)
+                .context("the IPI floor request failed: is the agent as new as qsctl?")?
+                .elapsed_ns,
+        );
         let a = switch(&dev, true)?;
         let s = read_stats(&dev)?;
         let d = switch(&dev, false)?;
@@ -449,14 +458,15 @@ fn cmd_bench_switch(n: &str) -> Result<()> {
         );
     }
     let ns = |v: &mut Vec<u64>| median(v) as f64 / 1000.0;
-    let (a, d, ha, hd) = (
+    let (a, d, ha, hd, f) = (
         ns(&mut act),
         ns(&mut deact),
         ns(&mut hv_act),
         ns(&mut hv_deact),
+        ns(&mut floor),
     );
     println!(
-        "QS-BENCH {{\"switches\":{n},\"activate_us\":{a:.1},\"deactivate_us\":{d:.1},\"roundtrip_us\":{:.1},\"roundtrip_hv_us\":{:.1}}}",
+        "QS-BENCH {{\"switches\":{n},\"activate_us\":{a:.1},\"deactivate_us\":{d:.1},\"roundtrip_us\":{:.1},\"roundtrip_hv_us\":{:.1},\"ipi_floor_us\":{f:.1}}}",
         a + d,
         ha + hd
     );

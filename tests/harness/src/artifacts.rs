@@ -23,8 +23,8 @@ pub enum Flavour {
     Generic,
 }
 
-/// Which kernel a run boots: a series and a flavour, spelled `6.12`, `6.12-generic`,
-/// `6.1-cloud` (the flavour defaults to cloud).
+/// Which kernel a run boots: a series and a flavour, spelled `6.12`, `6.12-cloud`,
+/// `6.1-generic` (the flavour defaults to generic).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelId {
     pub series: Series,
@@ -36,18 +36,18 @@ pub struct KernelId {
 pub const KERNEL_ENV: &str = "QS_KERNEL";
 
 impl KernelId {
-    /// What the whole suite and the demo boot: Debian 13's 6.12, the series a new user is most
-    /// likely to run (see the README for why cloud).
+    /// What the whole suite and the demo boot: the kernel a new user is most likely to run,
+    /// Debian 13's series in the flavour bare-metal servers run (`linux-image-amd64`).
     pub const DEFAULT: KernelId = KernelId {
         series: Series::V6_12,
-        flavour: Flavour::Cloud,
+        flavour: Flavour::Generic,
     };
     /// Every kernel Quicksilver supports, the default first.
     pub const ALL: [KernelId; 4] = [
         KernelId::DEFAULT,
         KernelId {
             series: Series::V6_12,
-            flavour: Flavour::Generic,
+            flavour: Flavour::Cloud,
         },
         KernelId {
             series: Series::V6_1,
@@ -105,7 +105,10 @@ impl std::str::FromStr for KernelId {
         let bad = || LocateError::UnknownKernel {
             given: s.to_string(),
         };
-        let (series, flavour) = s.trim().split_once('-').unwrap_or((s.trim(), "cloud"));
+        let (series, flavour) = s
+            .trim()
+            .split_once('-')
+            .unwrap_or((s.trim(), KernelId::DEFAULT.flavour_name()));
         let series = match series {
             "6.1" => Series::V6_1,
             "6.12" => Series::V6_12,
@@ -161,7 +164,9 @@ pub struct Kernel {
 
 /// `<repo>/.cache/kernel/<id>`: one folder per supported kernel.
 pub fn kernel_cache_dir(id: KernelId) -> PathBuf {
-    crate::paths::cache_dir().join("kernel").join(id.to_string())
+    crate::paths::cache_dir()
+        .join("kernel")
+        .join(id.to_string())
 }
 
 impl Kernel {
@@ -332,7 +337,11 @@ mod tests {
             Path::new("/c/root/lib/modules/6.1.0-56-cloud-amd64")
         );
         assert_eq!(k.vmlinux, Path::new("/c/vmlinux-6.1.0-56-cloud-amd64"));
-        let g = Kernel::in_cache(Path::new("/c"), "6.12-generic".parse().unwrap(), "6.12.118+deb12");
+        let g = Kernel::in_cache(
+            Path::new("/c"),
+            "6.12-generic".parse().unwrap(),
+            "6.12.118+deb12",
+        );
         assert_eq!(g.release, "6.12.118+deb12-amd64");
     }
 
@@ -342,6 +351,10 @@ mod tests {
             assert_eq!(id.to_string().parse::<KernelId>().unwrap(), id);
         }
         assert_eq!("6.12".parse::<KernelId>().unwrap(), KernelId::DEFAULT);
+        assert_eq!(
+            "6.1".parse::<KernelId>().unwrap().to_string(),
+            "6.1-generic"
+        );
         assert_eq!(
             "6.1-amd64".parse::<KernelId>().unwrap().to_string(),
             "6.1-generic"

@@ -21,7 +21,7 @@
 //! let artifacts = qs_testkit::Artifacts::locate()?;
 //! let out = artifacts.qemu("smoke").smp(2).noload().run_script("uname -r")?;
 //! out.ensure_success()?;
-//! assert!(out.console.contains("cloud-amd64"));
+//! assert!(out.console.contains(&artifacts.kernel.release));
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 

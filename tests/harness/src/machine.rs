@@ -145,6 +145,19 @@ impl Machine {
     /// (key [`GDB_KEY`]), waits until it prints `ready`, and starts `qs-bridge` on the link
     /// (or, with [`qemu_stub`], QEMU's gdbstub); panics with the reason if it cannot.
     pub fn boot(name: &str, smp: u32, script: &str, ready: &str) -> Machine {
+        let artifacts = Artifacts::locate()
+            .unwrap_or_else(|e| panic!("{e}: run `cargo xtask test` (it builds everything first)"));
+        Machine::boot_on(&artifacts, name, smp, script, ready)
+    }
+
+    /// [`Machine::boot`] with the kernel and parts of `artifacts`.
+    pub fn boot_on(
+        artifacts: &Artifacts,
+        name: &str,
+        smp: u32,
+        script: &str,
+        ready: &str,
+    ) -> Machine {
         let mut config = MachineConfig::new(name, smp, &format!("{GDB_PRELUDE}\n{script}"), ready);
         if qemu_stub() {
             config.stub = Stub::Qemu;
@@ -157,9 +170,7 @@ impl Machine {
             "rcupdate.rcu_cpu_stall_timeout=120".into(),
             "watchdog_thresh=60".into(),
         ];
-        let artifacts = Artifacts::locate()
-            .unwrap_or_else(|e| panic!("{e}: run `cargo xtask test` (it builds everything first)"));
-        Machine::start(&artifacts, &config).unwrap_or_else(|e| panic!("{e}"))
+        Machine::start(artifacts, &config).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Boots the guest of `artifacts` as `config` says, waits for its ready marker and starts
