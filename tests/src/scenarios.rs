@@ -2,7 +2,10 @@
 //! the default kernel (`switch.rs`, `refusals.rs`), the matrix (`matrix.rs`) on the others.
 //! Each boots its own guest of the given build and asserts what a user would check.
 
-use crate::{assert_console_has, assert_kernel_clean, assert_success, guest_on, run, Artifacts};
+use crate::{
+    assert_console_has, assert_kernel_clean, assert_success, guest_on, run, Artifacts, RunOutput,
+};
+use qs_testkit::artifacts::Series;
 
 /// Where the initramfs puts the agent.
 pub const KO: &str = "/lib/quicksilver/quicksilver.ko";
@@ -112,9 +115,19 @@ pub fn no_svm(a: &Artifacts, name: &str) {
     assert_kernel_clean(&out);
 }
 
-/// kvm_amd holding a VM owns SVM: activation is refused; once it lets go, the hv activates
-/// and kvm_amd in turn cannot start a VM under it.
+/// KVM owning SVM: activation is refused with the reason; once KVM lets go, the hv activates
+/// and KVM in turn cannot start under it. When KVM owns SVM differs: 6.1's kvm_amd sets
+/// EFER.SVME while a VM exists, 6.12's from the module's load (`kvm.enable_virt_at_load`,
+/// new in 6.10) until its unload.
 pub fn kvm_owns_svm(a: &Artifacts, name: &str) {
+    match a.kernel.id.series {
+        Series::V6_1 => kvm_vm_owns_svm(a, name),
+        Series::V6_12 => kvm_module_owns_svm(a, name),
+    }
+}
+
+/// 6.1: a VM held by kvm_amd owns SVM; after it ends, the hv activates and a VM cannot start.
+fn kvm_vm_owns_svm(a: &Artifacts, name: &str) {
     let script = r#"for m in $(cat /lib/quicksilver/kvm-modules); do insmod $m || echo "INSMOD-FAILED $m"; done
 qs-workload --hold-kvm-vm 600 > /tmp/kvm.log 2>&1 &
 H=$!
@@ -134,18 +147,53 @@ qsctl stats
     let o = out.script_output();
     assert!(!o.contains("INSMOD-FAILED"), "{o}");
     assert!(o.contains("KVM-VM created"), "{o}");
-    assert!(o.contains("activate-with-kvm-rc=1"), "{o}");
-    assert!(
-        o.contains("EFER.SVME is already set: another hypervisor (kvm_amd?) owns SVM"),
-        "{o}"
-    );
-    assert_console_has(&out, "quicksilver: activate refused on CPU");
+    assert_refused_while_kvm_owns_svm(&out);
     assert!(o.contains("activate-after-rc=0"), "{o}");
     // Under the hv, kvm_amd sees EFER.SVME set and refuses by itself.
     assert!(o.contains("KVM-VM refused"), "{o}");
     assert!(o.contains("vm-under-hv-rc=1"), "{o}");
     assert!(o.contains("still-active-rc=0"), "{o}");
     assert_kernel_clean(&out);
+}
+
+/// 6.12: kvm_amd loaded owns SVM (a VM runs natively meanwhile); after its unload the hv
+/// activates, and kvm_amd cannot load under it.
+fn kvm_module_owns_svm(a: &Artifacts, name: &str) {
+    let script = r#"for m in $(cat /lib/quicksilver/kvm-modules); do insmod $m || echo "INSMOD-FAILED $m"; done
+qsctl probe
+qsctl activate; echo "activate-with-kvm-rc=$?"
+qs-workload --hold-kvm-vm 1; echo "vm-native-rc=$?"
+rmmod kvm_amd; echo "rmmod-rc=$?"
+qsctl activate; echo "activate-after-rc=$?"
+insmod $(tail -1 /lib/quicksilver/kvm-modules); echo "kvm-under-hv-rc=$?"
+qsctl probe --expect active; echo "still-active-rc=$?"
+qsctl deactivate
+qsctl stats
+"#;
+    let out = run(guest_on(a, name, 2), script);
+    assert_success(&out);
+    let o = out.script_output();
+    assert!(!o.contains("INSMOD-FAILED"), "{o}");
+    assert_refused_while_kvm_owns_svm(&out);
+    assert!(o.contains("KVM-VM created"), "{o}");
+    assert!(o.contains("vm-native-rc=0"), "{o}");
+    assert!(o.contains("rmmod-rc=0"), "{o}");
+    assert!(o.contains("activate-after-rc=0"), "{o}");
+    // Under the hv, kvm_amd sees EFER.SVME set and refuses to load by itself.
+    assert!(o.contains("kvm: enabling virtualization on CPU"), "{o}");
+    assert!(!o.contains("kvm-under-hv-rc=0"), "{o}");
+    assert!(o.contains("still-active-rc=0"), "{o}");
+    assert_kernel_clean(&out);
+}
+
+fn assert_refused_while_kvm_owns_svm(out: &RunOutput) {
+    let o = out.script_output();
+    assert!(o.contains("activate-with-kvm-rc=1"), "{o}");
+    assert!(
+        o.contains("EFER.SVME is already set: another hypervisor (kvm_amd?) owns SVM"),
+        "{o}"
+    );
+    assert_console_has(out, "quicksilver: activate refused on CPU");
 }
 
 /// The agent built for another kernel (`foreign`, a `.ko`) is refused by this one with its
@@ -167,12 +215,18 @@ qsctl status
     assert_success(&out);
     assert_console_has(&out, "REFUSED-foreign");
     assert_console_has(&out, "status-rc=1");
-    // The kernel's module loader names the mismatch: the symbol versions (modversions) or
-    // the version magic.
+    // The kernel's module loader names the mismatch before any of the agent runs: 6.12 by
+    // the size of `struct module`, 6.1 by the symbol versions (modversions) or the version
+    // magic.
     let o = out.script_output();
     assert!(
-        o.contains("quicksilver: disagrees about version of symbol")
-            || o.contains("quicksilver: version magic"),
+        [
+            "quicksilver: .gnu.linkonce.this_module section size must match",
+            "quicksilver: disagrees about version of symbol",
+            "quicksilver: version magic",
+        ]
+        .iter()
+        .any(|line| o.contains(line)),
         "{name}: no line from the kernel about the wrong build:\n{o}"
     );
     assert_console_has(&out, "LOADED-own");
