@@ -11,6 +11,7 @@
 //! - [`bench`], [`bench_gdb`]: the benchmarks.
 
 pub mod abi_header;
+pub mod agent_source;
 pub mod bench;
 pub mod bench_freeze;
 pub mod bench_gdb;
