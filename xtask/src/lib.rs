@@ -9,6 +9,8 @@
 //!   `<repo>/target/qs` ([`Artifacts`]).
 //! - [`demo`]: the demo's link: a random key, the link socket, `qs-bridge` serving gdb.
 //! - [`bench`], [`bench_gdb`]: the benchmarks.
+//! - [`mod@package`]: the Debian packages (the agent's for DKMS, and qs-bridge's); what they
+//!   read from the agent's C source is in [`agent_source`].
 
 pub mod abi_header;
 pub mod agent_source;
@@ -25,6 +27,7 @@ pub mod image;
 pub mod initrd;
 pub mod kernel;
 pub mod lint;
+pub mod package;
 pub mod setup;
 
 pub use build::build;

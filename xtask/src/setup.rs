@@ -10,7 +10,8 @@ use crate::note;
 use crate::Kernel;
 
 /// Debian packages the build and the tests run: QEMU for the guest, a C toolchain and the
-/// libraries of kbuild's prebuilt `modpost`/`objtool` for the agent module.
+/// libraries of kbuild's prebuilt `modpost`/`objtool` for the agent module, and DKMS (with
+/// kmod's `modinfo`), which the package's tests build the agent with as an installation would.
 pub const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "gcc",
@@ -18,6 +19,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "libelf1",
     "libssl3",
     "zlib1g",
+    "dkms",
 ];
 
 /// The Rust target the hv image is built for.
