@@ -58,9 +58,11 @@
 #include <asm/processor.h>
 #include "qs_abi.h"
 
-static char *image = "/lib/quicksilver/hv.img";
+/* Where the quicksilver package installs it (under /usr, not the /lib alias: Debian 12 and 13
+ * merged /lib into /usr/lib, and packages ship in /usr). */
+static char *image = "/usr/lib/quicksilver/hv.img";
 module_param(image, charp, 0444);
-MODULE_PARM_DESC(image, "path of the hv image (default /lib/quicksilver/hv.img)");
+MODULE_PARM_DESC(image, "path of the hv image (default /usr/lib/quicksilver/hv.img, where the quicksilver package installs it)");
 
 static unsigned int link_port;
 module_param(link_port, uint, 0444);

@@ -296,8 +296,9 @@ pub fn build_bridge(out: &Path) -> anyhow::Result<()> {
     install(&crate::target_dir().join("debug/qs-bridge"), out)
 }
 
-/// The initramfs has no C library: a binary with an ELF interpreter would not start.
-fn ensure_static(path: &Path) -> anyhow::Result<()> {
+/// Fails if `path` has an ELF interpreter: the initramfs has no C library, and a packaged
+/// binary depends on none.
+pub fn ensure_static(path: &Path) -> anyhow::Result<()> {
     let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let header = object::elf::FileHeader64::<object::LittleEndian>::parse(&*data)
         .map_err(anyhow::Error::msg)

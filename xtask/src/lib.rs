@@ -9,8 +9,11 @@
 //!   `<repo>/target/qs` ([`Artifacts`]).
 //! - [`demo`]: the demo's link: a random key, the link socket, `qs-bridge` serving gdb.
 //! - [`bench`], [`bench_gdb`]: the benchmarks.
+//! - [`mod@package`]: the Debian packages (the agent's for DKMS, and qs-bridge's); what they
+//!   read from the agent's C source is in [`agent_source`].
 
 pub mod abi_header;
+pub mod agent_source;
 pub mod bench;
 pub mod bench_freeze;
 pub mod bench_gdb;
@@ -24,6 +27,7 @@ pub mod image;
 pub mod initrd;
 pub mod kernel;
 pub mod lint;
+pub mod package;
 pub mod setup;
 
 pub use build::{build, build_all};

@@ -20,6 +20,9 @@ enum Cli {
     Setup(KernelArg),
     /// Build the hv image, the agent module, the guest tools and the initramfs into target/qs.
     Build(KernelArg),
+    /// Build the Debian packages into target/qs/package: quicksilver (the agent's source for
+    /// DKMS, the hv image, qsctl) for the machine to debug, qs-bridge for the operator's.
+    Package,
     /// Boot the test guest under QEMU: an interactive shell on this terminal, or a script;
     /// qs-bridge serves gdb for its kernel on 127.0.0.1:1234.
     Demo(DemoArgs),
@@ -139,6 +142,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cli::Build(kernel) => {
             let kernel = xtask::setup(kernel.resolve()?)?;
             xtask::build(&kernel)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cli::Package => {
+            // No kernel needed: DKMS builds the agent on the machine that installs it.
+            xtask::setup::ensure_rust_target(xtask::setup::HV_TARGET)?;
+            let out = xtask::package::out_dir();
+            let debs = xtask::package::package(&out)?;
+            for (deb, goes) in [
+                (&debs.agent, "the machine to debug"),
+                (&debs.bridge, "the operator's machine"),
+            ] {
+                let size = std::fs::metadata(deb).map(|m| m.len()).unwrap_or(0);
+                println!(
+                    "{} ({} KiB): for {goes}",
+                    deb.display(),
+                    size.div_ceil(1024)
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cli::AbiHeader { check: true } => {

@@ -10,9 +10,10 @@ use crate::note;
 use crate::{Kernel, KernelId};
 
 /// Debian packages the build and the tests run: QEMU for the guest, a C toolchain and the
-/// libraries of kbuild's prebuilt `modpost`/`objtool` for the agent module, and `pahole`
-/// (dwarves), with which 6.12's kbuild gives the module its BTF, and xz, which unpacks 6.12's
-/// compressed modules for the initramfs.
+/// libraries of kbuild's prebuilt `modpost`/`objtool` for the agent module, `pahole`
+/// (dwarves), with which 6.12's kbuild gives the module its BTF, xz, which unpacks 6.12's
+/// compressed modules for the initramfs, and DKMS (with kmod's `modinfo`), which the package's
+/// tests build the agent with as an installation would.
 pub const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "gcc",
@@ -22,6 +23,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "zlib1g",
     "dwarves",
     "xz-utils",
+    "dkms",
 ];
 
 /// The Rust target the hv image is built for.

@@ -1,0 +1,114 @@
+//! DKMS builds the agent from what the package installs, as `dkms install` does on a Debian
+//! machine, for a kernel's headers (`cargo xtask setup` first: the cached kernel's), and the
+//! module it makes explains every parameter (`modinfo`). DKMS works in a scratch tree
+//! (`--dkmstree`, `--sourcetree`, `--kernelsourcedir`), so /var/lib/dkms and /usr/src are not
+//! touched and no root-owned state is needed.
+
+mod deb;
+
+use std::time::Instant;
+
+use deb::{build_packages, output, sbin, Deb, Scratch};
+use xtask::agent_source::{agent_c_source, module_params};
+use xtask::package::version;
+use xtask::Kernel;
+
+/// Builds the packaged agent with DKMS for `kernel` (its `headers_dir` and `release`; nothing
+/// else of the kernel cache is used) and checks the module.
+fn dkms_builds_the_packaged_agent_for(kernel: &Kernel) {
+    let scratch = Scratch::new(&format!("package-dkms-{}", kernel.release));
+    let debs = build_packages(&scratch);
+    let root = scratch.path("root");
+    Deb(&debs.agent).extract(&root);
+    let v = version();
+    let system_tree_had_it = std::path::Path::new("/var/lib/dkms/quicksilver").exists();
+
+    let dkms = |action: &str, extra: &[&str]| {
+        let mut cmd = sbin("dkms");
+        cmd.arg(action)
+            .args(["-m", "quicksilver", "-v", &v])
+            .args(extra)
+            .arg("--dkmstree")
+            .arg(scratch.path("dkms"))
+            .arg("--sourcetree")
+            .arg(root.join("usr/src"))
+            // dkms signs the module when it finds the kernel's sign-file, with a key it makes
+            // in /var/lib/dkms unless told otherwise: keep that in the scratch tree too.
+            // (dkms takes these from the environment as well as from framework.conf.)
+            .env("mok_signing_key", scratch.path("mok.key"))
+            .env("mok_certificate", scratch.path("mok.pub"));
+        output(&mut cmd)
+    };
+    std::fs::create_dir_all(scratch.path("dkms")).unwrap();
+    dkms("add", &[]);
+    let started = Instant::now();
+    let headers = kernel.headers_dir.to_str().unwrap();
+    let said = dkms(
+        "build",
+        &["-k", &kernel.release, "--kernelsourcedir", headers],
+    );
+    eprintln!(
+        "dkms build for {} took {:.1} s",
+        kernel.release,
+        started.elapsed().as_secs_f64()
+    );
+    let status = dkms("status", &[]);
+    assert!(
+        status.contains(&format!(
+            "quicksilver/{v}, {}, x86_64: built",
+            kernel.release
+        )),
+        "{status}\n{said}"
+    );
+
+    // Where DKMS keeps what it built; compressed if the kernel compresses its modules.
+    let built = scratch
+        .path("dkms/quicksilver")
+        .join(&v)
+        .join(&kernel.release)
+        .join("x86_64/module");
+    let ko = std::fs::read_dir(&built)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{said}", built.display()))
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("quicksilver.ko")
+        })
+        .unwrap_or_else(|| panic!("no quicksilver.ko in {}\n{said}", built.display()));
+
+    let vermagic = output(sbin("modinfo").args(["-F", "vermagic"]).arg(&ko));
+    assert!(
+        vermagic.starts_with(&format!("{} ", kernel.release)),
+        "{vermagic}"
+    );
+    // `modinfo` shows each parameter as `parm: NAME:DESCRIPTION (TYPE)`.
+    let info = output(sbin("modinfo").arg(&ko));
+    let source = std::fs::read_to_string(agent_c_source()).unwrap();
+    let params = module_params(&source);
+    assert!(params.len() >= 5, "{params:?}");
+    for param in &params {
+        let description = param.description.as_deref().unwrap_or("");
+        assert!(
+            info.lines()
+                .any(|l| l.strip_prefix("parm:").is_some_and(|rest| rest
+                    .trim_start()
+                    .starts_with(&format!("{}:{description} (", param.name)))),
+            "modinfo does not explain {}:\n{info}",
+            param.name
+        );
+    }
+    if !system_tree_had_it {
+        assert!(
+            !std::path::Path::new("/var/lib/dkms/quicksilver").exists(),
+            "the test touched the system's DKMS tree"
+        );
+    }
+}
+
+#[test]
+fn dkms_builds_the_packaged_agent_for_the_test_kernel() {
+    let kernel = Kernel::locate().unwrap_or_else(|e| panic!("{e}"));
+    dkms_builds_the_packaged_agent_for(&kernel);
+}
