@@ -1,23 +1,26 @@
 //! DKMS builds the agent from what the package installs, as `dkms install` does on a Debian
-//! machine, for a kernel's headers (`cargo xtask setup` first: the cached kernel's), and the
-//! module it makes explains every parameter (`modinfo`). DKMS works in a scratch tree
-//! (`--dkmstree`, `--sourcetree`, `--kernelsourcedir`), so /var/lib/dkms and /usr/src are not
-//! touched and no root-owned state is needed.
+//! machine, for the headers of every supported kernel (`cargo xtask test` fetches them), and
+//! the module it makes explains every parameter (`modinfo`); then the DKMS-built module, with
+//! the package's hv image and qsctl, loads in a guest of the default kernel and activates.
+//! DKMS works in a scratch tree (`--dkmstree`, `--sourcetree`, `--kernelsourcedir`), so
+//! /var/lib/dkms and /usr/src are not touched and no root-owned state is needed.
 
 mod deb;
 
-use std::time::Instant;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use deb::{build_packages, output, sbin, Deb, Scratch};
 use xtask::agent_source::{agent_c_source, module_params};
 use xtask::package::version;
-use xtask::Kernel;
+use xtask::{Artifacts, Kernel, KernelId};
 
 /// Builds the packaged agent with DKMS for `kernel` (its `headers_dir` and `release`; nothing
-/// else of the kernel cache is used) and checks the module.
-fn dkms_builds_the_packaged_agent_for(kernel: &Kernel) {
-    let scratch = Scratch::new(&format!("package-dkms-{}", kernel.release));
-    let debs = build_packages(&scratch);
+/// else of the kernel cache is used) and checks the module; returns the module DKMS built
+/// (compressed if the kernel compresses its modules), inside `scratch/dkms`, and where the
+/// package was extracted (`scratch/root`).
+fn dkms_builds_the_packaged_agent_for(kernel: &Kernel, scratch: &Scratch) -> (PathBuf, PathBuf) {
+    let debs = build_packages(scratch);
     let root = scratch.path("root");
     Deb(&debs.agent).extract(&root);
     let v = version();
@@ -105,10 +108,59 @@ fn dkms_builds_the_packaged_agent_for(kernel: &Kernel) {
             "the test touched the system's DKMS tree"
         );
     }
+    (ko, root)
 }
 
 #[test]
-fn dkms_builds_the_packaged_agent_for_the_test_kernel() {
-    let kernel = Kernel::locate().unwrap_or_else(|e| panic!("{e}"));
-    dkms_builds_the_packaged_agent_for(&kernel);
+fn dkms_builds_the_packaged_agent_for_every_supported_kernel() {
+    for id in KernelId::ALL {
+        let kernel = Kernel::locate_id(id).unwrap_or_else(|e| panic!("{e}"));
+        let scratch = Scratch::new(&format!("package-dkms-{id}"));
+        dkms_builds_the_packaged_agent_for(&kernel, &scratch);
+    }
+}
+
+/// As installed: the agent DKMS built, the hv image where the package puts it (the agent's
+/// default `image=`, so none is given) and the package's `qsctl`.
+#[test]
+fn the_dkms_built_agent_loads_the_packaged_hv_and_activates() {
+    let a = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
+    let scratch = Scratch::new("package-dkms-boot");
+    let (ko, root) = dkms_builds_the_packaged_agent_for(&a.kernel, &scratch);
+    let ko = xtask::initrd::read_module(&ko).unwrap_or_else(|e| panic!("{e:#}"));
+    let read = |rel: &str| {
+        std::fs::read(root.join(rel)).unwrap_or_else(|e| panic!("{rel} in the package: {e}"))
+    };
+    let script = r#"set -e
+insmod /lib/modules/dkms/quicksilver.ko
+/usr/sbin/qsctl status
+/usr/sbin/qsctl activate
+/usr/sbin/qsctl probe --expect active
+/usr/sbin/qsctl deactivate
+/usr/sbin/qsctl probe --expect native
+dmesg | grep quicksilver
+"#;
+    let out = a
+        .qemu("package-dkms-boot")
+        .smp(2)
+        .noload()
+        .timeout(Duration::from_secs(600))
+        .file("/lib/modules/dkms/quicksilver.ko", 0o644, ko)
+        .file(
+            "/usr/lib/quicksilver/hv.img",
+            0o644,
+            read("usr/lib/quicksilver/hv.img"),
+        )
+        .file("/usr/sbin/qsctl", 0o755, read("usr/sbin/qsctl"))
+        .run_script(script)
+        .unwrap_or_else(|e| panic!("{e}"));
+    out.ensure_success().unwrap_or_else(|e| panic!("{e}"));
+    let o = out.script_output();
+    assert!(o.contains("state: dormant"), "{o}");
+    assert!(o.contains("active on 2 CPUs"), "{o}");
+    assert!(o.contains("native on 2 CPUs"), "{o}");
+    assert!(
+        o.contains("quicksilver: hv ") && o.contains(" loaded: "),
+        "the agent's load line:\n{o}"
+    );
 }
