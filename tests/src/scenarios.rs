@@ -142,18 +142,11 @@ qsctl probe --expect active; echo "still-active-rc=$?"
 qsctl deactivate
 qsctl stats
 "#;
-    let out = run(guest_on(a, name, 2), script);
-    assert_success(&out);
-    let o = out.script_output();
-    assert!(!o.contains("INSMOD-FAILED"), "{o}");
-    assert!(o.contains("KVM-VM created"), "{o}");
-    assert_refused_while_kvm_owns_svm(&out);
-    assert!(o.contains("activate-after-rc=0"), "{o}");
-    // Under the hv, kvm_amd sees EFER.SVME set and refuses by itself.
-    assert!(o.contains("KVM-VM refused"), "{o}");
-    assert!(o.contains("vm-under-hv-rc=1"), "{o}");
-    assert!(o.contains("still-active-rc=0"), "{o}");
-    assert_kernel_clean(&out);
+    // Under the hv, kvm_amd sees EFER.SVME set and refuses a VM by itself.
+    assert_kvm_story(
+        &run(guest_on(a, name, 2), script),
+        &["KVM-VM refused", "vm-under-hv-rc=1"],
+    );
 }
 
 /// 6.12: kvm_amd loaded owns SVM (a VM runs natively meanwhile); after its unload the hv
@@ -170,30 +163,40 @@ qsctl probe --expect active; echo "still-active-rc=$?"
 qsctl deactivate
 qsctl stats
 "#;
-    let out = run(guest_on(a, name, 2), script);
-    assert_success(&out);
-    let o = out.script_output();
-    assert!(!o.contains("INSMOD-FAILED"), "{o}");
-    assert_refused_while_kvm_owns_svm(&out);
-    assert!(o.contains("KVM-VM created"), "{o}");
-    assert!(o.contains("vm-native-rc=0"), "{o}");
-    assert!(o.contains("rmmod-rc=0"), "{o}");
-    assert!(o.contains("activate-after-rc=0"), "{o}");
     // Under the hv, kvm_amd sees EFER.SVME set and refuses to load by itself.
-    assert!(o.contains("kvm: enabling virtualization on CPU"), "{o}");
+    let out = run(guest_on(a, name, 2), script);
+    assert_kvm_story(
+        &out,
+        &[
+            "vm-native-rc=0",
+            "rmmod-rc=0",
+            "kvm: enabling virtualization on CPU",
+        ],
+    );
+    let o = out.script_output();
     assert!(!o.contains("kvm-under-hv-rc=0"), "{o}");
-    assert!(o.contains("still-active-rc=0"), "{o}");
-    assert_kernel_clean(&out);
 }
 
-fn assert_refused_while_kvm_owns_svm(out: &RunOutput) {
+/// What both stories show: the KVM modules loaded and ran a VM, activation was refused with
+/// the reason while KVM owned SVM and succeeded once it let go, the hv stayed active when KVM
+/// tried again (with `also` on the console), and the kernel is clean.
+fn assert_kvm_story(out: &RunOutput, also: &[&str]) {
+    assert_success(out);
     let o = out.script_output();
+    assert!(!o.contains("INSMOD-FAILED"), "{o}");
+    assert!(o.contains("KVM-VM created"), "{o}");
     assert!(o.contains("activate-with-kvm-rc=1"), "{o}");
     assert!(
         o.contains("EFER.SVME is already set: another hypervisor (kvm_amd?) owns SVM"),
         "{o}"
     );
     assert_console_has(out, "quicksilver: activate refused on CPU");
+    assert!(o.contains("activate-after-rc=0"), "{o}");
+    for needle in also {
+        assert!(o.contains(needle), "{needle:?} missing:\n{o}");
+    }
+    assert!(o.contains("still-active-rc=0"), "{o}");
+    assert_kernel_clean(out);
 }
 
 /// The agent built for another kernel (`foreign`, a `.ko`) is refused by this one with its

@@ -96,8 +96,12 @@ fn a_freeze_on_one_cpu_leads_alone() {
 /// kernel's clock (with the kernel's figure it held 7 ms, and the NMI timeout was 29 ms).
 #[test]
 fn a_kernel_that_miscalibrated_its_tsc_still_gets_freezes_as_long_as_asked() {
+    // tsc=unstable keeps the kernel's clock off the TSC, as its watchdog would: 6.12 clocks
+    // by the 70x-fast TSC long enough to see an RCU stall at boot (118 s of kernel time after
+    // 3.6 s) before its watchdog turns to the HPET. tsc_khz stays the wrong 37 MHz.
     let machine = guest("freeze-tsc", 2)
         .cmdline("tsc_early_khz=37000")
+        .cmdline("tsc=unstable")
         .timeout(Duration::from_secs(240));
     let script = r#"qsctl activate
 a=$(cut -d' ' -f1 /proc/uptime)

@@ -218,12 +218,17 @@ pub fn write_report(name: &str, report: &impl Serialize, md: &str) -> Result<()>
     Ok(())
 }
 
-/// Every configuration; writes the JSON and the Markdown table.
-pub fn mode_switch(a: &Artifacts, switches: u32) -> Result<Vec<ModeSwitch>> {
+/// Every configuration, or with `smps` given those CPU counts on the wall clock; writes the
+/// JSON and the Markdown table.
+pub fn mode_switch(a: &Artifacts, switches: u32, smps: &[u32]) -> Result<Vec<ModeSwitch>> {
     let mut rows = Vec::new();
     // QEMU 7.2 with -icount does not bring up secondary CPUs of this kernel (it stops at
     // "x86: Booting SMP configuration"), so the instruction-count clock is measured on 1 CPU.
-    let configs = [(1, false), (2, false), (4, false), (1, true)];
+    let configs: Vec<(u32, bool)> = if smps.is_empty() {
+        vec![(1, false), (2, false), (4, false), (1, true)]
+    } else {
+        smps.iter().map(|&n| (n, false)).collect()
+    };
     {
         for (smp, icount) in configs {
             eprintln!(

@@ -207,9 +207,20 @@ fn bench(args: &[String]) -> anyhow::Result<ExitCode> {
         .unwrap_or(100);
     match args.first().map(String::as_str) {
         Some("mode-switch") => {
+            // `--smp N` (repeatable) measures those CPU counts on the wall clock only.
+            let mut smps = Vec::new();
+            let mut words = args[1..].iter();
+            while let Some(word) = words.next() {
+                match (word.as_str(), words.next().map(|n| n.parse::<u32>())) {
+                    ("--smp", Some(Ok(n))) if n > 0 => smps.push(n),
+                    _ => anyhow::bail!(
+                        "cargo xtask bench mode-switch takes --kernel K and --smp N (repeatable), not {word:?}"
+                    ),
+                }
+            }
             let kernel = xtask::setup(id)?;
             let artifacts = xtask::build(&kernel)?;
-            xtask::bench::mode_switch(&artifacts, switches)?;
+            xtask::bench::mode_switch(&artifacts, switches, &smps)?;
             Ok(ExitCode::SUCCESS)
         }
         Some("gdb") => {

@@ -153,9 +153,10 @@ pub fn assemble(binaries: &Binaries, out: &Path) -> anyhow::Result<Packages> {
         package: AGENT_PACKAGE,
         version: &version,
         section: "kernel",
-        // DKMS brings the compiler and make; the headers are the running kernel's, which
+        // DKMS brings the compiler and make; 6.12's kbuild runs pahole (dwarves) to give the
+        // module its BTF and fails without it. The headers are the running kernel's, which
         // apt cannot name in advance: these are the usual ones (generic, cloud).
-        depends: Some("dkms"),
+        depends: Some("dkms, dwarves"),
         recommends: Some("linux-headers-amd64 | linux-headers-cloud-amd64"),
         suggests: Some(BRIDGE_PACKAGE),
         description: "dormant hypervisor for the running kernel: agent, hv image, qsctl\n \

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use xtask::build::build_module;
 use xtask::initrd::modinfo;
-use xtask::Kernel;
+use xtask::{Kernel, KernelId};
 
 /// A fresh folder holding a module's sources, removed on drop.
 struct ModuleSource(PathBuf);
@@ -70,4 +70,32 @@ fn a_compile_error_shows_the_compiler_output() {
         "{text}"
     );
     assert!(text.contains("make -C"), "{text}");
+}
+
+/// The agent, built from scratch for each supported kernel, draws no warning from the
+/// compiler, modpost, objtool (which checks IBT's ENDBR64s and the return thunks) or BTF.
+#[test]
+fn the_agent_builds_without_a_warning_for_every_supported_kernel() {
+    let agent = xtask::repo_root().join("guest-agent/linux");
+    for id in KernelId::ALL {
+        let kernel = Kernel::locate_id(id).unwrap_or_else(|e| panic!("{e}"));
+        let work = std::env::temp_dir().join(format!("qs-agent-{id}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        let kos = build_module(&kernel, &agent, &work).unwrap_or_else(|e| panic!("{id}: {e:#}"));
+        assert!(
+            kos.iter().any(|k| k.ends_with("quicksilver.ko")),
+            "{id}: {kos:?}"
+        );
+        let log = std::fs::read_to_string(work.join("build.log")).unwrap();
+        let complaints: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                let l = l.to_lowercase();
+                l.contains("warning") || l.contains("objtool") || l.contains("error")
+            })
+            .collect();
+        assert!(complaints.is_empty(), "{id}: {complaints:#?}\n{log}");
+        assert!(log.contains("LD [M]"), "{id}: the log is kbuild's:\n{log}");
+        let _ = std::fs::remove_dir_all(&work);
+    }
 }

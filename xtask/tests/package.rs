@@ -39,7 +39,7 @@ fn the_agent_package_carries_qsctl_the_image_where_the_agent_looks_and_the_sourc
     assert_eq!(deb.field("Version"), version);
     assert_eq!(deb.field("Version"), env!("CARGO_PKG_VERSION"));
     assert_eq!(deb.field("Architecture"), "amd64");
-    assert_eq!(deb.field("Depends"), "dkms");
+    assert_eq!(deb.field("Depends"), "dkms, dwarves");
 
     // Exactly these files, with these modes; root owns everything whoever built it.
     let image = image_default(&agent_c()).expect("quicksilver.c has an image= default");
