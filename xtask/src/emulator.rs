@@ -20,10 +20,10 @@ use std::process::Command;
 
 use anyhow::{bail, Context as _};
 
+use crate::apt::Apt;
 use crate::cmd::{
     ensure_symlink, ninja_progress, remove_if_exists, run_captured, run_with_progress, stdout_of,
 };
-use crate::setup::Apt;
 use crate::{note, repo_root};
 use qs_testkit::paths::{patched_qemu, qemu_dir, SYSTEM_QEMU};
 /// Our fix, applied to Debian's source.

@@ -3,9 +3,10 @@
 
 use std::process::Command;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 
-use crate::cmd::{run_captured, run_inherit, stdout_of};
+use crate::apt::Apt;
+use crate::cmd::{run_inherit, stdout_of};
 use crate::note;
 use crate::{Kernel, KernelId};
 
@@ -62,18 +63,6 @@ fn host(id: KernelId) -> anyhow::Result<Apt> {
     Ok(apt)
 }
 
-/// Whether dpkg reports `package` as installed (not merely known, or removed with its
-/// configuration left behind).
-pub fn dpkg_installed(package: &str) -> bool {
-    let Ok(output) = Command::new("dpkg").args(["-s", package]).output() else {
-        return false;
-    };
-    output.status.success()
-        && String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .any(|l| l.starts_with("Status:") && l.ends_with("install ok installed"))
-}
-
 /// Adds a rustup target unless it is already installed.
 pub fn ensure_rust_target(target: &str) -> anyhow::Result<()> {
     let installed = stdout_of(Command::new("rustup").args(["target", "list", "--installed"]))
@@ -84,70 +73,4 @@ pub fn ensure_rust_target(target: &str) -> anyhow::Result<()> {
     }
     note(format!("rustup target add {target}"));
     run_inherit(Command::new("rustup").args(["target", "add", target]))
-}
-
-/// apt, updating the package lists at most once per run and only when needed.
-#[derive(Debug, Default)]
-pub(crate) struct Apt {
-    updated: bool,
-}
-
-impl Apt {
-    /// Runs `apt-get update` unless this run already did; returns whether it ran now.
-    pub(crate) fn update_once(&mut self) -> anyhow::Result<bool> {
-        if self.updated {
-            return Ok(false);
-        }
-        self.update()?;
-        Ok(true)
-    }
-
-    /// Runs `apt-get update` (again, after the sources changed).
-    pub(crate) fn update(&mut self) -> anyhow::Result<()> {
-        note("apt-get update");
-        run_captured(Command::new("apt-get").arg("update"))
-            .context("apt-get update failed: check the network and /etc/apt/sources.list")?;
-        self.updated = true;
-        Ok(())
-    }
-
-    /// Installs those of `packages` that dpkg does not have; returns whether any were missing.
-    pub(crate) fn install_missing(&mut self, packages: &[&str]) -> anyhow::Result<bool> {
-        let missing: Vec<&str> = packages
-            .iter()
-            .copied()
-            .filter(|p| !dpkg_installed(p))
-            .collect();
-        if missing.is_empty() {
-            return Ok(false);
-        }
-        self.install(&missing)?;
-        Ok(true)
-    }
-
-    /// Installs `packages` non-interactively (after one `apt-get update`).
-    pub(crate) fn install(&mut self, packages: &[&str]) -> anyhow::Result<()> {
-        if !is_root() {
-            bail!(
-                "missing packages {}: run `sudo apt-get install {}` or run setup as root",
-                packages.join(" "),
-                packages.join(" ")
-            );
-        }
-        self.update_once()?;
-        note(format!("apt-get install {}", packages.join(" ")));
-        run_inherit(
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(packages)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-        .with_context(|| format!("installing {} failed", packages.join(" ")))
-    }
-}
-
-/// Whether this process runs as root: `/proc/self` belongs to the effective user.
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
