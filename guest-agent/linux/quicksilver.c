@@ -478,6 +478,7 @@ out_file:
 #define QS_UART_LCR 3
 #define QS_UART_MCR 4
 #define QS_UART_LSR 5
+#define QS_UART_SCR 7
 
 static u8 *qs_link_buf;			/* kmalloc'd: the hv reads it by physical address */
 static bool qs_link_up;
@@ -677,6 +678,21 @@ out:
 	return err;
 }
 
+/* A 16550's scratch register keeps what is written to it; where no UART decodes the port,
+ * reads float (0xff). Two patterns, and the register put back as it was. */
+static bool qs_uart_present(void)
+{
+	u8 saved = inb(link_port + QS_UART_SCR);
+	bool present;
+
+	outb(0x5a, link_port + QS_UART_SCR);
+	present = inb(link_port + QS_UART_SCR) == 0x5a;
+	outb(0xa5, link_port + QS_UART_SCR);
+	present = present && inb(link_port + QS_UART_SCR) == 0xa5;
+	outb(saved, link_port + QS_UART_SCR);
+	return present;
+}
+
 static int qs_link_start(void)
 {
 	size_t klen;
@@ -685,14 +701,23 @@ static int qs_link_start(void)
 
 	if (!link_port)
 		return 0;
+	/* The serial driver holds the ports it found a UART at: take it from it, then claim the
+	 * region (a region claimed must be released on every way out: its name lives in this
+	 * module, and /proc/ioports would read it after the unload). */
 	if (!request_region(link_port, 8, "quicksilver-link")) {
 		qs_take_port_from_8250();
+		if (!request_region(link_port, 8, "quicksilver-link")) {
+			qs_give_port_back();
+			pr_err("refusing to load: the link port %#x is owned by another driver: give another link_port\n",
+			       link_port);
+			return -EBUSY;
+		}
 	}
-	if (!request_region(link_port, 8, "quicksilver-link")) {
-		qs_give_port_back();
-		pr_err("refusing to load: the link port %#x is owned by another driver: give another link_port\n",
+	if (!qs_uart_present()) {
+		pr_err("refusing to load: no 16550 UART answers at the link port %#x: give link_port= the port the link is wired to (/proc/ioports lists the serial ports), or none for no link\n",
 		       link_port);
-		return -EBUSY;
+		err = -ENODEV;
+		goto out_region;
 	}
 	qs_link_buf = kzalloc(256, GFP_KERNEL);
 	if (!qs_link_buf) {

@@ -154,3 +154,37 @@ qsctl deactivate
     );
     assert_kernel_clean(&out);
 }
+
+#[test]
+fn a_link_port_without_a_uart_is_refused_and_leaves_nothing_behind() {
+    // No second serial port in this guest: nothing answers at 0x2f8. The refusal must release
+    // the I/O region it claimed (its name lives in the module: /proc/ioports read it after
+    // the unload and oopsed), so a second try says the same and the agent still loads.
+    let script = format!(
+        r#"insmod {KO} image=/lib/quicksilver/hv.img link_port=0x2f8; echo "first-rc=$?"
+cat /proc/ioports > /dev/null; echo "ioports-rc=$?"
+insmod {KO} image=/lib/quicksilver/hv.img link_port=0x2f8; echo "second-rc=$?"
+insmod {KO} image=/lib/quicksilver/hv.img && qsctl status
+"#
+    );
+    let out = run(guest("no-uart", 1).noload(), &script);
+    assert_success(&out);
+    let o = out.script_output();
+    for needle in [
+        "first-rc=19",
+        "ioports-rc=0",
+        "second-rc=19",
+        "state: dormant",
+    ] {
+        assert!(o.contains(needle), "{needle}:\n{o}");
+    }
+    assert_eq!(
+        o.matches("refusing to load: no 16550 UART answers at the link port 0x2f8")
+            .count()
+            .min(2),
+        2,
+        "{o}"
+    );
+    assert!(!o.contains("owned by another driver"), "{o}");
+    assert_kernel_clean(&out);
+}
