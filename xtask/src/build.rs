@@ -192,6 +192,29 @@ pub fn build_module(kernel: &Kernel, src: &Path, work: &Path) -> anyhow::Result<
         );
     }
     std::fs::create_dir_all(work)?;
+    let work = &work.canonicalize()?;
+    // A kernel built in a chroot (Debian 13's) builds in a folder the chroot reaches, named
+    // after `work`; the modules and the log are copied back to `work`.
+    if kernel.chroot.is_some() {
+        let name = work.to_string_lossy().replace('/', "_");
+        let inner = kernel.scratch_base().join("build").join(name);
+        std::fs::create_dir_all(&inner)?;
+        let built = build_module_in(kernel, src, &inner);
+        let _ = std::fs::copy(inner.join("build.log"), work.join("build.log"));
+        let mut kos = Vec::new();
+        for ko in built? {
+            let to = work.join(ko.file_name().context("a module without a name")?);
+            std::fs::copy(&ko, &to)
+                .with_context(|| format!("copying {} to {}", ko.display(), to.display()))?;
+            kos.push(to);
+        }
+        return Ok(kos);
+    }
+    build_module_in(kernel, src, work)
+}
+
+/// [`build_module`] in `work`, which [`Kernel::command`] reaches.
+fn build_module_in(kernel: &Kernel, src: &Path, work: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut sources = Vec::new();
     for entry in std::fs::read_dir(src).with_context(|| format!("listing {}", src.display()))? {
         let entry = entry?;
@@ -219,10 +242,10 @@ pub fn build_module(kernel: &Kernel, src: &Path, work: &Path) -> anyhow::Result<
     // One file for both streams keeps the compiler's errors next to the step that failed.
     let log_path = work.join("build.log");
     let log = std::fs::File::create(&log_path)?;
-    let mut make = Command::new("make");
+    let mut make = kernel.command("make");
     make.arg("-C")
-        .arg(&kernel.headers_dir)
-        .arg(format!("M={}", work.display()))
+        .arg(kernel.inside(&kernel.headers_dir))
+        .arg(format!("M={}", kernel.inside(&work).display()))
         .arg("modules")
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
@@ -237,7 +260,7 @@ pub fn build_module(kernel: &Kernel, src: &Path, work: &Path) -> anyhow::Result<
         for name in &sources {
             let name = name.to_string_lossy();
             text = text.replace(
-                &format!("{}/{name}", work.display()),
+                &format!("{}/{name}", kernel.inside(&work).display()),
                 &format!("{}/{name}", src.display()),
             );
         }

@@ -1,14 +1,15 @@
-//! The stock Debian kernels Quicksilver is tested on: fetched with `apt-get download`,
-//! extracted with `dpkg -x` into `<repo>/.cache/kernel/<id>/root`, never installed. `<id>` is a
-//! supported kernel ([`KernelId`]: `6.12-cloud`, `6.12-generic`, `6.1-cloud`, `6.1-generic`);
-//! 6.1 is Debian 12's own series, 6.12 comes from Debian 12's security archive (the same
-//! source and configuration as Debian 13's kernel, built with Debian 12's compiler, so that
-//! modules for it build on this machine).
+//! The stock Debian kernels Quicksilver is tested on, one cache folder each,
+//! `<repo>/.cache/kernel/<id>` ([`KernelId`]: `6.12-generic`, `6.12-cloud`, `6.1-generic`,
+//! `6.1-cloud`). Debian 12's 6.1 kernels are fetched with this machine's `apt-get download`
+//! and extracted with `dpkg -x` into `<id>/root`, never installed. Debian 13's 6.12 kernels
+//! need Debian 13's compiler to build modules: their `root` is a Debian 13 system made with
+//! debootstrap, which builds in a chroot (`crate::debian13`).
 //!
-//! Layout of `<repo>/.cache/kernel/<id>`:
+//! Layout of `<repo>/.cache/kernel/<id>` (for 6.12, `root` links to the Debian 13 system, and
+//! there is no `debs/`):
 //!
 //! ```text
-//! abi       the chosen ABI ("6.1.0-56", "6.12.118+deb12"), so later runs need neither apt
+//! abi       the chosen ABI ("6.1.0-56", "6.12.117+deb13"), so later runs need neither apt
 //!           lists nor network
 //! debs/     the downloaded packages (kept: re-extraction needs no download)
 //! root/     every package extracted, headers fixed up to build modules in place
@@ -38,8 +39,8 @@ use crate::apt::Apt;
 use crate::cmd::{ensure_symlink, remove_if_exists, run_captured, stdout_of};
 use crate::note;
 
-/// Environment variable that picks the kernel ABI (`6.1.0-56`, `6.12.118+deb12`) instead of
-/// whatever the series' metapackage depends on.
+/// Environment variable that picks the ABI of Debian 12's 6.1 kernels (`6.1.0-56`) instead of
+/// whatever the flavour's metapackage depends on. (Debian 13's are what its apt installs.)
 pub const ABI_ENV: &str = "QS_KERNEL_ABI";
 
 /// Makes kernel `id` ready in the cache with its debug info, downloading and extracting only
@@ -55,26 +56,22 @@ pub(crate) fn prepare_with(id: KernelId, apt: &mut Apt) -> anyhow::Result<Kernel
     Ok(kernel)
 }
 
-/// The metapackage whose dependency names the current ABI of `id`, and the suffix that
-/// dependency ends with after the ABI. Debian 12 has no `linux-image-6.12-*` metapackage for
-/// the image, only for its debug info.
+/// The metapackage whose dependency names the current ABI of Debian 12's kernel `id`, and the
+/// suffix that dependency ends with after the ABI.
 fn meta_package(id: KernelId) -> (String, String) {
-    match id.series {
-        Series::V6_1 => (
-            format!("linux-image-{}", id.flavour_suffix()),
-            format!("-{}", id.flavour_suffix()),
-        ),
-        Series::V6_12 => (
-            format!("linux-image-6.12-{}-dbg", id.flavour_suffix()),
-            format!("-{}-dbg", id.flavour_suffix()),
-        ),
-    }
+    (
+        format!("linux-image-{}", id.flavour_suffix()),
+        format!("-{}", id.flavour_suffix()),
+    )
 }
 
 /// What booting and building modules need: the image, headers, modules and busybox.
 fn prepare_boot(id: KernelId, apt: &mut Apt) -> anyhow::Result<Kernel> {
     let dir = cache_dir(id);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    if id.series == Series::V6_12 {
+        return crate::debian13::prepare(id, &dir);
+    }
     let abi = choose_abi(id, &dir, apt)?;
     let kernel = Kernel::in_cache(&dir, id, &abi);
     let ready = dir.join("ready");
@@ -88,8 +85,7 @@ fn prepare_boot(id: KernelId, apt: &mut Apt) -> anyhow::Result<Kernel> {
         return Ok(kernel);
     }
     let debs = dir.join("debs");
-    // The unsigned image: the same kernel as the signed one, and the only name 6.12 has in
-    // Debian 12.
+    // The unsigned image: the same kernel as the signed one.
     let image = format!("linux-image-{}-unsigned", kernel.release);
     let headers = format!("linux-headers-{}", kernel.release);
     let mut packages = vec![image.clone(), headers.clone()];
@@ -162,21 +158,14 @@ fn choose_abi(id: KernelId, dir: &Path, apt: &mut Apt) -> anyhow::Result<String>
             .trim()
             .trim_end_matches(&format!("-{}", id.flavour_suffix()))
             .to_string();
-        if wanted.contains(|c: char| c.is_whitespace() || c == '/' || c == '_')
-            || !wanted.starts_with(|c: char| c.is_ascii_digit())
+        if !wanted.starts_with("6.1.")
+            || wanted.contains(|c: char| c.is_whitespace() || c == '/' || c == '_')
         {
             bail!(
-                "{ABI_ENV}={wanted:?} is not a kernel ABI: use the form 6.1.0-56 or 6.12.118+deb12"
+                "{ABI_ENV}={wanted:?} is not an ABI of Debian 12's 6.1 kernels: use the form 6.1.0-56 (Debian 13's 6.12 is what its apt installs)"
             );
         }
-        // It names one series; the others (`cargo xtask test` fetches all) keep theirs.
-        if wanted.starts_with(&format!("{}.", id.series_name())) {
-            return Ok(wanted);
-        }
-        note(format!(
-            "{ABI_ENV}={wanted} is not of series {}: kernel {id} keeps its own ABI",
-            id.series_name()
-        ));
+        return Ok(wanted);
     }
     let recorded = std::fs::read_to_string(dir.join("abi")).unwrap_or_default();
     if !recorded.trim().is_empty() {
@@ -222,7 +211,7 @@ fn resolve_abi(id: KernelId, apt: &mut Apt) -> anyhow::Result<String> {
         if !apt.update_once()? {
             bail!(
                 "cannot tell which kernel {meta} depends on (apt-cache depends {meta}): is the \
-                 Debian 12 security archive in sources.list? Or set {ABI_ENV} to choose an ABI"
+                 Debian 12 archive in sources.list? Or set {ABI_ENV} to choose an ABI"
             );
         }
     }
@@ -455,7 +444,13 @@ fn ensure_vmlinux(kernel: &Kernel, apt: &mut Apt) -> anyhow::Result<()> {
 
 fn fetch_vmlinux(kernel: &Kernel, apt: &mut Apt, dir: &Path) -> anyhow::Result<()> {
     let package = format!("linux-image-{}-dbg", kernel.release);
-    let scratch = dir.join("dbg.partial");
+    // Debian 13's comes through the Debian 13 system's apt, into a folder it can reach.
+    let scratch = match &kernel.chroot {
+        Some(_) => kernel
+            .scratch_base()
+            .join(format!("dbg-{}", kernel.release)),
+        None => dir.join("dbg.partial"),
+    };
     if scratch.exists() {
         std::fs::remove_dir_all(&scratch)
             .with_context(|| format!("removing the leftover {}", scratch.display()))?;
@@ -464,23 +459,10 @@ fn fetch_vmlinux(kernel: &Kernel, apt: &mut Apt, dir: &Path) -> anyhow::Result<(
     note(format!(
         "apt-get download {package} (300 MB to 1 GB, once: only its vmlinux is kept)"
     ));
-    let mut download = Command::new("apt-get");
-    download
-        .args(["download", "-o", "APT::Sandbox::User=root", &package])
-        .current_dir(&scratch);
-    if let Err(first) = run_captured(&mut download) {
-        if !apt.update_once()? {
-            return Err(first.context(format!("downloading {package} failed")));
-        }
-        run_captured(&mut download).with_context(|| {
-            format!(
-                "downloading {package} failed even after apt-get update: is the bookworm \
-                     security archive in sources.list (apt-cache policy {package})?"
-            )
-        })?;
-    }
-    let deb = find_deb(&scratch, &package)
-        .with_context(|| format!("apt-get download left no .deb for {package}"))?;
+    let deb = match kernel.chroot {
+        Some(_) => crate::debian13::download(kernel, &package, &scratch)?,
+        None => download_dbg(apt, &package, &scratch)?,
+    };
     let inside = format!("./usr/lib/debug/boot/vmlinux-{}", kernel.release);
     note(format!("extracting {inside} from {package}"));
     extract_one(&deb, &inside, &scratch)?;
@@ -500,6 +482,27 @@ fn fetch_vmlinux(kernel: &Kernel, apt: &mut Apt, dir: &Path) -> anyhow::Result<(
     })?;
     std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
     Ok(())
+}
+
+/// Downloads `package` with this machine's apt into `scratch`; returns the `.deb`.
+fn download_dbg(apt: &mut Apt, package: &str, scratch: &Path) -> anyhow::Result<PathBuf> {
+    let mut download = Command::new("apt-get");
+    download
+        .args(["download", "-o", "APT::Sandbox::User=root", package])
+        .current_dir(scratch);
+    if let Err(first) = run_captured(&mut download) {
+        if !apt.update_once()? {
+            return Err(first.context(format!("downloading {package} failed")));
+        }
+        run_captured(&mut download).with_context(|| {
+            format!(
+                "downloading {package} failed even after apt-get update: is the bookworm \
+                     security archive in sources.list (apt-cache policy {package})?"
+            )
+        })?;
+    }
+    find_deb(scratch, package)
+        .with_context(|| format!("apt-get download left no .deb for {package}"))
 }
 
 /// Extracts the one member `inside` (as `./path`) of the package `deb` under `into`, streaming

@@ -21,6 +21,7 @@ pub mod bench_gdb;
 pub mod boot_summary;
 pub mod build;
 pub mod cmd;
+mod debian13;
 pub mod demo;
 pub mod emulator;
 pub mod fuzz;

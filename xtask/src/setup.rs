@@ -13,8 +13,9 @@ use crate::{Kernel, KernelId};
 /// Debian packages the build and the tests run: QEMU for the guest, a C toolchain and the
 /// libraries of kbuild's prebuilt `modpost`/`objtool` for the agent module, `pahole`
 /// (dwarves), with which 6.12's kbuild gives the module its BTF, xz, which unpacks 6.12's
-/// compressed modules for the initramfs, and DKMS (with kmod's `modinfo`), which the package's
-/// tests build the agent with as an installation would.
+/// compressed modules for the initramfs, DKMS (with kmod's `modinfo`), which the package's
+/// tests build the agent with as an installation would, and debootstrap, which makes the
+/// Debian 13 system that builds for Debian 13's kernels (crate::debian13).
 pub const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "gcc",
@@ -25,6 +26,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "dwarves",
     "xz-utils",
     "dkms",
+    "debootstrap",
 ];
 
 /// The Rust target the hv image is built for.

@@ -24,28 +24,40 @@ fn dkms_builds_the_packaged_agent_for(kernel: &Kernel, scratch: &Scratch) -> (Pa
     let root = scratch.path("root");
     Deb(&debs.agent).extract(&root);
     let v = version();
-    let system_tree_had_it = std::path::Path::new("/var/lib/dkms/quicksilver").exists();
+    let system_tree = kernel
+        .chroot
+        .clone()
+        .unwrap_or_else(|| "/".into())
+        .join("var/lib/dkms/quicksilver");
+    let system_tree_had_it = system_tree.exists();
 
+    // Debian 13's kernels build in their Debian 13 system, with its dkms (and gcc-14).
+    let inside = |p: std::path::PathBuf| kernel.inside(&p);
+    let program = |name: &str| match kernel.chroot {
+        Some(_) => kernel.command(name),
+        None => sbin(name),
+    };
     let dkms = |action: &str, extra: &[&str]| {
-        let mut cmd = sbin("dkms");
+        let mut cmd = program("dkms");
         cmd.arg(action)
             .args(["-m", "quicksilver", "-v", &v])
             .args(extra)
             .arg("--dkmstree")
-            .arg(scratch.path("dkms"))
+            .arg(inside(scratch.path("dkms")))
             .arg("--sourcetree")
-            .arg(root.join("usr/src"))
+            .arg(inside(root.join("usr/src")))
             // dkms signs the module when it finds the kernel's sign-file, with a key it makes
             // in /var/lib/dkms unless told otherwise: keep that in the scratch tree too.
             // (dkms takes these from the environment as well as from framework.conf.)
-            .env("mok_signing_key", scratch.path("mok.key"))
-            .env("mok_certificate", scratch.path("mok.pub"));
+            .env("mok_signing_key", inside(scratch.path("mok.key")))
+            .env("mok_certificate", inside(scratch.path("mok.pub")));
         output(&mut cmd)
     };
     std::fs::create_dir_all(scratch.path("dkms")).unwrap();
     dkms("add", &[]);
     let started = Instant::now();
-    let headers = kernel.headers_dir.to_str().unwrap();
+    let headers = inside(kernel.headers_dir.clone());
+    let headers = headers.to_str().unwrap();
     let said = dkms(
         "build",
         &["-k", &kernel.release, "--kernelsourcedir", headers],
@@ -81,13 +93,17 @@ fn dkms_builds_the_packaged_agent_for(kernel: &Kernel, scratch: &Scratch) -> (Pa
         })
         .unwrap_or_else(|| panic!("no quicksilver.ko in {}\n{said}", built.display()));
 
-    let vermagic = output(sbin("modinfo").args(["-F", "vermagic"]).arg(&ko));
+    let vermagic = output(
+        program("modinfo")
+            .args(["-F", "vermagic"])
+            .arg(inside(ko.clone())),
+    );
     assert!(
         vermagic.starts_with(&format!("{} ", kernel.release)),
         "{vermagic}"
     );
     // `modinfo` shows each parameter as `parm: NAME:DESCRIPTION (TYPE)`.
-    let info = output(sbin("modinfo").arg(&ko));
+    let info = output(program("modinfo").arg(inside(ko.clone())));
     let source = std::fs::read_to_string(agent_c_source()).unwrap();
     let params = module_params(&source);
     assert!(params.len() >= 5, "{params:?}");
@@ -104,7 +120,7 @@ fn dkms_builds_the_packaged_agent_for(kernel: &Kernel, scratch: &Scratch) -> (Pa
     }
     if !system_tree_had_it {
         assert!(
-            !std::path::Path::new("/var/lib/dkms/quicksilver").exists(),
+            !system_tree.exists(),
             "the test touched the system's DKMS tree"
         );
     }
@@ -115,7 +131,7 @@ fn dkms_builds_the_packaged_agent_for(kernel: &Kernel, scratch: &Scratch) -> (Pa
 fn dkms_builds_the_packaged_agent_for_every_supported_kernel() {
     for id in KernelId::ALL {
         let kernel = Kernel::locate_id(id).unwrap_or_else(|e| panic!("{e}"));
-        let scratch = Scratch::new(&format!("package-dkms-{id}"));
+        let scratch = Scratch::under(&kernel.scratch_base(), &format!("package-dkms-{id}"));
         dkms_builds_the_packaged_agent_for(&kernel, &scratch);
     }
 }
@@ -125,7 +141,7 @@ fn dkms_builds_the_packaged_agent_for_every_supported_kernel() {
 #[test]
 fn the_dkms_built_agent_loads_the_packaged_hv_and_activates() {
     let a = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    let scratch = Scratch::new("package-dkms-boot");
+    let scratch = Scratch::under(&a.kernel.scratch_base(), "package-dkms-boot");
     let (ko, root) = dkms_builds_the_packaged_agent_for(&a.kernel, &scratch);
     let ko = xtask::initrd::read_module(&ko).unwrap_or_else(|e| panic!("{e:#}"));
     let read = |rel: &str| {

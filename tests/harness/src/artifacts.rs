@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::qemu::Qemu;
 
-/// A Debian kernel series: 6.1 is Debian 12's own, 6.12 is Debian 13's (and the one Debian 12
-/// ships in its security archive).
+/// A Debian kernel series: 6.1 is Debian 12's, 6.12 Debian 13's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Series {
     V6_1,
@@ -143,7 +142,7 @@ pub enum LocateError {
 pub struct Kernel {
     /// Which supported kernel this is.
     pub id: KernelId,
-    /// Debian's kernel ABI, e.g. `6.1.0-56` or `6.12.118+deb12`.
+    /// Debian's kernel ABI, e.g. `6.1.0-56` or `6.12.117+deb13`.
     pub abi: String,
     /// The release `uname -r` prints, e.g. `6.1.0-56-cloud-amd64`.
     pub release: String,
@@ -160,6 +159,10 @@ pub struct Kernel {
     /// The kernel's ELF with debug info (`vmlinux-<release>` in the cache, from the `-dbg`
     /// package), for `gdb <vmlinux>`. Fetched by setup after the rest.
     pub vmlinux: PathBuf,
+    /// Where modules for it are built, if not on this machine: Debian 13's kernels are built
+    /// with gcc-14, which Debian 12 lacks, so their `root` is a Debian 13 system (debootstrap)
+    /// that builds in a chroot ([`Kernel::command`]).
+    pub chroot: Option<PathBuf>,
 }
 
 /// `<repo>/.cache/kernel/<id>`: one folder per supported kernel.
@@ -182,8 +185,46 @@ impl Kernel {
             modules_dir: root.join(format!("lib/modules/{release}")),
             busybox: root.join("bin/busybox"),
             vmlinux: dir.join(format!("vmlinux-{release}")),
+            chroot: (id.series == Series::V6_12).then(|| root.clone()),
             release,
             root,
+        }
+    }
+
+    /// `program`, to run where this kernel's modules build: in its chroot, or here.
+    pub fn command(&self, program: &str) -> std::process::Command {
+        match &self.chroot {
+            Some(root) => {
+                let mut cmd = std::process::Command::new("chroot");
+                cmd.arg(root).arg(program);
+                cmd
+            }
+            None => std::process::Command::new(program),
+        }
+    }
+
+    /// `path` (under the chroot, if any) as a [`Kernel::command`] sees it.
+    pub fn inside(&self, path: &Path) -> PathBuf {
+        let Some(root) = &self.chroot else {
+            return path.to_path_buf();
+        };
+        // `root` may be a link to the system (the cache's is), `path` canonical.
+        let canonical = root.canonicalize().unwrap_or_else(|_| root.clone());
+        match path
+            .strip_prefix(root)
+            .or_else(|_| path.strip_prefix(&canonical))
+        {
+            Ok(rel) => Path::new("/").join(rel),
+            Err(_) => path.to_path_buf(),
+        }
+    }
+
+    /// A folder for scratch work that [`Kernel::command`] can reach: under the chroot's
+    /// `/qs`, or the system's temporary folder.
+    pub fn scratch_base(&self) -> PathBuf {
+        match &self.chroot {
+            Some(root) => root.join("qs"),
+            None => std::env::temp_dir(),
         }
     }
 
@@ -337,12 +378,19 @@ mod tests {
             Path::new("/c/root/lib/modules/6.1.0-56-cloud-amd64")
         );
         assert_eq!(k.vmlinux, Path::new("/c/vmlinux-6.1.0-56-cloud-amd64"));
+        assert_eq!(k.chroot, None);
+        assert_eq!(k.inside(&k.headers_dir), k.headers_dir);
         let g = Kernel::in_cache(
             Path::new("/c"),
             "6.12-generic".parse().unwrap(),
-            "6.12.118+deb12",
+            "6.12.117+deb13",
         );
-        assert_eq!(g.release, "6.12.118+deb12-amd64");
+        assert_eq!(g.release, "6.12.117+deb13-amd64");
+        assert_eq!(g.chroot.as_deref(), Some(Path::new("/c/root")));
+        assert_eq!(
+            g.inside(&g.headers_dir),
+            Path::new("/usr/src/linux-headers-6.12.117+deb13-amd64")
+        );
     }
 
     #[test]
