@@ -1,5 +1,6 @@
 //! apt for setup's steps: the package lists updated at most once per run, packages installed
-//! only when dpkg lacks them. Shared by setup, the kernel fetcher and the emulator build.
+//! only when dpkg lacks them; and reading Debian's kernel package names. Shared by setup, the
+//! kernel fetchers and the emulator build.
 
 use std::process::Command;
 
@@ -84,4 +85,24 @@ impl Apt {
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt as _;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// The first package in a `Depends:` field that `pick` accepts.
+pub(crate) fn dependency(depends: &str, pick: impl Fn(&str) -> bool) -> Option<String> {
+    depends
+        .split([',', '|'])
+        .filter_map(|item| item.split_whitespace().next())
+        .find(|name| pick(name))
+        .map(str::to_string)
+}
+
+/// The ABI in a kernel package's name: `linux-image-6.1.0-56-amd64` with `prefix`
+/// `linux-image-` and `flavour` `amd64` → `6.1.0-56`. (`amd64` must not match the
+/// `...-cloud-amd64` packages.)
+pub(crate) fn abi_of(package: &str, prefix: &str, flavour: &str) -> Option<String> {
+    let abi = package
+        .strip_prefix(prefix)?
+        .strip_suffix(flavour)?
+        .strip_suffix('-')?;
+    (!abi.ends_with("-cloud")).then(|| abi.to_string())
 }

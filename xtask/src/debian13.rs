@@ -19,6 +19,7 @@ use anyhow::{bail, Context as _};
 
 use qs_testkit::{Kernel, KernelId};
 
+use crate::apt::{abi_of, dependency};
 use crate::cmd::{ensure_symlink, run_captured, stdout_of};
 use crate::note;
 
@@ -85,14 +86,9 @@ fn installed_abi(root: &Path, id: KernelId) -> anyhow::Result<String> {
         &meta,
     ]))
     .with_context(|| format!("asking the Debian 13 system which kernel {meta} installed"))?;
-    depends
-        .split([',', '|'])
-        .filter_map(|d| d.split_whitespace().next())
-        .find_map(|name| {
-            name.strip_prefix("linux-headers-")?
-                .strip_suffix(&format!("-{}", id.flavour_suffix()))
-                .map(str::to_string)
-        })
+    let flavour = id.flavour_suffix();
+    dependency(&depends, |p| abi_of(p, "linux-headers-", flavour).is_some())
+        .and_then(|p| abi_of(&p, "linux-headers-", flavour))
         .with_context(|| format!("{meta} depends on no kernel's headers: {depends:?}"))
 }
 

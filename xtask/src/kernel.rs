@@ -35,7 +35,7 @@ use anyhow::{bail, Context as _};
 use qs_testkit::artifacts::{kernel_cache_dir as cache_dir, Series};
 use qs_testkit::{Kernel, KernelId};
 
-use crate::apt::Apt;
+use crate::apt::{abi_of, dependency, Apt};
 use crate::cmd::{ensure_symlink, remove_if_exists, run_captured, stdout_of};
 use crate::note;
 
@@ -56,13 +56,9 @@ pub(crate) fn prepare_with(id: KernelId, apt: &mut Apt) -> anyhow::Result<Kernel
     Ok(kernel)
 }
 
-/// The metapackage whose dependency names the current ABI of Debian 12's kernel `id`, and the
-/// suffix that dependency ends with after the ABI.
-fn meta_package(id: KernelId) -> (String, String) {
-    (
-        format!("linux-image-{}", id.flavour_suffix()),
-        format!("-{}", id.flavour_suffix()),
-    )
+/// The metapackage whose dependency names the current ABI of Debian 12's kernel `id`.
+fn meta_package(id: KernelId) -> String {
+    format!("linux-image-{}", id.flavour_suffix())
 }
 
 /// What booting and building modules need: the image, headers, modules and busybox.
@@ -174,7 +170,7 @@ fn choose_abi(id: KernelId, dir: &Path, apt: &mut Apt) -> anyhow::Result<String>
     let abi = resolve_abi(id, apt)?;
     note(format!(
         "{} depends on kernel ABI {abi} (later runs keep it: set {ABI_ENV} to change)",
-        meta_package(id).0
+        meta_package(id)
     ));
     Ok(abi)
 }
@@ -189,22 +185,13 @@ fn record_abi(dir: &Path, abi: &str) -> anyhow::Result<()> {
     std::fs::write(&path, format!("{abi}\n")).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The first package in a `Depends:` field that `pick` accepts.
-fn dependency(depends: &str, pick: impl Fn(&str) -> bool) -> Option<String> {
-    depends
-        .split([',', '|'])
-        .filter_map(|item| item.split_whitespace().next())
-        .find(|name| pick(name))
-        .map(str::to_string)
-}
-
 /// The ABI the metapackage of `id` depends on.
 fn resolve_abi(id: KernelId, apt: &mut Apt) -> anyhow::Result<String> {
-    let (meta, suffix) = meta_package(id);
+    let meta = meta_package(id);
     loop {
         let found = stdout_of(Command::new("apt-cache").args(["depends", &meta]))
             .ok()
-            .and_then(|out| parse_meta_depends(&out, &suffix));
+            .and_then(|out| parse_meta_depends(&out, id.flavour_suffix()));
         if let Some(abi) = found {
             return Ok(abi);
         }
@@ -278,14 +265,12 @@ fn download(apt: &mut Apt, packages: &[String], debs: &Path) -> anyhow::Result<V
         .collect()
 }
 
-/// `apt-cache depends linux-image-cloud-amd64` → `6.1.0-56` (with `suffix` `-cloud-amd64`),
-/// `apt-cache depends linux-image-6.12-amd64-dbg` → `6.12.118+deb12` (suffix `-amd64-dbg`).
-fn parse_meta_depends(output: &str, suffix: &str) -> Option<String> {
+/// `apt-cache depends linux-image-cloud-amd64` → `6.1.0-56`, for the flavour whose packages
+/// end in `-<flavour>` (`cloud-amd64`, `amd64`).
+fn parse_meta_depends(output: &str, flavour: &str) -> Option<String> {
     output.lines().find_map(|line| {
         let name = line.trim().strip_prefix("Depends:")?.trim();
-        let abi = name.strip_prefix("linux-image-")?.strip_suffix(suffix)?;
-        // linux-image-amd64 must not match linux-image-6.1.0-56-cloud-amd64.
-        (!abi.contains("cloud")).then(|| abi.to_string())
+        abi_of(name, "linux-image-", flavour)
     })
 }
 
@@ -574,22 +559,29 @@ mod tests {
     fn the_abi_comes_from_the_metapackage_dependency() {
         let out = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n";
         assert_eq!(
-            parse_meta_depends(out, "-cloud-amd64").as_deref(),
+            parse_meta_depends(out, "cloud-amd64").as_deref(),
             Some("6.1.0-56")
         );
         assert_eq!(
-            parse_meta_depends(out, "-amd64"),
+            parse_meta_depends(out, "amd64"),
             None,
             "not the generic one"
         );
         assert_eq!(
-            parse_meta_depends("linux-image-cloud-amd64\n", "-cloud-amd64"),
+            parse_meta_depends("linux-image-cloud-amd64\n", "cloud-amd64"),
             None
         );
-        let out = "linux-image-6.12-amd64-dbg\n  Depends: linux-image-6.12.118+deb12-amd64-dbg\n";
+        // Debian 13's headers, as its metapackage names them.
+        let headers = "linux-headers-6.12.117+deb13-amd64";
         assert_eq!(
-            parse_meta_depends(out, "-amd64-dbg").as_deref(),
-            Some("6.12.118+deb12")
+            abi_of(headers, "linux-headers-", "amd64").as_deref(),
+            Some("6.12.117+deb13")
+        );
+        let cloud = "linux-headers-6.12.117+deb13-cloud-amd64";
+        assert_eq!(abi_of(cloud, "linux-headers-", "amd64"), None);
+        assert_eq!(
+            abi_of(cloud, "linux-headers-", "cloud-amd64").as_deref(),
+            Some("6.12.117+deb13")
         );
     }
 
