@@ -56,9 +56,20 @@ enum Cli {
     /// `gdb` (Quicksilver's gdbstub against QEMU's), `freeze` (stopping every CPU, with and
     /// without the state check); each takes `--kernel K` (the default kernel otherwise).
     Bench {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        which: Benchmark,
+        #[command(flatten)]
+        kernel: KernelArg,
+        /// mode-switch only: measure these CPU counts (repeatable), on the wall clock only.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        smp: Vec<u32>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Benchmark {
+    ModeSwitch,
+    Gdb,
+    Freeze,
 }
 
 /// `--kernel K`: which Debian kernel to fetch, build for and boot.
@@ -194,75 +205,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cli::Test { kernel, args } => test(kernel.resolve()?, &args),
-        Cli::Bench { args } => bench(&args),
+        Cli::Bench { which, kernel, smp } => bench(which, kernel.resolve()?, &smp),
     }
 }
 
-fn bench(args: &[String]) -> anyhow::Result<ExitCode> {
-    let (id, args) = kernel_in(args)?;
-    let args = &args[..];
+fn bench(which: Benchmark, id: KernelId, smps: &[u32]) -> anyhow::Result<ExitCode> {
     let switches = std::env::var("QS_BENCH_SWITCHES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
-    match args.first().map(String::as_str) {
-        Some("mode-switch") => {
-            // `--smp N` (repeatable) measures those CPU counts on the wall clock only.
-            let mut smps = Vec::new();
-            let mut words = args[1..].iter();
-            while let Some(word) = words.next() {
-                match (word.as_str(), words.next().map(|n| n.parse::<u32>())) {
-                    ("--smp", Some(Ok(n))) if n > 0 => smps.push(n),
-                    _ => anyhow::bail!(
-                        "cargo xtask bench mode-switch takes --kernel K and --smp N (repeatable), not {word:?}"
-                    ),
-                }
-            }
-            let kernel = xtask::setup(id)?;
+    if !smps.is_empty() && !matches!(which, Benchmark::ModeSwitch) {
+        anyhow::bail!("--smp is for `cargo xtask bench mode-switch`; the other benchmarks choose their own CPU counts");
+    }
+    let kernel = xtask::setup(id)?;
+    match which {
+        Benchmark::ModeSwitch => {
             let artifacts = xtask::build(&kernel)?;
-            xtask::bench::mode_switch(&artifacts, switches, &smps)?;
-            Ok(ExitCode::SUCCESS)
+            xtask::bench::mode_switch(&artifacts, switches, smps)?;
         }
-        Some("gdb") => {
-            let kernel = xtask::setup(id)?;
+        Benchmark::Gdb => {
             // QEMU's half needs no hv: measure it even if the hv does not build.
             if let Err(err) = xtask::build(&kernel) {
                 eprintln!("xtask: warning: {err:#}");
             }
             xtask::bench_gdb::gdb(&Artifacts::locate_id(id)?)?;
-            Ok(ExitCode::SUCCESS)
         }
-        Some("freeze") => {
-            let kernel = xtask::setup(id)?;
+        Benchmark::Freeze => {
             let artifacts = xtask::build(&kernel)?;
             xtask::bench_freeze::freeze(&artifacts, 50)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        other => anyhow::bail!(
-            "unknown benchmark {other:?}: the benchmarks are `mode-switch`, `gdb` and `freeze` (cargo xtask bench mode-switch|gdb|freeze)"
-        ),
-    }
-}
-
-/// Takes `--kernel K` (or `--kernel=K`) out of a benchmark's arguments.
-fn kernel_in(args: &[String]) -> anyhow::Result<(KernelId, Vec<String>)> {
-    let mut id = None;
-    let mut rest = Vec::new();
-    let mut words = args.iter();
-    while let Some(word) = words.next() {
-        if word == "--kernel" {
-            let value = words
-                .next()
-                .context("--kernel needs a kernel: 6.12, 6.1, 6.12-generic ...")?;
-            id = Some(value.parse::<KernelId>()?);
-        } else if let Some(value) = word.strip_prefix("--kernel=") {
-            id = Some(value.parse::<KernelId>()?);
-        } else {
-            rest.push(word.clone());
         }
     }
-    let id = KernelArg { id }.resolve()?;
-    Ok((id, rest))
+    Ok(ExitCode::SUCCESS)
 }
 
 fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
