@@ -15,6 +15,21 @@ fn agent_c() -> String {
     std::fs::read_to_string(agent_c_source()).unwrap()
 }
 
+/// The package at `path`, checked for what every package of ours has: its file name
+/// (`<name>_<version>_amd64.deb`), and its Package, Version and Architecture fields.
+fn named_package<'a>(path: &'a std::path::Path, name: &str) -> Deb<'a> {
+    let version = version();
+    assert_eq!(
+        path.file_name().unwrap().to_str().unwrap(),
+        format!("{name}_{version}_amd64.deb")
+    );
+    let deb = Deb(path);
+    assert_eq!(deb.field("Package"), name);
+    assert_eq!(deb.field("Version"), version);
+    assert_eq!(deb.field("Architecture"), "amd64");
+    deb
+}
+
 /// `KEY="value"` lines of a shell-like file (dkms.conf), comments skipped.
 fn assignments(text: &str) -> BTreeMap<String, String> {
     text.lines()
@@ -29,16 +44,9 @@ fn assignments(text: &str) -> BTreeMap<String, String> {
 fn the_agent_package_carries_qsctl_the_image_where_the_agent_looks_and_the_source_for_dkms() {
     let scratch = Scratch::new("package-agent");
     let debs = build_packages(&scratch);
+    let deb = named_package(&debs.agent, "quicksilver");
     let version = version();
-    assert_eq!(
-        debs.agent.file_name().unwrap().to_str().unwrap(),
-        format!("quicksilver_{version}_amd64.deb")
-    );
-    let deb = Deb(&debs.agent);
-    assert_eq!(deb.field("Package"), "quicksilver");
-    assert_eq!(deb.field("Version"), version);
     assert_eq!(deb.field("Version"), env!("CARGO_PKG_VERSION"));
-    assert_eq!(deb.field("Architecture"), "amd64");
     assert_eq!(deb.field("Depends"), "dkms, dwarves");
 
     // Exactly these files, with these modes; root owns everything whoever built it.
@@ -163,15 +171,7 @@ fn the_agent_package_carries_qsctl_the_image_where_the_agent_looks_and_the_sourc
 fn the_bridge_package_carries_only_the_static_bridge() {
     let scratch = Scratch::new("package-bridge");
     let debs = build_packages(&scratch);
-    let version = version();
-    assert_eq!(
-        debs.bridge.file_name().unwrap().to_str().unwrap(),
-        format!("qs-bridge_{version}_amd64.deb")
-    );
-    let deb = Deb(&debs.bridge);
-    assert_eq!(deb.field("Package"), "qs-bridge");
-    assert_eq!(deb.field("Version"), version);
-    assert_eq!(deb.field("Architecture"), "amd64");
+    let deb = named_package(&debs.bridge, "qs-bridge");
     assert_eq!(deb.field("Depends"), "", "static: no libc to depend on");
     let files = deb.files();
     assert_eq!(
