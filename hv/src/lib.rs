@@ -8,7 +8,8 @@
 //! - [`exit`]: what to do about each exit, one file per kind, one `Action` vocabulary;
 //! - [`rendezvous`]: stopping every CPU, for any client;
 //! - [`vcpu`]: one CPU's area, activation, run loop, stopping and stepping out;
-//! - clients: [`debug`] (the gdbstub), [`freeze`] (every CPU held, its state checked);
+//! - clients: [`debug`] (the gdbstub), [`freeze`] (every CPU held, its state checked),
+//!   [`checkpoint`] (the machine saved and put back);
 //! - [`vmm`]: global state built by `init`: memory layout, nested and host page tables;
 //! - [`link`]: the serial link's hv end;
 //! - [`paging`], [`npt`], [`frames`], [`decode`]: page tables, nested paging, the frame
@@ -18,6 +19,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod arch;
+pub mod checkpoint;
 pub mod cpu_state;
 pub mod debug;
 pub mod decode;

@@ -35,8 +35,8 @@ pub const MAX_CPUS: u32 = 64;
 /// pool's bitmap, the hv's page tables and the nested tables (holes for the block and, at
 /// 2 MiB granularity, for each store chunk: one page directory per GiB that holds one).
 pub const FIXED_PAGES: u64 = 48 + STORE_MAX_CHUNKS as u64;
-/// Most store chunks the hv takes (256 MiB).
-pub const STORE_MAX_CHUNKS: usize = 64;
+/// Most store chunks the hv takes (512 MiB: `store_mem=` and `ckpt_mem=` together).
+pub const STORE_MAX_CHUNKS: usize = 128;
 
 /// The nested page tables' TLB generation: each CPU flushes its guest translations at its
 /// next VMRUN after a change that took rights away.
@@ -352,7 +352,8 @@ impl Hv {
             Op::LinkRx => return crate::link::receive(buf, in_guest),
             Op::ActiveCpus => return COUNTERS.active_cpus.load(Acquire) as i64,
             // Hypercalls only (`freeze_request`, the run loop).
-            Op::Deactivate | Op::Freeze => Status::BadOp,
+            Op::Deactivate | Op::Freeze | Op::Checkpoint | Op::Rollback => Status::BadOp,
+            Op::Checkpoints | Op::CheckpointDelete => Status::BadOp,
         };
         status as i64
     }

@@ -35,6 +35,18 @@ crate::abi_enum! {
         /// Stop every CPU for a while, then resume them (hypercall only): buffer = a
         /// [`FreezeArgs`] (guest-physical address, length), answered in place.
         Freeze = 6,
+        /// Take a checkpoint of the whole machine (hypercall only): buffer = a
+        /// [`CheckpointArgs`] (guest-physical), answered in place once every CPU runs again.
+        Checkpoint = 7,
+        /// Put the whole machine back at a checkpoint (hypercall only): buffer = a
+        /// [`RollbackArgs`]. On success the call does not return: every CPU continues from the
+        /// checkpoint, and the agent learns of it through its [`RollbackNotice`] and an NMI.
+        Rollback = 8,
+        /// The checkpoints kept: buffer = a [`CheckpointList`] followed by room for
+        /// [`CheckpointInfo`] entries.
+        Checkpoints = 9,
+        /// Delete a checkpoint, or all of them: buffer = a [`CheckpointDelete`].
+        CheckpointDelete = 10,
     }
 }
 
@@ -76,14 +88,170 @@ crate::abi_struct! {
         /// only during `init` (which runs on the kernel's address space): the hv copies it. 0 if
         /// there is no store.
         pub store_chunks_va: u64,
-        /// Entries in that array; 0 if there is no store (the agent's `store_mem=0`).
+        /// Entries in that array; 0 if there is no store (`store_mem=0` and `ckpt_mem=0`).
         pub store_chunks: u32,
+        /// How many of the last chunks of that array hold checkpoints (the agent's
+        /// `ckpt_mem=`); the others hold the hv's tables (`store_mem=`).
+        pub ckpt_chunks: u32,
+        /// Kernel virtual address of `ram_ranges` pairs of u64 (start, end) physical addresses:
+        /// the machine's RAM ("System RAM" in /proc/iomem), which a checkpoint saves. Valid only
+        /// during `init`, like the chunk list.
+        pub ram_ranges_va: u64,
+        /// Entries in that array, at most [`MAX_RAM_RANGES`].
+        pub ram_ranges: u32,
         /// Zero; keeps the struct a multiple of 8 bytes.
         pub _reserved: u32,
+        /// Physical address of the agent's [`RollbackNotice`], which the hv writes after a
+        /// rollback; 0 if none.
+        pub notice_pa: u64,
     }
 }
 
-const _: () = assert!(core::mem::size_of::<InitArgs>() == 72);
+const _: () = assert!(core::mem::size_of::<InitArgs>() == 96);
+
+/// Most RAM ranges the hv takes from the agent.
+pub const MAX_RAM_RANGES: u32 = 32;
+/// Most checkpoints the hv keeps at once.
+pub const MAX_CHECKPOINTS: u32 = 64;
+/// [`CheckpointDelete::id`] that deletes every checkpoint.
+pub const CHECKPOINT_ALL: u32 = u32::MAX;
+/// [`CheckpointArgs::flags`]: a checkpoint of the periodic ring (dropped first when memory
+/// runs out) rather than one the user asked for.
+pub const CHECKPOINT_PERIODIC: u32 = 1;
+/// [`CheckpointInfo::flags`]: the machine runs on from this checkpoint (its epoch is the
+/// current one: the next checkpoint's parent).
+pub const CHECKPOINT_CURRENT: u32 = 2;
+
+crate::abi_struct! {
+    /// `Op::Checkpoint`'s argument and answer.
+    #[c_name = "qs_checkpoint"]
+    pub struct CheckpointArgs {
+        /// Out: the hv's `Status`. Before the machine is stopped the hv writes `RolledBack`
+        /// here (and `id`): that is what the caller finds if the machine is later rolled back
+        /// to this checkpoint, and returns from this call a second time.
+        pub status: i64,
+        /// In: [`CHECKPOINT_PERIODIC`] or 0.
+        pub flags: u32,
+        /// Out: the checkpoint's id (ids only grow; never reused).
+        pub id: u32,
+        /// Out: CPUs in the checkpoint.
+        pub cpus: u32,
+        /// Out, for `NotQuiescent`: the CPU that was not at a point where it can be restored,
+        /// and what it was doing (the vector in service on its local APIC, or 256 + the
+        /// vector of an event being delivered).
+        pub busy_cpu: i32,
+        pub busy_what: u32,
+        /// Zero.
+        pub _reserved: u32,
+        /// Out: microseconds every CPU was stopped (from the request to the release).
+        pub pause_us: u64,
+        /// Out: microseconds of that spent stopping them.
+        pub gather_us: u64,
+        /// Out: bytes of checkpoint memory this checkpoint holds now (its CPUs' state; it
+        /// grows as the machine writes pages it must keep).
+        pub bytes: u64,
+        /// Out: pages the machine wrote since the previous checkpoint (kept for that one).
+        pub pages_before: u64,
+    }
+}
+
+crate::abi_struct! {
+    /// `Op::Rollback`'s argument (answered in place only when refused).
+    #[c_name = "qs_rollback"]
+    pub struct RollbackArgs {
+        /// Out: the hv's `Status` when refused.
+        pub status: i64,
+        /// In: the checkpoint.
+        pub id: u32,
+        /// Zero.
+        pub _reserved: u32,
+        /// In: the oldest checkpoint the kernel's clock survives (nanoseconds; the agent knows
+        /// its kernel's timekeeping); 0 = no limit.
+        pub max_age_ns: u64,
+        /// Out, when refused as too old: the checkpoint's age.
+        pub age_ns: u64,
+    }
+}
+
+crate::abi_struct! {
+    /// Written by the hv into the agent's memory after each rollback (`InitArgs::notice_pa`),
+    /// then an NMI on every CPU tells the agent to read it.
+    #[c_name = "qs_rollback_notice"]
+    pub struct RollbackNotice {
+        /// Grows by one at each rollback (the hv's count, which is not rolled back).
+        pub generation: u64,
+        /// The checkpoint rolled back to.
+        pub id: u32,
+        /// Newer checkpoints dropped by the rollback.
+        pub dropped: u32,
+        /// How old the checkpoint was (nanoseconds): how far the kernel's clocks jump.
+        pub age_ns: u64,
+        /// Microseconds every CPU was stopped for the rollback.
+        pub pause_us: u64,
+        /// Pages of memory put back.
+        pub pages: u64,
+        /// Fresh randomness from the hv (RDRAND and the TSC) for the kernel's generator: a
+        /// restored machine must not repeat its random stream.
+        pub random: [u8; 32],
+    }
+}
+
+crate::abi_struct! {
+    /// One checkpoint kept, in `Op::Checkpoints`' answer.
+    #[c_name = "qs_checkpoint_info"]
+    pub struct CheckpointInfo {
+        pub id: u32,
+        /// The checkpoint this one was taken after (its epoch's predecessor); 0 if none.
+        pub parent: u32,
+        /// [`CHECKPOINT_PERIODIC`], [`CHECKPOINT_CURRENT`].
+        pub flags: u32,
+        pub cpus: u32,
+        /// Nanoseconds since it was taken.
+        pub age_ns: u64,
+        /// Microseconds every CPU was stopped to take it.
+        pub pause_us: u64,
+        /// Pages of memory kept to restore it (written after it was taken, before the next).
+        pub pages: u64,
+        /// Bytes of checkpoint memory those pages and its CPUs' state take.
+        pub bytes: u64,
+    }
+}
+
+crate::abi_struct! {
+    /// `Op::Checkpoints`' answer; [`CheckpointInfo`] entries follow it in the buffer.
+    #[c_name = "qs_checkpoint_list"]
+    pub struct CheckpointList {
+        /// Out: the hv's `Status`.
+        pub status: i64,
+        /// Out: checkpoints kept (entries written: as many as fit).
+        pub count: u32,
+        /// Out: the most it keeps ([`MAX_CHECKPOINTS`]).
+        pub max: u32,
+        /// Out: bytes of checkpoint memory (the agent's `ckpt_mem=`), and how much is used.
+        pub capacity_bytes: u64,
+        pub used_bytes: u64,
+        /// Out: checkpoints dropped because the memory ran out, since load.
+        pub dropped_for_memory: u64,
+        /// Out: rollbacks since load.
+        pub rollbacks: u64,
+        /// Out: the periodic ring's interval (milliseconds, 0 = off) and size.
+        pub every_ms: u32,
+        pub keep: u32,
+    }
+}
+
+crate::abi_struct! {
+    /// `Op::CheckpointDelete`'s argument and answer.
+    #[c_name = "qs_checkpoint_delete"]
+    pub struct CheckpointDelete {
+        /// Out: the hv's `Status`.
+        pub status: i64,
+        /// In: the checkpoint, or [`CHECKPOINT_ALL`].
+        pub id: u32,
+        /// Out: how many were deleted.
+        pub deleted: u32,
+    }
+}
 
 /// The message for a status number the hv returned, known or not (the C header's
 /// `qs_status_message` answers the same).
@@ -185,7 +353,34 @@ crate::abi_enum! {
             "a gdb session is attached to the hv: detach gdb first, then try again",
         /// More store chunks than the hv takes.
         StoreTooLarge = 17 =>
-            "the store is larger than this hv takes (64 chunks of 4 MiB, 256 MiB): load the agent with a smaller store_mem=",
+            "the store is larger than this hv takes (128 chunks of 4 MiB, 512 MiB, for store_mem= and ckpt_mem= together): load the agent with a smaller store_mem= or ckpt_mem=",
+        /// A CPU was not at a point where its state can be restored.
+        NotQuiescent = 18 =>
+            "a CPU was inside an interrupt handler or delivering an event at every try, where a checkpoint could not be restored exactly: try again (qsctl checkpoint retries for 50 ms)",
+        /// No checkpoint has that id.
+        NoSuchCheckpoint = 19 =>
+            "no checkpoint has that id: qsctl checkpoints lists the ones kept (a rollback drops newer ones, the periodic ring its oldest)",
+        /// The checkpoint memory is full.
+        CheckpointMemoryFull = 20 =>
+            "the checkpoint memory is full: delete checkpoints (qsctl checkpoint --delete ID|all) or load the agent with a larger ckpt_mem=",
+        /// The agent gave the hv no checkpoint memory.
+        NoCheckpointMemory = 21 =>
+            "the agent was loaded with ckpt_mem=0, so there is nowhere to keep checkpoints: reload it with ckpt_mem=64M (or more)",
+        /// The checkpoint is older than the kernel's clock can jump.
+        CheckpointTooOld = 22 =>
+            "that checkpoint is older than this kernel's timekeeping can jump forward without corrupting its clock: roll back to a newer one",
+        /// Checkpoints need the hv active.
+        CheckpointsKept = 23 =>
+            "checkpoints are kept, and keeping them needs the hv active: delete them first (qsctl checkpoint --delete all)",
+        /// A CPU did not stop in time: the cut would not be consistent.
+        CpusDidNotStop = 24 =>
+            "a CPU did not stop within 2 s, so the machine could not be stopped as one: try again; if it persists, a CPU is stuck with NMIs blocked",
+        /// The most checkpoints the hv keeps are kept.
+        TooManyCheckpoints = 25 =>
+            "64 checkpoints are kept, the most the hv holds: delete some (qsctl checkpoint --delete ID|all)",
+        /// The machine was rolled back to this checkpoint (what its taker finds then).
+        RolledBack = 26 =>
+            "the machine was rolled back to this checkpoint: every process resumed from the instant it was taken",
         /// The CPU's XSAVE state is larger than the hv keeps per CPU.
         XsaveTooLarge = 16 =>
             "this CPU's XSAVE state (CPUID 0xD) is larger than the hv keeps per CPU: please report it; the hv needs a larger XSAVE_AREA_SIZE",
@@ -251,10 +446,14 @@ mod tests {
                 ("kernel_text_link", 48),
                 ("store_chunks_va", 56),
                 ("store_chunks", 64),
-                ("_reserved", 68),
+                ("ckpt_chunks", 68),
+                ("ram_ranges_va", 72),
+                ("ram_ranges", 80),
+                ("_reserved", 84),
+                ("notice_pa", 88),
             ]
         );
-        assert_eq!(InitArgs::SIZE, 72);
+        assert_eq!(InitArgs::SIZE, 96);
         assert_eq!(core::mem::align_of::<InitArgs>(), 8);
     }
 }

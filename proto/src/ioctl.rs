@@ -137,6 +137,19 @@ requests! {
     /// CPU, timed as ACTIVATE and DEACTIVATE time their one call each (`qsctl bench-switch`).
     /// The hv is not involved: this is the IPI delivery and wake-up the agent cannot avoid.
     IPI_FLOOR = Read(10, SwitchResult);
+    /// Take a checkpoint of the whole machine (`qsctl checkpoint`); activates the hv if it
+    /// is dormant, and retries for a while when a CPU is not at a restorable point.
+    CHECKPOINT = ReadWrite(11, crate::abi::CheckpointArgs);
+    /// Put the whole machine back at a checkpoint (`qsctl rollback ID`). Returns only when
+    /// refused: on success every process continues from the checkpoint.
+    ROLLBACK = ReadWrite(12, crate::abi::RollbackArgs);
+    /// The checkpoints kept, into a buffer of the caller's ([`crate::abi::CheckpointList`]
+    /// then entries).
+    CHECKPOINTS = ReadWrite(13, BufferRequest);
+    /// Delete a checkpoint or all; once none is kept the agent lets the hv go dormant.
+    CHECKPOINT_DELETE = ReadWrite(14, crate::abi::CheckpointDelete);
+    /// The last rollback the agent was told of (zero before any).
+    LAST_ROLLBACK = Read(15, crate::abi::RollbackNotice);
 }
 
 crate::abi_struct! {
@@ -161,6 +174,19 @@ crate::abi_struct! {
         /// The caller's buffer (a user pointer).
         pub buf: u64,
         /// Its length in bytes (at most 256 KiB).
+        pub len: u64,
+        /// Out: the hv's `Status`.
+        pub status: i64,
+    }
+}
+
+crate::abi_struct! {
+    /// A request whose answer goes into a buffer of the caller's.
+    #[c_name = "qs_buffer_request"]
+    pub struct BufferRequest {
+        /// The caller's buffer (a user pointer).
+        pub buf: u64,
+        /// Its length in bytes (at most 64 KiB).
         pub len: u64,
         /// Out: the hv's `Status`.
         pub status: i64,

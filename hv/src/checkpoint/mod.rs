@@ -1,0 +1,3 @@
+//! Checkpoints of the whole machine.
+
+pub mod undo;
