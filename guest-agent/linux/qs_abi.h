@@ -101,12 +101,30 @@ struct qs_init_args {
 	 * there is no store.
 	 */
 	__u64 store_chunks_va;
-	/* Entries in that array; 0 if there is no store (the agent's `store_mem=0`). */
+	/* Entries in that array; 0 if there is no store (`store_mem=0` and `ckpt_mem=0`). */
 	__u32 store_chunks;
+	/*
+	 * How many of the last chunks of that array hold checkpoints (the agent's
+	 * `ckpt_mem=`); the others hold the hv's tables (`store_mem=`).
+	 */
+	__u32 ckpt_chunks;
+	/*
+	 * Kernel virtual address of `ram_ranges` pairs of u64 (start, end) physical addresses:
+	 * the machine's RAM ("System RAM" in /proc/iomem), which a checkpoint saves. Valid only
+	 * during `init`, like the chunk list.
+	 */
+	__u64 ram_ranges_va;
+	/* Entries in that array, at most `MAX_RAM_RANGES`. */
+	__u32 ram_ranges;
 	/* Zero; keeps the struct a multiple of 8 bytes. */
 	__u32 _reserved;
+	/*
+	 * Physical address of the agent's `RollbackNotice`, which the hv writes after a
+	 * rollback; 0 if none.
+	 */
+	__u64 notice_pa;
 };
-QS_ASSERT(sizeof(struct qs_init_args) == 72);
+QS_ASSERT(sizeof(struct qs_init_args) == 96);
 QS_ASSERT(__builtin_offsetof(struct qs_init_args, base_va) == 0);
 QS_ASSERT(__builtin_offsetof(struct qs_init_args, base_pa) == 8);
 QS_ASSERT(__builtin_offsetof(struct qs_init_args, mem_size) == 16);
@@ -117,7 +135,11 @@ QS_ASSERT(__builtin_offsetof(struct qs_init_args, kernel_text) == 40);
 QS_ASSERT(__builtin_offsetof(struct qs_init_args, kernel_text_link) == 48);
 QS_ASSERT(__builtin_offsetof(struct qs_init_args, store_chunks_va) == 56);
 QS_ASSERT(__builtin_offsetof(struct qs_init_args, store_chunks) == 64);
-QS_ASSERT(__builtin_offsetof(struct qs_init_args, _reserved) == 68);
+QS_ASSERT(__builtin_offsetof(struct qs_init_args, ckpt_chunks) == 68);
+QS_ASSERT(__builtin_offsetof(struct qs_init_args, ram_ranges_va) == 72);
+QS_ASSERT(__builtin_offsetof(struct qs_init_args, ram_ranges) == 80);
+QS_ASSERT(__builtin_offsetof(struct qs_init_args, _reserved) == 84);
+QS_ASSERT(__builtin_offsetof(struct qs_init_args, notice_pa) == 88);
 
 /*
  * Bytes in one chunk of the hv's store (InitArgs.store_chunks_va): one order-10 block of
@@ -168,6 +190,189 @@ QS_ASSERT(__builtin_offsetof(struct qs_freeze, what) == 56);
 #define QS_FREEZE_CHECK 1
 #define QS_FREEZE_MAX_MS 10000
 
+/* ---- checkpoints (proto/src/abi.rs) ---- */
+
+/* `Op::Checkpoint`'s argument and answer. */
+struct qs_checkpoint {
+	/*
+	 * Out: the hv's `Status`. Before the machine is stopped the hv writes `RolledBack`
+	 * here (and `id`): that is what the caller finds if the machine is later rolled back
+	 * to this checkpoint, and returns from this call a second time.
+	 */
+	__s64 status;
+	/* In: `CHECKPOINT_PERIODIC` or 0. */
+	__u32 flags;
+	/* Out: the checkpoint's id (ids only grow; never reused). */
+	__u32 id;
+	/* Out: CPUs in the checkpoint. */
+	__u32 cpus;
+	/*
+	 * Out, for `NotQuiescent`: the CPU that was not at a point where it can be restored,
+	 * and what it was doing (the vector in service on its local APIC, or 256 + the
+	 * vector of an event being delivered).
+	 */
+	__s32 busy_cpu;
+	__u32 busy_what;
+	/* Zero. */
+	__u32 _reserved;
+	/* Out: microseconds every CPU was stopped (from the request to the release). */
+	__u64 pause_us;
+	/* Out: microseconds of that spent stopping them. */
+	__u64 gather_us;
+	/*
+	 * Out: bytes of checkpoint memory this checkpoint holds now (its CPUs' state; it
+	 * grows as the machine writes pages it must keep).
+	 */
+	__u64 bytes;
+	/* Out: pages the machine wrote since the previous checkpoint (kept for that one). */
+	__u64 pages_before;
+};
+QS_ASSERT(sizeof(struct qs_checkpoint) == 64);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint, status) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint, flags) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint, id) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint, cpus) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint, busy_cpu) == 20);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint, busy_what) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint, _reserved) == 28);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint, pause_us) == 32);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint, gather_us) == 40);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint, bytes) == 48);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint, pages_before) == 56);
+
+/* `Op::Rollback`'s argument (answered in place only when refused). */
+struct qs_rollback {
+	/* Out: the hv's `Status` when refused. */
+	__s64 status;
+	/* In: the checkpoint. */
+	__u32 id;
+	/* Zero. */
+	__u32 _reserved;
+	/*
+	 * In: the oldest checkpoint the kernel's clock survives (nanoseconds; the agent knows
+	 * its kernel's timekeeping); 0 = no limit.
+	 */
+	__u64 max_age_ns;
+	/* Out, when refused as too old: the checkpoint's age. */
+	__u64 age_ns;
+};
+QS_ASSERT(sizeof(struct qs_rollback) == 32);
+QS_ASSERT(__builtin_offsetof(struct qs_rollback, status) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_rollback, id) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_rollback, _reserved) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_rollback, max_age_ns) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_rollback, age_ns) == 24);
+
+/*
+ * Written by the hv into the agent's memory after each rollback (`InitArgs::notice_pa`),
+ * then an NMI on every CPU tells the agent to read it.
+ */
+struct qs_rollback_notice {
+	/* Grows by one at each rollback (the hv's count, which is not rolled back). */
+	__u64 generation;
+	/* The checkpoint rolled back to. */
+	__u32 id;
+	/* Newer checkpoints dropped by the rollback. */
+	__u32 dropped;
+	/* How old the checkpoint was (nanoseconds): how far the kernel's clocks jump. */
+	__u64 age_ns;
+	/* Microseconds every CPU was stopped for the rollback. */
+	__u64 pause_us;
+	/* Pages of memory put back. */
+	__u64 pages;
+	/*
+	 * Fresh randomness from the hv (RDRAND and the TSC) for the kernel's generator: a
+	 * restored machine must not repeat its random stream.
+	 */
+	__u8 random[32];
+};
+QS_ASSERT(sizeof(struct qs_rollback_notice) == 72);
+QS_ASSERT(__builtin_offsetof(struct qs_rollback_notice, generation) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_rollback_notice, id) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_rollback_notice, dropped) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_rollback_notice, age_ns) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_rollback_notice, pause_us) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_rollback_notice, pages) == 32);
+QS_ASSERT(__builtin_offsetof(struct qs_rollback_notice, random) == 40);
+
+/* One checkpoint kept, in `Op::Checkpoints`' answer. */
+struct qs_checkpoint_info {
+	__u32 id;
+	/* The checkpoint this one was taken after (its epoch's predecessor); 0 if none. */
+	__u32 parent;
+	/* `CHECKPOINT_PERIODIC`, `CHECKPOINT_CURRENT`. */
+	__u32 flags;
+	__u32 cpus;
+	/* Nanoseconds since it was taken. */
+	__u64 age_ns;
+	/* Microseconds every CPU was stopped to take it. */
+	__u64 pause_us;
+	/* Pages of memory kept to restore it (written after it was taken, before the next). */
+	__u64 pages;
+	/* Bytes of checkpoint memory those pages and its CPUs' state take. */
+	__u64 bytes;
+};
+QS_ASSERT(sizeof(struct qs_checkpoint_info) == 48);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_info, id) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_info, parent) == 4);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_info, flags) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_info, cpus) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_info, age_ns) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_info, pause_us) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_info, pages) == 32);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_info, bytes) == 40);
+
+/* `Op::Checkpoints`' answer; `CheckpointInfo` entries follow it in the buffer. */
+struct qs_checkpoint_list {
+	/* Out: the hv's `Status`. */
+	__s64 status;
+	/* Out: checkpoints kept (entries written: as many as fit). */
+	__u32 count;
+	/* Out: the most it keeps (`MAX_CHECKPOINTS`). */
+	__u32 max;
+	/* Out: bytes of checkpoint memory (the agent's `ckpt_mem=`), and how much is used. */
+	__u64 capacity_bytes;
+	__u64 used_bytes;
+	/* Out: checkpoints dropped because the memory ran out, since load. */
+	__u64 dropped_for_memory;
+	/* Out: rollbacks since load. */
+	__u64 rollbacks;
+	/* Out: the periodic ring's interval (milliseconds, 0 = off) and size. */
+	__u32 every_ms;
+	__u32 keep;
+};
+QS_ASSERT(sizeof(struct qs_checkpoint_list) == 56);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, status) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, count) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, max) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, capacity_bytes) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, used_bytes) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, dropped_for_memory) == 32);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, rollbacks) == 40);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, every_ms) == 48);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, keep) == 52);
+
+/* `Op::CheckpointDelete`'s argument and answer. */
+struct qs_checkpoint_delete {
+	/* Out: the hv's `Status`. */
+	__s64 status;
+	/* In: the checkpoint, or `CHECKPOINT_ALL`. */
+	__u32 id;
+	/* Out: how many were deleted. */
+	__u32 deleted;
+};
+QS_ASSERT(sizeof(struct qs_checkpoint_delete) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_delete, status) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_delete, id) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_delete, deleted) == 12);
+
+#define QS_MAX_RAM_RANGES 32
+#define QS_MAX_CHECKPOINTS 64
+#define QS_CKPT_MAX_CHUNKS 64
+#define QS_CHECKPOINT_ALL 0xffffffffu
+#define QS_CHECKPOINT_PERIODIC 1
+#define QS_CHECKPOINT_CURRENT 2
+
 /* ---- hypercalls and CPUID (proto/src/abi.rs) ---- */
 
 #define QS_HYPERCALL_MAGIC 0x5153000000000000ull
@@ -195,6 +400,24 @@ QS_ASSERT(__builtin_offsetof(struct qs_freeze, what) == 56);
  * `FreezeArgs` (guest-physical address, length), answered in place.
  */
 #define QS_OP_FREEZE 6
+/*
+ * Take a checkpoint of the whole machine (hypercall only): buffer = a
+ * `CheckpointArgs` (guest-physical), answered in place once every CPU runs again.
+ */
+#define QS_OP_CHECKPOINT 7
+/*
+ * Put the whole machine back at a checkpoint (hypercall only): buffer = a
+ * `RollbackArgs`. On success the call does not return: every CPU continues from the
+ * checkpoint, and the agent learns of it through its `RollbackNotice` and an NMI.
+ */
+#define QS_OP_ROLLBACK 8
+/*
+ * The checkpoints kept: buffer = a `CheckpointList` followed by room for
+ * `CheckpointInfo` entries.
+ */
+#define QS_OP_CHECKPOINTS 9
+/* Delete a checkpoint, or all of them: buffer = a `CheckpointDelete`. */
+#define QS_OP_CHECKPOINT_DELETE 10
 
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 #define QS_CPUID_INFO_LEAF 0x40000001u
@@ -239,6 +462,24 @@ enum qs_status {
 	QS_BUSY = 15,
 	/* More store chunks than the hv takes. */
 	QS_STORE_TOO_LARGE = 17,
+	/* A CPU was not at a point where its state can be restored. */
+	QS_NOT_QUIESCENT = 18,
+	/* No checkpoint has that id. */
+	QS_NO_SUCH_CHECKPOINT = 19,
+	/* The checkpoint memory is full. */
+	QS_CHECKPOINT_MEMORY_FULL = 20,
+	/* The agent gave the hv no checkpoint memory. */
+	QS_NO_CHECKPOINT_MEMORY = 21,
+	/* The checkpoint is older than the kernel's clock can jump. */
+	QS_CHECKPOINT_TOO_OLD = 22,
+	/* Checkpoints need the hv active. */
+	QS_CHECKPOINTS_KEPT = 23,
+	/* A CPU did not stop in time: the cut would not be consistent. */
+	QS_CPUS_DID_NOT_STOP = 24,
+	/* The most checkpoints the hv keeps are kept. */
+	QS_TOO_MANY_CHECKPOINTS = 25,
+	/* The machine was rolled back to this checkpoint (what its taker finds then). */
+	QS_ROLLED_BACK = 26,
 	/* The CPU's XSAVE state is larger than the hv keeps per CPU. */
 	QS_XSAVE_TOO_LARGE = 16,
 };
@@ -261,7 +502,16 @@ static const char *const qs_status_text[] = {
 	[QS_NOT_INITIALIZED] = "the hv image is not initialized (its init failed or never ran): reload the module and read its log",
 	[QS_LA57_UNSUPPORTED] = "the kernel runs 5-level paging, which the hv does not support yet: boot it with no5lvl",
 	[QS_BUSY] = "a gdb session is attached to the hv: detach gdb first, then try again",
-	[QS_STORE_TOO_LARGE] = "the store is larger than this hv takes (64 chunks of 4 MiB, 256 MiB): load the agent with a smaller store_mem=",
+	[QS_STORE_TOO_LARGE] = "the store is larger than this hv takes (128 chunks of 4 MiB, 512 MiB, for store_mem= and ckpt_mem= together): load the agent with a smaller store_mem= or ckpt_mem=",
+	[QS_NOT_QUIESCENT] = "a CPU was inside an interrupt handler or delivering an event at every try, where a checkpoint could not be restored exactly: try again (qsctl checkpoint retries for 50 ms)",
+	[QS_NO_SUCH_CHECKPOINT] = "no checkpoint has that id: qsctl checkpoints lists the ones kept (a rollback drops newer ones, the periodic ring its oldest)",
+	[QS_CHECKPOINT_MEMORY_FULL] = "the checkpoint memory is full: delete checkpoints (qsctl checkpoint --delete ID|all) or load the agent with a larger ckpt_mem=",
+	[QS_NO_CHECKPOINT_MEMORY] = "the agent was loaded with ckpt_mem=0, so there is nowhere to keep checkpoints: reload it with ckpt_mem=64M (or more)",
+	[QS_CHECKPOINT_TOO_OLD] = "that checkpoint is older than this kernel's timekeeping can jump forward without corrupting its clock: roll back to a newer one",
+	[QS_CHECKPOINTS_KEPT] = "checkpoints are kept, and keeping them needs the hv active: delete them first (qsctl checkpoint --delete all)",
+	[QS_CPUS_DID_NOT_STOP] = "a CPU did not stop within 2 s, so the machine could not be stopped as one: try again; if it persists, a CPU is stuck with NMIs blocked",
+	[QS_TOO_MANY_CHECKPOINTS] = "64 checkpoints are kept, the most the hv holds: delete some (qsctl checkpoint --delete ID|all)",
+	[QS_ROLLED_BACK] = "the machine was rolled back to this checkpoint: every process resumed from the instant it was taken",
 	[QS_XSAVE_TOO_LARGE] = "this CPU's XSAVE state (CPUID 0xD) is larger than the hv keeps per CPU: please report it; the hv needs a larger XSAVE_AREA_SIZE",
 };
 
@@ -348,6 +598,20 @@ QS_ASSERT(__builtin_offsetof(struct qs_agent_info, store_bytes) == 0);
 QS_ASSERT(__builtin_offsetof(struct qs_agent_info, store_chunks) == 8);
 QS_ASSERT(__builtin_offsetof(struct qs_agent_info, _reserved) == 12);
 
+/* A request whose answer goes into a buffer of the caller's. */
+struct qs_buffer_request {
+	/* The caller's buffer (a user pointer). */
+	__u64 buf;
+	/* Its length in bytes (at most 64 KiB). */
+	__u64 len;
+	/* Out: the hv's `Status`. */
+	__s64 status;
+};
+QS_ASSERT(sizeof(struct qs_buffer_request) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_buffer_request, buf) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_buffer_request, len) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_buffer_request, status) == 16);
+
 #define QS_IOC_MAGIC 'Q'
 /* Switch every online CPU into guest mode. */
 #define QS_IOC_ACTIVATE _IOR(QS_IOC_MAGIC, 1, struct qs_switch_result)
@@ -386,5 +650,29 @@ QS_ASSERT(QS_IOC_FREEZE == 0xc0585109u);
  */
 #define QS_IOC_IPI_FLOOR _IOR(QS_IOC_MAGIC, 10, struct qs_switch_result)
 QS_ASSERT(QS_IOC_IPI_FLOOR == 0x8018510au);
+/*
+ * Take a checkpoint of the whole machine (`qsctl checkpoint`); activates the hv if it
+ * is dormant, and retries for a while when a CPU is not at a restorable point.
+ */
+#define QS_IOC_CHECKPOINT _IOWR(QS_IOC_MAGIC, 11, struct qs_checkpoint)
+QS_ASSERT(QS_IOC_CHECKPOINT == 0xc040510bu);
+/*
+ * Put the whole machine back at a checkpoint (`qsctl rollback ID`). Returns only when
+ * refused: on success every process continues from the checkpoint.
+ */
+#define QS_IOC_ROLLBACK _IOWR(QS_IOC_MAGIC, 12, struct qs_rollback)
+QS_ASSERT(QS_IOC_ROLLBACK == 0xc020510cu);
+/*
+ * The checkpoints kept, into a buffer of the caller's (`crate::abi::CheckpointList`
+ * then entries).
+ */
+#define QS_IOC_CHECKPOINTS _IOWR(QS_IOC_MAGIC, 13, struct qs_buffer_request)
+QS_ASSERT(QS_IOC_CHECKPOINTS == 0xc018510du);
+/* Delete a checkpoint or all; once none is kept the agent lets the hv go dormant. */
+#define QS_IOC_CHECKPOINT_DELETE _IOWR(QS_IOC_MAGIC, 14, struct qs_checkpoint_delete)
+QS_ASSERT(QS_IOC_CHECKPOINT_DELETE == 0xc010510eu);
+/* The last rollback the agent was told of (zero before any). */
+#define QS_IOC_LAST_ROLLBACK _IOR(QS_IOC_MAGIC, 15, struct qs_rollback_notice)
+QS_ASSERT(QS_IOC_LAST_ROLLBACK == 0x8048510fu);
 
 #endif /* QS_ABI_H */

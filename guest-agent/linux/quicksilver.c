@@ -44,6 +44,14 @@
 #include <linux/kprobes.h>
 #include <linux/delay.h>
 #include <linux/math64.h>
+#include <linux/irq_work.h>
+#include <linux/workqueue.h>
+#include <linux/random.h>
+#include <linux/timekeeping.h>
+#include <linux/ioport.h>
+#include <uapi/linux/random.h>
+#include <linux/nmi.h>
+#include <asm/nmi.h>
 /* 6.12 moved the unaligned accessors from asm/ to linux/. */
 #if __has_include(<linux/unaligned.h>)
 #include <linux/unaligned.h>
@@ -75,7 +83,10 @@ module_param(key_file, charp, 0444);
 MODULE_PARM_DESC(key_file, "a file only root may read (mode 0600 or 0400) holding the link key qs-bridge must prove (the same key as qs-bridge's --key FILE); the key itself is never a parameter, which /sys, shell history and ps would show. Without one the link refuses every bridge");
 static char *store_mem = "16M";
 module_param(store_mem, charp, 0444);
-MODULE_PARM_DESC(store_mem, "memory for the hv's store (where checkpoints will live), taken at load in 4 MiB blocks: bytes with an optional K, M or G suffix (default 16M); 0 = no store");
+MODULE_PARM_DESC(store_mem, "memory for the hv's own tables (nested page tables split to 4 KiB pages while checkpoints are kept: 2 MiB per GiB of RAM), taken at load in 4 MiB blocks: bytes with an optional K, M or G suffix (default 16M)");
+static char *ckpt_mem = "64M";
+module_param(ckpt_mem, charp, 0444);
+MODULE_PARM_DESC(ckpt_mem, "memory for checkpoints (the old contents of every page written after a checkpoint, and each CPU's state), taken at load in 4 MiB blocks, at most 256M: bytes with an optional K, M or G suffix (default 64M); 0 = no checkpoints");
 
 /* qs_abi.h is generated from quicksilver-proto (cargo xtask abi-header) and asserts every
  * layout; the store's chunks are page-allocator blocks of this order. */
@@ -206,6 +217,7 @@ static const char *qs_validate(const u8 *p, size_t len, struct qs_image_header *
 static struct {
 	u64 *chunks;		/* physical addresses; kvmalloc'd */
 	unsigned int count;
+	unsigned int ckpt;	/* the last `ckpt` of them hold checkpoints (ckpt_mem=) */
 } qs_store;
 
 static void qs_store_free(void)
@@ -217,26 +229,85 @@ static void qs_store_free(void)
 	kvfree(qs_store.chunks);
 	qs_store.chunks = NULL;
 	qs_store.count = 0;
+	qs_store.ckpt = 0;
 }
 
-/* Takes store_mem bytes, rounded up to whole chunks, zeroed; all or nothing. */
-static int qs_store_alloc(void)
+/* ---- what a checkpoint saves: RAM ---- */
+
+/* The machine's RAM ("System RAM" in /proc/iomem), which checkpoints write-protect and
+ * keep; merged where ranges touch. */
+static u64 qs_ram[2 * QS_MAX_RAM_RANGES];
+static unsigned int qs_ram_n;
+static bool qs_ram_overflow;
+
+/* A "System RAM" resource, widened to whole pages (a page that is partly RAM is memory, not
+ * a device); ranges come in address order. */
+static int qs_add_ram(struct resource *r, void *unused)
 {
-	unsigned long long bytes, want;
+	u64 start = round_down(r->start, PAGE_SIZE), end = round_up(r->end + 1, PAGE_SIZE);
+
+	if (qs_ram_n && qs_ram[2 * qs_ram_n - 1] >= start) {
+		qs_ram[2 * qs_ram_n - 1] = max(end, qs_ram[2 * qs_ram_n - 1]);
+		return 0;
+	}
+	if (qs_ram_n == QS_MAX_RAM_RANGES) {
+		qs_ram_overflow = true;
+		return 0;
+	}
+	qs_ram[2 * qs_ram_n] = start;
+	qs_ram[2 * qs_ram_n + 1] = end;
+	qs_ram_n++;
+	return 0;
+}
+
+/* The notice the hv writes after a rollback (a page of its own: the hv writes it by physical
+ * address), the last one the agent handled, and how it learns of one (qs_nmi). */
+static struct qs_rollback_notice *qs_notice;
+static struct qs_rollback_notice qs_last_rollback;
+static DEFINE_PER_CPU(u64, qs_notice_seen);
+static atomic64_t qs_notice_queued = ATOMIC64_INIT(0);
+static struct irq_work qs_rollback_irq_work;
+static struct work_struct qs_rollback_work;
+/* Not exported; found through kallsyms (qs_lookup). */
+static void (*qs_clocksource_touch_watchdog)(void);
+
+/* A size parameter in whole chunks; -EINVAL (said) if it is not a size. */
+static long long qs_chunks_of(const char *name, const char *value)
+{
+	unsigned long long bytes;
 	char *end;
 
-	bytes = memparse(store_mem, &end);
-	if (end == store_mem || *end) {
-		pr_err("refusing to load: store_mem=%s is not a size: give bytes with an optional K, M or G suffix (store_mem=64M), or 0 for no store\n",
-		       store_mem);
+	bytes = memparse(value, &end);
+	if (end == value || *end) {
+		pr_err("refusing to load: %s=%s is not a size: give bytes with an optional K, M or G suffix (%s=64M), or 0\n",
+		       name, value, name);
 		return -EINVAL;
 	}
-	want = DIV_ROUND_UP(bytes, QS_STORE_CHUNK_SIZE);
+	return DIV_ROUND_UP(bytes, QS_STORE_CHUNK_SIZE);
+}
+
+/* Takes store_mem and ckpt_mem bytes, each rounded up to whole chunks, zeroed; all or
+ * nothing. */
+static int qs_store_alloc(void)
+{
+	long long tables = qs_chunks_of("store_mem", store_mem);
+	long long ckpt = qs_chunks_of("ckpt_mem", ckpt_mem);
+	unsigned long long want;
+
+	if (tables < 0 || ckpt < 0)
+		return -EINVAL;
+	if (ckpt > QS_CKPT_MAX_CHUNKS) {
+		pr_err("refusing to load: ckpt_mem=%s is more than the hv keeps (%u MiB): load with a smaller ckpt_mem=\n",
+		       ckpt_mem, QS_CKPT_MAX_CHUNKS * (u32)(QS_STORE_CHUNK_SIZE >> 20));
+		return -EINVAL;
+	}
+	want = tables + ckpt;
+	qs_store.ckpt = ckpt;
 	if (!want)
 		return 0;
 	if (want > (totalram_pages() >> QS_STORE_ORDER)) {
-		pr_err("refusing to load: store_mem=%s is more than this machine's %lu MiB of RAM: load with a smaller store_mem=\n",
-		       store_mem, totalram_pages() >> (20 - PAGE_SHIFT));
+		pr_err("refusing to load: store_mem=%s and ckpt_mem=%s are more than this machine's %lu MiB of RAM: load with smaller ones\n",
+		       store_mem, ckpt_mem, totalram_pages() >> (20 - PAGE_SHIFT));
 		return -ENOMEM;
 	}
 	qs_store.chunks = kvcalloc(want, sizeof(*qs_store.chunks), GFP_KERNEL);
@@ -249,8 +320,8 @@ static int qs_store_alloc(void)
 		cond_resched();
 	}
 	if (qs_store.count < want) {
-		pr_err("refusing to load: cannot allocate store_mem=%s (got %u of %llu blocks of %llu MiB): load with a smaller store_mem=, or earlier after boot before memory fragments\n",
-		       store_mem, qs_store.count, want, QS_STORE_CHUNK_SIZE >> 20);
+		pr_err("refusing to load: cannot allocate store_mem=%s and ckpt_mem=%s (got %u of %llu blocks of %llu MiB): load with smaller ones, or earlier after boot before memory fragments\n",
+		       store_mem, ckpt_mem, qs_store.count, want, QS_STORE_CHUNK_SIZE >> 20);
 		qs_store_free();
 		return -ENOMEM;
 	}
@@ -296,21 +367,24 @@ static int qs_protect_code(void *code, unsigned long pages)
  * cannot link against _text and 6.1 exports no symbol lookup, so ask kprobes, which resolve
  * names through kallsyms, for kallsyms_lookup_name first. 0 (unknown) if that fails: the
  * debugger then says it cannot relocate symbols. */
+static unsigned long qs_lookup(const char *name)
+{
+	static unsigned long (*lookup)(const char *name);
+	struct kprobe kp = { .symbol_name = "kallsyms_lookup_name" };
+
+	if (!lookup && register_kprobe(&kp) == 0) {
+		lookup = (void *)kp.addr;
+		unregister_kprobe(&kp);
+	}
+	return lookup ? lookup(name) : 0;
+}
+
 static u64 qs_kernel_text(void)
 {
-	struct kprobe kp = { .symbol_name = "kallsyms_lookup_name" };
-	unsigned long (*lookup)(const char *name);
-	u64 text;
+	u64 text = qs_lookup("_text");
 
-	if (register_kprobe(&kp) < 0) {
-		pr_warn("cannot find the kernel's text (no kprobes): gdb will need symbol-file -o\n");
-		return 0;
-	}
-	lookup = (void *)kp.addr;
-	unregister_kprobe(&kp);
-	text = lookup ? lookup("_text") : 0;
 	if (!text)
-		pr_warn("cannot find the kernel's text: gdb will need symbol-file -o\n");
+		pr_warn("cannot find the kernel's text (no kprobes?): gdb will need symbol-file -o\n");
 	return text;
 }
 
@@ -432,6 +506,19 @@ static int qs_load(void)
 	err = qs_store_alloc();
 	if (err)
 		goto out_unmap;
+	qs_ram_n = 0;
+	walk_iomem_res_desc(IORES_DESC_NONE, IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY, 0,
+			    phys_limit - 1, NULL, qs_add_ram);
+	if (qs_ram_overflow && qs_store.ckpt) {
+		pr_warn("RAM is in more than %u ranges: checkpoints are off (ckpt_mem ignored)\n",
+			QS_MAX_RAM_RANGES);
+		qs_ram_n = 0;
+	}
+	qs_notice = (void *)get_zeroed_page(GFP_KERNEL);
+	if (!qs_notice) {
+		err = -ENOMEM;
+		goto out_store;
+	}
 
 	args = (struct qs_init_args){
 		.base_va = (u64)hv.base,
@@ -444,6 +531,10 @@ static int qs_load(void)
 		.kernel_text_link = __START_KERNEL,
 		.store_chunks_va = (u64)qs_store.chunks,
 		.store_chunks = qs_store.count,
+		.ckpt_chunks = qs_store.ckpt,
+		.ram_ranges_va = (u64)qs_ram,
+		.ram_ranges = qs_ram_n,
+		.notice_pa = qs_notice ? virt_to_phys(qs_notice) : 0,
 	};
 	st = ((qs_init_fn)(hv.base + h->entry_init))(&args);
 	if (st != QS_OK) {
@@ -454,12 +545,15 @@ static int qs_load(void)
 	hv.activate = (qs_activate_fn)(hv.base + h->entry_activate);
 	hv.control = (qs_control_fn)(hv.base + h->entry_control);
 	vfree(file);
-	pr_info("hv %.32s loaded: %llu KiB at %pa for %u CPUs, store %llu MiB; dormant\n",
+	pr_info("hv %.32s loaded: %llu KiB at %pa for %u CPUs, store %llu MiB (checkpoints %llu MiB); dormant\n",
 		h->version, hv.size >> 10, &args.base_pa, nr_cpu_ids,
-		(qs_store.count * QS_STORE_CHUNK_SIZE) >> 20);
+		(qs_store.count * QS_STORE_CHUNK_SIZE) >> 20,
+		(qs_store.ckpt * QS_STORE_CHUNK_SIZE) >> 20);
 	return 0;
 
 out_store:
+	free_page((unsigned long)qs_notice);
+	qs_notice = NULL;
 	qs_store_free();
 out_unmap:
 	vunmap(hv.base);
@@ -840,8 +934,9 @@ static void qs_switch(smp_call_func_t fn, struct qs_switch_result *r, long ignor
 static void qs_deactivate_locked(struct qs_switch_result *r)
 {
 	qs_switch(qs_deactivate_cpu, r, QS_NOT_ACTIVE);
-	qs_active = false;
-	WRITE_ONCE(qs_hotplug_blocked, false);
+	/* The hv refuses while checkpoints are kept: then every CPU stayed. */
+	qs_active = r->status != QS_OK && qs_control(QS_OP_ACTIVE_CPUS, NULL, 0) > 0;
+	WRITE_ONCE(qs_hotplug_blocked, qs_active);
 }
 
 static void qs_do_deactivate(struct qs_switch_result *r)
@@ -912,6 +1007,130 @@ static long qs_control(u64 op, void *buf, u64 len)
 		st = hv.control(op, buf, len);
 	preempt_enable();
 	return st;
+}
+
+/* ---- checkpoints and rollbacks ---- */
+
+/*
+ * After a rollback every CPU runs the kernel as it was at the checkpoint, this module
+ * included; the hv wrote qs_notice (a newer generation than any this kernel saw) and injected
+ * an NMI on every CPU. The NMI handler is the first thing each CPU runs: it claims the NMI (an
+ * unclaimed one is logged as unknown), resets the clocksource watchdog (its reference, the
+ * HPET, kept counting while the kernel's clock did not: the hv moved the guest's TSC back
+ * with the machine, see the README's "Time after a rollback"), and queues the rest for
+ * process context (qs_rollback_work_fn).
+ */
+static int qs_nmi(unsigned int type, struct pt_regs *regs)
+{
+	u64 gen = READ_ONCE(qs_notice->generation);
+
+	if (gen == this_cpu_read(qs_notice_seen))
+		return NMI_DONE;
+	this_cpu_write(qs_notice_seen, gen);
+	if (qs_clocksource_touch_watchdog)
+		qs_clocksource_touch_watchdog();	/* an atomic_inc: NMI-safe */
+	touch_softlockup_watchdog();
+	if (atomic64_xchg(&qs_notice_queued, gen) != gen)
+		irq_work_queue(&qs_rollback_irq_work);
+	return NMI_HANDLED;
+}
+
+static void qs_rollback_irq_work_fn(struct irq_work *w)
+{
+	schedule_work(&qs_rollback_work);
+}
+
+/* The kernel's random generator must not repeat the stream it produced after the checkpoint:
+ * mix in the hv's fresh bytes, then force a reseed (RNDRESEEDCRNG, as root would from user
+ * space; add_vmfork_randomness, which does this for VM forks, exists only with VMGENID). */
+static int qs_reseed(const u8 *random, size_t len)
+{
+	struct file *f;
+	long err;
+
+	add_device_randomness(random, len);
+	f = filp_open("/dev/urandom", O_RDONLY, 0);
+	if (IS_ERR(f))
+		return PTR_ERR(f);
+	err = f->f_op->unlocked_ioctl ? f->f_op->unlocked_ioctl(f, RNDRESEEDCRNG, 0) : -ENOTTY;
+	filp_close(f, NULL);
+	return err;
+}
+
+/* Process context after a rollback: the wall clock, the random generator, one line in the
+ * log. */
+static void qs_rollback_work_fn(struct work_struct *w)
+{
+	struct qs_rollback_notice n;
+	struct timespec64 now;
+	int err;
+
+	memcpy(&n, qs_notice, sizeof(n));
+	/* The kernel's clocks continue from the checkpoint's instant; the world's did not. */
+	ktime_get_real_ts64(&now);
+	timespec64_add_ns(&now, n.age_ns);
+	do_settimeofday64(&now);
+	err = qs_reseed(n.random, sizeof(n.random));
+	qs_last_rollback = n;
+	pr_info("rolled back to checkpoint %u, taken %llu.%03llu s ago: %llu pages restored, every CPU stopped %llu us, %u newer checkpoints dropped%s\n",
+		n.id, n.age_ns / NSEC_PER_SEC, (n.age_ns % NSEC_PER_SEC) / NSEC_PER_MSEC, n.pages,
+		n.pause_us, n.dropped, err ? "; the random generator could not be reseeded" : "");
+}
+
+/* Takes a checkpoint, activating the hv first if it is dormant; a CPU caught where its state
+ * cannot be restored (an interrupt in service) makes the hv refuse, and a try a moment later
+ * almost always finds it elsewhere. Under qs_lock. */
+#define QS_CHECKPOINT_TRIES 50
+static bool qs_ckpt_activated;	/* the hv was dormant before the first checkpoint */
+
+static void qs_checkpoint(struct qs_checkpoint *a)
+{
+	struct qs_switch_result r = { .failed_cpu = -1 };
+	int tries;
+	long st;
+
+	if (!qs_active) {
+		qs_do_activate(&r);
+		if (r.status != QS_OK) {
+			a->status = r.status;
+			return;
+		}
+		qs_ckpt_activated = true;
+	}
+	for (tries = 0; tries < QS_CHECKPOINT_TRIES; tries++) {
+		preempt_disable();
+		st = qs_hypercall(QS_OP_CHECKPOINT, virt_to_phys(a), sizeof(*a));
+		preempt_enable();
+		/* Here a second time after a rollback to this checkpoint: a->status is RolledBack. */
+		if (st == -EFAULT)
+			a->status = QS_NOT_ACTIVE;
+		else if (st != QS_OK)
+			a->status = st;
+		if (a->status != QS_NOT_QUIESCENT)
+			break;
+		usleep_range(500, 1000);
+	}
+}
+
+/* After the last checkpoint is deleted the hv goes dormant again if a checkpoint woke it. */
+static void qs_after_delete(void)
+{
+	struct qs_checkpoint_list *l;
+	struct qs_switch_result r;
+	bool none;
+
+	if (!qs_active || !qs_ckpt_activated)
+		return;
+	l = kzalloc(sizeof(*l), GFP_KERNEL);	/* the hv writes by physical address */
+	if (!l)
+		return;
+	none = qs_control(QS_OP_CHECKPOINTS, l, sizeof(*l)) == QS_OK && !l->count;
+	kfree(l);
+	if (!none)
+		return;
+	qs_do_deactivate(&r);
+	if (r.status == QS_OK)
+		qs_ckpt_activated = false;
 }
 
 static void qs_probe_cpu(void *arg)
@@ -1066,6 +1285,104 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 		kfree(fz);
 		break;
 	}
+	case QS_IOC_CHECKPOINT: {
+		/* The hv answers in this buffer by physical address. */
+		struct qs_checkpoint *a = kzalloc(sizeof(*a), GFP_KERNEL);
+
+		if (!a) {
+			ret = -ENOMEM;
+			break;
+		}
+		if (copy_from_user(a, uarg, sizeof(*a))) {
+			kfree(a);
+			ret = -EFAULT;
+			break;
+		}
+		qs_checkpoint(a);
+		if (copy_to_user(uarg, a, sizeof(*a)))
+			ret = -EFAULT;
+		kfree(a);
+		break;
+	}
+	case QS_IOC_ROLLBACK: {
+		struct qs_rollback *a = kzalloc(sizeof(*a), GFP_KERNEL);
+		long st;
+
+		if (!a) {
+			ret = -ENOMEM;
+			break;
+		}
+		if (copy_from_user(a, uarg, sizeof(*a))) {
+			kfree(a);
+			ret = -EFAULT;
+			break;
+		}
+		/* No age limit: the kernel's clocks do not jump (the hv moves the TSC back). */
+		a->max_age_ns = 0;
+		if (!qs_active) {
+			a->status = QS_NO_SUCH_CHECKPOINT;	/* a dormant hv keeps none */
+		} else {
+			preempt_disable();
+			st = qs_hypercall(QS_OP_ROLLBACK, virt_to_phys(a), sizeof(*a));
+			preempt_enable();
+			/* Only a refusal returns: after a rollback this CPU is elsewhere. */
+			if (st == -EFAULT)
+				a->status = QS_NOT_ACTIVE;
+			else if (st != QS_OK)
+				a->status = st;
+		}
+		if (copy_to_user(uarg, a, sizeof(*a)))
+			ret = -EFAULT;
+		kfree(a);
+		break;
+	}
+	case QS_IOC_CHECKPOINTS: {
+		struct qs_buffer_request req;
+		void *buf;
+
+		if (copy_from_user(&req, uarg, sizeof(req))) {
+			ret = -EFAULT;
+			break;
+		}
+		if (req.len < sizeof(struct qs_checkpoint_list) || req.len > (64u << 10)) {
+			ret = -EINVAL;
+			break;
+		}
+		buf = kzalloc(req.len, GFP_KERNEL);	/* physically contiguous: the hv writes by PA */
+		if (!buf) {
+			ret = -ENOMEM;
+			break;
+		}
+		req.status = qs_control(QS_OP_CHECKPOINTS, buf, req.len);
+		if (copy_to_user(u64_to_user_ptr(req.buf), buf, req.len) ||
+		    copy_to_user(uarg, &req, sizeof(req)))
+			ret = -EFAULT;
+		kfree(buf);
+		break;
+	}
+	case QS_IOC_CHECKPOINT_DELETE: {
+		struct qs_checkpoint_delete *d = kzalloc(sizeof(*d), GFP_KERNEL);
+
+		if (!d) {
+			ret = -ENOMEM;
+			break;
+		}
+		if (copy_from_user(d, uarg, sizeof(*d))) {
+			kfree(d);
+			ret = -EFAULT;
+			break;
+		}
+		d->status = qs_control(QS_OP_CHECKPOINT_DELETE, d, sizeof(*d));
+		qs_after_delete();
+		if (copy_to_user(uarg, d, sizeof(*d)))
+			ret = -EFAULT;
+		kfree(d);
+		break;
+	}
+	case QS_IOC_LAST_ROLLBACK:
+		if (copy_to_user(uarg, &qs_last_rollback, sizeof(qs_last_rollback)))
+			ret = -EFAULT;
+		break;
 	case QS_IOC_AGENT_INFO: {
 		struct qs_agent_info info = {
 			.store_bytes = qs_store.count * QS_STORE_CHUNK_SIZE,
@@ -1147,21 +1464,30 @@ static int __init qs_init(void)
 		err = qs_hp_state;
 		goto out;
 	}
-	err = misc_register(&qs_dev);
+	init_irq_work(&qs_rollback_irq_work, qs_rollback_irq_work_fn);
+	INIT_WORK(&qs_rollback_work, qs_rollback_work_fn);
+	qs_clocksource_touch_watchdog = (void *)qs_lookup("clocksource_touch_watchdog");
+	err = register_nmi_handler(NMI_LOCAL, qs_nmi, 0, "quicksilver");
 	if (err)
 		goto out_hp;
+	err = misc_register(&qs_dev);
+	if (err)
+		goto out_nmi;
 	err = qs_link_start();
 	if (err)
 		goto out_dev;
 	return 0;
 out_dev:
 	misc_deregister(&qs_dev);
+out_nmi:
+	unregister_nmi_handler(NMI_LOCAL, "quicksilver");
 out_hp:
 	cpuhp_remove_state_nocalls(qs_hp_state);
 out:
 	vunmap(hv.base);
 	__free_pages(hv.pages, hv.order);
 	qs_store_free();
+	free_page((unsigned long)qs_notice);
 	return err;
 }
 
@@ -1174,14 +1500,28 @@ static void __exit qs_exit(void)
 	mutex_lock(&qs_lock);
 	qs_refresh_active();
 	if (qs_active) {
+		struct qs_checkpoint_delete *d = kzalloc(sizeof(*d), GFP_KERNEL);
+
+		/* Kept checkpoints hold every CPU in guest mode (the hv writes by PA: no stack). */
+		if (d) {
+			d->id = QS_CHECKPOINT_ALL;
+			qs_control(QS_OP_CHECKPOINT_DELETE, d, sizeof(*d));
+			if (d->deleted)
+				pr_info("deleted %u checkpoints before unloading\n", d->deleted);
+			kfree(d);
+		}
 		qs_do_deactivate(&r);
 		pr_info("deactivated %u CPUs before unloading\n", r.cpus);
 	}
 	mutex_unlock(&qs_lock);
 	cpuhp_remove_state_nocalls(qs_hp_state);
+	unregister_nmi_handler(NMI_LOCAL, "quicksilver");
+	irq_work_sync(&qs_rollback_irq_work);
+	cancel_work_sync(&qs_rollback_work);
 	vunmap(hv.base);
 	__free_pages(hv.pages, hv.order);
 	qs_store_free();
+	free_page((unsigned long)qs_notice);
 	pr_info("unloaded\n");
 }
 

@@ -146,6 +146,7 @@ pub mod apic_reg {
     pub const LDR: u32 = 0x0D0;
     pub const DFR: u32 = 0x0E0;
     pub const SVR: u32 = 0x0F0;
+    pub const EOI: u32 = 0x0B0;
     pub const ISR: u32 = 0x100;
     pub const TMR: u32 = 0x180;
     pub const IRR: u32 = 0x200;

@@ -613,6 +613,14 @@ impl<F: Frames> Npt<F> {
         self.run(gpa.0, end, Op::LogStop(mode))
     }
 
+    /// Is the page of `gpa` held read-only by a write-fault log (its next write faults and
+    /// [`Npt::dirty_log_write_fault`] would give write back)? For a caller that must act
+    /// before the page becomes writable (copy-on-write keeps the old contents first).
+    pub fn dirty_log_protected(&self, gpa: Gpa) -> bool {
+        self.pte(Gpa(gpa.0 & !(SIZE_4K - 1)))
+            .is_some_and(|pte| pte.load() & (LOGGED | PROTECTED | RW) == LOGGED)
+    }
+
     /// The nested page fault handler's question for a write fault at `gpa`: was it the
     /// write-fault log's protection? If so, the page is made writable again.
     pub fn dirty_log_write_fault(&mut self, gpa: Gpa) -> WriteFault {

@@ -19,7 +19,7 @@ use crate::decode::{self, Insn};
 use crate::exit::{self, npf, Action, Stop, Then};
 use crate::rendezvous::{ClientId, Gathered, Platform, Release, Rendezvous};
 use crate::vmm::{self, Hv, COUNTERS};
-use crate::{debug, freeze};
+use crate::{checkpoint, debug, freeze};
 use core::cell::UnsafeCell;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
@@ -246,6 +246,8 @@ pub unsafe extern "C" fn host_main(cpu: *mut core::ffi::c_void) -> ! {
         if vmm::NPT_TLB.must_flush(&mut p.run.npt_seen) {
             p.vcpu.flush_tlb();
         }
+        p.vcpu
+            .set_tsc_offset(checkpoint::GUEST_TSC_OFFSET.load(Relaxed));
         // SAFETY: host mode on this CPU, after `prepare` in `activate`.
         let exit = unsafe { p.vcpu.run() };
         let t = instr::rdtsc();
@@ -327,6 +329,7 @@ fn apply(hv: &'static Hv, cpu: &Cpu, p: &mut Private, mut action: Action) {
 /// The clients of the rendezvous.
 const CLIENT_DEBUG: ClientId = 1;
 const CLIENT_FREEZE: ClientId = 2;
+const CLIENT_CHECKPOINT: ClientId = 3;
 
 /// The hv's rendezvous: every stop of every client goes through it.
 pub static STOP: Rendezvous = Rendezvous::new(2000);
@@ -356,6 +359,9 @@ fn park(hv: &'static Hv, cpu: &Cpu, p: &mut Private, stop: Option<Stop>) -> Acti
         Some(Stop::Freeze) => Some(STOP.enter(&platform, me, CLIENT_FREEZE, |g| {
             freeze::lead(hv, Parked::new(hv, g))
         })),
+        Some(Stop::Checkpoint) => Some(STOP.enter(&platform, me, CLIENT_CHECKPOINT, |g| {
+            checkpoint::lead(hv, Parked::new(hv, g))
+        })),
     };
     // SAFETY: released (or never parked): this CPU's own stopped part again.
     let st = unsafe { &mut *cpu.stopped.get() };
@@ -373,10 +379,20 @@ fn park(hv: &'static Hv, cpu: &Cpu, p: &mut Private, stop: Option<Stop>) -> Acti
         // A debugger's stop began first and this CPU joined it: that freeze did not happen.
         freeze::abandon(hv, p.vcpu);
     }
-    match client {
-        CLIENT_FREEZE => freeze::resumed(hv, me, p.vcpu, st, release),
-        _ => debug::resumed(hv, p.vcpu, st, release),
+    if stop == Some(Stop::Checkpoint) && client != CLIENT_CHECKPOINT {
+        checkpoint::abandon(hv, p.vcpu);
     }
+    let action = match client {
+        CLIENT_FREEZE => freeze::resumed(hv, me, p.vcpu, st, release),
+        CLIENT_CHECKPOINT => checkpoint::resumed(hv, me, p.vcpu, st, release),
+        _ => debug::resumed(hv, p.vcpu, st, release),
+    };
+    if action == Action::Leave && checkpoint::kept() {
+        // A debugger's detach steps out by default; kept checkpoints need every CPU in guest
+        // mode (a native CPU's writes escape the log), so the CPU runs on under the hv.
+        return Action::Run;
+    }
+    action
 }
 
 /// The leader's proof that CPUs are parked, and its access to their stopped state. Made only
@@ -503,6 +519,15 @@ impl exit::Env for HvEnv<'_> {
     fn freeze_request(&self, buf_gpa: u64, len: u64) -> i64 {
         self.hv.freeze_request(self.me, buf_gpa, len)
     }
+    fn checkpoint_request(&self, rollback: bool, buf_gpa: u64, len: u64) -> i64 {
+        self.hv.checkpoint_request(self.me, rollback, buf_gpa, len)
+    }
+    fn copy_on_write(&self, gpa: u64) -> checkpoint::Cow {
+        checkpoint::write_fault(self.hv, gpa)
+    }
+    fn checkpoints_kept(&self) -> bool {
+        checkpoint::kept()
+    }
     fn take_stop_nmi(&self) -> bool {
         STOP.nmi_was_expected(self.me)
     }
@@ -557,6 +582,8 @@ fn unexpected(hv: &Hv, cpu: &Cpu, p: &mut Private) -> ! {
 
 /// Leaves guest mode on this CPU for good (until the next activation).
 fn step_out(hv: &Hv, cpu: &Cpu, p: &mut Private, native: &NativeState) -> ! {
+    // An unexpected exit's policy: kept checkpoints cannot stay exact once a CPU runs natively.
+    checkpoint::cpu_left(hv);
     cpu.shared.active.store(false, Release);
     cpu.shared
         .last_deactivate_cycles
@@ -564,6 +591,8 @@ fn step_out(hv: &Hv, cpu: &Cpu, p: &mut Private, native: &NativeState) -> ! {
     if COUNTERS.active_cpus.fetch_sub(1, AcqRel) == 1 {
         COUNTERS.deactivations.fetch_add(1, Relaxed);
         hv.reset_guest_view();
+        // Natively the kernel reads the CPU's own TSC: a later activation starts from there.
+        checkpoint::GUEST_TSC_OFFSET.store(0, Relaxed);
     }
     // SAFETY: host mode on this CPU after its last exit; the hv's memory is mapped at the same
     // address in the kernel's tables (the agent's mapping).

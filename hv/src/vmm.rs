@@ -24,7 +24,7 @@ use crate::vcpu::Cpu;
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
-use quicksilver_proto::abi::{InitArgs, Op, Status, STORE_CHUNK_SIZE};
+use quicksilver_proto::abi::{InitArgs, Op, Status, MAX_RAM_RANGES, STORE_CHUNK_SIZE};
 use quicksilver_proto::image::{ImageHeader, PAGE_SIZE};
 use quicksilver_proto::stats::{self, CpuStats, ExitRecord, StatsHeader};
 use spin::Mutex;
@@ -313,6 +313,16 @@ impl Hv {
         }
     }
 
+    /// `Op::Checkpoint` or `Op::Rollback` from CPU `me`, on a guest-physical buffer: checked
+    /// and kept for the rendezvous that follows the hypercall (`crate::checkpoint`).
+    pub fn checkpoint_request(&self, me: u32, rollback: bool, gpa: u64, len: u64) -> i64 {
+        // SAFETY: a hypercall's buffer, used for this call only.
+        match unsafe { self.guest_buffer(gpa, len) } {
+            Ok(buf) => crate::checkpoint::request(self, me, rollback, gpa, buf) as i64,
+            Err(s) => s as i64,
+        }
+    }
+
     /// `Op::Freeze` from CPU `me`, on a guest-physical buffer: checked and kept for the
     /// rendezvous that follows the hypercall (`crate::freeze`).
     pub fn freeze_request(&self, me: u32, gpa: u64, len: u64) -> i64 {
@@ -337,6 +347,9 @@ impl Hv {
         if self.overlaps_own(gpa..end) {
             return Err(Status::BadArgument);
         }
+        // The caller may write the buffer: while checkpoints are kept, its pages' old
+        // contents are kept first.
+        crate::checkpoint::before_hv_write(self, gpa, len);
         // SAFETY: [gpa, end) is identity-mapped in the hv's tables, outside the hv's memory,
         // and the guest handed it over for this call (the agent's kmalloc'd buffer); host
         // mode only, where the identity map is the address space.
@@ -351,9 +364,10 @@ impl Hv {
             Op::LinkConfig => crate::link::configure(buf),
             Op::LinkRx => return crate::link::receive(buf, in_guest),
             Op::ActiveCpus => return COUNTERS.active_cpus.load(Acquire) as i64,
-            // Hypercalls only (`freeze_request`, the run loop).
+            Op::Checkpoints => crate::checkpoint::list(self, buf),
+            Op::CheckpointDelete => crate::checkpoint::delete(self, buf),
+            // Hypercalls only (`freeze_request`, `checkpoint_request`, the run loop).
             Op::Deactivate | Op::Freeze | Op::Checkpoint | Op::Rollback => Status::BadOp,
-            Op::Checkpoints | Op::CheckpointDelete => Status::BadOp,
         };
         status as i64
     }
@@ -449,12 +463,19 @@ fn store_chunks(
 ) -> Result<([u64; STORE_MAX_CHUNKS], usize), Status> {
     let n = args.store_chunks as usize;
     let mut store = [0u64; STORE_MAX_CHUNKS];
+    if args.ckpt_chunks > args.store_chunks {
+        return Err(Status::BadArgument);
+    }
     if n == 0 {
         return Ok((store, 0));
     }
-    if n > STORE_MAX_CHUNKS || args.store_chunks_va == 0 {
+    if n > STORE_MAX_CHUNKS
+        || args.store_chunks_va == 0
+        || args.ckpt_chunks as usize > crate::checkpoint::store::MAX_CHUNKS
+    {
         return Err(Status::StoreTooLarge);
     }
+
     // SAFETY: the agent passes a kernel VA of `store_chunks` u64s, valid for this call (init
     // runs on the kernel's address space); read_unaligned needs no alignment.
     let list = args.store_chunks_va as *const u64;
@@ -476,6 +497,60 @@ fn store_chunks(
         store[i] = pa;
     }
     Ok((store, n))
+}
+
+/// The machine's RAM, copied from the agent's list (valid only during `init`): at most
+/// `MAX_RAM_RANGES` page-aligned ranges inside the identity map.
+fn ram_ranges(args: &InitArgs) -> Result<RamRanges, Status> {
+    let mut out = RamRanges::new();
+    if args.ram_ranges == 0 {
+        return Ok(out);
+    }
+    if args.ram_ranges > MAX_RAM_RANGES || args.ram_ranges_va == 0 {
+        return Err(Status::BadArgument);
+    }
+    let list = args.ram_ranges_va as *const u64;
+    for i in 0..args.ram_ranges as usize {
+        // SAFETY: the agent passes a kernel VA of `ram_ranges` pairs of u64, valid for this
+        // call (init runs on the kernel's address space); read_unaligned needs no alignment.
+        let (start, end) = unsafe {
+            (
+                list.add(2 * i).read_unaligned(),
+                list.add(2 * i + 1).read_unaligned(),
+            )
+        };
+        if start >= end || !start.is_multiple_of(SIZE_4K) || !end.is_multiple_of(SIZE_4K) {
+            return Err(Status::BadArgument);
+        }
+        out.push((start, end));
+    }
+    Ok(out)
+}
+
+/// RAM ranges, on the stack of `init` (a few hundred bytes).
+struct RamRanges {
+    r: [(u64, u64); MAX_RAM_RANGES as usize],
+    n: usize,
+}
+
+impl RamRanges {
+    fn new() -> Self {
+        RamRanges {
+            r: [(0, 0); MAX_RAM_RANGES as usize],
+            n: 0,
+        }
+    }
+    fn push(&mut self, v: (u64, u64)) {
+        self.r[self.n] = v;
+        self.n += 1;
+    }
+}
+
+impl core::ops::Deref for RamRanges {
+    type Target = [(u64, u64)];
+    fn deref(&self) -> &[(u64, u64)] {
+        &self.r[..self.n]
+    }
 }
 
 /// Builds everything into `hv`, which is fully written when this returns `Ok`.
@@ -550,7 +625,14 @@ fn build(
     for &c in &store[..store_n] {
         let _ = npt.unmap(Gpa(c), STORE_CHUNK_SIZE).map_err(oom)?;
     }
-    for &c in &store[..store_n] {
+    // The last `ckpt_chunks` chunks hold checkpoints; the others feed the frame pool.
+    let pool_chunks = store_n - args.ckpt_chunks as usize;
+    crate::checkpoint::configure(
+        &store[pool_chunks..store_n],
+        &ram_ranges(args)?,
+        args.notice_pa,
+    );
+    for &c in &store[..pool_chunks] {
         // SAFETY: the chunk is the agent's gift for as long as the hv lives, hidden from the
         // guest above; its frames are handed out only in host mode, where the identity map
         // reaches it at VA = PA (nothing in `init` allocates after this).
@@ -617,6 +699,7 @@ pub fn read_guest_phys(hv: &Hv, gpa: u64, out: &mut [u8]) -> bool {
 pub fn write_guest_phys(hv: &Hv, gpa: u64, data: &[u8]) -> bool {
     match gpa.checked_add(data.len() as u64) {
         Some(end) if end <= hv.map_limit && !hv.overlaps_own(gpa..end) => {
+            crate::checkpoint::before_hv_write(hv, gpa, data.len() as u64);
             // SAFETY: identity-mapped in the hv's tables (host mode), in bounds, outside the
             // hv's memory; the guest is stopped or the caller owns the bytes (gdb's write).
             unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), gpa as *mut u8, data.len()) };

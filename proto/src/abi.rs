@@ -109,6 +109,8 @@ crate::abi_struct! {
 
 const _: () = assert!(core::mem::size_of::<InitArgs>() == 96);
 
+/// Most chunks of checkpoint memory (`ckpt_mem=` up to 256 MiB).
+pub const CKPT_MAX_CHUNKS: u32 = 64;
 /// Most RAM ranges the hv takes from the agent.
 pub const MAX_RAM_RANGES: u32 = 32;
 /// Most checkpoints the hv keeps at once.

@@ -92,6 +92,28 @@ pub fn generate() -> String {
         ],
     );
 
+    section(&mut h, "checkpoints (proto/src/abi.rs)");
+    structure::<abi::CheckpointArgs>(&mut h);
+    structure::<abi::RollbackArgs>(&mut h);
+    structure::<abi::RollbackNotice>(&mut h);
+    structure::<abi::CheckpointInfo>(&mut h);
+    structure::<abi::CheckpointList>(&mut h);
+    structure::<abi::CheckpointDelete>(&mut h);
+    defines(
+        &mut h,
+        [
+            ("QS_MAX_RAM_RANGES", abi::MAX_RAM_RANGES.to_string()),
+            ("QS_MAX_CHECKPOINTS", abi::MAX_CHECKPOINTS.to_string()),
+            ("QS_CKPT_MAX_CHUNKS", abi::CKPT_MAX_CHUNKS.to_string()),
+            ("QS_CHECKPOINT_ALL", u32_hex(abi::CHECKPOINT_ALL)),
+            (
+                "QS_CHECKPOINT_PERIODIC",
+                abi::CHECKPOINT_PERIODIC.to_string(),
+            ),
+            ("QS_CHECKPOINT_CURRENT", abi::CHECKPOINT_CURRENT.to_string()),
+        ],
+    );
+
     section(&mut h, "hypercalls and CPUID (proto/src/abi.rs)");
     defines(
         &mut h,
@@ -149,6 +171,7 @@ pub fn generate() -> String {
     structure::<Probe>(&mut h);
     structure::<Peek>(&mut h);
     structure::<AgentInfo>(&mut h);
+    structure::<ioctl::BufferRequest>(&mut h);
     defines(
         &mut h,
         [("QS_IOC_MAGIC", format!("'{}'", ioctl::MAGIC as char))],

@@ -8,8 +8,13 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use quicksilver_proto::abi::FreezeArgs;
-use quicksilver_proto::ioctl::{self, AgentInfo, Peek, Probe, Request, StatsRequest, SwitchResult};
+use quicksilver_proto::abi::{
+    self, CheckpointArgs, CheckpointDelete, CheckpointInfo, CheckpointList, FreezeArgs,
+    RollbackArgs, RollbackNotice,
+};
+use quicksilver_proto::ioctl::{
+    self, AgentInfo, BufferRequest, Peek, Probe, Request, StatsRequest, SwitchResult,
+};
 
 /// Issues `req` with `arg` on the agent's device.
 ///
@@ -122,4 +127,76 @@ pub fn freeze(dev: &File, ms: u32, flags: u32) -> io::Result<FreezeArgs> {
     // SAFETY: a FreezeArgs holds no pointer.
     unsafe { ioctl(dev, ioctl::FREEZE, &mut f) }?;
     Ok(f)
+}
+
+/// Takes a checkpoint (`flags`: `abi::CHECKPOINT_PERIODIC` or 0). Its `status` says how it
+/// went: `RolledBack` when this call returns a second time, after a rollback to it.
+pub fn checkpoint(dev: &File, flags: u32) -> io::Result<CheckpointArgs> {
+    let mut a = CheckpointArgs {
+        flags,
+        ..Default::default()
+    };
+    // SAFETY: a CheckpointArgs holds no pointer.
+    unsafe { ioctl(dev, ioctl::CHECKPOINT, &mut a) }?;
+    Ok(a)
+}
+
+/// Puts the machine back at checkpoint `id`. Returns only when refused.
+pub fn rollback(dev: &File, id: u32) -> io::Result<RollbackArgs> {
+    let mut a = RollbackArgs {
+        id,
+        ..Default::default()
+    };
+    // SAFETY: a RollbackArgs holds no pointer.
+    unsafe { ioctl(dev, ioctl::ROLLBACK, &mut a) }?;
+    Ok(a)
+}
+
+/// The checkpoints kept: the list's header and its entries.
+pub fn checkpoints(dev: &File) -> io::Result<(CheckpointList, Vec<CheckpointInfo>)> {
+    let head = std::mem::size_of::<CheckpointList>();
+    let each = std::mem::size_of::<CheckpointInfo>();
+    let mut buf = vec![0u8; head + each * abi::MAX_CHECKPOINTS as usize];
+    let mut req = BufferRequest {
+        buf: buf.as_mut_ptr() as u64,
+        len: buf.len() as u64,
+        status: 0,
+    };
+    // SAFETY: `req.buf` points at `buf`, writable for `req.len` bytes until we return, and the
+    // agent writes at most `len` bytes there.
+    unsafe { ioctl(dev, ioctl::CHECKPOINTS, &mut req) }?;
+    // SAFETY: the buffer holds a CheckpointList at its start (plain integers, any bit pattern
+    // valid); read_unaligned needs no alignment.
+    let mut list = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<CheckpointList>()) };
+    list.status = req.status;
+    let n = (list.count as usize).min(abi::MAX_CHECKPOINTS as usize);
+    let infos = (0..n)
+        .map(|i| {
+            // SAFETY: entry i lies inside the buffer (n is at most the room made for); plain
+            // integers as above.
+            unsafe {
+                std::ptr::read_unaligned(buf[head + i * each..].as_ptr().cast::<CheckpointInfo>())
+            }
+        })
+        .collect();
+    Ok((list, infos))
+}
+
+/// Deletes checkpoint `id` (or `abi::CHECKPOINT_ALL`).
+pub fn checkpoint_delete(dev: &File, id: u32) -> io::Result<CheckpointDelete> {
+    let mut d = CheckpointDelete {
+        id,
+        ..Default::default()
+    };
+    // SAFETY: a CheckpointDelete holds no pointer.
+    unsafe { ioctl(dev, ioctl::CHECKPOINT_DELETE, &mut d) }?;
+    Ok(d)
+}
+
+/// The last rollback the agent handled (all zero before any).
+pub fn last_rollback(dev: &File) -> io::Result<RollbackNotice> {
+    let mut n = RollbackNotice::default();
+    // SAFETY: a RollbackNotice holds no pointer.
+    unsafe { ioctl(dev, ioctl::LAST_ROLLBACK, &mut n) }?;
+    Ok(n)
 }

@@ -11,8 +11,14 @@
 //! qsctl peek-phys ADDRESS         the kernel reads 8 bytes of device memory or a hole
 //! qsctl bench-switch N            N activate/deactivate round trips and N of the IPI floor
 //!                                 (two empty calls on every CPU); one JSON line of medians
+//! qsctl checkpoint                checkpoint the whole machine (activates the hv if dormant)
+//! qsctl checkpoint --delete ID|all  delete one, or all (then the hv goes dormant again if a
+//!                                 checkpoint woke it)
+//! qsctl checkpoints               the checkpoints kept: id, age, pause, pages, bytes, parent
+//! qsctl rollback ID               put the whole machine back at checkpoint ID
 //! ```
 
+mod checkpoint;
 mod ioctl;
 
 use anyhow::{bail, Context, Result};
@@ -500,8 +506,12 @@ fn main() {
         ["freeze", ms] => cmd_freeze(ms, false),
         ["bench-freeze", n] => cmd_bench_freeze(n),
         ["freeze", ms, "--check"] => cmd_freeze(ms, true),
+        ["checkpoint"] => checkpoint::take(),
+        ["checkpoint", "--delete", which] => checkpoint::delete(which),
+        ["checkpoints"] => checkpoint::list(),
+        ["rollback", id] => checkpoint::rollback(id),
         _ => {
-            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|peek OFFSET|poke OFFSET VALUE|peek-store OFFSET|poke-store OFFSET VALUE|peek-phys ADDRESS|bench-switch N|bench-freeze N");
+            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|checkpoint [--delete ID|all]|checkpoints|rollback ID|peek OFFSET|poke OFFSET VALUE|peek-store OFFSET|poke-store OFFSET VALUE|peek-phys ADDRESS|bench-switch N|bench-freeze N");
             std::process::exit(2);
         }
     };

@@ -374,3 +374,40 @@ pub unsafe fn send_nmi(apic_id: u32) {
         icr_hi.write_volatile(saved);
     }
 }
+
+/// Copies one 4 KiB page with `REP MOVSQ`: under QEMU's TCG it moves ~183 MiB/s where
+/// `REP MOVSB` (what `memcpy` becomes with ERMS) moves ~22 MiB/s (FACTS.md).
+///
+/// # Safety
+/// `dst` and `src` are 8-byte aligned, valid for 4096 bytes (writes, reads), and apart.
+#[inline]
+pub unsafe fn copy_page(dst: *mut u8, src: *const u8) {
+    // SAFETY: forwarded to the caller; DF is clear (the ABI's and the hv's state).
+    unsafe {
+        asm!(
+            "rep movsq",
+            inout("rcx") 512u64 => _,
+            inout("rdi") dst => _,
+            inout("rsi") src => _,
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
+/// RDRAND's 64 bits, if the CPU has it and it delivered (a few tries, as the manuals advise).
+pub fn rdrand64() -> Option<u64> {
+    if cpuid(1, 0)[2] & (1 << 30) == 0 {
+        return None;
+    }
+    for _ in 0..10 {
+        let (v, ok): (u64, u8);
+        // SAFETY: RDRAND exists (CPUID.1:ECX bit 30); it writes only its operand and CF.
+        unsafe {
+            asm!("rdrand {v}", "setc {ok}", v = out(reg) v, ok = out(reg_byte) ok, options(nomem, nostack))
+        };
+        if ok != 0 {
+            return Some(v);
+        }
+    }
+    None
+}

@@ -70,6 +70,43 @@ pub fn restore(s: &CpuState) {
     restore_apic(&s.apic);
 }
 
+/// As [`restore`], for a rollback: the state is from another instant, not from this stop.
+/// First every interrupt in service now is ended (EOI until the ISR is empty: the
+/// checkpoint's CPU had none in service, and a handler that will never run to its EOI would
+/// block its priority class for good); then the registers; and a one-shot timer that was
+/// counting at the checkpoint is armed again with what it had left, whatever the live timer
+/// says now (every CPU must have its tick coming, or it may sleep for ever in HLT).
+pub fn restore_rolled_back(s: &CpuState) {
+    if let Some((apic, base)) = Apic::current() {
+        if s.apic.present && base == s.apic.base_msr {
+            end_in_service(&apic);
+            let mut a = s.apic;
+            if a.timer_mode() == 0 && a.timer_current != 0 {
+                // Forces the re-arm in `write_back` (it re-arms only a counting timer).
+                apic.write(apic_reg::TIMER_INITIAL, a.timer_current);
+                a.timer_current = 0;
+            }
+            write_back(&apic, &a);
+        }
+    }
+    // SAFETY: the guest's own CR8 value, captured on this CPU at the checkpoint.
+    unsafe { instr::write_cr8(s.cr8) };
+    if has_tsc_aux() {
+        // SAFETY: the MSR exists (checked); the guest's own value.
+        unsafe { instr::wrmsr(msr::TSC_AUX, s.msrs.tsc_aux) };
+    }
+}
+
+/// EOI until no interrupt is in service (at most one per vector class: 16 tries).
+fn end_in_service(apic: &impl ApicRegs) {
+    for _ in 0..16 {
+        if (0..8u32).all(|i| apic.read(apic_reg::ISR + 0x10 * i) == 0) {
+            return;
+        }
+        apic.write(apic_reg::EOI, 0);
+    }
+}
+
 fn has_tsc_aux() -> bool {
     instr::cpuid(0x8000_0001, 0)[3] & (1 << 27) != 0
 }

@@ -1,3 +1,664 @@
-//! Checkpoints of the whole machine.
+//! Checkpoints of the whole machine, and rollbacks to them: the rendezvous' third client.
+//!
+//! A checkpoint is a consistent cut: every CPU parked at once (the rendezvous), each one's
+//! whole state captured (`CpuState`, written as records into checkpoint memory), and RAM kept
+//! by copy-on-write from then on ([`undo`]: the nested tables write-protect every page of RAM;
+//! the first write to a page after a checkpoint copies its old contents first). The pause is
+//! the stop plus re-protecting the pages written since the previous checkpoint: it does not
+//! grow with RAM (only the very first checkpoint walks all of RAM, to protect it).
+//!
+//! A rollback, with every CPU parked (the order is ARCHITECTURE.md's "A rollback, step by
+//! step"): protect the pages written since the last checkpoint; put every page logged since
+//! the checkpoint back, newest first; give each CPU the checkpoint's state (each writes it
+//! back when released, ending any interrupt in service and arming its timer: `arch::parts::
+//! ROLLBACK`); write the agent's [`RollbackNotice`]; release every CPU with an NMI injected,
+//! which the agent's NMI handler turns into its after-rollback work (watchdogs, clocks, the
+//! random generator, one line in the kernel's log).
+//!
+//! The hv's own state (this module, the link, the debugger) is not rolled back; the
+//! kernel's, the agent's included, is.
+//!
+//! Everything the hv writes into guest memory while checkpoints are kept goes through
+//! [`before_hv_write`] (hypercall buffers, gdb's writes, the notice), so that it is logged
+//! like a write of the guest's own: a rollback puts those bytes back too.
 
+pub mod store;
 pub mod undo;
+
+use crate::arch::{parts, Event, Vcpu};
+use crate::cpu_state::CpuState;
+use crate::exit::Action;
+use crate::npt::{DirtyLog, Flush};
+use crate::paging::{Gpa, SIZE_4K};
+use crate::rendezvous::Release;
+use crate::vcpu::{Parked, Stopped};
+use crate::vmm::{self, Hv, NPT_TLB};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use quicksilver_proto::abi::{
+    CheckpointArgs, CheckpointDelete, CheckpointInfo, CheckpointList, RollbackArgs, RollbackNotice,
+    Status, CHECKPOINT_ALL, CHECKPOINT_CURRENT, CHECKPOINT_PERIODIC, MAX_CHECKPOINTS,
+    MAX_RAM_RANGES,
+};
+use store::StoreMemory;
+use undo::{Checkpoint, UndoError, UndoLog, PAGE};
+
+/// Slots of records per CPU: its `CpuState`.
+const CPU_SLOTS: u32 = core::mem::size_of::<CpuState>().div_ceil(PAGE) as u32;
+
+/// The undo log and what the hv knows of the machine's RAM.
+struct Engine {
+    log: UndoLog<StoreMemory>,
+    ram: [(u64, u64); MAX_RAM_RANGES as usize],
+    ram_n: usize,
+    notice_pa: u64,
+}
+
+/// Lock order: `ENGINE`, then the nested tables (`Hv::npt`).
+static ENGINE: spin::Mutex<Engine> = spin::Mutex::new(Engine {
+    log: UndoLog::new(StoreMemory::empty()),
+    ram: [(0, 0); MAX_RAM_RANGES as usize],
+    ram_n: 0,
+    notice_pa: 0,
+});
+/// A checkpoint is kept, so RAM is write-protected: read without the lock on every nested
+/// page fault and hv write.
+static LOGGING: AtomicBool = AtomicBool::new(false);
+static ROLLBACKS: AtomicU64 = AtomicU64::new(0);
+/// The guest's TSC offset (two's complement): the TSC the kernel reads is the CPU's plus this
+/// (the VMCB's TSC_OFFSET, APM vol. 2, 15.30.5). A rollback moves it back by the checkpoint's
+/// age, so that the kernel's clocks continue from the checkpoint's instant: no clock jumps,
+/// no watchdog sees a gap, no timer fires late (the time policy, README "Time after a
+/// rollback"). Every CPU loads it at each VMRUN.
+pub static GUEST_TSC_OFFSET: AtomicU64 = AtomicU64::new(0);
+static DROPPED_FOR_MEMORY: AtomicU64 = AtomicU64::new(0);
+
+/// What a request asks.
+#[derive(Clone, Copy)]
+enum Kind {
+    Take(CheckpointArgs),
+    Rollback(RollbackArgs),
+}
+
+/// The request being served (one at a time).
+struct Request {
+    kind: Kind,
+    /// Where the caller's arguments are (guest-physical).
+    gpa: u64,
+    /// When it arrived (TSC), and which CPU asked (it leads and answers).
+    asked: u64,
+    leader: u32,
+    /// Set by the leader: the machine was rolled back (every CPU gets the notice NMI).
+    rolled_back: bool,
+}
+
+static REQUEST: spin::Mutex<Option<Request>> = spin::Mutex::new(None);
+
+/// Keeps what `init` learnt: the checkpoint chunks, the RAM ranges, the notice's address.
+/// Runs once, in `init`, before any CPU is active; touches none of the chunks.
+pub fn configure(chunks: &[u64], ram: &[(u64, u64)], notice_pa: u64) {
+    let mut e = ENGINE.lock();
+    e.log.memory().configure(chunks);
+    let n = ram.len().min(e.ram.len());
+    e.ram[..n].copy_from_slice(&ram[..n]);
+    e.ram_n = n;
+    e.notice_pa = notice_pa;
+}
+
+/// Is any checkpoint kept? (The hv must stay active while one is.)
+pub fn kept() -> bool {
+    LOGGING.load(Acquire)
+}
+
+fn ns(hv: &Hv, ticks: u64) -> u64 {
+    (ticks as u128 * 1_000_000 / hv.tsc_khz.max(1) as u128) as u64
+}
+
+/// `Op::Checkpoint` or `Op::Rollback` from CPU `me`: checks and keeps the request (buffer
+/// `buf` at `gpa`). Every CPU stops once the hypercall is complete.
+pub fn request(hv: &Hv, me: u32, rollback: bool, gpa: u64, buf: &mut [u8]) -> Status {
+    if crate::debug::session::attached() {
+        return Status::Busy;
+    }
+    let mut r = REQUEST.lock();
+    if r.is_some() {
+        return Status::Busy;
+    }
+    let kind = if rollback {
+        let Some(mut args) = read::<RollbackArgs>(buf) else {
+            return Status::BufferTooSmall;
+        };
+        let e = ENGINE.lock();
+        let Some(c) = e.log.get(args.id) else {
+            return Status::NoSuchCheckpoint;
+        };
+        let age = ns(hv, crate::arch::instr::rdtsc().wrapping_sub(c.taken));
+        if args.max_age_ns != 0 && age > args.max_age_ns {
+            args.age_ns = age;
+            write(buf, &args);
+            return Status::CheckpointTooOld;
+        }
+        Kind::Rollback(args)
+    } else {
+        let Some(mut args) = read::<CheckpointArgs>(buf) else {
+            return Status::BufferTooSmall;
+        };
+        if args.flags & !CHECKPOINT_PERIODIC != 0 {
+            return Status::BadArgument;
+        }
+        let e = ENGINE.lock();
+        if e.log.capacity() == 0 {
+            return Status::NoCheckpointMemory;
+        }
+        // What the caller finds if the machine is ever rolled back to this checkpoint: the
+        // buffer is captured in this state (the answer is written after the capture).
+        args.status = Status::RolledBack as i64;
+        args.id = e.log.next_id();
+        write(buf, &args);
+        Kind::Take(args)
+    };
+    *r = Some(Request {
+        kind,
+        gpa,
+        asked: crate::arch::instr::rdtsc(),
+        leader: me,
+        rolled_back: false,
+    });
+    Status::Ok
+}
+
+/// The leader, with every CPU parked.
+pub fn lead(hv: &Hv, mut p: Parked) {
+    let mut r = REQUEST.lock();
+    if let Some(req) = r.as_mut() {
+        let active = (0..hv.cpus)
+            .filter(|&i| hv.cpu(i).is_some_and(|c| c.shared.is_active()))
+            .fold(0u64, |m, i| m | 1 << i);
+        let parked = p.parked().fold(0u64, |m, i| m | 1 << i);
+        let gathered = crate::arch::instr::rdtsc();
+        match &mut req.kind {
+            _ if active & !parked != 0 => set_status(&mut req.kind, Status::CpusDidNotStop),
+            Kind::Take(args) => {
+                args.gather_us = ns(hv, gathered - req.asked) / 1000;
+                let status = match take(hv, &mut p, parked, args, gathered) {
+                    Ok(()) => Status::Ok,
+                    Err(s) => s,
+                };
+                args.status = status as i64;
+                args.pause_us = ns(hv, crate::arch::instr::rdtsc() - req.asked) / 1000;
+                if status == Status::Ok {
+                    if let Some(c) = ENGINE.lock().log.get_mut(args.id) {
+                        c.pause_us = args.pause_us;
+                    }
+                }
+            }
+            Kind::Rollback(args) => match rollback(hv, &mut p, parked, args.id, req.asked) {
+                Ok(()) => req.rolled_back = true,
+                Err(s) => args.status = s as i64,
+            },
+        }
+    }
+    drop(r);
+    p.release_all(Release::Run);
+}
+
+fn set_status(kind: &mut Kind, s: Status) {
+    match kind {
+        Kind::Take(a) => a.status = s as i64,
+        Kind::Rollback(a) => a.status = s as i64,
+    }
+}
+
+/// A checkpoint, every CPU in `parked` stopped.
+fn take(
+    hv: &Hv,
+    p: &mut Parked,
+    parked: u64,
+    args: &mut CheckpointArgs,
+    gathered: u64,
+) -> Result<(), Status> {
+    for i in p.parked() {
+        let Some(st) = p.peek(i) else { continue };
+        if let Some(what) = busy(&st.state) {
+            args.busy_cpu = i as i32;
+            args.busy_what = what;
+            return Err(Status::NotQuiescent);
+        }
+    }
+    let mut guard = ENGINE.lock();
+    let e = &mut *guard;
+    let records = hv.cpus * CPU_SLOTS;
+    let periodic = args.flags & CHECKPOINT_PERIODIC != 0;
+    // A checkpoint the user asks for keeps a reserve free for the pages the machine will
+    // write next; the periodic ring makes room by dropping its oldest instead.
+    let reserve = if periodic {
+        0
+    } else {
+        (e.log.capacity() / 32).max(64)
+    };
+    while periodic && e.log.free() < records as u64 && e.log.drop_oldest().is_some() {
+        DROPPED_FOR_MEMORY.fetch_add(1, Relaxed);
+    }
+    if e.log.free() < records as u64 + reserve {
+        return Err(Status::CheckpointMemoryFull);
+    }
+    if e.log.kept().count() == MAX_CHECKPOINTS as usize {
+        return Err(Status::TooManyCheckpoints);
+    }
+    let mut npt = hv.npt.lock();
+    let mut flush = Flush::None;
+    let pages_before = e.log.current().map_or(0, |c| c.pages);
+    if e.log.logging() {
+        // Protect again what was written since the previous checkpoint.
+        for gpa in e.log.writable() {
+            flush |= npt
+                .harvest(Gpa(gpa), SIZE_4K, DirtyLog::WriteFault, |_| {})
+                .map_err(|_| Status::NotEnoughMemory)?;
+        }
+    } else {
+        for &(start, end) in &e.ram[..e.ram_n] {
+            let r = npt.dirty_log_start(Gpa(start), end - start, DirtyLog::WriteFault);
+            flush |= Flush::EveryCpu;
+            if r.is_err() {
+                let _ = stop_logging(&e.ram[..e.ram_n], &mut npt);
+                NPT_TLB.publish(Flush::EveryCpu);
+                return Err(Status::NotEnoughMemory);
+            }
+        }
+    }
+    drop(npt);
+    NPT_TLB.publish(flush);
+    let meta = Checkpoint {
+        id: 0,
+        parent: 0,
+        periodic,
+        start: 0,
+        records,
+        pages: 0,
+        dead: 0,
+        taken: gathered,
+        pause_us: 0,
+        cpu_mask: parked,
+        tsc_offset: GUEST_TSC_OFFSET.load(Relaxed),
+    };
+    let store = |mem: &mut StoreMemory, r: u32, slot: u64| {
+        let (cpu, part) = (r / CPU_SLOTS, (r % CPU_SLOTS) as usize);
+        let dst = mem.slot_pa(slot) as *mut u8;
+        match p.peek(cpu) {
+            Some(st) => {
+                let bytes = state_bytes(&st.state);
+                let chunk = &bytes[part * PAGE..bytes.len().min((part + 1) * PAGE)];
+                // SAFETY: host mode; the slot is a page of checkpoint memory (identity-
+                // mapped, the hv's alone) and the chunk at most a page.
+                unsafe { core::ptr::copy_nonoverlapping(chunk.as_ptr(), dst, chunk.len()) };
+            }
+            // SAFETY: as above; a CPU that is not in the checkpoint has a zero record.
+            None => unsafe { core::ptr::write_bytes(dst, 0, PAGE) },
+        }
+    };
+    let id = e.log.take(meta, 0, store).map_err(|err| match err {
+        UndoError::TooMany => Status::TooManyCheckpoints,
+        _ => Status::CheckpointMemoryFull,
+    })?;
+    LOGGING.store(true, Release);
+    args.id = id;
+    args.cpus = parked.count_ones();
+    args.bytes = records as u64 * PAGE as u64;
+    args.pages_before = pages_before;
+    Ok(())
+}
+
+/// Why a parked CPU's state cannot be restored exactly: the highest vector in service on its
+/// local APIC, or 256 + the vector of an event being delivered. `None` if it can.
+fn busy(s: &CpuState) -> Option<u32> {
+    if let Some((i, w)) = s.apic.isr.iter().enumerate().rev().find(|(_, w)| **w != 0) {
+        return Some(i as u32 * 32 + 31 - w.leading_zeros());
+    }
+    let ev = &s.interrupts.pending;
+    ev.valid.then_some(256 + ev.vector as u32)
+}
+
+/// A rollback to `id`, every CPU in `parked` stopped.
+fn rollback(hv: &Hv, p: &mut Parked, parked: u64, id: u32, asked: u64) -> Result<(), Status> {
+    let mut guard = ENGINE.lock();
+    let e = &mut *guard;
+    let c = *e.log.get(id).ok_or(Status::NoSuchCheckpoint)?;
+    if c.cpu_mask != parked {
+        // CPUs came or went since (hotplug is refused while the hv is active).
+        return Err(Status::CpusDidNotStop);
+    }
+    let mut npt = hv.npt.lock();
+    for gpa in e.log.writable() {
+        let _ = npt.harvest(Gpa(gpa), SIZE_4K, DirtyLog::WriteFault, |_| {});
+    }
+    drop(npt);
+    let done = e.log.rollback(id).map_err(|_| Status::NoSuchCheckpoint)?;
+    NPT_TLB.publish(Flush::EveryCpu);
+    for i in 0..hv.cpus {
+        let Some(st) = p.get(i) else { continue };
+        let bytes = state_bytes_mut(&mut st.state);
+        for part in 0..CPU_SLOTS as usize {
+            let Some(slot) = e.log.record_slot(id, i * CPU_SLOTS + part as u32) else {
+                continue;
+            };
+            let src = e.log.memory().slot_pa(slot) as *const u8;
+            let end = bytes.len().min((part + 1) * PAGE);
+            let chunk = &mut bytes[part * PAGE..end];
+            // SAFETY: host mode; the slot is a page of checkpoint memory holding this CPU's
+            // record, written by `take` from a `CpuState` of this same hv (so every byte
+            // pattern copied back is one a `CpuState` held).
+            unsafe { core::ptr::copy_nonoverlapping(src, chunk.as_mut_ptr(), chunk.len()) };
+        }
+        st.dirty = parts::ALL | parts::ROLLBACK;
+    }
+    let now = crate::arch::instr::rdtsc();
+    // The kernel's TSC continues from where it was at the checkpoint.
+    let age = now.wrapping_sub(c.taken);
+    GUEST_TSC_OFFSET.store(c.tsc_offset.wrapping_sub(age), Relaxed);
+    let notice = RollbackNotice {
+        generation: ROLLBACKS.fetch_add(1, Relaxed) + 1,
+        id,
+        dropped: done.dropped,
+        age_ns: ns(hv, age),
+        pause_us: ns(hv, now - asked) / 1000,
+        pages: done.pages,
+        random: randomness(now),
+    };
+    let notice_pa = e.notice_pa;
+    drop(guard);
+    if notice_pa != 0 {
+        // Logged like any write after the checkpoint (a second rollback puts it back too).
+        vmm::write_guest_phys(hv, notice_pa, as_bytes(&notice));
+    }
+    Ok(())
+}
+
+/// 32 bytes the restored kernel cannot predict: RDRAND where there is one, mixed with the
+/// TSC (which differs at every rollback).
+fn randomness(tsc: u64) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, w) in out.chunks_exact_mut(8).enumerate() {
+        let r = crate::arch::instr::rdrand64().unwrap_or(0);
+        let mixed = r
+            ^ tsc.rotate_left(i as u32 * 17)
+            ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1));
+        w.copy_from_slice(&mixed.to_le_bytes());
+    }
+    out
+}
+
+/// On each CPU once released: after a rollback, the NMI that tells the agent; the leader
+/// answers a checkpoint (or a refused rollback).
+pub fn resumed(hv: &Hv, me: u32, _vcpu: &mut Vcpu, _st: &mut Stopped, release: Release) -> Action {
+    let (rolled_back, leader) = match REQUEST.lock().as_ref() {
+        Some(r) => (r.rolled_back, r.leader),
+        None => (false, u32::MAX),
+    };
+    if me == leader {
+        answer(hv);
+    }
+    match release {
+        Release::Leave => Action::Leave,
+        _ if rolled_back => Action::Inject(Event::Nmi),
+        _ => Action::Run,
+    }
+}
+
+/// The leader's answer into the caller's buffer, once every CPU runs again. A successful
+/// rollback has no caller any more (that CPU is back at the checkpoint).
+fn answer(hv: &Hv) {
+    let Some(req) = REQUEST.lock().take() else {
+        return;
+    };
+    if req.rolled_back {
+        return;
+    }
+    let bytes = match &req.kind {
+        Kind::Take(a) => as_bytes(a),
+        Kind::Rollback(a) => as_bytes(a),
+    };
+    vmm::write_guest_phys(hv, req.gpa, bytes);
+}
+
+/// The request this CPU made did not happen (it joined another client's stop that began
+/// first): dropped, and the caller told the CPUs were busy.
+pub fn abandon(hv: &Hv, vcpu: &mut Vcpu) {
+    use crate::arch::{Gpr, VirtCpu};
+    if let Some(mut req) = REQUEST.lock().take() {
+        set_status(&mut req.kind, Status::Busy);
+        let bytes = match &req.kind {
+            Kind::Take(a) => as_bytes(a),
+            Kind::Rollback(a) => as_bytes(a),
+        };
+        vmm::write_guest_phys(hv, req.gpa, bytes);
+    }
+    vcpu.set_gpr(Gpr::Rax, Status::Busy as i64 as u64);
+}
+
+/// What a write fault at a protected page came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cow {
+    /// The page's old contents are kept; it is writable now.
+    Copied,
+    /// It was writable already (another CPU copied it, or this CPU's TLB was stale).
+    Spurious,
+    /// Not a page the checkpoints protect.
+    NotLogged,
+}
+
+/// A guest write faulted at `gpa`: copy-on-write.
+pub fn write_fault(hv: &Hv, gpa: u64) -> Cow {
+    if !LOGGING.load(Acquire) || hv.owns(gpa) {
+        return Cow::NotLogged;
+    }
+    let mut guard = ENGINE.lock();
+    let e = &mut *guard;
+    let page = gpa & !(SIZE_4K - 1);
+    if !hv.npt.lock().dirty_log_protected(Gpa(page)) {
+        return match hv.npt.lock().translate(Gpa(page)) {
+            Some(m) if m.perms.write => Cow::Spurious,
+            _ => Cow::NotLogged,
+        };
+    }
+    log_page(hv, e, page);
+    Cow::Copied
+}
+
+/// Keeps the old contents of protected `page` and makes it writable; under memory pressure
+/// the oldest checkpoints go first (the last one going ends logging).
+fn log_page(hv: &Hv, e: &mut Engine, page: u64) {
+    loop {
+        match e.log.log(page) {
+            Ok(()) => break,
+            Err(UndoError::Full) => {
+                if e.log.drop_oldest().is_some() {
+                    DROPPED_FOR_MEMORY.fetch_add(1, Relaxed);
+                }
+                if !e.log.logging() {
+                    end_logging(hv, e);
+                    return;
+                }
+            }
+            Err(_) => {
+                end_logging(hv, e);
+                return;
+            }
+        }
+    }
+    let _ = hv.npt.lock().dirty_log_write_fault(Gpa(page));
+}
+
+/// Logs every protected page of `r` (the hv is about to write there).
+fn log_range(hv: &Hv, e: &mut Engine, r: core::ops::Range<u64>) {
+    let mut page = r.start & !(SIZE_4K - 1);
+    while page < r.end {
+        if !hv.owns(page) && hv.npt.lock().dirty_log_protected(Gpa(page)) {
+            log_page(hv, e, page);
+        }
+        page += SIZE_4K;
+    }
+}
+
+/// The hv is about to write `[gpa, gpa + len)` of guest memory: while checkpoints are kept,
+/// the pages' old contents are kept first, as for a write of the guest's.
+pub fn before_hv_write(hv: &Hv, gpa: u64, len: u64) {
+    if LOGGING.load(Acquire) && len != 0 {
+        let mut e = ENGINE.lock();
+        log_range(hv, &mut e, gpa..gpa.saturating_add(len));
+    }
+}
+
+/// No checkpoint is kept any more: every page of RAM writable again.
+fn end_logging(hv: &Hv, e: &mut Engine) {
+    LOGGING.store(false, Release);
+    let _ = stop_logging(&e.ram[..e.ram_n], &mut hv.npt.lock());
+}
+
+fn stop_logging(
+    ram: &[(u64, u64)],
+    npt: &mut crate::npt::Npt<crate::frames::FramePool<'static>>,
+) -> Result<(), crate::npt::NptError> {
+    for &(start, end) in ram {
+        // Gives rights back only: no flush needed (a stale read-only entry faults once).
+        let _ = npt.dirty_log_stop(Gpa(start), end - start, DirtyLog::WriteFault)?;
+    }
+    Ok(())
+}
+
+/// `Op::Checkpoints`: the list into `buf`.
+pub fn list(hv: &Hv, buf: &mut [u8]) -> Status {
+    let head = core::mem::size_of::<CheckpointList>();
+    let each = core::mem::size_of::<CheckpointInfo>();
+    if buf.len() < head {
+        return Status::BufferTooSmall;
+    }
+    let e = ENGINE.lock();
+    let now = crate::arch::instr::rdtsc();
+    let current = e.log.current().map(|c| c.id);
+    for (n, c) in e.log.kept().enumerate() {
+        let at = head + n * each;
+        if at + each > buf.len() {
+            break;
+        }
+        let info = CheckpointInfo {
+            id: c.id,
+            parent: c.parent,
+            flags: if c.periodic { CHECKPOINT_PERIODIC } else { 0 }
+                | if Some(c.id) == current {
+                    CHECKPOINT_CURRENT
+                } else {
+                    0
+                },
+            cpus: c.cpu_mask.count_ones(),
+            age_ns: ns(hv, now.wrapping_sub(c.taken)),
+            pause_us: c.pause_us,
+            pages: c.pages,
+            bytes: c.slots() * PAGE as u64,
+        };
+        write(&mut buf[at..], &info);
+    }
+    let list = CheckpointList {
+        status: Status::Ok as i64,
+        count: e.log.kept().count() as u32,
+        max: MAX_CHECKPOINTS,
+        capacity_bytes: e.log.capacity() * PAGE as u64,
+        used_bytes: e.log.used() * PAGE as u64,
+        dropped_for_memory: DROPPED_FOR_MEMORY.load(Relaxed),
+        rollbacks: ROLLBACKS.load(Relaxed),
+        every_ms: 0,
+        keep: 0,
+    };
+    write(buf, &list);
+    Status::Ok
+}
+
+/// `Op::CheckpointDelete`.
+pub fn delete(hv: &Hv, buf: &mut [u8]) -> Status {
+    let Some(mut args) = read::<CheckpointDelete>(buf) else {
+        return Status::BufferTooSmall;
+    };
+    let mut guard = ENGINE.lock();
+    let e = &mut *guard;
+    let mut deleted = 0;
+    let status = if args.id == CHECKPOINT_ALL {
+        while e.log.drop_oldest().is_some() {
+            deleted += 1;
+        }
+        Status::Ok
+    } else {
+        match e.log.delete(args.id) {
+            Ok(_) => {
+                deleted = 1;
+                Status::Ok
+            }
+            Err(_) => Status::NoSuchCheckpoint,
+        }
+    };
+    if !e.log.logging() && LOGGING.load(Acquire) {
+        end_logging(hv, e);
+    }
+    args.deleted = deleted;
+    args.status = status as i64;
+    write(buf, &args);
+    status
+}
+
+/// A CPU left guest mode while checkpoints are kept (an unexpected exit's policy, or a
+/// reset): from now on its writes escape the log, so no checkpoint can be restored exactly
+/// any more. They are all dropped, and counted.
+pub fn cpu_left(hv: &Hv) {
+    if LOGGING.load(Acquire) {
+        let mut guard = ENGINE.lock();
+        let e = &mut *guard;
+        while e.log.drop_oldest().is_some() {
+            DROPPED_FOR_MEMORY.fetch_add(0, Relaxed);
+            INVALIDATED.fetch_add(1, Relaxed);
+        }
+        end_logging(hv, e);
+    }
+}
+
+/// Checkpoints dropped because a CPU left guest mode while they were kept.
+static INVALIDATED: AtomicU64 = AtomicU64::new(0);
+
+fn state_bytes(s: &CpuState) -> &[u8] {
+    // SAFETY: a CpuState is plain data (integers, bools, arrays of them, `repr(C)`); reading
+    // its bytes, padding included, is what copying it does.
+    unsafe {
+        core::slice::from_raw_parts(
+            (s as *const CpuState).cast::<u8>(),
+            core::mem::size_of::<CpuState>(),
+        )
+    }
+}
+
+fn state_bytes_mut(s: &mut CpuState) -> &mut [u8] {
+    // SAFETY: as in `state_bytes`; the caller writes back only bytes of a CpuState captured by
+    // this same hv, so the bools and enums hold values they held.
+    unsafe {
+        core::slice::from_raw_parts_mut(
+            (s as *mut CpuState).cast::<u8>(),
+            core::mem::size_of::<CpuState>(),
+        )
+    }
+}
+
+/// An ABI struct's bytes.
+fn as_bytes<T: quicksilver_proto::c_abi::CStruct>(v: &T) -> &[u8] {
+    // SAFETY: ABI structs are plain integers with no padding (abi_struct! proves it).
+    unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), core::mem::size_of::<T>()) }
+}
+
+fn read<T: quicksilver_proto::c_abi::CStruct>(buf: &[u8]) -> Option<T> {
+    if buf.len() < core::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the buffer holds a T (checked); ABI structs are plain integers, valid for any
+    // bit pattern; read_unaligned needs no alignment.
+    Some(unsafe { core::ptr::read_unaligned(buf.as_ptr().cast::<T>()) })
+}
+
+fn write<T: quicksilver_proto::c_abi::CStruct>(buf: &mut [u8], v: &T) {
+    let b = as_bytes(v);
+    let n = b.len().min(buf.len());
+    buf[..n].copy_from_slice(&b[..n]);
+}

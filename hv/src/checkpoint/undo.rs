@@ -81,7 +81,10 @@ pub struct Checkpoint {
     /// When it was taken (the caller's clock) and how long every CPU was stopped.
     pub taken: u64,
     pub pause_us: u64,
-    pub cpus: u32,
+    /// The CPUs it holds (bit n: CPU n).
+    pub cpu_mask: u64,
+    /// The guest's TSC offset when it was taken.
+    pub tsc_offset: u64,
 }
 
 impl Checkpoint {
@@ -128,7 +131,7 @@ pub struct UndoLog<M: Memory> {
 }
 
 impl<M: Memory> UndoLog<M> {
-    pub fn new(mem: M) -> Self {
+    pub const fn new(mem: M) -> Self {
         UndoLog {
             mem,
             head: 0,
@@ -162,6 +165,14 @@ impl<M: Memory> UndoLog<M> {
 
     pub fn get(&self, id: u32) -> Option<&Checkpoint> {
         self.kept().find(|c| c.id == id)
+    }
+
+    /// Checkpoint `id`, to fill in what is known only after it was taken (its pause).
+    pub fn get_mut(&mut self, id: u32) -> Option<&mut Checkpoint> {
+        self.kept[..self.count]
+            .iter_mut()
+            .flatten()
+            .find(|c| c.id == id)
     }
 
     /// Is memory being logged (is any checkpoint kept)?
@@ -436,7 +447,8 @@ mod tests {
                 dead: 0,
                 taken: 0,
                 pause_us: 0,
-                cpus: 1,
+                cpu_mask: 1,
+                tsc_offset: 0,
             };
             let first = !self.log.logging();
             let writable: Vec<u64> = self.log.writable().collect();

@@ -21,6 +21,11 @@ pub fn handle(
     }
     let (status, then) = match Op::from_u64(rax & 0xFFFF) {
         // The agent's IPI on each CPU: this CPU leaves guest mode after the call.
+        // Refused while checkpoints are kept: a CPU running natively writes memory the log
+        // does not see.
+        Some(Op::Deactivate) if env.checkpoints_kept() => {
+            (Status::CheckpointsKept as i64, Then::Run)
+        }
         Some(Op::Deactivate) => (Status::Ok as i64, Then::Leave),
         // The request is checked and kept; every CPU stops once the call is complete, and
         // the answer is written when they run again.
@@ -28,6 +33,12 @@ pub fn handle(
             0 => (0, Then::Park(Stop::Freeze)),
             refused => (refused, Then::Run),
         },
+        Some(op @ (Op::Checkpoint | Op::Rollback)) => {
+            match env.checkpoint_request(op == Op::Rollback, rbx, rcx) {
+                0 => (0, Then::Park(Stop::Checkpoint)),
+                refused => (refused, Then::Run),
+            }
+        }
         Some(op) => (env.control(op, rbx, rcx), Then::Run),
         None => (Status::BadOp as i64, Then::Run),
     };
@@ -87,5 +98,32 @@ mod tests {
             "a refused freeze stops nothing"
         );
         assert_eq!(cpu.gpr(Gpr::Rax), Status::Busy as i64 as u64);
+    }
+
+    #[test]
+    fn checkpoints_and_rollbacks_stop_every_cpu_and_kept_checkpoints_refuse_deactivation() {
+        let (mut cpu, env) = (FakeCpu::default(), FakeEnv::default());
+        for op in [Op::Checkpoint, Op::Rollback] {
+            assert_eq!(
+                handle(
+                    abi::HYPERCALL_MAGIC | op as u64,
+                    0x6000,
+                    64,
+                    0,
+                    &mut cpu,
+                    &env
+                ),
+                Action::Complete(Insn::Vmmcall, Then::Park(Stop::Checkpoint))
+            );
+        }
+        assert_eq!(env.checkpoints.get(), 2);
+        env.kept.set(true);
+        let deactivate = abi::HYPERCALL_MAGIC | Op::Deactivate as u64;
+        assert_eq!(
+            handle(deactivate, 0, 0, 0, &mut cpu, &env),
+            Action::Complete(Insn::Vmmcall, Then::Run),
+            "a CPU that left would write memory the log does not see"
+        );
+        assert_eq!(cpu.gpr(Gpr::Rax), Status::CheckpointsKept as u64);
     }
 }

@@ -40,6 +40,9 @@ pub enum Stop {
     /// `qsctl freeze`: every CPU held for a while, its state captured (and, with `check`,
     /// restored and compared) — the consistent cut a checkpoint needs.
     Freeze,
+    /// `qsctl checkpoint` or `qsctl rollback`: every CPU stopped to take a checkpoint or to
+    /// be put back at one.
+    Checkpoint,
 }
 
 /// What the run loop does next.
@@ -89,6 +92,12 @@ pub trait Env {
     fn page_owner(&self, gpa: u64) -> npf::Owner;
     /// Checks and keeps a freeze request in the guest's buffer: a `Status`.
     fn freeze_request(&self, buf_gpa: u64, len: u64) -> i64;
+    /// Checks and keeps a checkpoint (or, with `rollback`, a rollback) request: a `Status`.
+    fn checkpoint_request(&self, rollback: bool, buf_gpa: u64, len: u64) -> i64;
+    /// A write faulted at `gpa`: copy-on-write if checkpoints protect the page.
+    fn copy_on_write(&self, gpa: u64) -> crate::checkpoint::Cow;
+    /// Is a checkpoint kept (so every CPU must stay in guest mode)?
+    fn checkpoints_kept(&self) -> bool;
     /// Was the NMI this CPU just took one the rendezvous sent? (Consumes the expectation.)
     fn take_stop_nmi(&self) -> bool;
     /// Maps the guest page of `gpa`, inside the hv's memory, to the scratch page.
@@ -138,6 +147,11 @@ pub mod fake {
         pub stop_nmi: Cell<bool>,
         pub freezes: Cell<u32>,
         pub refuse_freeze: Cell<bool>,
+        pub checkpoints: Cell<u32>,
+        pub kept: Cell<bool>,
+        /// Pages the fake checkpoints protect, and those copied.
+        pub protected: RefCell<Vec<u64>>,
+        pub copied: RefCell<Vec<u64>>,
     }
 
     /// The fake hv's memory.
@@ -160,6 +174,24 @@ pub mod fake {
         }
         fn take_stop_nmi(&self) -> bool {
             self.stop_nmi.replace(false)
+        }
+        fn checkpoint_request(&self, _rollback: bool, _gpa: u64, _len: u64) -> i64 {
+            self.checkpoints.set(self.checkpoints.get() + 1);
+            Status::Ok as i64
+        }
+        fn copy_on_write(&self, gpa: u64) -> crate::checkpoint::Cow {
+            let page = gpa & !0xFFF;
+            if self.copied.borrow().contains(&page) {
+                crate::checkpoint::Cow::Spurious
+            } else if self.protected.borrow().contains(&page) {
+                self.copied.borrow_mut().push(page);
+                crate::checkpoint::Cow::Copied
+            } else {
+                crate::checkpoint::Cow::NotLogged
+            }
+        }
+        fn checkpoints_kept(&self) -> bool {
+            self.kept.get()
         }
         fn page_owner(&self, gpa: u64) -> npf::Owner {
             if HV_MEMORY.contains(&gpa) {

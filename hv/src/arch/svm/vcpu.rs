@@ -47,6 +47,9 @@ pub mod parts {
     /// CR8, TSC_AUX, the local APIC.
     pub const LIVE: u8 = 1 << 2;
     pub const ALL: u8 = REGS | XSAVE | LIVE;
+    /// With LIVE: the state is a checkpoint's, restored after a rollback
+    /// (`live::restore_rolled_back`).
+    pub const ROLLBACK: u8 = 1 << 3;
 }
 
 impl Vcpu {
@@ -297,7 +300,11 @@ impl Vcpu {
             live::restore_xsave(s);
         }
         if which & parts::LIVE != 0 {
-            live::restore(s);
+            if which & parts::ROLLBACK != 0 {
+                live::restore_rolled_back(s);
+            } else {
+                live::restore(s);
+            }
         }
     }
 }
@@ -339,7 +346,7 @@ fn state_from_vmcb(vmcb: &Vmcb, regs: &GuestRegs, out: &mut CpuState) {
     [m.sysenter_cs, m.sysenter_esp, m.sysenter_eip] =
         [s.sysenter_cs, s.sysenter_esp, s.sysenter_eip];
     m.kernel_gs_base = s.kernel_gs_base;
-    let info = c.exit_int_info;
+    let info = interrupted_event(c.exit_int_info);
     // Without V, the other bits are whatever the CPU left there: not part of the state.
     out.interrupts.pending = if info & event::VALID != 0 {
         PendingEvent {
@@ -354,6 +361,32 @@ fn state_from_vmcb(vmcb: &Vmcb, regs: &GuestRegs, out: &mut CpuState) {
     out.interrupts.shadow = c.interrupt_shadow & 1 != 0;
     // SVM without vNMI keeps NMI blocking in the CPU only.
     out.interrupts.nmi_blocked = None;
+}
+
+/// EXITINTINFO as the manual defines it. QEMU's TCG records an external interrupt whose
+/// delivery was cut short as an *exception* with the interrupt's vector (type 3, vector >= 32;
+/// its `handle_even_inj` knows only exceptions and software interrupts), and VMRUN refuses to
+/// inject an exception with a vector of 31 or more (VMEXIT_INVALID). No exception has such a
+/// vector (APM vol. 2, 8.2), so that is an external interrupt (type 0). Copy-on-write makes
+/// this common: a nested page fault in the middle of delivering an interrupt (the guest's page
+/// tables and stack are written as they are used).
+fn interrupted_event(info: u64) -> u64 {
+    let kind = (info >> 8) & 7;
+    if info & event::VALID != 0 && kind == 3 && info & 0xFF >= 32 {
+        info & !(7 << 8) & !event::ERROR_VALID & 0xFFFF_FFFF
+    } else {
+        info
+    }
+}
+
+/// Has the guest take event `info` (EXITINTINFO's format) at the next entry (APM vol. 2,
+/// 15.20), or nothing when `info` is not valid.
+fn deliver(c: &mut vmcb::VmcbControlArea, info: u64) {
+    c.event_inj = if info & event::VALID != 0 {
+        interrupted_event(info)
+    } else {
+        0
+    };
 }
 
 /// Writes a [`CpuState`] into the VMCB and the register block (before VMLOAD).
@@ -390,7 +423,7 @@ fn state_to_vmcb(st: &CpuState, vmcb: &mut Vmcb, regs: &mut GuestRegs) {
         0
     };
     // The event is delivered at the next entry, as `reinject_interrupted` would.
-    c.event_inj = c.exit_int_info;
+    deliver(c, c.exit_int_info);
     c.interrupt_shadow = (c.interrupt_shadow & !1) | st.interrupts.shadow as u64;
 }
 
@@ -480,7 +513,7 @@ impl VirtCpu for Vcpu {
     fn reinject_interrupted(&mut self) {
         let info = self.vmcb.control.exit_int_info;
         if info & event::VALID != 0 {
-            self.vmcb.control.event_inj = info;
+            deliver(&mut self.vmcb.control, info);
         }
     }
     fn skip(&mut self, len: u64) {
@@ -511,6 +544,14 @@ impl VirtCpu for Vcpu {
     }
 }
 
+impl Vcpu {
+    /// The guest's TSC is the CPU's plus `offset` (two's complement; APM vol. 2, 15.30.5).
+    /// The hv never sets VMCB clean bits, so the next VMRUN loads it.
+    pub fn set_tsc_offset(&mut self, offset: u64) {
+        self.vmcb.control.tsc_offset = offset;
+    }
+}
+
 /// The EVENTINJ encoding of `e` (APM 15.20).
 pub fn encode_event(e: Event) -> u64 {
     match e {
@@ -528,6 +569,29 @@ pub fn encode_event(e: Event) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interrupt_qemu_reports_as_an_exception_is_delivered_as_an_interrupt() {
+        // The timer's vector 0xEC, cut short by a nested page fault, as QEMU's TCG reports it.
+        assert_eq!(interrupted_event(0x8000_03EC), 0x8000_00EC);
+        // A real exception (#PF with its error code) and an NMI stay what they are.
+        assert_eq!(
+            interrupted_event(0x0000_0002_8000_0B0E),
+            0x0000_0002_8000_0B0E
+        );
+        assert_eq!(interrupted_event(0x8000_0202), 0x8000_0202);
+        assert_eq!(
+            interrupted_event(0x0000_03EC),
+            0x0000_03EC,
+            "not valid: left alone"
+        );
+        // SAFETY: the VMCB is plain integers; all zero is a valid value.
+        let mut v: Box<Vmcb> = unsafe { Box::new(core::mem::zeroed()) };
+        deliver(&mut v.control, 0x8000_03EC);
+        assert_eq!(v.control.event_inj, 0x8000_00EC);
+        deliver(&mut v.control, 0);
+        assert_eq!(v.control.event_inj, 0);
+    }
 
     #[test]
     fn events_encode_as_the_manual_says() {

@@ -1,0 +1,141 @@
+//! `qsctl checkpoint`, `qsctl checkpoints`, `qsctl rollback ID`: checkpoints of the whole
+//! machine, and putting it back at one.
+
+use crate::{ioctl, open, status_error};
+use anyhow::{bail, Context, Result};
+use quicksilver_proto::abi::{self, Status};
+
+/// `qsctl checkpoint`: takes one and says what it cost. A second return (after a rollback to
+/// this checkpoint) says so instead.
+pub fn take() -> Result<()> {
+    let dev = open()?;
+    let a = ioctl::checkpoint(&dev, 0).context("checkpoint request failed")?;
+    match Status::from_i64(a.status) {
+        Some(Status::Ok) => {
+            println!(
+                "checkpoint {}: {} CPUs stopped {} us (gathering them {} us); holds {} KiB now, and grows as pages are written ({} pages were written since the previous one)",
+                a.id,
+                a.cpus,
+                a.pause_us,
+                a.gather_us,
+                a.bytes >> 10,
+                a.pages_before
+            );
+            Ok(())
+        }
+        Some(Status::RolledBack) => {
+            println!(
+                "rolled back to checkpoint {}: this command, like every process, continues from the instant it was taken",
+                a.id
+            );
+            Ok(())
+        }
+        Some(Status::NotQuiescent) => Err(status_error(a.status).context(format!(
+            "checkpoint refused: CPU {} was {}",
+            a.busy_cpu,
+            busy_what(a.busy_what)
+        ))),
+        _ => Err(status_error(a.status).context("checkpoint refused")),
+    }
+}
+
+fn busy_what(w: u32) -> String {
+    if w >= 256 {
+        format!("delivering event vector {:#x}", w - 256)
+    } else {
+        format!("handling interrupt vector {w:#x}")
+    }
+}
+
+/// `qsctl checkpoint --delete ID|all`.
+pub fn delete(which: &str) -> Result<()> {
+    let id = match which {
+        "all" => abi::CHECKPOINT_ALL,
+        n => parse_id(n)?,
+    };
+    let dev = open()?;
+    let d = ioctl::checkpoint_delete(&dev, id).context("delete request failed")?;
+    if d.status != 0 {
+        return Err(status_error(d.status).context(format!("cannot delete checkpoint {which}")));
+    }
+    println!("deleted {} checkpoint(s)", d.deleted);
+    Ok(())
+}
+
+fn parse_id(s: &str) -> Result<u32> {
+    match s.parse::<u32>() {
+        Ok(id) if id != 0 && id != abi::CHECKPOINT_ALL => Ok(id),
+        _ => bail!("{s:?} is not a checkpoint id: give the number qsctl checkpoints lists"),
+    }
+}
+
+/// `qsctl rollback ID`. Returns only when refused: otherwise every process, this one too,
+/// continues from the checkpoint.
+pub fn rollback(id: &str) -> Result<()> {
+    let id = parse_id(id)?;
+    let dev = open()?;
+    let a = ioctl::rollback(&dev, id).context("rollback request failed")?;
+    if a.status == Status::CheckpointTooOld as i64 {
+        return Err(status_error(a.status).context(format!(
+            "rollback to {id} refused: it is {} s old",
+            a.age_ns / 1_000_000_000
+        )));
+    }
+    Err(status_error(a.status).context(format!("rollback to {id} refused")))
+}
+
+/// `qsctl checkpoints`: the table.
+pub fn list() -> Result<()> {
+    let dev = open()?;
+    let (l, infos) = ioctl::checkpoints(&dev).context("list request failed")?;
+    if l.status != 0 {
+        return Err(status_error(l.status));
+    }
+    println!(
+        "{:>4} {:>10} {:>9} {:>8} {:>10} {:>6}  kind",
+        "id", "age", "pause", "pages", "bytes", "parent"
+    );
+    for c in &infos {
+        let mut kind = String::from(if c.flags & abi::CHECKPOINT_PERIODIC != 0 {
+            "periodic"
+        } else {
+            "manual"
+        });
+        if c.flags & abi::CHECKPOINT_CURRENT != 0 {
+            kind.push_str(", current");
+        }
+        println!(
+            "{:>4} {:>9.1}s {:>7}us {:>8} {:>9}K {:>6}  {kind}",
+            c.id,
+            c.age_ns as f64 / 1e9,
+            c.pause_us,
+            c.pages,
+            c.bytes >> 10,
+            if c.parent == 0 {
+                "-".to_string()
+            } else {
+                c.parent.to_string()
+            },
+        );
+    }
+    println!(
+        "{} of at most {} kept; checkpoint memory {} of {} KiB used (ckpt_mem=); {} dropped when it ran out; {} rollbacks",
+        l.count,
+        l.max,
+        l.used_bytes >> 10,
+        l.capacity_bytes >> 10,
+        l.dropped_for_memory,
+        l.rollbacks
+    );
+    let last = ioctl::last_rollback(&dev).context("last rollback request failed")?;
+    if last.generation != 0 {
+        println!(
+            "last rollback: to checkpoint {}, then {:.1} s old; {} pages restored; {} newer dropped",
+            last.id,
+            last.age_ns as f64 / 1e9,
+            last.pages,
+            last.dropped
+        );
+    }
+    Ok(())
+}
