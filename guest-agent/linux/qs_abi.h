@@ -340,8 +340,14 @@ struct qs_checkpoint_list {
 	/* Out: the periodic ring's interval (milliseconds, 0 = off) and size. */
 	__u32 every_ms;
 	__u32 keep;
+	/*
+	 * Out: how far the kernel's clock runs behind the CPUs' own TSC (nanoseconds): the
+	 * time rolled back so far. Going native would make the kernel's clock jump forward
+	 * by this much.
+	 */
+	__u64 clock_behind_ns;
 };
-QS_ASSERT(sizeof(struct qs_checkpoint_list) == 56);
+QS_ASSERT(sizeof(struct qs_checkpoint_list) == 64);
 QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, status) == 0);
 QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, count) == 8);
 QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, max) == 12);
@@ -351,6 +357,7 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, dropped_for_memory) == 3
 QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, rollbacks) == 40);
 QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, every_ms) == 48);
 QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, keep) == 52);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_list, clock_behind_ns) == 56);
 
 /* `Op::CheckpointDelete`'s argument and answer. */
 struct qs_checkpoint_delete {

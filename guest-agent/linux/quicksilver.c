@@ -1112,25 +1112,71 @@ static void qs_checkpoint(struct qs_checkpoint *a)
 	}
 }
 
-/* After the last checkpoint is deleted the hv goes dormant again if a checkpoint woke it. */
+/* How far the kernel's clock runs behind the CPUs' TSC after rollbacks (0 if unknown), and
+ * how many checkpoints are kept. */
+static u64 qs_clock_behind_ns(u32 *kept)
+{
+	struct qs_checkpoint_list *l = kzalloc(sizeof(*l), GFP_KERNEL);	/* written by PA */
+	u64 behind = 0;
+
+	*kept = 0;
+	if (l && qs_control(QS_OP_CHECKPOINTS, l, sizeof(*l)) == QS_OK) {
+		behind = l->clock_behind_ns;
+		*kept = l->count;
+	}
+	kfree(l);
+	return behind;
+}
+
+/*
+ * After the last checkpoint is deleted the hv goes dormant again if a checkpoint woke it,
+ * unless a rollback moved the kernel's clock back: natively the kernel reads the CPUs' own
+ * TSC, and its clock would jump forward by the time rolled back (see the README's "Time after
+ * a rollback"); the hv stays active instead, and `qsctl deactivate` says what it costs.
+ */
 static void qs_after_delete(void)
 {
-	struct qs_checkpoint_list *l;
 	struct qs_switch_result r;
-	bool none;
+	u64 behind;
+	u32 kept;
 
 	if (!qs_active || !qs_ckpt_activated)
 		return;
-	l = kzalloc(sizeof(*l), GFP_KERNEL);	/* the hv writes by physical address */
-	if (!l)
+	behind = qs_clock_behind_ns(&kept);
+	if (kept)
 		return;
-	none = qs_control(QS_OP_CHECKPOINTS, l, sizeof(*l)) == QS_OK && !l->count;
-	kfree(l);
-	if (!none)
+	if (behind) {
+		pr_info("no checkpoint is kept; the hv stays active: the kernel's clock runs %llu.%03llu s behind the CPUs' TSC since rollbacks, and going native would make it jump (qsctl deactivate does it anyway)\n",
+			behind / NSEC_PER_SEC, (behind % NSEC_PER_SEC) / NSEC_PER_MSEC);
 		return;
+	}
 	qs_do_deactivate(&r);
 	if (r.status == QS_OK)
 		qs_ckpt_activated = false;
+}
+
+static void qs_touch_softlockup(void *unused)
+{
+	touch_softlockup_watchdog();
+}
+
+/* Going native after rollbacks: the kernel's clock jumps forward by the time rolled back.
+ * The clocksource watchdog re-bases its next two rounds (one may come before the jump),
+ * and every CPU's soft-lockup watchdog starts over. */
+static void qs_before_clock_jump(void)
+{
+	u32 kept;
+	u64 behind = qs_clock_behind_ns(&kept);
+
+	if (!behind || kept)	/* kept checkpoints: the hv refuses to go native */
+		return;
+	pr_info("going native: the kernel's clock jumps forward %llu.%03llu s, the time rolled back\n",
+		behind / NSEC_PER_SEC, (behind % NSEC_PER_SEC) / NSEC_PER_MSEC);
+	if (qs_clocksource_touch_watchdog) {
+		qs_clocksource_touch_watchdog();
+		qs_clocksource_touch_watchdog();
+	}
+	on_each_cpu(qs_touch_softlockup, NULL, 1);
 }
 
 static void qs_probe_cpu(void *arg)
@@ -1159,8 +1205,10 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 			r.status = QS_NOT_ACTIVE;
 		else if (cmd == QS_IOC_ACTIVATE)
 			qs_do_activate(&r);
-		else
+		else {
+			qs_before_clock_jump();
 			qs_do_deactivate(&r);
+		}
 		if (cmd == QS_IOC_DEACTIVATE && r.status == QS_OK && r.cpus < num_online_cpus())
 			pr_warn("%u CPUs had already left guest mode after an unexpected exit (see qsctl stats)\n",
 				num_online_cpus() - r.cpus);
@@ -1510,6 +1558,7 @@ static void __exit qs_exit(void)
 				pr_info("deleted %u checkpoints before unloading\n", d->deleted);
 			kfree(d);
 		}
+		qs_before_clock_jump();
 		qs_do_deactivate(&r);
 		pr_info("deactivated %u CPUs before unloading\n", r.cpus);
 	}

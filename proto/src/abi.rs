@@ -239,6 +239,10 @@ crate::abi_struct! {
         /// Out: the periodic ring's interval (milliseconds, 0 = off) and size.
         pub every_ms: u32,
         pub keep: u32,
+        /// Out: how far the kernel's clock runs behind the CPUs' own TSC (nanoseconds): the
+        /// time rolled back so far. Going native would make the kernel's clock jump forward
+        /// by this much.
+        pub clock_behind_ns: u64,
     }
 }
 

@@ -566,6 +566,7 @@ pub fn list(hv: &Hv, buf: &mut [u8]) -> Status {
         rollbacks: ROLLBACKS.load(Relaxed),
         every_ms: 0,
         keep: 0,
+        clock_behind_ns: ns(hv, GUEST_TSC_OFFSET.load(Relaxed).wrapping_neg()),
     };
     write(buf, &list);
     Status::Ok
