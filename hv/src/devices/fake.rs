@@ -97,10 +97,11 @@ const IOAPIC: u64 = ioapic::DEFAULT_BASE;
 const HPET: u64 = hpet::DEFAULT_BASE;
 
 impl FakePlatform {
-    /// The devices as a Linux with the local APIC timer leaves them under QEMU's `pc`
-    /// machine: PICs initialized and fully masked, PIT channel 0 shut down, HPET enabled
-    /// with its timers idle, COM1 at 115200 8N1 with its interrupts on, a few IOAPIC pins
-    /// routed.
+    /// The devices as Linux 6.12 leaves them under QEMU's `pc` machine (measured with
+    /// `qsctl freeze --check`): PICs initialized and fully masked, PIT channel 0 in the
+    /// firmware's mode 2 and channel 2 expired in mode 0, the HPET enabled in legacy
+    /// replacement mode with its timers idle, COM1 at 9600 baud (LCR 0x13) with its receive
+    /// and line-status interrupts on, a few IOAPIC pins routed.
     pub fn linux() -> FakePlatform {
         let mut rte = [rte_masked(0); 24];
         rte[1] = 0x0100_0000_0000_0031; // keyboard, edge, CPU 1
@@ -131,8 +132,9 @@ impl FakePlatform {
             pic: [pic(0x30, 0x04, 0xF8), pic(0x38, 0x02, 0xDE)],
             pit: [
                 FakePitChannel {
-                    mode: 0,
+                    mode: 2,
                     access: 3,
+                    reload: 0,
                     count: 0xC123,
                     ..Default::default()
                 },
@@ -148,17 +150,17 @@ impl FakePlatform {
             hpet: FakeHpet {
                 id: 0x8086_A201,
                 period: 10_000_000,
-                config: hpet::ENABLE_CNF,
+                config: hpet::ENABLE_CNF | hpet::LEG_RT_CNF,
                 counter: 0x1234_5678,
                 timers,
             },
             rtc: FakeRtc { index: 0x0C, regs },
             uart: FakeUart {
-                lcr: 0x03,
+                lcr: 0x13,
                 ier: 0x05,
                 mcr: 0x0B,
                 scr: 0,
-                dll: 1,
+                dll: 12,
                 dlm: 0,
                 fcr: 0x81,
             },
@@ -182,15 +184,15 @@ impl FakePlatform {
             p.elcr = 0;
             p.read_isr = true;
         }
+        // Linux's pit_shutdown: mode 0, count 0.
         self.pit[0] = FakePitChannel {
-            mode: 2,
+            mode: 0,
             access: 3,
-            reload: 4773,
-            count: 100,
+            count: 0,
             ..Default::default()
         };
         self.port61 = 0x03;
-        self.hpet.config = hpet::ENABLE_CNF | hpet::LEG_RT_CNF;
+        self.hpet.config = hpet::ENABLE_CNF;
         self.hpet.timers[0] = (0x0000_00F0_0000_003C, 0x9999, 0);
         self.hpet.timers[2] = (0x0000_00F0_0000_0134, 0x4242, 0);
         self.rtc.regs[0x0A] = 0x2F;

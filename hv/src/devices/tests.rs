@@ -49,11 +49,11 @@ fn a_capture_finds_every_device_and_leaves_each_as_it_found_it() {
     assert_eq!(s.ioapic.ioregsel, 0x13);
     assert_eq!(s.ioapic.redirection[4], 0x34);
     assert_eq!((s.pic.master.imr, s.pic.slave.imr), (0xFF, 0xFF));
-    assert_eq!(s.pit.channels[0].status & pit::STATUS_PROGRAM, 0x30);
+    assert_eq!(s.pit.channels[0].status & pit::STATUS_PROGRAM, 0x34);
     assert_eq!(s.pit.channels[0].count, 0xC123);
-    assert_eq!((s.hpet.timers, s.hpet.config), (3, hpet::ENABLE_CNF as u64));
+    assert_eq!((s.hpet.timers, s.hpet.config), (3, 3));
     assert_eq!((s.rtc.reg_a, s.rtc.reg_b, s.rtc.index), (0x26, 0x02, 0x0C));
-    assert_eq!((s.com1.lcr, s.com1.ier, s.com1.dll), (0x03, 0x05, 1));
+    assert_eq!((s.com1.lcr, s.com1.ier, s.com1.dll), (0x13, 0x05, 12));
     assert_eq!((s.com1.fcr, s.com1.fcr_known), (0x81, 1));
     // Every register capture selected is back as it was: IOREGSEL, OCW3, LCR, the CMOS index.
     let mut after = m.clone();
@@ -101,6 +101,12 @@ fn a_restore_puts_back_every_device_a_changed_world_left_different() {
     // The EOI names the vector the entry has once rewritten: the captured one.
     assert_eq!(m.ioapic.eois, vec![0x39]);
     assert_eq!(m.rtc.index, 0x0C);
+    // The PIT channel the other world shut down is back in its mode, with the count it had
+    // (its reload value is not readable: the remaining count is what is loaded).
+    assert_eq!(
+        (m.pit[0].mode, m.pit[0].access, m.pit[0].reload),
+        (2, 3, 0xC123)
+    );
     // The HPET's main counter is never written.
     assert!(!m
         .log
@@ -167,7 +173,10 @@ fn the_restore_order_masks_the_ioapic_first_unmasks_it_last_and_enables_the_hpet
     let hpet_writes: Vec<_> = log.iter().filter(|a| is_hpet_write(a)).collect();
     assert_eq!(
         hpet_writes.last(),
-        Some(&&Access::Write(HPET + hpet::GEN_CONF, hpet::ENABLE_CNF))
+        Some(&&Access::Write(
+            HPET + hpet::GEN_CONF,
+            hpet::ENABLE_CNF | hpet::LEG_RT_CNF
+        ))
     );
     let cmp2 = first(
         &log,
@@ -216,7 +225,7 @@ fn the_restore_order_masks_the_ioapic_first_unmasks_it_last_and_enables_the_hpet
         |a| matches!(a, Access::Out(p, _) if (0x3F8..0x400).contains(p)),
     )
     .unwrap();
-    assert_eq!(log[uart_last], Access::Out(0x3FB, 0x03));
+    assert_eq!(log[uart_last], Access::Out(0x3FB, 0x13));
 }
 
 #[test]
