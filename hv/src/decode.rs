@@ -14,6 +14,21 @@ pub enum Insn {
     Wrmsr,
     Vmmcall,
     Stgi,
+    /// IN or OUT (AMD APM vol. 3: E4-E7, EC-EF, with prefixes), whose length the exit reported
+    /// (SVM's IOIO exit gives the next RIP even without NRIP save: APM vol. 2, 15.10.2).
+    PortIo {
+        len: u8,
+    },
+}
+
+impl Insn {
+    /// The length the exit reported, for instructions whose bytes need not be decoded.
+    pub fn reported_length(self) -> Option<usize> {
+        match self {
+            Insn::PortIo { len } => Some(len as usize),
+            _ => None,
+        }
+    }
 }
 
 /// Why no length could be found.
@@ -32,6 +47,12 @@ pub const MAX_INSN_LEN: usize = 15;
 
 /// Length of `insn` at the start of `bytes`, prefixes included.
 pub fn length(insn: Insn, bytes: &[u8]) -> Result<usize, DecodeError> {
+    if let Some(len) = insn.reported_length() {
+        return match len {
+            1..=MAX_INSN_LEN => Ok(len),
+            _ => Err(DecodeError::TooLong),
+        };
+    }
     let mut i = 0;
     loop {
         let b = *bytes.get(i).ok_or(DecodeError::Truncated)?;
@@ -55,6 +76,8 @@ pub fn length(insn: Insn, bytes: &[u8]) -> Result<usize, DecodeError> {
         Insn::Wrmsr => &[0x0F, 0x30],
         Insn::Vmmcall => &[0x0F, 0x01, 0xD9],
         Insn::Stgi => &[0x0F, 0x01, 0xDC],
+        // Answered above from the reported length.
+        Insn::PortIo { .. } => return Err(DecodeError::Mismatch),
     };
     for (k, want) in opcode.iter().enumerate() {
         let got = *bytes.get(i + k).ok_or(DecodeError::Truncated)?;

@@ -4,8 +4,13 @@
 //!
 //! With [`FREEZE_CHECK`], each CPU, once released, writes its whole captured state back
 //! (registers, segments, MSRs, XSAVE, the local APIC), captures it again and compares: what a
-//! rollback will do, tried in place on a running kernel. The hypercalling CPU leads, waits for
-//! every CPU's verdict, and answers in the caller's [`FreezeArgs`].
+//! rollback will do, tried in place on a running kernel. The leader does the same for the
+//! platform's legacy devices while every CPU is parked (`crate::devices::check_in_place`:
+//! IOAPIC, PICs, PIT, HPET, RTC, the console UART with its shadowed FIFO control register);
+//! a device that came back different makes the leader's verdict "differing", with the
+//! device's name ("ioapic", "pic", "pit", "hpet", "rtc", "uart", "uart-fcr") first in `what`.
+//! The hypercalling CPU leads, waits for every CPU's verdict, and answers in the caller's
+//! [`FreezeArgs`].
 
 use crate::arch::{parts, Gpr, Vcpu, VirtCpu};
 use crate::cpu_state::CpuState;
@@ -40,6 +45,8 @@ static DIFFERING: AtomicU64 = AtomicU64::new(0);
 const VERDICT_WAIT_MS: u64 = 1000;
 /// The first differing CPU's part names are recorded (under the request lock).
 static FIRST_DIFFERENCE_TAKEN: AtomicBool = AtomicBool::new(false);
+/// The devices' round trip (the leader's, while every CPU was parked) came back different.
+static DEVICES_DIFFER: AtomicBool = AtomicBool::new(false);
 
 /// `Op::Freeze` from CPU `me`: checks and keeps the request in the guest's buffer at `gpa`.
 /// Every CPU stops once the hypercall is complete (`exit::hypercall`).
@@ -93,6 +100,18 @@ pub fn lead(hv: &Hv, p: Parked) {
     IDENTICAL.store(0, Relaxed);
     DIFFERING.store(0, Relaxed);
     FIRST_DIFFERENCE_TAKEN.store(false, Relaxed);
+    DEVICES_DIFFER.store(false, Relaxed);
+    if req.args.flags & FREEZE_CHECK != 0 {
+        // Every CPU is parked: nothing drives the devices while they are captured, restored
+        // in place and captured again.
+        let mut names = [""; 8];
+        let n = crate::devices::check_in_place(&mut names);
+        if n > 0 {
+            DEVICES_DIFFER.store(true, Relaxed);
+            FIRST_DIFFERENCE_TAKEN.store(true, Relaxed);
+            write_names(&mut req.args.what, &names[..n.min(names.len())]);
+        }
+    }
     while now() - held_from < req.args.ms as u64 * khz {
         core::hint::spin_loop();
     }
@@ -108,7 +127,8 @@ pub fn resumed(hv: &Hv, me: u32, vcpu: &mut Vcpu, st: &mut Stopped, release: Rel
         None => (false, u32::MAX),
     };
     if check {
-        check_round_trip(me, vcpu, &st.state);
+        let devices_differ = me == leader && DEVICES_DIFFER.load(Relaxed);
+        check_round_trip(me, vcpu, &st.state, devices_differ);
     }
     if me == leader {
         answer(hv, check);
@@ -129,8 +149,9 @@ pub fn abandon(hv: &Hv, vcpu: &mut Vcpu) {
     vcpu.set_gpr(Gpr::Rax, Status::Busy as i64 as u64);
 }
 
-/// Writes `saved` back, captures again, compares.
-fn check_round_trip(me: u32, vcpu: &mut Vcpu, saved: &CpuState) {
+/// Writes `saved` back, captures again, compares. `devices_differ`: this CPU led, and the
+/// devices' round trip differed (already named in the answer): the verdict is "differing".
+fn check_round_trip(me: u32, vcpu: &mut Vcpu, saved: &CpuState, devices_differ: bool) {
     let mut again = CpuState::default();
     // SAFETY: host mode on this CPU, after its release; `saved` was captured here at this
     // stop and nothing changed it (the freeze's leader only counts).
@@ -140,25 +161,30 @@ fn check_round_trip(me: u32, vcpu: &mut Vcpu, saved: &CpuState) {
     }
     let mut names = [""; 8];
     let n = saved.differences(&again, &mut names);
-    if n == 0 {
+    if n == 0 && !devices_differ {
         IDENTICAL.fetch_add(1, Relaxed);
     } else {
         DIFFERING.fetch_or(1 << (me & 63), Relaxed);
-        if !FIRST_DIFFERENCE_TAKEN.swap(true, AcqRel) {
+        if n > 0 && !FIRST_DIFFERENCE_TAKEN.swap(true, AcqRel) {
             if let Some(r) = REQUEST.lock().as_mut() {
-                let mut at = 0;
-                for name in names.iter().take(n.min(names.len())) {
-                    for &b in name.as_bytes().iter().chain(b",") {
-                        if at < r.args.what.len() - 1 {
-                            r.args.what[at] = b;
-                            at += 1;
-                        }
-                    }
-                }
+                write_names(&mut r.args.what, &names[..n.min(names.len())]);
             }
         }
     }
     CHECKED.fetch_or(1 << (me & 63), Release);
+}
+
+/// `names`, comma-separated, into the answer's `what` (NUL-terminated, cut to fit).
+fn write_names(what: &mut [u8; 32], names: &[&str]) {
+    let mut at = 0;
+    for name in names {
+        for &b in name.as_bytes().iter().chain(b",") {
+            if at < what.len() - 1 {
+                what[at] = b;
+                at += 1;
+            }
+        }
+    }
 }
 
 /// The leader's answer, once every stopped CPU has checked (at most [`VERDICT_WAIT_MS`] more:

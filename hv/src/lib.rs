@@ -11,6 +11,8 @@
 //! - clients: [`debug`] (the gdbstub), [`freeze`] (every CPU held, its state checked),
 //!   [`checkpoint`] (the machine saved and put back);
 //! - [`vmm`]: global state built by `init`: memory layout, nested and host page tables;
+//! - [`devices`]: the platform's legacy devices, captured and restored (and the port writes
+//!   the hv shadows for them);
 //! - [`link`]: the serial link's hv end;
 //! - [`paging`], [`npt`], [`frames`], [`decode`]: page tables, nested paging, the frame
 //!   pool, instruction lengths (pure logic, unit-tested on the host).
@@ -23,6 +25,7 @@ pub mod checkpoint;
 pub mod cpu_state;
 pub mod debug;
 pub mod decode;
+pub mod devices;
 pub mod exit;
 pub mod frames;
 pub mod freeze;

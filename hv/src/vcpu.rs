@@ -19,7 +19,7 @@ use crate::decode::{self, Insn};
 use crate::exit::{self, npf, Action, Stop, Then};
 use crate::rendezvous::{ClientId, Gathered, Platform, Release, Rendezvous};
 use crate::vmm::{self, Hv, COUNTERS};
-use crate::{checkpoint, debug, freeze};
+use crate::{checkpoint, debug, devices, freeze};
 use core::cell::UnsafeCell;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
@@ -197,6 +197,7 @@ pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
         msr_intercepts_pa: hv.msr_intercepts_pa,
         nested_root_pa: hv.npt_root_pa,
         host_cr3: hv.host.cr3,
+        io_intercepts_pa: hv.pa_of(&devices::intercept::IO_INTERCEPTS),
     };
     p.run.entry_state = native;
     p.run.entry_state.rax = Status::VmrunFailed as i64 as u64;
@@ -211,6 +212,8 @@ pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
     cpu.shared.active.store(true, Release);
     if COUNTERS.active_cpus.fetch_add(1, AcqRel) == 0 {
         COUNTERS.activations.fetch_add(1, Relaxed);
+        // While dormant the kernel wrote its devices natively: what the hv shadowed is stale.
+        devices::intercept::SHADOWS.forget();
     }
     // SAFETY: on the CPU `native` was captured from, on the kernel's address space; SVM is
     // supported (init) and not in use (checked above). qs_enter_host switches to the hv's
@@ -551,6 +554,32 @@ impl exit::Env for HvEnv<'_> {
         COUNTERS.hv_refusals.fetch_add(1, Relaxed);
         COUNTERS.last_refused_gpa.store(gpa, Relaxed);
     }
+    fn port_in(&self, port: u16, size: u8) -> u32 {
+        // SAFETY: the guest's own IN, which the CPU checked against the guest's IOPL and TSS
+        // permission bitmap before the intercept (APM vol. 2, 15.10.1), performed on the
+        // same CPU with the guest's operand size: the device sees the access it would have
+        // seen without the hv.
+        unsafe {
+            match size {
+                1 => instr::inb(port) as u32,
+                2 => instr::inw(port) as u32,
+                _ => instr::inl(port),
+            }
+        }
+    }
+    fn port_out(&self, port: u16, size: u8, value: u32) {
+        devices::intercept::SHADOWS.guest_write(port, size, value, || {
+            // SAFETY: as for `port_in`: the guest's own OUT, checked and performed as it
+            // would have been.
+            unsafe {
+                match size {
+                    1 => instr::outb(port, value as u8),
+                    2 => instr::outw(port, value as u16),
+                    _ => instr::outl(port, value),
+                }
+            }
+        });
+    }
 }
 
 /// Steps out where the guest is.
@@ -561,6 +590,11 @@ fn leave(hv: &Hv, cpu: &Cpu, p: &mut Private) -> ! {
 
 /// Advances the guest's RIP past `insn`; false if the bytes there are not `insn`.
 fn skip(hv: &Hv, vcpu: &mut Vcpu, insn: Insn) -> bool {
+    if let Some(len) = insn.reported_length() {
+        // The exit said how long it is: nothing to read.
+        vcpu.skip(len as u64);
+        return true;
+    }
     let mut bytes = [0u8; 15];
     if !vmm::read_guest_insn(hv, vcpu.cr3(), vcpu.rip(), &mut bytes) {
         return false;

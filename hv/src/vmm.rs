@@ -282,6 +282,7 @@ impl Hv {
             link_wrong_keys: 0,
             link_unauthenticated: 0,
             link_unrouted: 0,
+            devices: crate::devices::stats_record(),
         };
         crate::link::write_stats(&mut h);
         if let Some(hdr) = self.header {

@@ -5,7 +5,7 @@
 /// "QSST".
 pub const STATS_MAGIC: u32 = 0x5453_5351;
 /// Layout version of this block.
-pub const STATS_VERSION: u32 = 4;
+pub const STATS_VERSION: u32 = 5;
 
 /// Kinds of #VMEXIT counted per CPU. The numbers index [`CpuStats::exits`].
 #[repr(usize)]
@@ -29,10 +29,13 @@ pub enum ExitKind {
     Other = 7,
     /// The debugger's: NMIs, software interrupts, #BP, #DB.
     Debug = 8,
+    /// IN/OUT to a port whose writes the hv shadows (the console UART's FIFO control
+    /// register, the CMOS index): done by the hv on the guest's behalf.
+    PortIo = 9,
 }
 
 /// Number of [`ExitKind`]s.
-pub const EXIT_KINDS: usize = 9;
+pub const EXIT_KINDS: usize = 10;
 
 impl ExitKind {
     /// Every kind, in index order.
@@ -46,6 +49,7 @@ impl ExitKind {
         ExitKind::Shutdown,
         ExitKind::Other,
         ExitKind::Debug,
+        ExitKind::PortIo,
     ];
 
     /// Short name for tables.
@@ -60,6 +64,7 @@ impl ExitKind {
             ExitKind::Shutdown => "shutdown",
             ExitKind::Other => "other",
             ExitKind::Debug => "debug",
+            ExitKind::PortIo => "port-io",
         }
     }
 }
@@ -93,6 +98,64 @@ pub struct ExitRecord {
     /// Guest CS selector and CPL.
     pub cs: u64,
     pub cpl: u64,
+}
+
+/// Bits of [`DevicesRecord::present`]: the legacy devices a capture found.
+pub mod device {
+    pub const IOAPIC: u32 = 1 << 0;
+    pub const PIC: u32 = 1 << 1;
+    pub const PIT: u32 = 1 << 2;
+    pub const HPET: u32 = 1 << 3;
+    pub const RTC: u32 = 1 << 4;
+    pub const COM1: u32 = 1 << 5;
+}
+
+/// A shadowed register's value as the block reports it: bit 8 set if known.
+pub const SHADOW_KNOWN: u32 = 1 << 8;
+
+/// The platform's legacy devices as the hv last captured them (every `qsctl freeze --check`
+/// captures them, restores them in place and captures again), and what the hv shadows of
+/// their write-only registers now.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DevicesRecord {
+    /// Device round trips made (capture, restore in place, capture, compare).
+    pub checks: u32,
+    /// Of those, how many came back different.
+    pub checks_differing: u32,
+    /// [`device`] bits: what the last capture found.
+    pub present: u32,
+    /// COM1's FIFO control register (port 0x3FA, write-only) as the hv shadows it now: the
+    /// last value the guest wrote while the hv was active, with [`SHADOW_KNOWN`]; 0 if it
+    /// has not written it since the hv became active.
+    pub com1_fcr: u32,
+    /// The CMOS index (port 0x70, write-only) likewise.
+    pub rtc_index: u32,
+    /// COM1's FCR as the last capture recorded it (with [`SHADOW_KNOWN`]).
+    pub captured_com1_fcr: u32,
+    /// From the last capture: the 8259s' interrupt masks (master in bits 7:0, slave 15:8).
+    pub pic_imr: u32,
+    /// The 8254's read-back status of channel 0 (bits 7:0) and channel 2 (15:8).
+    pub pit_status: u32,
+    /// The RTC's register A (bits 7:0) and B (15:8).
+    pub rtc_ab: u32,
+    /// IOAPIC redirection entries.
+    pub ioapic_pins: u32,
+    /// HPET general configuration (bit 0 enable, bit 1 legacy routing), its timers, and a
+    /// bit per timer with its interrupt enabled.
+    pub hpet_config: u32,
+    pub hpet_timers: u32,
+    pub hpet_enabled_timers: u32,
+    pub reserved: u32,
+    /// COM1's LCR (7:0), IER (15:8), MCR (23:16), and its divisor latch (DLL | DLM << 8) in
+    /// bits 47:32.
+    pub com1: u64,
+    /// A bit per unmasked IOAPIC pin (pins 0-63).
+    pub ioapic_unmasked: u64,
+    /// Port writes the hv made for the guest and shadowed, since load.
+    pub shadowed_writes: u64,
+    /// What differed in the last round trip that differed (comma-separated, NUL-padded).
+    pub what: [u8; 32],
 }
 
 /// The fixed part of the block.
@@ -147,6 +210,8 @@ pub struct StatsHeader {
     /// Frames an authenticated bridge sent that no part of the hv consumes yet (bulk data,
     /// control messages other than attention), counted and dropped.
     pub link_unrouted: u64,
+    /// The legacy devices (`qsctl stats`' devices line).
+    pub devices: DevicesRecord,
 }
 
 /// Per-CPU counters.
@@ -167,8 +232,9 @@ pub struct CpuStats {
     pub seen: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 40);
-const _: () = assert!(core::mem::size_of::<CpuStats>() == 104);
+const _: () = assert!(core::mem::size_of::<DevicesRecord>() == 112);
+const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 40 + 112);
+const _: () = assert!(core::mem::size_of::<CpuStats>() == 112);
 
 /// Bytes in a block for `cpus` CPUs.
 pub const fn stats_size(cpus: u32) -> usize {
@@ -260,13 +326,14 @@ mod tests {
             link_wrong_keys: 0,
             link_unauthenticated: 0,
             link_unrouted: 0,
+            devices: DevicesRecord::default(),
         };
         h.hv_version[..5].copy_from_slice(b"0.1.0");
         // SAFETY: test-only byte copies of repr(C) integer structs into a large enough buffer.
         unsafe {
             core::ptr::write_unaligned(bytes.as_mut_ptr().cast(), h);
             let c = CpuStats {
-                exits: [1, 2, 3, 4, 5, 6, 7, 8, 9],
+                exits: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
                 active: 1,
                 ..Default::default()
             };

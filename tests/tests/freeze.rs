@@ -1,6 +1,7 @@
 //! Stopping every CPU as a service (the rendezvous), with a client that is not the debugger:
 //! `qsctl freeze MS --check` holds every CPU of a running kernel, captures each CPU's whole
-//! state (registers, segments, MSRs, XSAVE, the local APIC), writes it back, captures it again
+//! state (registers, segments, MSRs, XSAVE, the local APIC) and the platform's legacy devices
+//! (IOAPIC, 8259s, 8254, HPET, RTC, the console UART), writes them back, captures them again
 //! and compares, while a self-verifying workload runs. The consistent cut a checkpoint needs.
 
 use std::time::Duration;
@@ -23,6 +24,7 @@ while [ $i -lt {FREEZES} ]; do
 done
 qsctl freeze 20000; echo "too-long-rc=$?"
 qsctl bench-freeze 100
+qsctl stats | grep "^devices:"
 qsctl probe --expect active > /dev/null && echo "STILL-ACTIVE"
 qsctl deactivate
 n=0
@@ -68,6 +70,29 @@ fn freezes_on(smp: u32) {
         o.contains(r#""checks_identical":100,"incomplete":0}"#),
         "100 more freezes stopped every CPU and every state came back identical:\n{o}"
     );
+    // The leader captured, restored and recaptured the devices at every check: all of them
+    // found, none ever came back different.
+    assert!(
+        o.contains(&format!("devices: {FREEZES} round trips, 0 differed;")),
+        "every device round trip came back identical:\n{o}"
+    );
+    let checks = FREEZES + 100;
+    assert!(
+        o.contains(&format!("devices: {checks} round trips, 0 differed;")),
+        "{o}"
+    );
+    for found in [
+        "ioapic (24 pins",
+        // Linux on an IOAPIC leaves both 8259s fully masked.
+        "pic (imr 0xff/0xff)",
+        "pit (status ",
+        // Linux keeps the HPET running in legacy replacement mode, its timers idle.
+        "hpet (config 0x3, 3 timers, 0x0 armed)",
+        "rtc (A 0x26",
+        "com1 (lcr ",
+    ] {
+        assert!(o.contains(found), "the capture found {found:?}:\n{o}");
+    }
     assert_console_has(&out, "STILL-ACTIVE");
     // A tick lost in a restore leaves that CPU asleep for ever in its idle HLT (the kernel
     // believes the lost expiry is still coming, so a sleep queued on that CPU never ends).
@@ -88,6 +113,75 @@ fn freezes_hold_every_cpu_and_their_whole_state_comes_back_identical_on_4_cpus()
 #[test]
 fn a_freeze_on_one_cpu_leads_alone() {
     freezes_on(1);
+}
+
+/// COM1's FIFO control register is write-only: the hv shadows the guest's writes to it (the
+/// only port write it intercepts besides the CMOS index) and a device round trip writes the
+/// shadowed value back. A program changes the console's receive trigger level from user space
+/// (as `setserial` would); the next freeze's capture has it, the console keeps working, and
+/// Linux's own value comes back the same way.
+#[test]
+fn a_fifo_control_value_the_guest_writes_is_shadowed_and_survives_the_device_round_trip() {
+    let machine = guest("freeze-fcr", 2).timeout(Duration::from_secs(240));
+    let script = r#"qsctl activate
+qsctl freeze 10 --check
+qs-workload --outb 0x3fa 0x41
+qsctl freeze 10 --check
+qsctl stats | grep "^devices:"
+qs-workload --outb 0x3fa 0x81
+qsctl freeze 10 --check
+qsctl stats | grep -E "^(devices:|cpu |[0-9]+ +active)"
+echo "CONSOLE-STILL-WORKS $(seq 1 200 | tr -d '
+' | wc -c)"
+qsctl deactivate
+"#;
+    let out = run(machine, script);
+    assert_success(&out);
+    let o = out.script_output();
+    // The output in three parts: before the first write, between the two, after the second.
+    let part = |from: &str, to: &str| -> String {
+        let start = o.find(from).map_or(0, |i| i + from.len());
+        let end = o[start..].find(to).map_or(o.len(), |i| start + i);
+        o[start..end].to_string()
+    };
+    let (before, with_41, with_81) = (
+        part("qsctl activate", "outb 0x3fa 0x41"),
+        part("outb 0x3fa 0x41", "outb 0x3fa 0x81"),
+        part("outb 0x3fa 0x81", "CONSOLE-STILL-WORKS"),
+    );
+    assert!(
+        before.contains("fcr unknown)") && before.contains("com1 fcr unknown"),
+        "before any guest write since activation the FCR is not known (never guessed):\n{o}"
+    );
+    assert!(
+        with_41.contains("fcr 0x41)") && with_41.contains("shadowed now: com1 fcr 0x41"),
+        "the freeze's capture has the value the guest wrote, and so does the shadow:\n{o}"
+    );
+    assert!(
+        with_81.contains("fcr 0x81)") && with_81.contains("shadowed now: com1 fcr 0x81"),
+        "{o}"
+    );
+    assert_eq!(
+        o.matches("state check: 2 of 2 CPUs came back identical")
+            .count(),
+        3,
+        "every check, devices included, came back identical:\n{o}"
+    );
+    assert!(o.contains("devices: 3 round trips, 0 differed;"), "{o}");
+    // The two OUTs exited (and the console's IIR reads, one per UART interrupt): counted in
+    // their own column.
+    let port_io: u64 = o
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("active"))
+        .filter_map(|l| l.split_whitespace().nth(11)?.parse::<u64>().ok())
+        .sum();
+    assert!(o.contains(" port-io "), "{o}");
+    assert!(
+        port_io >= 2,
+        "the port writes exited, {port_io} counted:\n{o}"
+    );
+    assert_console_has(&out, "CONSOLE-STILL-WORKS 492");
+    assert_kernel_clean(&out);
 }
 
 /// The hv times its waits in TSC ticks. A kernel whose boot calibration of the TSC is far off

@@ -24,7 +24,7 @@ mod ioctl;
 use anyhow::{bail, Context, Result};
 use quicksilver_proto::abi;
 use quicksilver_proto::ioctl::{SwitchResult, DEVICE};
-use quicksilver_proto::stats::{ExitKind, Stats};
+use quicksilver_proto::stats::{device, DevicesRecord, ExitKind, Stats, SHADOW_KNOWN};
 use std::fs::{File, OpenOptions};
 
 fn open() -> Result<File> {
@@ -222,6 +222,7 @@ fn cmd_stats() -> Result<()> {
             h.breakpoints_left
         );
     }
+    println!("{}", devices_line(&h.devices));
     println!("unexpected exits: {}", h.unexpected_exits);
     let r = &h.last_unexpected;
     if r.valid == 1 {
@@ -232,6 +233,76 @@ fn cmd_stats() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The legacy devices as the hv last captured them (each `freeze --check` does), and the
+/// write-only registers it shadows now.
+fn devices_line(d: &DevicesRecord) -> String {
+    let shadow = |v: u32| {
+        if v & SHADOW_KNOWN != 0 {
+            format!("{:#04x}", v as u8)
+        } else {
+            "unknown".to_string()
+        }
+    };
+    let mut found = Vec::new();
+    let has = |bit: u32| d.present & bit != 0;
+    if has(device::IOAPIC) {
+        found.push(format!(
+            "ioapic ({} pins, {} unmasked)",
+            d.ioapic_pins,
+            d.ioapic_unmasked.count_ones()
+        ));
+    }
+    if has(device::PIC) {
+        found.push(format!(
+            "pic (imr {:#04x}/{:#04x})",
+            d.pic_imr as u8,
+            (d.pic_imr >> 8) as u8
+        ));
+    }
+    if has(device::PIT) {
+        found.push(format!(
+            "pit (status {:#04x}/{:#04x})",
+            d.pit_status as u8,
+            (d.pit_status >> 8) as u8
+        ));
+    }
+    if has(device::HPET) {
+        found.push(format!(
+            "hpet (config {:#x}, {} timers, {:#x} armed)",
+            d.hpet_config, d.hpet_timers, d.hpet_enabled_timers
+        ));
+    }
+    if has(device::RTC) {
+        found.push(format!(
+            "rtc (A {:#04x} B {:#04x})",
+            d.rtc_ab as u8,
+            (d.rtc_ab >> 8) as u8
+        ));
+    }
+    if has(device::COM1) {
+        found.push(format!(
+            "com1 (lcr {:#04x} ier {:#04x} mcr {:#04x} divisor {}, fcr {})",
+            d.com1 as u8,
+            (d.com1 >> 8) as u8,
+            (d.com1 >> 16) as u8,
+            (d.com1 >> 32) as u16,
+            shadow(d.captured_com1_fcr)
+        ));
+    }
+    let what = String::from_utf8_lossy(&d.what);
+    let what = what.trim_end_matches(['\0', ',']);
+    format!(
+        "devices: {} round trips, {} differed{}; last capture: {}; shadowed now: com1 fcr {}, cmos index {} ({} guest writes)",
+        d.checks,
+        d.checks_differing,
+        if what.is_empty() { String::new() } else { format!(" (last in {what})") },
+        if found.is_empty() { "none yet".to_string() } else { found.join(", ") },
+        shadow(d.com1_fcr),
+        shadow(d.rtc_index),
+        d.shadowed_writes
+    )
 }
 
 fn cmd_probe(expect: Option<&str>) -> Result<()> {
@@ -361,6 +432,10 @@ fn cmd_freeze(ms: &str, check: bool) -> Result<()> {
         f.gather_us
     );
     if check {
+        // The leader's round trip of the platform's devices, as the hv recorded it.
+        if let Ok(s) = read_stats(&dev) {
+            println!("{}", devices_line(&s.header.devices));
+        }
         if f.identical == f.cpus {
             println!(
                 "state check: {} of {} CPUs came back identical",

@@ -215,6 +215,77 @@ pub unsafe fn inb(port: u16) -> u8 {
     v
 }
 
+/// Writes a word to an I/O port (ports `port` and `port + 1`).
+///
+/// # Safety
+/// As [`outb`].
+#[inline]
+pub unsafe fn outw(port: u16, v: u16) {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack)) };
+}
+
+/// Writes a doubleword to an I/O port (ports `port` to `port + 3`).
+///
+/// # Safety
+/// As [`outb`].
+#[inline]
+pub unsafe fn outl(port: u16, v: u32) {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack)) };
+}
+
+/// Reads a word from an I/O port.
+///
+/// # Safety
+/// As [`inb`].
+#[inline]
+pub unsafe fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack)) };
+    v
+}
+
+/// Reads a doubleword from an I/O port.
+///
+/// # Safety
+/// As [`inb`].
+#[inline]
+pub unsafe fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack)) };
+    v
+}
+
+/// Reads a 32-bit device register at physical address `pa` through the hv's identity map.
+///
+/// A single aligned 32-bit load: the IOAPIC's window accepts only doubleword accesses, and
+/// QEMU 7.2's HPET only 4-byte ones (`hpet_ram_ops.valid`), so nothing here is ever split or
+/// widened. The identity map is write-back in the PAT; the firmware's MTRRs make the chipset's
+/// MMIO range (0xFEC00000 and up) uncacheable, and the effective type of a WB PAT entry over
+/// a UC MTRR range is UC (APM vol. 2, 7.8.3), so every access reaches the device.
+///
+/// # Safety
+/// Host mode (the identity map is the address space); `pa` 4-byte aligned, below the identity
+/// map's limit, and a device register whose read the caller owns (reads can have effects).
+#[inline]
+pub unsafe fn mmio_read32(pa: u64) -> u32 {
+    // SAFETY: forwarded to the caller.
+    unsafe { (pa as *const u32).read_volatile() }
+}
+
+/// Writes a 32-bit device register at physical address `pa` through the identity map.
+///
+/// # Safety
+/// As [`mmio_read32`]; the write's effect on the device is the caller's to argue.
+#[inline]
+pub unsafe fn mmio_write32(pa: u64, v: u32) {
+    // SAFETY: forwarded to the caller.
+    unsafe { (pa as *mut u32).write_volatile(v) };
+}
+
 /// Stops this CPU for good: interrupts off, HLT forever.
 pub fn halt_forever() -> ! {
     loop {

@@ -41,6 +41,10 @@ pub unsafe fn take_nmi() -> bool {
     unsafe { svm::qs_take_nmi() == 1 }
 }
 
+/// The vendor's I/O intercept map (SVM's I/O permission map), built at compile time from the
+/// ports to intercept; a `static` of it is handed to every vCPU by physical address.
+pub use svm::iopm::Iopm as IoIntercepts;
+
 /// Bytes of the vendor's MSR intercept map (SVM's MSR permission map: two pages).
 pub const MSR_INTERCEPTS_SIZE: usize = svm::msrpm::MSRPM_SIZE;
 

@@ -36,6 +36,16 @@ pub enum VmExit {
         fetch: bool,
     },
     Shutdown,
+    /// IN, OUT, INS or OUTS to a port the hv intercepts. `size` is 1, 2 or 4 bytes; `len` is
+    /// the instruction's length as the vendor reported it (0 if it did not: the exit is then
+    /// unexpected, the hv does not guess).
+    PortIo {
+        port: u16,
+        size: u8,
+        input: bool,
+        string: bool,
+        len: u8,
+    },
     /// A physical NMI (intercepted: the hv's own stop request, or a foreign one to reflect).
     Nmi,
     /// INT n / INT3 / INTO (the INTn intercept; RIP at the instruction).
@@ -69,6 +79,7 @@ impl VmExit {
             }
             VmExit::NestedPageFault { .. } => ExitKind::Npf,
             VmExit::Shutdown => ExitKind::Shutdown,
+            VmExit::PortIo { .. } => ExitKind::PortIo,
             VmExit::Nmi
             | VmExit::SoftwareInterrupt
             | VmExit::Breakpoint

@@ -15,6 +15,8 @@
 //! - VMMCALL ([`hypercall`]): from CPL > 0 or without the Quicksilver tag, #UD as on bare metal;
 //!   otherwise one table of operations.
 //! - Nested page faults ([`npf`]): the owner of the page decides.
+//! - IN/OUT ([`io`]) to the two ports whose writes the hv shadows (COM1's FIFO control, the
+//!   CMOS index): the hv performs the access, records a write, and steps over it.
 //! - NMI ([`nmi`]): a stop NMI joins the rendezvous; a foreign one is reflected.
 //! - INTn, #BP, #DB: the debugger's ([`crate::debug::exit`]).
 //! - SHUTDOWN (guest triple fault): the machine is reset, as bare metal would.
@@ -23,6 +25,7 @@
 
 pub mod cpuid;
 pub mod hypercall;
+pub mod io;
 pub mod msr;
 pub mod nmi;
 pub mod npf;
@@ -106,6 +109,10 @@ pub trait Env {
     fn msr_refused(&self);
     fn svm_instruction_refused(&self);
     fn hv_access_refused(&self, gpa: u64);
+    /// Performs the guest's IN of `size` bytes at `port` (an intercepted port).
+    fn port_in(&self, port: u16, size: u8) -> u32;
+    /// Performs the guest's OUT, and shadows what it wrote to a write-only register.
+    fn port_out(&self, port: u16, size: u8, value: u32);
 }
 
 /// Decides what to do about `exit`. Debug exits (INTn, #BP, #DB) are not decided here: they
@@ -121,6 +128,23 @@ pub fn handle(exit: VmExit, cpu: &mut impl VirtCpu, env: &impl Env) -> Action {
         VmExit::NestedPageFault { gpa, write, fetch } => npf::handle(gpa, write, fetch, cpu, env),
         VmExit::Nmi => nmi::handle(cpu, env),
         VmExit::Shutdown => Action::Reset,
+        VmExit::PortIo {
+            port,
+            size,
+            input,
+            string,
+            len,
+        } => io::handle(
+            io::PortAccess {
+                port,
+                size,
+                input,
+                string,
+                len,
+            },
+            cpu,
+            env,
+        ),
         VmExit::SoftwareInterrupt | VmExit::Breakpoint | VmExit::DebugException { .. } => {
             Action::Unexpected
         }
@@ -152,6 +176,8 @@ pub mod fake {
         /// Pages the fake checkpoints protect, and those copied.
         pub protected: RefCell<Vec<u64>>,
         pub copied: RefCell<Vec<u64>>,
+        pub port_writes: RefCell<Vec<(u16, u8, u32)>>,
+        pub port_value: Cell<u32>,
     }
 
     /// The fake hv's memory.
@@ -215,6 +241,12 @@ pub mod fake {
         }
         fn hv_access_refused(&self, _gpa: u64) {
             self.hv_refusals.set(self.hv_refusals.get() + 1);
+        }
+        fn port_in(&self, _port: u16, _size: u8) -> u32 {
+            self.port_value.get()
+        }
+        fn port_out(&self, port: u16, size: u8, value: u32) {
+            self.port_writes.borrow_mut().push((port, size, value));
         }
     }
 }

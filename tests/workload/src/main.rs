@@ -6,6 +6,7 @@
 //! qs-workload --fixed-work            (benchmarks: fixed work on every CPU, timed)
 //! qs-workload --hold-kvm-vm [SECONDS] (tests: make kvm_amd own SVM)
 //! qs-workload --getpid-loop SECONDS   (gdb tests: the getpid system call, in a loop)
+//! qs-workload --outb PORT VALUE       (device tests: one byte to an I/O port, as root)
 //! ```
 //!
 //! Each activity runs in `--threads` threads (default 1) until `--seconds` pass (default:
@@ -56,7 +57,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: qs-workload [--seconds N] [--threads N] [--exec PATH]\n       \
          qs-workload --fixed-work\n       qs-workload --hold-kvm-vm [SECONDS]\n       \
-         qs-workload --getpid-loop SECONDS"
+         qs-workload --getpid-loop SECONDS\n       qs-workload --outb PORT VALUE"
     );
     std::process::exit(2);
 }
@@ -437,8 +438,47 @@ fn getpid_loop(seconds: u64) -> ! {
     std::process::exit(0);
 }
 
+/// `--outb PORT VALUE`: writes one byte to an I/O port from user space, as a program that
+/// changes a device setting would (e.g. the console UART's FIFO trigger level at 0x3FA; busybox
+/// has no `setserial`). Needs root: `ioperm` opens the one port in this process's TSS I/O
+/// bitmap, so the CPU's permission check passes and a hypervisor's port intercept, if any,
+/// is what sees the OUT.
+fn outb(args: &[String]) -> ! {
+    let number = |s: &str| match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    };
+    let (Some(port), Some(value)) = (
+        args.first()
+            .and_then(|s| number(s))
+            .filter(|&p| p <= 0xFFFF),
+        args.get(1).and_then(|s| number(s)).filter(|&v| v <= 0xFF),
+    ) else {
+        usage()
+    };
+    // SAFETY: ioperm changes only this process's I/O permission bitmap.
+    if unsafe { libc::ioperm(port as libc::c_ulong, 1, 1) } != 0 {
+        eprintln!(
+            "qs-workload: ioperm({port:#x}) failed: {} (run as root)",
+            std::io::Error::last_os_error()
+        );
+        std::process::exit(1);
+    }
+    // SAFETY: the port was opened to this process just above; the byte goes to the device,
+    // which is the point; no memory is touched.
+    unsafe {
+        std::arch::asm!("out dx, al", in("dx") port as u16, in("al") value as u8,
+                        options(nomem, nostack))
+    };
+    println!("outb {port:#x} {value:#04x}");
+    std::process::exit(0);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--outb") {
+        outb(&args[2..]);
+    }
     if args.get(1).map(String::as_str) == Some("--getpid-loop") {
         getpid_loop(
             args.get(2)

@@ -8,6 +8,7 @@
 //! The world switch (`world_switch.S`) is assembled by the module that owns its Rust entry
 //! points (`crate::vcpu`); the declarations of its assembly routines are here.
 
+pub mod iopm;
 pub mod msrpm;
 pub mod vmcb;
 

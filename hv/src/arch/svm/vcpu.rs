@@ -23,6 +23,8 @@ pub struct VcpuSetup {
     pub nested_root_pa: u64,
     /// The hv's own CR3: an exit whose saved CR3 is this one brought back host state.
     pub host_cr3: u64,
+    /// The I/O intercept map (`arch::IoIntercepts`, page-aligned), or 0 for none.
+    pub io_intercepts_pa: u64,
 }
 
 /// One CPU's SVM state: three pages (VMCB, host save area, then this CPU's registers).
@@ -83,6 +85,12 @@ impl Vcpu {
             misc1::NMI | misc1::CPUID | misc1::MSR_PROT | misc1::SHUTDOWN | vmcb::MISC1_INVLPGA;
         c.intercept_misc2 = misc2::ALL_SVM;
         c.msrpm_base_pa = setup.msr_intercepts_pa;
+        if setup.io_intercepts_pa != 0 {
+            // The few ports whose writes the hv shadows (`crate::devices::intercept`); every
+            // other port runs without an exit.
+            c.intercept_misc1 |= misc1::IOIO_PROT;
+            c.iopm_base_pa = setup.io_intercepts_pa;
+        }
         c.guest_asid = GUEST_ASID;
         // This ASID may hold translations from an earlier activation with other nested tables.
         c.tlb_control = tlb_control::FLUSH_ALL;
@@ -202,6 +210,9 @@ impl Vcpu {
                 fetch: c.exit_info1 & 0x10 != 0,
             },
             x if x == ExitCode::Shutdown as u64 => VmExit::Shutdown,
+            x if x == ExitCode::Ioio as u64 => {
+                decode_ioio(c.exit_info1, c.exit_info2, self.vmcb.save.rip)
+            }
             x if x == ExitCode::Nmi as u64 => VmExit::Nmi,
             x if x == ExitCode::Intn as u64 => VmExit::SoftwareInterrupt,
             x if x == ExitCode::ExceptionDb as u64 => VmExit::DebugException {
@@ -306,6 +317,32 @@ impl Vcpu {
                 live::restore(s);
             }
         }
+    }
+}
+
+/// An IOIO exit in neutral terms (APM 15.10.2): EXITINFO1 says what, EXITINFO2 where the
+/// next instruction is.
+fn decode_ioio(info1: u64, next_rip: u64, rip: u64) -> VmExit {
+    use vmcb::ioio;
+    let size = if info1 & ioio::SZ32 != 0 {
+        4
+    } else if info1 & ioio::SZ16 != 0 {
+        2
+    } else {
+        1
+    };
+    // An IN/OUT is 1 to 15 bytes long; anything else means EXITINFO2 was not filled.
+    let len = match next_rip.wrapping_sub(rip) {
+        l @ 1..=15 => l as u8,
+        _ => 0,
+    };
+    VmExit::PortIo {
+        port: (info1 >> ioio::PORT_SHIFT) as u16,
+        size,
+        input: info1 & ioio::TYPE_IN != 0,
+        // REP before a plain IN or OUT is ignored by the CPU: only STR makes it a string access.
+        string: info1 & ioio::STR != 0,
+        len,
     }
 }
 
@@ -607,6 +644,44 @@ mod tests {
     fn boxed_vmcb() -> Box<Vmcb> {
         // SAFETY: Vmcb is plain integers: all-zero is valid.
         unsafe { Box::new(core::mem::zeroed()) }
+    }
+
+    #[test]
+    fn ioio_exits_decode_as_the_manual_says() {
+        // OUT DX, AL to 0x3FA (EE: one byte): TYPE 0, SZ8, port in 31:16.
+        let out = (0x3FA << 16) | vmcb::ioio::SZ8;
+        assert_eq!(
+            decode_ioio(out, 0xFFFF_FFFF_8100_0001, 0xFFFF_FFFF_8100_0000),
+            VmExit::PortIo {
+                port: 0x3FA,
+                size: 1,
+                input: false,
+                string: false,
+                len: 1
+            }
+        );
+        // IN EAX, 0x70 (E5 70: two bytes).
+        let inl = (0x70 << 16) | vmcb::ioio::SZ32 | vmcb::ioio::TYPE_IN;
+        assert_eq!(
+            decode_ioio(inl, 0x1002, 0x1000),
+            VmExit::PortIo {
+                port: 0x70,
+                size: 4,
+                input: true,
+                string: false,
+                len: 2
+            }
+        );
+        // REP OUTSB, and an EXITINFO2 that was not filled (length unknown).
+        let outs = (0x3FA << 16) | vmcb::ioio::SZ8 | vmcb::ioio::STR | vmcb::ioio::REP;
+        assert!(matches!(
+            decode_ioio(outs, 0, 0x1000),
+            VmExit::PortIo {
+                string: true,
+                len: 0,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -167,6 +167,8 @@ pub mod misc1 {
     pub const NMI: u32 = 1 << 1;
     pub const CPUID: u32 = 1 << 18;
     pub const INTN: u32 = 1 << 21;
+    /// IN/OUT/INS/OUTS to a port the I/O permission map lists (APM 15.10.1).
+    pub const IOIO_PROT: u32 = 1 << 27;
     pub const MSR_PROT: u32 = 1 << 28;
     pub const SHUTDOWN: u32 = 1 << 31;
 }
@@ -216,6 +218,8 @@ pub enum ExitCode {
     Cpuid = 0x72,
     Intn = 0x75,
     Invlpga = 0x7A,
+    /// IN, OUT, INS, OUTS to an intercepted port (APM 15.10.2).
+    Ioio = 0x7B,
     Msr = 0x7C,
     Shutdown = 0x7F,
     Vmrun = 0x80,
@@ -226,6 +230,24 @@ pub enum ExitCode {
     Clgi = 0x85,
     Skinit = 0x86,
     Npf = 0x400,
+}
+
+/// EXITINFO1 of an IOIO exit (APM vol. 2, 15.10.2, figure 15-2); EXITINFO2 holds the rIP of
+/// the instruction after the IN/OUT, with or without NRIP save (QEMU's TCG, which has no NRIP
+/// save, fills it too: `helper_svm_check_io`).
+pub mod ioio {
+    /// TYPE: 1 = IN, 0 = OUT.
+    pub const TYPE_IN: u64 = 1 << 0;
+    /// STR: INS or OUTS.
+    pub const STR: u64 = 1 << 2;
+    /// REP prefix.
+    pub const REP: u64 = 1 << 3;
+    /// SZ8, SZ16, SZ32: the operand size, one-hot.
+    pub const SZ8: u64 = 1 << 4;
+    pub const SZ16: u64 = 1 << 5;
+    pub const SZ32: u64 = 1 << 6;
+    /// PORT: bits 31:16.
+    pub const PORT_SHIFT: u32 = 16;
 }
 
 /// EXITCODE of a VMRUN that failed its consistency checks. QEMU stores it as
