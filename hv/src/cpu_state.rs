@@ -150,6 +150,8 @@ pub mod apic_reg {
     pub const ISR: u32 = 0x100;
     pub const TMR: u32 = 0x180;
     pub const IRR: u32 = 0x200;
+    /// Interrupt command, low half (x2APIC: the whole ICR, MSR 0x830).
+    pub const ICR_LOW: u32 = 0x300;
     /// Timer, thermal, performance counter, LINT0, LINT1, error.
     pub const LVT: [u32; super::LVT_COUNT] = [0x320, 0x330, 0x340, 0x350, 0x360, 0x370];
     pub const TIMER_INITIAL: u32 = 0x380;

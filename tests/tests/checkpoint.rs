@@ -93,3 +93,237 @@ fn a_rollback_puts_every_process_and_tmpfs_back_at_the_checkpoint() {
     assert_kernel_clean(&out);
     assert_clock_quiet(&out);
 }
+
+/// Reads `qsctl checkpoints`' rollback count (the hv's: not rolled back), keeps at most 8
+/// checkpoints, and picks a random kept one.
+const HELPERS: &str = r#"
+rollbacks() { qsctl checkpoints | sed -n 's/.*; \([0-9]*\) rollbacks$/\1/p'; }
+kept_ids() { qsctl checkpoints | awk '$1 ~ /^[0-9]+$/ && $2 ~ /s$/ {print $1}'; }
+rand() { echo $(( $(od -An -N2 -tu2 /dev/urandom) % $1 )); }
+"#;
+
+/// 100 rollbacks to random checkpoints of random ages (up to about a second), on 4 CPUs, under
+/// the ledger (a count kept in memory, in tmpfs and through a pipe, checked every step) and the
+/// self-verifying workload: every rollback puts all of it back exactly, and it runs on.
+#[test]
+fn a_hundred_rollbacks_on_four_cpus_under_a_workload_leave_every_process_and_cpu_sound() {
+    let machine = guest("checkpoint-100", 4).timeout(Duration::from_secs(900));
+    let script = format!(
+        r#"{HELPERS}
+qs-workload --ledger /tmp/ledger &
+LP=$!
+qs-workload > /tmp/workload.log 2>&1 &
+WP=$!
+sleep 1
+while [ "$(rollbacks)" -lt 100 ]; do
+    qsctl checkpoint > /tmp/last-checkpoint 2>&1 || cat /tmp/last-checkpoint
+    set -- $(kept_ids)
+    if [ $# -gt 8 ]; then qsctl checkpoint --delete $1 > /dev/null; shift; fi
+    usleep $(( ($(rand 400) + 20) * 1000 ))
+    if [ $(rand 2) = 0 ]; then
+        eval id=\${{$(( $(rand $#) + 1 ))}}
+        qsctl rollback $id || echo "ROLLBACK-REFUSED $id"
+    fi
+done
+echo "ROLLBACKS-DONE $(rollbacks)"
+qsctl checkpoints | tail -2
+kill -TERM $LP $WP
+wait $LP; echo "ledger-rc=$?"
+wait $WP; echo "workload-rc=$?"
+tail -1 /tmp/workload.log
+qsctl checkpoint --delete all
+n=0
+while [ $n -lt $(nproc) ]; do
+    timeout 5 taskset -c $n usleep 50000 && echo "cpu$n: timer-ok" || echo "cpu$n: timer LOST"
+    n=$((n + 1))
+done
+"#
+    );
+    let out = run(machine, &script);
+    assert_success(&out);
+    let o = out.script_output();
+    assert!(o.contains("ROLLBACKS-DONE 100"), "{o}");
+    assert!(!o.contains("ROLLBACK-REFUSED"), "{o}");
+    assert!(o.contains("LEDGER OK") && o.contains("ledger-rc=0"), "{o}");
+    assert!(
+        o.contains("WORKLOAD OK") && o.contains("workload-rc=0"),
+        "{o}"
+    );
+    assert_eq!(
+        o.matches(": timer-ok").count(),
+        4,
+        "every CPU's timer fires:\n{o}"
+    );
+    assert_eq!(
+        out.console
+            .matches("quicksilver: rolled back to checkpoint")
+            .count(),
+        100,
+        "the kernel says so once per rollback"
+    );
+    // The ledger's count, as the console (the world) saw it, went back at rollbacks.
+    let counts: Vec<u64> = o
+        .lines()
+        .filter_map(|l| l.strip_prefix("ledger n=")?.trim().parse().ok())
+        .collect();
+    let back = counts.windows(2).filter(|w| w[1] < w[0]).count();
+    assert!(back >= 10, "the ledger went back {back} times:\n{o}");
+    assert_kernel_clean(&out);
+    assert_clock_quiet(&out);
+}
+
+/// Twice back to the same checkpoint: the kernel's random generator gives different bytes
+/// each time, the wall clock is the world's again (the RTC, which is not rolled back, agrees),
+/// and a sleep takes its time.
+#[test]
+fn after_a_rollback_urandom_differs_the_wall_clock_is_right_and_sleep_takes_its_time() {
+    let machine = guest("checkpoint-time", 2).timeout(Duration::from_secs(300));
+    let script = format!(
+        r#"{HELPERS}
+qsctl checkpoint > /dev/null
+r=$(rollbacks)
+echo "RANDOM r=$r $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+echo "CLOCK r=$r skew=$(( $(date +%s) - $(cat /sys/class/rtc/rtc0/since_epoch) ))"
+if [ "$r" -lt 2 ]; then
+    sleep 3
+    qsctl rollback 1
+fi
+t0=$(cat /sys/class/rtc/rtc0/since_epoch); sleep 2; t1=$(cat /sys/class/rtc/rtc0/since_epoch)
+echo "SLEPT $((t1 - t0))"
+"#
+    );
+    let out = run(machine, &script);
+    assert_success(&out);
+    let o = out.script_output();
+    let randoms: Vec<&str> = (0..3)
+        .map(|r| {
+            let key = format!("RANDOM r={r} ");
+            o.lines()
+                .find_map(|l| l.strip_prefix(&key))
+                .unwrap_or_else(|| panic!("no {key:?}:\n{o}"))
+        })
+        .collect();
+    assert!(
+        randoms[1] != randoms[2] && randoms[0] != randoms[1],
+        "the same checkpoint twice gives different random bytes: {randoms:?}"
+    );
+    for r in 1..3 {
+        let key = format!("CLOCK r={r} skew=");
+        let skew: i64 = o
+            .lines()
+            .find_map(|l| l.strip_prefix(&key)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key:?}:\n{o}"));
+        assert!(
+            skew.abs() <= 1,
+            "after rollback {r} the wall clock is {skew} s off the RTC (the checkpoint was 3 s old):\n{o}"
+        );
+    }
+    assert!(o.contains("SLEPT 2") || o.contains("SLEPT 3"), "{o}");
+    assert_kernel_clean(&out);
+    assert_clock_quiet(&out);
+}
+
+/// A checkpoint taken with the console UART's FIFO set one way, rolled back to after a program
+/// set it another: the hv writes the checkpoint's value back, and the console works.
+#[test]
+fn a_rollback_puts_the_console_uarts_fifo_setting_back_and_the_console_works() {
+    let machine = guest("checkpoint-fcr", 2).timeout(Duration::from_secs(300));
+    let script = r#"
+qsctl activate > /dev/null
+qs-workload --outb 0x3fa 0x41
+out=$(qsctl checkpoint 2>&1)
+case "$out" in
+*"rolled back"*)
+    qsctl stats | grep "^devices:"
+    echo "CONSOLE-AFTER $(seq 1 300 | wc -l)"
+    ;;
+*)
+    qs-workload --outb 0x3fa 0x81
+    qsctl rollback 1
+    ;;
+esac
+"#;
+    let out = run(machine, script);
+    assert_success(&out);
+    let o = out.script_output();
+    assert!(
+        o.contains("shadowed now: com1 fcr 0x41"),
+        "the checkpoint's FIFO setting is back in the UART:\n{o}"
+    );
+    assert!(o.contains("CONSOLE-AFTER 300"), "{o}");
+    assert_kernel_clean(&out);
+}
+
+/// What a user can get wrong, or run out of: each a clear error, nothing kept is lost.
+#[test]
+fn refusals_name_the_cause_and_lose_nothing() {
+    let machine = guest("checkpoint-refusals", 2)
+        .cmdline("quicksilver.ckpt_mem=8M")
+        .timeout(Duration::from_secs(300));
+    let script = format!(
+        r#"{HELPERS}
+qsctl rollback 1; echo "dormant-rc=$?"
+qs-workload --ledger /tmp/ledger &
+LP=$!
+qsctl checkpoint > /dev/null
+qsctl checkpoint > /dev/null
+qsctl checkpoint --delete 1
+qsctl rollback 1; echo "deleted-rc=$?"
+qsctl rollback 77; echo "missing-rc=$?"
+qsctl rollback x; echo "bad-id-rc=$?"
+# Fill the checkpoint memory, 64 KiB at a time, until less than a reserve (1/32, at least 64
+# pages) is free; then ask for a checkpoint. (If the memory ran out meanwhile, the oldest went:
+# take a fresh one and go on.)
+qsctl checkpoint > /dev/null
+i=0
+while [ $i -lt 400 ]; do
+    free=$(qsctl checkpoints | sed -n 's/.*memory \([0-9]*\) of \([0-9]*\) KiB.*/\2 \1/p' | awk '{{print $1 - $2}}')
+    if [ "$free" -lt 200 ]; then
+        out=$(qsctl checkpoint 2>&1)
+        case "$out" in
+        *"rolled back"*) echo "BACK-AT $i"; break ;;
+        *ckpt_mem*) echo "REFUSED: $out"; break ;;
+        esac
+    fi
+    [ -z "$(kept_ids)" ] && qsctl checkpoint > /dev/null
+    dd if=/dev/urandom of=/tmp/f$i bs=64K count=1 2>/dev/null
+    i=$((i + 1))
+done
+if [ "$(rollbacks)" = 0 ]; then
+    set -- $(kept_ids)
+    eval newest=\${{$#}}
+    echo "NEWEST $newest"
+    qsctl rollback $newest
+fi
+qsctl checkpoints | tail -2
+kill -TERM $LP; wait $LP; echo "ledger-rc=$?"
+"#
+    );
+    let out = run(machine, &script);
+    assert_success(&out);
+    let o = out.script_output();
+    assert!(
+        o.contains("dormant-rc=1") && o.contains("no checkpoint has that id"),
+        "{o}"
+    );
+    assert!(o.contains("deleted 1 checkpoint(s)"), "{o}");
+    assert!(
+        o.contains("deleted-rc=1") && o.contains("missing-rc=1"),
+        "{o}"
+    );
+    assert!(
+        o.contains("bad-id-rc=1") && o.contains("is not a checkpoint id"),
+        "{o}"
+    );
+    assert!(
+        o.contains("REFUSED: qsctl: checkpoint refused: the checkpoint memory is full")
+            && o.contains("ckpt_mem="),
+        "a checkpoint the user asks for is refused, naming the parameter:\n{o}"
+    );
+    assert!(
+        o.contains("last rollback: to checkpoint"),
+        "a kept checkpoint still restores after the refusal:\n{o}"
+    );
+    assert!(o.contains("LEDGER OK") && o.contains("ledger-rc=0"), "{o}");
+    assert_kernel_clean(&out);
+}

@@ -75,7 +75,11 @@ pub fn restore(s: &CpuState) {
 /// checkpoint's CPU had none in service, and a handler that will never run to its EOI would
 /// block its priority class for good); then the registers; and a one-shot timer that was
 /// counting at the checkpoint is armed again with what it had left, whatever the live timer
-/// says now (every CPU must have its tick coming, or it may sleep for ever in HLT).
+/// says now (every CPU must have its tick coming, or it may sleep for ever in HLT). Last, each
+/// interrupt that was pending in the checkpoint's IRR is raised again (a self-IPI of its
+/// vector): the kernel at the checkpoint was about to take it (a timer tick that had fired,
+/// an IPI), and the live IRR is another instant's. One the kernel gets twice is spurious and
+/// harmless; one it never gets is a CPU whose tick is lost for good (an RCU stall).
 pub fn restore_rolled_back(s: &CpuState) {
     if let Some((apic, base)) = Apic::current() {
         if s.apic.present && base == s.apic.base_msr {
@@ -87,6 +91,7 @@ pub fn restore_rolled_back(s: &CpuState) {
                 a.timer_current = 0;
             }
             write_back(&apic, &a);
+            raise_pending(&apic, &s.apic.irr);
         }
     }
     // SAFETY: the guest's own CR8 value, captured on this CPU at the checkpoint.
@@ -94,6 +99,17 @@ pub fn restore_rolled_back(s: &CpuState) {
     if has_tsc_aux() {
         // SAFETY: the MSR exists (checked); the guest's own value.
         unsafe { instr::wrmsr(msr::TSC_AUX, s.msrs.tsc_aux) };
+    }
+}
+
+/// A self-IPI (ICR: shorthand self, fixed delivery) for every vector set in `irr` from 16 up
+/// (0-15 are not deliverable as interrupts).
+fn raise_pending(apic: &impl ApicRegs, irr: &[u32; 8]) {
+    const SELF: u32 = 1 << 18;
+    for v in 16..256u32 {
+        if irr[(v / 32) as usize] & (1 << (v % 32)) != 0 {
+            apic.write(apic_reg::ICR_LOW, SELF | v);
+        }
     }
 }
 
@@ -363,6 +379,31 @@ mod tests {
         apic.regs.borrow_mut().insert(apic_reg::TIMER_CURRENT, 0);
         write_back(&apic, &saved);
         assert_eq!(apic.writes(), vec![]);
+    }
+
+    #[test]
+    fn after_a_rollback_what_was_in_service_ends_and_what_was_pending_comes_again() {
+        let saved = one_shot();
+        let apic = FakeApic::holding(&saved);
+        apic.regs
+            .borrow_mut()
+            .insert(apic_reg::ISR + 0x10 * 7, 1 << 0xC);
+        end_in_service(&apic);
+        // The fake's ISR does not clear on EOI: one EOI per try, bounded.
+        assert_eq!(apic.writes().len(), 16);
+        let mut irr = [0u32; 8];
+        irr[7] |= 1 << 0xC; // 0xEC, the timer's tick that had fired
+        irr[7] |= 1 << 0x1D; // 0xFD, an IPI
+        irr[0] |= 1 << 3; // not deliverable as an interrupt: left alone
+        let apic = FakeApic::holding(&saved);
+        raise_pending(&apic, &irr);
+        assert_eq!(
+            apic.writes(),
+            vec![
+                (apic_reg::ICR_LOW, (1 << 18) | 0xEC),
+                (apic_reg::ICR_LOW, (1 << 18) | 0xFD)
+            ]
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod undo;
 
 use crate::arch::{parts, Event, Vcpu};
 use crate::cpu_state::CpuState;
+use crate::devices::DeviceState;
 use crate::exit::Action;
 use crate::npt::{DirtyLog, Flush};
 use crate::paging::{Gpa, SIZE_4K};
@@ -44,6 +45,8 @@ use undo::{Checkpoint, UndoError, UndoLog, PAGE};
 
 /// Slots of records per CPU: its `CpuState`.
 const CPU_SLOTS: u32 = core::mem::size_of::<CpuState>().div_ceil(PAGE) as u32;
+/// Slots of the platform devices' record (`devices::DeviceState`), after the CPUs'.
+const DEVICE_SLOTS: u32 = DeviceState::SIZE.div_ceil(PAGE) as u32;
 
 /// The undo log and what the hv knows of the machine's RAM.
 struct Engine {
@@ -226,7 +229,7 @@ fn take(
     }
     let mut guard = ENGINE.lock();
     let e = &mut *guard;
-    let records = hv.cpus * CPU_SLOTS;
+    let records = hv.cpus * CPU_SLOTS + DEVICE_SLOTS;
     let periodic = args.flags & CHECKPOINT_PERIODIC != 0;
     // A checkpoint the user asks for keeps a reserve free for the pages the machine will
     // write next; the periodic ring makes room by dropping its oldest instead.
@@ -280,9 +283,18 @@ fn take(
         cpu_mask: parked,
         tsc_offset: GUEST_TSC_OFFSET.load(Relaxed),
     };
+    let devices = crate::devices::capture();
     let store = |mem: &mut StoreMemory, r: u32, slot: u64| {
         let (cpu, part) = (r / CPU_SLOTS, (r % CPU_SLOTS) as usize);
         let dst = mem.slot_pa(slot) as *mut u8;
+        if r >= hv.cpus * CPU_SLOTS {
+            let bytes = plain_bytes(&devices);
+            let part = (r - hv.cpus * CPU_SLOTS) as usize;
+            let chunk = &bytes[part * PAGE..bytes.len().min((part + 1) * PAGE)];
+            // SAFETY: as below.
+            unsafe { core::ptr::copy_nonoverlapping(chunk.as_ptr(), dst, chunk.len()) };
+            return;
+        }
         match p.peek(cpu) {
             Some(st) => {
                 let bytes = state_bytes(&st.state);
@@ -350,6 +362,23 @@ fn rollback(hv: &Hv, p: &mut Parked, parked: u64, id: u32, asked: u64) -> Result
         }
         st.dirty = parts::ALL | parts::ROLLBACK;
     }
+    // The platform's devices, from their record (IOAPIC masked first, unmasked last: see
+    // `devices`); every CPU is parked, so no interrupt they raise is taken half-restored.
+    let mut devices = DeviceState::default();
+    let bytes = plain_bytes_mut(&mut devices);
+    for part in 0..DEVICE_SLOTS as usize {
+        let Some(slot) = e.log.record_slot(id, hv.cpus * CPU_SLOTS + part as u32) else {
+            continue;
+        };
+        let src = e.log.memory().slot_pa(slot) as *const u8;
+        let end = bytes.len().min((part + 1) * PAGE);
+        let chunk = &mut bytes[part * PAGE..end];
+        // SAFETY: host mode; the slot holds this checkpoint's device record, written by
+        // `take` from a DeviceState of this same hv.
+        unsafe { core::ptr::copy_nonoverlapping(src, chunk.as_mut_ptr(), chunk.len()) };
+    }
+    // SAFETY: host mode, every other CPU parked; a state `devices::capture` made here.
+    unsafe { crate::devices::restore(&devices) };
     let now = crate::arch::instr::rdtsc();
     // The kernel's TSC continues from where it was at the checkpoint.
     let age = now.wrapping_sub(c.taken);
@@ -620,6 +649,20 @@ pub fn cpu_left(hv: &Hv) {
 
 /// Checkpoints dropped because a CPU left guest mode while they were kept.
 static INVALIDATED: AtomicU64 = AtomicU64::new(0);
+
+fn plain_bytes(s: &DeviceState) -> &[u8] {
+    // SAFETY: a DeviceState is plain integers with no padding (`devices` proves it).
+    unsafe {
+        core::slice::from_raw_parts((s as *const DeviceState).cast::<u8>(), DeviceState::SIZE)
+    }
+}
+
+fn plain_bytes_mut(s: &mut DeviceState) -> &mut [u8] {
+    // SAFETY: as in `plain_bytes`; any byte pattern is a DeviceState.
+    unsafe {
+        core::slice::from_raw_parts_mut((s as *mut DeviceState).cast::<u8>(), DeviceState::SIZE)
+    }
+}
 
 fn state_bytes(s: &CpuState) -> &[u8] {
     // SAFETY: a CpuState is plain data (integers, bools, arrays of them, `repr(C)`); reading

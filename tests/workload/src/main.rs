@@ -7,6 +7,8 @@
 //! qs-workload --hold-kvm-vm [SECONDS] (tests: make kvm_amd own SVM)
 //! qs-workload --getpid-loop SECONDS   (gdb tests: the getpid system call, in a loop)
 //! qs-workload --outb PORT VALUE       (device tests: one byte to an I/O port, as root)
+//! qs-workload --ledger FILE           (checkpoint tests: a count held in memory, a tmpfs
+//!                                      file and a parent/child pipeline, checked each step)
 //! ```
 //!
 //! Each activity runs in `--threads` threads (default 1) until `--seconds` pass (default:
@@ -24,6 +26,8 @@
 //! Every ~2 s a line `workload: alive t=<s> ...` goes to stderr. At the end the last line on
 //! stdout is `WORKLOAD OK forks=.. execs=.. mem_verifies=.. sleeps=..` (exit 0), or, at the first
 //! inconsistency, `WORKLOAD FAIL <what>` (exit 1).
+
+mod ledger;
 
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -57,7 +61,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: qs-workload [--seconds N] [--threads N] [--exec PATH]\n       \
          qs-workload --fixed-work\n       qs-workload --hold-kvm-vm [SECONDS]\n       \
-         qs-workload --getpid-loop SECONDS\n       qs-workload --outb PORT VALUE"
+         qs-workload --getpid-loop SECONDS\n       qs-workload --outb PORT VALUE\n       \
+         qs-workload --ledger FILE"
     );
     std::process::exit(2);
 }
@@ -478,6 +483,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--outb") {
         outb(&args[2..]);
+    }
+    if args.get(1).map(String::as_str) == Some("--ledger") {
+        ledger::run(args.get(2).map_or_else(|| usage(), String::as_str));
     }
     if args.get(1).map(String::as_str) == Some("--getpid-loop") {
         getpid_loop(
