@@ -373,12 +373,34 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_delete, status) == 0);
 QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_delete, id) == 8);
 QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_delete, deleted) == 12);
 
+/* `Op::CheckpointPeriodic`'s argument and answer. */
+struct qs_checkpoint_periodic {
+	/* Out: the hv's `Status`. */
+	__s64 status;
+	/*
+	 * In: milliseconds between periodic checkpoints (at least `PERIODIC_MIN_MS`), or 0
+	 * to stop them (the ring's checkpoints stay until deleted).
+	 */
+	__u32 every_ms;
+	/*
+	 * In: how many periodic checkpoints the ring keeps (1 to `MAX_CHECKPOINTS`); the
+	 * oldest goes when a new one comes.
+	 */
+	__u32 keep;
+};
+QS_ASSERT(sizeof(struct qs_checkpoint_periodic) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_periodic, status) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_periodic, every_ms) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_periodic, keep) == 12);
+
 #define QS_MAX_RAM_RANGES 32
 #define QS_MAX_CHECKPOINTS 64
 #define QS_CKPT_MAX_CHUNKS 64
 #define QS_CHECKPOINT_ALL 0xffffffffu
 #define QS_CHECKPOINT_PERIODIC 1
 #define QS_CHECKPOINT_CURRENT 2
+#define QS_PERIODIC_MIN_MS 10
+#define QS_NOTICE_HOT_PAGES_OFFSET 512
 
 /* ---- hypercalls and CPUID (proto/src/abi.rs) ---- */
 
@@ -425,6 +447,11 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_delete, deleted) == 12);
 #define QS_OP_CHECKPOINTS 9
 /* Delete a checkpoint, or all of them: buffer = a `CheckpointDelete`. */
 #define QS_OP_CHECKPOINT_DELETE 10
+/*
+ * The periodic ring's interval and size: buffer = a `CheckpointPeriodic`. The hv
+ * keeps the setting; the agent's thread asks for each periodic checkpoint.
+ */
+#define QS_OP_CHECKPOINT_PERIODIC 11
 
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 #define QS_CPUID_INFO_LEAF 0x40000001u
@@ -681,5 +708,11 @@ QS_ASSERT(QS_IOC_CHECKPOINT_DELETE == 0xc010510eu);
 /* The last rollback the agent was told of (zero before any). */
 #define QS_IOC_LAST_ROLLBACK _IOR(QS_IOC_MAGIC, 15, struct qs_rollback_notice)
 QS_ASSERT(QS_IOC_LAST_ROLLBACK == 0x8048510fu);
+/*
+ * Start, change or stop the periodic ring (`qsctl checkpoint --every MS --keep N`);
+ * activates the hv if it is dormant.
+ */
+#define QS_IOC_CHECKPOINT_PERIODIC _IOWR(QS_IOC_MAGIC, 16, struct qs_checkpoint_periodic)
+QS_ASSERT(QS_IOC_CHECKPOINT_PERIODIC == 0xc0105110u);
 
 #endif /* QS_ABI_H */

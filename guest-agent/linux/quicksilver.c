@@ -262,11 +262,22 @@ static int qs_add_ram(struct resource *r, void *unused)
 
 /* The notice the hv writes after a rollback (a page of its own: the hv writes it by physical
  * address), the last one the agent handled, and how it learns of one (qs_nmi). */
-static struct qs_rollback_notice *qs_notice;
+/*
+ * One page: the hv writes `n` by physical address after a rollback (which makes the page
+ * writable again for the kernel: it copies its old contents first), so the NMI handler's
+ * own writes here cost no copy-on-write fault of their own.
+ */
+static void qs_rollback_irq_work_fn(struct irq_work *w);
+static unsigned long qs_lookup(const char *name);
+
+struct qs_notice_page {
+	struct qs_rollback_notice n;
+	u64 handled;			/* the generation the NMI handler took */
+	struct irq_work work;
+};
+static_assert(sizeof(struct qs_notice_page) <= QS_NOTICE_HOT_PAGES_OFFSET);
+static struct qs_notice_page *qs_notice;
 static struct qs_rollback_notice qs_last_rollback;
-static DEFINE_PER_CPU(u64, qs_notice_seen);
-static atomic64_t qs_notice_queued = ATOMIC64_INIT(0);
-static struct irq_work qs_rollback_irq_work;
 static struct work_struct qs_rollback_work;
 /* Not exported; found through kallsyms (qs_lookup). */
 static void (*qs_clocksource_touch_watchdog)(void);
@@ -326,6 +337,24 @@ static int qs_store_alloc(void)
 		return -ENOMEM;
 	}
 	return 0;
+}
+
+/* The page each CPU's NMI handler writes besides the notice's: irq_work_queue() adds to the
+ * CPU's `raised_list` (a per-CPU variable of the kernel's, found through kallsyms). The hv
+ * makes it writable before the notice NMI (QS_NOTICE_HOT_PAGES_OFFSET). */
+static void qs_notice_hot_pages(void)
+{
+	u64 *hot = (u64 *)((u8 *)qs_notice + QS_NOTICE_HOT_PAGES_OFFSET);
+	unsigned long raised = qs_lookup("raised_list");
+	unsigned int cpu;
+
+	if (!raised)
+		return;
+	for_each_possible_cpu(cpu) {
+		if (cpu >= 64)
+			break;
+		hot[cpu] = slow_virt_to_phys(per_cpu_ptr((void __percpu *)raised, cpu)) & PAGE_MASK;
+	}
 }
 
 /* ---- load: read, validate, allocate, map executable, init ---- */
@@ -515,6 +544,10 @@ static int qs_load(void)
 		qs_ram_n = 0;
 	}
 	qs_notice = (void *)get_zeroed_page(GFP_KERNEL);
+	if (qs_notice) {
+		init_irq_work(&qs_notice->work, qs_rollback_irq_work_fn);
+		qs_notice_hot_pages();
+	}
 	if (!qs_notice) {
 		err = -ENOMEM;
 		goto out_store;
@@ -629,6 +662,7 @@ static struct hrtimer qs_stop_timer;
 static atomic_t qs_stop_tries = ATOMIC_INIT(0);
 
 static long qs_control(u64 op, void *buf, u64 len);
+static void qs_periodic_wake(void);
 static void qs_do_activate(struct qs_switch_result *r);
 static void qs_refresh_active(void);
 
@@ -1013,30 +1047,46 @@ static long qs_control(u64 op, void *buf, u64 len)
 
 /*
  * After a rollback every CPU runs the kernel as it was at the checkpoint, this module
- * included; the hv wrote qs_notice (a newer generation than any this kernel saw) and injected
- * an NMI on every CPU. The NMI handler is the first thing each CPU runs: it claims the NMI (an
- * unclaimed one is logged as unknown), resets the clocksource watchdog (its reference, the
- * HPET, kept counting while the kernel's clock did not: the hv moved the guest's TSC back
- * with the machine, see the README's "Time after a rollback"), and queues the rest for
- * process context (qs_rollback_work_fn).
+ * included; the hv wrote the notice (a newer generation than any this kernel saw) and injected
+ * an NMI on the CPU that asked for the rollback. The NMI handler is the first thing that CPU
+ * runs: it claims the NMI (an unclaimed one is logged as unknown) and queues an irq_work,
+ * touching only the notice's page (writable by then) and the irq_work list.
  */
 static int qs_nmi(unsigned int type, struct pt_regs *regs)
 {
-	u64 gen = READ_ONCE(qs_notice->generation);
+	u64 gen = READ_ONCE(qs_notice->n.generation);
 
-	if (gen == this_cpu_read(qs_notice_seen))
+	if (gen == READ_ONCE(qs_notice->handled))
 		return NMI_DONE;
-	this_cpu_write(qs_notice_seen, gen);
-	if (qs_clocksource_touch_watchdog)
-		qs_clocksource_touch_watchdog();	/* an atomic_inc: NMI-safe */
-	touch_softlockup_watchdog();
-	if (atomic64_xchg(&qs_notice_queued, gen) != gen)
-		irq_work_queue(&qs_rollback_irq_work);
+	WRITE_ONCE(qs_notice->handled, gen);
+	irq_work_queue(&qs_notice->work);
 	return NMI_HANDLED;
 }
 
+/*
+ * Registered by hand rather than with register_nmi_handler() to start `max_duration` (the
+ * longest run so far, above which the kernel logs "NMI handler took too long") at 100 ms
+ * instead of 0: the handler's own work is a read, a write and an irq_work, but it runs just
+ * after a rollback, when every CPU resumes at once and takes copy-on-write faults in the hv;
+ * under an emulator with more vCPUs than host cores (the tests: 4 on 2) the vCPU that runs
+ * it is descheduled for milliseconds (measured 2-30 ms). A handler slower than 100 ms is
+ * still reported.
+ */
+static struct nmiaction qs_nmi_action = {
+	.list = LIST_HEAD_INIT(qs_nmi_action.list),
+	.handler = qs_nmi,
+	.max_duration = 100 * NSEC_PER_MSEC,
+	.name = "quicksilver",
+};
+
+/* Hard-IRQ context, right after the NMI: before any timer (and so before the clocksource
+ * watchdog) runs on this CPU, its next round re-bases (its reference, the HPET, kept
+ * counting while the kernel's clock did not: the hv moved the guest's TSC back with the
+ * machine, see the README's "Time after a rollback"). The rest is for process context. */
 static void qs_rollback_irq_work_fn(struct irq_work *w)
 {
+	if (qs_clocksource_touch_watchdog)
+		qs_clocksource_touch_watchdog();
 	schedule_work(&qs_rollback_work);
 }
 
@@ -1065,13 +1115,14 @@ static void qs_rollback_work_fn(struct work_struct *w)
 	struct timespec64 now;
 	int err;
 
-	memcpy(&n, qs_notice, sizeof(n));
+	memcpy(&n, &qs_notice->n, sizeof(n));
 	/* The kernel's clocks continue from the checkpoint's instant; the world's did not. */
 	ktime_get_real_ts64(&now);
 	timespec64_add_ns(&now, n.age_ns);
 	do_settimeofday64(&now);
 	err = qs_reseed(n.random, sizeof(n.random));
 	qs_last_rollback = n;
+	qs_periodic_wake();
 	pr_info("rolled back to checkpoint %u, taken %llu.%03llu s ago: %llu pages restored, every CPU stopped %llu us, %u newer checkpoints dropped%s\n",
 		n.id, n.age_ns / NSEC_PER_SEC, (n.age_ns % NSEC_PER_SEC) / NSEC_PER_MSEC, n.pages,
 		n.pause_us, n.dropped, err ? "; the random generator could not be reseeded" : "");
@@ -1177,6 +1228,62 @@ static void qs_before_clock_jump(void)
 		qs_clocksource_touch_watchdog();
 	}
 	on_each_cpu(qs_touch_softlockup, NULL, 1);
+}
+
+/*
+ * The periodic ring: this thread asks for a checkpoint every `every_ms` the hv holds (the
+ * setting lives in the hv, which is not rolled back: after a rollback this thread, back at
+ * the checkpoint's instant, reads it again and goes on). Under qs_lock, like every request.
+ */
+static struct task_struct *qs_periodic_task;
+static DECLARE_WAIT_QUEUE_HEAD(qs_periodic_wq);
+static atomic_t qs_periodic_kick = ATOMIC_INIT(0);
+
+static u32 qs_periodic_every_ms(void)
+{
+	struct qs_checkpoint_list *l = kzalloc(sizeof(*l), GFP_KERNEL);	/* written by PA */
+	u32 every = 0;
+
+	if (l && qs_control(QS_OP_CHECKPOINTS, l, sizeof(*l)) == QS_OK)
+		every = l->every_ms;
+	kfree(l);
+	return every;
+}
+
+static int qs_periodic_fn(void *unused)
+{
+	struct qs_checkpoint *a = kzalloc(sizeof(*a), GFP_KERNEL);	/* the hv answers by PA */
+	u32 every;
+
+	if (!a)
+		return -ENOMEM;
+	while (!kthread_should_stop()) {
+		mutex_lock(&qs_lock);
+		every = qs_active ? qs_periodic_every_ms() : 0;
+		if (every) {
+			memset(a, 0, sizeof(*a));
+			a->flags = QS_CHECKPOINT_PERIODIC;
+			preempt_disable();
+			qs_hypercall(QS_OP_CHECKPOINT, virt_to_phys(a), sizeof(*a));
+			preempt_enable();
+		}
+		mutex_unlock(&qs_lock);
+		if (every)
+			wait_event_interruptible_timeout(qs_periodic_wq, kthread_should_stop() ||
+							 atomic_xchg(&qs_periodic_kick, 0),
+							 msecs_to_jiffies(every));
+		else
+			wait_event_interruptible(qs_periodic_wq, kthread_should_stop() ||
+						 atomic_xchg(&qs_periodic_kick, 0));
+	}
+	kfree(a);
+	return 0;
+}
+
+static void qs_periodic_wake(void)
+{
+	atomic_set(&qs_periodic_kick, 1);
+	wake_up(&qs_periodic_wq);
 }
 
 static void qs_probe_cpu(void *arg)
@@ -1427,6 +1534,31 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 		kfree(d);
 		break;
 	}
+	case QS_IOC_CHECKPOINT_PERIODIC: {
+		struct qs_checkpoint_periodic *p = kzalloc(sizeof(*p), GFP_KERNEL);
+		struct qs_switch_result r = { .failed_cpu = -1 };
+
+		if (!p) {
+			ret = -ENOMEM;
+			break;
+		}
+		if (copy_from_user(p, uarg, sizeof(*p))) {
+			kfree(p);
+			ret = -EFAULT;
+			break;
+		}
+		if (p->every_ms && !qs_active) {
+			qs_do_activate(&r);
+			if (r.status == QS_OK)
+				qs_ckpt_activated = true;
+		}
+		p->status = r.status != QS_OK ? r.status : qs_control(QS_OP_CHECKPOINT_PERIODIC, p, sizeof(*p));
+		qs_periodic_wake();
+		if (copy_to_user(uarg, p, sizeof(*p)))
+			ret = -EFAULT;
+		kfree(p);
+		break;
+	}
 	case QS_IOC_LAST_ROLLBACK:
 		if (copy_to_user(uarg, &qs_last_rollback, sizeof(qs_last_rollback)))
 			ret = -EFAULT;
@@ -1512,21 +1644,27 @@ static int __init qs_init(void)
 		err = qs_hp_state;
 		goto out;
 	}
-	init_irq_work(&qs_rollback_irq_work, qs_rollback_irq_work_fn);
 	INIT_WORK(&qs_rollback_work, qs_rollback_work_fn);
 	qs_clocksource_touch_watchdog = (void *)qs_lookup("clocksource_touch_watchdog");
-	err = register_nmi_handler(NMI_LOCAL, qs_nmi, 0, "quicksilver");
+	err = __register_nmi_handler(NMI_LOCAL, &qs_nmi_action);
 	if (err)
 		goto out_hp;
+	qs_periodic_task = kthread_run(qs_periodic_fn, NULL, "quicksilver-ckpt");
+	if (IS_ERR(qs_periodic_task)) {
+		err = PTR_ERR(qs_periodic_task);
+		goto out_nmi;
+	}
 	err = misc_register(&qs_dev);
 	if (err)
-		goto out_nmi;
+		goto out_periodic;
 	err = qs_link_start();
 	if (err)
 		goto out_dev;
 	return 0;
 out_dev:
 	misc_deregister(&qs_dev);
+out_periodic:
+	kthread_stop(qs_periodic_task);
 out_nmi:
 	unregister_nmi_handler(NMI_LOCAL, "quicksilver");
 out_hp:
@@ -1545,6 +1683,7 @@ static void __exit qs_exit(void)
 
 	qs_link_stop();
 	misc_deregister(&qs_dev);
+	kthread_stop(qs_periodic_task);
 	mutex_lock(&qs_lock);
 	qs_refresh_active();
 	if (qs_active) {
@@ -1565,7 +1704,7 @@ static void __exit qs_exit(void)
 	mutex_unlock(&qs_lock);
 	cpuhp_remove_state_nocalls(qs_hp_state);
 	unregister_nmi_handler(NMI_LOCAL, "quicksilver");
-	irq_work_sync(&qs_rollback_irq_work);
+	irq_work_sync(&qs_notice->work);
 	cancel_work_sync(&qs_rollback_work);
 	vunmap(hv.base);
 	__free_pages(hv.pages, hv.order);

@@ -390,6 +390,11 @@ fn park(hv: &'static Hv, cpu: &Cpu, p: &mut Private, stop: Option<Stop>) -> Acti
         CLIENT_CHECKPOINT => checkpoint::resumed(hv, me, p.vcpu, st, release),
         _ => debug::resumed(hv, p.vcpu, st, release),
     };
+    if matches!(action, Action::Run | Action::Leave) && checkpoint::take_owed_nmi(me) {
+        // After a rollback, the NMI that tells the agent (on whichever CPU led the stop). A
+        // rollback leaves a checkpoint kept, so this CPU stays in guest mode anyway.
+        return Action::Inject(arch::Event::Nmi);
+    }
     if action == Action::Leave && checkpoint::kept() {
         // A debugger's detach steps out by default; kept checkpoints need every CPU in guest
         // mode (a native CPU's writes escape the log), so the CPU runs on under the hv.

@@ -367,6 +367,7 @@ impl Hv {
             Op::ActiveCpus => return COUNTERS.active_cpus.load(Acquire) as i64,
             Op::Checkpoints => crate::checkpoint::list(self, buf),
             Op::CheckpointDelete => crate::checkpoint::delete(self, buf),
+            Op::CheckpointPeriodic => crate::checkpoint::periodic(buf),
             // Hypercalls only (`freeze_request`, `checkpoint_request`, the run loop).
             Op::Deactivate | Op::Freeze | Op::Checkpoint | Op::Rollback => Status::BadOp,
         };

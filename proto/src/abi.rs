@@ -47,6 +47,9 @@ crate::abi_enum! {
         Checkpoints = 9,
         /// Delete a checkpoint, or all of them: buffer = a [`CheckpointDelete`].
         CheckpointDelete = 10,
+        /// The periodic ring's interval and size: buffer = a [`CheckpointPeriodic`]. The hv
+        /// keeps the setting; the agent's thread asks for each periodic checkpoint.
+        CheckpointPeriodic = 11,
     }
 }
 
@@ -111,6 +114,12 @@ const _: () = assert!(core::mem::size_of::<InitArgs>() == 96);
 
 /// Most chunks of checkpoint memory (`ckpt_mem=` up to 256 MiB).
 pub const CKPT_MAX_CHUNKS: u32 = 64;
+/// Where, in the page of the agent's [`RollbackNotice`], the agent lists per CPU (u64 by CPU
+/// index, up to 64) the physical address of a page its NMI handler writes (0: none). Before
+/// injecting the notice NMI on a CPU, the hv makes that page writable (copying it first, as
+/// for any write), so that the handler itself takes no copy-on-write fault: it runs with
+/// every other CPU busy faulting after the rollback, and the kernel times NMI handlers.
+pub const NOTICE_HOT_PAGES_OFFSET: u64 = 512;
 /// Most RAM ranges the hv takes from the agent.
 pub const MAX_RAM_RANGES: u32 = 32;
 /// Most checkpoints the hv keeps at once.
@@ -243,6 +252,24 @@ crate::abi_struct! {
         /// time rolled back so far. Going native would make the kernel's clock jump forward
         /// by this much.
         pub clock_behind_ns: u64,
+    }
+}
+
+/// The shortest interval of the periodic ring (100 checkpoints a second).
+pub const PERIODIC_MIN_MS: u32 = 10;
+
+crate::abi_struct! {
+    /// `Op::CheckpointPeriodic`'s argument and answer.
+    #[c_name = "qs_checkpoint_periodic"]
+    pub struct CheckpointPeriodic {
+        /// Out: the hv's `Status`.
+        pub status: i64,
+        /// In: milliseconds between periodic checkpoints (at least [`PERIODIC_MIN_MS`]), or 0
+        /// to stop them (the ring's checkpoints stay until deleted).
+        pub every_ms: u32,
+        /// In: how many periodic checkpoints the ring keeps (1 to [`MAX_CHECKPOINTS`]); the
+        /// oldest goes when a new one comes.
+        pub keep: u32,
     }
 }
 

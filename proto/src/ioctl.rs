@@ -150,6 +150,9 @@ requests! {
     CHECKPOINT_DELETE = ReadWrite(14, crate::abi::CheckpointDelete);
     /// The last rollback the agent was told of (zero before any).
     LAST_ROLLBACK = Read(15, crate::abi::RollbackNotice);
+    /// Start, change or stop the periodic ring (`qsctl checkpoint --every MS --keep N`);
+    /// activates the hv if it is dormant.
+    CHECKPOINT_PERIODIC = ReadWrite(16, crate::abi::CheckpointPeriodic);
 }
 
 crate::abi_struct! {

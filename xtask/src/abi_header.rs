@@ -99,6 +99,7 @@ pub fn generate() -> String {
     structure::<abi::CheckpointInfo>(&mut h);
     structure::<abi::CheckpointList>(&mut h);
     structure::<abi::CheckpointDelete>(&mut h);
+    structure::<abi::CheckpointPeriodic>(&mut h);
     defines(
         &mut h,
         [
@@ -111,6 +112,11 @@ pub fn generate() -> String {
                 abi::CHECKPOINT_PERIODIC.to_string(),
             ),
             ("QS_CHECKPOINT_CURRENT", abi::CHECKPOINT_CURRENT.to_string()),
+            ("QS_PERIODIC_MIN_MS", abi::PERIODIC_MIN_MS.to_string()),
+            (
+                "QS_NOTICE_HOT_PAGES_OFFSET",
+                abi::NOTICE_HOT_PAGES_OFFSET.to_string(),
+            ),
         ],
     );
 

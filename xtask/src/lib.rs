@@ -16,6 +16,7 @@ pub mod abi_header;
 pub mod agent_source;
 pub mod apt;
 pub mod bench;
+pub mod bench_checkpoint;
 pub mod bench_freeze;
 pub mod bench_gdb;
 pub mod boot_summary;

@@ -70,6 +70,7 @@ enum Benchmark {
     ModeSwitch,
     Gdb,
     Freeze,
+    Checkpoint,
 }
 
 /// `--kernel K`: which Debian kernel to fetch, build for and boot.
@@ -233,6 +234,10 @@ fn bench(which: Benchmark, id: KernelId, smps: &[u32]) -> anyhow::Result<ExitCod
         Benchmark::Freeze => {
             let artifacts = xtask::build(&kernel)?;
             xtask::bench_freeze::freeze(&artifacts, 50)?;
+        }
+        Benchmark::Checkpoint => {
+            let artifacts = xtask::build(&kernel)?;
+            xtask::bench_checkpoint::checkpoint(&artifacts)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -62,6 +62,44 @@ pub fn delete(which: &str) -> Result<()> {
     Ok(())
 }
 
+/// `qsctl checkpoint --every 100ms|off [--keep N]`: the periodic ring.
+pub fn periodic(every: &str, keep: Option<&str>) -> Result<()> {
+    let every_ms = match every {
+        "off" | "0" => 0,
+        s => {
+            let digits = s.strip_suffix("ms").unwrap_or(s);
+            match digits.parse::<u32>() {
+                Ok(ms) if ms >= abi::PERIODIC_MIN_MS => ms,
+                _ => bail!(
+                    "--every {s:?}: give milliseconds, at least {} (--every 100ms), or off",
+                    abi::PERIODIC_MIN_MS
+                ),
+            }
+        }
+    };
+    let keep = match keep {
+        None => 20,
+        Some(k) => match k.parse::<u32>() {
+            Ok(n) if (1..=abi::MAX_CHECKPOINTS).contains(&n) => n,
+            _ => bail!(
+                "--keep {k:?}: give how many periodic checkpoints to keep, 1 to {}",
+                abi::MAX_CHECKPOINTS
+            ),
+        },
+    };
+    let dev = open()?;
+    let p = ioctl::checkpoint_periodic(&dev, every_ms, keep).context("periodic request failed")?;
+    if p.status != 0 {
+        return Err(status_error(p.status).context("periodic checkpoints refused"));
+    }
+    if every_ms == 0 {
+        println!("periodic checkpoints stopped (the ring's checkpoints stay until deleted)");
+    } else {
+        println!("a checkpoint every {every_ms} ms, the last {keep} kept");
+    }
+    Ok(())
+}
+
 fn parse_id(s: &str) -> Result<u32> {
     match s.parse::<u32>() {
         Ok(id) if id != 0 && id != abi::CHECKPOINT_ALL => Ok(id),
@@ -118,6 +156,9 @@ pub fn list() -> Result<()> {
             },
         );
     }
+    if l.every_ms != 0 {
+        println!("periodic: every {} ms, keeping {}", l.every_ms, l.keep);
+    }
     println!(
         "{} of at most {} kept; checkpoint memory {} of {} KiB used (ckpt_mem=); {} dropped when it ran out; {} rollbacks",
         l.count,
@@ -130,9 +171,10 @@ pub fn list() -> Result<()> {
     let last = ioctl::last_rollback(&dev).context("last rollback request failed")?;
     if last.generation != 0 {
         println!(
-            "last rollback: to checkpoint {}, then {:.1} s old; {} pages restored; {} newer dropped",
+            "last rollback: to checkpoint {}, then {:.1} s old; {} us stopped; {} pages restored; {} newer dropped",
             last.id,
             last.age_ns as f64 / 1e9,
+            last.pause_us,
             last.pages,
             last.dropped
         );

@@ -9,8 +9,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use quicksilver_proto::abi::{
-    self, CheckpointArgs, CheckpointDelete, CheckpointInfo, CheckpointList, FreezeArgs,
-    RollbackArgs, RollbackNotice,
+    self, CheckpointArgs, CheckpointDelete, CheckpointInfo, CheckpointList, CheckpointPeriodic,
+    FreezeArgs, RollbackArgs, RollbackNotice,
 };
 use quicksilver_proto::ioctl::{
     self, AgentInfo, BufferRequest, Peek, Probe, Request, StatsRequest, SwitchResult,
@@ -199,4 +199,16 @@ pub fn last_rollback(dev: &File) -> io::Result<RollbackNotice> {
     // SAFETY: a RollbackNotice holds no pointer.
     unsafe { ioctl(dev, ioctl::LAST_ROLLBACK, &mut n) }?;
     Ok(n)
+}
+
+/// Sets the periodic ring: a checkpoint every `every_ms` (0: stop), keeping `keep`.
+pub fn checkpoint_periodic(dev: &File, every_ms: u32, keep: u32) -> io::Result<CheckpointPeriodic> {
+    let mut p = CheckpointPeriodic {
+        every_ms,
+        keep,
+        ..Default::default()
+    };
+    // SAFETY: a CheckpointPeriodic holds no pointer.
+    unsafe { ioctl(dev, ioctl::CHECKPOINT_PERIODIC, &mut p) }?;
+    Ok(p)
 }

@@ -14,6 +14,8 @@
 //! qsctl checkpoint                checkpoint the whole machine (activates the hv if dormant)
 //! qsctl checkpoint --delete ID|all  delete one, or all (then the hv goes dormant again if a
 //!                                 checkpoint woke it)
+//! qsctl checkpoint --every MS|off [--keep N]  a checkpoint every MS ms, the last N kept
+//!                                 (default 20): the periodic ring; off stops it
 //! qsctl checkpoints               the checkpoints kept: id, age, pause, pages, bytes, parent
 //! qsctl rollback ID               put the whole machine back at checkpoint ID
 //! ```
@@ -583,10 +585,12 @@ fn main() {
         ["freeze", ms, "--check"] => cmd_freeze(ms, true),
         ["checkpoint"] => checkpoint::take(),
         ["checkpoint", "--delete", which] => checkpoint::delete(which),
+        ["checkpoint", "--every", every] => checkpoint::periodic(every, None),
+        ["checkpoint", "--every", every, "--keep", keep] => checkpoint::periodic(every, Some(keep)),
         ["checkpoints"] => checkpoint::list(),
         ["rollback", id] => checkpoint::rollback(id),
         _ => {
-            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|checkpoint [--delete ID|all]|checkpoints|rollback ID|peek OFFSET|poke OFFSET VALUE|peek-store OFFSET|poke-store OFFSET VALUE|peek-phys ADDRESS|bench-switch N|bench-freeze N");
+            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|checkpoint [--delete ID|all] [--every MS|off [--keep N]]|checkpoints|rollback ID|peek OFFSET|poke OFFSET VALUE|peek-store OFFSET|poke-store OFFSET VALUE|peek-phys ADDRESS|bench-switch N|bench-freeze N");
             std::process::exit(2);
         }
     };

@@ -25,7 +25,7 @@
 pub mod store;
 pub mod undo;
 
-use crate::arch::{parts, Event, Vcpu};
+use crate::arch::{parts, Vcpu};
 use crate::cpu_state::CpuState;
 use crate::devices::DeviceState;
 use crate::exit::Action;
@@ -34,11 +34,11 @@ use crate::paging::{Gpa, SIZE_4K};
 use crate::rendezvous::Release;
 use crate::vcpu::{Parked, Stopped};
 use crate::vmm::{self, Hv, NPT_TLB};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use quicksilver_proto::abi::{
-    CheckpointArgs, CheckpointDelete, CheckpointInfo, CheckpointList, RollbackArgs, RollbackNotice,
-    Status, CHECKPOINT_ALL, CHECKPOINT_CURRENT, CHECKPOINT_PERIODIC, MAX_CHECKPOINTS,
-    MAX_RAM_RANGES,
+    CheckpointArgs, CheckpointDelete, CheckpointInfo, CheckpointList, CheckpointPeriodic,
+    RollbackArgs, RollbackNotice, Status, CHECKPOINT_ALL, CHECKPOINT_CURRENT, CHECKPOINT_PERIODIC,
+    MAX_CHECKPOINTS, MAX_RAM_RANGES, NOTICE_HOT_PAGES_OFFSET, PERIODIC_MIN_MS,
 };
 use store::StoreMemory;
 use undo::{Checkpoint, UndoError, UndoLog, PAGE};
@@ -95,6 +95,11 @@ struct Request {
 }
 
 static REQUEST: spin::Mutex<Option<Request>> = spin::Mutex::new(None);
+
+/// The periodic ring: its interval (0: off) and size. The hv keeps it (the agent's thread,
+/// which asks for each periodic checkpoint, is rolled back with the kernel and reads it again).
+static EVERY_MS: AtomicU32 = AtomicU32::new(0);
+static KEEP: AtomicU32 = AtomicU32::new(0);
 
 /// Keeps what `init` learnt: the checkpoint chunks, the RAM ranges, the notice's address.
 /// Runs once, in `init`, before any CPU is active; touches none of the chunks.
@@ -195,7 +200,7 @@ pub fn lead(hv: &Hv, mut p: Parked) {
                 }
             }
             Kind::Rollback(args) => match rollback(hv, &mut p, parked, args.id, req.asked) {
-                Ok(()) => req.rolled_back = true,
+                Ok(_) => req.rolled_back = true,
                 Err(s) => args.status = s as i64,
             },
         }
@@ -238,8 +243,22 @@ fn take(
     } else {
         (e.log.capacity() / 32).max(64)
     };
-    while periodic && e.log.free() < records as u64 && e.log.drop_oldest().is_some() {
-        DROPPED_FOR_MEMORY.fetch_add(1, Relaxed);
+    if periodic {
+        // The ring keeps `keep`: its oldest goes (merged into the epoch before it, or freed
+        // when it is the oldest of all).
+        let keep = KEEP.load(Relaxed).max(1) as usize;
+        while e.log.kept().filter(|c| c.periodic).count() >= keep {
+            let Some(oldest) = e.log.kept().find(|c| c.periodic).map(|c| c.id) else {
+                break;
+            };
+            let _ = e.log.delete(oldest);
+        }
+        // Memory short: the ring's oldest goes while it is the oldest of all (only that frees
+        // memory); behind a checkpoint the user took, this tick is skipped instead.
+        while e.log.free() < records as u64 && e.log.kept().next().is_some_and(|c| c.periodic) {
+            let _ = e.log.drop_oldest();
+            DROPPED_FOR_MEMORY.fetch_add(1, Relaxed);
+        }
     }
     if e.log.free() < records as u64 + reserve {
         return Err(Status::CheckpointMemoryFull);
@@ -329,8 +348,53 @@ fn busy(s: &CpuState) -> Option<u32> {
     ev.valid.then_some(256 + ev.vector as u32)
 }
 
+/// The CPU owed the notice NMI after a rollback (`u32::MAX`: none): the leader of the stop
+/// that rolled back, once it runs again (`take_owed_nmi`).
+static NMI_OWED: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// Is CPU `me` owed the notice NMI? (Consumes it.)
+pub fn take_owed_nmi(me: u32) -> bool {
+    NMI_OWED
+        .compare_exchange(me, u32::MAX, AcqRel, Relaxed)
+        .is_ok()
+}
+
+fn parked_mask(p: &Parked) -> u64 {
+    p.parked().fold(0u64, |m, i| m | 1 << i)
+}
+
+/// A checkpoint from a client that holds every CPU already (the debugger's `monitor
+/// checkpoint`): its answer, or why it was refused.
+pub fn take_parked(hv: &Hv, p: &mut Parked) -> Result<CheckpointArgs, (Status, CheckpointArgs)> {
+    let mut args = CheckpointArgs::default();
+    let now = crate::arch::instr::rdtsc();
+    let parked = parked_mask(p);
+    match take(hv, p, parked, &mut args, now) {
+        Ok(()) => {
+            args.pause_us = ns(hv, crate::arch::instr::rdtsc() - now) / 1000;
+            if let Some(c) = ENGINE.lock().log.get_mut(args.id) {
+                c.pause_us = args.pause_us;
+            }
+            Ok(args)
+        }
+        Err(s) => Err((s, args)),
+    }
+}
+
+/// A rollback from a client that holds every CPU already (the debugger's `monitor rollback`).
+pub fn rollback_parked(hv: &Hv, p: &mut Parked, id: u32) -> Result<RollbackNotice, Status> {
+    let parked = parked_mask(p);
+    rollback(hv, p, parked, id, crate::arch::instr::rdtsc())
+}
+
 /// A rollback to `id`, every CPU in `parked` stopped.
-fn rollback(hv: &Hv, p: &mut Parked, parked: u64, id: u32, asked: u64) -> Result<(), Status> {
+fn rollback(
+    hv: &Hv,
+    p: &mut Parked,
+    parked: u64,
+    id: u32,
+    asked: u64,
+) -> Result<RollbackNotice, Status> {
     let mut guard = ENGINE.lock();
     let e = &mut *guard;
     let c = *e.log.get(id).ok_or(Status::NoSuchCheckpoint)?;
@@ -398,7 +462,25 @@ fn rollback(hv: &Hv, p: &mut Parked, parked: u64, id: u32, asked: u64) -> Result
         // Logged like any write after the checkpoint (a second rollback puts it back too).
         vmm::write_guest_phys(hv, notice_pa, as_bytes(&notice));
     }
-    Ok(())
+    // One NMI, on the leader: the agent's handler has one notice to take. The page it
+    // names for that CPU is made writable first (see NOTICE_HOT_PAGES_OFFSET).
+    let leader = p.leader();
+    let mut hot = [0u8; 8];
+    if notice_pa != 0
+        && leader < 64
+        && vmm::read_guest_phys(
+            hv,
+            notice_pa + NOTICE_HOT_PAGES_OFFSET + 8 * leader as u64,
+            &mut hot,
+        )
+    {
+        let page = u64::from_le_bytes(hot) & !(SIZE_4K - 1);
+        if page != 0 && page < hv.map_limit && !hv.owns(page) {
+            before_hv_write(hv, page, SIZE_4K);
+        }
+    }
+    NMI_OWED.store(leader, Release);
+    Ok(notice)
 }
 
 /// 32 bytes the restored kernel cannot predict: RDRAND where there is one, mixed with the
@@ -415,19 +497,14 @@ fn randomness(tsc: u64) -> [u8; 32] {
     out
 }
 
-/// On each CPU once released: after a rollback, the NMI that tells the agent; the leader
-/// answers a checkpoint (or a refused rollback).
+/// On each CPU once released: the leader answers a checkpoint (or a refused rollback).
 pub fn resumed(hv: &Hv, me: u32, _vcpu: &mut Vcpu, _st: &mut Stopped, release: Release) -> Action {
-    let (rolled_back, leader) = match REQUEST.lock().as_ref() {
-        Some(r) => (r.rolled_back, r.leader),
-        None => (false, u32::MAX),
-    };
+    let leader = REQUEST.lock().as_ref().map_or(u32::MAX, |r| r.leader);
     if me == leader {
         answer(hv);
     }
     match release {
         Release::Leave => Action::Leave,
-        _ if rolled_back => Action::Inject(Event::Nmi),
         _ => Action::Run,
     }
 }
@@ -553,6 +630,34 @@ fn stop_logging(
     Ok(())
 }
 
+/// Each checkpoint kept, oldest first, as `Op::Checkpoints` lists it.
+pub fn for_each_kept(hv: &Hv, mut f: impl FnMut(&CheckpointInfo)) {
+    let e = ENGINE.lock();
+    let now = crate::arch::instr::rdtsc();
+    let current = e.log.current().map(|c| c.id);
+    for c in e.log.kept() {
+        f(&info(hv, c, now, current));
+    }
+}
+
+fn info(hv: &Hv, c: &Checkpoint, now: u64, current: Option<u32>) -> CheckpointInfo {
+    CheckpointInfo {
+        id: c.id,
+        parent: c.parent,
+        flags: if c.periodic { CHECKPOINT_PERIODIC } else { 0 }
+            | if Some(c.id) == current {
+                CHECKPOINT_CURRENT
+            } else {
+                0
+            },
+        cpus: c.cpu_mask.count_ones(),
+        age_ns: ns(hv, now.wrapping_sub(c.taken)),
+        pause_us: c.pause_us,
+        pages: c.pages,
+        bytes: c.slots() * PAGE as u64,
+    }
+}
+
 /// `Op::Checkpoints`: the list into `buf`.
 pub fn list(hv: &Hv, buf: &mut [u8]) -> Status {
     let head = core::mem::size_of::<CheckpointList>();
@@ -568,21 +673,7 @@ pub fn list(hv: &Hv, buf: &mut [u8]) -> Status {
         if at + each > buf.len() {
             break;
         }
-        let info = CheckpointInfo {
-            id: c.id,
-            parent: c.parent,
-            flags: if c.periodic { CHECKPOINT_PERIODIC } else { 0 }
-                | if Some(c.id) == current {
-                    CHECKPOINT_CURRENT
-                } else {
-                    0
-                },
-            cpus: c.cpu_mask.count_ones(),
-            age_ns: ns(hv, now.wrapping_sub(c.taken)),
-            pause_us: c.pause_us,
-            pages: c.pages,
-            bytes: c.slots() * PAGE as u64,
-        };
+        let info = info(hv, c, now, current);
         write(&mut buf[at..], &info);
     }
     let list = CheckpointList {
@@ -593,12 +684,35 @@ pub fn list(hv: &Hv, buf: &mut [u8]) -> Status {
         used_bytes: e.log.used() * PAGE as u64,
         dropped_for_memory: DROPPED_FOR_MEMORY.load(Relaxed),
         rollbacks: ROLLBACKS.load(Relaxed),
-        every_ms: 0,
-        keep: 0,
+        every_ms: EVERY_MS.load(Relaxed),
+        keep: KEEP.load(Relaxed),
         clock_behind_ns: ns(hv, GUEST_TSC_OFFSET.load(Relaxed).wrapping_neg()),
     };
     write(buf, &list);
     Status::Ok
+}
+
+/// `Op::CheckpointPeriodic`: the ring's setting (checked).
+pub fn periodic(buf: &mut [u8]) -> Status {
+    let Some(mut args) = read::<CheckpointPeriodic>(buf) else {
+        return Status::BufferTooSmall;
+    };
+    let status = if args.every_ms != 0
+        && (args.every_ms < PERIODIC_MIN_MS || args.keep == 0 || args.keep > MAX_CHECKPOINTS)
+    {
+        Status::BadArgument
+    } else if args.every_ms != 0 && ENGINE.lock().log.capacity() == 0 {
+        Status::NoCheckpointMemory
+    } else {
+        EVERY_MS.store(args.every_ms, Relaxed);
+        if args.every_ms != 0 {
+            KEEP.store(args.keep, Relaxed);
+        }
+        Status::Ok
+    };
+    args.status = status as i64;
+    write(buf, &args);
+    status
 }
 
 /// `Op::CheckpointDelete`.

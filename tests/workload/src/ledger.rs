@@ -116,7 +116,7 @@ pub fn run(file: &str) -> ! {
         if back != n {
             fail(format!("the child sent back {back} for {n}"));
         }
-        if n % 100 == 0 {
+        if n.is_multiple_of(100) {
             println!("ledger n={n}");
         }
         std::thread::sleep(Duration::from_millis(1));

@@ -7,6 +7,7 @@
 //! qs-workload --hold-kvm-vm [SECONDS] (tests: make kvm_amd own SVM)
 //! qs-workload --getpid-loop SECONDS   (gdb tests: the getpid system call, in a loop)
 //! qs-workload --outb PORT VALUE       (device tests: one byte to an I/O port, as root)
+//! qs-workload --copy-twice MIB        (benchmarks: MIB MiB copied twice, timed)
 //! qs-workload --ledger FILE           (checkpoint tests: a count held in memory, a tmpfs
 //!                                      file and a parent/child pipeline, checked each step)
 //! ```
@@ -479,10 +480,35 @@ fn outb(args: &[String]) -> ! {
     std::process::exit(0);
 }
 
+/// `--copy-twice MIB`: copies MIB MiB from one buffer to another twice (both touched first),
+/// timed: what a rollback of that much memory is compared with.
+fn copy_twice(mib: usize) -> ! {
+    let words = (mib << 20) / 8;
+    let src: Vec<u64> = (0..words as u64).map(|i| mix(7, i)).collect();
+    let mut dst = vec![1u64; words];
+    let start = Instant::now();
+    dst.copy_from_slice(&src);
+    let first = dst[words / 2];
+    dst.copy_from_slice(&src);
+    let us = start.elapsed().as_micros();
+    println!(
+        "QS-COPY-US {us} ({mib} MiB twice, check {:#x})",
+        first ^ dst[words - 1]
+    );
+    std::process::exit(0);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--outb") {
         outb(&args[2..]);
+    }
+    if args.get(1).map(String::as_str) == Some("--copy-twice") {
+        copy_twice(
+            args.get(2)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| usage()),
+        );
     }
     if args.get(1).map(String::as_str) == Some("--ledger") {
         ledger::run(args.get(2).map_or_else(|| usage(), String::as_str));

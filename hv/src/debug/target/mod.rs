@@ -12,6 +12,7 @@
 //! - [`monitor`]: the `monitor` commands.
 
 pub mod breakpoints;
+pub mod checkpoints;
 pub mod memory;
 pub mod monitor;
 pub mod registers;

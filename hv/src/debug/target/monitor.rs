@@ -16,6 +16,9 @@ const HELP: &str = "Quicksilver monitor commands:
   cpus                 each CPU: APIC ID, where it stopped, why
   devirt [deactivate|stay]  what detach does: leave guest mode (default) or keep the hv active
   phys ADDR [LEN]      read guest-physical memory (hex, up to 256 bytes)
+  checkpoint           checkpoint the whole machine where it stands
+  checkpoints          the checkpoints kept
+  rollback ID          put the whole machine back at checkpoint ID
   help                 this list";
 
 /// Bytes `phys` shows without a LEN.
@@ -197,6 +200,9 @@ impl MonitorCmd for Debugger {
                     }
                 }
             }
+            "checkpoint" => self.monitor_checkpoint(&mut out),
+            "checkpoints" => self.monitor_checkpoints(&mut out),
+            "rollback" => self.monitor_rollback(words.next(), &mut out),
             "devirt" => {
                 match devirt_word(words.next()) {
                     Ok(Some(p)) => self.policy = p,

@@ -1,0 +1,283 @@
+//! `cargo xtask bench checkpoint`: what checkpoints cost a running machine, and what a rollback
+//! costs, on 4 CPUs with 1 GiB and with 512 MiB of RAM (a checkpoint's pause must not grow
+//! with RAM).
+//!
+//! One boot per memory size. `qs-workload --fixed-work` (a fixed amount of memory filling and
+//! system calls on every CPU, timed) runs 5 times with the hv dormant, then 5 times under each
+//! periodic ring (1, 10 and 40 checkpoints a second, the last 20 kept); the ratio of medians is
+//! `overhead_ratio`. Each ring's `qsctl checkpoints` table gives the pause of every CPU per
+//! checkpoint and the pages each held (written between it and the next: the workload's dirty
+//! rate). Then a rollback after writing 1% and 10% of RAM into tmpfs, timed by the hv (every
+//! CPU stopped), against the guest copying 10% of RAM twice. Results:
+//! `target/bench/checkpoint.json` and a Markdown table for BENCHMARKS.md.
+
+use anyhow::{bail, Context, Result};
+use qs_testkit::Artifacts;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+const RUNS: usize = 5;
+const RINGS_MS: [u32; 3] = [1000, 100, 25];
+
+/// One memory size's figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Checkpoint {
+    pub memory_mib: u32,
+    pub smp: u32,
+    /// Median of the fixed work with the hv dormant (ms).
+    pub native_ms: f64,
+    /// Fixed work under a ring of 1, 10 and 40 checkpoints a second / native.
+    pub overhead_ratio_1: f64,
+    pub overhead_ratio_10: f64,
+    pub overhead_ratio_40: f64,
+    /// At 10 a second: median pause of every CPU per checkpoint (µs), pages each held, and the
+    /// dirty rate that makes (pages a second).
+    pub pause_us: f64,
+    pub pages_per_checkpoint: f64,
+    pub dirty_pages_per_s: f64,
+    /// The same pause at 40 a second.
+    pub pause_us_40: f64,
+    /// A rollback after 1% and 10% of RAM was written: every CPU stopped (µs), pages put back.
+    pub rollback_1pct_us: f64,
+    pub rollback_1pct_pages: u64,
+    pub rollback_10pct_us: f64,
+    pub rollback_10pct_pages: u64,
+    /// The guest copying 10% of RAM twice (µs).
+    pub copy_10pct_twice_us: f64,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    benchmark: &'static str,
+    anchors: Anchors,
+    results: &'a [Checkpoint],
+}
+
+/// BENCHMARKS.md says where each comes from.
+#[derive(Serialize)]
+struct Anchors {
+    remus_epoch_ms: u32,
+    vm_microcheckpoint_overhead_at_50ms: f64,
+    firecracker_diff_snapshot_256mib_ms: u32,
+    firecracker_restore_ms: u32,
+    target_overhead_ratio_40: f64,
+}
+
+fn median(mut v: Vec<f64>) -> Result<f64> {
+    if v.is_empty() {
+        bail!("no values");
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
+/// The `QS-WORK-MS` values after `PHASE <phase>` (up to the next PHASE line).
+fn phase_ms(console: &str, phase: &str) -> Result<f64> {
+    let mut inside = false;
+    let mut v = Vec::new();
+    for line in console.lines() {
+        if let Some(p) = line.split("PHASE ").nth(1) {
+            inside = p.trim() == phase;
+        } else if inside {
+            if let Some(rest) = line.split("QS-WORK-MS ").nth(1) {
+                v.push(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .parse::<f64>()?,
+                );
+            }
+        }
+    }
+    if v.len() != RUNS {
+        bail!("phase {phase}: {} results, expected {RUNS}", v.len());
+    }
+    median(v)
+}
+
+/// The pause (µs) and pages columns of the periodic rows of the table after `LIST-<ms>`.
+fn ring_table(console: &str, ms: u32) -> Result<(f64, f64)> {
+    let marker = format!("LIST-{ms}");
+    let (mut pauses, mut pages) = (Vec::new(), Vec::new());
+    for line in console
+        .lines()
+        .skip_while(|l| !l.contains(&marker))
+        .skip(1)
+        .take_while(|l| !l.contains("kept; checkpoint memory"))
+    {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let Some(at) = cols.iter().position(|c| c.ends_with("us")) else {
+            continue;
+        };
+        // id, age, pause, pages, bytes, parent, kind: the current one is still filling.
+        if line.contains("periodic") && !line.contains("current") {
+            pauses.push(cols[at].trim_end_matches("us").parse::<f64>()?);
+            pages.push(cols[at + 1].parse::<f64>()?);
+        }
+    }
+    Ok((
+        median(pauses).context(marker.clone())?,
+        median(pages).context(marker)?,
+    ))
+}
+
+/// `last rollback: ... stopped N us; P pages restored` after `ROLLBACK-<pct>`.
+fn rollback_line(console: &str, pct: u32) -> Result<(f64, u64)> {
+    let marker = format!("ROLLBACK-{pct}");
+    let line = console
+        .lines()
+        .skip_while(|l| !l.contains(&marker))
+        .find(|l| l.contains("last rollback:"))
+        .with_context(|| format!("no rollback after {marker}"))?;
+    let num_before = |word: &str| -> Result<f64> {
+        let head = line.split(word).next().context("format")?;
+        Ok(head.split_whitespace().last().context("format")?.parse()?)
+    };
+    Ok((
+        num_before(" us stopped")?,
+        num_before(" pages restored")? as u64,
+    ))
+}
+
+pub fn checkpoint_one(a: &Artifacts, memory_mib: u32) -> Result<Checkpoint> {
+    let smp = 4;
+    let work = "qs-workload --fixed-work";
+    let mut script = format!("set -e\n{work} >/dev/null\n");
+    for _ in 0..RUNS {
+        let _ = writeln!(script, "echo PHASE native; {work}");
+    }
+    script.push_str("qsctl activate >/dev/null\n");
+    for ms in RINGS_MS {
+        let _ = writeln!(
+            script,
+            "qsctl checkpoint --every {ms}ms --keep 20 >/dev/null\nsleep 1"
+        );
+        for _ in 0..RUNS {
+            let _ = writeln!(script, "echo PHASE every{ms}; {work}");
+        }
+        let _ = writeln!(
+            script,
+            "echo PHASE none\nqsctl checkpoint --every off >/dev/null\necho LIST-{ms}\nqsctl checkpoints\nqsctl checkpoint --delete all >/dev/null"
+        );
+    }
+    for pct in [1, 10] {
+        let mib = memory_mib * pct / 100;
+        let _ = writeln!(
+            script,
+            r#"out=$(qsctl checkpoint 2>&1)
+case "$out" in
+*"rolled back"*) echo "ROLLBACK-{pct}"; qsctl checkpoints | grep "last rollback" ;;
+*) id=$(echo "$out" | sed -n 's/^checkpoint \([0-9]*\):.*/\1/p')
+   dd if=/dev/zero of=/tmp/fill{pct} bs=1M count={mib} 2>/dev/null
+   qsctl rollback $id ;;
+esac
+rm -f /tmp/fill{pct}
+qsctl checkpoint --delete all >/dev/null"#
+        );
+    }
+    let _ = writeln!(script, "qs-workload --copy-twice {}", memory_mib / 10);
+    let run = a
+        .qemu(&format!("bench-checkpoint-{memory_mib}m"))
+        .smp(smp)
+        .memory(&format!("{memory_mib}M"))
+        .timeout(Duration::from_secs(3600))
+        .run_script(&script)?;
+    run.ensure_success()?;
+    let c = &run.console;
+    let native_ms = phase_ms(c, "native")?;
+    let ratio = |ms: u32| -> Result<f64> { Ok(phase_ms(c, &format!("every{ms}"))? / native_ms) };
+    let (pause_us, pages) = ring_table(c, 100)?;
+    let (pause_us_40, _) = ring_table(c, 25)?;
+    let (r1_us, r1_pages) = rollback_line(c, 1)?;
+    let (r10_us, r10_pages) = rollback_line(c, 10)?;
+    let copy = c
+        .lines()
+        .find_map(|l| l.split("QS-COPY-US ").nth(1))
+        .context("no QS-COPY-US line")?
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .parse::<f64>()?;
+    Ok(Checkpoint {
+        memory_mib,
+        smp,
+        native_ms,
+        overhead_ratio_1: ratio(1000)?,
+        overhead_ratio_10: ratio(100)?,
+        overhead_ratio_40: ratio(25)?,
+        pause_us,
+        pages_per_checkpoint: pages,
+        dirty_pages_per_s: pages * 10.0,
+        pause_us_40,
+        rollback_1pct_us: r1_us,
+        rollback_1pct_pages: r1_pages,
+        rollback_10pct_us: r10_us,
+        rollback_10pct_pages: r10_pages,
+        copy_10pct_twice_us: copy,
+    })
+}
+
+/// Both memory sizes; writes the JSON and the Markdown table.
+pub fn checkpoint(a: &Artifacts) -> Result<Vec<Checkpoint>> {
+    let mut rows = Vec::new();
+    for mib in [1024, 512] {
+        eprintln!("xtask bench: checkpoint, {mib} MiB, 4 CPUs");
+        let r = checkpoint_one(a, mib)?;
+        eprintln!("xtask bench: {r:?}");
+        rows.push(r);
+    }
+    let mut md = String::from(
+        "| RAM | overhead 1/s | 10/s | 40/s (goal <= 1.05) | pause µs at 10/s | at 40/s | pages per checkpoint (10/s) | dirty pages/s | rollback 1% µs (pages) | rollback 10% µs (pages) | copying 10% twice µs | 10% rollback / copy twice |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        let _ = writeln!(
+            md,
+            "| {} MiB | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} ({}) | {:.0} ({}) | {:.0} | {:.2} |",
+            r.memory_mib,
+            r.overhead_ratio_1,
+            r.overhead_ratio_10,
+            r.overhead_ratio_40,
+            r.pause_us,
+            r.pause_us_40,
+            r.pages_per_checkpoint,
+            r.dirty_pages_per_s,
+            r.rollback_1pct_us,
+            r.rollback_1pct_pages,
+            r.rollback_10pct_us,
+            r.rollback_10pct_pages,
+            r.copy_10pct_twice_us,
+            r.rollback_10pct_us / r.copy_10pct_twice_us,
+        );
+    }
+    let report = Report {
+        benchmark: "checkpoint",
+        anchors: Anchors {
+            remus_epoch_ms: 25,
+            vm_microcheckpoint_overhead_at_50ms: 1.063,
+            firecracker_diff_snapshot_256mib_ms: 70,
+            firecracker_restore_ms: 8,
+            target_overhead_ratio_40: 1.05,
+        },
+        results: &rows,
+    };
+    crate::bench::write_report("checkpoint", &report, &md)?;
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_table_and_the_rollback_line_are_read_as_qsctl_prints_them() {
+        let console = "LIST-100\n  id        age     pause    pages      bytes parent  kind\n\
+            [ 3.1]    7       1.2s     812us      340      1396K      6  periodic\n\
+               8       1.1s     900us      360      1476K      7  periodic\n\
+               9       0.1s     700us       12        52K      8  periodic, current\n\
+            3 of at most 64 kept; checkpoint memory 100 of 200 KiB used (ckpt_mem=)\n\
+            ROLLBACK-1\nlast rollback: to checkpoint 3, then 0.5 s old; 2500 us stopped; 2600 pages restored; 0 newer dropped\n";
+        assert_eq!(ring_table(console, 100).unwrap(), (900.0, 360.0));
+        assert_eq!(rollback_line(console, 1).unwrap(), (2500.0, 2600));
+    }
+}
