@@ -401,6 +401,7 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_periodic, keep) == 12);
 #define QS_CHECKPOINT_CURRENT 2
 #define QS_PERIODIC_MIN_MS 10
 #define QS_NOTICE_HOT_PAGES_OFFSET 512
+#define QS_NOTICE_WATCHDOG_RESET_OFFSET 1024
 
 /* ---- hypercalls and CPUID (proto/src/abi.rs) ---- */
 

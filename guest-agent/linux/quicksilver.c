@@ -341,13 +341,19 @@ static int qs_store_alloc(void)
 
 /* The page each CPU's NMI handler writes besides the notice's: irq_work_queue() adds to the
  * CPU's `raised_list` (a per-CPU variable of the kernel's, found through kallsyms). The hv
- * makes it writable before the notice NMI (QS_NOTICE_HOT_PAGES_OFFSET). */
+ * makes it writable before the notice NMI (QS_NOTICE_HOT_PAGES_OFFSET). And where the
+ * clocksource watchdog's reset counter is, which the hv bumps during a rollback
+ * (QS_NOTICE_WATCHDOG_RESET_OFFSET). */
 static void qs_notice_hot_pages(void)
 {
 	u64 *hot = (u64 *)((u8 *)qs_notice + QS_NOTICE_HOT_PAGES_OFFSET);
 	unsigned long raised = qs_lookup("raised_list");
 	unsigned int cpu;
+	unsigned long reset = qs_lookup("watchdog_reset_pending");
 
+	if (reset)
+		*(u64 *)((u8 *)qs_notice + QS_NOTICE_WATCHDOG_RESET_OFFSET) =
+			slow_virt_to_phys((void *)reset);
 	if (!raised)
 		return;
 	for_each_possible_cpu(cpu) {
@@ -1123,9 +1129,10 @@ static void qs_rollback_work_fn(struct work_struct *w)
 	err = qs_reseed(n.random, sizeof(n.random));
 	qs_last_rollback = n;
 	qs_periodic_wake();
-	pr_info("rolled back to checkpoint %u, taken %llu.%03llu s ago: %llu pages restored, every CPU stopped %llu us, %u newer checkpoints dropped%s\n",
-		n.id, n.age_ns / NSEC_PER_SEC, (n.age_ns % NSEC_PER_SEC) / NSEC_PER_MSEC, n.pages,
-		n.pause_us, n.dropped, err ? "; the random generator could not be reseeded" : "");
+	pr_info("rolled back to checkpoint %u, taken %llu.%03llu s ago (rollback %llu): %llu pages restored, every CPU stopped %llu us, %u newer checkpoints dropped%s\n",
+		n.id, n.age_ns / NSEC_PER_SEC, (n.age_ns % NSEC_PER_SEC) / NSEC_PER_MSEC,
+		n.generation, n.pages, n.pause_us, n.dropped,
+		err ? "; the random generator could not be reseeded" : "");
 }
 
 /* Takes a checkpoint, activating the hv first if it is dormant; a CPU caught where its state

@@ -366,6 +366,10 @@ impl Hv {
             Op::LinkRx => return crate::link::receive(buf, in_guest),
             Op::ActiveCpus => return COUNTERS.active_cpus.load(Acquire) as i64,
             Op::Checkpoints => crate::checkpoint::list(self, buf),
+            // Deleting the last checkpoint gives RAM back to the guest through the nested
+            // tables, which only host mode reaches: a CPU that is not in guest mode (the
+            // direct call) cannot do it.
+            Op::CheckpointDelete if !in_guest && crate::checkpoint::kept() => Status::NotActive,
             Op::CheckpointDelete => crate::checkpoint::delete(self, buf),
             Op::CheckpointPeriodic => crate::checkpoint::periodic(buf),
             // Hypercalls only (`freeze_request`, `checkpoint_request`, the run loop).

@@ -120,6 +120,12 @@ pub const CKPT_MAX_CHUNKS: u32 = 64;
 /// for any write), so that the handler itself takes no copy-on-write fault: it runs with
 /// every other CPU busy faulting after the rollback, and the kernel times NMI handlers.
 pub const NOTICE_HOT_PAGES_OFFSET: u64 = 512;
+/// Where, in the same page, the agent puts the physical address of the kernel's clocksource
+/// watchdog reset counter (`watchdog_reset_pending`, a 32-bit atomic; 0: none). The hv adds
+/// one to it during a rollback, before any CPU runs: the watchdog's next round re-bases
+/// instead of comparing the TSC (moved back with the kernel) with the HPET (which kept
+/// counting). The agent's own reset comes too late on the other CPUs.
+pub const NOTICE_WATCHDOG_RESET_OFFSET: u64 = 1024;
 /// Most RAM ranges the hv takes from the agent.
 pub const MAX_RAM_RANGES: u32 = 32;
 /// Most checkpoints the hv keeps at once.

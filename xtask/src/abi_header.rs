@@ -117,6 +117,10 @@ pub fn generate() -> String {
                 "QS_NOTICE_HOT_PAGES_OFFSET",
                 abi::NOTICE_HOT_PAGES_OFFSET.to_string(),
             ),
+            (
+                "QS_NOTICE_WATCHDOG_RESET_OFFSET",
+                abi::NOTICE_WATCHDOG_RESET_OFFSET.to_string(),
+            ),
         ],
     );
 

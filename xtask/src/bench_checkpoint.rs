@@ -276,7 +276,7 @@ mod tests {
                8       1.1s     900us      360      1476K      7  periodic\n\
                9       0.1s     700us       12        52K      8  periodic, current\n\
             3 of at most 64 kept; checkpoint memory 100 of 200 KiB used (ckpt_mem=)\n\
-            ROLLBACK-1\nlast rollback: to checkpoint 3, then 0.5 s old; 2500 us stopped; 2600 pages restored; 0 newer dropped\n";
+            ROLLBACK-1\nlast rollback: number 1, to checkpoint 3, then 0.5 s old; 2500 us stopped; 2600 pages restored; 0 newer dropped\n";
         assert_eq!(ring_table(console, 100).unwrap(), (900.0, 360.0));
         assert_eq!(rollback_line(console, 1).unwrap(), (2500.0, 2600));
     }

@@ -171,7 +171,8 @@ pub fn list() -> Result<()> {
     let last = ioctl::last_rollback(&dev).context("last rollback request failed")?;
     if last.generation != 0 {
         println!(
-            "last rollback: to checkpoint {}, then {:.1} s old; {} us stopped; {} pages restored; {} newer dropped",
+            "last rollback: number {}, to checkpoint {}, then {:.1} s old; {} us stopped; {} pages restored; {} newer dropped",
+            last.generation,
             last.id,
             last.age_ns as f64 / 1e9,
             last.pause_us,

@@ -84,13 +84,15 @@ pub fn restore_rolled_back(s: &CpuState) {
     if let Some((apic, base)) = Apic::current() {
         if s.apic.present && base == s.apic.base_msr {
             end_in_service(&apic);
+            // The registers first, the timer's LVT and divider among them, with the count
+            // left out (`write_back` re-arms only a timer the live APIC still counts); then
+            // the count: written before its LVT, the LVT write would cancel it in QEMU's APIC.
             let mut a = s.apic;
-            if a.timer_mode() == 0 && a.timer_current != 0 {
-                // Forces the re-arm in `write_back` (it re-arms only a counting timer).
-                apic.write(apic_reg::TIMER_INITIAL, a.timer_current);
-                a.timer_current = 0;
-            }
+            a.timer_current = 0;
             write_back(&apic, &a);
+            if s.apic.timer_mode() == 0 && s.apic.timer_current != 0 {
+                apic.write(apic_reg::TIMER_INITIAL, s.apic.timer_current);
+            }
             raise_pending(&apic, &s.apic.irr);
         }
     }

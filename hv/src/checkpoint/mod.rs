@@ -38,7 +38,8 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use quicksilver_proto::abi::{
     CheckpointArgs, CheckpointDelete, CheckpointInfo, CheckpointList, CheckpointPeriodic,
     RollbackArgs, RollbackNotice, Status, CHECKPOINT_ALL, CHECKPOINT_CURRENT, CHECKPOINT_PERIODIC,
-    MAX_CHECKPOINTS, MAX_RAM_RANGES, NOTICE_HOT_PAGES_OFFSET, PERIODIC_MIN_MS,
+    MAX_CHECKPOINTS, MAX_RAM_RANGES, NOTICE_HOT_PAGES_OFFSET, NOTICE_WATCHDOG_RESET_OFFSET,
+    PERIODIC_MIN_MS,
 };
 use store::StoreMemory;
 use undo::{Checkpoint, UndoError, UndoLog, PAGE};
@@ -477,6 +478,17 @@ fn rollback(
         let page = u64::from_le_bytes(hot) & !(SIZE_4K - 1);
         if page != 0 && page < hv.map_limit && !hv.owns(page) {
             before_hv_write(hv, page, SIZE_4K);
+        }
+    }
+    // The clocksource watchdog re-bases at its next round (NOTICE_WATCHDOG_RESET_OFFSET).
+    let mut at = [0u8; 8];
+    if notice_pa != 0 && vmm::read_guest_phys(hv, notice_pa + NOTICE_WATCHDOG_RESET_OFFSET, &mut at)
+    {
+        let pa = u64::from_le_bytes(at);
+        let mut v = [0u8; 4];
+        if pa != 0 && pa % 4 == 0 && !hv.owns(pa) && vmm::read_guest_phys(hv, pa, &mut v) {
+            let n = u32::from_le_bytes(v).wrapping_add(1);
+            vmm::write_guest_phys(hv, pa, &n.to_le_bytes());
         }
     }
     NMI_OWED.store(leader, Release);

@@ -407,10 +407,16 @@ fn state_from_vmcb(vmcb: &Vmcb, regs: &GuestRegs, out: &mut CpuState) {
 /// vector (APM vol. 2, 8.2), so that is an external interrupt (type 0). Copy-on-write makes
 /// this common: a nested page fault in the middle of delivering an interrupt (the guest's page
 /// tables and stack are written as they are used).
+/// An NMI it reports the same way (type 3, vector 2), which VMRUN also refuses to inject as
+/// an exception: that is an NMI (type 2).
 fn interrupted_event(info: u64) -> u64 {
-    let kind = (info >> 8) & 7;
-    if info & event::VALID != 0 && kind == 3 && info & 0xFF >= 32 {
+    let (kind, vector) = ((info >> 8) & 7, info & 0xFF);
+    if info & event::VALID == 0 || kind != 3 {
+        info
+    } else if vector >= 32 {
         info & !(7 << 8) & !event::ERROR_VALID & 0xFFFF_FFFF
+    } else if vector == event::VECTOR_NMI {
+        (info & !(7 << 8) & !event::ERROR_VALID & 0xFFFF_FFFF) | event::TYPE_NMI
     } else {
         info
     }
@@ -617,6 +623,11 @@ mod tests {
             0x0000_0002_8000_0B0E
         );
         assert_eq!(interrupted_event(0x8000_0202), 0x8000_0202);
+        assert_eq!(
+            interrupted_event(0x8000_0302),
+            0x8000_0202,
+            "QEMU's NMI, as an NMI"
+        );
         assert_eq!(
             interrupted_event(0x0000_03EC),
             0x0000_03EC,
