@@ -1170,20 +1170,26 @@ static void qs_checkpoint(struct qs_checkpoint *a)
 	}
 }
 
+/* The hv's checkpoint list header (no entries); all zero if it cannot be had. */
+static struct qs_checkpoint_list qs_checkpoint_list(void)
+{
+	struct qs_checkpoint_list *l = kzalloc(sizeof(*l), GFP_KERNEL);	/* written by PA */
+	struct qs_checkpoint_list out = { 0 };
+
+	if (l && qs_control(QS_OP_CHECKPOINTS, l, sizeof(*l)) == QS_OK)
+		out = *l;
+	kfree(l);
+	return out;
+}
+
 /* How far the kernel's clock runs behind the CPUs' TSC after rollbacks (0 if unknown), and
  * how many checkpoints are kept. */
 static u64 qs_clock_behind_ns(u32 *kept)
 {
-	struct qs_checkpoint_list *l = kzalloc(sizeof(*l), GFP_KERNEL);	/* written by PA */
-	u64 behind = 0;
+	struct qs_checkpoint_list l = qs_checkpoint_list();
 
-	*kept = 0;
-	if (l && qs_control(QS_OP_CHECKPOINTS, l, sizeof(*l)) == QS_OK) {
-		behind = l->clock_behind_ns;
-		*kept = l->count;
-	}
-	kfree(l);
-	return behind;
+	*kept = l.count;
+	return l.clock_behind_ns;
 }
 
 /*
@@ -1246,17 +1252,6 @@ static struct task_struct *qs_periodic_task;
 static DECLARE_WAIT_QUEUE_HEAD(qs_periodic_wq);
 static atomic_t qs_periodic_kick = ATOMIC_INIT(0);
 
-static u32 qs_periodic_every_ms(void)
-{
-	struct qs_checkpoint_list *l = kzalloc(sizeof(*l), GFP_KERNEL);	/* written by PA */
-	u32 every = 0;
-
-	if (l && qs_control(QS_OP_CHECKPOINTS, l, sizeof(*l)) == QS_OK)
-		every = l->every_ms;
-	kfree(l);
-	return every;
-}
-
 static int qs_periodic_fn(void *unused)
 {
 	struct qs_checkpoint *a = kzalloc(sizeof(*a), GFP_KERNEL);	/* the hv answers by PA */
@@ -1266,7 +1261,7 @@ static int qs_periodic_fn(void *unused)
 		return -ENOMEM;
 	while (!kthread_should_stop()) {
 		mutex_lock(&qs_lock);
-		every = qs_active ? qs_periodic_every_ms() : 0;
+		every = qs_active ? qs_checkpoint_list().every_ms : 0;
 		if (every) {
 			memset(a, 0, sizeof(*a));
 			a->flags = QS_CHECKPOINT_PERIODIC;

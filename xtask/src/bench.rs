@@ -93,13 +93,14 @@ struct Anchors {
 
 const WORK_RUNS: usize = 9;
 
-/// Median of the `QS-WORK-MS` values that follow `marker` (up to the next `PHASE` line).
-fn phase_work_ms(console: &str, marker: &str) -> Result<f64> {
+/// Median of the `QS-WORK-MS` values after `PHASE <phase>` (up to the next PHASE line),
+/// which must be `runs` of them.
+pub fn phase_median_ms(console: &str, phase: &str, runs: usize) -> Result<f64> {
     let mut inside = false;
     let mut v = Vec::new();
     for line in console.lines() {
-        if line.contains("PHASE ") {
-            inside = line.contains(marker);
+        if let Some(p) = line.split("PHASE ").nth(1) {
+            inside = p.trim() == phase;
         } else if inside {
             if let Some(rest) = line.split("QS-WORK-MS ").nth(1) {
                 v.push(
@@ -111,9 +112,9 @@ fn phase_work_ms(console: &str, marker: &str) -> Result<f64> {
             }
         }
     }
-    if v.len() != WORK_RUNS {
+    if v.len() != runs {
         bail!(
-            "phase {marker}: {} workload results, expected {WORK_RUNS}",
+            "phase {phase}: {} workload results, expected {runs}",
             v.len()
         );
     }
@@ -180,9 +181,9 @@ pub fn mode_switch_one(a: &Artifacts, smp: u32, icount: bool, switches: u32) -> 
     let json = line.split_once("QS-BENCH ").map_or("", |(_, json)| json);
     let bench: SwitchBench = serde_json::from_str(json.trim())
         .with_context(|| format!("the QS-BENCH line is not the JSON qsctl prints: {line}"))?;
-    let native_ms = phase_work_ms(c, "native")?;
-    let dormant_ms = phase_work_ms(c, "dormant")?;
-    let active_ms = phase_work_ms(c, "active")?;
+    let native_ms = phase_median_ms(c, "native", WORK_RUNS)?;
+    let dormant_ms = phase_median_ms(c, "dormant", WORK_RUNS)?;
+    let active_ms = phase_median_ms(c, "active", WORK_RUNS)?;
     let exits = total_exits(c, "STATS-AFTER")?.saturating_sub(total_exits(c, "STATS-BEFORE")?);
     Ok(ModeSwitch {
         kernel: a.kernel.id.to_string(),

@@ -72,28 +72,8 @@ fn median(mut v: Vec<f64>) -> Result<f64> {
     Ok(v[v.len() / 2])
 }
 
-/// The `QS-WORK-MS` values after `PHASE <phase>` (up to the next PHASE line).
 fn phase_ms(console: &str, phase: &str) -> Result<f64> {
-    let mut inside = false;
-    let mut v = Vec::new();
-    for line in console.lines() {
-        if let Some(p) = line.split("PHASE ").nth(1) {
-            inside = p.trim() == phase;
-        } else if inside {
-            if let Some(rest) = line.split("QS-WORK-MS ").nth(1) {
-                v.push(
-                    rest.split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .parse::<f64>()?,
-                );
-            }
-        }
-    }
-    if v.len() != RUNS {
-        bail!("phase {phase}: {} results, expected {RUNS}", v.len());
-    }
-    median(v)
+    crate::bench::phase_median_ms(console, phase, RUNS)
 }
 
 /// The pause (µs) and pages columns of the periodic rows of the table after `LIST-<ms>`.

@@ -760,21 +760,15 @@ pub fn delete(hv: &Hv, buf: &mut [u8]) -> Status {
 
 /// A CPU left guest mode while checkpoints are kept (an unexpected exit's policy, or a
 /// reset): from now on its writes escape the log, so no checkpoint can be restored exactly
-/// any more. They are all dropped, and counted.
+/// any more. They are all dropped.
 pub fn cpu_left(hv: &Hv) {
     if LOGGING.load(Acquire) {
         let mut guard = ENGINE.lock();
         let e = &mut *guard;
-        while e.log.drop_oldest().is_some() {
-            DROPPED_FOR_MEMORY.fetch_add(0, Relaxed);
-            INVALIDATED.fetch_add(1, Relaxed);
-        }
+        while e.log.drop_oldest().is_some() {}
         end_logging(hv, e);
     }
 }
-
-/// Checkpoints dropped because a CPU left guest mode while they were kept.
-static INVALIDATED: AtomicU64 = AtomicU64::new(0);
 
 fn plain_bytes(s: &DeviceState) -> &[u8] {
     // SAFETY: a DeviceState is plain integers with no padding (`devices` proves it).

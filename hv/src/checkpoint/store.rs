@@ -42,11 +42,6 @@ impl StoreMemory {
         debug_assert!(self.entry_pages + self.slots <= pages);
     }
 
-    /// Bytes of checkpoint memory.
-    pub fn bytes(&self) -> u64 {
-        self.slots * PAGE as u64
-    }
-
     /// Physical address of page `n` of checkpoint memory.
     fn page_pa(&self, n: u64) -> u64 {
         self.chunks[(n / PAGES_PER_CHUNK) as usize] + (n % PAGES_PER_CHUNK) * PAGE as u64
