@@ -126,6 +126,36 @@ fn a_boot_that_does_not_reach_userspace_is_tried_once_more_and_its_log_kept() {
     );
 }
 
+/// A kernel that panics before userspace (here: no init it can run, and `init=` pointing
+/// nowhere) is booted once more and the panicked boot's log is kept; the second panic is then
+/// reported as the run's failure.
+#[test]
+fn a_boot_that_panics_before_userspace_is_tried_once_more_and_its_log_kept() {
+    let a = artifacts();
+    let kept_log = a.logs_dir().join("runner-boot-panic.panicked-boot.log");
+    let _ = std::fs::remove_file(&kept_log);
+    let err = a
+        .qemu("runner-boot-panic")
+        .smp(1)
+        .noload()
+        .cmdline("rdinit=/nonexistent init=/nonexistent")
+        .boot_limit(Duration::from_secs(60))
+        .timeout(Duration::from_secs(120))
+        .run_script("echo never\n")
+        .unwrap()
+        .ensure_success()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("Kernel panic - not syncing"),
+        "the second boot's panic is the run's failure: {err}"
+    );
+    let kept = std::fs::read_to_string(&kept_log).expect("the panicked boot's log is kept");
+    assert!(
+        kept.contains("Kernel panic - not syncing") && !kept.contains("QS-INIT"),
+        "{kept}"
+    );
+}
+
 #[test]
 fn the_monitor_and_the_link_port_are_reachable() {
     let dir = std::env::temp_dir().join(format!("qs-runner-sockets-{}", std::process::id()));

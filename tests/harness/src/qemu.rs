@@ -119,6 +119,12 @@ fn tail_of(text: &str) -> String {
     tail(text, TAIL_LINES)
 }
 
+/// Whether a console that ended before userspace ends in the kernel's panic: with `panic=-1`
+/// and `-no-reboot` QEMU then exits, and the boot is tried once more ([`Qemu::spawn_script`]).
+fn boot_panicked(console_tail: &str) -> bool {
+    console_tail.contains("Kernel panic - not syncing")
+}
+
 /// A callback that sees each console line as it arrives.
 pub type LineCallback = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -455,36 +461,42 @@ impl Qemu {
     }
 
     /// Starts QEMU and waits until the kernel has reached userspace ([`INIT_MARKER`]). One that
-    /// has not after [`Qemu::boot_limit`] is booted once more, saying so on stderr and keeping
-    /// the hung boot's log beside the run's (`.hung-boot` added): nothing of Quicksilver has
-    /// run by then, and QEMU's TCG now and then hangs a stock kernel's boot (seen three times
-    /// in about 450 boots: a CPU taking INT3 for ever at a jump label the kernel had just
-    /// patched, see the README's Limits). If QEMU exits first, the run is returned as it is,
-    /// for its caller to report.
+    /// has not after [`Qemu::boot_limit`], or that panicked on the way, is booted once more,
+    /// saying so on stderr and keeping the failed boot's log beside the run's (`.hung-boot` or
+    /// `.panicked-boot` added): nothing of Quicksilver has run by then, and QEMU's TCG now and
+    /// then breaks a stock kernel's boot at code the kernel has just patched (seen three times
+    /// in about 450 boots as a CPU taking INT3 for ever at a jump label, and once in CI as an
+    /// oops with RIP inside a just-patched NOP of `sched_clock_cpu`; see the README's Limits).
+    /// If QEMU exits first for another reason, the run is returned as it is, for its caller to
+    /// report.
     fn boot(&self, script: Option<&str>) -> Result<Running, QemuError> {
         let mut run = self.spawn_with(self.prepare_initrd(script)?)?;
         if self.timeout <= self.boot_limit {
             return Ok(run);
         }
-        match run.wait_for(INIT_MARKER, self.boot_limit) {
-            Err(QemuError::Timeout { after, .. }) => {
-                drop(run);
-                let kept = self.log.as_ref().map(|log| {
-                    let hung = log.with_extension("hung-boot.log");
-                    let _ = std::fs::rename(log, &hung);
-                    hung.display().to_string()
-                });
-                eprintln!(
-                    "{}: the kernel did not reach userspace in {} s, before any Quicksilver code ran \
-                     (an emulator hang; its log: {}): booting once more",
-                    self.name,
-                    after.as_secs(),
-                    kept.as_deref().unwrap_or("not kept")
-                );
-                self.spawn_with(self.prepare_initrd(script)?)
+        let (what, suffix) = match run.wait_for(INIT_MARKER, self.boot_limit) {
+            Err(QemuError::Timeout { after, .. }) => (
+                format!("did not reach userspace in {} s", after.as_secs()),
+                "hung-boot.log",
+            ),
+            Err(QemuError::Exited { console_tail, .. }) if boot_panicked(&console_tail) => {
+                ("panicked before userspace".to_string(), "panicked-boot.log")
             }
-            _ => Ok(run),
-        }
+            _ => return Ok(run),
+        };
+        drop(run);
+        let kept = self.log.as_ref().map(|log| {
+            let failed = log.with_extension(suffix);
+            let _ = std::fs::rename(log, &failed);
+            failed.display().to_string()
+        });
+        eprintln!(
+            "{}: the kernel {what}, before any Quicksilver code ran (an emulator fault; its log: \
+             {}): booting once more",
+            self.name,
+            kept.as_deref().unwrap_or("not kept")
+        );
+        self.spawn_with(self.prepare_initrd(script)?)
     }
 
     /// The base initramfs, or a per-run copy with the script and files appended.
