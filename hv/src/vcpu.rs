@@ -372,6 +372,7 @@ fn park(hv: &'static Hv, cpu: &Cpu, p: &mut Private, stop: Option<Stop>) -> Acti
         // The NMI came after the stop it was for was over.
         return debug::straggler(hv, p.vcpu, st);
     };
+    checkpoint::settle(me);
     if st.dirty != 0 {
         // SAFETY: host mode on this CPU; the state was captured here and changed only by a
         // client within the limits it checks.

@@ -387,9 +387,9 @@ crate::abi_enum! {
         /// The kernel runs 5-level paging, which the hv does not support yet.
         La57Unsupported = 14 =>
             "the kernel runs 5-level paging, which the hv does not support yet: boot it with no5lvl",
-        /// A debugger holds the CPUs (a gdb session is attached).
+        /// A debugger holds the hv (attached, or CPUs stopped), or another request runs.
         Busy = 15 =>
-            "a gdb session is attached to the hv: detach gdb first, then try again",
+            "the hv is busy: a gdb session holds it (attached, or some CPUs stopped), or another checkpoint request is under way: continue or detach gdb, or wait, then try again",
         /// More store chunks than the hv takes.
         StoreTooLarge = 17 =>
             "the store is larger than this hv takes (128 chunks of 4 MiB, 512 MiB, for store_mem= and ckpt_mem= together): load the agent with a smaller store_mem= or ckpt_mem=",

@@ -4,6 +4,7 @@
 
 use quicksilver_tests::session::GETPID;
 use quicksilver_tests::*;
+use std::time::Duration;
 
 /// The workload and a getpid loop on every CPU but 0 until the test says so; then the
 /// checkpoints go and the hv with them, and the workload checks itself.
@@ -100,6 +101,74 @@ fn monitor_checkpoint_and_rollback_with_a_breakpoint_set() {
         "both checkpoints were kept after the detach:\n{}",
         out.script_output()
     );
+    assert!(!out.console.contains("GETPID-LOOP FAIL"));
+    assert_kernel_clean(&out);
+}
+
+/// The guest's own checkpoint and rollback (`qsctl`) while gdb is attached and lets the
+/// kernel run with a breakpoint inserted: the checkpoint keeps the kernel's bytes, not gdb's
+/// INT3; the rollback puts gdb's INT3 back into the restored text, so the breakpoint still
+/// hits afterwards; and after gdb removed it and detached, a second rollback to the same
+/// checkpoint brings back no stray INT3 (the getpid loop would oops on one). The hv's
+/// rollback count (not rolled back) tells the script which pass it is in.
+const QSCTL_WHILE_ATTACHED: &str = r#"
+rollbacks() { qsctl checkpoints | sed -n 's/.*; \([0-9]*\) rollbacks$/\1/p'; }
+start_workload
+echo GUEST-READY
+wait_host
+echo "state-at-checkpoint" > /tmp/file
+out=$(qsctl checkpoint 2>&1)
+echo "$out"
+case "$out" in
+*"rolled back to checkpoint 1"*) ;;
+*) echo "changed" > /tmp/file; qsctl rollback 1; echo "rollback returned rc=$?" ;;
+esac
+n=$(rollbacks)
+echo "BACK-AT-CHECKPOINT $n file=$(cat /tmp/file)"
+if [ "$n" = 1 ]; then
+    wait_host
+    qs-workload --getpid-loop 1
+    echo GETPID-CALLED
+    wait_host
+    qsctl rollback 1; echo "second rollback returned rc=$?"
+fi
+qs-workload --getpid-loop 2
+qsctl checkpoint --delete all
+stop_workload
+"#;
+
+#[test]
+fn qsctl_checkpoint_and_rollback_while_gdb_is_attached_and_the_kernel_runs() {
+    let mut m = Machine::boot("gdb-qsctl-rollback", 2, QSCTL_WHILE_ATTACHED, "GUEST-READY");
+    let mut gdb = m.attach();
+    let out = m.run(&mut gdb, &format!("break {GETPID}"));
+    if !out.contains("Breakpoint 1 at") {
+        m.fail(&gdb, "break", &out);
+    }
+    // Nothing in the guest calls getpid until told: the checkpoint and the rollback run with
+    // the INT3 in the kernel's text.
+    m.run(&mut gdb, "continue &");
+    m.send("go");
+    let line = m.wait_for("BACK-AT-CHECKPOINT 1", Duration::from_secs(120));
+    if !line.contains("file=state-at-checkpoint") {
+        m.fail(&gdb, "the rollback from qsctl while gdb is attached", &line);
+    }
+    m.send("call getpid");
+    if let Err(e) = gdb.wait_for_any(&["Breakpoint 1, "], Duration::from_secs(120)) {
+        m.fail(&gdb, "the breakpoint hits after the rollback", &e.to_string());
+    }
+    m.run(&mut gdb, "delete");
+    let out = m.run(&mut gdb, "detach");
+    if !out.contains("detached") {
+        m.fail(&gdb, "detach", &out);
+    }
+    gdb.quit();
+    m.wait_for("GETPID-CALLED", Duration::from_secs(60));
+    m.send("detached");
+    let out = m.finish();
+    assert_success(&out);
+    assert_console_has(&out, "BACK-AT-CHECKPOINT 2 file=state-at-checkpoint");
+    assert_console_has(&out, "WORKLOAD OK");
     assert!(!out.console.contains("GETPID-LOOP FAIL"));
     assert_kernel_clean(&out);
 }

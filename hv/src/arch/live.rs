@@ -104,6 +104,19 @@ pub fn restore_rolled_back(s: &CpuState) {
     }
 }
 
+/// This CPU's IRR as it is now (zero where the APIC is off). Read after the capture, it
+/// also holds what reached the APIC since: nothing is accepted in host mode (GIF is clear),
+/// so bits are only added.
+pub fn irr_now() -> [u32; 8] {
+    let mut irr = [0u32; 8];
+    if let Some((apic, _)) = Apic::current() {
+        for (i, w) in irr.iter_mut().enumerate() {
+            *w = apic.read(apic_reg::IRR + 0x10 * i as u32);
+        }
+    }
+    irr
+}
+
 /// A self-IPI (ICR: shorthand self, fixed delivery) for every vector set in `irr` from 16 up
 /// (0-15 are not deliverable as interrupts).
 fn raise_pending(apic: &impl ApicRegs, irr: &[u32; 8]) {

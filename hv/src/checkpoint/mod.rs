@@ -27,6 +27,7 @@ pub mod undo;
 
 use crate::arch::{parts, Vcpu};
 use crate::cpu_state::CpuState;
+use crate::debug::session as debug_session;
 use crate::devices::DeviceState;
 use crate::exit::Action;
 use crate::npt::{DirtyLog, Flush};
@@ -75,6 +76,20 @@ static ROLLBACKS: AtomicU64 = AtomicU64::new(0);
 /// rollback"). Every CPU loads it at each VMRUN.
 pub static GUEST_TSC_OFFSET: AtomicU64 = AtomicU64::new(0);
 static DROPPED_FOR_MEMORY: AtomicU64 = AtomicU64::new(0);
+
+/// CPUs whose records in the checkpoints `SETTLE_FROM..=SETTLE_TO` (those of the last stop)
+/// still lack the interrupts that reached their APIC after they parked (see [`settle`]).
+static UNSETTLED: AtomicU64 = AtomicU64::new(0);
+static SETTLE_FROM: AtomicU32 = AtomicU32::new(0);
+static SETTLE_TO: AtomicU32 = AtomicU32::new(0);
+
+/// Where a CPU record's IRR lies: in which of its slots, at which offset.
+const IRR_OFFSET: usize =
+    core::mem::offset_of!(CpuState, apic) + core::mem::offset_of!(crate::cpu_state::LocalApic, irr);
+const _: () = assert!(
+    IRR_OFFSET % PAGE + 32 <= PAGE,
+    "the IRR straddles two record slots"
+);
 
 /// What a request asks.
 #[derive(Clone, Copy)]
@@ -125,7 +140,8 @@ fn ns(hv: &Hv, ticks: u64) -> u64 {
 /// `Op::Checkpoint` or `Op::Rollback` from CPU `me`: checks and keeps the request (buffer
 /// `buf` at `gpa`). Every CPU stops once the hypercall is complete.
 pub fn request(hv: &Hv, me: u32, rollback: bool, gpa: u64, buf: &mut [u8]) -> Status {
-    if crate::debug::session::attached() {
+    if (0..hv.cpus).any(|i| crate::vcpu::STOP.is_parked(i)) {
+        // gdb holds CPUs (one steps, the others wait): a stop of ours would release them.
         return Status::Busy;
     }
     let mut r = REQUEST.lock();
@@ -188,10 +204,15 @@ pub fn lead(hv: &Hv, mut p: Parked) {
             _ if active & !parked != 0 => set_status(&mut req.kind, Status::CpusDidNotStop),
             Kind::Take(args) => {
                 args.gather_us = ns(hv, gathered - req.asked) / 1000;
+                // gdb attached and the kernel running: its INT3s stay out of the checkpoint.
+                let lifted = debug_session::with_attached(|d| d.lift_all()).is_some();
                 let status = match take(hv, &mut p, parked, args, gathered) {
                     Ok(()) => Status::Ok,
                     Err(s) => s,
                 };
+                if lifted {
+                    let _ = debug_session::with_attached(|d| d.reinsert_all());
+                }
                 args.status = status as i64;
                 args.pause_us = ns(hv, crate::arch::instr::rdtsc() - req.asked) / 1000;
                 if status == Status::Ok {
@@ -201,7 +222,11 @@ pub fn lead(hv: &Hv, mut p: Parked) {
                 }
             }
             Kind::Rollback(args) => match rollback(hv, &mut p, parked, args.id, req.asked) {
-                Ok(_) => req.rolled_back = true,
+                Ok(_) => {
+                    // The text is the checkpoint's, without gdb's INT3s: they go in again.
+                    let _ = debug_session::with_attached(|d| d.reinsert_all());
+                    req.rolled_back = true;
+                }
                 Err(s) => args.status = s as i64,
             },
         }
@@ -332,6 +357,12 @@ fn take(
         _ => Status::CheckpointMemoryFull,
     })?;
     LOGGING.store(true, Release);
+    // A second checkpoint in the same stop (a debugger's) widens the range to settle.
+    if UNSETTLED.load(Acquire) == 0 {
+        SETTLE_FROM.store(id, Relaxed);
+    }
+    SETTLE_TO.store(id, Relaxed);
+    UNSETTLED.store(parked, Release);
     args.id = id;
     args.cpus = parked.count_ones();
     args.bytes = records as u64 * PAGE as u64;
@@ -507,6 +538,42 @@ fn randomness(tsc: u64) -> [u8; 32] {
         w.copy_from_slice(&mixed.to_le_bytes());
     }
     out
+}
+
+/// On each CPU as it is released from any stop, before it runs the guest again: ORs the
+/// interrupts now pending on its APIC into its record in the checkpoints the stop took.
+///
+/// A CPU captures its APIC when it parks, while the others may still run for a few
+/// microseconds: an IPI one of them sends in that window (a TLB shootdown, a function call,
+/// a wake-up of an idle CPU) lands in this CPU's IRR after the capture, yet the sender's
+/// memory at the checkpoint already waits for it. A rollback that raised only the captured
+/// IRR would lose it for good: the sender spins in `smp_call_function_many_cond`, or an
+/// idle CPU sleeps in HLT past its timer (an RCU stall); seen in 3 of 8 runs of 100
+/// rollbacks on 4 CPUs. Read now, the IRR holds every such interrupt (nothing is accepted in
+/// host mode), plus what arrived during the pause, which a rollback then raises once more:
+/// a spurious interrupt is harmless, a lost one is not.
+pub fn settle(me: u32) {
+    let bit = 1u64 << (me % 64);
+    if me >= 64 || UNSETTLED.load(Acquire) & bit == 0 {
+        return;
+    }
+    let irr = crate::arch::live::irr_now();
+    let mut e = ENGINE.lock();
+    UNSETTLED.fetch_and(!bit, AcqRel);
+    let part = (IRR_OFFSET / PAGE) as u32;
+    for id in SETTLE_FROM.load(Relaxed)..=SETTLE_TO.load(Relaxed) {
+        let Some(slot) = e.log.record_slot(id, me * CPU_SLOTS + part) else {
+            continue;
+        };
+        let at = (e.log.memory().slot_pa(slot) + (IRR_OFFSET % PAGE) as u64) as *mut u32;
+        for (i, &w) in irr.iter().enumerate() {
+            // SAFETY: host mode; the slot is a page of checkpoint memory (identity-mapped,
+            // the hv's alone) holding this CPU's record, and the IRR's 32 bytes lie within it
+            // (asserted at `IRR_OFFSET`); 4-aligned as in the `CpuState` it was copied from
+            // (a page-aligned slot). The ENGINE lock keeps every other writer out.
+            unsafe { at.add(i).write_volatile(at.add(i).read_volatile() | w) };
+        }
+    }
 }
 
 /// On each CPU once released: the leader answers a checkpoint (or a refused rollback).

@@ -147,6 +147,14 @@ pub fn take_pending_stop(hv: &Hv) -> Option<Reason> {
     }
 }
 
+/// Runs `f` on the session's debugger if gdb is attached (a checkpoint or a rollback that
+/// another client leads while gdb lets the kernel run); `None` if it is not.
+pub fn with_attached<R>(f: impl FnOnce(&mut Debugger) -> R) -> Option<R> {
+    let mut guard = SESSION.lock();
+    let s = guard.as_mut().filter(|s| s.stub.is_some())?;
+    Some(f(&mut s.target))
+}
+
 /// Is a gdb session open? (Decides the debug intercepts.)
 pub fn attached() -> bool {
     SESSION.lock().as_ref().is_some_and(|s| s.stub.is_some())

@@ -192,6 +192,40 @@ impl Debugger {
         self.slots.armed()
     }
 
+    /// Takes every INT3 out of the kernel's text for a moment, keeping gdb's list: a
+    /// checkpoint taken meanwhile holds the kernel's own bytes, so a rollback to it never
+    /// brings back an INT3 that gdb has removed since (the kernel would oops on it).
+    /// [`Debugger::reinsert_all`] puts them back.
+    pub fn lift_all(&mut self) {
+        let Some(cr3) = self.cr3(None) else { return };
+        for &(addr, orig) in self.sw.iter().flatten() {
+            let _ = patch(self.hv, cr3, addr, 0xCC, orig);
+        }
+    }
+
+    /// Patches every INT3 of gdb's list into the text again: after [`Debugger::lift_all`], or
+    /// after a rollback put back text without them. The byte under each is read afresh (the
+    /// kernel may have patched its text since: a jump label). Returns how many could not be
+    /// put back (counted as breakpoints left, the statistic a detach reports).
+    pub fn reinsert_all(&mut self) -> u32 {
+        let hv = self.hv;
+        let cr3 = self.cr3(None);
+        let mut failed = 0;
+        for (addr, orig) in self.sw.iter_mut().flatten() {
+            let mut now = [0u8];
+            let ok = cr3.is_some_and(|cr3| {
+                read_virt(hv, cr3, *addr, &mut now) == 1
+                    && (now[0] == 0xCC || write_virt(hv, cr3, *addr, &[0xCC]))
+            });
+            if !ok {
+                failed += 1;
+            } else if now[0] != 0xCC {
+                *orig = now[0];
+            }
+        }
+        failed
+    }
+
     /// Takes every INT3 out and disarms every slot (detach, or a session replaced). A removal
     /// that fails is tried once more; returns how many INT3s are left in the kernel's memory
     /// (counted in the statistics: a clean detach is never claimed with one left).

@@ -17,14 +17,22 @@ impl Debugger {
     /// `monitor checkpoint`.
     pub(super) fn monitor_checkpoint(&mut self, out: &mut ConsoleOutput<'_>) {
         let hv = self.hv;
-        let Some(p) = self.parked.as_mut() else {
+        if self.parked.is_none() {
             line(
                 out,
                 format_args!("checkpoint refused: the CPUs are not stopped"),
             );
             return;
-        };
-        match crate::checkpoint::take_parked(hv, p) {
+        }
+        // INT3s still in the text (`breakpoint always-inserted on`) stay out of the checkpoint.
+        self.lift_all();
+        let taken = self
+            .parked
+            .as_mut()
+            .map(|p| crate::checkpoint::take_parked(hv, p));
+        self.reinsert_all();
+        let Some(taken) = taken else { return };
+        match taken {
             Ok(a) => line(
                 out,
                 format_args!(
