@@ -493,7 +493,7 @@ enum qs_status {
 	QS_NOT_INITIALIZED = 13,
 	/* The kernel runs 5-level paging, which the hv does not support yet. */
 	QS_LA57_UNSUPPORTED = 14,
-	/* A debugger holds the CPUs (a gdb session is attached). */
+	/* A debugger holds the hv (attached, or CPUs stopped), or another request runs. */
 	QS_BUSY = 15,
 	/* More store chunks than the hv takes. */
 	QS_STORE_TOO_LARGE = 17,
@@ -536,7 +536,7 @@ static const char *const qs_status_text[] = {
 	[QS_BUFFER_TOO_SMALL] = "the buffer is too small for the hv's answer: pass a larger one",
 	[QS_NOT_INITIALIZED] = "the hv image is not initialized (its init failed or never ran): reload the module and read its log",
 	[QS_LA57_UNSUPPORTED] = "the kernel runs 5-level paging, which the hv does not support yet: boot it with no5lvl",
-	[QS_BUSY] = "a gdb session is attached to the hv: detach gdb first, then try again",
+	[QS_BUSY] = "the hv is busy: a gdb session holds it (attached, or some CPUs stopped), or another checkpoint request is under way: continue or detach gdb, or wait, then try again",
 	[QS_STORE_TOO_LARGE] = "the store is larger than this hv takes (128 chunks of 4 MiB, 512 MiB, for store_mem= and ckpt_mem= together): load the agent with a smaller store_mem= or ckpt_mem=",
 	[QS_NOT_QUIESCENT] = "a CPU was inside an interrupt handler or delivering an event at every try, where a checkpoint could not be restored exactly: try again (qsctl checkpoint retries for 50 ms)",
 	[QS_NO_SUCH_CHECKPOINT] = "no checkpoint has that id: qsctl checkpoints lists the ones kept (a rollback drops newer ones, the periodic ring its oldest)",

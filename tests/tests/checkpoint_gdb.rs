@@ -155,7 +155,11 @@ fn qsctl_checkpoint_and_rollback_while_gdb_is_attached_and_the_kernel_runs() {
     }
     m.send("call getpid");
     if let Err(e) = gdb.wait_for_any(&["Breakpoint 1, "], Duration::from_secs(120)) {
-        m.fail(&gdb, "the breakpoint hits after the rollback", &e.to_string());
+        m.fail(
+            &gdb,
+            "the breakpoint hits after the rollback",
+            &e.to_string(),
+        );
     }
     m.run(&mut gdb, "delete");
     let out = m.run(&mut gdb, "detach");

@@ -205,13 +205,14 @@ pub fn lead(hv: &Hv, mut p: Parked) {
             Kind::Take(args) => {
                 args.gather_us = ns(hv, gathered - req.asked) / 1000;
                 // gdb attached and the kernel running: its INT3s stay out of the checkpoint.
-                let lifted = debug_session::with_attached(|d| d.lift_all()).is_some();
+                let cr3 = kernel_cr3(&p);
+                let lifted = debug_session::with_attached(|d| d.lift_all(cr3)).is_some();
                 let status = match take(hv, &mut p, parked, args, gathered) {
                     Ok(()) => Status::Ok,
                     Err(s) => s,
                 };
                 if lifted {
-                    let _ = debug_session::with_attached(|d| d.reinsert_all());
+                    let _ = debug_session::with_attached(|d| d.reinsert_all(cr3));
                 }
                 args.status = status as i64;
                 args.pause_us = ns(hv, crate::arch::instr::rdtsc() - req.asked) / 1000;
@@ -224,7 +225,8 @@ pub fn lead(hv: &Hv, mut p: Parked) {
             Kind::Rollback(args) => match rollback(hv, &mut p, parked, args.id, req.asked) {
                 Ok(_) => {
                     // The text is the checkpoint's, without gdb's INT3s: they go in again.
-                    let _ = debug_session::with_attached(|d| d.reinsert_all());
+                    let cr3 = kernel_cr3(&p);
+                    let _ = debug_session::with_attached(|d| d.reinsert_all(cr3));
                     req.rolled_back = true;
                 }
                 Err(s) => args.status = s as i64,
@@ -233,6 +235,16 @@ pub fn lead(hv: &Hv, mut p: Parked) {
     }
     drop(r);
     p.release_all(Release::Run);
+}
+
+/// Page tables that map the kernel's text: those of a parked CPU in the kernel if there is
+/// one (a process's own may lack it, with page-table isolation), else of any parked CPU.
+fn kernel_cr3(p: &Parked) -> Option<u64> {
+    let states = || p.parked().filter_map(|i| p.peek(i)).map(|st| &st.state);
+    states()
+        .find(|s| s.cpl == 0)
+        .or_else(|| states().next())
+        .map(|s| s.cr3)
 }
 
 fn set_status(kind: &mut Kind, s: Status) {

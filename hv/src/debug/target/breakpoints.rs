@@ -195,9 +195,12 @@ impl Debugger {
     /// Takes every INT3 out of the kernel's text for a moment, keeping gdb's list: a
     /// checkpoint taken meanwhile holds the kernel's own bytes, so a rollback to it never
     /// brings back an INT3 that gdb has removed since (the kernel would oops on it).
-    /// [`Debugger::reinsert_all`] puts them back.
-    pub fn lift_all(&mut self) {
-        let Some(cr3) = self.cr3(None) else { return };
+    /// [`Debugger::reinsert_all`] puts them back. `cr3`: page tables that map the kernel's
+    /// text, where the debugger does not hold the CPUs itself (another client leads the stop).
+    pub fn lift_all(&mut self, cr3: Option<u64>) {
+        let Some(cr3) = cr3.or_else(|| self.cr3(None)) else {
+            return;
+        };
         for &(addr, orig) in self.sw.iter().flatten() {
             let _ = patch(self.hv, cr3, addr, 0xCC, orig);
         }
@@ -207,9 +210,9 @@ impl Debugger {
     /// after a rollback put back text without them. The byte under each is read afresh (the
     /// kernel may have patched its text since: a jump label). Returns how many could not be
     /// put back (counted as breakpoints left, the statistic a detach reports).
-    pub fn reinsert_all(&mut self) -> u32 {
+    pub fn reinsert_all(&mut self, cr3: Option<u64>) -> u32 {
         let hv = self.hv;
-        let cr3 = self.cr3(None);
+        let cr3 = cr3.or_else(|| self.cr3(None));
         let mut failed = 0;
         for (addr, orig) in self.sw.iter_mut().flatten() {
             let mut now = [0u8];

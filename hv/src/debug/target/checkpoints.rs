@@ -25,12 +25,12 @@ impl Debugger {
             return;
         }
         // INT3s still in the text (`breakpoint always-inserted on`) stay out of the checkpoint.
-        self.lift_all();
+        self.lift_all(None);
         let taken = self
             .parked
             .as_mut()
             .map(|p| crate::checkpoint::take_parked(hv, p));
-        self.reinsert_all();
+        self.reinsert_all(None);
         let Some(taken) = taken else { return };
         match taken {
             Ok(a) => line(
