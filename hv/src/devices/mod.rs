@@ -168,8 +168,8 @@ pub fn capture_with<T: PortIo + Mmio>(
     if hpet::capture(io, bases.hpet, &mut s.hpet) {
         s.present |= device::HPET;
     }
-    rtc::capture(io, shadows, &mut s.rtc);
-    if uart::capture(io, bases.com1, shadows, &mut s.com1) {
+    rtc::capture(io, shadows.rtc_index(), &mut s.rtc);
+    if uart::capture(io, bases.com1, shadows.com1_fcr(), &mut s.com1) {
         s.present |= device::COM1;
     }
     s
@@ -202,10 +202,12 @@ pub fn restore_with<T: PortIo + Mmio>(
         hpet::restore(io, bases.hpet, &s.hpet);
     }
     if has(device::RTC) {
-        rtc::restore(io, shadows, &s.rtc);
+        shadows.set_rtc_index(rtc::restore(io, &s.rtc));
     }
     if has(device::COM1) {
-        uart::restore(io, bases.com1, shadows, &s.com1);
+        if let Some(fcr) = uart::restore(io, bases.com1, &s.com1) {
+            shadows.set_com1_fcr(Some(fcr));
+        }
     }
     if has(device::IOAPIC) {
         ioapic::finish(io, bases.ioapic, &s.ioapic, changing);

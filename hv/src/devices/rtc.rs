@@ -22,7 +22,6 @@
 //! Capture and restore themselves must select registers: they leave the index as the guest
 //! last wrote it, or at register D (read-only, reading it has no effect) when that is unknown.
 
-use super::intercept::WriteShadows;
 use super::PortIo;
 
 pub const INDEX: u16 = 0x70;
@@ -72,9 +71,8 @@ fn leave_index(io: &mut impl PortIo, index: Option<u8>) {
     io.outb(INDEX, index.unwrap_or(REG_D));
 }
 
-/// Captures registers A and B and the shadowed index.
-pub fn capture(io: &mut impl PortIo, shadows: &WriteShadows, out: &mut RtcState) {
-    let index = shadows.rtc_index();
+/// Captures registers A and B and the index (`index`: the shadow's, if known).
+pub fn capture(io: &mut impl PortIo, index: Option<u8>, out: &mut RtcState) {
     out.index = index.unwrap_or(0);
     out.index_known = index.is_some() as u8;
     out.reg_a = read(io, REG_A);
@@ -83,8 +81,9 @@ pub fn capture(io: &mut impl PortIo, shadows: &WriteShadows, out: &mut RtcState)
 }
 
 /// Writes A and B where they differ (a write of A can reset the divider chain, one of B
-/// re-evaluates the interrupt flag: same-value writes are not free), then the index.
-pub fn restore(io: &mut impl PortIo, shadows: &WriteShadows, s: &RtcState) {
+/// re-evaluates the interrupt flag: same-value writes are not free), then the index, which it
+/// returns for the shadow.
+pub fn restore(io: &mut impl PortIo, s: &RtcState) -> Option<u8> {
     if read(io, REG_A) & REG_A_WRITABLE != s.reg_a & REG_A_WRITABLE {
         io.outb(INDEX, REG_A);
         io.outb(DATA, s.reg_a & REG_A_WRITABLE);
@@ -95,5 +94,5 @@ pub fn restore(io: &mut impl PortIo, shadows: &WriteShadows, s: &RtcState) {
     }
     let index = (s.index_known != 0).then_some(s.index);
     leave_index(io, index);
-    shadows.set_rtc_index(index);
+    index
 }

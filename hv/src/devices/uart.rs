@@ -26,7 +26,6 @@
 //! both FIFOs when the enable bit changes; MCR keeps bits 4:0; an IER write that changes
 //! nothing has no effect.
 
-use super::intercept::WriteShadows;
 use super::PortIo;
 
 /// The console UART's base on PCs.
@@ -83,12 +82,7 @@ impl UartState {
 
 /// Captures the UART at `base`; false if nothing answers there (LCR reads all ones: an empty
 /// ISA bus floats high).
-pub fn capture(
-    io: &mut impl PortIo,
-    base: u16,
-    shadows: &WriteShadows,
-    out: &mut UartState,
-) -> bool {
+pub fn capture(io: &mut impl PortIo, base: u16, fcr: Option<u8>, out: &mut UartState) -> bool {
     let lcr = io.inb(base + LCR);
     if lcr == 0xFF {
         return false;
@@ -104,14 +98,14 @@ pub fn capture(
     io.outb(base + LCR, lcr);
     out.mcr = io.inb(base + MCR);
     out.scr = io.inb(base + SCR);
-    let fcr = shadows.com1_fcr();
     out.fcr = fcr.unwrap_or(0);
     out.fcr_known = fcr.is_some() as u8;
     true
 }
 
-/// Restores the UART at `base` in the order the module gives.
-pub fn restore(io: &mut impl PortIo, base: u16, shadows: &WriteShadows, s: &UartState) {
+/// Restores the UART at `base` in the order the module gives; returns the FCR written, for the
+/// shadow.
+pub fn restore(io: &mut impl PortIo, base: u16, s: &UartState) -> Option<u8> {
     io.outb(base + LCR, s.lcr | LCR_DLAB);
     io.outb(base + RBR_DLL, s.dll);
     io.outb(base + IER_DLM, s.dlm);
@@ -119,12 +113,12 @@ pub fn restore(io: &mut impl PortIo, base: u16, shadows: &WriteShadows, s: &Uart
     if io.inb(base + IER_DLM) != s.ier {
         io.outb(base + IER_DLM, s.ier);
     }
-    if s.fcr_known != 0 {
-        let fcr = s.fcr & !FCR_CLEAR_FIFOS;
+    let fcr = (s.fcr_known != 0).then_some(s.fcr & !FCR_CLEAR_FIFOS);
+    if let Some(fcr) = fcr {
         io.outb(base + IIR_FCR, fcr);
-        shadows.set_com1_fcr(Some(fcr));
     }
     io.outb(base + MCR, s.mcr);
     io.outb(base + SCR, s.scr);
     io.outb(base + LCR, s.lcr);
+    fcr
 }
