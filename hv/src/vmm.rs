@@ -372,6 +372,8 @@ impl Hv {
             Op::CheckpointDelete if !in_guest && crate::checkpoint::kept() => Status::NotActive,
             Op::CheckpointDelete => crate::checkpoint::delete(self, buf),
             Op::CheckpointPeriodic => crate::checkpoint::periodic(buf),
+            Op::LinkRequest => crate::link::checkpoint::hand_out(buf),
+            Op::LinkReply => crate::link::checkpoint::reply(buf),
             // Hypercalls only (`freeze_request`, `checkpoint_request`, the run loop).
             Op::Deactivate | Op::Freeze | Op::Checkpoint | Op::Rollback => Status::BadOp,
         };

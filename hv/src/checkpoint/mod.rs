@@ -177,6 +177,9 @@ pub fn request(hv: &Hv, me: u32, rollback: bool, gpa: u64, buf: &mut [u8]) -> St
 
 /// The leader, with every CPU parked.
 pub fn lead(hv: &Hv, mut p: Parked) {
+    // What to announce on the link, once every CPU runs again (the link is slow).
+    let mut taken = None;
+    let mut rolled_back = None;
     let mut r = REQUEST.lock();
     if let Some(req) = r.as_mut() {
         let active = (0..hv.cpus)
@@ -198,16 +201,26 @@ pub fn lead(hv: &Hv, mut p: Parked) {
                     if let Some(c) = ENGINE.lock().log.get_mut(args.id) {
                         c.pause_us = args.pause_us;
                     }
+                    taken = Some(*args);
                 }
             }
             Kind::Rollback(args) => match rollback(hv, &mut p, parked, args.id, req.asked) {
-                Ok(_) => req.rolled_back = true,
+                Ok(notice) => {
+                    req.rolled_back = true;
+                    rolled_back = Some(notice);
+                }
                 Err(s) => args.status = s as i64,
             },
         }
     }
     drop(r);
     p.release_all(Release::Run);
+    if let Some(a) = taken {
+        crate::link::checkpoint::taken(&a);
+    }
+    if let Some(n) = rolled_back {
+        crate::link::checkpoint::rolled_back(&n);
+    }
 }
 
 fn set_status(kind: &mut Kind, s: Status) {
@@ -376,6 +389,7 @@ pub fn take_parked(hv: &Hv, p: &mut Parked) -> Result<CheckpointArgs, (Status, C
             if let Some(c) = ENGINE.lock().log.get_mut(args.id) {
                 c.pause_us = args.pause_us;
             }
+            crate::link::checkpoint::taken(&args);
             Ok(args)
         }
         Err(s) => Err((s, args)),
@@ -385,7 +399,9 @@ pub fn take_parked(hv: &Hv, p: &mut Parked) -> Result<CheckpointArgs, (Status, C
 /// A rollback from a client that holds every CPU already (the debugger's `monitor rollback`).
 pub fn rollback_parked(hv: &Hv, p: &mut Parked, id: u32) -> Result<RollbackNotice, Status> {
     let parked = parked_mask(p);
-    rollback(hv, p, parked, id, crate::arch::instr::rdtsc())
+    let notice = rollback(hv, p, parked, id, crate::arch::instr::rdtsc())?;
+    crate::link::checkpoint::rolled_back(&notice);
+    Ok(notice)
 }
 
 /// A rollback to `id`, every CPU in `parked` stopped.
@@ -670,6 +686,20 @@ fn info(hv: &Hv, c: &Checkpoint, now: u64, current: Option<u32>) -> CheckpointIn
     }
 }
 
+/// How many checkpoints are kept.
+pub fn kept_count() -> usize {
+    ENGINE.lock().log.kept().count()
+}
+
+/// The `n`th checkpoint kept (oldest first), as `Op::Checkpoints` lists it.
+pub fn nth_kept(hv: &Hv, n: usize) -> Option<CheckpointInfo> {
+    let e = ENGINE.lock();
+    let now = crate::arch::instr::rdtsc();
+    let current = e.log.current().map(|c| c.id);
+    let found = e.log.kept().nth(n).map(|c| info(hv, c, now, current));
+    found
+}
+
 /// `Op::Checkpoints`: the list into `buf`.
 pub fn list(hv: &Hv, buf: &mut [u8]) -> Status {
     let head = core::mem::size_of::<CheckpointList>();
@@ -752,9 +782,11 @@ pub fn delete(hv: &Hv, buf: &mut [u8]) -> Status {
     if !e.log.logging() && LOGGING.load(Acquire) {
         end_logging(hv, e);
     }
+    drop(guard);
     args.deleted = deleted;
     args.status = status as i64;
     write(buf, &args);
+    crate::link::checkpoint::deleted(args.id, deleted);
     status
 }
 
@@ -812,7 +844,7 @@ fn as_bytes<T: quicksilver_proto::c_abi::CStruct>(v: &T) -> &[u8] {
     unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), core::mem::size_of::<T>()) }
 }
 
-fn read<T: quicksilver_proto::c_abi::CStruct>(buf: &[u8]) -> Option<T> {
+pub(crate) fn read<T: quicksilver_proto::c_abi::CStruct>(buf: &[u8]) -> Option<T> {
     if buf.len() < core::mem::size_of::<T>() {
         return None;
     }
@@ -821,7 +853,7 @@ fn read<T: quicksilver_proto::c_abi::CStruct>(buf: &[u8]) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(buf.as_ptr().cast::<T>()) })
 }
 
-fn write<T: quicksilver_proto::c_abi::CStruct>(buf: &mut [u8], v: &T) {
+pub(crate) fn write<T: quicksilver_proto::c_abi::CStruct>(buf: &mut [u8], v: &T) {
     let b = as_bytes(v);
     let n = b.len().min(buf.len());
     buf[..n].copy_from_slice(&b[..n]);
