@@ -186,3 +186,73 @@ fn control_clients_checkpoint_list_and_roll_back_a_running_machine_and_hear_of_i
     assert!(o.contains("MARKER: none"), "{o}");
     assert_kernel_clean(&out);
 }
+
+/// The workload until the host says so; then the checkpoints go and the workload checks itself.
+const GUEST_FOR_GDB: &str = r#"
+start_workload
+sleep 2
+echo GUEST-READY
+wait_host
+qsctl checkpoints
+stop_workload
+"#;
+
+#[test]
+fn while_gdb_holds_the_cpus_the_socket_lists_checkpoints_and_refuses_the_rest_with_what_to_do() {
+    let mut m = Machine::boot("control-gdb", 2, GUEST_FOR_GDB, "GUEST-READY");
+    let path = m
+        .control_path()
+        .expect("the bridge's control socket")
+        .to_path_buf();
+    let mut c = Client::connect(&path);
+    let mut sub = Client::connect(&path);
+    assert_eq!(sub.ask("subscribe")["subscribed"], true);
+    let mut gdb = m.attach();
+    let r = c.ask("checkpoint");
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(
+        e.contains("monitor checkpoint") && e.contains("detach gdb"),
+        "{r}"
+    );
+    // gdb's checkpoint is announced like any other (a stop in an interrupt handler cannot be
+    // checkpointed: run a moment and stop again).
+    let mut taken = false;
+    for _ in 0..10 {
+        let out = m.run(&mut gdb, "monitor checkpoint");
+        if out.contains("checkpoint 1:") {
+            taken = true;
+            break;
+        }
+        m.run(&mut gdb, "continue &");
+        std::thread::sleep(Duration::from_millis(300));
+        m.run(&mut gdb, "interrupt");
+    }
+    if !taken {
+        m.fail(&gdb, "no quiescent stop in 10 tries", "");
+    }
+    let ev = sub.event();
+    assert_eq!(
+        (ev["event"].as_str(), ev["id"].as_u64()),
+        (Some("checkpoint"), Some(1)),
+        "{ev}"
+    );
+    // The list is answered while the CPUs are stopped (the hv reads it from its own state).
+    let l = c.ask("checkpoints");
+    assert_eq!(l["count"], 1, "{l}");
+    assert_eq!(c.ask("rollback 1")["ok"], false);
+    let out = m.run(&mut gdb, "detach");
+    if !out.contains("detached") {
+        m.fail(&gdb, "detach", &out);
+    }
+    gdb.quit();
+    // Once gdb is gone, the socket serves everything again.
+    let d = c.ask("delete all");
+    assert_eq!(d["ok"], true, "{d} (qs-bridge said:\n{})", m.bridge_log());
+    assert_eq!(d["deleted"], 1, "{d}");
+    m.send("done");
+    let out = m.finish();
+    assert_success(&out);
+    assert_console_has(&out, "WORKLOAD OK");
+    assert_kernel_clean(&out);
+}
