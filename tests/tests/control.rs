@@ -256,3 +256,58 @@ fn while_gdb_holds_the_cpus_the_socket_lists_checkpoints_and_refuses_the_rest_wi
     assert_console_has(&out, "WORKLOAD OK");
     assert_kernel_clean(&out);
 }
+
+/// The periodic ring for a second, then off, when the host says `ring`; `done` ends.
+const GUEST_RING: &str = r#"
+start_workload
+sleep 2
+echo GUEST-READY
+while true; do
+    wait_host
+    case "$host_line" in
+    ring) qsctl checkpoint --every 100ms --keep 3; sleep 1; qsctl checkpoint --every off; echo RING-OFF ;;
+    done) break ;;
+    esac
+done
+stop_workload
+"#;
+
+#[test]
+fn the_periodic_ring_is_counted_in_events_not_announced_one_by_one() {
+    let mut m = Machine::boot("control-ring", 2, GUEST_RING, "GUEST-READY");
+    let path = m
+        .control_path()
+        .expect("the bridge's control socket")
+        .to_path_buf();
+    let mut c = Client::connect(&path);
+    let mut sub = Client::connect(&path);
+    assert_eq!(sub.ask("subscribe")["subscribed"], true);
+    m.send("ring");
+    m.wait_for("RING-OFF", Duration::from_secs(120));
+    let t = take(&mut c);
+    assert_eq!(t["ok"], true, "{t}");
+    // The first event the subscriber gets is this checkpoint: none came for the ring's.
+    let e = sub.event();
+    assert_eq!(e["event"], "checkpoint", "{e}");
+    assert_eq!(e["id"], t["id"], "{e}");
+    assert!(
+        e["periodic_taken"].as_u64().is_some_and(|n| n >= 5),
+        "about 10 periodic checkpoints were counted: {e}"
+    );
+    let l = c.ask("checkpoints");
+    let periodic = l["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["periodic"] == true)
+        .count();
+    assert_eq!(periodic, 3, "the ring kept its last 3: {l}");
+    let d = c.ask("delete all");
+    assert_eq!(d["deleted"], 4, "{d}");
+    assert_eq!(sub.event()["event"], "delete");
+    m.send("done");
+    let out = m.finish();
+    assert_success(&out);
+    assert_console_has(&out, "WORKLOAD OK");
+    assert_kernel_clean(&out);
+}
