@@ -39,6 +39,9 @@ pub struct Checkpoints {
     next_tag: AtomicU32,
     waiting: Mutex<HashMap<u32, Sender<Message>>>,
     subscribers: Mutex<Vec<ClientWriter>>,
+    /// Held while a command waits for the machine: the machine serves one request at a time,
+    /// so a second client's command waits here rather than being refused there.
+    one_at_a_time: Mutex<()>,
 }
 
 /// A command the control socket parsed.
@@ -263,6 +266,9 @@ impl Checkpoints {
                 what(cmd)
             ));
         };
+        // A command that timed out leaves nothing behind here; the machine gives its request
+        // up after 30 s (then a new one is served).
+        let _turn = self.one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
         let waiter = self.expect();
         let mut buf = [0u8; quicksilver_proto::link::checkpoint::MAX_LEN];
         let n = Message::Request(Request {

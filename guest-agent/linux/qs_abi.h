@@ -587,6 +587,8 @@ enum qs_status {
 	 * (gdb's monitor commands do the same things).
 	 */
 	QS_DEBUGGER_HOLDS_CPUS = 27,
+	/* The machine is still serving an earlier checkpoint request from the bridge. */
+	QS_LINK_REQUEST_PENDING = 28,
 };
 
 /* What went wrong and what to do about it: Status::message() in Rust. */
@@ -619,6 +621,7 @@ static const char *const qs_status_text[] = {
 	[QS_ROLLED_BACK] = "the machine was rolled back to this checkpoint: every process resumed from the instant it was taken",
 	[QS_XSAVE_TOO_LARGE] = "this CPU's XSAVE state (CPUID 0xD) is larger than the hv keeps per CPU: please report it; the hv needs a larger XSAVE_AREA_SIZE",
 	[QS_DEBUGGER_HOLDS_CPUS] = "a debugger holds every CPU (gdb is attached through the bridge): use gdb's monitor checkpoint, monitor checkpoints or monitor rollback ID, or detach gdb and ask again",
+	[QS_LINK_REQUEST_PENDING] = "the machine is still serving an earlier checkpoint request from the bridge (one at a time; one older than 30 s is given up): wait for it, then ask again",
 };
 
 #define QS_UNKNOWN_STATUS "the hv returned an unknown status: the hv image and the agent come from different trees; rebuild both with cargo xtask build"

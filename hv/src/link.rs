@@ -24,7 +24,8 @@ struct Link {
 static LINK: Mutex<Option<Link>> = Mutex::new(None);
 
 /// Frames an authenticated bridge sent that nothing in the hv consumes yet (bulk data, control
-/// messages other than attention): counted, for `qsctl stats`, then dropped.
+/// messages other than attention and checkpoint requests, requests past the few one read
+/// takes): counted, for `qsctl stats`, then dropped.
 static UNROUTED: AtomicU64 = AtomicU64::new(0);
 
 /// Writes bytes to the 16550A UART at `port`, polling its transmitter (bounded, so that a
@@ -79,6 +80,7 @@ fn nonce() -> [u8; auth::LEN] {
 /// The link's part of the statistics block.
 pub fn write_stats(h: &mut StatsHeader) {
     h.link_unrouted = UNROUTED.load(Relaxed);
+    h.link_stale_replies = checkpoint::STALE_REPLIES.load(Relaxed);
     let Some(link) = &*LINK.lock() else {
         return;
     };

@@ -282,6 +282,7 @@ impl Hv {
             link_wrong_keys: 0,
             link_unauthenticated: 0,
             link_unrouted: 0,
+            link_stale_replies: 0,
             devices: crate::devices::stats_record(),
         };
         crate::link::write_stats(&mut h);

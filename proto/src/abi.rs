@@ -483,6 +483,9 @@ crate::abi_enum! {
         /// (gdb's monitor commands do the same things).
         DebuggerHoldsCpus = 27 =>
             "a debugger holds every CPU (gdb is attached through the bridge): use gdb's monitor checkpoint, monitor checkpoints or monitor rollback ID, or detach gdb and ask again",
+        /// The machine is still serving an earlier checkpoint request from the bridge.
+        LinkRequestPending = 28 =>
+            "the machine is still serving an earlier checkpoint request from the bridge (one at a time; one older than 30 s is given up): wait for it, then ask again",
     }
 }
 

@@ -30,6 +30,7 @@ while true; do
     esac
 done
 echo "MARKER: $(cat /tmp/marker 2>/dev/null || echo none)"
+qsctl stats | grep "^link:"
 kill -TERM $LP; wait $LP; echo "ledger-rc=$?"
 qsctl checkpoints
 stop_workload
@@ -174,6 +175,8 @@ fn control_clients_checkpoint_list_and_roll_back_a_running_machine_and_hear_of_i
     assert_eq!(c.ask("checkpoints")["count"], 0);
 
     m.send("done");
+    m.wait_for("ledger-rc=", Duration::from_secs(120));
+    let m_bridge_log = m.bridge_log();
     let out = m.finish();
     let o = out.script_output();
     assert_success(&out);
@@ -184,6 +187,17 @@ fn control_clients_checkpoint_list_and_roll_back_a_running_machine_and_hear_of_i
     // The marker written after checkpoint 1 is gone with the rollback; the ledger (counts in
     // memory, in tmpfs and through a pipe) checked out at every step across it.
     assert!(o.contains("MARKER: none"), "{o}");
+    // The agent's thread was rolled back into the call that took checkpoint 1 for the bridge,
+    // and answered it again when that call returned a second time: the hv dropped that reply
+    // (the bridge got its answer long before), and the link's session went on.
+    assert!(
+        o.contains(" 1 checkpoint replies from before a rollback dropped"),
+        "{o}"
+    );
+    assert!(
+        !m_bridge_log.contains("dropped a checkpoint reply"),
+        "no stale reply reached the bridge:\n{m_bridge_log}"
+    );
     assert_kernel_clean(&out);
 }
 

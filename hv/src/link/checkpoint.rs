@@ -45,7 +45,7 @@ const STALE_MS: u64 = 30_000;
 /// Periodic checkpoints taken, for the events (the ring's are not announced one by one).
 static PERIODIC_TAKEN: AtomicU64 = AtomicU64::new(0);
 
-/// Replies from the agent for requests no longer in flight, dropped (for the tests' eyes).
+/// Replies from the agent for requests no longer in flight, dropped (`qsctl stats`).
 pub static STALE_REPLIES: AtomicU64 = AtomicU64::new(0);
 
 fn now_ms() -> u64 {
@@ -78,7 +78,7 @@ pub fn request(r: Request) -> bool {
         .is_some_and(|old| now.wrapping_sub(old.since) < STALE_MS)
     {
         drop(p);
-        send_checkpoint(Message::Done(done(r.tag, Status::Busy)));
+        send_checkpoint(Message::Done(done(r.tag, Status::LinkRequestPending)));
         return false;
     }
     *p = Some(Pending {
