@@ -194,6 +194,12 @@ fn control_clients_checkpoint_list_and_roll_back_a_running_machine_and_hear_of_i
         o.contains(" 1 checkpoint replies from before a rollback dropped"),
         "{o}"
     );
+    // Nor did the machine's replay guard refuse any of the bridge's frames across it: its
+    // session's state is the hv's, which was not rolled back.
+    assert!(
+        o.contains("link: bridge authenticated; 0 frames dropped"),
+        "{o}"
+    );
     assert!(
         !m_bridge_log.contains("dropped a checkpoint reply"),
         "no stale reply reached the bridge:\n{m_bridge_log}"
@@ -283,6 +289,7 @@ while true; do
     done) break ;;
     esac
 done
+qsctl status | head -1
 stop_workload
 "#;
 
@@ -322,6 +329,9 @@ fn the_periodic_ring_is_counted_in_events_not_announced_one_by_one() {
     m.send("done");
     let out = m.finish();
     assert_success(&out);
+    // The ring woke the hv; with its checkpoints deleted over the socket it sleeps again, as
+    // after `qsctl checkpoint --delete all`.
+    assert_console_has(&out, "state: dormant");
     assert_console_has(&out, "WORKLOAD OK");
     assert_kernel_clean(&out);
 }
