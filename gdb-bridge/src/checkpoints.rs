@@ -116,20 +116,11 @@ fn refused(what: &str, d: &Done) -> Value {
         msg = format!(
             "{what}: CPU {} was {}: {}",
             d.busy_cpu,
-            busy_what(d.busy_what),
+            abi::BusyWhat(d.busy_what),
             abi::status_message(d.status.into())
         );
     }
     error(msg)
-}
-
-/// What a CPU that was not quiescent was doing (as `qsctl checkpoint` says it).
-fn busy_what(w: u32) -> String {
-    if w >= 256 {
-        format!("delivering event vector {:#x}", w - 256)
-    } else {
-        format!("handling interrupt vector {w:#x}")
-    }
 }
 
 fn ms(ns: u64) -> u64 {

@@ -1276,8 +1276,8 @@ static void qs_checkpoint_delete(struct qs_checkpoint_delete *d)
  * A checkpoint request from the bridge's control socket: the hv took it in the link's
  * interrupt handler, where no checkpoint can be taken, and hands it to this thread, which
  * does what the ioctls do and gives the hv the outcome to send back. A rollback that
- * succeeds never gets here again (this thread is back at the checkpoint's instant): the hv
- * answers the bridge itself, and drops the reply this thread may send later for a request it
+ * succeeds does not return here (this thread is back at the checkpoint's instant): the hv
+ * answers the bridge itself, and drops the reply this thread may send again for a request it
  * was serving at that instant.
  */
 static void qs_serve_link_request(void)

@@ -309,6 +309,21 @@ pub const LINK_RX_ATTENTION: i64 = 1;
 /// (`Op::LinkRequest`).
 pub const LINK_RX_CHECKPOINT: i64 = 2;
 
+/// What a CPU that was not quiescent was doing ([`CheckpointArgs::busy_what`]), in the words
+/// `qsctl`, gdb's `monitor checkpoint` and the bridge's control socket all use: "handling
+/// interrupt vector 0xec", "delivering event vector 0x2".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BusyWhat(pub u32);
+
+impl core::fmt::Display for BusyWhat {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            w if w >= 256 => write!(f, "delivering event vector {:#x}", w - 256),
+            w => write!(f, "handling interrupt vector {w:#x}"),
+        }
+    }
+}
+
 /// [`LinkRequest::op`]: take a checkpoint.
 pub const LINK_OP_TAKE: u32 = 1;
 /// [`LinkRequest::op`]: roll back to `id`.
@@ -493,6 +508,12 @@ crate::abi_enum! {
 mod tests {
     use super::*;
     use crate::c_abi::CStruct;
+
+    #[test]
+    fn what_a_busy_cpu_was_doing_reads_the_same_everywhere() {
+        assert_eq!(BusyWhat(0xec).to_string(), "handling interrupt vector 0xec");
+        assert_eq!(BusyWhat(256 + 2).to_string(), "delivering event vector 0x2");
+    }
 
     #[test]
     fn every_status_round_trips_and_says_what_to_do() {
