@@ -1,12 +1,15 @@
 //! The control socket (for `qs-tui`): one request a line, one JSON reply a line
-//! ([`control_reply`]); `status` is the [`State`]'s status.
+//! ([`control_reply`]); `status` is the [`State`]'s status; the checkpoint commands go to the
+//! machine ([`crate::checkpoints`]); `subscribe` makes a client one that events are pushed to,
+//! as JSON lines with an `event` key, between its replies.
 
+use crate::checkpoints::Command;
 use crate::state::State;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Opens the control socket at `path`: a stale socket file is replaced; anything else there
 /// is refused.
@@ -37,25 +40,33 @@ pub fn bind_control(path: &Path) -> Result<UnixListener> {
     })
 }
 
-/// Serves the control socket: each request is one line, each reply one JSON line. Commands:
-/// `status`, `help`. Every client gets its own thread.
+/// Serves the control socket: each request is one line, each reply one JSON line (see
+/// [`HELP`]). Every client gets its own thread; its writer is shared with the link's thread,
+/// which pushes events to it once it subscribed.
 pub fn serve_control(listener: UnixListener, state: Arc<State>) {
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
             let state = state.clone();
             std::thread::spawn(move || {
-                let Ok(mut out) = stream.try_clone() else {
+                let Ok(out) = stream.try_clone() else {
                     return;
                 };
+                let out = Arc::new(Mutex::new(out));
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { return };
                     let command = line.trim();
                     if command.is_empty() {
                         continue;
                     }
-                    let reply = control_reply(command, &state);
-                    if writeln!(out, "{reply}").and_then(|()| out.flush()).is_err() {
+                    let reply = if command == "subscribe" {
+                        state.checkpoints.subscribe(out.clone());
+                        serde_json::json!({ "ok": true, "subscribed": true })
+                    } else {
+                        control_reply(command, &state)
+                    };
+                    let mut w = out.lock().expect("control client");
+                    if writeln!(w, "{reply}").and_then(|()| w.flush()).is_err() {
                         return;
                     }
                 }
@@ -64,12 +75,47 @@ pub fn serve_control(listener: UnixListener, state: Arc<State>) {
     });
 }
 
-/// The JSON reply to one control command.
+/// The commands, for `help`.
+pub const HELP: &[(&str, &str)] = &[
+    ("status", "where the link and the debugger session stand, and counts"),
+    (
+        "checkpoint",
+        "take a checkpoint of the whole machine: {ok, id, pause_us, cpus, pages, bytes}",
+    ),
+    (
+        "checkpoints",
+        "list them: {ok, count, checkpoints: [{id, parent, age_ms, pause_us, pages, bytes, cpus, periodic, current}]}",
+    ),
+    (
+        "rollback ID",
+        "put the whole machine back at checkpoint ID: {ok, id, age_ms, pause_us, pages, dropped}",
+    ),
+    ("delete ID|all", "delete a checkpoint, or every one: {ok, deleted}"),
+    (
+        "subscribe",
+        "from now on this client also gets an event line whenever a checkpoint is taken (by anyone; the periodic ring's are only counted, in periodic_taken), the machine is rolled back, or checkpoints are deleted: {event: checkpoint|rollback|delete, id, ...}",
+    ),
+    ("help", "this list"),
+];
+
+/// The JSON reply to one control command. A refusal is `{"ok":false,"error":...}` naming the
+/// cause and what to do; while gdb holds every CPU, checkpoint commands other than the list
+/// are refused (gdb's `monitor checkpoint`, `monitor checkpoints`, `monitor rollback ID` do
+/// the same things then).
 pub fn control_reply(command: &str, state: &State) -> serde_json::Value {
+    if let Some(cmd) = Command::parse(command) {
+        return match cmd {
+            Ok(cmd) => state.checkpoints.run(cmd, state),
+            Err(e) => crate::checkpoints::error(e),
+        };
+    }
     match command {
         "status" => state.status().to_json(),
-        "help" => serde_json::json!({ "commands": ["status", "help"] }),
-        other => serde_json::json!({ "error": format!("unknown command '{other}': try help") }),
+        "help" => serde_json::json!({
+            "commands": HELP.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+            "help": HELP.iter().map(|(c, h)| serde_json::json!({ "command": c, "does": h })).collect::<Vec<_>>(),
+        }),
+        other => crate::checkpoints::error(format!("unknown command '{other}': try help")),
     }
 }
 
@@ -94,7 +140,25 @@ mod tests {
         assert_eq!(v["console_bytes"], 0);
         assert_eq!(v["bulk_dropped_frames"], 0);
         assert_eq!(v["bulk_dropped_bytes"], 0);
-        assert_eq!(control_reply("help", &state)["commands"][0], "status");
+        let help = control_reply("help", &state);
+        assert_eq!(help["commands"][0], "status");
+        for c in [
+            "checkpoint",
+            "checkpoints",
+            "rollback ID",
+            "delete ID|all",
+            "subscribe",
+        ] {
+            assert!(
+                help["commands"].as_array().unwrap().iter().any(|v| v == c),
+                "{c}"
+            );
+        }
+        let e = control_reply("rollback abc", &state);
+        assert_eq!(e["ok"], false);
+        assert!(e["error"]
+            .to_string()
+            .contains("'abc' is not a checkpoint id"));
         let e = control_reply("bogus", &state)["error"].to_string();
         assert!(e.contains("unknown command 'bogus': try help"), "{e}");
     }

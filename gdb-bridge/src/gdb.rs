@@ -9,7 +9,7 @@ use crate::link::{Inbound, Link};
 use crate::rsp::{GdbFilter, ToSend};
 use crate::state::{LinkState, SessionState, State};
 use anyhow::{bail, Result};
-use quicksilver_proto::link::{self, control, Channel};
+use quicksilver_proto::link::{self, checkpoint, control, Channel};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -146,7 +146,13 @@ fn on_control(payload: &[u8], link: &Link, state: &State) -> Result<()> {
             });
         }
         Ok(other) => eprintln!("qs-bridge: ignored an unexpected {other:?} from the machine"),
-        Err(_) => eprintln!("qs-bridge: ignored an undecodable control message from the machine"),
+        Err(_) => match checkpoint::Message::decode(payload) {
+            Ok(checkpoint::Message::Event(e)) => state.checkpoints.publish(&e),
+            Ok(m) => state.checkpoints.deliver(m),
+            Err(_) => {
+                eprintln!("qs-bridge: ignored an undecodable control message from the machine")
+            }
+        },
     }
     Ok(())
 }

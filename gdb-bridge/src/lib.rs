@@ -7,7 +7,9 @@
 //! - [`gdb`]: the demultiplexer that routes every frame by channel, and one gdb client at a
 //!   time on TCP (attention, wait for every CPU to stop, detach for a gdb that vanished);
 //! - [`rsp`]: the pure filter over gdb's packets (target-description reads answered here);
-//! - [`control`]: the control socket (for `qs-tui`): one request a line, one JSON reply a line.
+//! - [`control`]: the control socket (for `qs-tui`): one request a line, one JSON reply a line;
+//! - [`checkpoints`]: its checkpoint commands, matched with the machine's replies by tag, and
+//!   the machine's events pushed to subscribed clients.
 //!
 //! `main.rs` wires them: open the link, authenticate, serve the control socket and gdb.
 //!
@@ -16,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod checkpoints;
 pub mod control;
 pub mod gdb;
 pub mod link;

@@ -4,7 +4,9 @@
 //! Owns the link to a Quicksilver machine: authenticates with the key the agent was loaded
 //! with, then serves GDB's remote protocol on TCP (a client stops every CPU; its bytes flow
 //! once the machine says so) and copies the machine's console to stdout (or `--console FILE`).
-//! `--control` answers `status` and `help` on a Unix socket, one JSON line per request.
+//! `--control` serves a Unix socket, one JSON line per request: `status`, the checkpoint
+//! commands (`checkpoint`, `checkpoints`, `rollback ID`, `delete ID|all`), `subscribe` (events
+//! pushed as they happen) and `help`.
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -37,7 +39,8 @@ struct Args {
     /// Where the machine's console goes (default: stdout).
     #[arg(long)]
     console: Option<std::path::PathBuf>,
-    /// A Unix socket for the terminal UI: `status` and `help`, one JSON line per request.
+    /// A Unix socket for the terminal UI: `status`, `checkpoint`, `checkpoints`, `rollback ID`,
+    /// `delete ID|all`, `subscribe`, `help`; one JSON line per request.
     #[arg(long, value_name = "SOCKET")]
     control: Option<std::path::PathBuf>,
     /// Seconds to wait for the machine's answer (the handshake, every CPU stopping).
@@ -92,6 +95,7 @@ fn run(args: Args) -> Result<()> {
         &mut *console,
     )?;
     state.update(|st| st.link = LinkState::Authenticated);
+    state.checkpoints.set_link(link.clone());
     let listener = std::net::TcpListener::bind(&args.gdb)
         .with_context(|| format!("cannot listen for gdb on {}: is the port in use?", args.gdb))?;
     eprintln!(

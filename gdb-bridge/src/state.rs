@@ -103,6 +103,8 @@ pub struct State {
     changed: Condvar,
     /// The gdb client, for writing the machine's gdb bytes to it.
     client: Mutex<Option<TcpStream>>,
+    /// The control socket's checkpoint commands waiting for the machine, and its subscribers.
+    pub checkpoints: crate::checkpoints::Checkpoints,
 }
 
 impl State {

@@ -5,6 +5,8 @@
 //! channel when gdb's bytes ask for it ([`BULK_PLEASE`]), and injects corrupt, replayed and
 //! garbage frames, which must change nothing. (The real machine is tests/tests/gdb.rs.)
 
+use quicksilver_proto::abi;
+use quicksilver_proto::link::checkpoint as ck;
 use quicksilver_proto::link::control::{End, Message};
 use quicksilver_proto::link::endpoint::{Endpoint, Event};
 use quicksilver_proto::link::{self, auth, Channel};
@@ -193,6 +195,10 @@ fn machine_deaf_at_first(
                             e.send(Channel::Gdb, &[b"echo:", &p[..]].concat(), &mut tx);
                         }
                     }
+                    Some(Event::Checkpoint(r)) => {
+                        machine_log.push(format!("checkpoint request {:?}", r.op));
+                        checkpoint_answer(e, r, &mut out);
+                    }
                     // The fake machine, like the hv today, has no consumer for these.
                     Some(Event::Control(_) | Event::Bulk(_)) | None => {}
                 }
@@ -201,6 +207,90 @@ fn machine_deaf_at_first(
         }
     });
     Machine { log, conn }
+}
+
+/// The fake machine's checkpoints: a take answers with id 7 and its event; a list has two
+/// entries; a rollback to 7 answers, then an old reply (tag 0: no request of the bridge
+/// has it) as a rolled-back agent would send, then the event; anything else is refused as
+/// the hv refuses an unknown checkpoint.
+fn checkpoint_answer(e: &mut Endpoint, r: ck::Request, out: &mut Vec<u8>) {
+    let mut tx = |w: &[u8]| out.extend_from_slice(w);
+    let ok = ck::Done {
+        tag: r.tag,
+        ..ck::Done::default()
+    };
+    let event = ck::Event {
+        what: ck::Happened::Taken,
+        id: 7,
+        count: 0,
+        pause_us: 900,
+        pages: 3,
+        bytes: 8192,
+        age_ns: 0,
+        periodic_taken: 0,
+    };
+    match r.op {
+        ck::Op::Take => {
+            let d = ck::Done {
+                id: 7,
+                cpus: CPUS,
+                pause_us: 900,
+                pages: 3,
+                bytes: 8192,
+                ..ok
+            };
+            e.send_checkpoint(ck::Message::Done(d), &mut tx);
+            e.send_checkpoint(ck::Message::Event(event), &mut tx);
+        }
+        ck::Op::List => {
+            e.send_checkpoint(ck::Message::Done(ck::Done { count: 2, ..ok }), &mut tx);
+            // Out of order: the bridge puts them in place by index.
+            for (index, id) in [(1u16, 7u32), (0, 6)] {
+                let entry = ck::Entry {
+                    tag: r.tag,
+                    index,
+                    total: 2,
+                    id,
+                    parent: id - 1,
+                    flags: abi::CHECKPOINT_CURRENT * u32::from(id == 7),
+                    cpus: CPUS,
+                    age_ns: 2_000_000_000,
+                    pause_us: 800,
+                    pages: 1,
+                    bytes: 4096,
+                };
+                e.send_checkpoint(ck::Message::Entry(entry), &mut tx);
+            }
+        }
+        ck::Op::Rollback { id: 7 } => {
+            let d = ck::Done {
+                id: 7,
+                age_ns: 1_500_000_000,
+                pages: 12,
+                ..ok
+            };
+            e.send_checkpoint(ck::Message::Done(d), &mut tx);
+            let stale = ck::Done {
+                tag: 0,
+                id: 7,
+                ..ok
+            };
+            e.send_checkpoint(ck::Message::Done(stale), &mut tx);
+            let rolled = ck::Event {
+                what: ck::Happened::RolledBack,
+                age_ns: 1_500_000_000,
+                ..event
+            };
+            e.send_checkpoint(ck::Message::Event(rolled), &mut tx);
+        }
+        ck::Op::Rollback { .. } | ck::Op::Delete { .. } => {
+            let d = ck::Done {
+                status: abi::Status::NoSuchCheckpoint as i32,
+                ..ok
+            };
+            e.send_checkpoint(ck::Message::Done(d), &mut tx);
+        }
+    }
 }
 
 /// The `qs-bridge` binary; its stderr is collected line by line. Killed when dropped.
@@ -581,7 +671,14 @@ fn the_control_socket_reports_the_session() {
         "{e}"
     );
     let h = ask(&mut c2, "help");
-    assert_eq!(h["commands"], serde_json::json!(["status", "help"]), "{h}");
+    assert_eq!(h["commands"][0], "status", "{h}");
+    // While gdb holds every CPU, a checkpoint is refused with what to do instead.
+    let e = ask(&mut c2, "checkpoint");
+    assert_eq!(e["ok"], false, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("monitor checkpoint"),
+        "{e}"
+    );
     assert_eq!(ask(&mut c, "status")["session"], "stopped");
 
     gdb.write_all(b"$D#44").unwrap();
@@ -589,6 +686,67 @@ fn the_control_socket_reports_the_session() {
     drop(gdb);
     let s = status_until(&mut c2, |s| s["gdb_client"] == false);
     assert_eq!(s["session"], "ended", "{s}");
+    drop(b);
+}
+
+#[test]
+fn control_clients_take_list_and_roll_back_checkpoints_and_subscribers_hear_of_them() {
+    let dir = tempdir("control-checkpoints");
+    let sock = dir.join("ctl.sock");
+    let m = machine(UnixListener::bind(dir.join("link")).unwrap(), KEY, None);
+    let b = bridge(&dir, KEY, &["--control", sock.to_str().unwrap()]);
+    b.stderr.wait_for("authenticated", LONG);
+    let mut c = control(&sock);
+    let mut sub = control(&sock);
+    assert_eq!(ask(&mut sub, "subscribe")["subscribed"], true);
+
+    let t = ask(&mut c, "checkpoint");
+    assert_eq!(
+        (t["ok"].clone(), t["id"].clone()),
+        (true.into(), 7.into()),
+        "{t}"
+    );
+    assert_eq!(t["pause_us"], 900, "{t}");
+    m.log.wait_for("checkpoint request Take", LONG);
+    let mut line = String::new();
+    sub.read_line(&mut line).unwrap();
+    let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (ev["event"].clone(), ev["id"].clone()),
+        ("checkpoint".into(), 7.into()),
+        "{ev}"
+    );
+
+    let l = ask(&mut c, "checkpoints");
+    assert_eq!(l["count"], 2, "{l}");
+    assert_eq!(l["checkpoints"][0]["id"], 6, "{l}");
+    assert_eq!(l["checkpoints"][1]["current"], true, "{l}");
+    assert_eq!(l["checkpoints"][1]["age_ms"], 2000, "{l}");
+
+    let r = ask(&mut c, "rollback 7");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["age_ms"], 1500, "{r}");
+    line.clear();
+    sub.read_line(&mut line).unwrap();
+    assert!(line.contains(r#""event":"rollback""#), "{line}");
+    b.stderr.wait_for("nobody waits for any more", LONG);
+
+    let e = ask(&mut c, "rollback 5");
+    assert_eq!(e["ok"], false, "{e}");
+    let msg = e["error"].as_str().unwrap();
+    assert!(msg.starts_with("rollback to 5 refused: "), "{e}");
+    assert!(msg.contains(abi::Status::NoSuchCheckpoint.message()), "{e}");
+    for (bad, says) in [
+        ("rollback", "rollback ID"),
+        ("rollback abc", "'abc' is not a checkpoint id"),
+        ("delete", "delete all"),
+    ] {
+        let e = ask(&mut c, bad);
+        assert_eq!(e["ok"], false, "{e}");
+        assert!(e["error"].as_str().unwrap().contains(says), "{bad}: {e}");
+    }
+    // The link still carries everything after the stale reply.
+    assert_eq!(ask(&mut c, "checkpoints")["count"], 2);
     drop(b);
 }
 

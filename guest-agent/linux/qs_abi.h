@@ -393,6 +393,52 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_periodic, status) == 0);
 QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_periodic, every_ms) == 8);
 QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_periodic, keep) == 12);
 
+/*
+ * `Op::LinkRequest`'s answer and `Op::LinkReply`'s argument: a bridge's checkpoint
+ * request as the agent's thread serves it, and its outcome (the fields `qsctl` prints).
+ */
+struct qs_link_request {
+	/* `LinkReply`: the outcome's `Status`. */
+	__s64 status;
+	/* The bridge's tag for the request; the reply carries it back. */
+	__u32 tag;
+	/* `LINK_OP_TAKE`, `LINK_OP_ROLLBACK`, `LINK_OP_DELETE`; 0: no request waits. */
+	__u32 op;
+	/* The checkpoint (rollback, delete; or `CHECKPOINT_ALL`); a take's new id. */
+	__u32 id;
+	/* Delete: how many were deleted. */
+	__u32 count;
+	/* Take: CPUs in the checkpoint. */
+	__u32 cpus;
+	/*
+	 * Take refused as `NotQuiescent`: the CPU, and what it was doing (as in
+	 * `CheckpointArgs`).
+	 */
+	__s32 busy_cpu;
+	__u32 busy_what;
+	/* Zero. */
+	__u32 _reserved;
+	/* Take: microseconds every CPU was stopped. */
+	__u64 pause_us;
+	/* Take: pages written since the previous checkpoint. */
+	__u64 pages;
+	/* Take: bytes of checkpoint memory it holds. */
+	__u64 bytes;
+};
+QS_ASSERT(sizeof(struct qs_link_request) == 64);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, status) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, tag) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, op) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, id) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, count) == 20);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, cpus) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, busy_cpu) == 28);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, busy_what) == 32);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, _reserved) == 36);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, pause_us) == 40);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, pages) == 48);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, bytes) == 56);
+
 #define QS_MAX_RAM_RANGES 32
 #define QS_MAX_CHECKPOINTS 64
 #define QS_CKPT_MAX_CHUNKS 64
@@ -400,6 +446,11 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_periodic, keep) == 12);
 #define QS_CHECKPOINT_PERIODIC 1
 #define QS_CHECKPOINT_CURRENT 2
 #define QS_PERIODIC_MIN_MS 10
+#define QS_LINK_RX_ATTENTION 1
+#define QS_LINK_RX_CHECKPOINT 2
+#define QS_LINK_OP_TAKE 1
+#define QS_LINK_OP_ROLLBACK 3
+#define QS_LINK_OP_DELETE 4
 #define QS_NOTICE_HOT_PAGES_OFFSET 512
 #define QS_NOTICE_WATCHDOG_RESET_OFFSET 1024
 
@@ -416,8 +467,9 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_periodic, keep) == 12);
  */
 #define QS_OP_LINK_CONFIG 3
 /*
- * Bytes received on the link (the agent's interrupt handler reads the UART). Returns 1 if
- * an authenticated bridge asked for attention (the agent then activates), else 0.
+ * Bytes received on the link (the agent's interrupt handler reads the UART). Returns
+ * `LINK_RX_ATTENTION` if an authenticated bridge asked for attention (the agent then
+ * activates), with `LINK_RX_CHECKPOINT` if a checkpoint request waits.
  */
 #define QS_OP_LINK_RX 4
 /*
@@ -453,6 +505,19 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_periodic, keep) == 12);
  * keeps the setting; the agent's thread asks for each periodic checkpoint.
  */
 #define QS_OP_CHECKPOINT_PERIODIC 11
+/*
+ * The checkpoint request a bridge sent on the link, for the agent's thread (process
+ * context, where a checkpoint can be taken; the link's interrupt handler cannot):
+ * buffer = a `LinkRequest`, filled in (`op` 0: none waits). The hv hands each
+ * request out once and keeps it as in flight until `LinkReply`.
+ */
+#define QS_OP_LINK_REQUEST 12
+/*
+ * The outcome of the request `LinkRequest` handed out: buffer = a `LinkRequest`
+ * (same `tag`). The hv answers the bridge with it; a reply for a request no longer in
+ * flight (an agent rolled back to before it answered) is dropped.
+ */
+#define QS_OP_LINK_REPLY 13
 
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 #define QS_CPUID_INFO_LEAF 0x40000001u
@@ -517,6 +582,13 @@ enum qs_status {
 	QS_ROLLED_BACK = 26,
 	/* The CPU's XSAVE state is larger than the hv keeps per CPU. */
 	QS_XSAVE_TOO_LARGE = 16,
+	/*
+	 * A debugger holds every CPU: the bridge's checkpoint requests are refused meanwhile
+	 * (gdb's monitor commands do the same things).
+	 */
+	QS_DEBUGGER_HOLDS_CPUS = 27,
+	/* The machine is still serving an earlier checkpoint request from the bridge. */
+	QS_LINK_REQUEST_PENDING = 28,
 };
 
 /* What went wrong and what to do about it: Status::message() in Rust. */
@@ -548,6 +620,8 @@ static const char *const qs_status_text[] = {
 	[QS_TOO_MANY_CHECKPOINTS] = "64 checkpoints are kept, the most the hv holds: delete some (qsctl checkpoint --delete ID|all)",
 	[QS_ROLLED_BACK] = "the machine was rolled back to this checkpoint: every process resumed from the instant it was taken",
 	[QS_XSAVE_TOO_LARGE] = "this CPU's XSAVE state (CPUID 0xD) is larger than the hv keeps per CPU: please report it; the hv needs a larger XSAVE_AREA_SIZE",
+	[QS_DEBUGGER_HOLDS_CPUS] = "a debugger holds every CPU (gdb is attached through the bridge): use gdb's monitor checkpoint, monitor checkpoints or monitor rollback ID, or detach gdb and ask again",
+	[QS_LINK_REQUEST_PENDING] = "the machine is still serving an earlier checkpoint request from the bridge (one at a time; one older than 30 s is given up): wait for it, then ask again",
 };
 
 #define QS_UNKNOWN_STATUS "the hv returned an unknown status: the hv image and the agent come from different trees; rebuild both with cargo xtask build"

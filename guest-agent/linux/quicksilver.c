@@ -671,10 +671,20 @@ static long qs_control(u64 op, void *buf, u64 len);
 static void qs_periodic_wake(void);
 static void qs_do_activate(struct qs_switch_result *r);
 static void qs_refresh_active(void);
+static void qs_serve_link_request(void);
 
 static void qs_want_attention(void)
 {
 	set_bit(0, &qs_attention_wanted);
+	wake_up_process(qs_attention_task);
+}
+
+/* Bit 1 of qs_attention_wanted: a bridge's checkpoint request waits in the hv. */
+static void qs_want_link_request(void)
+{
+	if (!qs_attention_task)
+		return;
+	set_bit(1, &qs_attention_wanted);
 	wake_up_process(qs_attention_task);
 }
 
@@ -684,15 +694,22 @@ static void qs_want_attention(void)
 static irqreturn_t qs_link_irq(int irq, void *dev)
 {
 	int n = 0;
+	long st;
 
 	while (n < 256 && (inb(link_port + QS_UART_LSR) & 1))
 		qs_link_buf[n++] = inb(link_port + QS_UART_RBR);
 	if (!n)
 		return IRQ_NONE;
-	if (qs_control(QS_OP_LINK_RX, qs_link_buf, n) == 1) {
+	st = qs_control(QS_OP_LINK_RX, qs_link_buf, n);
+	/* A set of QS_LINK_RX_* bits, or a status (all above them) when the link is down. */
+	if (st < 0 || st > (QS_LINK_RX_ATTENTION | QS_LINK_RX_CHECKPOINT))
+		return IRQ_HANDLED;
+	if (st & QS_LINK_RX_ATTENTION) {
 		atomic_set(&qs_stop_tries, 0);
 		qs_want_attention();
 	}
+	if (st & QS_LINK_RX_CHECKPOINT)
+		qs_want_link_request();
 	return IRQ_HANDLED;
 }
 
@@ -752,12 +769,15 @@ static int qs_attention_thread(void *unused)
 		set_current_state(TASK_INTERRUPTIBLE);
 		if (kthread_should_stop())
 			break;
-		if (!test_and_clear_bit(0, &qs_attention_wanted)) {
+		if (!READ_ONCE(qs_attention_wanted)) {
 			schedule();
 			continue;
 		}
 		__set_current_state(TASK_RUNNING);
-		qs_attention();
+		if (test_and_clear_bit(0, &qs_attention_wanted))
+			qs_attention();
+		if (test_and_clear_bit(1, &qs_attention_wanted))
+			qs_serve_link_request();
 	}
 	__set_current_state(TASK_RUNNING);
 	return 0;
@@ -921,6 +941,7 @@ static void qs_link_stop(void)
 	kthread_stop(qs_attention_task);
 	hrtimer_cancel(&qs_stop_timer);
 	put_task_struct(qs_attention_task);
+	qs_attention_task = NULL;
 	kfree(qs_link_buf);
 	release_region(link_port, 8);
 	qs_give_port_back();
@@ -1129,6 +1150,9 @@ static void qs_rollback_work_fn(struct work_struct *w)
 	err = qs_reseed(n.random, sizeof(n.random));
 	qs_last_rollback = n;
 	qs_periodic_wake();
+	/* The thread's flags are back at the checkpoint's instant; a request the hv took since
+	 * would wait for a wake-up that was rolled away. */
+	qs_want_link_request();
 	pr_info("rolled back to checkpoint %u, taken %llu.%03llu s ago (rollback %llu): %llu pages restored, every CPU stopped %llu us, %u newer checkpoints dropped%s\n",
 		n.id, n.age_ns / NSEC_PER_SEC, (n.age_ns % NSEC_PER_SEC) / NSEC_PER_MSEC,
 		n.generation, n.pages, n.pause_us, n.dropped,
@@ -1217,6 +1241,97 @@ static void qs_after_delete(void)
 	qs_do_deactivate(&r);
 	if (r.status == QS_OK)
 		qs_ckpt_activated = false;
+}
+
+/* Puts the machine back at checkpoint a->id. Returns only when refused: after a rollback
+ * this CPU is elsewhere (at the checkpoint's instant). Under qs_lock. */
+static void qs_rollback(struct qs_rollback *a)
+{
+	long st;
+
+	/* No age limit: the kernel's clocks do not jump (the hv moves the TSC back). */
+	a->max_age_ns = 0;
+	if (!qs_active) {
+		a->status = QS_NO_SUCH_CHECKPOINT;	/* a dormant hv keeps none */
+		return;
+	}
+	preempt_disable();
+	st = qs_hypercall(QS_OP_ROLLBACK, virt_to_phys(a), sizeof(*a));
+	preempt_enable();
+	if (st == -EFAULT)
+		a->status = QS_NOT_ACTIVE;
+	else if (st != QS_OK)
+		a->status = st;
+}
+
+/* Deletes checkpoint d->id (or all), then lets the hv go dormant if nothing needs it. Under
+ * qs_lock. */
+static void qs_checkpoint_delete(struct qs_checkpoint_delete *d)
+{
+	d->status = qs_control(QS_OP_CHECKPOINT_DELETE, d, sizeof(*d));
+	qs_after_delete();
+}
+
+/*
+ * A checkpoint request from the bridge's control socket: the hv took it in the link's
+ * interrupt handler, where no checkpoint can be taken, and hands it to this thread, which
+ * does what the ioctls do and gives the hv the outcome to send back. A rollback that
+ * succeeds does not return here (this thread is back at the checkpoint's instant): the hv
+ * answers the bridge itself, and drops the reply this thread may send again for a request it
+ * was serving at that instant.
+ */
+static void qs_serve_link_request(void)
+{
+	/* The hv reads and writes these by physical address. */
+	struct qs_link_request *q = kzalloc(sizeof(*q), GFP_KERNEL);
+	struct qs_checkpoint *a = kzalloc(sizeof(*a), GFP_KERNEL);
+	struct qs_rollback *rb = kzalloc(sizeof(*rb), GFP_KERNEL);
+	struct qs_checkpoint_delete *d = kzalloc(sizeof(*d), GFP_KERNEL);
+
+	if (!q || !a || !rb || !d)
+		goto out;
+	mutex_lock(&qs_lock);
+	qs_refresh_active();
+	if (qs_control(QS_OP_LINK_REQUEST, q, sizeof(*q)) != QS_OK || !q->op) {
+		mutex_unlock(&qs_lock);
+		goto out;
+	}
+	switch (q->op) {
+	case QS_LINK_OP_TAKE:
+		qs_checkpoint(a);
+		q->status = a->status;
+		q->id = a->id;
+		q->cpus = a->cpus;
+		q->busy_cpu = a->busy_cpu;
+		q->busy_what = a->busy_what;
+		q->pause_us = a->pause_us;
+		q->pages = a->pages_before;
+		q->bytes = a->bytes;
+		break;
+	case QS_LINK_OP_ROLLBACK:
+		rb->id = q->id;
+		qs_rollback(rb);
+		q->status = rb->status;
+		break;
+	case QS_LINK_OP_DELETE:
+		d->id = q->id;
+		qs_checkpoint_delete(d);
+		q->status = d->status;
+		q->count = d->deleted;
+		break;
+	default:
+		q->status = QS_BAD_ARGUMENT;
+	}
+	mutex_unlock(&qs_lock);
+	qs_control(QS_OP_LINK_REPLY, q, sizeof(*q));
+	if (q->op == QS_LINK_OP_TAKE && q->status == QS_OK)
+		pr_info("checkpoint %u taken at the link's request (qs-bridge): every CPU stopped %llu us\n",
+			q->id, q->pause_us);
+out:
+	kfree(d);
+	kfree(rb);
+	kfree(a);
+	kfree(q);
 }
 
 static void qs_touch_softlockup(void *unused)
@@ -1463,7 +1578,6 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 	}
 	case QS_IOC_ROLLBACK: {
 		struct qs_rollback *a = kzalloc(sizeof(*a), GFP_KERNEL);
-		long st;
 
 		if (!a) {
 			ret = -ENOMEM;
@@ -1474,20 +1588,7 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 			ret = -EFAULT;
 			break;
 		}
-		/* No age limit: the kernel's clocks do not jump (the hv moves the TSC back). */
-		a->max_age_ns = 0;
-		if (!qs_active) {
-			a->status = QS_NO_SUCH_CHECKPOINT;	/* a dormant hv keeps none */
-		} else {
-			preempt_disable();
-			st = qs_hypercall(QS_OP_ROLLBACK, virt_to_phys(a), sizeof(*a));
-			preempt_enable();
-			/* Only a refusal returns: after a rollback this CPU is elsewhere. */
-			if (st == -EFAULT)
-				a->status = QS_NOT_ACTIVE;
-			else if (st != QS_OK)
-				a->status = st;
-		}
+		qs_rollback(a);
 		if (copy_to_user(uarg, a, sizeof(*a)))
 			ret = -EFAULT;
 		kfree(a);
@@ -1529,8 +1630,7 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 			ret = -EFAULT;
 			break;
 		}
-		d->status = qs_control(QS_OP_CHECKPOINT_DELETE, d, sizeof(*d));
-		qs_after_delete();
+		qs_checkpoint_delete(d);
 		if (copy_to_user(uarg, d, sizeof(*d)))
 			ret = -EFAULT;
 		kfree(d);

@@ -2,10 +2,13 @@
 //! lock, fed by the agent (its UART interrupt handler forwards received bytes, by direct call
 //! while dormant and by hypercall while active), answering through the UART itself with
 //! polled port I/O, which works the same in the kernel's context and in host mode.
+//! [`checkpoint`] serves the bridge's checkpoint requests and sends the engine's events.
+
+pub mod checkpoint;
 
 use crate::arch::instr;
 use core::sync::atomic::{AtomicU64, Ordering::*};
-use quicksilver_proto::abi::Status;
+use quicksilver_proto::abi::{Status, LINK_RX_ATTENTION, LINK_RX_CHECKPOINT};
 use quicksilver_proto::link::auth;
 use quicksilver_proto::link::control::Message;
 use quicksilver_proto::link::endpoint::{Endpoint, Event, State};
@@ -21,7 +24,8 @@ struct Link {
 static LINK: Mutex<Option<Link>> = Mutex::new(None);
 
 /// Frames an authenticated bridge sent that nothing in the hv consumes yet (bulk data, control
-/// messages other than attention): counted, for `qsctl stats`, then dropped.
+/// messages other than attention and checkpoint requests, requests past the few one read
+/// takes): counted, for `qsctl stats`, then dropped.
 static UNROUTED: AtomicU64 = AtomicU64::new(0);
 
 /// Writes bytes to the 16550A UART at `port`, polling its transmitter (bounded, so that a
@@ -76,6 +80,7 @@ fn nonce() -> [u8; auth::LEN] {
 /// The link's part of the statistics block.
 pub fn write_stats(h: &mut StatsHeader) {
     h.link_unrouted = UNROUTED.load(Relaxed);
+    h.link_stale_replies = checkpoint::STALE_REPLIES.load(Relaxed);
     let Some(link) = &*LINK.lock() else {
         return;
     };
@@ -110,12 +115,15 @@ pub fn configure(buf: &[u8]) -> Status {
 /// `LinkRx`: feeds received bytes (from the agent's interrupt handler), then routes what they
 /// made to its consumer. An attention request arriving in a hypercall (`in_guest`) stops every
 /// CPU when that hypercall completes; arriving by a direct call (this CPU is native: dormant,
-/// or a detach is stepping the CPUs out) it returns 1, and the agent activates if needed and
-/// makes the hypercall that stops them.
+/// or a detach is stepping the CPUs out) it sets [`LINK_RX_ATTENTION`] in the answer, and the agent
+/// activates if needed and makes the hypercall that stops them. A checkpoint request the
+/// agent's thread must serve sets [`LINK_RX_CHECKPOINT`].
 pub fn receive(bytes: &[u8], in_guest: bool) -> i64 {
     let mut gdb = [0u8; 2 * MAX_PAYLOAD];
     let mut gdb_len = 0;
     let mut attention = false;
+    let mut requests = [None; 4];
+    let mut n_requests = 0;
     {
         let mut guard = LINK.lock();
         let Some(link) = guard.as_mut() else {
@@ -131,6 +139,13 @@ pub fn receive(bytes: &[u8], in_guest: bool) -> i64 {
                     gdb[gdb_len..gdb_len + n].copy_from_slice(&p[..n]);
                     gdb_len += n;
                 }
+                Some(Event::Checkpoint(r)) => match requests.get_mut(n_requests) {
+                    Some(slot) => {
+                        *slot = Some(r);
+                        n_requests += 1;
+                    }
+                    None => unrouted(),
+                },
                 Some(Event::Control(_) | Event::Bulk(_)) => unrouted(),
                 None => {}
             }
@@ -141,7 +156,15 @@ pub fn receive(bytes: &[u8], in_guest: bool) -> i64 {
     if attention {
         route(&Routed::Attention);
     }
-    (attention && !in_guest) as i64
+    let mut wake = false;
+    for r in requests.iter().flatten() {
+        wake |= checkpoint::request(*r);
+    }
+    (if attention && !in_guest {
+        LINK_RX_ATTENTION
+    } else {
+        0
+    }) | if wake { LINK_RX_CHECKPOINT } else { 0 }
 }
 
 /// What the link delivers to the hv's clients.
@@ -168,7 +191,8 @@ fn unrouted() {
 
 /// Reads the UART directly (host mode, CPUs parked: no interrupt handler runs) until it has
 /// no more bytes or one event for the stopped machine's client (the debugger, which polls) is
-/// complete: gdb's bytes into `out`, or an attention request.
+/// complete: gdb's bytes into `out`, or an attention request. A checkpoint request is
+/// answered on the spot (a list) or refused (anything else: gdb holds the CPUs).
 pub fn poll(out: &mut [u8; MAX_PAYLOAD]) -> Option<Routed<'_>> {
     let mut guard = LINK.lock();
     let link = guard.as_mut()?;
@@ -187,6 +211,11 @@ pub fn poll(out: &mut [u8; MAX_PAYLOAD]) -> Option<Routed<'_>> {
                 drop(guard);
                 return Some(Routed::Gdb(&out[..n]));
             }
+            Some(Event::Checkpoint(r)) => {
+                drop(guard);
+                checkpoint::request_stopped(r);
+                return None;
+            }
             Some(Event::Control(_) | Event::Bulk(_)) => unrouted(),
             None => {}
         }
@@ -201,6 +230,17 @@ pub fn send(channel: Channel, bytes: &[u8]) {
             let port = link.port;
             link.endpoint
                 .send(channel, bytes, &mut |w| uart_write(port, w));
+        }
+    }
+}
+
+/// Sends a checkpoint message (only to an authenticated bridge).
+pub fn send_checkpoint(m: quicksilver_proto::link::checkpoint::Message) {
+    if let Some(link) = LINK.lock().as_mut() {
+        if link.endpoint.state() == State::Authenticated {
+            let port = link.port;
+            link.endpoint
+                .send_checkpoint(m, &mut |w| uart_write(port, w));
         }
     }
 }

@@ -282,6 +282,7 @@ impl Hv {
             link_wrong_keys: 0,
             link_unauthenticated: 0,
             link_unrouted: 0,
+            link_stale_replies: 0,
             devices: crate::devices::stats_record(),
         };
         crate::link::write_stats(&mut h);
@@ -372,6 +373,8 @@ impl Hv {
             Op::CheckpointDelete if !in_guest && crate::checkpoint::kept() => Status::NotActive,
             Op::CheckpointDelete => crate::checkpoint::delete(self, buf),
             Op::CheckpointPeriodic => crate::checkpoint::periodic(buf),
+            Op::LinkRequest => crate::link::checkpoint::hand_out(buf),
+            Op::LinkReply => crate::link::checkpoint::reply(buf),
             // Hypercalls only (`freeze_request`, `checkpoint_request`, the run loop).
             Op::Deactivate | Op::Freeze | Op::Checkpoint | Op::Rollback => Status::BadOp,
         };

@@ -26,8 +26,9 @@ crate::abi_enum! {
         /// Start serving the serial link: buffer = port (u16 LE) then the key (may be empty: then
         /// every bridge is refused). The hv writes its replies to that UART itself.
         LinkConfig = 3,
-        /// Bytes received on the link (the agent's interrupt handler reads the UART). Returns 1 if
-        /// an authenticated bridge asked for attention (the agent then activates), else 0.
+        /// Bytes received on the link (the agent's interrupt handler reads the UART). Returns
+        /// [`LINK_RX_ATTENTION`] if an authenticated bridge asked for attention (the agent then
+        /// activates), with [`LINK_RX_CHECKPOINT`] if a checkpoint request waits.
         LinkRx = 4,
         /// How many CPUs are in guest mode now (the agent's view can go stale: a debugger's detach
         /// steps every CPU out without the agent). Returns the count.
@@ -50,6 +51,15 @@ crate::abi_enum! {
         /// The periodic ring's interval and size: buffer = a [`CheckpointPeriodic`]. The hv
         /// keeps the setting; the agent's thread asks for each periodic checkpoint.
         CheckpointPeriodic = 11,
+        /// The checkpoint request a bridge sent on the link, for the agent's thread (process
+        /// context, where a checkpoint can be taken; the link's interrupt handler cannot):
+        /// buffer = a [`LinkRequest`], filled in (`op` 0: none waits). The hv hands each
+        /// request out once and keeps it as in flight until `LinkReply`.
+        LinkRequest = 12,
+        /// The outcome of the request `LinkRequest` handed out: buffer = a [`LinkRequest`]
+        /// (same `tag`). The hv answers the bridge with it; a reply for a request no longer in
+        /// flight (an agent rolled back to before it answered) is dropped.
+        LinkReply = 13,
     }
 }
 
@@ -292,6 +302,67 @@ crate::abi_struct! {
     }
 }
 
+/// `Op::LinkRx`'s answer is a set of these bits (every status is above them): an
+/// authenticated bridge asked for attention, which the agent must serve by activating.
+pub const LINK_RX_ATTENTION: i64 = 1;
+/// `Op::LinkRx`'s answer: a bridge's checkpoint request waits for the agent's thread
+/// (`Op::LinkRequest`).
+pub const LINK_RX_CHECKPOINT: i64 = 2;
+
+/// What a CPU that was not quiescent was doing ([`CheckpointArgs::busy_what`]), in the words
+/// `qsctl`, gdb's `monitor checkpoint` and the bridge's control socket all use: "handling
+/// interrupt vector 0xec", "delivering event vector 0x2".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BusyWhat(pub u32);
+
+impl core::fmt::Display for BusyWhat {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            w if w >= 256 => write!(f, "delivering event vector {:#x}", w - 256),
+            w => write!(f, "handling interrupt vector {w:#x}"),
+        }
+    }
+}
+
+/// [`LinkRequest::op`]: take a checkpoint.
+pub const LINK_OP_TAKE: u32 = 1;
+/// [`LinkRequest::op`]: roll back to `id`.
+pub const LINK_OP_ROLLBACK: u32 = 3;
+/// [`LinkRequest::op`]: delete `id` (or [`CHECKPOINT_ALL`]).
+pub const LINK_OP_DELETE: u32 = 4;
+
+crate::abi_struct! {
+    /// `Op::LinkRequest`'s answer and `Op::LinkReply`'s argument: a bridge's checkpoint
+    /// request as the agent's thread serves it, and its outcome (the fields `qsctl` prints).
+    #[c_name = "qs_link_request"]
+    pub struct LinkRequest {
+        /// `LinkReply`: the outcome's `Status`.
+        pub status: i64,
+        /// The bridge's tag for the request; the reply carries it back.
+        pub tag: u32,
+        /// [`LINK_OP_TAKE`], [`LINK_OP_ROLLBACK`], [`LINK_OP_DELETE`]; 0: no request waits.
+        pub op: u32,
+        /// The checkpoint (rollback, delete; or [`CHECKPOINT_ALL`]); a take's new id.
+        pub id: u32,
+        /// Delete: how many were deleted.
+        pub count: u32,
+        /// Take: CPUs in the checkpoint.
+        pub cpus: u32,
+        /// Take refused as `NotQuiescent`: the CPU, and what it was doing (as in
+        /// [`CheckpointArgs`]).
+        pub busy_cpu: i32,
+        pub busy_what: u32,
+        /// Zero.
+        pub _reserved: u32,
+        /// Take: microseconds every CPU was stopped.
+        pub pause_us: u64,
+        /// Take: pages written since the previous checkpoint.
+        pub pages: u64,
+        /// Take: bytes of checkpoint memory it holds.
+        pub bytes: u64,
+    }
+}
+
 /// The message for a status number the hv returned, known or not (the C header's
 /// `qs_status_message` answers the same).
 pub fn status_message(v: i64) -> &'static str {
@@ -423,6 +494,13 @@ crate::abi_enum! {
         /// The CPU's XSAVE state is larger than the hv keeps per CPU.
         XsaveTooLarge = 16 =>
             "this CPU's XSAVE state (CPUID 0xD) is larger than the hv keeps per CPU: please report it; the hv needs a larger XSAVE_AREA_SIZE",
+        /// A debugger holds every CPU: the bridge's checkpoint requests are refused meanwhile
+        /// (gdb's monitor commands do the same things).
+        DebuggerHoldsCpus = 27 =>
+            "a debugger holds every CPU (gdb is attached through the bridge): use gdb's monitor checkpoint, monitor checkpoints or monitor rollback ID, or detach gdb and ask again",
+        /// The machine is still serving an earlier checkpoint request from the bridge.
+        LinkRequestPending = 28 =>
+            "the machine is still serving an earlier checkpoint request from the bridge (one at a time; one older than 30 s is given up): wait for it, then ask again",
     }
 }
 
@@ -430,6 +508,12 @@ crate::abi_enum! {
 mod tests {
     use super::*;
     use crate::c_abi::CStruct;
+
+    #[test]
+    fn what_a_busy_cpu_was_doing_reads_the_same_everywhere() {
+        assert_eq!(BusyWhat(0xec).to_string(), "handling interrupt vector 0xec");
+        assert_eq!(BusyWhat(256 + 2).to_string(), "delivering event vector 0x2");
+    }
 
     #[test]
     fn every_status_round_trips_and_says_what_to_do() {

@@ -310,6 +310,8 @@ impl Session {
 /// (`gdb::TARGET_XML`) gives `cr0`, `cr4` and `efer` flag types.
 pub const LINK_VERSION: u16 = 2;
 
+pub mod checkpoint;
+
 /// Authentication: the bridge proves it holds the key the agent was loaded with. The hv sends
 /// a 32-byte challenge; the bridge answers HMAC-SHA256(key, "qs-link-v1" | challenge).
 pub mod auth {
@@ -691,6 +693,8 @@ pub mod endpoint {
         Gdb(&'a [u8]),
         /// A control message other than the handshake and attention.
         Control(Message),
+        /// A checkpoint request (take, list, roll back, delete).
+        Checkpoint(super::checkpoint::Request),
         /// Bulk data (checkpoint export, later).
         Bulk(&'a [u8]),
     }
@@ -766,6 +770,17 @@ pub mod endpoint {
             self.send(Channel::Control, &b[..n], tx);
         }
 
+        /// Sends a checkpoint message (a reply, a list entry, an event) through `tx`.
+        pub fn send_checkpoint(
+            &mut self,
+            m: super::checkpoint::Message,
+            tx: &mut dyn FnMut(&[u8]),
+        ) {
+            let mut b = [0u8; super::checkpoint::MAX_LEN];
+            let n = m.encode(&mut b);
+            self.send(Channel::Control, &b[..n], tx);
+        }
+
         /// Feeds one received byte. Replies go out through `tx`; `nonce` gives a fresh random
         /// challenge when one is needed. Returns what an authenticated bridge asked for.
         pub fn push(
@@ -785,6 +800,10 @@ pub mod endpoint {
                 Message::decode(&msg[..len]).ok()
             } else {
                 None
+            };
+            let checkpoint = match (channel, control) {
+                (Channel::Control, None) => super::checkpoint::Message::decode(frame.payload).ok(),
+                _ => None,
             };
             // A hello starts a new session: a restarted bridge counts its frames from 1 again.
             // Replaying a captured hello only forces a new handshake with a fresh challenge.
@@ -836,14 +855,17 @@ pub mod endpoint {
                     None
                 }
                 (State::Authenticated, Some(Message::Attention)) => Some(Event::Attention),
+                (State::Authenticated, None) => match checkpoint {
+                    Some(super::checkpoint::Message::Request(r)) => Some(Event::Checkpoint(r)),
+                    // Replies and events go the other way: a bridge does not send them.
+                    Some(_) => None,
+                    None if channel == Channel::Gdb => self.decoder.last_payload().map(Event::Gdb),
+                    None if channel == Channel::Bulk => {
+                        self.decoder.last_payload().map(Event::Bulk)
+                    }
+                    None => None,
+                },
                 (State::Authenticated, Some(m)) => Some(Event::Control(m)),
-                // Borrow the payload again from the decoder's buffer.
-                (State::Authenticated, None) if channel == Channel::Gdb => {
-                    self.decoder.last_payload().map(Event::Gdb)
-                }
-                (State::Authenticated, None) if channel == Channel::Bulk => {
-                    self.decoder.last_payload().map(Event::Bulk)
-                }
                 _ => {
                     self.counters.unauthenticated += u64::from(self.state != State::Authenticated);
                     None
@@ -905,6 +927,17 @@ pub mod endpoint {
             // Before the handshake, requests are ignored.
             let (ev, _) = feed(&mut e, &b.control(Message::Attention));
             assert!(ev.is_empty());
+            let mut cb = [0u8; super::super::checkpoint::MAX_LEN];
+            let n = super::super::checkpoint::Message::Request(super::super::checkpoint::Request {
+                tag: 1,
+                op: super::super::checkpoint::Op::Take,
+            })
+            .encode(&mut cb);
+            let (ev, _) = feed(&mut e, &b.frame(Channel::Control, &cb[..n]));
+            assert!(
+                ev.is_empty(),
+                "no checkpoint for a bridge that did not prove the key"
+            );
             let (_, replies) = feed(
                 &mut e,
                 &b.control(Message::Hello {
@@ -948,6 +981,18 @@ pub mod endpoint {
             assert_eq!(ev, vec!["Attention"]);
             let (ev, _) = feed(&mut e, &b.frame(Channel::Gdb, b"$g#67"));
             assert_eq!(ev, vec![format!("{:?}", Event::Gdb(b"$g#67"))]);
+            let req = super::super::checkpoint::Request {
+                tag: 5,
+                op: super::super::checkpoint::Op::Rollback { id: 2 },
+            };
+            let mut cb = [0u8; super::super::checkpoint::MAX_LEN];
+            let n = super::super::checkpoint::Message::Request(req).encode(&mut cb);
+            let (ev, _) = feed(&mut e, &b.frame(Channel::Control, &cb[..n]));
+            assert_eq!(ev, vec![format!("{:?}", Event::Checkpoint(req))]);
+            // A reply coming from the bridge's side is nothing the machine acts on.
+            let n = super::super::checkpoint::Message::Done(Default::default()).encode(&mut cb);
+            let (ev, _) = feed(&mut e, &b.frame(Channel::Control, &cb[..n]));
+            assert!(ev.is_empty());
             assert_eq!(e.counters.wrong_key, 1);
             assert!(e.counters.unauthenticated >= 2);
         }

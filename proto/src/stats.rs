@@ -5,7 +5,7 @@
 /// "QSST".
 pub const STATS_MAGIC: u32 = 0x5453_5351;
 /// Layout version of this block.
-pub const STATS_VERSION: u32 = 5;
+pub const STATS_VERSION: u32 = 6;
 
 /// Kinds of #VMEXIT counted per CPU. The numbers index [`CpuStats::exits`].
 #[repr(usize)]
@@ -208,8 +208,11 @@ pub struct StatsHeader {
     /// Requests ignored because the bridge had not authenticated.
     pub link_unauthenticated: u64,
     /// Frames an authenticated bridge sent that no part of the hv consumes yet (bulk data,
-    /// control messages other than attention), counted and dropped.
+    /// control messages other than attention and checkpoint requests), counted and dropped.
     pub link_unrouted: u64,
+    /// The agent's replies to a bridge's checkpoint request that was no longer in flight,
+    /// dropped: a rolled-back agent finishing a call it had made before the checkpoint.
+    pub link_stale_replies: u64,
     /// The legacy devices (`qsctl stats`' devices line).
     pub devices: DevicesRecord,
 }
@@ -233,7 +236,7 @@ pub struct CpuStats {
 }
 
 const _: () = assert!(core::mem::size_of::<DevicesRecord>() == 112);
-const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 40 + 112);
+const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 48 + 112);
 const _: () = assert!(core::mem::size_of::<CpuStats>() == 112);
 
 /// Bytes in a block for `cpus` CPUs.
@@ -326,6 +329,7 @@ mod tests {
             link_wrong_keys: 0,
             link_unauthenticated: 0,
             link_unrouted: 0,
+            link_stale_replies: 0,
             devices: DevicesRecord::default(),
         };
         h.hv_version[..5].copy_from_slice(b"0.1.0");

@@ -100,6 +100,7 @@ pub fn generate() -> String {
     structure::<abi::CheckpointList>(&mut h);
     structure::<abi::CheckpointDelete>(&mut h);
     structure::<abi::CheckpointPeriodic>(&mut h);
+    structure::<abi::LinkRequest>(&mut h);
     defines(
         &mut h,
         [
@@ -113,6 +114,11 @@ pub fn generate() -> String {
             ),
             ("QS_CHECKPOINT_CURRENT", abi::CHECKPOINT_CURRENT.to_string()),
             ("QS_PERIODIC_MIN_MS", abi::PERIODIC_MIN_MS.to_string()),
+            ("QS_LINK_RX_ATTENTION", abi::LINK_RX_ATTENTION.to_string()),
+            ("QS_LINK_RX_CHECKPOINT", abi::LINK_RX_CHECKPOINT.to_string()),
+            ("QS_LINK_OP_TAKE", abi::LINK_OP_TAKE.to_string()),
+            ("QS_LINK_OP_ROLLBACK", abi::LINK_OP_ROLLBACK.to_string()),
+            ("QS_LINK_OP_DELETE", abi::LINK_OP_DELETE.to_string()),
             (
                 "QS_NOTICE_HOT_PAGES_OFFSET",
                 abi::NOTICE_HOT_PAGES_OFFSET.to_string(),

@@ -33,17 +33,9 @@ pub fn take() -> Result<()> {
         Some(Status::NotQuiescent) => Err(status_error(a.status).context(format!(
             "checkpoint refused: CPU {} was {}",
             a.busy_cpu,
-            busy_what(a.busy_what)
+            abi::BusyWhat(a.busy_what)
         ))),
         _ => Err(status_error(a.status).context("checkpoint refused")),
-    }
-}
-
-fn busy_what(w: u32) -> String {
-    if w >= 256 {
-        format!("delivering event vector {:#x}", w - 256)
-    } else {
-        format!("handling interrupt vector {w:#x}")
     }
 }
 

@@ -213,8 +213,8 @@ fn cmd_stats() -> Result<()> {
         _ => "bridge authenticated",
     };
     println!(
-        "link: {link}; {} frames dropped, {} wrong keys, {} unauthenticated requests ignored, {} frames with no consumer yet (bulk, other control)",
-        h.link_dropped, h.link_wrong_keys, h.link_unauthenticated, h.link_unrouted
+        "link: {link}; {} frames dropped, {} wrong keys, {} unauthenticated requests ignored, {} frames with no consumer yet (bulk, other control), {} checkpoint replies from before a rollback dropped",
+        h.link_dropped, h.link_wrong_keys, h.link_unauthenticated, h.link_unrouted, h.link_stale_replies
     );
     if h.breakpoints_left > 0 {
         println!(

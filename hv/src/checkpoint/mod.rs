@@ -193,6 +193,9 @@ pub fn request(hv: &Hv, me: u32, rollback: bool, gpa: u64, buf: &mut [u8]) -> St
 
 /// The leader, with every CPU parked.
 pub fn lead(hv: &Hv, mut p: Parked) {
+    // What to announce on the link, once every CPU runs again (the link is slow).
+    let mut taken = None;
+    let mut rolled_back = None;
     let mut r = REQUEST.lock();
     if let Some(req) = r.as_mut() {
         let active = (0..hv.cpus)
@@ -220,14 +223,16 @@ pub fn lead(hv: &Hv, mut p: Parked) {
                     if let Some(c) = ENGINE.lock().log.get_mut(args.id) {
                         c.pause_us = args.pause_us;
                     }
+                    taken = Some(*args);
                 }
             }
             Kind::Rollback(args) => match rollback(hv, &mut p, parked, args.id, req.asked) {
-                Ok(_) => {
+                Ok(notice) => {
                     // The text is the checkpoint's, without gdb's INT3s: they go in again.
                     let cr3 = kernel_cr3(&p);
                     let _ = debug_session::with_attached(|d| d.reinsert_all(cr3));
                     req.rolled_back = true;
+                    rolled_back = Some(notice);
                 }
                 Err(s) => args.status = s as i64,
             },
@@ -235,6 +240,12 @@ pub fn lead(hv: &Hv, mut p: Parked) {
     }
     drop(r);
     p.release_all(Release::Run);
+    if let Some(a) = taken {
+        crate::link::checkpoint::taken(&a);
+    }
+    if let Some(n) = rolled_back {
+        crate::link::checkpoint::rolled_back(&n);
+    }
 }
 
 /// Page tables that map the kernel's text: those of a parked CPU in the kernel if there is
@@ -419,6 +430,7 @@ pub fn take_parked(hv: &Hv, p: &mut Parked) -> Result<CheckpointArgs, (Status, C
             if let Some(c) = ENGINE.lock().log.get_mut(args.id) {
                 c.pause_us = args.pause_us;
             }
+            crate::link::checkpoint::taken(&args);
             Ok(args)
         }
         Err(s) => Err((s, args)),
@@ -428,7 +440,9 @@ pub fn take_parked(hv: &Hv, p: &mut Parked) -> Result<CheckpointArgs, (Status, C
 /// A rollback from a client that holds every CPU already (the debugger's `monitor rollback`).
 pub fn rollback_parked(hv: &Hv, p: &mut Parked, id: u32) -> Result<RollbackNotice, Status> {
     let parked = parked_mask(p);
-    rollback(hv, p, parked, id, crate::arch::instr::rdtsc())
+    let notice = rollback(hv, p, parked, id, crate::arch::instr::rdtsc())?;
+    crate::link::checkpoint::rolled_back(&notice);
+    Ok(notice)
 }
 
 /// A rollback to `id`, every CPU in `parked` stopped.
@@ -749,6 +763,20 @@ fn info(hv: &Hv, c: &Checkpoint, now: u64, current: Option<u32>) -> CheckpointIn
     }
 }
 
+/// How many checkpoints are kept.
+pub fn kept_count() -> usize {
+    ENGINE.lock().log.kept().count()
+}
+
+/// The `n`th checkpoint kept (oldest first), as `Op::Checkpoints` lists it.
+pub fn nth_kept(hv: &Hv, n: usize) -> Option<CheckpointInfo> {
+    let e = ENGINE.lock();
+    let now = crate::arch::instr::rdtsc();
+    let current = e.log.current().map(|c| c.id);
+    let found = e.log.kept().nth(n).map(|c| info(hv, c, now, current));
+    found
+}
+
 /// `Op::Checkpoints`: the list into `buf`.
 pub fn list(hv: &Hv, buf: &mut [u8]) -> Status {
     let head = core::mem::size_of::<CheckpointList>();
@@ -831,9 +859,11 @@ pub fn delete(hv: &Hv, buf: &mut [u8]) -> Status {
     if !e.log.logging() && LOGGING.load(Acquire) {
         end_logging(hv, e);
     }
+    drop(guard);
     args.deleted = deleted;
     args.status = status as i64;
     write(buf, &args);
+    crate::link::checkpoint::deleted(args.id, deleted);
     status
 }
 
@@ -891,7 +921,7 @@ fn as_bytes<T: quicksilver_proto::c_abi::CStruct>(v: &T) -> &[u8] {
     unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), core::mem::size_of::<T>()) }
 }
 
-fn read<T: quicksilver_proto::c_abi::CStruct>(buf: &[u8]) -> Option<T> {
+pub(crate) fn read<T: quicksilver_proto::c_abi::CStruct>(buf: &[u8]) -> Option<T> {
     if buf.len() < core::mem::size_of::<T>() {
         return None;
     }
@@ -900,7 +930,7 @@ fn read<T: quicksilver_proto::c_abi::CStruct>(buf: &[u8]) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(buf.as_ptr().cast::<T>()) })
 }
 
-fn write<T: quicksilver_proto::c_abi::CStruct>(buf: &mut [u8], v: &T) {
+pub(crate) fn write<T: quicksilver_proto::c_abi::CStruct>(buf: &mut [u8], v: &T) {
     let b = as_bytes(v);
     let n = b.len().min(buf.len());
     buf[..n].copy_from_slice(&b[..n]);

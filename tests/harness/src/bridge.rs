@@ -47,6 +47,7 @@ pub struct Bridge {
     process: Process,
     port: u16,
     key_file: PathBuf,
+    control: PathBuf,
 }
 
 impl Bridge {
@@ -77,9 +78,14 @@ impl Bridge {
             &format!("127.0.0.1:{port}"),
             &dir.join(format!("{name}.bridge-console")),
         );
+        // In the temporary folder: a Unix socket's path is limited to 107 bytes.
+        let control =
+            std::env::temp_dir().join(format!("qs-ctl-{name}-{}.sock", std::process::id()));
         command
             .arg("--timeout")
-            .arg(timeout.as_secs().max(1).to_string());
+            .arg(timeout.as_secs().max(1).to_string())
+            .arg("--control")
+            .arg(&control);
         let mut watch = Watch::new(Stream::Stderr);
         if let Ok(log) = std::fs::File::create(dir.join(format!("{name}.bridge.log"))) {
             let log = Arc::new(Mutex::new(log));
@@ -92,6 +98,7 @@ impl Bridge {
             process,
             port,
             key_file,
+            control,
         };
         bridge.wait_for("authenticated", timeout + Duration::from_secs(10))?;
         Ok(bridge)
@@ -100,6 +107,11 @@ impl Bridge {
     /// Where gdb connects: `127.0.0.1:PORT`.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The bridge's control socket (`--control`).
+    pub fn control_path(&self) -> &Path {
+        &self.control
     }
 
     /// What the bridge printed on stderr so far.
@@ -138,5 +150,6 @@ impl Drop for Bridge {
     fn drop(&mut self) {
         self.process.kill();
         let _ = std::fs::remove_file(&self.key_file);
+        let _ = std::fs::remove_file(&self.control);
     }
 }

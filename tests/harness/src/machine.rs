@@ -248,6 +248,11 @@ impl Machine {
         self.bridge.as_ref().map(Bridge::log).unwrap_or_default()
     }
 
+    /// The bridge's control socket (none with QEMU's stub).
+    pub fn control_path(&self) -> Option<&std::path::Path> {
+        self.bridge.as_ref().map(Bridge::control_path)
+    }
+
     /// A gdb with the kernel's symbols, not connected yet; its transcript goes to
     /// `logs/<name>.gdb<N>.log`.
     pub fn try_gdb(&mut self) -> Result<Gdb, GdbError> {

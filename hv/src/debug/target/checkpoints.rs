@@ -44,17 +44,13 @@ impl Debugger {
                 ),
             ),
             Err((Status::NotQuiescent, a)) => {
-                let (kind, v) = if a.busy_what >= 256 {
-                    ("delivering event vector", a.busy_what - 256)
-                } else {
-                    ("handling interrupt vector", a.busy_what)
-                };
                 line(
                     out,
                     format_args!(
-                        "checkpoint refused: CPU {} (thread {}) is {kind} {v:#x}, where its state cannot be restored: machine not quiescent; continue and stop elsewhere",
+                        "checkpoint refused: CPU {} (thread {}) is {}, where its state cannot be restored: machine not quiescent; continue and stop elsewhere",
                         a.busy_cpu,
-                        a.busy_cpu + 1
+                        a.busy_cpu + 1,
+                        quicksilver_proto::abi::BusyWhat(a.busy_what)
                     ),
                 );
             }

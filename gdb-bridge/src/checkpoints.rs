@@ -1,0 +1,428 @@
+//! The control socket's checkpoint commands (`checkpoint`, `checkpoints`, `rollback ID`,
+//! `delete ID|all`) and the events the machine pushes (`subscribe`).
+//!
+//! A command becomes one request on the link with a tag of its own; the demultiplexer hands
+//! each reply to the command waiting for that tag ([`Checkpoints::deliver`]) and each event to
+//! every subscribed client ([`Checkpoints::publish`]). A reply whose tag nobody waits for any
+//! more (the command timed out, or a rolled-back agent answered again a request it served
+//! before the checkpoint) is dropped: tags are never reused.
+
+use crate::link::Link;
+use crate::state::{SessionState, State};
+use quicksilver_proto::abi::{
+    self, Status, CHECKPOINT_ALL, CHECKPOINT_CURRENT, CHECKPOINT_PERIODIC,
+};
+use quicksilver_proto::link::checkpoint::{Done, Entry, Event, Happened, Message, Op, Request};
+use quicksilver_proto::link::Channel;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a command waits for the machine's answer: a checkpoint may activate the hv and
+/// retry while a CPU is busy; under QEMU's TCG a rollback of a busy machine takes seconds.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a list waits for each of its entries once the machine said how many follow.
+const ENTRY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A control client's writer, shared by its own thread (replies) and the link's (events).
+pub type ClientWriter = Arc<Mutex<UnixStream>>;
+
+/// The link (once authenticated), the commands waiting for replies, the subscribed clients.
+#[derive(Default)]
+pub struct Checkpoints {
+    link: Mutex<Option<Arc<Link>>>,
+    next_tag: AtomicU32,
+    waiting: Mutex<HashMap<u32, Sender<Message>>>,
+    subscribers: Mutex<Vec<ClientWriter>>,
+    /// Held while a command waits for the machine: the machine serves one request at a time,
+    /// so a second client's command waits here rather than being refused there.
+    one_at_a_time: Mutex<()>,
+}
+
+/// A command the control socket parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Take,
+    List,
+    Rollback(u32),
+    Delete(u32),
+}
+
+impl Command {
+    /// Parses a checkpoint command line; `None` if it is no checkpoint command, `Err` with
+    /// what to type if it is one, badly given.
+    pub fn parse(line: &str) -> Option<Result<Command, String>> {
+        let mut words = line.split_whitespace();
+        let verb = words.next()?;
+        let arg = words.next();
+        let extra = words.next();
+        let cmd = match (verb, arg) {
+            ("checkpoint", None) => Ok(Command::Take),
+            ("checkpoints", None) => Ok(Command::List),
+            ("rollback", None) => Err(
+                "rollback needs the checkpoint's id: rollback ID (checkpoints lists them)".into(),
+            ),
+            ("rollback", Some(id)) => parse_id(id).map(Command::Rollback),
+            ("delete", None) => Err(
+                "delete needs what to delete: delete ID (checkpoints lists them) or delete all"
+                    .into(),
+            ),
+            ("delete", Some("all")) => Ok(Command::Delete(CHECKPOINT_ALL)),
+            ("delete", Some(id)) => parse_id(id).map(Command::Delete),
+            ("checkpoint" | "checkpoints", Some(a)) => Err(format!(
+                "{verb} takes no argument (got '{a}'): to delete one, delete ID|all; to roll back, rollback ID"
+            )),
+            _ => return None,
+        };
+        Some(match (cmd, extra) {
+            (Ok(_), Some(x)) => Err(format!("'{x}': one argument at most; try help")),
+            (c, _) => c,
+        })
+    }
+
+    fn op(self) -> Op {
+        match self {
+            Command::Take => Op::Take,
+            Command::List => Op::List,
+            Command::Rollback(id) => Op::Rollback { id },
+            Command::Delete(id) => Op::Delete { id },
+        }
+    }
+}
+
+fn parse_id(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(id) if id != 0 && id != CHECKPOINT_ALL => Ok(id),
+        _ => Err(format!(
+            "'{s}' is not a checkpoint id: give the number checkpoints lists"
+        )),
+    }
+}
+
+/// `{"ok":false,"error":...}`.
+pub fn error(msg: impl Into<String>) -> Value {
+    json!({ "ok": false, "error": msg.into() })
+}
+
+/// What a refused request's status means, after what was refused.
+fn refused(what: &str, d: &Done) -> Value {
+    let mut msg = format!("{what}: {}", abi::status_message(d.status.into()));
+    if d.status == Status::NotQuiescent as i32 {
+        msg = format!(
+            "{what}: CPU {} was {}: {}",
+            d.busy_cpu,
+            abi::BusyWhat(d.busy_what),
+            abi::status_message(d.status.into())
+        );
+    }
+    error(msg)
+}
+
+fn ms(ns: u64) -> u64 {
+    ns / 1_000_000
+}
+
+fn entry_json(e: &Entry) -> Value {
+    json!({
+        "id": e.id,
+        "parent": e.parent,
+        "age_ms": ms(e.age_ns),
+        "pause_us": e.pause_us,
+        "pages": e.pages,
+        "bytes": e.bytes,
+        "cpus": e.cpus,
+        "periodic": e.flags & CHECKPOINT_PERIODIC != 0,
+        "current": e.flags & CHECKPOINT_CURRENT != 0,
+    })
+}
+
+/// An event as the JSON line subscribers get.
+pub fn event_json(e: &Event) -> Value {
+    match e.what {
+        Happened::Taken => json!({
+            "event": "checkpoint",
+            "id": e.id,
+            "pause_us": e.pause_us,
+            "pages": e.pages,
+            "bytes": e.bytes,
+            "periodic_taken": e.periodic_taken,
+        }),
+        Happened::RolledBack => json!({
+            "event": "rollback",
+            "id": e.id,
+            "age_ms": ms(e.age_ns),
+            "pause_us": e.pause_us,
+            "pages": e.pages,
+            "dropped": e.count,
+            "periodic_taken": e.periodic_taken,
+        }),
+        Happened::Deleted => json!({
+            "event": "delete",
+            "id": if e.id == CHECKPOINT_ALL { json!("all") } else { json!(e.id) },
+            "deleted": e.count,
+            "periodic_taken": e.periodic_taken,
+        }),
+    }
+}
+
+/// Takes the waiter for a tag out of the table when the command is over, however it ends.
+struct Waiter<'a> {
+    owner: &'a Checkpoints,
+    tag: u32,
+    rx: Receiver<Message>,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.owner
+            .waiting
+            .lock()
+            .expect("waiting")
+            .remove(&self.tag);
+    }
+}
+
+impl Checkpoints {
+    /// The link is authenticated: commands go out on it from now on.
+    pub fn set_link(&self, link: Arc<Link>) {
+        *self.link.lock().expect("link") = Some(link);
+    }
+
+    /// Adds a client that wants every event.
+    pub fn subscribe(&self, client: ClientWriter) {
+        self.subscribers.lock().expect("subscribers").push(client);
+    }
+
+    /// Sends `e` to every subscribed client; clients that are gone are forgotten.
+    pub fn publish(&self, e: &Event) {
+        let line = format!("{}\n", event_json(e));
+        self.subscribers.lock().expect("subscribers").retain(|c| {
+            let mut s = c.lock().expect("client");
+            s.write_all(line.as_bytes())
+                .and_then(|()| s.flush())
+                .is_ok()
+        });
+    }
+
+    /// A reply from the machine: to the command waiting for its tag, or dropped.
+    pub fn deliver(&self, m: Message) {
+        let tag = match m {
+            Message::Done(d) => d.tag,
+            Message::Entry(e) => e.tag,
+            Message::Request(_) | Message::Event(_) => return,
+        };
+        let sent = self
+            .waiting
+            .lock()
+            .expect("waiting")
+            .get(&tag)
+            .is_some_and(|tx| tx.send(m).is_ok());
+        if !sent {
+            eprintln!(
+                "qs-bridge: dropped a checkpoint reply for request {tag}, which nobody waits for any more (timed out, or answered again by a machine rolled back since)"
+            );
+        }
+    }
+
+    fn expect(&self) -> Waiter<'_> {
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel();
+        self.waiting.lock().expect("waiting").insert(tag, tx);
+        Waiter {
+            owner: self,
+            tag,
+            rx,
+        }
+    }
+
+    /// Runs a command against the machine; the JSON reply.
+    pub fn run(&self, cmd: Command, state: &State) -> Value {
+        let session = state.status().session;
+        if cmd != Command::List && matches!(session, SessionState::Waiting | SessionState::Stopped)
+        {
+            return error(format!(
+                "{}: {}",
+                what(cmd),
+                Status::DebuggerHoldsCpus.message()
+            ));
+        }
+        let Some(link) = self.link.lock().expect("link").clone() else {
+            return error(format!(
+                "{}: the link to the machine is not up yet (status says where it stands): ask again once it is authenticated",
+                what(cmd)
+            ));
+        };
+        // A command that timed out leaves nothing behind here; the machine gives its request
+        // up after 30 s (then a new one is served).
+        let _turn = self.one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+        let waiter = self.expect();
+        let mut buf = [0u8; quicksilver_proto::link::checkpoint::MAX_LEN];
+        let n = Message::Request(Request {
+            tag: waiter.tag,
+            op: cmd.op(),
+        })
+        .encode(&mut buf);
+        if let Err(e) = link.send(Channel::Control, &buf[..n]) {
+            return error(format!("{}: {e:#}", what(cmd)));
+        }
+        let done = match waiter.rx.recv_timeout(ANSWER_TIMEOUT) {
+            Ok(Message::Done(d)) => d,
+            Ok(_) | Err(_) => {
+                return error(format!(
+                    "{}: the machine did not answer in {} s: is the agent loaded (qsctl status in the guest), and the link up (status)?",
+                    what(cmd),
+                    ANSWER_TIMEOUT.as_secs()
+                ))
+            }
+        };
+        if done.status != Status::Ok as i32 {
+            return refused(&what(cmd), &done);
+        }
+        match cmd {
+            Command::Take => json!({
+                "ok": true,
+                "id": done.id,
+                "pause_us": done.pause_us,
+                "cpus": done.cpus,
+                "pages": done.pages,
+                "bytes": done.bytes,
+            }),
+            Command::Rollback(_) => json!({
+                "ok": true,
+                "id": done.id,
+                "age_ms": ms(done.age_ns),
+                "pause_us": done.pause_us,
+                "pages": done.pages,
+                "dropped": done.count,
+            }),
+            Command::Delete(_) => json!({ "ok": true, "deleted": done.count }),
+            Command::List => list(&waiter, done.count),
+        }
+    }
+}
+
+/// The entries of a list whose `Done` said `count` follow.
+fn list(waiter: &Waiter<'_>, count: u32) -> Value {
+    let mut entries: Vec<Option<Entry>> = vec![None; count as usize];
+    while entries.iter().any(Option::is_none) {
+        match waiter.rx.recv_timeout(ENTRY_TIMEOUT) {
+            Ok(Message::Entry(e)) if (e.index as usize) < entries.len() => {
+                entries[e.index as usize] = Some(e)
+            }
+            Ok(_) => {}
+            Err(_) => {
+                let got = entries.iter().flatten().count();
+                return error(format!(
+                    "cannot list checkpoints: {got} of {count} entries came (the link lost some): ask again"
+                ));
+            }
+        }
+    }
+    let list: Vec<Value> = entries.iter().flatten().map(entry_json).collect();
+    json!({ "ok": true, "count": list.len(), "checkpoints": list })
+}
+
+fn what(cmd: Command) -> String {
+    match cmd {
+        Command::Take => "checkpoint refused".into(),
+        Command::List => "cannot list checkpoints".into(),
+        Command::Rollback(id) => format!("rollback to {id} refused"),
+        Command::Delete(CHECKPOINT_ALL) => "cannot delete all checkpoints".into(),
+        Command::Delete(id) => format!("cannot delete checkpoint {id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_or_say_what_to_type() {
+        assert_eq!(Command::parse("checkpoint"), Some(Ok(Command::Take)));
+        assert_eq!(Command::parse("checkpoints"), Some(Ok(Command::List)));
+        assert_eq!(Command::parse("rollback 3"), Some(Ok(Command::Rollback(3))));
+        assert_eq!(
+            Command::parse("delete all"),
+            Some(Ok(Command::Delete(CHECKPOINT_ALL)))
+        );
+        assert_eq!(Command::parse("delete 7"), Some(Ok(Command::Delete(7))));
+        assert_eq!(Command::parse("status"), None);
+        let err = |l: &str| Command::parse(l).unwrap().unwrap_err();
+        assert!(
+            err("rollback").contains("rollback ID"),
+            "{}",
+            err("rollback")
+        );
+        assert!(err("rollback abc").contains("'abc' is not a checkpoint id"));
+        assert!(err("rollback 0").contains("not a checkpoint id"));
+        assert!(err("delete").contains("delete all"));
+        assert!(err("rollback 1 2").contains("one argument"));
+        assert!(err("checkpoint 5").contains("takes no argument"));
+    }
+
+    #[test]
+    fn refusals_name_cause_and_fix() {
+        let d = Done {
+            status: Status::NoSuchCheckpoint as i32,
+            ..Done::default()
+        };
+        let v = refused("rollback to 9 refused", &d);
+        assert_eq!(v["ok"], false);
+        let e = v["error"].as_str().unwrap();
+        assert!(e.starts_with("rollback to 9 refused: "), "{e}");
+        assert!(e.contains(Status::NoSuchCheckpoint.message()), "{e}");
+        let d = Done {
+            status: Status::NotQuiescent as i32,
+            busy_cpu: 1,
+            busy_what: 0xec,
+            ..Done::default()
+        };
+        let e = refused("checkpoint refused", &d)["error"].to_string();
+        assert!(
+            e.contains("CPU 1 was handling interrupt vector 0xec"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_command_without_a_link_or_with_gdb_holding_the_cpus_is_refused() {
+        let state = State::new();
+        let c = Checkpoints::default();
+        let e = c.run(Command::Take, &state)["error"].to_string();
+        assert!(e.contains("not up yet"), "{e}");
+        state.update(|st| st.session = SessionState::Stopped);
+        let e = c.run(Command::Rollback(2), &state)["error"].to_string();
+        assert!(e.contains("monitor checkpoint"), "{e}");
+    }
+
+    #[test]
+    fn events_read_as_json() {
+        let e = Event {
+            what: Happened::Deleted,
+            id: CHECKPOINT_ALL,
+            count: 3,
+            pause_us: 0,
+            pages: 0,
+            bytes: 0,
+            age_ns: 0,
+            periodic_taken: 4,
+        };
+        let v = event_json(&e);
+        assert_eq!(v["event"], "delete");
+        assert_eq!(v["id"], "all");
+        assert_eq!(v["deleted"], 3);
+        let v = event_json(&Event {
+            what: Happened::RolledBack,
+            id: 2,
+            age_ns: 3_500_000_000,
+            ..e
+        });
+        assert_eq!(v["event"], "rollback");
+        assert_eq!(v["age_ms"], 3500);
+    }
+}
