@@ -105,7 +105,7 @@ pub const HELP: &[(&str, &str)] = &[
 pub fn control_reply(command: &str, state: &State) -> serde_json::Value {
     if let Some(cmd) = Command::parse(command) {
         return match cmd {
-            Ok(cmd) => state.checkpoints.run(cmd, state),
+            Ok(cmd) => state.checkpoints.run(cmd),
             Err(e) => crate::checkpoints::error(e),
         };
     }

@@ -672,13 +672,8 @@ fn the_control_socket_reports_the_session() {
     );
     let h = ask(&mut c2, "help");
     assert_eq!(h["commands"][0], "status", "{h}");
-    // While gdb holds every CPU, a checkpoint is refused with what to do instead.
-    let e = ask(&mut c2, "checkpoint");
-    assert_eq!(e["ok"], false, "{e}");
-    assert!(
-        e["error"].as_str().unwrap().contains("monitor checkpoint"),
-        "{e}"
-    );
+    // (While gdb holds every CPU, the machine refuses a checkpoint with what to do instead:
+    // `tests/tests/control.rs`, against the real hv.)
     assert_eq!(ask(&mut c, "status")["session"], "stopped");
 
     gdb.write_all(b"$D#44").unwrap();

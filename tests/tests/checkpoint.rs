@@ -109,17 +109,13 @@ rand() { echo $(( $(od -An -N2 -tu2 /dev/urandom) % $1 )); }
 /// 100 rollbacks to random checkpoints of random ages (up to about a second), on 4 CPUs, under
 /// the ledger (a count kept in memory, in tmpfs and through a pipe, checked every step) and the
 /// self-verifying workload: every rollback puts all of it back exactly, and it runs on.
+///
+/// It runs alone (`.config/nextest.toml`): 4 vCPUs on this machine's 2 cores sharing them
+/// with another test's QEMU get starved long enough for the kernel to report a late clock
+/// watchdog ("Long readout interval"), which this test counts against the rollbacks.
 #[test]
-#[ignore = "open bug: on 4 CPUs, after tens of rollbacks a CPU idling in HLT stops getting its \
-            timer interrupt now and then (an RCU stall names it); seen in 3 of 8 runs, never \
-            on 2 CPUs; see issue 11's notes"]
 fn a_hundred_rollbacks_on_four_cpus_under_a_workload_leave_every_process_and_cpu_sound() {
     hundred_rollbacks(4);
-}
-
-#[test]
-fn a_hundred_rollbacks_on_two_cpus_under_a_workload_leave_every_process_and_cpu_sound() {
-    hundred_rollbacks(2);
 }
 
 fn hundred_rollbacks(smp: u32) {

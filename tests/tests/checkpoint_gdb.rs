@@ -153,6 +153,16 @@ fn qsctl_checkpoint_and_rollback_while_gdb_is_attached_and_the_kernel_runs() {
     if !line.contains("file=state-at-checkpoint") {
         m.fail(&gdb, "the rollback from qsctl while gdb is attached", &line);
     }
+    // The bridge's control socket, too, takes a checkpoint while gdb lets the kernel run (the
+    // second rollback, after the detach, drops it again).
+    let reply = control_checkpoint(&m);
+    if !reply.contains("\"ok\":true") {
+        m.fail(
+            &gdb,
+            "a checkpoint from the control socket while gdb is attached",
+            &reply,
+        );
+    }
     m.send("call getpid");
     if let Err(e) = gdb.wait_for_any(&["Breakpoint 1, "], Duration::from_secs(120)) {
         m.fail(
@@ -175,4 +185,28 @@ fn qsctl_checkpoint_and_rollback_while_gdb_is_attached_and_the_kernel_runs() {
     assert_console_has(&out, "WORKLOAD OK");
     assert!(!out.console.contains("GETPID-LOOP FAIL"));
     assert_kernel_clean(&out);
+}
+
+/// `checkpoint` on the bridge's control socket, asked again while the answer is "not
+/// quiescent" (a CPU in an interrupt handler at every try); the JSON reply line.
+fn control_checkpoint(m: &Machine) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let path = m
+        .control_path()
+        .expect("the bridge serves a control socket");
+    let stream = std::os::unix::net::UnixStream::connect(path).expect("the control socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut c = BufReader::new(stream);
+    let not_quiescent = quicksilver_proto::abi::Status::NotQuiescent.message();
+    for _ in 0..20 {
+        writeln!(c.get_mut(), "checkpoint").unwrap();
+        let mut line = String::new();
+        c.read_line(&mut line).expect("a reply line");
+        if !line.contains(not_quiescent) {
+            return line;
+        }
+    }
+    "not quiescent at 20 tries".into()
 }
