@@ -589,6 +589,11 @@ enum qs_status {
 	QS_DEBUGGER_HOLDS_CPUS = 27,
 	/* The machine is still serving an earlier checkpoint request from the bridge. */
 	QS_LINK_REQUEST_PENDING = 28,
+	/*
+	 * A CPU left guest mode while the others stayed (an unexpected exit): it runs
+	 * natively, where its writes escape any checkpoint.
+	 */
+	QS_CPU_LEFT_GUEST_MODE = 29,
 };
 
 /* What went wrong and what to do about it: Status::message() in Rust. */
@@ -622,6 +627,7 @@ static const char *const qs_status_text[] = {
 	[QS_XSAVE_TOO_LARGE] = "this CPU's XSAVE state (CPUID 0xD) is larger than the hv keeps per CPU: please report it; the hv needs a larger XSAVE_AREA_SIZE",
 	[QS_DEBUGGER_HOLDS_CPUS] = "a debugger holds every CPU (gdb is attached through the bridge): use gdb's monitor checkpoint, monitor checkpoints or monitor rollback ID, or detach gdb and ask again",
 	[QS_LINK_REQUEST_PENDING] = "the machine is still serving an earlier checkpoint request from the bridge (one at a time; one older than 30 s is given up): wait for it, then ask again",
+	[QS_CPU_LEFT_GUEST_MODE] = "a CPU left guest mode while the others stayed (an unexpected exit: qsctl stats shows it), so the machine cannot be checkpointed or rolled back as one: qsctl deactivate, then qsctl activate, and take a new checkpoint",
 };
 
 #define QS_UNKNOWN_STATUS "the hv returned an unknown status: the hv image and the agent come from different trees; rebuild both with cargo xtask build"

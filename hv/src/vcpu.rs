@@ -210,6 +210,7 @@ pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
     // SAFETY: this CPU's own stopped part: it is not parked (not even active).
     debug::prepare_cpu(unsafe { &mut (*cpu.stopped.get()).dbg });
     cpu.shared.active.store(true, Release);
+    LEFT_WHILE_ACTIVE.fetch_and(!(1u64 << (index % 64)), AcqRel);
     if COUNTERS.active_cpus.fetch_add(1, AcqRel) == 0 {
         COUNTERS.activations.fetch_add(1, Relaxed);
         // While dormant the kernel wrote its devices natively: what the hv shadowed is stale.
@@ -336,6 +337,12 @@ const CLIENT_CHECKPOINT: ClientId = 3;
 
 /// The hv's rendezvous: every stop of every client goes through it.
 pub static STOP: Rendezvous = Rendezvous::new(2000);
+
+/// CPUs that stepped out while others stayed in guest mode (an unexpected exit, a straggler
+/// leaving after a debugger's detach, or one CPU of a deactivation under way): one of them
+/// runs natively, so no checkpoint may be taken or restored (its writes escape the log).
+/// Cleared for a CPU when it activates again, and for all when the last one leaves.
+pub static LEFT_WHILE_ACTIVE: AtomicU64 = AtomicU64::new(0);
 
 /// Captures this CPU's state, stops with the others (for `stop`, or following the leader's
 /// NMI when `None`), and once released, writes back what a client changed and lets that
@@ -628,7 +635,10 @@ fn step_out(hv: &Hv, cpu: &Cpu, p: &mut Private, native: &NativeState) -> ! {
     cpu.shared
         .last_deactivate_cycles
         .store(instr::rdtsc() - p.run.tsc_exit, Relaxed);
-    if COUNTERS.active_cpus.fetch_sub(1, AcqRel) == 1 {
+    if COUNTERS.active_cpus.fetch_sub(1, AcqRel) != 1 {
+        LEFT_WHILE_ACTIVE.fetch_or(1u64 << (cpu.shared.index % 64), AcqRel);
+    } else {
+        LEFT_WHILE_ACTIVE.store(0, Release);
         COUNTERS.deactivations.fetch_add(1, Relaxed);
         hv.reset_guest_view();
         // Natively the kernel reads the CPU's own TSC: a later activation starts from there.

@@ -501,6 +501,10 @@ crate::abi_enum! {
         /// The machine is still serving an earlier checkpoint request from the bridge.
         LinkRequestPending = 28 =>
             "the machine is still serving an earlier checkpoint request from the bridge (one at a time; one older than 30 s is given up): wait for it, then ask again",
+        /// A CPU left guest mode while the others stayed (an unexpected exit): it runs
+        /// natively, where its writes escape any checkpoint.
+        CpuLeftGuestMode = 29 =>
+            "a CPU left guest mode while the others stayed (an unexpected exit: qsctl stats shows it), so the machine cannot be checkpointed or rolled back as one: qsctl deactivate, then qsctl activate, and take a new checkpoint",
     }
 }
 

@@ -60,6 +60,25 @@ pub fn detach(m: &Machine, gdb: &mut Gdb) {
     }
 }
 
+/// gdb's `monitor checkpoint` until checkpoint `id` is taken: a stop that found a CPU inside an
+/// interrupt handler cannot be checkpointed ("machine not quiescent"), so the kernel runs a
+/// moment and gdb stops it again, up to 10 times. Anything else fails the test.
+pub fn monitor_checkpoint(m: &Machine, gdb: &mut Gdb, id: u32) {
+    for _ in 0..10 {
+        let out = m.run(gdb, "monitor checkpoint");
+        if out.contains(&format!("checkpoint {id}:")) {
+            return;
+        }
+        if !out.contains("machine not quiescent") {
+            m.fail(gdb, "monitor checkpoint", &out);
+        }
+        m.run(gdb, "continue &");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        m.run(gdb, "interrupt");
+    }
+    m.fail(gdb, "no quiescent stop in 10 tries", "");
+}
+
 /// At the entry of the getpid handler: its argument is the user's registers (the wrappers
 /// take `const struct pt_regs *`, on the kernel stack) in rdi, and their orig_ax is the system
 /// call's number. (The argument by name, `__unused`: a cast to `struct pt_regs *` would be as

@@ -386,6 +386,21 @@ sleep 1
 qsctl checkpoints | grep -c periodic | sed 's/^/PERIODIC-ROWS /'
 qsctl checkpoints | tail -3
 kill -TERM $LP; wait $LP; echo "ledger-rc=$?"
+# Rings started and deleted under a workload that writes all the time: a CPU whose TLB still
+# holds a page's read-only translation when logging ends must not be taken for unexpected.
+qs-workload > /tmp/workload.log 2>&1 &
+WP=$!
+for i in 1 2 3 4 5 6 7 8; do
+    qsctl checkpoint --every 10ms --keep 3 > /dev/null
+    usleep 300000
+    qsctl checkpoint --every off > /dev/null
+    qsctl checkpoint --delete all > /dev/null
+done
+qsctl stats | grep "^unexpected exits"
+qsctl checkpoint | sed 's/^checkpoint [0-9]*:.*/CHECKPOINT-AFTER-RINGS/'
+qsctl checkpoint --delete all > /dev/null
+kill -TERM $WP; wait $WP; echo "workload-rc=$?"
+tail -1 /tmp/workload.log
 "#
     );
     let out = run(machine, &script);
@@ -406,6 +421,14 @@ kill -TERM $LP; wait $LP; echo "ledger-rc=$?"
     assert_console_has(&out, "4 newer checkpoints dropped");
     assert!(o.contains("PERIODIC-ROWS 1"), "{o}");
     assert!(o.contains("LEDGER OK") && o.contains("ledger-rc=0"), "{o}");
+    assert!(
+        o.contains("unexpected exits: 0") && o.contains("CHECKPOINT-AFTER-RINGS"),
+        "every CPU stays in guest mode through rings ended and deleted:\n{o}"
+    );
+    assert!(
+        o.contains("WORKLOAD OK") && o.contains("workload-rc=0"),
+        "{o}"
+    );
     assert_kernel_clean(&out);
     assert_clock_quiet(&out);
 }

@@ -2,7 +2,7 @@
 //! with a breakpoint set (it stays set, the kernel runs on and hits it again), and a rollback
 //! refused where a CPU cannot be restored exactly.
 
-use quicksilver_tests::session::GETPID;
+use quicksilver_tests::session::{monitor_checkpoint, GETPID};
 use quicksilver_tests::*;
 use std::time::Duration;
 
@@ -27,24 +27,8 @@ fn monitor_checkpoint_and_rollback_with_a_breakpoint_set() {
     let mut m = Machine::boot("gdb-checkpoint", 2, GUEST, "GUEST-READY");
     let mut gdb = m.attach();
     // Attach stops every CPU wherever it is: perhaps one in an interrupt handler, which a
-    // checkpoint refuses; then run a moment and stop again.
-    let mut taken = false;
-    for _ in 0..10 {
-        let out = m.run(&mut gdb, "monitor checkpoint");
-        if out.contains("checkpoint 1:") {
-            taken = true;
-            break;
-        }
-        if !out.contains("machine not quiescent") {
-            m.fail(&gdb, "monitor checkpoint", &out);
-        }
-        m.run(&mut gdb, "continue &");
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        m.run(&mut gdb, "interrupt");
-    }
-    if !taken {
-        m.fail(&gdb, "no quiescent stop in 10 tries", "");
-    }
+    // checkpoint refuses (the helper runs a moment and stops again).
+    monitor_checkpoint(&m, &mut gdb, 1);
     let at_checkpoint = m.run(&mut gdb, "info threads");
     let out = m.run(&mut gdb, &format!("break {GETPID}"));
     if !out.contains("Breakpoint 1 at") {

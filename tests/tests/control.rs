@@ -237,20 +237,7 @@ fn while_gdb_holds_the_cpus_the_socket_lists_checkpoints_and_refuses_the_rest_wi
     );
     // gdb's checkpoint is announced like any other (a stop in an interrupt handler cannot be
     // checkpointed: run a moment and stop again).
-    let mut taken = false;
-    for _ in 0..10 {
-        let out = m.run(&mut gdb, "monitor checkpoint");
-        if out.contains("checkpoint 1:") {
-            taken = true;
-            break;
-        }
-        m.run(&mut gdb, "continue &");
-        std::thread::sleep(Duration::from_millis(300));
-        m.run(&mut gdb, "interrupt");
-    }
-    if !taken {
-        m.fail(&gdb, "no quiescent stop in 10 tries", "");
-    }
+    quicksilver_tests::session::monitor_checkpoint(&m, &mut gdb, 1);
     let ev = sub.event();
     assert_eq!(
         (ev["event"].as_str(), ev["id"].as_u64()),
