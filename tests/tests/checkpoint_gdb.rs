@@ -1,6 +1,7 @@
 //! Checkpoints from gdb: `monitor checkpoint` while gdb holds every CPU, `monitor rollback ID`
-//! with a breakpoint set (it stays set, the kernel runs on and hits it again), and a rollback
-//! refused where a CPU cannot be restored exactly.
+//! with a breakpoint set (it stays set, the kernel runs on and hits it again), a checkpoint
+//! refused where a CPU cannot be restored exactly (stopped inside an interrupt handler); and
+//! checkpoints and rollbacks from `qsctl` and the control socket while gdb lets the kernel run.
 
 use quicksilver_tests::session::{monitor_checkpoint, GETPID};
 use quicksilver_tests::*;
@@ -68,6 +69,33 @@ fn monitor_checkpoint_and_rollback_with_a_breakpoint_set() {
     let out = m.run(&mut gdb, "monitor rollback 7");
     if !out.contains("rollback refused: no checkpoint has that id") {
         m.fail(&gdb, "a rollback to a missing id", &out);
+    }
+    // Stopped inside the timer's interrupt handler: that CPU's state cannot be restored
+    // exactly, so the checkpoint is refused, naming the CPU and what it is doing, and nothing
+    // new is kept.
+    m.run(&mut gdb, "delete");
+    let out = m.run(&mut gdb, "break hrtimer_interrupt");
+    if !out.contains("Breakpoint 2 at") {
+        m.fail(&gdb, "break hrtimer_interrupt", &out);
+    }
+    let out = m.run(&mut gdb, "continue");
+    if !out.contains("Breakpoint 2, ") {
+        m.fail(&gdb, "the timer interrupt's breakpoint hits", &out);
+    }
+    let out = m.run(&mut gdb, "monitor checkpoint");
+    if !(out.contains("checkpoint refused: CPU ")
+        && out.contains("is handling interrupt vector 0x")
+        && out.contains("machine not quiescent"))
+    {
+        m.fail(
+            &gdb,
+            "a checkpoint inside an interrupt handler is refused",
+            &out,
+        );
+    }
+    let out = m.run(&mut gdb, "monitor checkpoints");
+    if out.contains("checkpoint 3:") || !out.contains("checkpoint 2:") {
+        m.fail(&gdb, "the refusal kept nothing and lost nothing", &out);
     }
     m.run(&mut gdb, "delete");
     let out = m.run(&mut gdb, "detach");
