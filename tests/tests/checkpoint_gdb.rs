@@ -70,13 +70,14 @@ fn monitor_checkpoint_and_rollback_with_a_breakpoint_set() {
     if !out.contains("rollback refused: no checkpoint has that id") {
         m.fail(&gdb, "a rollback to a missing id", &out);
     }
-    // Stopped inside the timer's interrupt handler: that CPU's state cannot be restored
-    // exactly, so the checkpoint is refused, naming the CPU and what it is doing, and nothing
-    // new is kept.
+    // Stopped at the entry of the timer's interrupt handler, before its EOI (Linux ends the
+    // interrupt first thing, so deeper in, e.g. in hrtimer_interrupt, nothing is in service
+    // any more): that CPU's state cannot be restored exactly, so the checkpoint is refused,
+    // naming the CPU and what it is doing, and nothing new is kept.
     m.run(&mut gdb, "delete");
-    let out = m.run(&mut gdb, "break hrtimer_interrupt");
+    let out = m.run(&mut gdb, "break sysvec_apic_timer_interrupt");
     if !out.contains("Breakpoint 2 at") {
-        m.fail(&gdb, "break hrtimer_interrupt", &out);
+        m.fail(&gdb, "break sysvec_apic_timer_interrupt", &out);
     }
     let out = m.run(&mut gdb, "continue");
     if !out.contains("Breakpoint 2, ") {
