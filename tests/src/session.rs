@@ -65,7 +65,15 @@ pub fn detach(m: &Machine, gdb: &mut Gdb) {
 /// moment and gdb stops it again, up to 10 times. Anything else fails the test.
 pub fn monitor_checkpoint(m: &Machine, gdb: &mut Gdb, id: u32) {
     for _ in 0..10 {
-        let out = m.run(gdb, "monitor checkpoint");
+        let mut out = m.run(gdb, "monitor checkpoint");
+        // `interrupt` returns before the stop is in: wait for it.
+        for _ in 0..50 {
+            if !out.contains("while the target is running") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            out = m.run(gdb, "monitor checkpoint");
+        }
         if out.contains(&format!("checkpoint {id}:")) {
             return;
         }
