@@ -270,10 +270,21 @@ static int qs_add_ram(struct resource *r, void *unused)
 static void qs_rollback_irq_work_fn(struct irq_work *w);
 static unsigned long qs_lookup(const char *name);
 
+/*
+ * The NMI handler copies each notice it takes into `taken`, by generation: the work that acts
+ * on one (the wall clock, the log line) may not have run when the next rollback comes, and
+ * that rollback can be to a checkpoint taken in between (gdb stopped the kernel right after
+ * the first). The kernel then owes both: the first's clock correction is missing from that
+ * checkpoint's clock. `done` is the last generation acted on; all of it is rolled back with
+ * the machine, so it always says what this kernel's own past has done.
+ */
+#define QS_NOTICES_KEPT 4
 struct qs_notice_page {
 	struct qs_rollback_notice n;
 	u64 handled;			/* the generation the NMI handler took */
+	u64 done;			/* the last generation the work acted on */
 	struct irq_work work;
+	struct qs_rollback_notice taken[QS_NOTICES_KEPT];
 };
 static_assert(sizeof(struct qs_notice_page) <= QS_NOTICE_HOT_PAGES_OFFSET);
 static struct qs_notice_page *qs_notice;
@@ -1085,6 +1096,7 @@ static int qs_nmi(unsigned int type, struct pt_regs *regs)
 
 	if (gen == READ_ONCE(qs_notice->handled))
 		return NMI_DONE;
+	qs_notice->taken[gen % QS_NOTICES_KEPT] = qs_notice->n;
 	WRITE_ONCE(qs_notice->handled, gen);
 	irq_work_queue(&qs_notice->work);
 	return NMI_HANDLED;
@@ -1134,29 +1146,50 @@ static int qs_reseed(const u8 *random, size_t len)
 	return err;
 }
 
-/* Process context after a rollback: the wall clock, the random generator, one line in the
- * log. */
-static void qs_rollback_work_fn(struct work_struct *w)
+/* One rollback this kernel was told of: the wall clock, the random generator, its line. */
+static void qs_rolled_back(const struct qs_rollback_notice *n)
 {
-	struct qs_rollback_notice n;
 	struct timespec64 now;
 	int err;
 
-	memcpy(&n, &qs_notice->n, sizeof(n));
 	/* The kernel's clocks continue from the checkpoint's instant; the world's did not. */
 	ktime_get_real_ts64(&now);
-	timespec64_add_ns(&now, n.age_ns);
+	timespec64_add_ns(&now, n->age_ns);
 	do_settimeofday64(&now);
-	err = qs_reseed(n.random, sizeof(n.random));
-	qs_last_rollback = n;
+	err = qs_reseed(n->random, sizeof(n->random));
+	qs_last_rollback = *n;
+	pr_info("rolled back to checkpoint %u, taken %llu.%03llu s ago (rollback %llu): %llu pages restored, every CPU stopped %llu us, %u newer checkpoints dropped%s\n",
+		n->id, n->age_ns / NSEC_PER_SEC, (n->age_ns % NSEC_PER_SEC) / NSEC_PER_MSEC,
+		n->generation, n->pages, n->pause_us, n->dropped,
+		err ? "; the random generator could not be reseeded" : "");
+}
+
+/* Process context after a rollback: every rollback taken since the last one acted on, in
+ * order (see qs_notice_page). Generations are the hv's count, unique and growing, so a copy
+ * in `taken` with the generation looked for was taken in this kernel's own past. */
+static void qs_rollback_work_fn(struct work_struct *w)
+{
+	u64 handled = READ_ONCE(qs_notice->handled);
+	u64 gen = qs_notice->done + 1;
+	struct qs_rollback_notice n;
+
+	for (; gen <= handled; gen++) {
+		memcpy(&n, &qs_notice->taken[gen % QS_NOTICES_KEPT], sizeof(n));
+		/* Older: not in this kernel's past (a later rollback went to a checkpoint
+		 * taken before it). Newer: more than QS_NOTICES_KEPT came before the work ran. */
+		if (n.generation > gen)
+			pr_warn("rollback %llu came and went before the kernel could act on it: the wall clock may be behind by as long as that checkpoint was old; set it (or let NTP)\n",
+				gen);
+		if (n.generation != gen)
+			continue;
+		qs_rolled_back(&n);
+		qs_notice->done = gen;
+	}
+	qs_notice->done = handled;
 	qs_periodic_wake();
 	/* The thread's flags are back at the checkpoint's instant; a request the hv took since
 	 * would wait for a wake-up that was rolled away. */
 	qs_want_link_request();
-	pr_info("rolled back to checkpoint %u, taken %llu.%03llu s ago (rollback %llu): %llu pages restored, every CPU stopped %llu us, %u newer checkpoints dropped%s\n",
-		n.id, n.age_ns / NSEC_PER_SEC, (n.age_ns % NSEC_PER_SEC) / NSEC_PER_MSEC,
-		n.generation, n.pages, n.pause_us, n.dropped,
-		err ? "; the random generator could not be reseeded" : "");
 }
 
 /* Takes a checkpoint, activating the hv first if it is dormant; a CPU caught where its state

@@ -241,6 +241,7 @@ pub unsafe extern "C" fn host_main(cpu: *mut core::ffi::c_void) -> ! {
     let env = HvEnv {
         hv,
         me: cpu.shared.index,
+        held: Default::default(),
     };
     loop {
         if p.run.first_run {
@@ -523,6 +524,8 @@ impl Platform for HvPlatform<'_> {
 struct HvEnv<'a> {
     hv: &'a Hv,
     me: u32,
+    /// This CPU's alone, for as long as its run loop.
+    held: core::cell::Cell<exit::nmi::Held>,
 }
 
 impl exit::Env for HvEnv<'_> {
@@ -546,6 +549,12 @@ impl exit::Env for HvEnv<'_> {
     }
     fn take_stop_nmi(&self) -> bool {
         STOP.nmi_was_expected(self.me)
+    }
+    fn held_nmis(&self) -> exit::nmi::Held {
+        self.held.get()
+    }
+    fn set_held_nmis(&self, held: exit::nmi::Held) {
+        self.held.set(held);
     }
     fn page_owner(&self, gpa: u64) -> npf::Owner {
         if self.hv.owns(gpa) {

@@ -311,13 +311,17 @@ pub const LINK_RX_CHECKPOINT: i64 = 2;
 
 /// What a CPU that was not quiescent was doing ([`CheckpointArgs::busy_what`]), in the words
 /// `qsctl`, gdb's `monitor checkpoint` and the bridge's control socket all use: "handling
-/// interrupt vector 0xec", "delivering event vector 0x2".
+/// interrupt vector 0xec", "delivering event vector 0x2", "inside an NMI handler".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BusyWhat(pub u32);
+
+/// [`BusyWhat`]: inside an NMI handler (from the NMI's delivery to its IRET).
+pub const BUSY_IN_NMI: u32 = 512;
 
 impl core::fmt::Display for BusyWhat {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self.0 {
+            BUSY_IN_NMI => f.write_str("inside an NMI handler"),
             w if w >= 256 => write!(f, "delivering event vector {:#x}", w - 256),
             w => write!(f, "handling interrupt vector {w:#x}"),
         }
@@ -517,6 +521,7 @@ mod tests {
     fn what_a_busy_cpu_was_doing_reads_the_same_everywhere() {
         assert_eq!(BusyWhat(0xec).to_string(), "handling interrupt vector 0xec");
         assert_eq!(BusyWhat(256 + 2).to_string(), "delivering event vector 0x2");
+        assert_eq!(BusyWhat(BUSY_IN_NMI).to_string(), "inside an NMI handler");
     }
 
     #[test]

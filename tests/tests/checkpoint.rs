@@ -45,7 +45,12 @@ const CLOCK_COMPLAINTS: &[&str] = &[
     "Long readout interval",
     "hung_task",
     "blocked for more than",
-    "took too long to run",
+    // The agent's notice handler: it tolerates 100 ms (see `qs_nmi_action`), so a report is
+    // a real stall. The kernel's own NMI handlers report from 1 ms of wall time, which on
+    // this machine the emulator gives by descheduling a vCPU thread (4 on 2 cores; measured
+    // 2-30 ms): not the hv's, which never stops a CPU inside an NMI handler (`exit::nmi`,
+    // and `checkpoint_gdb`'s refusal there).
+    "NMI handler (qs_nmi",
 ];
 
 fn assert_clock_quiet(out: &RunOutput) {

@@ -1,6 +1,7 @@
 //! Checkpoints from gdb: `monitor checkpoint` while gdb holds every CPU, `monitor rollback ID`
 //! with a breakpoint set (it stays set, the kernel runs on and hits it again), a checkpoint
-//! refused where a CPU cannot be restored exactly (stopped inside an interrupt handler); and
+//! refused where a CPU cannot be restored exactly (stopped inside an interrupt handler or an
+//! NMI handler); and
 //! checkpoints and rollbacks from `qsctl` and the control socket while gdb lets the kernel run.
 
 use quicksilver_tests::session::{monitor_checkpoint, GETPID};
@@ -98,6 +99,32 @@ fn monitor_checkpoint_and_rollback_with_a_breakpoint_set() {
     if out.contains("checkpoint 3:") || !out.contains("checkpoint 2:") {
         m.fail(&gdb, "the refusal kept nothing and lost nothing", &out);
     }
+    // Stopped inside an NMI handler (the rollback's notice NMI runs every NMI handler of the
+    // kernel's, its backtrace one included): refused too, by name.
+    m.run(&mut gdb, "delete");
+    let out = m.run(&mut gdb, "break nmi_cpu_backtrace_handler");
+    if !out.contains("Breakpoint 3 at") {
+        m.fail(&gdb, "break nmi_cpu_backtrace_handler", &out);
+    }
+    let out = m.run(&mut gdb, "monitor rollback 2");
+    if !out.contains("rolled back to checkpoint 2") {
+        m.fail(&gdb, "monitor rollback 2", &out);
+    }
+    let out = m.run(&mut gdb, "continue");
+    if !out.contains("Breakpoint 3, ") {
+        m.fail(&gdb, "the NMI handler's breakpoint hits", &out);
+    }
+    let out = m.run(&mut gdb, "monitor checkpoint");
+    if !(out.contains("checkpoint refused: CPU ")
+        && out.contains("is inside an NMI handler")
+        && out.contains("machine not quiescent"))
+    {
+        m.fail(&gdb, "a checkpoint inside an NMI handler is refused", &out);
+    }
+    let out = m.run(&mut gdb, "monitor checkpoints");
+    if out.contains("checkpoint 3:") || !out.contains("checkpoint 2:") {
+        m.fail(&gdb, "that refusal kept nothing and lost nothing", &out);
+    }
     m.run(&mut gdb, "delete");
     let out = m.run(&mut gdb, "detach");
     if !out.contains("detached") {
@@ -108,6 +135,7 @@ fn monitor_checkpoint_and_rollback_with_a_breakpoint_set() {
     let out = m.finish();
     assert_success(&out);
     assert_console_has(&out, "quicksilver: rolled back to checkpoint 1");
+    assert_console_has(&out, "quicksilver: rolled back to checkpoint 2");
     assert_console_has(&out, "WORKLOAD OK");
     assert!(
         out.script_output().contains("deleted 2 checkpoint(s)"),

@@ -101,6 +101,14 @@ pub trait VirtCpu {
     fn inject(&mut self, e: Event);
     /// Delivers again an event the exit interrupted (APM 15.7.2), if there was one.
     fn reinject_interrupted(&mut self);
+    /// Is the guest inside an NMI handler: from the delivery of an NMI (every NMI the guest
+    /// gets is one the hv injected) to the IRET that ends it ([`VmExit::Iret`])? The CPU holds
+    /// further NMIs back meanwhile; a state captured there cannot be restored as it was.
+    ///
+    /// [`VmExit::Iret`]: crate::arch::VmExit::Iret
+    fn in_nmi(&self) -> bool;
+    /// At the IRET exit: the handler ends with this IRET (which runs when the guest resumes).
+    fn end_nmi(&mut self);
     /// Completes the instruction at RIP, `len` bytes long: RIP moves past it and an interrupt
     /// shadow it had (after STI or MOV SS) no longer applies (APM 15.21.5).
     fn skip(&mut self, len: u64);
@@ -141,6 +149,8 @@ pub mod fake {
         pub debug_intercepts: bool,
         pub interrupts_held: bool,
         pub tlb_flushed: bool,
+        /// Inside an NMI handler (an NMI injected, its IRET not reached).
+        pub nmi: bool,
     }
 
     impl VirtCpu for FakeCpu {
@@ -187,7 +197,14 @@ pub mod fake {
             self.dr7 = v;
         }
         fn inject(&mut self, e: Event) {
+            self.nmi |= e == Event::Nmi;
             self.injected = Some(e);
+        }
+        fn in_nmi(&self) -> bool {
+            self.nmi
+        }
+        fn end_nmi(&mut self) {
+            self.nmi = false;
         }
         fn reinject_interrupted(&mut self) {
             self.reinjected = true;

@@ -48,6 +48,9 @@ pub enum VmExit {
     },
     /// A physical NMI (intercepted: the hv's own stop request, or a foreign one to reflect).
     Nmi,
+    /// IRET, intercepted while the guest is inside an NMI handler the hv delivered (RIP at
+    /// the IRET, which has not run: NMIs are still blocked).
+    Iret,
     /// INT n / INT3 / INTO (the INTn intercept; RIP at the instruction).
     SoftwareInterrupt,
     /// #BP intercepted (real hardware; TCG reports INT3 as a software interrupt).
@@ -81,6 +84,7 @@ impl VmExit {
             VmExit::Shutdown => ExitKind::Shutdown,
             VmExit::PortIo { .. } => ExitKind::PortIo,
             VmExit::Nmi
+            | VmExit::Iret
             | VmExit::SoftwareInterrupt
             | VmExit::Breakpoint
             | VmExit::DebugException { .. } => ExitKind::Debug,

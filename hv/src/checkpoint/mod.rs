@@ -38,9 +38,9 @@ use crate::vmm::{self, Hv, NPT_TLB};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use quicksilver_proto::abi::{
     CheckpointArgs, CheckpointDelete, CheckpointInfo, CheckpointList, CheckpointPeriodic,
-    RollbackArgs, RollbackNotice, Status, CHECKPOINT_ALL, CHECKPOINT_CURRENT, CHECKPOINT_PERIODIC,
-    MAX_CHECKPOINTS, MAX_RAM_RANGES, NOTICE_HOT_PAGES_OFFSET, NOTICE_WATCHDOG_RESET_OFFSET,
-    PERIODIC_MIN_MS,
+    RollbackArgs, RollbackNotice, Status, BUSY_IN_NMI, CHECKPOINT_ALL, CHECKPOINT_CURRENT,
+    CHECKPOINT_PERIODIC, MAX_CHECKPOINTS, MAX_RAM_RANGES, NOTICE_HOT_PAGES_OFFSET,
+    NOTICE_WATCHDOG_RESET_OFFSET, PERIODIC_MIN_MS,
 };
 use store::StoreMemory;
 use undo::{Checkpoint, UndoError, UndoLog, PAGE};
@@ -274,13 +274,19 @@ fn take(
     gathered: u64,
 ) -> Result<(), Status> {
     whole_machine_in_guest_mode()?;
-    for i in p.parked() {
-        let Some(st) = p.peek(i) else { continue };
-        if let Some(what) = busy(&st.state) {
-            args.busy_cpu = i as i32;
-            args.busy_what = what;
-            return Err(Status::NotQuiescent);
-        }
+    // A CPU inside an NMI handler is named first: only a debugger's stop puts one there (the
+    // rendezvous waits for the IRET, `exit::nmi`), and it is the CPU the user is looking at.
+    let busy_cpus = || {
+        p.parked()
+            .filter_map(|i| Some((i, busy(&p.peek(i)?.state)?)))
+    };
+    let named = busy_cpus()
+        .find(|&(_, what)| what == BUSY_IN_NMI)
+        .or_else(|| busy_cpus().next());
+    if let Some((i, what)) = named {
+        args.busy_cpu = i as i32;
+        args.busy_what = what;
+        return Err(Status::NotQuiescent);
     }
     let mut guard = ENGINE.lock();
     let e = &mut *guard;
@@ -403,9 +409,13 @@ fn whole_machine_in_guest_mode() -> Result<(), Status> {
     }
 }
 
-/// Why a parked CPU's state cannot be restored exactly: the highest vector in service on its
-/// local APIC, or 256 + the vector of an event being delivered. `None` if it can.
+/// Why a parked CPU's state cannot be restored exactly ([`quicksilver_proto::abi::BusyWhat`]):
+/// inside an NMI handler, the highest vector in service on its local APIC, or 256 + the vector
+/// of an event being delivered. `None` if it can.
 fn busy(s: &CpuState) -> Option<u32> {
+    if s.interrupts.nmi_blocked == Some(true) {
+        return Some(BUSY_IN_NMI);
+    }
     if let Some((i, w)) = s.apic.isr.iter().enumerate().rev().find(|(_, w)| **w != 0) {
         return Some(i as u32 * 32 + 31 - w.leading_zeros());
     }
@@ -950,4 +960,25 @@ pub(crate) fn write<T: quicksilver_proto::c_abi::CStruct>(buf: &mut [u8], v: &T)
     let b = as_bytes(v);
     let n = b.len().min(buf.len());
     buf[..n].copy_from_slice(&b[..n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cpu_in_an_nmi_handler_an_interrupt_handler_or_an_event_delivery_is_busy() {
+        let mut s = CpuState::default();
+        assert_eq!(busy(&s), None);
+        s.interrupts.nmi_blocked = Some(false);
+        assert_eq!(busy(&s), None);
+        s.apic.isr[7] = 1 << 12;
+        assert_eq!(busy(&s), Some(0xEC));
+        s.apic.isr[7] = 0;
+        s.interrupts.pending.valid = true;
+        s.interrupts.pending.vector = 14;
+        assert_eq!(busy(&s), Some(256 + 14));
+        s.interrupts.nmi_blocked = Some(true);
+        assert_eq!(busy(&s), Some(BUSY_IN_NMI));
+    }
 }

@@ -17,7 +17,8 @@
 //! - Nested page faults ([`npf`]): the owner of the page decides.
 //! - IN/OUT ([`io`]) to the two ports whose writes the hv shadows (COM1's FIFO control, the
 //!   CMOS index): the hv performs the access, records a write, and steps over it.
-//! - NMI ([`nmi`]): a stop NMI joins the rendezvous; a foreign one is reflected.
+//! - NMI ([`nmi`]): a stop NMI joins the rendezvous; a foreign one is reflected. Inside the
+//!   guest's NMI handler both wait for its IRET (intercepted only then), as on silicon.
 //! - INTn, #BP, #DB: the debugger's ([`crate::debug::exit`]).
 //! - SHUTDOWN (guest triple fault): the machine is reset, as bare metal would.
 //! - Anything else is unexpected: recorded with a VMCB dump, and the CPU steps out of guest
@@ -103,6 +104,9 @@ pub trait Env {
     fn checkpoints_kept(&self) -> bool;
     /// Was the NMI this CPU just took one the rendezvous sent? (Consumes the expectation.)
     fn take_stop_nmi(&self) -> bool;
+    /// NMIs this CPU holds back until the guest's NMI handler ends.
+    fn held_nmis(&self) -> nmi::Held;
+    fn set_held_nmis(&self, held: nmi::Held);
     /// Maps the guest page of `gpa`, inside the hv's memory, to the scratch page.
     fn refuse_hv_access(&self, gpa: u64) -> bool;
     /// Counters of what was refused.
@@ -127,6 +131,7 @@ pub fn handle(exit: VmExit, cpu: &mut impl VirtCpu, env: &impl Env) -> Action {
         VmExit::VirtualizationInstruction { .. } => svm_insn::refuse(env),
         VmExit::NestedPageFault { gpa, write, fetch } => npf::handle(gpa, write, fetch, cpu, env),
         VmExit::Nmi => nmi::handle(cpu, env),
+        VmExit::Iret => nmi::iret(cpu, env),
         VmExit::Shutdown => Action::Reset,
         VmExit::PortIo {
             port,
@@ -169,6 +174,7 @@ pub mod fake {
         pub hv_refusals: Cell<u32>,
         pub controls: RefCell<Vec<(Op, u64, u64)>>,
         pub stop_nmi: Cell<bool>,
+        pub held: Cell<nmi::Held>,
         pub freezes: Cell<u32>,
         pub refuse_freeze: Cell<bool>,
         pub checkpoints: Cell<u32>,
@@ -200,6 +206,12 @@ pub mod fake {
         }
         fn take_stop_nmi(&self) -> bool {
             self.stop_nmi.replace(false)
+        }
+        fn held_nmis(&self) -> nmi::Held {
+            self.held.get()
+        }
+        fn set_held_nmis(&self, held: nmi::Held) {
+            self.held.set(held);
         }
         fn checkpoint_request(&self, _rollback: bool, _gpa: u64, _len: u64) -> i64 {
             self.checkpoints.set(self.checkpoints.get() + 1);

@@ -214,6 +214,7 @@ impl Vcpu {
                 decode_ioio(c.exit_info1, c.exit_info2, self.vmcb.save.rip)
             }
             x if x == ExitCode::Nmi as u64 => VmExit::Nmi,
+            x if x == ExitCode::Iret as u64 => VmExit::Iret,
             x if x == ExitCode::Intn as u64 => VmExit::SoftwareInterrupt,
             x if x == ExitCode::ExceptionDb as u64 => VmExit::DebugException {
                 dr6: self.vmcb.save.dr6,
@@ -396,8 +397,10 @@ fn state_from_vmcb(vmcb: &Vmcb, regs: &GuestRegs, out: &mut CpuState) {
         PendingEvent::default()
     };
     out.interrupts.shadow = c.interrupt_shadow & 1 != 0;
-    // SVM without vNMI keeps NMI blocking in the CPU only.
-    out.interrupts.nmi_blocked = None;
+    // SVM without vNMI keeps NMI blocking in the CPU only; the hv knows it for every NMI the
+    // guest gets (it intercepts them all and delivers them itself): the IRET intercept is on
+    // from that delivery to the IRET that ends the handler.
+    out.interrupts.nmi_blocked = Some(c.intercept_misc1 & misc1::IRET != 0);
 }
 
 /// EXITINTINFO as the manual defines it. QEMU's TCG records an external interrupt whose
@@ -425,11 +428,20 @@ fn interrupted_event(info: u64) -> u64 {
 /// Has the guest take event `info` (EXITINTINFO's format) at the next entry (APM vol. 2,
 /// 15.20), or nothing when `info` is not valid.
 fn deliver(c: &mut vmcb::VmcbControlArea, info: u64) {
-    c.event_inj = if info & event::VALID != 0 {
-        interrupted_event(info)
+    if info & event::VALID != 0 {
+        inject_raw(c, interrupted_event(info));
     } else {
-        0
-    };
+        c.event_inj = 0;
+    }
+}
+
+/// Sets EVENTINJ to `info` (valid, in EVENTINJ's format). An NMI opens the guest's NMI handler:
+/// the IRET that ends it is intercepted ([`VirtCpu::in_nmi`]).
+fn inject_raw(c: &mut vmcb::VmcbControlArea, info: u64) {
+    c.event_inj = info;
+    if (info >> 8) & 7 == event::TYPE_NMI >> 8 {
+        c.intercept_misc1 |= misc1::IRET;
+    }
 }
 
 /// Writes a [`CpuState`] into the VMCB and the register block (before VMLOAD).
@@ -455,6 +467,11 @@ fn state_to_vmcb(st: &CpuState, vmcb: &mut Vmcb, regs: &mut GuestRegs) {
     [s.sysenter_cs, s.sysenter_esp, s.sysenter_eip] =
         [m.sysenter_cs, m.sysenter_esp, m.sysenter_eip];
     s.kernel_gs_base = m.kernel_gs_base;
+    match st.interrupts.nmi_blocked {
+        Some(true) => c.intercept_misc1 |= misc1::IRET,
+        Some(false) => c.intercept_misc1 &= !misc1::IRET,
+        None => {}
+    }
     let p = st.interrupts.pending;
     c.exit_int_info = if p.valid {
         event::VALID
@@ -551,7 +568,13 @@ impl VirtCpu for Vcpu {
         self.vmcb.save.dr7 = v;
     }
     fn inject(&mut self, e: Event) {
-        self.vmcb.control.event_inj = encode_event(e);
+        inject_raw(&mut self.vmcb.control, encode_event(e));
+    }
+    fn in_nmi(&self) -> bool {
+        self.vmcb.control.intercept_misc1 & misc1::IRET != 0
+    }
+    fn end_nmi(&mut self) {
+        self.vmcb.control.intercept_misc1 &= !misc1::IRET;
     }
     fn reinject_interrupted(&mut self) {
         let info = self.vmcb.control.exit_int_info;
@@ -713,6 +736,7 @@ mod tests {
         assert_eq!(vmcb.control.exit_int_info, 0x0000_0002_8000_0B0E);
         let mut back = CpuState::default();
         state_from_vmcb(&vmcb, &regs, &mut back);
+        assert_eq!(back.interrupts.nmi_blocked, Some(false));
         back.interrupts.nmi_blocked = st.interrupts.nmi_blocked;
         let mut names = [""; 8];
         let n = st.differences(&back, &mut names);

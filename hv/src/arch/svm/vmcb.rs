@@ -166,6 +166,9 @@ const _: () = {
 pub mod misc1 {
     pub const NMI: u32 = 1 << 1;
     pub const CPUID: u32 = 1 << 18;
+    /// IRET: intercepted only while the guest runs an NMI handler the hv delivered, to see
+    /// where it ends (SVM without vNMI keeps NMI blocking in the CPU, out of the VMCB).
+    pub const IRET: u32 = 1 << 20;
     pub const INTN: u32 = 1 << 21;
     /// IN/OUT/INS/OUTS to a port the I/O permission map lists (APM 15.10.1).
     pub const IOIO_PROT: u32 = 1 << 27;
@@ -216,6 +219,8 @@ pub enum ExitCode {
     ExceptionBp = 0x43,
     Nmi = 0x61,
     Cpuid = 0x72,
+    /// Taken before the IRET executes (APM 15.9): NMIs are still blocked at this exit.
+    Iret = 0x74,
     Intn = 0x75,
     Invlpga = 0x7A,
     /// IN, OUT, INS, OUTS to an intercepted port (APM 15.10.2).
