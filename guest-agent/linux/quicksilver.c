@@ -271,18 +271,19 @@ static void qs_rollback_irq_work_fn(struct irq_work *w);
 static unsigned long qs_lookup(const char *name);
 
 /*
- * The NMI handler copies each notice it takes into `taken`, by generation: the work that acts
- * on one (the wall clock, the log line) may not have run when the next rollback comes, and
- * that rollback can be to a checkpoint taken in between (gdb stopped the kernel right after
- * the first). The kernel then owes both: the first's clock correction is missing from that
- * checkpoint's clock. `done` is the last generation acted on; all of it is rolled back with
- * the machine, so it always says what this kernel's own past has done.
+ * The NMI handler queues each notice it takes (`taken`, a ring: the NMI handler alone moves
+ * `head`, the work alone `tail`): the work that acts on one (the wall clock, the log line) may
+ * not have run when the next rollback comes, and that rollback can be to a checkpoint taken
+ * in between (gdb stopped the kernel right after the first). The kernel then owes both: the
+ * first's clock correction is missing from that checkpoint's clock too. The page is rolled
+ * back with the machine, so the queue holds exactly what this kernel's own past took and has
+ * not acted on.
  */
 #define QS_NOTICES_KEPT 4
 struct qs_notice_page {
 	struct qs_rollback_notice n;
 	u64 handled;			/* the generation the NMI handler took */
-	u64 done;			/* the last generation the work acted on */
+	u64 head, tail;
 	struct irq_work work;
 	struct qs_rollback_notice taken[QS_NOTICES_KEPT];
 };
@@ -1096,7 +1097,9 @@ static int qs_nmi(unsigned int type, struct pt_regs *regs)
 
 	if (gen == READ_ONCE(qs_notice->handled))
 		return NMI_DONE;
-	qs_notice->taken[gen % QS_NOTICES_KEPT] = qs_notice->n;
+	qs_notice->taken[qs_notice->head % QS_NOTICES_KEPT] = qs_notice->n;
+	smp_wmb();	/* the entry before the head that publishes it */
+	WRITE_ONCE(qs_notice->head, qs_notice->head + 1);
 	WRITE_ONCE(qs_notice->handled, gen);
 	irq_work_queue(&qs_notice->work);
 	return NMI_HANDLED;
@@ -1164,28 +1167,27 @@ static void qs_rolled_back(const struct qs_rollback_notice *n)
 		err ? "; the random generator could not be reseeded" : "");
 }
 
-/* Process context after a rollback: every rollback taken since the last one acted on, in
- * order (see qs_notice_page). Generations are the hv's count, unique and growing, so a copy
- * in `taken` with the generation looked for was taken in this kernel's own past. */
+/* Process context after a rollback: every rollback the NMI handler queued, in order (see
+ * qs_notice_page). */
 static void qs_rollback_work_fn(struct work_struct *w)
 {
-	u64 handled = READ_ONCE(qs_notice->handled);
-	u64 gen = qs_notice->done + 1;
 	struct qs_rollback_notice n;
+	u64 head;
 
-	for (; gen <= handled; gen++) {
-		memcpy(&n, &qs_notice->taken[gen % QS_NOTICES_KEPT], sizeof(n));
-		/* Older: not in this kernel's past (a later rollback went to a checkpoint
-		 * taken before it). Newer: more than QS_NOTICES_KEPT came before the work ran. */
-		if (n.generation > gen)
-			pr_warn("rollback %llu came and went before the kernel could act on it: the wall clock may be behind by as long as that checkpoint was old; set it (or let NTP)\n",
-				gen);
-		if (n.generation != gen)
+	while ((head = READ_ONCE(qs_notice->head)) != qs_notice->tail) {
+		smp_rmb();	/* the head before the entries it publishes */
+		if (head - qs_notice->tail > QS_NOTICES_KEPT) {
+			pr_warn("%llu rollbacks came and went before the kernel could act on them: the wall clock may be behind by as long as their checkpoints were old; set it (or let NTP)\n",
+				head - qs_notice->tail - QS_NOTICES_KEPT);
+			qs_notice->tail = head - QS_NOTICES_KEPT;
+		}
+		memcpy(&n, &qs_notice->taken[qs_notice->tail % QS_NOTICES_KEPT], sizeof(n));
+		smp_rmb();	/* the copy before the check that it was not overwritten meanwhile */
+		if (READ_ONCE(qs_notice->head) - qs_notice->tail > QS_NOTICES_KEPT)
 			continue;
 		qs_rolled_back(&n);
-		qs_notice->done = gen;
+		qs_notice->tail++;
 	}
-	qs_notice->done = handled;
 	qs_periodic_wake();
 	/* The thread's flags are back at the checkpoint's instant; a request the hv took since
 	 * would wait for a wake-up that was rolled away. */
