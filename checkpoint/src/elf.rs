@@ -2,20 +2,43 @@
 //! `/proc/vmcore` is (Documentation/admin-guide/kdump, fs/proc/vmcore.c) and QEMU's
 //! `dump-guest-memory` writes (dump/dump.c):
 //!
-//! - one `PT_NOTE`: an `NT_PRSTATUS` note per CPU (`CORE`, `struct elf_prstatus` with the 27
+//! - one `PT_NOTE`, first (crash takes the first program header for it, and every other for
+//!   a `PT_LOAD`): an `NT_PRSTATUS` note per CPU (`CORE`, `struct elf_prstatus` with the 27
 //!   registers of x86-64's `user_regs_struct`), then the kernel's own `VMCOREINFO` note, which
 //!   tells `crash` the kernel's release, its KASLR offset and `phys_base`;
 //! - one `PT_LOAD` per RAM range, at the physical address and at the virtual address the
 //!   kernel maps it at (`page_offset_base`);
-//! - two more `PT_LOAD`s over the kernel image's pages, sharing those file bytes: at the
-//!   kernel's run-time addresses, and at its link-time addresses (run-time minus KASLR's
-//!   offset), so that `gdb vmlinux CORE` reads `jiffies` at the address vmlinux gives it.
+//! - two more `PT_LOAD`s over the kernel image's pages, sharing those file bytes: at its
+//!   link-time addresses (run-time minus KASLR's offset), so that `gdb vmlinux CORE` reads
+//!   `jiffies` at the address vmlinux gives it (gdb reads by virtual address), and at its
+//!   run-time addresses, which pointers in memory hold. crash reads by physical address only.
+//!
+//! crash (8.0) finds KASLR's offset from `SYMBOL(_stext)` when told `--kaslr=auto`, and
+//! `phys_base` from VMCOREINFO; a live checkpoint has no panic task (`--no_panic`).
 //!
 //! Every page's bytes are written once, streamed from the checkpoint.
 
 use crate::model::{gpr, seg, CpuRecord, Meta, PAGE};
 use crate::qsc::read::{Archive, Source};
 use std::io::{self, Write};
+
+/// Where a core's pages come from: a file's checkpoint, or a live machine's (`qsctl export`).
+/// Pages are asked for in ascending order, each once.
+pub trait Pages {
+    fn read_page(&mut self, gpa: u64, buf: &mut [u8; PAGE]) -> io::Result<()>;
+}
+
+/// Checkpoint `index` of an archive.
+pub struct FromArchive<'a, S: Source + ?Sized> {
+    pub archive: &'a Archive<S>,
+    pub index: usize,
+}
+
+impl<S: Source + ?Sized> Pages for FromArchive<'_, S> {
+    fn read_page(&mut self, gpa: u64, buf: &mut [u8; PAGE]) -> io::Result<()> {
+        self.archive.read_page(self.index, gpa, buf)
+    }
+}
 
 const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
@@ -68,11 +91,15 @@ struct Load {
     len: u64,
 }
 
-/// Writes checkpoint `index` of `a` as an ELF core to `out`; returns the bytes written.
-pub fn write<S: Source + ?Sized>(a: &Archive<S>, index: usize, out: impl Write) -> io::Result<u64> {
-    let e = &a.checkpoints()[index];
-    let meta = &e.section.meta;
-    let notes = notes(&e.cpus, meta);
+/// Writes a checkpoint (its CPUs, its identity, its pages) as an ELF core to `out`; returns
+/// the bytes written.
+pub fn write(
+    cpus: &[CpuRecord],
+    meta: &Meta,
+    pages: &mut impl Pages,
+    out: impl Write,
+) -> io::Result<u64> {
+    let notes = notes(cpus, meta);
     let mut loads: Vec<Load> = Vec::new();
     // File layout: ELF header, program headers, notes, then RAM in address order.
     let extra = image_loads(meta).len();
@@ -128,7 +155,7 @@ pub fn write<S: Source + ?Sized>(a: &Archive<S>, index: usize, out: impl Write) 
     let mut page = Box::new([0u8; PAGE]);
     for r in &meta.ram {
         for gpa in (r.start..r.end).step_by(PAGE) {
-            a.read_page(index, gpa, &mut page)?;
+            pages.read_page(gpa, &mut page)?;
             w.write_all(&page[..])?;
         }
     }
@@ -154,10 +181,13 @@ fn image_loads(meta: &Meta) -> Vec<(u64, u64, u64)> {
         return Vec::new();
     };
     let len = r.end - phys;
-    let mut v = vec![(start, phys, len)];
+    // Link-time first: where KASLR's offset is smaller than the image the two overlap, and
+    // gdb reads from the first load that covers an address.
+    let mut v = Vec::new();
     if p.kaslr != 0 {
         v.push((start.wrapping_sub(p.kaslr), phys, len));
     }
+    v.push((start, phys, len));
     v
 }
 
@@ -190,7 +220,8 @@ fn phdr(kind: u32, flags: u32, offset: u64, vaddr: u64, paddr: u64, len: u64) ->
     p[24..32].copy_from_slice(&paddr.to_le_bytes());
     p[32..40].copy_from_slice(&len.to_le_bytes());
     p[40..48].copy_from_slice(&len.to_le_bytes());
-    p[48..56].copy_from_slice(&(if kind == PT_LOAD { PAGE as u64 } else { 0 }).to_le_bytes());
+    // p_align 0, as /proc/vmcore has it: crash takes a first PT_LOAD so aligned for a kdump
+    // core, the kind it reads KASLR and registers from (netdump.c).
     p
 }
 

@@ -439,6 +439,113 @@ QS_ASSERT(__builtin_offsetof(struct qs_link_request, pause_us) == 40);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, pages) == 48);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, bytes) == 56);
 
+/*
+ * `Op::CheckpointRead`'s header: `pages` pages from `first_gpa` (all in one RAM range) of
+ * checkpoint `id`, as they were when it was taken, copied after the header. The hv reads
+ * them under the lock its copy-on-write takes, so the machine may run meanwhile.
+ */
+struct qs_checkpoint_read {
+	/* Out: a `Status`. */
+	__s64 status;
+	/* In: the checkpoint. */
+	__u32 id;
+	/* In: pages wanted (at most what the buffer holds after its header). */
+	__u32 pages;
+	/* In: the first page's guest-physical address. */
+	__u64 first_gpa;
+};
+QS_ASSERT(sizeof(struct qs_checkpoint_read) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_read, status) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_read, id) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_read, pages) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_read, first_gpa) == 16);
+
+/*
+ * `Op::CheckpointCpu`: CPU `cpu`'s state in checkpoint `id`, vendor-neutral. Its XSAVE
+ * area (standard format) and the hv's local APIC record follow the header.
+ */
+struct qs_checkpoint_cpu {
+	/* Out: a `Status`. */
+	__s64 status;
+	/* In: the checkpoint. */
+	__u32 id;
+	/* In: the CPU's index. */
+	__u32 cpu;
+	/* Its local APIC ID, and CPL. */
+	__u32 apic_id;
+	/* The current privilege level. */
+	__u32 cpl;
+	/* RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8-R15 (encoding order). */
+	__u64 gprs[16];
+	/* RIP. */
+	__u64 rip;
+	/* RFLAGS. */
+	__u64 rflags;
+	/* ES, CS, SS, DS, FS, GS, LDTR, TR: selectors. */
+	__u16 seg_selector[8];
+	/* Their attributes (the VMCB's packed format). */
+	__u16 seg_attrib[8];
+	/* Their limits. */
+	__u32 seg_limit[8];
+	/* Their bases. */
+	__u64 seg_base[8];
+	/* GDTR's base. */
+	__u64 gdtr_base;
+	/* IDTR's base. */
+	__u64 idtr_base;
+	/* GDTR's limit. */
+	__u32 gdtr_limit;
+	/* IDTR's limit. */
+	__u32 idtr_limit;
+	/* CR0, CR2, CR3, CR4, CR8, XCR0. */
+	__u64 cr[6];
+	/* EFER. */
+	__u64 efer;
+	/* DR0-DR3, DR6, DR7. */
+	__u64 dr[6];
+	/*
+	 * STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE, SYSENTER_CS, SYSENTER_ESP,
+	 * SYSENTER_EIP, PAT, TSC_AUX.
+	 */
+	__u64 msrs[10];
+	/* An event being delivered, in EXITINTINFO's format (bit 31: valid). */
+	__u64 pending;
+	/* `CPU_INTERRUPT_SHADOW`, `CPU_NMI_BLOCKED`. */
+	__u32 flags;
+	/* Out: bytes of XSAVE area after the header. */
+	__u32 xsave_len;
+	/* Out: bytes of local APIC record after the XSAVE area. */
+	__u32 lapic_len;
+	/* Out: that record's layout (`LAPIC_RECORD_V1`). */
+	__u32 lapic_version;
+};
+QS_ASSERT(sizeof(struct qs_checkpoint_cpu) == 528);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, status) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, id) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, cpu) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, apic_id) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, cpl) == 20);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, gprs) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, rip) == 152);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, rflags) == 160);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, seg_selector) == 168);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, seg_attrib) == 184);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, seg_limit) == 200);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, seg_base) == 232);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, gdtr_base) == 296);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, idtr_base) == 304);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, gdtr_limit) == 312);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, idtr_limit) == 316);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, cr) == 320);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, efer) == 368);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, dr) == 376);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, msrs) == 424);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, pending) == 504);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, flags) == 512);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, xsave_len) == 516);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_len) == 520);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
+
 #define QS_MAX_RAM_RANGES 32
 #define QS_MAX_CHECKPOINTS 64
 #define QS_CKPT_MAX_CHUNKS 64
@@ -451,6 +558,7 @@ QS_ASSERT(__builtin_offsetof(struct qs_link_request, bytes) == 56);
 #define QS_LINK_OP_TAKE 1
 #define QS_LINK_OP_ROLLBACK 3
 #define QS_LINK_OP_DELETE 4
+#define QS_CHECKPOINT_READ_DATA 4096
 #define QS_NOTICE_HOT_PAGES_OFFSET 512
 #define QS_NOTICE_WATCHDOG_RESET_OFFSET 1024
 
@@ -518,6 +626,16 @@ QS_ASSERT(__builtin_offsetof(struct qs_link_request, bytes) == 56);
  * flight (an agent rolled back to before it answered) is dropped.
  */
 #define QS_OP_LINK_REPLY 13
+/*
+ * Pages of a kept checkpoint's memory as they were when it was taken: buffer = a
+ * `CheckpointRead`, then from `CHECKPOINT_READ_DATA` room for its pages.
+ */
+#define QS_OP_CHECKPOINT_READ 14
+/*
+ * One CPU's state in a kept checkpoint: buffer = a `CheckpointCpu`, then room for
+ * its XSAVE area and local APIC record (`xsave_len`, `lapic_len` bytes).
+ */
+#define QS_OP_CHECKPOINT_CPU 15
 
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 #define QS_CPUID_INFO_LEAF 0x40000001u
@@ -594,6 +712,8 @@ enum qs_status {
 	 * natively, where its writes escape any checkpoint.
 	 */
 	QS_CPU_LEFT_GUEST_MODE = 29,
+	/* A checkpoint's memory was asked for outside the machine's RAM. */
+	QS_NOT_IN_RAM = 30,
 };
 
 /* What went wrong and what to do about it: Status::message() in Rust. */
@@ -615,7 +735,7 @@ static const char *const qs_status_text[] = {
 	[QS_LA57_UNSUPPORTED] = "the kernel runs 5-level paging, which the hv does not support yet: boot it with no5lvl",
 	[QS_BUSY] = "the hv is busy: a gdb session holds it (attached, or some CPUs stopped), or another checkpoint request is under way: continue or detach gdb, or wait, then try again",
 	[QS_STORE_TOO_LARGE] = "the store is larger than this hv takes (128 chunks of 4 MiB, 512 MiB, for store_mem= and ckpt_mem= together): load the agent with a smaller store_mem= or ckpt_mem=",
-	[QS_NOT_QUIESCENT] = "a CPU was inside an interrupt handler or delivering an event at every try, where a checkpoint could not be restored exactly: try again (qsctl checkpoint retries for 50 ms)",
+	[QS_NOT_QUIESCENT] = "a CPU was inside an interrupt or NMI handler or delivering an event at every try, where a checkpoint could not be restored exactly: try again (qsctl checkpoint retries for 50 ms)",
 	[QS_NO_SUCH_CHECKPOINT] = "no checkpoint has that id: qsctl checkpoints lists the ones kept (a rollback drops newer ones, the periodic ring its oldest)",
 	[QS_CHECKPOINT_MEMORY_FULL] = "the checkpoint memory is full: delete checkpoints (qsctl checkpoint --delete ID|all) or load the agent with a larger ckpt_mem=",
 	[QS_NO_CHECKPOINT_MEMORY] = "the agent was loaded with ckpt_mem=0, so there is nowhere to keep checkpoints: reload it with ckpt_mem=64M (or more)",
@@ -628,6 +748,7 @@ static const char *const qs_status_text[] = {
 	[QS_DEBUGGER_HOLDS_CPUS] = "a debugger holds every CPU (gdb is attached through the bridge): use gdb's monitor checkpoint, monitor checkpoints or monitor rollback ID, or detach gdb and ask again",
 	[QS_LINK_REQUEST_PENDING] = "the machine is still serving an earlier checkpoint request from the bridge (one at a time; one older than 30 s is given up): wait for it, then ask again",
 	[QS_CPU_LEFT_GUEST_MODE] = "a CPU left guest mode while the others stayed (an unexpected exit: qsctl stats shows it), so the machine cannot be checkpointed or rolled back as one: qsctl deactivate, then qsctl activate, and take a new checkpoint",
+	[QS_NOT_IN_RAM] = "those pages are not in the machine's RAM (System RAM in /proc/iomem): a checkpoint holds RAM only",
 };
 
 #define QS_UNKNOWN_STATUS "the hv returned an unknown status: the hv image and the agent come from different trees; rebuild both with cargo xtask build"
@@ -727,6 +848,41 @@ QS_ASSERT(__builtin_offsetof(struct qs_buffer_request, buf) == 0);
 QS_ASSERT(__builtin_offsetof(struct qs_buffer_request, len) == 8);
 QS_ASSERT(__builtin_offsetof(struct qs_buffer_request, status) == 16);
 
+/* CHECKPOINT_READ: `pages` pages of checkpoint `id` from `first_gpa` into `buf`. */
+struct qs_read_request {
+	/* The caller's buffer (a user pointer) of `pages` * 4096 bytes. */
+	__u64 buf;
+	/* The checkpoint. */
+	__u32 id;
+	/* Pages (at most `READ_MAX_PAGES`), all in one RAM range. */
+	__u32 pages;
+	/* The first page's physical address. */
+	__u64 first_gpa;
+	/* Out: the hv's `Status`. */
+	__s64 status;
+};
+QS_ASSERT(sizeof(struct qs_read_request) == 32);
+QS_ASSERT(__builtin_offsetof(struct qs_read_request, buf) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_read_request, id) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_read_request, pages) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_read_request, first_gpa) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_read_request, status) == 24);
+
+/* EXPORT_INFO's answer, before the RAM ranges. */
+struct qs_export_info {
+	/* Where the kernel maps all of RAM (`page_offset_base`). */
+	__u64 page_offset;
+	/* RAM ranges that follow. */
+	__u32 ram_ranges;
+	/* CPUs the hv was loaded for (`nr_cpu_ids`). */
+	__u32 cpus;
+};
+QS_ASSERT(sizeof(struct qs_export_info) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_export_info, page_offset) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_export_info, ram_ranges) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_export_info, cpus) == 12);
+
+#define QS_READ_MAX_PAGES 255
 #define QS_IOC_MAGIC 'Q'
 /* Switch every online CPU into guest mode. */
 #define QS_IOC_ACTIVATE _IOR(QS_IOC_MAGIC, 1, struct qs_switch_result)
@@ -795,5 +951,20 @@ QS_ASSERT(QS_IOC_LAST_ROLLBACK == 0x8048510fu);
  */
 #define QS_IOC_CHECKPOINT_PERIODIC _IOWR(QS_IOC_MAGIC, 16, struct qs_checkpoint_periodic)
 QS_ASSERT(QS_IOC_CHECKPOINT_PERIODIC == 0xc0105110u);
+/* Pages of a kept checkpoint's memory as they were when it was taken (`qsctl export`). */
+#define QS_IOC_CHECKPOINT_READ _IOWR(QS_IOC_MAGIC, 17, struct qs_read_request)
+QS_ASSERT(QS_IOC_CHECKPOINT_READ == 0xc0205111u);
+/*
+ * One CPU's state in a kept checkpoint: the buffer holds a `crate::abi::CheckpointCpu`
+ * (its `id` and `cpu` set) and room for its XSAVE area and local APIC record.
+ */
+#define QS_IOC_CHECKPOINT_CPU _IOWR(QS_IOC_MAGIC, 18, struct qs_buffer_request)
+QS_ASSERT(QS_IOC_CHECKPOINT_CPU == 0xc0185112u);
+/*
+ * What an export needs of the kernel besides the checkpoint: an `ExportInfo`, then
+ * `ram_ranges` pairs of u64 (start, end) of the RAM the hv keeps checkpoints of.
+ */
+#define QS_IOC_EXPORT_INFO _IOWR(QS_IOC_MAGIC, 19, struct qs_buffer_request)
+QS_ASSERT(QS_IOC_EXPORT_INFO == 0xc0185113u);
 
 #endif /* QS_ABI_H */

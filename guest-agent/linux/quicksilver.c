@@ -1085,6 +1085,45 @@ static long qs_control(u64 op, void *buf, u64 len)
 /* ---- checkpoints and rollbacks ---- */
 
 /*
+ * `qsctl export`: pages of a kept checkpoint as they were when it was taken. The hv copies
+ * them by physical address into a buffer of whole pages after a header page; it reads under
+ * the lock its copy-on-write takes, so the machine runs on meanwhile.
+ */
+static long qs_ioc_checkpoint_read(void __user *uarg)
+{
+	struct qs_read_request req;
+	struct qs_checkpoint_read *r;
+	size_t len;
+	long ret = 0;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (!req.pages || req.pages > QS_READ_MAX_PAGES)
+		return -EINVAL;
+	if (!qs_active) {
+		req.status = QS_NOT_ACTIVE;
+		return copy_to_user(uarg, &req, sizeof(req)) ? -EFAULT : 0;
+	}
+	len = QS_CHECKPOINT_READ_DATA + (size_t)req.pages * PAGE_SIZE;
+	r = alloc_pages_exact(len, GFP_KERNEL | __GFP_NOWARN);	/* page-aligned, contiguous */
+	if (!r)
+		return -ENOMEM;
+	memset(r, 0, sizeof(*r));
+	r->id = req.id;
+	r->pages = req.pages;
+	r->first_gpa = req.first_gpa;
+	req.status = qs_control(QS_OP_CHECKPOINT_READ, r, len);
+	if (req.status == QS_OK &&
+	    copy_to_user(u64_to_user_ptr(req.buf), (u8 *)r + QS_CHECKPOINT_READ_DATA,
+			 (size_t)req.pages * PAGE_SIZE))
+		ret = -EFAULT;
+	if (!ret && copy_to_user(uarg, &req, sizeof(req)))
+		ret = -EFAULT;
+	free_pages_exact(r, len);
+	return ret;
+}
+
+/*
  * After a rollback every CPU runs the kernel as it was at the checkpoint, this module
  * included; the hv wrote the notice (a newer generation than any this kernel saw) and injected
  * an NMI on the CPU that asked for the rollback. The NMI handler is the first thing that CPU
@@ -1694,6 +1733,60 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 		if (copy_to_user(uarg, p, sizeof(*p)))
 			ret = -EFAULT;
 		kfree(p);
+		break;
+	}
+	case QS_IOC_CHECKPOINT_READ:
+		ret = qs_ioc_checkpoint_read(uarg);
+		break;
+	case QS_IOC_CHECKPOINT_CPU: {
+		struct qs_buffer_request req;
+		void *buf;
+
+		if (copy_from_user(&req, uarg, sizeof(req))) {
+			ret = -EFAULT;
+			break;
+		}
+		if (req.len < sizeof(struct qs_checkpoint_cpu) || req.len > (64u << 10)) {
+			ret = -EINVAL;
+			break;
+		}
+		buf = kzalloc(req.len, GFP_KERNEL);	/* physically contiguous: the hv writes by PA */
+		if (!buf) {
+			ret = -ENOMEM;
+			break;
+		}
+		if (copy_from_user(buf, u64_to_user_ptr(req.buf), sizeof(struct qs_checkpoint_cpu)))
+			ret = -EFAULT;
+		else
+			req.status = qs_active ? qs_control(QS_OP_CHECKPOINT_CPU, buf, req.len) : QS_NOT_ACTIVE;
+		if (!ret && (copy_to_user(u64_to_user_ptr(req.buf), buf, req.len) ||
+			     copy_to_user(uarg, &req, sizeof(req))))
+			ret = -EFAULT;
+		kfree(buf);
+		break;
+	}
+	case QS_IOC_EXPORT_INFO: {
+		struct qs_buffer_request req;
+		struct qs_export_info info = {
+			.page_offset = (u64)PAGE_OFFSET,
+			.ram_ranges = qs_ram_n,
+			.cpus = nr_cpu_ids,
+		};
+		size_t ranges = 2 * sizeof(u64) * qs_ram_n;
+
+		if (copy_from_user(&req, uarg, sizeof(req))) {
+			ret = -EFAULT;
+			break;
+		}
+		if (req.len < sizeof(info) + ranges) {
+			ret = -EINVAL;
+			break;
+		}
+		req.status = QS_OK;
+		if (copy_to_user(u64_to_user_ptr(req.buf), &info, sizeof(info)) ||
+		    copy_to_user(u64_to_user_ptr(req.buf) + sizeof(info), qs_ram, ranges) ||
+		    copy_to_user(uarg, &req, sizeof(req)))
+			ret = -EFAULT;
 		break;
 	}
 	case QS_IOC_LAST_ROLLBACK:

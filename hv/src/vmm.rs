@@ -375,6 +375,10 @@ impl Hv {
             Op::CheckpointPeriodic => crate::checkpoint::periodic(buf),
             Op::LinkRequest => crate::link::checkpoint::hand_out(buf),
             Op::LinkReply => crate::link::checkpoint::reply(buf),
+            // Checkpoint memory and slots are reached through the identity map: host mode.
+            Op::CheckpointRead | Op::CheckpointCpu if !in_guest => Status::NotActive,
+            Op::CheckpointRead => crate::checkpoint::export::read_pages(self, buf),
+            Op::CheckpointCpu => crate::checkpoint::export::read_cpu(self, buf),
             // Hypercalls only (`freeze_request`, `checkpoint_request`, the run loop).
             Op::Deactivate | Op::Freeze | Op::Checkpoint | Op::Rollback => Status::BadOp,
         };

@@ -60,6 +60,12 @@ crate::abi_enum! {
         /// (same `tag`). The hv answers the bridge with it; a reply for a request no longer in
         /// flight (an agent rolled back to before it answered) is dropped.
         LinkReply = 13,
+        /// Pages of a kept checkpoint's memory as they were when it was taken: buffer = a
+        /// [`CheckpointRead`], then from [`CHECKPOINT_READ_DATA`] room for its pages.
+        CheckpointRead = 14,
+        /// One CPU's state in a kept checkpoint: buffer = a [`CheckpointCpu`], then room for
+        /// its XSAVE area and local APIC record (`xsave_len`, `lapic_len` bytes).
+        CheckpointCpu = 15,
     }
 }
 
@@ -328,6 +334,93 @@ impl core::fmt::Display for BusyWhat {
     }
 }
 
+/// Where a [`CheckpointRead`] buffer's pages start (the header is padded to a page, so the
+/// hv copies whole aligned pages).
+pub const CHECKPOINT_READ_DATA: u64 = 4096;
+
+crate::abi_struct! {
+    /// `Op::CheckpointRead`'s header: `pages` pages from `first_gpa` (all in one RAM range) of
+    /// checkpoint `id`, as they were when it was taken, copied after the header. The hv reads
+    /// them under the lock its copy-on-write takes, so the machine may run meanwhile.
+    #[c_name = "qs_checkpoint_read"]
+    pub struct CheckpointRead {
+        /// Out: a `Status`.
+        pub status: i64,
+        /// In: the checkpoint.
+        pub id: u32,
+        /// In: pages wanted (at most what the buffer holds after its header).
+        pub pages: u32,
+        /// In: the first page's guest-physical address.
+        pub first_gpa: u64,
+    }
+}
+
+/// [`CheckpointCpu::flags`]: in an interrupt shadow (after STI or MOV SS).
+pub const CPU_INTERRUPT_SHADOW: u32 = 1;
+/// [`CheckpointCpu::flags`]: inside an NMI handler.
+pub const CPU_NMI_BLOCKED: u32 = 2;
+/// [`CheckpointCpu::lapic_version`]: the hv's local APIC record, version 1.
+pub const LAPIC_RECORD_V1: u32 = 1;
+
+crate::abi_struct! {
+    /// `Op::CheckpointCpu`: CPU `cpu`'s state in checkpoint `id`, vendor-neutral. Its XSAVE
+    /// area (standard format) and the hv's local APIC record follow the header.
+    #[c_name = "qs_checkpoint_cpu"]
+    pub struct CheckpointCpu {
+        /// Out: a `Status`.
+        pub status: i64,
+        /// In: the checkpoint.
+        pub id: u32,
+        /// In: the CPU's index.
+        pub cpu: u32,
+        /// Its local APIC ID, and CPL.
+        pub apic_id: u32,
+        /// The current privilege level.
+        pub cpl: u32,
+        /// RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8-R15 (encoding order).
+        pub gprs: [u64; 16],
+        /// RIP.
+        pub rip: u64,
+        /// RFLAGS.
+        pub rflags: u64,
+        /// ES, CS, SS, DS, FS, GS, LDTR, TR: selectors.
+        pub seg_selector: [u16; 8],
+        /// Their attributes (the VMCB's packed format).
+        pub seg_attrib: [u16; 8],
+        /// Their limits.
+        pub seg_limit: [u32; 8],
+        /// Their bases.
+        pub seg_base: [u64; 8],
+        /// GDTR's base.
+        pub gdtr_base: u64,
+        /// IDTR's base.
+        pub idtr_base: u64,
+        /// GDTR's limit.
+        pub gdtr_limit: u32,
+        /// IDTR's limit.
+        pub idtr_limit: u32,
+        /// CR0, CR2, CR3, CR4, CR8, XCR0.
+        pub cr: [u64; 6],
+        /// EFER.
+        pub efer: u64,
+        /// DR0-DR3, DR6, DR7.
+        pub dr: [u64; 6],
+        /// STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE, SYSENTER_CS, SYSENTER_ESP,
+        /// SYSENTER_EIP, PAT, TSC_AUX.
+        pub msrs: [u64; 10],
+        /// An event being delivered, in EXITINTINFO's format (bit 31: valid).
+        pub pending: u64,
+        /// `CPU_INTERRUPT_SHADOW`, `CPU_NMI_BLOCKED`.
+        pub flags: u32,
+        /// Out: bytes of XSAVE area after the header.
+        pub xsave_len: u32,
+        /// Out: bytes of local APIC record after the XSAVE area.
+        pub lapic_len: u32,
+        /// Out: that record's layout (`LAPIC_RECORD_V1`).
+        pub lapic_version: u32,
+    }
+}
+
 /// [`LinkRequest::op`]: take a checkpoint.
 pub const LINK_OP_TAKE: u32 = 1;
 /// [`LinkRequest::op`]: roll back to `id`.
@@ -470,7 +563,7 @@ crate::abi_enum! {
             "the store is larger than this hv takes (128 chunks of 4 MiB, 512 MiB, for store_mem= and ckpt_mem= together): load the agent with a smaller store_mem= or ckpt_mem=",
         /// A CPU was not at a point where its state can be restored.
         NotQuiescent = 18 =>
-            "a CPU was inside an interrupt handler or delivering an event at every try, where a checkpoint could not be restored exactly: try again (qsctl checkpoint retries for 50 ms)",
+            "a CPU was inside an interrupt or NMI handler or delivering an event at every try, where a checkpoint could not be restored exactly: try again (qsctl checkpoint retries for 50 ms)",
         /// No checkpoint has that id.
         NoSuchCheckpoint = 19 =>
             "no checkpoint has that id: qsctl checkpoints lists the ones kept (a rollback drops newer ones, the periodic ring its oldest)",
@@ -509,6 +602,9 @@ crate::abi_enum! {
         /// natively, where its writes escape any checkpoint.
         CpuLeftGuestMode = 29 =>
             "a CPU left guest mode while the others stayed (an unexpected exit: qsctl stats shows it), so the machine cannot be checkpointed or rolled back as one: qsctl deactivate, then qsctl activate, and take a new checkpoint",
+        /// A checkpoint's memory was asked for outside the machine's RAM.
+        NotInRam = 30 =>
+            "those pages are not in the machine's RAM (System RAM in /proc/iomem): a checkpoint holds RAM only",
     }
 }
 

@@ -153,6 +153,47 @@ requests! {
     /// Start, change or stop the periodic ring (`qsctl checkpoint --every MS --keep N`);
     /// activates the hv if it is dormant.
     CHECKPOINT_PERIODIC = ReadWrite(16, crate::abi::CheckpointPeriodic);
+    /// Pages of a kept checkpoint's memory as they were when it was taken (`qsctl export`).
+    CHECKPOINT_READ = ReadWrite(17, ReadRequest);
+    /// One CPU's state in a kept checkpoint: the buffer holds a [`crate::abi::CheckpointCpu`]
+    /// (its `id` and `cpu` set) and room for its XSAVE area and local APIC record.
+    CHECKPOINT_CPU = ReadWrite(18, BufferRequest);
+    /// What an export needs of the kernel besides the checkpoint: an [`ExportInfo`], then
+    /// `ram_ranges` pairs of u64 (start, end) of the RAM the hv keeps checkpoints of.
+    EXPORT_INFO = ReadWrite(19, BufferRequest);
+}
+
+crate::abi_struct! {
+    /// CHECKPOINT_READ: `pages` pages of checkpoint `id` from `first_gpa` into `buf`.
+    #[c_name = "qs_read_request"]
+    pub struct ReadRequest {
+        /// The caller's buffer (a user pointer) of `pages` * 4096 bytes.
+        pub buf: u64,
+        /// The checkpoint.
+        pub id: u32,
+        /// Pages (at most `READ_MAX_PAGES`), all in one RAM range.
+        pub pages: u32,
+        /// The first page's physical address.
+        pub first_gpa: u64,
+        /// Out: the hv's `Status`.
+        pub status: i64,
+    }
+}
+
+/// [`ReadRequest::pages`] at most: 1 MiB.
+pub const READ_MAX_PAGES: u32 = 255;
+
+crate::abi_struct! {
+    /// EXPORT_INFO's answer, before the RAM ranges.
+    #[c_name = "qs_export_info"]
+    pub struct ExportInfo {
+        /// Where the kernel maps all of RAM (`page_offset_base`).
+        pub page_offset: u64,
+        /// RAM ranges that follow.
+        pub ram_ranges: u32,
+        /// CPUs the hv was loaded for (`nr_cpu_ids`).
+        pub cpus: u32,
+    }
 }
 
 crate::abi_struct! {

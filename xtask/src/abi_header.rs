@@ -101,6 +101,8 @@ pub fn generate() -> String {
     structure::<abi::CheckpointDelete>(&mut h);
     structure::<abi::CheckpointPeriodic>(&mut h);
     structure::<abi::LinkRequest>(&mut h);
+    structure::<abi::CheckpointRead>(&mut h);
+    structure::<abi::CheckpointCpu>(&mut h);
     defines(
         &mut h,
         [
@@ -119,6 +121,10 @@ pub fn generate() -> String {
             ("QS_LINK_OP_TAKE", abi::LINK_OP_TAKE.to_string()),
             ("QS_LINK_OP_ROLLBACK", abi::LINK_OP_ROLLBACK.to_string()),
             ("QS_LINK_OP_DELETE", abi::LINK_OP_DELETE.to_string()),
+            (
+                "QS_CHECKPOINT_READ_DATA",
+                abi::CHECKPOINT_READ_DATA.to_string(),
+            ),
             (
                 "QS_NOTICE_HOT_PAGES_OFFSET",
                 abi::NOTICE_HOT_PAGES_OFFSET.to_string(),
@@ -188,6 +194,12 @@ pub fn generate() -> String {
     structure::<Peek>(&mut h);
     structure::<AgentInfo>(&mut h);
     structure::<ioctl::BufferRequest>(&mut h);
+    structure::<ioctl::ReadRequest>(&mut h);
+    structure::<ioctl::ExportInfo>(&mut h);
+    defines(
+        &mut h,
+        [("QS_READ_MAX_PAGES", ioctl::READ_MAX_PAGES.to_string())],
+    );
     defines(
         &mut h,
         [("QS_IOC_MAGIC", format!("'{}'", ioctl::MAGIC as char))],

@@ -32,6 +32,9 @@ use qs_testkit::Artifacts;
 pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Modules shipped for the "KVM and Quicksilver exclude each other" checks.
 pub const KVM_MODULES: &[&str] = &["kvm_amd"];
+/// The guest's disk driver, for tests that hand it a disk to write into (`qsctl export`):
+/// the PCI transport (a module in Debian 12's kernels, built in in 13's), then the driver.
+pub const DISK_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
 
 /// Builds every part for `kernel`; see the module documentation.
 pub fn build(kernel: &Kernel) -> anyhow::Result<Artifacts> {
@@ -116,6 +119,7 @@ fn write_initrd(artifacts: &Artifacts) -> anyhow::Result<()> {
         qsctl: present(&artifacts.qsctl),
         workload: present(&artifacts.workload),
         kvm_modules: initrd::module_load_order(&kernel.modules_dir, KVM_MODULES)?,
+        disk_modules: initrd::module_load_order(&kernel.modules_dir, DISK_MODULES)?,
     };
     note(format!(
         "{}: KVM modules in load order: {}",

@@ -11,7 +11,8 @@
 //! /lib/quicksilver/hv.img           the hv image
 //! /lib/quicksilver/quicksilver.ko   the agent
 //! /lib/quicksilver/kvm-modules      paths of the KVM modules, one a line, in insmod order
-//! /lib/modules-extra/*.ko           those modules (kvm-amd and what it depends on)
+//! /lib/quicksilver/disk-modules     the same for the disk driver (virtio_blk), for tests
+//! /lib/modules-extra/*.ko           those modules (kvm-amd, virtio_blk, and what they need)
 //! /qs/script.sh                     per run: appended by the runner (qs_testkit::qemu)
 //! ```
 //!
@@ -124,6 +125,8 @@ reboot() { /bin/busybox reboot -f; }
 pub const KVM_MODULES_DIR: &str = "lib/modules-extra";
 /// The file listing them in load order.
 pub const KVM_MODULES_LIST: &str = "lib/quicksilver/kvm-modules";
+/// Paths of the disk driver's modules, one a line, in insmod order.
+pub const DISK_MODULES_LIST: &str = "lib/quicksilver/disk-modules";
 
 /// A loadable kernel module found in the kernel package.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,6 +153,8 @@ pub struct InitrdInputs {
     pub workload: Option<PathBuf>,
     /// Kernel modules to ship, in load order.
     pub kvm_modules: Vec<KernelModule>,
+    /// The disk driver's modules, in load order (listed in [`DISK_MODULES_LIST`]).
+    pub disk_modules: Vec<KernelModule>,
 }
 
 /// Writes the base initramfs to `out` (atomically: a concurrent reader never sees half of it).
@@ -189,35 +194,51 @@ pub fn write_base(inputs: &InitrdInputs, out: &Path) -> anyhow::Result<()> {
             a.file(dest, 0o755, &read(src)?)?;
         }
     }
-    let mut list = String::new();
-    for m in &inputs.kvm_modules {
-        let file = m
-            .path
-            .file_name()
-            .context("module path has no file name")?
-            .to_string_lossy();
-        // busybox's insmod hands the kernel the bytes as they are: ship them uncompressed.
-        let file = file.strip_suffix(".xz").unwrap_or(&file);
-        a.file(
-            &format!("{KVM_MODULES_DIR}/{file}"),
-            0o644,
-            &read_module(&m.path)?,
-        )?;
-        list.push_str(&format!("/{KVM_MODULES_DIR}/{file}\n"));
+    for (modules, list_path) in [
+        (&inputs.kvm_modules, KVM_MODULES_LIST),
+        (&inputs.disk_modules, DISK_MODULES_LIST),
+    ] {
+        let mut list = String::new();
+        for m in modules {
+            let file = m
+                .path
+                .file_name()
+                .context("module path has no file name")?
+                .to_string_lossy();
+            // busybox's insmod hands the kernel the bytes as they are: ship them uncompressed.
+            let file = file.strip_suffix(".xz").unwrap_or(&file);
+            a.file(
+                &format!("{KVM_MODULES_DIR}/{file}"),
+                0o644,
+                &read_module(&m.path)?,
+            )?;
+            list.push_str(&format!("/{KVM_MODULES_DIR}/{file}\n"));
+        }
+        a.file(list_path, 0o644, list.as_bytes())?;
     }
-    a.file(KVM_MODULES_LIST, 0o644, list.as_bytes())?;
     write_atomically(out, &a.finish()?)
 }
 
 /// The modules `wanted` need, in an order `insmod` accepts (dependencies first), read from
 /// each module's `.modinfo` `depends=` (the package ships no `modules.dep`: depmod writes it
 /// at install).
+/// A wanted module the kernel has built in (`modules.builtin`) needs nothing.
 pub fn module_load_order(modules_dir: &Path, wanted: &[&str]) -> anyhow::Result<Vec<KernelModule>> {
     let index = module_index(modules_dir)?;
+    let builtin = std::fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
+    let builtin: Vec<String> = builtin
+        .lines()
+        .filter_map(|l| Path::new(l).file_stem())
+        .map(|s| s.to_string_lossy().replace('-', "_"))
+        .collect();
     let mut order = Vec::new();
     let mut state = BTreeMap::new();
     for name in wanted {
-        visit(&index, &name.replace('-', "_"), &mut state, &mut order)?;
+        let name = name.replace('-', "_");
+        if !index.contains_key(&name) && builtin.contains(&name) {
+            continue;
+        }
+        visit(&index, &name, &mut state, &mut order)?;
     }
     Ok(order)
 }

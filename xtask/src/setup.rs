@@ -15,7 +15,8 @@ use crate::{Kernel, KernelId};
 /// (dwarves), with which 6.12's kbuild gives the module its BTF, xz, which unpacks 6.12's
 /// compressed modules for the initramfs, DKMS (with kmod's `modinfo`), which the package's
 /// tests build the agent with as an installation would, and debootstrap, which makes the
-/// Debian 13 system that builds for Debian 13's kernels (crate::debian13).
+/// Debian 13 system that builds for Debian 13's kernels (crate::debian13), and crash, which
+/// the tests open an exported checkpoint's ELF core with.
 pub const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "gcc",
@@ -27,6 +28,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "xz-utils",
     "dkms",
     "debootstrap",
+    "crash",
 ];
 
 /// The Rust target the hv image is built for.

@@ -100,7 +100,12 @@ fn run(cli: Cli) -> Result<()> {
             let i = pick(&a, id, a.checkpoints().len() - 1)?;
             let f =
                 File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
-            let n = elf::write(&a, i, BufWriter::new(f))
+            let e = &a.checkpoints()[i];
+            let mut pages = elf::FromArchive {
+                archive: &a,
+                index: i,
+            };
+            let n = elf::write(&e.cpus, &e.section.meta, &mut pages, BufWriter::new(f))
                 .with_context(|| format!("writing {}", out.display()))?;
             println!(
                 "{}: ELF core of checkpoint {}: {} MiB ({n} bytes); open it with `crash vmlinux {}` or `gdb vmlinux {}`",

@@ -92,7 +92,7 @@ pub fn periodic(every: &str, keep: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn parse_id(s: &str) -> Result<u32> {
+pub fn parse_id(s: &str) -> Result<u32> {
     match s.parse::<u32>() {
         Ok(id) if id != 0 && id != abi::CHECKPOINT_ALL => Ok(id),
         _ => bail!("{s:?} is not a checkpoint id: give the number qsctl checkpoints lists"),

@@ -9,11 +9,12 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use quicksilver_proto::abi::{
-    self, CheckpointArgs, CheckpointDelete, CheckpointInfo, CheckpointList, CheckpointPeriodic,
-    FreezeArgs, RollbackArgs, RollbackNotice,
+    self, CheckpointArgs, CheckpointCpu, CheckpointDelete, CheckpointInfo, CheckpointList,
+    CheckpointPeriodic, FreezeArgs, RollbackArgs, RollbackNotice,
 };
 use quicksilver_proto::ioctl::{
-    self, AgentInfo, BufferRequest, Peek, Probe, Request, StatsRequest, SwitchResult,
+    self, AgentInfo, BufferRequest, ExportInfo, Peek, Probe, ReadRequest, Request, StatsRequest,
+    SwitchResult,
 };
 
 /// Issues `req` with `arg` on the agent's device.
@@ -211,4 +212,79 @@ pub fn checkpoint_periodic(dev: &File, every_ms: u32, keep: u32) -> io::Result<C
     // SAFETY: a CheckpointPeriodic holds no pointer.
     unsafe { ioctl(dev, ioctl::CHECKPOINT_PERIODIC, &mut p) }?;
     Ok(p)
+}
+
+/// Pages of checkpoint `id` from `first_gpa` into `buf` (whole pages, at most
+/// `READ_MAX_PAGES`); returns the hv's status.
+pub fn checkpoint_read(dev: &File, id: u32, first_gpa: u64, buf: &mut [u8]) -> io::Result<i64> {
+    let mut req = ReadRequest {
+        buf: buf.as_mut_ptr() as u64,
+        id,
+        pages: (buf.len() / 4096) as u32,
+        first_gpa,
+        status: 0,
+    };
+    // SAFETY: `req.buf` points at `buf`, writable for `pages` whole pages until we return, and
+    // the agent writes at most that many there.
+    unsafe { ioctl(dev, ioctl::CHECKPOINT_READ, &mut req) }?;
+    Ok(req.status)
+}
+
+/// CPU `cpu` of checkpoint `id`: its state, XSAVE area and local APIC record.
+pub fn checkpoint_cpu(
+    dev: &File,
+    id: u32,
+    cpu: u32,
+) -> io::Result<(CheckpointCpu, Vec<u8>, Vec<u8>)> {
+    let head = std::mem::size_of::<CheckpointCpu>();
+    let mut buf = vec![0u8; 16 << 10];
+    let a = CheckpointCpu {
+        id,
+        cpu,
+        ..Default::default()
+    };
+    // SAFETY: the buffer is larger than a CheckpointCpu; write_unaligned needs no alignment.
+    unsafe { std::ptr::write_unaligned(buf.as_mut_ptr().cast::<CheckpointCpu>(), a) };
+    let mut req = BufferRequest {
+        buf: buf.as_mut_ptr() as u64,
+        len: buf.len() as u64,
+        status: 0,
+    };
+    // SAFETY: `req.buf` points at `buf`, readable and writable for `req.len` bytes until we
+    // return, and the agent reads and writes at most `len` bytes there.
+    unsafe { ioctl(dev, ioctl::CHECKPOINT_CPU, &mut req) }?;
+    // SAFETY: the buffer holds a CheckpointCpu at its start (plain integers).
+    let mut a = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<CheckpointCpu>()) };
+    a.status = req.status;
+    let (x, l) = (a.xsave_len as usize, a.lapic_len as usize);
+    if req.status != 0 || head + x + l > buf.len() {
+        return Ok((a, Vec::new(), Vec::new()));
+    }
+    let xsave = buf[head..head + x].to_vec();
+    let lapic = buf[head + x..head + x + l].to_vec();
+    Ok((a, xsave, lapic))
+}
+
+/// What an export needs of the kernel: where it maps RAM, and the RAM ranges the hv keeps.
+pub fn export_info(dev: &File) -> io::Result<(ExportInfo, Vec<(u64, u64)>)> {
+    let head = std::mem::size_of::<ExportInfo>();
+    let mut buf = vec![0u8; head + 16 * abi::MAX_RAM_RANGES as usize];
+    let mut req = BufferRequest {
+        buf: buf.as_mut_ptr() as u64,
+        len: buf.len() as u64,
+        status: 0,
+    };
+    // SAFETY: as in `checkpoints`.
+    unsafe { ioctl(dev, ioctl::EXPORT_INFO, &mut req) }?;
+    // SAFETY: the buffer holds an ExportInfo at its start (plain integers).
+    let info = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<ExportInfo>()) };
+    let n = (info.ram_ranges as usize).min(abi::MAX_RAM_RANGES as usize);
+    let word = |i: usize| {
+        let at = head + 8 * i;
+        u64::from_le_bytes(buf[at..at + 8].try_into().unwrap_or_default())
+    };
+    Ok((
+        info,
+        (0..n).map(|i| (word(2 * i), word(2 * i + 1))).collect(),
+    ))
 }

@@ -17,10 +17,12 @@
 //! qsctl checkpoint --every MS|off [--keep N]  a checkpoint every MS ms, the last N kept
 //!                                 (default 20): the periodic ring; off stops it
 //! qsctl checkpoints               the checkpoints kept: id, age, pause, pages, bytes, parent
+//! qsctl export ID FILE [--elf]    a checkpoint into FILE (.qsc, or an ELF core for crash/gdb)
 //! qsctl rollback ID               put the whole machine back at checkpoint ID
 //! ```
 
 mod checkpoint;
+mod export;
 mod ioctl;
 
 use anyhow::{bail, Context, Result};
@@ -589,8 +591,10 @@ fn main() {
         ["checkpoint", "--every", every, "--keep", keep] => checkpoint::periodic(every, Some(keep)),
         ["checkpoints"] => checkpoint::list(),
         ["rollback", id] => checkpoint::rollback(id),
+        ["export", id, file] => export::export(id, file, false),
+        ["export", id, file, "--elf"] => export::export(id, file, true),
         _ => {
-            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|checkpoint [--delete ID|all] [--every MS|off [--keep N]]|checkpoints|rollback ID|peek OFFSET|poke OFFSET VALUE|peek-store OFFSET|poke-store OFFSET VALUE|peek-phys ADDRESS|bench-switch N|bench-freeze N");
+            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|checkpoint [--delete ID|all] [--every MS|off [--keep N]]|checkpoints|rollback ID|export ID FILE [--elf]|peek OFFSET|poke OFFSET VALUE|peek-store OFFSET|poke-store OFFSET VALUE|peek-phys ADDRESS|bench-switch N|bench-freeze N");
             std::process::exit(2);
         }
     };

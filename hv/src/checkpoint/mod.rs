@@ -22,6 +22,7 @@
 //! [`before_hv_write`] (hypercall buffers, gdb's writes, the notice), so that it is logged
 //! like a write of the guest's own: a rollback puts those bytes back too.
 
+pub mod export;
 pub mod store;
 pub mod undo;
 
@@ -490,36 +491,15 @@ fn rollback(
     NPT_TLB.publish(Flush::EveryCpu);
     for i in 0..hv.cpus {
         let Some(st) = p.get(i) else { continue };
-        let bytes = state_bytes_mut(&mut st.state);
-        for part in 0..CPU_SLOTS as usize {
-            let Some(slot) = e.log.record_slot(id, i * CPU_SLOTS + part as u32) else {
-                continue;
-            };
-            let src = e.log.memory().slot_pa(slot) as *const u8;
-            let end = bytes.len().min((part + 1) * PAGE);
-            let chunk = &mut bytes[part * PAGE..end];
-            // SAFETY: host mode; the slot is a page of checkpoint memory holding this CPU's
-            // record, written by `take` from a `CpuState` of this same hv (so every byte
-            // pattern copied back is one a `CpuState` held).
-            unsafe { core::ptr::copy_nonoverlapping(src, chunk.as_mut_ptr(), chunk.len()) };
-        }
+        // A CPU's record holds a `CpuState` of this same hv: every byte pattern copied back
+        // is one a `CpuState` held.
+        record_bytes(e, id, i * CPU_SLOTS, state_bytes_mut(&mut st.state));
         st.dirty = parts::ALL | parts::ROLLBACK;
     }
     // The platform's devices, from their record (IOAPIC masked first, unmasked last: see
     // `devices`); every CPU is parked, so no interrupt they raise is taken half-restored.
     let mut devices = DeviceState::default();
-    let bytes = plain_bytes_mut(&mut devices);
-    for part in 0..DEVICE_SLOTS as usize {
-        let Some(slot) = e.log.record_slot(id, hv.cpus * CPU_SLOTS + part as u32) else {
-            continue;
-        };
-        let src = e.log.memory().slot_pa(slot) as *const u8;
-        let end = bytes.len().min((part + 1) * PAGE);
-        let chunk = &mut bytes[part * PAGE..end];
-        // SAFETY: host mode; the slot holds this checkpoint's device record, written by
-        // `take` from a DeviceState of this same hv.
-        unsafe { core::ptr::copy_nonoverlapping(src, chunk.as_mut_ptr(), chunk.len()) };
-    }
+    record_bytes(e, id, hv.cpus * CPU_SLOTS, plain_bytes_mut(&mut devices));
     // SAFETY: host mode, every other CPU parked; a state `devices::capture` made here.
     unsafe { crate::devices::restore(&devices) };
     let now = crate::arch::instr::rdtsc();
@@ -917,6 +897,22 @@ fn plain_bytes_mut(s: &mut DeviceState) -> &mut [u8] {
     unsafe {
         core::slice::from_raw_parts_mut((s as *mut DeviceState).cast::<u8>(), DeviceState::SIZE)
     }
+}
+
+/// Copies checkpoint `id`'s records from record `first` on into `bytes` (a record's bytes
+/// span consecutive slots); false if no checkpoint has that id.
+fn record_bytes(e: &mut Engine, id: u32, first: u32, bytes: &mut [u8]) -> bool {
+    for (part, chunk) in bytes.chunks_mut(PAGE).enumerate() {
+        let Some(slot) = e.log.record_slot(id, first + part as u32) else {
+            return false;
+        };
+        let src = e.log.memory().slot_pa(slot) as *const u8;
+        // SAFETY: host mode; the slot is a page of checkpoint memory (identity-mapped, the
+        // hv's alone) holding this part of the record `take` wrote from the same type of
+        // this same hv; `chunk` is at most a page.
+        unsafe { core::ptr::copy_nonoverlapping(src, chunk.as_mut_ptr(), chunk.len()) };
+    }
+    true
 }
 
 fn state_bytes(s: &CpuState) -> &[u8] {

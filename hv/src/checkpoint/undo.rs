@@ -63,6 +63,9 @@ pub trait Memory {
     fn restore_page(&mut self, slot: u64, gpa: u64);
 }
 
+/// [`UndoLog::preimages`]: the page was not written since.
+pub const NOT_LOGGED: u64 = u64::MAX;
+
 /// One checkpoint kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -263,6 +266,30 @@ impl<M: Memory> UndoLog<M> {
         self.tail += 1;
         if let Some(c) = self.kept[self.count - 1].as_mut() {
             c.pages += 1;
+        }
+        Ok(())
+    }
+
+    /// Where checkpoint `id` keeps the pages `[first, first + out.len() pages)` as they were
+    /// when it was taken: per page, the slot of the oldest pre-image logged since (a page's
+    /// first write after `id` kept exactly that), or [`NOT_LOGGED`] for a page not written
+    /// since, which is as it was (and still write-protected: it cannot change before the
+    /// caller, holding what serializes the log, has read it).
+    pub fn preimages(&self, id: u32, first: u64, out: &mut [u64]) -> Result<(), UndoError> {
+        let c = self.get(id).ok_or(UndoError::NoSuch)?;
+        out.fill(NOT_LOGGED);
+        let slots = self.mem.slots();
+        let end = first + (out.len() * PAGE) as u64;
+        for pos in c.start + c.records as u64..self.tail {
+            let slot = pos % slots;
+            let e = self.mem.entry(slot);
+            let gpa = e & !KIND_MASK;
+            if e & KIND_MASK == KIND_PAGE && (first..end).contains(&gpa) {
+                let at = &mut out[((gpa - first) / PAGE as u64) as usize];
+                if *at == NOT_LOGGED {
+                    *at = slot;
+                }
+            }
         }
         Ok(())
     }
@@ -497,6 +524,28 @@ mod tests {
             }
         }
 
+        /// What an export reads: every kept checkpoint's memory, from its pre-images and the
+        /// pages not written since, is exactly what it was.
+        fn check_readable(&self) {
+            for (&id, (mem, _)) in &self.at {
+                let mut slots = [0u64; GUEST_PAGES as usize];
+                self.log.preimages(id, 0, &mut slots).unwrap();
+                for (p, &slot) in slots.iter().enumerate() {
+                    let fake = &self.log.mem;
+                    let now = &fake.guest[p * PAGE..(p + 1) * PAGE];
+                    let read = if slot == NOT_LOGGED {
+                        now
+                    } else {
+                        &fake.slots[slot as usize][..]
+                    };
+                    assert!(
+                        read == &mem[p * PAGE..(p + 1) * PAGE],
+                        "checkpoint {id} page {p}"
+                    );
+                }
+            }
+        }
+
         fn check_invariants(&self) {
             let kept: Vec<u32> = self.log.kept().map(|c| c.id).collect();
             let model: Vec<u32> = self.at.keys().copied().collect();
@@ -559,6 +608,7 @@ mod tests {
                     }
                 }
                 m.check_invariants();
+                m.check_readable();
             }
             // Every checkpoint still kept restores exactly, newest to oldest.
             let ids: Vec<u32> = m.at.keys().rev().copied().collect();

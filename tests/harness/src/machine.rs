@@ -75,6 +75,10 @@ pub struct MachineConfig {
     pub key: String,
     /// Extra kernel command-line words.
     pub cmdline: Vec<String>,
+    /// Extra QEMU arguments (a disk for the guest to write into).
+    pub qemu_args: Vec<String>,
+    /// Guest RAM, if not the default.
+    pub memory: Option<String>,
     /// Deadline of the whole run.
     pub timeout: Duration,
     /// How long the guest may take to print the [`TEXT_MARKER`] line.
@@ -93,6 +97,8 @@ impl MachineConfig {
             stub: Stub::Quicksilver,
             key: GDB_KEY.into(),
             cmdline: Vec::new(),
+            qemu_args: Vec::new(),
+            memory: None,
             timeout: Duration::from_secs(300),
             boot_timeout: Duration::from_secs(180),
         }
@@ -158,6 +164,13 @@ impl Machine {
         script: &str,
         ready: &str,
     ) -> Machine {
+        let config = Machine::config(name, smp, script, ready);
+        Machine::start(artifacts, &config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// What [`Machine::boot`] boots, for a test to add to (a disk, more RAM) before
+    /// [`Machine::start`].
+    pub fn config(name: &str, smp: u32, script: &str, ready: &str) -> MachineConfig {
         let mut config = MachineConfig::new(name, smp, &format!("{GDB_PRELUDE}\n{script}"), ready);
         if qemu_stub() {
             config.stub = Stub::Qemu;
@@ -170,7 +183,7 @@ impl Machine {
             "rcupdate.rcu_cpu_stall_timeout=120".into(),
             "watchdog_thresh=60".into(),
         ];
-        Machine::start(artifacts, &config).unwrap_or_else(|e| panic!("{e}"))
+        config
     }
 
     /// Boots the guest of `artifacts` as `config` says, waits for its ready marker and starts
@@ -193,6 +206,10 @@ impl Machine {
             .link(&sock, &config.key);
         for word in &config.cmdline {
             qemu = qemu.cmdline(word);
+        }
+        qemu = qemu.args(config.qemu_args.iter().cloned());
+        if let Some(m) = &config.memory {
+            qemu = qemu.memory(m);
         }
         let qemu_port = free_port();
         if config.stub == Stub::Qemu {
