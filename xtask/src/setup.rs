@@ -15,8 +15,9 @@ use crate::{Kernel, KernelId};
 /// (dwarves), with which 6.12's kbuild gives the module its BTF, xz, which unpacks 6.12's
 /// compressed modules for the initramfs, DKMS (with kmod's `modinfo`), which the package's
 /// tests build the agent with as an installation would, and debootstrap, which makes the
-/// Debian 13 system that builds for Debian 13's kernels (crate::debian13), and crash, which
-/// the tests open an exported checkpoint's ELF core with.
+/// Debian 13 system that builds for Debian 13's kernels (crate::debian13), crash, which the
+/// tests open an exported checkpoint's ELF core with, tmux, which runs qs-tui for its tests,
+/// and gdb.
 pub const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "gcc",
@@ -29,6 +30,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "dkms",
     "debootstrap",
     "crash",
+    "tmux",
+    "gdb",
 ];
 
 /// The Rust target the hv image is built for.

@@ -1,0 +1,146 @@
+//! qs-tui in a real terminal (tmux) against a running machine, as an operator uses it: it
+//! connects to the bridge's control socket, `c` takes a checkpoint, `r` opens the dialog and
+//! `y` rolls the machine back (the guest's ledger, which counts in memory, in tmpfs and through
+//! a pipe, goes back and stays consistent), `q` quits with the terminal restored.
+
+use qs_testkit::machine::Machine;
+use quicksilver_tests::*;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const GUEST: &str = r#"
+qs-workload --ledger /tmp/ledger &
+LP=$!
+echo GUEST-READY
+wait_host
+kill -TERM $LP; wait $LP; echo "ledger-rc=$?"
+qsctl checkpoint --delete all
+"#;
+
+/// qs-tui, built beside this test (`cargo test` builds every binary of the workspace).
+fn qs_tui() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let p = dir.join("qs-tui");
+    assert!(
+        p.exists(),
+        "{} is not built: cargo build -p qs-tui",
+        p.display()
+    );
+    p
+}
+
+/// A tmux server of the test's own, with one window of a shell.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(name: &str) -> Tmux {
+        let t = Tmux {
+            socket: format!("qs-{name}-{}", std::process::id()),
+        };
+        t.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            "110",
+            "-y",
+            "30",
+            "sh",
+        ]);
+        t
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("tmux is installed (cargo xtask setup)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &str) {
+        self.run(&["send-keys", "-t", "t", keys]);
+    }
+
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "t"])
+    }
+
+    /// Waits until the screen shows `what`; panics with the screen if it does not in `secs`.
+    fn wait_for(&self, what: &str, secs: u64) -> String {
+        let t0 = Instant::now();
+        loop {
+            let s = self.screen();
+            if s.contains(what) {
+                return s;
+            }
+            if t0.elapsed() > Duration::from_secs(secs) {
+                panic!("qs-tui's screen never showed {what:?}:\n{s}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.run(&["kill-server"]);
+    }
+}
+
+#[test]
+fn an_operator_takes_a_checkpoint_and_rolls_the_machine_back_from_the_terminal() {
+    let mut m = Machine::boot("tui", 2, GUEST, "GUEST-READY");
+    let control = m
+        .control_path()
+        .expect("the bridge's control socket")
+        .to_owned();
+    let tmux = Tmux::start("tui");
+    tmux.keys(&format!(
+        "{} --socket {}; echo TUI-EXIT=$?",
+        qs_tui().display(),
+        control.display()
+    ));
+    tmux.keys("Enter");
+    tmux.wait_for("link authenticated", 60);
+    tmux.keys("c");
+    tmux.wait_for("Checkpoints (1)", 120);
+    // The ledger counts on; then back to the checkpoint, through the dialog.
+    std::thread::sleep(Duration::from_secs(2));
+    tmux.keys("r");
+    let s = tmux.wait_for("Roll back?", 10);
+    assert!(s.contains("Every process on the machine returns"), "{s}");
+    tmux.keys("y");
+    tmux.keys("4");
+    let s = tmux.wait_for("rolled back to checkpoint 1", 120);
+    println!("{s}");
+    tmux.keys("q");
+    let s = tmux.wait_for("TUI-EXIT=0", 10);
+    assert!(
+        !s.contains("Checkpoints ("),
+        "the terminal is back to the shell, the TUI's screen gone:\n{s}"
+    );
+    m.send("go");
+    let out = m.finish();
+    assert_success(&out);
+    let o = out.script_output();
+    assert!(o.contains("LEDGER OK") && o.contains("ledger-rc=0"), "{o}");
+    // The ledger's count, as the console (the world) saw it, went back once.
+    let counts: Vec<u64> = o
+        .lines()
+        .filter_map(|l| l.strip_prefix("ledger n=")?.trim().parse().ok())
+        .collect();
+    assert!(
+        counts.windows(2).any(|w| w[1] < w[0]),
+        "the ledger went back at the rollback: {counts:?}"
+    );
+    assert_console_has(&out, "quicksilver: rolled back to checkpoint 1");
+    assert_kernel_clean(&out);
+}

@@ -1,0 +1,489 @@
+//! The TUI's state and the one place it changes: [`App::update`] takes an [`Event`] and
+//! returns the requests to send to the bridge. Drawing (`ui`) only reads it; the worker
+//! (`worker`) only turns requests into socket lines and answers into events. So every key and
+//! every answer is testable without a terminal or a socket.
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use serde_json::Value;
+use std::collections::VecDeque;
+
+/// The numbered panes, as the keys `1`-`4` select them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pane {
+    Machine,
+    Checkpoints,
+    Compare,
+    Activity,
+}
+
+impl Pane {
+    pub const ALL: [Pane; 4] = [
+        Pane::Machine,
+        Pane::Checkpoints,
+        Pane::Compare,
+        Pane::Activity,
+    ];
+    pub fn title(self) -> &'static str {
+        match self {
+            Pane::Machine => "Machine",
+            Pane::Checkpoints => "Checkpoints",
+            Pane::Compare => "Compare",
+            Pane::Activity => "Activity",
+        }
+    }
+}
+
+/// A line to the bridge's control socket (its `help` lists them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Status,
+    List,
+    Take,
+    Rollback(u32),
+    Delete(u32),
+}
+
+impl Request {
+    pub fn line(&self) -> String {
+        match self {
+            Request::Status => "status".into(),
+            Request::List => "checkpoints".into(),
+            Request::Take => "checkpoint".into(),
+            Request::Rollback(id) => format!("rollback {id}"),
+            Request::Delete(id) => format!("delete {id}"),
+        }
+    }
+}
+
+/// What reaches the app.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Key(KeyEvent),
+    /// Once a second: what is polled.
+    Tick,
+    /// The bridge answered a request.
+    Answer(Request, Value),
+    /// The bridge pushed an event (a checkpoint, a rollback, a delete, by anyone).
+    Pushed(Value),
+    /// The socket is up, or down and why.
+    Connected,
+    Disconnected(String),
+}
+
+/// One checkpoint kept, as `checkpoints` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub id: u32,
+    pub parent: u32,
+    pub age_ms: u64,
+    pub pause_us: u64,
+    pub pages: u64,
+    pub bytes: u64,
+    pub cpus: u32,
+    pub periodic: bool,
+    pub current: bool,
+}
+
+impl Checkpoint {
+    fn from_json(v: &Value) -> Option<Checkpoint> {
+        let n = |k: &str| v.get(k).and_then(Value::as_u64);
+        Some(Checkpoint {
+            id: n("id")? as u32,
+            parent: n("parent").unwrap_or(0) as u32,
+            age_ms: n("age_ms").unwrap_or(0),
+            pause_us: n("pause_us").unwrap_or(0),
+            pages: n("pages").unwrap_or(0),
+            bytes: n("bytes").unwrap_or(0),
+            cpus: n("cpus").unwrap_or(0) as u32,
+            periodic: v.get("periodic").and_then(Value::as_bool).unwrap_or(false),
+            current: v.get("current").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+}
+
+/// A destructive action waiting for the user's deliberate yes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dialog {
+    Rollback(Checkpoint),
+    Delete(Checkpoint),
+}
+
+/// The whole state.
+#[derive(Debug)]
+pub struct App {
+    pub pane: Pane,
+    pub connected: bool,
+    /// Why the socket is down, while it is.
+    pub down_reason: Option<String>,
+    /// The bridge's `status` answer.
+    pub status: Option<Value>,
+    pub checkpoints: Vec<Checkpoint>,
+    /// The selected row of the (filtered) table.
+    pub selected: usize,
+    pub filter: String,
+    pub editing_filter: bool,
+    pub dialog: Option<Dialog>,
+    pub help: bool,
+    /// What happened, newest last: (seconds since start, text).
+    pub log: VecDeque<(u64, String)>,
+    /// Seconds since start (ticks).
+    pub now: u64,
+    /// A request in flight, shown in the help bar.
+    pub busy: Option<String>,
+    pub quit: bool,
+}
+
+/// Lines the event log keeps.
+const LOG_LINES: usize = 500;
+/// Seconds between two lists when no event says the list changed: the list crosses the serial
+/// link (about 60 bytes per checkpoint), the status does not.
+pub const LIST_EVERY: u64 = 10;
+
+impl Default for App {
+    fn default() -> Self {
+        App {
+            pane: Pane::Checkpoints,
+            connected: false,
+            down_reason: None,
+            status: None,
+            checkpoints: Vec::new(),
+            selected: 0,
+            filter: String::new(),
+            editing_filter: false,
+            dialog: None,
+            help: false,
+            log: VecDeque::new(),
+            now: 0,
+            busy: None,
+            quit: false,
+        }
+    }
+}
+
+impl App {
+    /// The checkpoints the filter lets through (it matches the id, `periodic` or `manual`).
+    pub fn visible(&self) -> Vec<&Checkpoint> {
+        let f = self.filter.trim();
+        self.checkpoints
+            .iter()
+            .filter(|c| {
+                f.is_empty()
+                    || c.id.to_string() == f
+                    || (f == "periodic" && c.periodic)
+                    || (f == "manual" && !c.periodic)
+                    || (f == "current" && c.current)
+            })
+            .collect()
+    }
+
+    pub fn selected_checkpoint(&self) -> Option<Checkpoint> {
+        self.visible().get(self.selected).map(|c| (*c).clone())
+    }
+
+    fn note(&mut self, text: impl Into<String>) {
+        self.log.push_back((self.now, text.into()));
+        while self.log.len() > LOG_LINES {
+            self.log.pop_front();
+        }
+    }
+
+    /// Applies `ev`; returns what to ask the bridge.
+    pub fn update(&mut self, ev: Event) -> Vec<Request> {
+        match ev {
+            Event::Key(k) => self.key(k),
+            Event::Tick => {
+                self.now += 1;
+                let mut r = vec![Request::Status];
+                if self.connected && self.now.is_multiple_of(LIST_EVERY) {
+                    r.push(Request::List);
+                }
+                r
+            }
+            Event::Connected => {
+                self.connected = true;
+                self.down_reason = None;
+                self.note("connected to qs-bridge");
+                vec![Request::Status, Request::List]
+            }
+            Event::Disconnected(why) => {
+                if self.connected || self.down_reason.as_deref() != Some(&why) {
+                    self.note(format!("qs-bridge: {why}; reconnecting"));
+                }
+                self.connected = false;
+                self.down_reason = Some(why);
+                self.busy = None;
+                Vec::new()
+            }
+            Event::Answer(req, v) => self.answer(req, v),
+            Event::Pushed(v) => {
+                let what = v.get("event").and_then(Value::as_str).unwrap_or("?");
+                let id = v.get("id").map(|i| i.to_string()).unwrap_or_default();
+                self.note(match what {
+                    "checkpoint" => format!("checkpoint {id} taken"),
+                    "rollback" => format!("the machine was rolled back to checkpoint {id}"),
+                    "delete" => format!("checkpoint(s) {id} deleted"),
+                    other => format!("event {other} {id}"),
+                });
+                vec![Request::List]
+            }
+        }
+    }
+
+    fn answer(&mut self, req: Request, v: Value) -> Vec<Request> {
+        let ok = v.get("ok").and_then(Value::as_bool).unwrap_or(true);
+        if !matches!(req, Request::Status | Request::List) {
+            self.busy = None;
+        }
+        if !ok {
+            let why = v.get("error").and_then(Value::as_str).unwrap_or("refused");
+            self.note(format!("{} refused: {why}", req.line()));
+            return Vec::new();
+        }
+        match req {
+            Request::Status => {
+                self.status = Some(v);
+                Vec::new()
+            }
+            Request::List => {
+                self.checkpoints = v
+                    .get("checkpoints")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Checkpoint::from_json).collect())
+                    .unwrap_or_default();
+                let n = self.visible().len();
+                self.selected = self.selected.min(n.saturating_sub(1));
+                Vec::new()
+            }
+            Request::Take => {
+                let id = v.get("id").and_then(Value::as_u64).unwrap_or(0);
+                let pause = v.get("pause_us").and_then(Value::as_u64).unwrap_or(0);
+                self.note(format!(
+                    "took checkpoint {id}: every CPU stopped {pause} us"
+                ));
+                vec![Request::List]
+            }
+            Request::Rollback(id) => {
+                self.note(format!("rolled back to checkpoint {id}"));
+                vec![Request::List]
+            }
+            Request::Delete(id) => {
+                self.note(format!("deleted checkpoint {id}"));
+                vec![Request::List]
+            }
+        }
+    }
+
+    fn key(&mut self, k: KeyEvent) -> Vec<Request> {
+        if k.modifiers.contains(KeyModifiers::CONTROL) && k.code == KeyCode::Char('c') {
+            self.quit = true;
+            return Vec::new();
+        }
+        if let Some(d) = self.dialog.clone() {
+            // Only a deliberate `y` goes ahead; anything else (Enter, Esc, n) is No.
+            self.dialog = None;
+            if k.code == KeyCode::Char('y') {
+                self.busy = Some(match &d {
+                    Dialog::Rollback(c) => format!("rolling back to checkpoint {}", c.id),
+                    Dialog::Delete(c) => format!("deleting checkpoint {}", c.id),
+                });
+                return vec![match d {
+                    Dialog::Rollback(c) => Request::Rollback(c.id),
+                    Dialog::Delete(c) => Request::Delete(c.id),
+                }];
+            }
+            return Vec::new();
+        }
+        if self.editing_filter {
+            match k.code {
+                KeyCode::Enter => self.editing_filter = false,
+                KeyCode::Esc => {
+                    self.editing_filter = false;
+                    self.filter.clear();
+                }
+                KeyCode::Backspace => {
+                    self.filter.pop();
+                }
+                KeyCode::Char(c) => self.filter.push(c),
+                _ => {}
+            }
+            self.selected = 0;
+            return Vec::new();
+        }
+        if self.help {
+            self.help = false;
+            return Vec::new();
+        }
+        match k.code {
+            KeyCode::Char('q') => self.quit = true,
+            KeyCode::Char('?') => self.help = true,
+            KeyCode::Char(c @ '1'..='4') => self.pane = Pane::ALL[(c as u8 - b'1') as usize],
+            KeyCode::Tab => {
+                let i = Pane::ALL.iter().position(|&p| p == self.pane).unwrap_or(0);
+                self.pane = Pane::ALL[(i + 1) % Pane::ALL.len()];
+            }
+            KeyCode::Esc => {
+                self.filter.clear();
+                self.pane = Pane::Checkpoints;
+            }
+            KeyCode::Char('/') if self.pane == Pane::Checkpoints => self.editing_filter = true,
+            KeyCode::Down | KeyCode::Char('j') => {
+                let n = self.visible().len();
+                if self.selected + 1 < n {
+                    self.selected += 1;
+                }
+            }
+            KeyCode::Up | KeyCode::Char('k') => self.selected = self.selected.saturating_sub(1),
+            KeyCode::Char('c') if self.connected => {
+                self.busy = Some("taking a checkpoint".into());
+                return vec![Request::Take];
+            }
+            KeyCode::Char('r') if self.pane == Pane::Checkpoints => {
+                self.dialog = self.selected_checkpoint().map(Dialog::Rollback);
+            }
+            KeyCode::Char('d') if self.pane == Pane::Checkpoints => {
+                self.dialog = self.selected_checkpoint().map(Dialog::Delete);
+            }
+            KeyCode::Char('l') => return vec![Request::List],
+            _ => {}
+        }
+        Vec::new()
+    }
+}
+
+/// "2 min 10 s", "12.4 s", "850 ms".
+pub fn age(ms: u64) -> String {
+    match ms {
+        0..=999 => format!("{ms} ms"),
+        1000..=59_999 => format!("{:.1} s", ms as f64 / 1000.0),
+        60_000..=3_599_999 => format!("{} min {} s", ms / 60_000, ms / 1000 % 60),
+        _ => format!("{} h {} min", ms / 3_600_000, ms / 60_000 % 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(c: char) -> Event {
+        Event::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE))
+    }
+
+    fn app_with_two() -> App {
+        let mut a = App::default();
+        a.update(Event::Connected);
+        a.update(Event::Answer(
+            Request::List,
+            json!({"ok": true, "count": 2, "checkpoints": [
+                {"id": 1, "parent": 0, "age_ms": 130_000, "pause_us": 1800, "pages": 10, "bytes": 40960, "cpus": 2, "periodic": false, "current": false},
+                {"id": 2, "parent": 1, "age_ms": 900, "pause_us": 1500, "pages": 3, "bytes": 12288, "cpus": 2, "periodic": true, "current": true}
+            ]}),
+        ));
+        a
+    }
+
+    #[test]
+    fn a_rollback_asks_first_and_only_y_goes_ahead() {
+        let mut a = app_with_two();
+        assert!(
+            a.update(key('r')).is_empty(),
+            "nothing is sent before the answer"
+        );
+        assert!(matches!(a.dialog, Some(Dialog::Rollback(ref c)) if c.id == 1));
+        assert!(a
+            .update(Event::Key(KeyEvent::new(
+                KeyCode::Enter,
+                KeyModifiers::NONE
+            )))
+            .is_empty());
+        assert_eq!(a.dialog, None, "Enter is No");
+        a.update(key('r'));
+        assert_eq!(a.update(key('y')), vec![Request::Rollback(1)]);
+        assert!(a.busy.is_some());
+    }
+
+    #[test]
+    fn delete_and_take_and_the_list_follows_what_was_done() {
+        let mut a = app_with_two();
+        a.update(Event::Key(KeyEvent::new(KeyCode::Down, KeyModifiers::NONE)));
+        a.update(key('d'));
+        assert_eq!(a.update(key('y')), vec![Request::Delete(2)]);
+        assert_eq!(a.update(key('c')), vec![Request::Take]);
+        let next = a.update(Event::Answer(
+            Request::Take,
+            json!({"ok": true, "id": 3, "pause_us": 2000}),
+        ));
+        assert_eq!(next, vec![Request::List]);
+        assert!(a
+            .log
+            .back()
+            .is_some_and(|(_, t)| t.contains("took checkpoint 3")));
+    }
+
+    #[test]
+    fn a_refusal_is_logged_with_the_bridges_words() {
+        let mut a = app_with_two();
+        a.update(Event::Answer(
+            Request::Take,
+            json!({"ok": false, "error": "checkpoint refused: the checkpoint memory is full"}),
+        ));
+        assert!(a
+            .log
+            .back()
+            .is_some_and(|(_, t)| t.contains("memory is full")));
+    }
+
+    #[test]
+    fn the_filter_keeps_matching_rows_and_esc_clears_it() {
+        let mut a = app_with_two();
+        a.update(key('/'));
+        for c in "periodic".chars() {
+            a.update(key(c));
+        }
+        a.update(Event::Key(KeyEvent::new(
+            KeyCode::Enter,
+            KeyModifiers::NONE,
+        )));
+        assert_eq!(a.visible().len(), 1);
+        assert_eq!(a.selected_checkpoint().map(|c| c.id), Some(2));
+        a.update(Event::Key(KeyEvent::new(KeyCode::Esc, KeyModifiers::NONE)));
+        assert_eq!(a.visible().len(), 2);
+    }
+
+    #[test]
+    fn the_list_is_polled_rarely_and_refreshed_on_events() {
+        let mut a = app_with_two();
+        let lists = (0..LIST_EVERY)
+            .flat_map(|_| a.update(Event::Tick))
+            .filter(|r| *r == Request::List)
+            .count();
+        assert_eq!(lists, 1, "once per {LIST_EVERY} s");
+        assert_eq!(
+            a.update(Event::Pushed(json!({"event": "checkpoint", "id": 9}))),
+            vec![Request::List]
+        );
+    }
+
+    #[test]
+    fn a_lost_bridge_is_said_once_and_q_quits() {
+        let mut a = app_with_two();
+        a.update(Event::Disconnected("connection refused".into()));
+        a.update(Event::Disconnected("connection refused".into()));
+        let said = a
+            .log
+            .iter()
+            .filter(|(_, t)| t.contains("reconnecting"))
+            .count();
+        assert_eq!(said, 1);
+        assert!(!a.connected);
+        a.update(key('q'));
+        assert!(a.quit);
+    }
+
+    #[test]
+    fn ages_read_as_people_say_them() {
+        assert_eq!(age(850), "850 ms");
+        assert_eq!(age(12_400), "12.4 s");
+        assert_eq!(age(130_000), "2 min 10 s");
+    }
+}

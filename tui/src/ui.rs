@@ -1,0 +1,357 @@
+//! Drawing: a pure function of the state ([`draw`]). Numbered panes along the top, the pane,
+//! a help bar at the bottom; a dialog or the help over them.
+
+use crate::app::{age, App, Dialog, Pane};
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Table, Wrap};
+use ratatui::Frame;
+
+pub fn draw(f: &mut Frame, app: &App) {
+    let [top, body, bottom] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(3),
+        Constraint::Length(1),
+    ])
+    .areas(f.area());
+    tabs(f, app, top);
+    match app.pane {
+        Pane::Machine => machine(f, app, body),
+        Pane::Checkpoints => checkpoints(f, app, body),
+        Pane::Compare => compare(f, body),
+        Pane::Activity => activity(f, app, body),
+    }
+    help_bar(f, app, bottom);
+    if let Some(d) = &app.dialog {
+        dialog(f, d);
+    } else if app.help {
+        help(f);
+    }
+}
+
+fn tabs(f: &mut Frame, app: &App, area: Rect) {
+    let mut spans = Vec::new();
+    for (i, p) in Pane::ALL.iter().enumerate() {
+        let style = if *p == app.pane {
+            Style::default().add_modifier(Modifier::REVERSED | Modifier::BOLD)
+        } else {
+            Style::default()
+        };
+        spans.push(Span::styled(format!(" {} {} ", i + 1, p.title()), style));
+        spans.push(Span::raw(" "));
+    }
+    let link = if app.connected {
+        let state = app
+            .status
+            .as_ref()
+            .and_then(|s| s.get("link"))
+            .and_then(|l| l.as_str())
+            .unwrap_or("?");
+        Span::styled(
+            format!(" qs-bridge: link {state} "),
+            Style::default().fg(Color::Green),
+        )
+    } else {
+        Span::styled(
+            " qs-bridge: not connected ",
+            Style::default().fg(Color::Red),
+        )
+    };
+    spans.push(link);
+    f.render_widget(Paragraph::new(Line::from(spans)), area);
+}
+
+fn machine(f: &mut Frame, app: &App, area: Rect) {
+    let s = app.status.as_ref();
+    let field = |k: &str| {
+        s.and_then(|s| s.get(k))
+            .map(|v| match v {
+                serde_json::Value::String(t) => t.clone(),
+                serde_json::Value::Null => "none".into(),
+                other => other.to_string(),
+            })
+            .unwrap_or_else(|| "unknown".into())
+    };
+    let held: u64 = app.checkpoints.iter().map(|c| c.bytes).sum();
+    let mut lines = vec![
+        Line::from(format!("link:           {}", field("link"))),
+        Line::from(format!("gdb session:    {}", field("session"))),
+        Line::from(format!("gdb client:     {}", field("gdb_client"))),
+        Line::from(format!("CPUs:           {}", field("cpus"))),
+        Line::from(format!("gdb sessions:   {}", field("sessions"))),
+        Line::from(format!("console bytes:  {}", field("console_bytes"))),
+        Line::from(format!(
+            "checkpoints:    {} kept, {} KiB held",
+            app.checkpoints.len(),
+            held >> 10
+        )),
+    ];
+    if let Some(why) = &app.down_reason {
+        lines.push(Line::from(Span::styled(
+            format!("qs-bridge: {why}; retrying every second"),
+            Style::default().fg(Color::Red),
+        )));
+    }
+    f.render_widget(
+        Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" Machine ")),
+        area,
+    );
+}
+
+fn checkpoints(f: &mut Frame, app: &App, area: Rect) {
+    let header = Row::new(["id", "age", "pause", "pages", "KiB", "parent", "kind"])
+        .style(Style::default().add_modifier(Modifier::BOLD));
+    let rows = app.visible().into_iter().enumerate().map(|(i, c)| {
+        let style = if i == app.selected {
+            Style::default().add_modifier(Modifier::REVERSED)
+        } else {
+            Style::default()
+        };
+        let kind = match (c.periodic, c.current) {
+            (true, true) => "periodic, current",
+            (true, false) => "periodic",
+            (false, true) => "manual, current",
+            (false, false) => "manual",
+        };
+        Row::new([
+            Cell::from(c.id.to_string()),
+            Cell::from(age(c.age_ms)),
+            Cell::from(format!("{:.1} ms", c.pause_us as f64 / 1000.0)),
+            Cell::from(c.pages.to_string()),
+            Cell::from((c.bytes >> 10).to_string()),
+            Cell::from(if c.parent == 0 {
+                "-".to_string()
+            } else {
+                c.parent.to_string()
+            }),
+            Cell::from(kind),
+        ])
+        .style(style)
+    });
+    let title = if app.editing_filter || !app.filter.is_empty() {
+        format!(
+            " Checkpoints  /{}{} ",
+            app.filter,
+            if app.editing_filter { "_" } else { "" }
+        )
+    } else {
+        format!(" Checkpoints ({}) ", app.checkpoints.len())
+    };
+    let table = Table::new(
+        rows,
+        [
+            Constraint::Length(5),
+            Constraint::Length(12),
+            Constraint::Length(9),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(7),
+            Constraint::Min(8),
+        ],
+    )
+    .header(header)
+    .block(Block::default().borders(Borders::ALL).title(title));
+    f.render_widget(table, area);
+    if app.checkpoints.is_empty() {
+        let inner = area.inner(ratatui::layout::Margin::new(2, 2));
+        f.render_widget(
+            Paragraph::new("No checkpoint is kept. Press c to take one.").wrap(Wrap { trim: true }),
+            inner,
+        );
+    }
+}
+
+fn compare(f: &mut Frame, area: Rect) {
+    let text = "Comparing needs both checkpoints' memory here. Today: export them in the guest \
+                (qsctl export ID FILE), then run qs-checkpoint diff A B on them. This pane \
+                does it itself once exports cross the link.";
+    f.render_widget(
+        Paragraph::new(text)
+            .wrap(Wrap { trim: true })
+            .block(Block::default().borders(Borders::ALL).title(" Compare ")),
+        area,
+    );
+}
+
+fn activity(f: &mut Frame, app: &App, area: Rect) {
+    let room = area.height.saturating_sub(2) as usize;
+    let lines: Vec<Line> = app
+        .log
+        .iter()
+        .rev()
+        .take(room)
+        .rev()
+        .map(|(t, text)| Line::from(format!("{:>5} s  {text}", t)))
+        .collect();
+    f.render_widget(
+        Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" Activity ")),
+        area,
+    );
+}
+
+fn help_bar(f: &mut Frame, app: &App, area: Rect) {
+    let text = if let Some(b) = &app.busy {
+        format!(" {b}...")
+    } else if app.editing_filter {
+        " filter: type an id, periodic, manual or current; Enter keeps it, Esc clears it".into()
+    } else {
+        match app.pane {
+            Pane::Checkpoints => {
+                " c take  r roll back  d delete  / filter  j/k move  1-4 panes  ? help  q quit"
+                    .into()
+            }
+            _ => " c take a checkpoint  1-4 panes  ? help  q quit".into(),
+        }
+    };
+    f.render_widget(
+        Paragraph::new(text).style(Style::default().add_modifier(Modifier::REVERSED)),
+        area,
+    );
+}
+
+fn centered(area: Rect, w: u16, h: u16) -> Rect {
+    let w = w.min(area.width);
+    let h = h.min(area.height);
+    Rect::new(
+        area.x + (area.width - w) / 2,
+        area.y + (area.height - h) / 2,
+        w,
+        h,
+    )
+}
+
+fn dialog(f: &mut Frame, d: &Dialog) {
+    let (title, text) = match d {
+        Dialog::Rollback(c) => (
+            " Roll back? ",
+            format!(
+                "Every process on the machine returns to where it was {} ago, at checkpoint {}. \
+                 Checkpoints newer than it are dropped. The kernel logs the rollback.\n\n\
+                 y: roll back    any other key: cancel",
+                age(c.age_ms),
+                c.id
+            ),
+        ),
+        Dialog::Delete(c) => (
+            " Delete? ",
+            format!(
+                "Checkpoint {} ({} old, {} KiB) is deleted: the machine can no longer return to \
+                 it.\n\ny: delete    any other key: cancel",
+                c.id,
+                age(c.age_ms),
+                c.bytes >> 10
+            ),
+        ),
+    };
+    let area = centered(f.area(), 60, 9);
+    f.render_widget(Clear, area);
+    f.render_widget(
+        Paragraph::new(text)
+            .wrap(Wrap { trim: true })
+            .block(Block::default().borders(Borders::ALL).title(title)),
+        area,
+    );
+}
+
+fn help(f: &mut Frame) {
+    let keys = [
+        ("1 2 3 4, Tab", "Machine, Checkpoints, Compare, Activity"),
+        ("c", "take a checkpoint of the whole machine"),
+        ("r", "roll back to the selected checkpoint (asks first)"),
+        ("d", "delete the selected checkpoint (asks first)"),
+        ("j k, arrows", "move the selection"),
+        (
+            "/",
+            "filter the checkpoints: an id, periodic, manual, current",
+        ),
+        ("l", "list the checkpoints again now"),
+        ("Esc", "back to the checkpoints, filter cleared"),
+        ("?", "this help; any key closes it"),
+        ("q, Ctrl-C", "quit (the terminal is restored)"),
+    ];
+    let lines: Vec<Line> = keys
+        .iter()
+        .map(|(k, d)| Line::from(format!("{k:>13}  {d}")))
+        .collect();
+    let area = centered(f.area(), 76, keys.len() as u16 + 2);
+    f.render_widget(Clear, area);
+    f.render_widget(
+        Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" Keys ")),
+        area,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every view and dialog, drawn at 80x24 and at 200x60, as snapshots.
+    use super::*;
+    use crate::app::{Event, Request};
+    use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+    use ratatui::backend::TestBackend;
+    use ratatui::Terminal;
+    use serde_json::json;
+
+    fn render(app: &App, w: u16, h: u16) -> String {
+        let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+        t.draw(|f| draw(f, app)).unwrap();
+        let buf = t.backend().buffer().clone();
+        (0..h)
+            .map(|y| {
+                (0..w)
+                    .map(|x| buf[(x, y)].symbol().to_string())
+                    .collect::<String>()
+                    .trim_end()
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn key(c: char) -> Event {
+        Event::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE))
+    }
+
+    fn sample() -> App {
+        let mut a = App::default();
+        a.update(Event::Connected);
+        a.update(Event::Answer(
+            Request::Status,
+            json!({"link": "authenticated", "session": "none", "gdb_client": null, "cpus": 2, "sessions": 0, "console_bytes": 5120}),
+        ));
+        a.update(Event::Answer(
+            Request::List,
+            json!({"ok": true, "count": 3, "checkpoints": [
+                {"id": 1, "parent": 0, "age_ms": 130_000, "pause_us": 1800, "pages": 310, "bytes": 1_269_760, "cpus": 2, "periodic": false, "current": false},
+                {"id": 2, "parent": 1, "age_ms": 12_400, "pause_us": 1500, "pages": 42, "bytes": 172_032, "cpus": 2, "periodic": true, "current": false},
+                {"id": 3, "parent": 2, "age_ms": 850, "pause_us": 1400, "pages": 7, "bytes": 28_672, "cpus": 2, "periodic": true, "current": true}
+            ]}),
+        ));
+        a.update(Event::Pushed(json!({"event": "checkpoint", "id": 3})));
+        a
+    }
+
+    macro_rules! views {
+        ($($name:ident: $setup:expr),* $(,)?) => {$(
+            #[test]
+            fn $name() {
+                let app: App = $setup;
+                insta::assert_snapshot!(concat!(stringify!($name), "_80x24"), render(&app, 80, 24));
+                insta::assert_snapshot!(concat!(stringify!($name), "_200x60"), render(&app, 200, 60));
+            }
+        )*};
+    }
+
+    views! {
+        checkpoints_pane: sample(),
+        machine_pane: { let mut a = sample(); a.update(key('1')); a },
+        compare_pane: { let mut a = sample(); a.update(key('3')); a },
+        activity_pane: { let mut a = sample(); a.update(key('4')); a },
+        rollback_dialog: { let mut a = sample(); a.update(key('r')); a },
+        delete_dialog: { let mut a = sample(); a.update(key('j')); a.update(key('d')); a },
+        help_popup: { let mut a = sample(); a.update(key('?')); a },
+        filtered: { let mut a = sample(); a.update(key('/')); a.update(key('3')); a },
+        disconnected: { let mut a = sample(); a.update(Event::Disconnected("connection refused".into())); a.update(key('1')); a },
+        empty: { let mut a = App::default(); a.update(Event::Connected); a },
+    }
+}
