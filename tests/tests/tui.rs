@@ -14,6 +14,7 @@ qs-workload --ledger /tmp/ledger &
 LP=$!
 echo GUEST-READY
 wait_host
+sleep 3
 kill -TERM $LP; wait $LP; echo "ledger-rc=$?"
 qsctl checkpoint --delete all
 "#;
@@ -112,8 +113,9 @@ fn an_operator_takes_a_checkpoint_and_rolls_the_machine_back_from_the_terminal()
     tmux.wait_for("link authenticated", 60);
     tmux.keys("c");
     tmux.wait_for("Checkpoints (1)", 120);
-    // The ledger counts on; then back to the checkpoint, through the dialog.
-    std::thread::sleep(Duration::from_secs(2));
+    // The ledger counts on (it prints every ~100 steps); then back to the checkpoint,
+    // through the dialog.
+    std::thread::sleep(Duration::from_secs(5));
     tmux.keys("r");
     let s = tmux.wait_for("Roll back?", 10);
     assert!(s.contains("Every process on the machine returns"), "{s}");
