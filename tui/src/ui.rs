@@ -355,3 +355,36 @@ mod tests {
         empty: { let mut a = App::default(); a.update(Event::Connected); a },
     }
 }
+
+#[cfg(test)]
+mod bench {
+    //! `cargo xtask bench export` runs this (release build) for the redraw time.
+    use super::*;
+    use crate::app::{Event, Request};
+    use ratatui::backend::TestBackend;
+    use ratatui::Terminal;
+    use serde_json::json;
+
+    #[test]
+    #[ignore = "a benchmark: cargo xtask bench export runs it"]
+    fn redraw_200x60_with_100_checkpoints() {
+        let mut app = App::default();
+        app.update(Event::Connected);
+        let list: Vec<_> = (1..=100)
+            .map(|i| json!({"id": i, "parent": i - 1, "age_ms": i * 1000, "pause_us": 1500, "pages": 40, "bytes": 163_840, "cpus": 4, "periodic": i % 2 == 0, "current": i == 100}))
+            .collect();
+        app.update(Event::Answer(
+            Request::List,
+            json!({"ok": true, "checkpoints": list}),
+        ));
+        let mut t = Terminal::new(TestBackend::new(200, 60)).unwrap();
+        let frames = 2000;
+        let t0 = std::time::Instant::now();
+        for i in 0..frames {
+            app.selected = i % 100;
+            t.draw(|f| draw(f, &app)).unwrap();
+        }
+        let us = t0.elapsed().as_secs_f64() * 1e6 / frames as f64;
+        println!("QS-BENCH {{\"redraw_us\": {us:.1}, \"frames\": {frames}}}");
+    }
+}

@@ -17,6 +17,7 @@ pub mod agent_source;
 pub mod apt;
 pub mod bench;
 pub mod bench_checkpoint;
+pub mod bench_export;
 pub mod bench_freeze;
 pub mod bench_gdb;
 pub mod boot_summary;

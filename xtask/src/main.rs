@@ -54,7 +54,9 @@ enum Cli {
     },
     /// Benchmarks: `mode-switch` (the switch, the overheads and the platform's IPI floor),
     /// `gdb` (Quicksilver's gdbstub against QEMU's), `freeze` (stopping every CPU, with and
-    /// without the state check); each takes `--kernel K` (the default kernel otherwise).
+    /// without the state check), `checkpoint` (periodic checkpoints' cost, rollbacks), `export`
+    /// (a checkpoint into a file, against the disk's raw rate; qs-tui's redraw); each takes
+    /// `--kernel K` (the default kernel otherwise).
     Bench {
         which: Benchmark,
         #[command(flatten)]
@@ -71,6 +73,7 @@ enum Benchmark {
     Gdb,
     Freeze,
     Checkpoint,
+    Export,
 }
 
 /// `--kernel K`: which Debian kernel to fetch, build for and boot.
@@ -238,6 +241,10 @@ fn bench(which: Benchmark, id: KernelId, smps: &[u32]) -> anyhow::Result<ExitCod
         Benchmark::Checkpoint => {
             let artifacts = xtask::build(&kernel)?;
             xtask::bench_checkpoint::checkpoint(&artifacts)?;
+        }
+        Benchmark::Export => {
+            let artifacts = xtask::build(&kernel)?;
+            xtask::bench_export::export(&artifacts)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,271 @@
+//! `cargo xtask bench export`: what exporting a checkpoint costs, against what the same path
+//! can carry, measured in one run.
+//!
+//! - **In the guest** (1 GiB, 2 CPUs): `qsctl export ID DISK` (`.qsc`) and `--elf`, each onto a
+//!   virtio disk, against `dd` writing as many bytes onto a third disk with `O_DIRECT` in the
+//!   same boot: the disk's raw rate, which an export cannot beat.
+//! - **On the operator's machine**: `qs-checkpoint to-elf` of that `.qsc`, against copying a
+//!   file of the core's size (`cp`, the host disk's rate).
+//! - **qs-tui**: one redraw at 200x60 with 100 checkpoints listed (its own benchmark test, in a
+//!   release build).
+//!
+//! Export over the link (the `bulk` channel) does not exist yet: the table says so. Results:
+//! `target/bench/export.json` and a Markdown table for BENCHMARKS.md.
+
+use anyhow::{bail, Context, Result};
+use qs_testkit::Artifacts;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Export {
+    pub memory_mib: u32,
+    /// `.qsc` export: bytes written, seconds, MiB/s of file written and of RAM covered.
+    pub qsc_bytes: u64,
+    pub qsc_s: f64,
+    pub qsc_file_mib_s: f64,
+    pub qsc_ram_mib_s: f64,
+    /// ELF export: the same.
+    pub elf_bytes: u64,
+    pub elf_s: f64,
+    pub elf_file_mib_s: f64,
+    /// `dd ... oflag=direct` onto the third disk in the same boot (MiB/s).
+    pub disk_raw_mib_s: f64,
+    /// ELF export's file rate / the disk's raw rate.
+    pub elf_vs_disk: f64,
+    /// `qs-checkpoint to-elf` on the host (MiB/s of core written), and `cp` of a file that size.
+    pub to_elf_mib_s: f64,
+    pub host_cp_mib_s: f64,
+    pub to_elf_vs_cp: f64,
+    /// qs-tui: one redraw at 200x60 with 100 checkpoints (µs).
+    pub tui_redraw_us: f64,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    benchmark: &'static str,
+    anchors: &'static str,
+    results: &'a Export,
+}
+
+/// "... 1073741824 bytes (1.0GB) copied, 7.123456 seconds, 143.8MB/s" (busybox dd).
+fn dd_rate(console: &str) -> Result<f64> {
+    let l = console
+        .lines()
+        .find(|l| l.contains("bytes") && l.contains("copied"))
+        .context("no dd summary line")?;
+    let bytes: f64 = l
+        .split(" bytes")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .context("dd bytes")?
+        .parse()?;
+    let secs: f64 = l
+        .split("copied, ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .context("dd seconds")?
+        .parse()?;
+    Ok(bytes / secs / (1 << 20) as f64)
+}
+
+/// qsctl export's line for `dev`: (bytes, seconds).
+fn export_line(console: &str, dev: &str) -> Result<(u64, f64)> {
+    let l = console
+        .lines()
+        .find(|l| l.contains(&format!("exported to {dev} ")))
+        .with_context(|| format!("no export line for {dev}"))?;
+    let bytes = l
+        .split(" bytes (")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .context("bytes")?
+        .parse()?;
+    let secs = l
+        .split(" CPUs, in ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .context("seconds")?
+        .parse()?;
+    Ok((bytes, secs))
+}
+
+fn disk(dir: &Path, name: &str, mib: u64) -> Result<PathBuf> {
+    let p = dir.join(format!("bench-export-{name}.img"));
+    std::fs::File::create(&p)?.set_len(mib << 20)?;
+    Ok(p)
+}
+
+pub fn export(a: &Artifacts) -> Result<Export> {
+    let memory_mib = 1024u32;
+    let dir = a.dir.join("run");
+    std::fs::create_dir_all(&dir)?;
+    let disks = [
+        disk(&dir, "qsc", 1200)?,
+        disk(&dir, "elf", 1200)?,
+        disk(&dir, "raw", 1200)?,
+    ];
+    let mut q = a
+        .qemu("bench-export")
+        .smp(2)
+        .memory(&format!("{memory_mib}M"))
+        .cmdline("quicksilver.ckpt_mem=128M")
+        .timeout(Duration::from_secs(1800));
+    for (i, d) in disks.iter().enumerate() {
+        q = q.args([
+            "-drive".to_string(),
+            format!("file={},if=none,format=raw,id=d{i}", d.display()),
+            "-device".to_string(),
+            format!("virtio-blk-pci,drive=d{i}"),
+        ]);
+    }
+    let script = format!(
+        r#"set -e
+trap 'echo BENCH-FAILED; qsctl stats; qsctl checkpoints; dmesg | tail -n 40' ERR
+for m in $(cat /lib/quicksilver/disk-modules); do insmod $m; done
+sleep 1
+dd if=/dev/zero of=/dev/vdc bs=1M count={memory_mib} oflag=direct
+qsctl checkpoint
+qsctl export 1 /dev/vda
+qsctl export 1 /dev/vdb --elf
+qsctl checkpoint --delete all
+"#
+    );
+    let run = q.run_script(&script)?;
+    run.ensure_success()?;
+    let c = &run.console;
+    let disk_raw = dd_rate(c)?;
+    let (qsc_bytes, qsc_s) = export_line(c, "/dev/vda")?;
+    let (elf_bytes, elf_s) = export_line(c, "/dev/vdb")?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    // On the host: the .qsc cut to its length, converted; a copy of the core's size, timed.
+    let qsc = dir.join("bench-export.qsc");
+    {
+        use std::io::{Read, Write};
+        let mut src = std::fs::File::open(&disks[0])?.take(qsc_bytes);
+        let mut dst = std::fs::File::create(&qsc)?;
+        std::io::copy(&mut src, &mut dst)?;
+        dst.flush()?;
+    }
+    let tool = build_release_tool()?;
+    let core = dir.join("bench-export.core");
+    let t0 = Instant::now();
+    let st = Command::new(&tool)
+        .args(["to-elf"])
+        .arg(&qsc)
+        .arg(&core)
+        .status()?;
+    if !st.success() {
+        bail!("qs-checkpoint to-elf failed");
+    }
+    let to_elf_s = t0.elapsed().as_secs_f64();
+    let core_bytes = std::fs::metadata(&core)?.len();
+    let copy = dir.join("bench-export.copy");
+    let t0 = Instant::now();
+    let st = Command::new("cp").arg(&disks[1]).arg(&copy).status()?;
+    let cp_s = t0.elapsed().as_secs_f64();
+    if !st.success() {
+        bail!("cp failed");
+    }
+    let cp_bytes = std::fs::metadata(&copy)?.len();
+    let tui_redraw_us = tui_redraw()?;
+    for p in disks.iter().chain([&qsc, &core, &copy]) {
+        let _ = std::fs::remove_file(p);
+    }
+    let e = Export {
+        memory_mib,
+        qsc_bytes,
+        qsc_s,
+        qsc_file_mib_s: mib(qsc_bytes) / qsc_s,
+        qsc_ram_mib_s: memory_mib as f64 / qsc_s,
+        elf_bytes,
+        elf_s,
+        elf_file_mib_s: mib(elf_bytes) / elf_s,
+        disk_raw_mib_s: disk_raw,
+        elf_vs_disk: mib(elf_bytes) / elf_s / disk_raw,
+        to_elf_mib_s: mib(core_bytes) / to_elf_s,
+        host_cp_mib_s: mib(cp_bytes) / cp_s,
+        to_elf_vs_cp: (mib(core_bytes) / to_elf_s) / (mib(cp_bytes) / cp_s),
+        tui_redraw_us,
+    };
+    let r2 = |v: f64| crate::bench::round(v, 2);
+    let md = format!(
+        "| what | figure | anchor, same run | ratio |\n| --- | --- | --- | --- |\n\
+         | `qsctl export` `.qsc`, {memory_mib} MiB guest | {:.1} s, {:.1} MiB/s of RAM ({} MiB file) | | |\n\
+         | `qsctl export --elf` | {:.1} s, {:.1} MiB/s written | `dd oflag=direct` to the same kind of disk: {:.1} MiB/s | {} |\n\
+         | `qs-checkpoint to-elf` (host) | {:.1} MiB/s written | `cp` of the core: {:.1} MiB/s | {} |\n\
+         | qs-tui redraw, 200x60, 100 checkpoints | {:.0} µs | | |\n\
+         | export over the link (`bulk`) | not built yet | the link's raw rate | goal 0.8 |\n",
+        e.qsc_s,
+        e.qsc_ram_mib_s,
+        qsc_bytes >> 20,
+        e.elf_s,
+        e.elf_file_mib_s,
+        e.disk_raw_mib_s,
+        r2(e.elf_vs_disk),
+        e.to_elf_mib_s,
+        e.host_cp_mib_s,
+        r2(e.to_elf_vs_cp),
+        e.tui_redraw_us,
+    );
+    crate::bench::write_report(
+        "export",
+        &Report {
+            benchmark: "export",
+            anchors:
+                "ELF export vs dd oflag=direct in the same boot; to-elf vs cp on the same host",
+            results: &e,
+        },
+        &md,
+    )?;
+    Ok(e)
+}
+
+/// `qs-checkpoint`, built for release.
+fn build_release_tool() -> Result<PathBuf> {
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-p", "quicksilver-checkpoint"])
+        .status()?;
+    if !st.success() {
+        bail!("cargo build --release -p quicksilver-checkpoint failed");
+    }
+    Ok(crate::target_dir().join("release").join("qs-checkpoint"))
+}
+
+/// qs-tui's redraw benchmark (a test of its own, release build): µs per frame.
+fn tui_redraw() -> Result<f64> {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "qs-tui",
+            "redraw_200x60",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("QS-BENCH "))
+        .context("no QS-BENCH line from qs-tui's redraw benchmark")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    v["redraw_us"].as_f64().context("redraw_us")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dd_and_export_lines_are_read_as_they_are_printed() {
+        let c = "1024+0 records in\n1024+0 records out\n1073741824 bytes (1.0GB) copied, 8.000000 seconds, 128.0MB/s\n\
+                 checkpoint 1 exported to /dev/vdb (ELF core: crash --kaslr=auto --no_panic vmlinux FILE, or gdb vmlinux FILE): 536313856 bytes (511 MiB) for 511 MiB of RAM (130934 pages, 107160 of them zero), 2 CPUs, in 3.5 s (144.7 MiB/s of RAM)";
+        assert!((dd_rate(c).unwrap() - 128.0).abs() < 0.01);
+        assert_eq!(export_line(c, "/dev/vdb").unwrap(), (536313856, 3.5));
+    }
+}
