@@ -289,6 +289,10 @@ fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
                     link.bridge_log.display(),
                     link.control.display()
                 ));
+                note(format!(
+                    "the operator's terminal, from another terminal: cargo run -p qs-tui -- --socket {}",
+                    link.control.display()
+                ));
                 Some(bridge)
             }
             Err(err) => {
