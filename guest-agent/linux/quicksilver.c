@@ -1089,6 +1089,35 @@ static long qs_control(u64 op, void *buf, u64 len)
  * them by physical address into a buffer of whole pages after a header page; it reads under
  * the lock its copy-on-write takes, so the machine runs on meanwhile.
  */
+/*
+ * A request the hv answers in a buffer of the caller's (at most 64 KiB): its first `in` bytes
+ * are the caller's question, the rest room for the answer; the hv reads and writes it by
+ * physical address, so it is copied through a contiguous one of the agent's.
+ */
+static long qs_ioc_buffer(void __user *uarg, u64 op, size_t min, size_t in)
+{
+	struct qs_buffer_request req;
+	long ret = 0;
+	void *buf;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (req.len < min || req.len > (64u << 10))
+		return -EINVAL;
+	buf = kzalloc(req.len, GFP_KERNEL);
+	if (!buf)
+		return -ENOMEM;
+	if (in && copy_from_user(buf, u64_to_user_ptr(req.buf), in))
+		ret = -EFAULT;
+	else
+		req.status = qs_control(op, buf, req.len);
+	if (!ret && (copy_to_user(u64_to_user_ptr(req.buf), buf, req.len) ||
+		     copy_to_user(uarg, &req, sizeof(req))))
+		ret = -EFAULT;
+	kfree(buf);
+	return ret;
+}
+
 static long qs_ioc_checkpoint_read(void __user *uarg)
 {
 	struct qs_read_request req;
@@ -1668,30 +1697,9 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 		kfree(a);
 		break;
 	}
-	case QS_IOC_CHECKPOINTS: {
-		struct qs_buffer_request req;
-		void *buf;
-
-		if (copy_from_user(&req, uarg, sizeof(req))) {
-			ret = -EFAULT;
-			break;
-		}
-		if (req.len < sizeof(struct qs_checkpoint_list) || req.len > (64u << 10)) {
-			ret = -EINVAL;
-			break;
-		}
-		buf = kzalloc(req.len, GFP_KERNEL);	/* physically contiguous: the hv writes by PA */
-		if (!buf) {
-			ret = -ENOMEM;
-			break;
-		}
-		req.status = qs_control(QS_OP_CHECKPOINTS, buf, req.len);
-		if (copy_to_user(u64_to_user_ptr(req.buf), buf, req.len) ||
-		    copy_to_user(uarg, &req, sizeof(req)))
-			ret = -EFAULT;
-		kfree(buf);
+	case QS_IOC_CHECKPOINTS:
+		ret = qs_ioc_buffer(uarg, QS_OP_CHECKPOINTS, sizeof(struct qs_checkpoint_list), 0);
 		break;
-	}
 	case QS_IOC_CHECKPOINT_DELETE: {
 		struct qs_checkpoint_delete *d = kzalloc(sizeof(*d), GFP_KERNEL);
 
@@ -1738,33 +1746,10 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 	case QS_IOC_CHECKPOINT_READ:
 		ret = qs_ioc_checkpoint_read(uarg);
 		break;
-	case QS_IOC_CHECKPOINT_CPU: {
-		struct qs_buffer_request req;
-		void *buf;
-
-		if (copy_from_user(&req, uarg, sizeof(req))) {
-			ret = -EFAULT;
-			break;
-		}
-		if (req.len < sizeof(struct qs_checkpoint_cpu) || req.len > (64u << 10)) {
-			ret = -EINVAL;
-			break;
-		}
-		buf = kzalloc(req.len, GFP_KERNEL);	/* physically contiguous: the hv writes by PA */
-		if (!buf) {
-			ret = -ENOMEM;
-			break;
-		}
-		if (copy_from_user(buf, u64_to_user_ptr(req.buf), sizeof(struct qs_checkpoint_cpu)))
-			ret = -EFAULT;
-		else
-			req.status = qs_active ? qs_control(QS_OP_CHECKPOINT_CPU, buf, req.len) : QS_NOT_ACTIVE;
-		if (!ret && (copy_to_user(u64_to_user_ptr(req.buf), buf, req.len) ||
-			     copy_to_user(uarg, &req, sizeof(req))))
-			ret = -EFAULT;
-		kfree(buf);
+	case QS_IOC_CHECKPOINT_CPU:
+		ret = qs_ioc_buffer(uarg, QS_OP_CHECKPOINT_CPU, sizeof(struct qs_checkpoint_cpu),
+				    sizeof(struct qs_checkpoint_cpu));
 		break;
-	}
 	case QS_IOC_EXPORT_INFO: {
 		struct qs_buffer_request req;
 		struct qs_export_info info = {

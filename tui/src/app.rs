@@ -124,6 +124,8 @@ pub struct App {
     pub editing_filter: bool,
     pub dialog: Option<Dialog>,
     pub help: bool,
+    /// The checkpoint whose details are shown (Enter).
+    pub details: Option<Checkpoint>,
     /// What happened, newest last: (seconds since start, text).
     pub log: VecDeque<(u64, String)>,
     /// Seconds since start (ticks).
@@ -152,6 +154,7 @@ impl Default for App {
             editing_filter: false,
             dialog: None,
             help: false,
+            details: None,
             log: VecDeque::new(),
             now: 0,
             busy: None,
@@ -309,8 +312,9 @@ impl App {
             self.selected = 0;
             return Vec::new();
         }
-        if self.help {
+        if self.help || self.details.is_some() {
             self.help = false;
+            self.details = None;
             return Vec::new();
         }
         match k.code {
@@ -344,6 +348,9 @@ impl App {
                 self.dialog = self.selected_checkpoint().map(Dialog::Delete);
             }
             KeyCode::Char('l') => return vec![Request::List],
+            KeyCode::Enter if self.pane == Pane::Checkpoints => {
+                self.details = self.selected_checkpoint();
+            }
             _ => {}
         }
         Vec::new()

@@ -25,6 +25,8 @@ pub fn draw(f: &mut Frame, app: &App) {
     help_bar(f, app, bottom);
     if let Some(d) = &app.dialog {
         dialog(f, d);
+    } else if let Some(c) = &app.details {
+        details(f, c);
     } else if app.help {
         help(f);
     }
@@ -48,15 +50,9 @@ fn tabs(f: &mut Frame, app: &App, area: Rect) {
             .and_then(|s| s.get("link"))
             .and_then(|l| l.as_str())
             .unwrap_or("?");
-        Span::styled(
-            format!(" qs-bridge: link {state} "),
-            Style::default().fg(Color::Green),
-        )
+        Span::styled(format!(" link {state} "), Style::default().fg(Color::Green))
     } else {
-        Span::styled(
-            " qs-bridge: not connected ",
-            Style::default().fg(Color::Red),
-        )
+        Span::styled(" qs-bridge not connected ", Style::default().fg(Color::Red))
     };
     spans.push(link);
     f.render_widget(Paragraph::new(Line::from(spans)), area);
@@ -198,8 +194,7 @@ fn help_bar(f: &mut Frame, app: &App, area: Rect) {
     } else {
         match app.pane {
             Pane::Checkpoints => {
-                " c take  r roll back  d delete  / filter  j/k move  1-4 panes  ? help  q quit"
-                    .into()
+                " c take  r roll back  d delete  Enter details  / filter  ? help  q quit".into()
             }
             _ => " c take a checkpoint  1-4 panes  ? help  q quit".into(),
         }
@@ -254,12 +249,54 @@ fn dialog(f: &mut Frame, d: &Dialog) {
     );
 }
 
+fn details(f: &mut Frame, c: &crate::app::Checkpoint) {
+    let text = format!(
+        "checkpoint {}: taken {} ago, {}{}\n\
+         parent: {}\n\
+         every CPU stopped: {:.1} ms ({} CPUs)\n\
+         memory held: {} pages, {} KiB (the pages written since it was taken)\n\n\
+         Per-CPU registers and the devices are in an export: qsctl export {} FILE in the \
+         guest, then qs-checkpoint inspect FILE.\n\nany key: close",
+        c.id,
+        age(c.age_ms),
+        if c.periodic {
+            "by the periodic ring"
+        } else {
+            "on request"
+        },
+        if c.current {
+            ", the machine runs on from it"
+        } else {
+            ""
+        },
+        if c.parent == 0 {
+            "none".to_string()
+        } else {
+            c.parent.to_string()
+        },
+        c.pause_us as f64 / 1000.0,
+        c.cpus,
+        c.pages,
+        c.bytes >> 10,
+        c.id
+    );
+    let area = centered(f.area(), 70, 12);
+    f.render_widget(Clear, area);
+    f.render_widget(
+        Paragraph::new(text)
+            .wrap(Wrap { trim: true })
+            .block(Block::default().borders(Borders::ALL).title(" Details ")),
+        area,
+    );
+}
+
 fn help(f: &mut Frame) {
     let keys = [
         ("1 2 3 4, Tab", "Machine, Checkpoints, Compare, Activity"),
         ("c", "take a checkpoint of the whole machine"),
         ("r", "roll back to the selected checkpoint (asks first)"),
         ("d", "delete the selected checkpoint (asks first)"),
+        ("Enter", "the selected checkpoint's details"),
         ("j k, arrows", "move the selection"),
         (
             "/",
@@ -350,6 +387,7 @@ mod tests {
         rollback_dialog: { let mut a = sample(); a.update(key('r')); a },
         delete_dialog: { let mut a = sample(); a.update(key('j')); a.update(key('d')); a },
         help_popup: { let mut a = sample(); a.update(key('?')); a },
+        details_popup: { let mut a = sample(); a.update(Event::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE))); a },
         filtered: { let mut a = sample(); a.update(key('/')); a.update(key('3')); a },
         disconnected: { let mut a = sample(); a.update(Event::Disconnected("connection refused".into())); a.update(key('1')); a },
         empty: { let mut a = App::default(); a.update(Event::Connected); a },

@@ -30,7 +30,10 @@ pub fn read_pages(hv: &Hv, buf: &mut [u8]) -> Status {
     let room = (buf.len().saturating_sub(data) / PAGE).min(MAX_PAGES);
     let n = args.pages as usize;
     let first = args.first_gpa;
-    let status = if n == 0 || n > room || first % PAGE as u64 != 0 {
+    // Whole aligned pages only (the copies are page copies), and no address that wraps.
+    let aligned = (buf.as_ptr() as usize).is_multiple_of(PAGE) && first.is_multiple_of(PAGE as u64);
+    let status = if n == 0 || n > room || !aligned || first.checked_add((n * PAGE) as u64).is_none()
+    {
         Status::BadArgument
     } else {
         copy_pages(
