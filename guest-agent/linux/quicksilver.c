@@ -1118,6 +1118,12 @@ static long qs_ioc_buffer(void __user *uarg, u64 op, size_t min, size_t in)
 	return ret;
 }
 
+/* Its buffer, made at the first export and kept until unload: a contiguous megabyte is easy
+ * to find early and can be hard to find on a machine that has run a while; and the same pages
+ * every time cost the checkpoints one copy each per epoch, not one per read. Under qs_lock. */
+static struct qs_checkpoint_read *qs_read_buf;
+#define QS_READ_BUF_LEN (QS_CHECKPOINT_READ_DATA + QS_READ_MAX_PAGES * PAGE_SIZE)
+
 static long qs_ioc_checkpoint_read(void __user *uarg)
 {
 	struct qs_read_request req;
@@ -1134,9 +1140,14 @@ static long qs_ioc_checkpoint_read(void __user *uarg)
 		return copy_to_user(uarg, &req, sizeof(req)) ? -EFAULT : 0;
 	}
 	len = QS_CHECKPOINT_READ_DATA + (size_t)req.pages * PAGE_SIZE;
-	r = alloc_pages_exact(len, GFP_KERNEL | __GFP_NOWARN);	/* page-aligned, contiguous */
-	if (!r)
+	if (!qs_read_buf)	/* page-aligned, contiguous: the hv copies whole pages by PA */
+		qs_read_buf = alloc_pages_exact(QS_READ_BUF_LEN, GFP_KERNEL | __GFP_NOWARN);
+	if (!qs_read_buf) {
+		pr_err("export: cannot allocate a contiguous %lu KiB buffer: free memory (echo 1 > /proc/sys/vm/compact_memory) and try again\n",
+		       (unsigned long)QS_READ_BUF_LEN >> 10);
 		return -ENOMEM;
+	}
+	r = qs_read_buf;
 	memset(r, 0, sizeof(*r));
 	r->id = req.id;
 	r->pages = req.pages;
@@ -1148,7 +1159,6 @@ static long qs_ioc_checkpoint_read(void __user *uarg)
 		ret = -EFAULT;
 	if (!ret && copy_to_user(uarg, &req, sizeof(req)))
 		ret = -EFAULT;
-	free_pages_exact(r, len);
 	return ret;
 }
 
@@ -1925,6 +1935,8 @@ static void __exit qs_exit(void)
 	__free_pages(hv.pages, hv.order);
 	qs_store_free();
 	free_page((unsigned long)qs_notice);
+	if (qs_read_buf)
+		free_pages_exact(qs_read_buf, QS_READ_BUF_LEN);
 	pr_info("unloaded\n");
 }
 
