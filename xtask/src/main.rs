@@ -127,6 +127,48 @@ struct DemoArgs {
     /// Where qs-bridge serves gdb for the guest's kernel.
     #[arg(long, value_name = "ADDR:PORT", default_value = xtask::demo::GDB_ADDR)]
     gdb: String,
+    /// Open the demo and qs-tui side by side in tmux (installed if missing).
+    #[arg(long)]
+    tui: bool,
+}
+
+/// `cargo xtask demo --tui`: the demo and qs-tui side by side, qs-tui on the demo's control
+/// socket (it connects once the bridge is up, retrying every second). Inside tmux, qs-tui
+/// splits the current window and the demo runs here (`None`); outside, a new tmux session
+/// runs both (its exit status).
+fn demo_in_tmux(kernel: KernelId) -> anyhow::Result<Option<ExitCode>> {
+    use std::process::Command;
+    // The setup installs tmux with the rest (and the demo inside tmux finds it done).
+    xtask::setup(kernel)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    xtask::cmd::run_inherit(Command::new(&cargo).args(["build", "-p", "qs-tui"]))?;
+    let demo: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--tui")
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect();
+    let here = std::env::current_dir()?;
+    let demo_cmd = format!("{cargo} xtask {}", demo.join(" "));
+    let tui_cmd = format!(
+        "{} --socket {}",
+        xtask::target_dir().join("debug").join("qs-tui").display(),
+        xtask::target_dir().join("qs").join("bridge.sock").display()
+    );
+    if std::env::var_os("TMUX").is_some() {
+        xtask::cmd::run_inherit(Command::new("tmux").args(["split-window", "-h", "-d", &tui_cmd]))?;
+        return Ok(None);
+    }
+    let status = Command::new("tmux")
+        .current_dir(&here)
+        .args(["new-session", "-s", "quicksilver-demo", &demo_cmd, ";"])
+        .args(["split-window", "-h", &tui_cmd, ";"])
+        .args(["select-pane", "-L"])
+        .status()?;
+    Ok(Some(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }))
 }
 
 fn main() -> ExitCode {
@@ -251,6 +293,11 @@ fn bench(which: Benchmark, id: KernelId, smps: &[u32]) -> anyhow::Result<ExitCod
 }
 
 fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    if args.tui {
+        if let Some(code) = demo_in_tmux(args.kernel.resolve()?)? {
+            return Ok(code);
+        }
+    }
     let id = args.kernel.resolve()?;
     let kernel = xtask::setup(id)?;
     // A part that does not build (the hv, the agent) should not keep the rest from booting:
