@@ -19,14 +19,12 @@ kill -TERM $LP; wait $LP; echo "ledger-rc=$?"
 qsctl checkpoint --delete all
 "#;
 
-/// qs-tui, built beside this test (`cargo test` builds every binary of the workspace).
+/// qs-tui, as `cargo xtask test` builds it (target/qs/qs-tui).
 fn qs_tui() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let p = dir.join("qs-tui");
+    let p = artifacts().tui;
     assert!(
         p.exists(),
-        "{} is not built: cargo build -p qs-tui",
+        "{} is not built: run `cargo xtask test` (it builds everything first)",
         p.display()
     );
     p

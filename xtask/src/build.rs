@@ -5,6 +5,7 @@
 //! qsctl            static guest binaries
 //! qs-workload
 //! qs-bridge        the operator's bridge (host binary, for the demo and the tests)
+//! qs-tui           the operator's terminal (host binary, for the demo and the tests)
 //! kernels/<id>/    what differs per kernel (6.12-cloud, ...):
 //!   quicksilver.ko   the agent, built against that kernel's cached headers in module/
 //!   initrd.cpio      the base initramfs (crate::initrd); runs add a script archive to a copy
@@ -71,7 +72,10 @@ pub fn build_all(kernels: &[Kernel]) -> anyhow::Result<Vec<Artifacts>> {
         build_guest_binary("qs-workload", "qs-workload", &shared.workload)
     });
     step("qs-bridge".into(), &shared.bridge, &|| {
-        build_bridge(&shared.bridge)
+        build_host_binary("qs-bridge", "qs-bridge", &shared.bridge)
+    });
+    step("qs-tui".into(), &shared.tui, &|| {
+        build_host_binary("qs-tui", "qs-tui", &shared.tui)
     });
     for artifacts in &all {
         let kernel = &artifacts.kernel;
@@ -313,14 +317,14 @@ pub fn build_guest_binary(package: &str, bin: &str, out: &Path) -> anyhow::Resul
     install(&built, out)
 }
 
-/// Builds the host's `qs-bridge` (the dev profile, which `cargo test` builds anyway) and
-/// copies it to `out`.
-pub fn build_bridge(out: &Path) -> anyhow::Result<()> {
+/// Builds a host binary of the operator's (`qs-bridge`, `qs-tui`; the dev profile, which
+/// `cargo test` builds anyway) and copies it to `out`.
+pub fn build_host_binary(package: &str, bin: &str, out: &Path) -> anyhow::Result<()> {
     let mut cmd = cargo();
     cmd.current_dir(crate::repo_root())
-        .args(["build", "-p", "qs-bridge", "--bin", "qs-bridge"]);
-    run_inherit(&mut cmd).context("qs-bridge does not build")?;
-    install(&crate::target_dir().join("debug/qs-bridge"), out)
+        .args(["build", "-p", package, "--bin", bin]);
+    run_inherit(&mut cmd).with_context(|| format!("{bin} does not build"))?;
+    install(&crate::target_dir().join("debug").join(bin), out)
 }
 
 /// Fails if `path` has an ELF interpreter: the initramfs has no C library, and a packaged

@@ -283,6 +283,8 @@ pub struct Artifacts {
     pub vmlinux: PathBuf,
     /// The host's `qs-bridge`.
     pub bridge: PathBuf,
+    /// The host's `qs-tui`.
+    pub tui: PathBuf,
 }
 
 impl Artifacts {
@@ -297,6 +299,7 @@ impl Artifacts {
             workload: dir.join("qs-workload"),
             initrd: for_kernel.join("initrd.cpio"),
             bridge: dir.join("qs-bridge"),
+            tui: dir.join("qs-tui"),
             vmlinux: kernel.vmlinux.clone(),
             kernel,
             dir,
