@@ -102,8 +102,8 @@ pub fn write(
     let notes = notes(cpus, meta);
     let mut loads: Vec<Load> = Vec::new();
     // File layout: ELF header, program headers, notes, then RAM in address order.
-    let extra = image_loads(meta).len();
-    let phnum = 1 + meta.ram.len() + extra;
+    let image = image_loads(meta);
+    let phnum = 1 + meta.ram.len() + image.len();
     let data_start = align((EHDR + PHDR * phnum + notes.len()) as u64, PAGE as u64);
     let mut offset = data_start;
     for r in &meta.ram {
@@ -120,13 +120,12 @@ pub fn write(
         });
         offset += r.end - r.start;
     }
-    for (vaddr, paddr, len) in image_loads(meta) {
-        // The same file bytes as the RAM range that holds them.
+    for (vaddr, paddr, len) in image {
+        // The same file bytes as the RAM range that holds them (`image_loads` keeps to one).
         if let Some(l) = loads
             .iter()
             .find(|l| (l.paddr..l.paddr + l.len).contains(&paddr))
         {
-            let len = len.min(l.paddr + l.len - paddr);
             let offset = l.offset + (paddr - l.paddr);
             loads.push(Load {
                 vaddr,

@@ -130,8 +130,11 @@ fn qsc(cpus: &[CpuRecord], meta: &Meta, pages: &mut Live, out: Direct) -> io::Re
     for r in &meta.ram {
         for gpa in (r.start..r.end).step_by(PAGE) {
             let mut page = Box::new([0u8; PAGE]);
+            let zero = pages.zero;
             elf::Pages::read_page(pages, gpa, &mut page)?;
-            if page.iter().any(|&b| b != 0) {
+            // The reader counts zero pages; a zero page is left out (a full image's unlisted
+            // pages are zero).
+            if pages.zero == zero {
                 batch.push((gpa, page));
             }
             if batch.len() == 256 {

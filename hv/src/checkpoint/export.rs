@@ -101,7 +101,7 @@ pub fn read_cpu(hv: &Hv, buf: &mut [u8]) -> Status {
         &mut ENGINE.lock(),
         args.id,
         args.cpu * CPU_SLOTS,
-        state_bytes(&mut st),
+        super::state_bytes_mut(&mut st),
     ) {
         Status::NoSuchCheckpoint
     } else {
@@ -122,10 +122,6 @@ pub fn read_cpu(hv: &Hv, buf: &mut [u8]) -> Status {
     args.status = status as i64;
     write(buf, &args);
     status
-}
-
-fn state_bytes(s: &mut CpuState) -> &mut [u8] {
-    super::state_bytes_mut(s)
 }
 
 fn fill(a: &mut CheckpointCpu, s: &CpuState) {
