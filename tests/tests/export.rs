@@ -252,10 +252,14 @@ qsctl checkpoints; qsctl stats | head -30"#,
         text.contains("NODENAME: qs-guest") && text.contains("CPUS: 2"),
         "crash's sys names the machine:\n{text}"
     );
-    assert!(
+    // What ran on each CPU at the checkpoint (`>`): the workload or an idle task, wherever
+    // gdb's stop found them.
+    assert_eq!(
         text.lines()
-            .any(|l| l.trim_start().starts_with('>') && l.contains("qs-workload")),
-        "crash's ps shows the workload running on a CPU:\n{text}"
+            .filter(|l| l.trim_start().starts_with('>'))
+            .count(),
+        2,
+        "crash's ps shows the task running on each of the 2 CPUs:\n{text}"
     );
     for comm in ["\"init\\000", "\"kthreadd\\000", "\"qs-workload\\000"] {
         assert!(
