@@ -416,16 +416,18 @@ struct qs_link_request {
 	 */
 	__s32 busy_cpu;
 	__u32 busy_what;
-	/* Zero. */
-	__u32 _reserved;
+	/* Read a CPU: its index. */
+	__u32 index;
 	/* Take: microseconds every CPU was stopped. */
 	__u64 pause_us;
 	/* Take: pages written since the previous checkpoint. */
 	__u64 pages;
 	/* Take: bytes of checkpoint memory it holds. */
 	__u64 bytes;
+	/* Read pages: the first page's physical address (`count` pages from it). */
+	__u64 first_gpa;
 };
-QS_ASSERT(sizeof(struct qs_link_request) == 64);
+QS_ASSERT(sizeof(struct qs_link_request) == 72);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, status) == 0);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, tag) == 8);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, op) == 12);
@@ -434,10 +436,76 @@ QS_ASSERT(__builtin_offsetof(struct qs_link_request, count) == 20);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, cpus) == 24);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, busy_cpu) == 28);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, busy_what) == 32);
-QS_ASSERT(__builtin_offsetof(struct qs_link_request, _reserved) == 36);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, index) == 36);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, pause_us) == 40);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, pages) == 48);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, bytes) == 56);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, first_gpa) == 64);
+
+/* `Op::LinkBulk`'s header: bytes of the read request in flight for the bridge, or its end. */
+struct qs_link_bulk {
+	/*
+	 * Out: a `Status` (`Ok`; a request no longer in flight drops the bytes, and says so
+	 * with `NoSuchRequest`, so that the agent stops serving it).
+	 */
+	__s64 status;
+	/* The request's tag. */
+	__u32 tag;
+	/* Data: which item (the page's index in the request; 0 for a CPU or the meta). */
+	__u32 item;
+	/* Data: where in the item these bytes start. */
+	__u32 offset;
+	/* Data: bytes after this header. */
+	__u32 len;
+	/* `LINK_BULK_END`, or 0 for data. */
+	__u32 flags;
+	/* End: CRC-32 of every data byte of the request, in the order sent. */
+	__u32 crc;
+	/* End: the request's outcome (a `Status`). */
+	__s64 outcome;
+	/* End: bit `i` set: page `i` of the request is all zero (not sent). */
+	__u64 zero_mask;
+	/* End: data bytes sent for the request in all. */
+	__u64 total;
+};
+QS_ASSERT(sizeof(struct qs_link_bulk) == 56);
+QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, status) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, tag) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, item) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, offset) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, len) == 20);
+QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, flags) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, crc) == 28);
+QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, outcome) == 32);
+QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, zero_mask) == 40);
+QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, total) == 48);
+
+/*
+ * `LINK_OP_READ_META`'s answer: what an export needs of the kernel besides the
+ * checkpoint (what `qsctl export` reads in the guest). Then `ram_ranges` pairs of u64
+ * (start, end), then three NUL-terminated strings: the machine's name, the kernel's
+ * release (`uname -r`) and its boot id (`/proc/sys/kernel/random/boot_id`).
+ */
+struct qs_export_meta {
+	/* Where the kernel maps all of RAM (`page_offset_base`). */
+	__u64 page_offset;
+	/* The kernel's VMCOREINFO note: physical address and bytes (`/sys/kernel/vmcoreinfo`). */
+	__u64 vmcoreinfo_pa;
+	__u32 vmcoreinfo_size;
+	/* CPUs the hv was loaded for (`nr_cpu_ids`). */
+	__u32 cpus;
+	/* RAM ranges that follow. */
+	__u32 ram_ranges;
+	/* Zero. */
+	__u32 _reserved;
+};
+QS_ASSERT(sizeof(struct qs_export_meta) == 32);
+QS_ASSERT(__builtin_offsetof(struct qs_export_meta, page_offset) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_export_meta, vmcoreinfo_pa) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_export_meta, vmcoreinfo_size) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_export_meta, cpus) == 20);
+QS_ASSERT(__builtin_offsetof(struct qs_export_meta, ram_ranges) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_export_meta, _reserved) == 28);
 
 /*
  * `Op::CheckpointRead`'s header: `pages` pages from `first_gpa` (all in one RAM range) of
@@ -558,6 +626,11 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
 #define QS_LINK_OP_TAKE 1
 #define QS_LINK_OP_ROLLBACK 3
 #define QS_LINK_OP_DELETE 4
+#define QS_LINK_OP_READ_META 5
+#define QS_LINK_OP_READ_CPU 6
+#define QS_LINK_OP_READ_PAGES 7
+#define QS_LINK_READ_MAX_PAGES 64
+#define QS_LINK_BULK_END 1
 #define QS_CHECKPOINT_READ_DATA 4096
 #define QS_NOTICE_HOT_PAGES_OFFSET 512
 #define QS_NOTICE_WATCHDOG_RESET_OFFSET 1024
@@ -636,6 +709,13 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
  * its XSAVE area and local APIC record (`xsave_len`, `lapic_len` bytes).
  */
 #define QS_OP_CHECKPOINT_CPU 15
+/*
+ * Bytes for the bridge, answering the read request `LinkRequest` handed out: buffer =
+ * a `LinkBulk`, then `len` bytes. The hv sends them on the link's bulk channel as
+ * frames of its own size; with `LINK_BULK_END` it sends the request's end (status,
+ * zero pages, checksum) and the request is over.
+ */
+#define QS_OP_LINK_BULK 16
 
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 #define QS_CPUID_INFO_LEAF 0x40000001u
@@ -714,6 +794,8 @@ enum qs_status {
 	QS_CPU_LEFT_GUEST_MODE = 29,
 	/* A checkpoint's memory was asked for outside the machine's RAM. */
 	QS_NOT_IN_RAM = 30,
+	/* Bytes for a bridge's read request that is no longer in flight. */
+	QS_NO_SUCH_REQUEST = 31,
 };
 
 /* What went wrong and what to do about it: Status::message() in Rust. */
@@ -749,6 +831,7 @@ static const char *const qs_status_text[] = {
 	[QS_LINK_REQUEST_PENDING] = "the machine is still serving an earlier checkpoint request from the bridge (one at a time; one older than 30 s is given up): wait for it, then ask again",
 	[QS_CPU_LEFT_GUEST_MODE] = "a CPU left guest mode while the others stayed (an unexpected exit: qsctl stats shows it), so the machine cannot be checkpointed or rolled back as one: qsctl deactivate, then qsctl activate, and take a new checkpoint",
 	[QS_NOT_IN_RAM] = "those pages are not in the machine's RAM (System RAM in /proc/iomem): a checkpoint holds RAM only",
+	[QS_NO_SUCH_REQUEST] = "that read request from the bridge is no longer in flight (it was given up after 30 s, or replaced): the bridge asks again",
 };
 
 #define QS_UNKNOWN_STATUS "the hv returned an unknown status: the hv image and the agent come from different trees; rebuild both with cargo xtask build"

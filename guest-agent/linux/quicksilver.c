@@ -53,6 +53,13 @@
 #include <linux/nmi.h>
 #include <asm/nmi.h>
 /* 6.12 moved the unaligned accessors from asm/ to linux/. */
+#include <linux/utsname.h>
+/* 6.12 moved the VMCOREINFO note's declarations out of crash_core.h. */
+#if __has_include(<linux/vmcore_info.h>)
+#include <linux/vmcore_info.h>
+#else
+#include <linux/crash_core.h>
+#endif
 #if __has_include(<linux/unaligned.h>)
 #include <linux/unaligned.h>
 #else
@@ -1393,6 +1400,182 @@ static void qs_checkpoint_delete(struct qs_checkpoint_delete *d)
  * answers the bridge itself, and drops the reply this thread may send again for a request it
  * was serving at that instant.
  */
+/*
+ * The bridge's reads (an export over the link): this thread reads what `qsctl export` reads
+ * (the kernel's facts, a CPU of the checkpoint, its pages) and hands the bytes to the hv, which
+ * sends them on the bulk channel (`QS_OP_LINK_BULK`), a page at a time, rescheduling between
+ * them: on a real serial line a page takes a third of a second. The end carries the outcome,
+ * which pages were all zero (not sent) and the CRC-32 of what was.
+ */
+struct qs_bulk {
+	struct qs_link_bulk *b;	/* the header, then room for a page */
+	u32 tag;
+	u32 crc;
+	u64 total;
+	bool gone;		/* the hv no longer has the request in flight */
+};
+
+static void qs_bulk_send(struct qs_bulk *k, u32 item, u32 offset, const void *data, u32 len)
+{
+	struct qs_link_bulk *b = k->b;
+
+	if (k->gone)
+		return;
+	memset(b, 0, sizeof(*b));
+	b->tag = k->tag;
+	b->item = item;
+	b->offset = offset;
+	b->len = len;
+	memcpy(b + 1, data, len);
+	if (qs_control(QS_OP_LINK_BULK, b, sizeof(*b) + len) != QS_OK || b->status != QS_OK)
+		k->gone = true;
+	k->crc = crc32_le(k->crc, data, len);
+	k->total += len;
+	cond_resched();
+}
+
+/* One item of any length, a page at a time. */
+static void qs_bulk_item(struct qs_bulk *k, u32 item, const u8 *data, size_t len)
+{
+	size_t at;
+
+	for (at = 0; at < len; at += PAGE_SIZE)
+		qs_bulk_send(k, item, at, data + at, min_t(size_t, PAGE_SIZE, len - at));
+}
+
+/* A short text file's first line (the boot id), into `out` of `n` bytes, NUL-terminated. */
+static void qs_read_line(const char *path, char *out, size_t n)
+{
+	struct file *f = filp_open(path, O_RDONLY, 0);
+	loff_t pos = 0;
+	ssize_t got;
+
+	out[0] = 0;
+	if (IS_ERR(f))
+		return;
+	got = kernel_read(f, out, n - 1, &pos);
+	filp_close(f, NULL);
+	out[got > 0 ? got : 0] = 0;
+	out[strcspn(out, "\n")] = 0;
+}
+
+static long qs_read_meta(struct qs_bulk *k)
+{
+	size_t ranges = 2 * sizeof(u64) * qs_ram_n, at;
+	size_t len = sizeof(struct qs_export_meta) + ranges + 2 * (__NEW_UTS_LEN + 1) + 40;
+	struct qs_export_meta *m = kzalloc(len, GFP_KERNEL);
+	char *text;
+
+	if (!m)
+		return QS_NOT_ENOUGH_MEMORY;
+	m->page_offset = (u64)PAGE_OFFSET;
+	m->vmcoreinfo_pa = paddr_vmcoreinfo_note();
+	m->vmcoreinfo_size = VMCOREINFO_NOTE_SIZE;
+	m->cpus = nr_cpu_ids;
+	m->ram_ranges = qs_ram_n;
+	memcpy(m + 1, qs_ram, ranges);
+	text = (char *)(m + 1) + ranges;
+	at = scnprintf(text, 2 * (__NEW_UTS_LEN + 1), "%s", utsname()->nodename) + 1;
+	at += scnprintf(text + at, __NEW_UTS_LEN + 1, "%s", utsname()->release) + 1;
+	qs_read_line("/proc/sys/kernel/random/boot_id", text + at, 40);
+	at += strlen(text + at) + 1;
+	qs_bulk_item(k, 0, (u8 *)m, sizeof(*m) + ranges + at);
+	kfree(m);
+	return QS_OK;
+}
+
+static long qs_read_cpu(struct qs_bulk *k, u32 id, u32 cpu)
+{
+	const size_t len = 64u << 10;
+	struct qs_checkpoint_cpu *c = kzalloc(len, GFP_KERNEL);
+	long st;
+
+	if (!c)
+		return QS_NOT_ENOUGH_MEMORY;
+	c->id = id;
+	c->cpu = cpu;
+	mutex_lock(&qs_lock);
+	st = qs_active ? qs_control(QS_OP_CHECKPOINT_CPU, c, len) : QS_NOT_ACTIVE;
+	mutex_unlock(&qs_lock);
+	if (st == QS_OK)
+		st = c->status;
+	if (st == QS_OK)
+		qs_bulk_item(k, 0, (u8 *)c, sizeof(*c) + c->xsave_len + c->lapic_len);
+	kfree(c);
+	return st;
+}
+
+/* The pages, through the export's own buffer (under qs_lock, which guards it). */
+static long qs_read_pages(struct qs_bulk *k, u32 id, u64 first_gpa, u32 count, u64 *zero)
+{
+	struct qs_checkpoint_read *r;
+	long st;
+	u32 i;
+
+	if (!count || count > QS_LINK_READ_MAX_PAGES)
+		return QS_BAD_ARGUMENT;
+	mutex_lock(&qs_lock);
+	if (!qs_read_buf)
+		qs_read_buf = alloc_pages_exact(QS_READ_BUF_LEN, GFP_KERNEL | __GFP_NOWARN);
+	r = qs_read_buf;
+	if (!r) {
+		st = QS_NOT_ENOUGH_MEMORY;
+		goto out;
+	}
+	memset(r, 0, sizeof(*r));
+	r->id = id;
+	r->pages = count;
+	r->first_gpa = first_gpa;
+	st = qs_active ? qs_control(QS_OP_CHECKPOINT_READ, r,
+				    QS_CHECKPOINT_READ_DATA + (size_t)count * PAGE_SIZE)
+		       : QS_NOT_ACTIVE;
+	if (st != QS_OK)
+		goto out;
+	for (i = 0; i < count; i++) {
+		u8 *page = (u8 *)r + QS_CHECKPOINT_READ_DATA + (size_t)i * PAGE_SIZE;
+
+		if (!memchr_inv(page, 0, PAGE_SIZE))
+			*zero |= 1ull << i;
+		else
+			qs_bulk_send(k, i, 0, page, PAGE_SIZE);
+	}
+out:
+	mutex_unlock(&qs_lock);
+	return st;
+}
+
+static void qs_serve_link_read(const struct qs_link_request *q)
+{
+	struct qs_bulk k = { .tag = q->tag, .crc = ~0u };
+	u64 zero = 0;
+	long st;
+
+	k.b = kmalloc(sizeof(*k.b) + PAGE_SIZE, GFP_KERNEL);
+	if (!k.b)
+		return;	/* the bridge times out and asks again */
+	switch (q->op) {
+	case QS_LINK_OP_READ_META:
+		st = qs_read_meta(&k);
+		break;
+	case QS_LINK_OP_READ_CPU:
+		st = qs_read_cpu(&k, q->id, q->index);
+		break;
+	default:
+		st = qs_read_pages(&k, q->id, q->first_gpa, q->count, &zero);
+	}
+	if (!k.gone) {
+		memset(k.b, 0, sizeof(*k.b));
+		k.b->tag = k.tag;
+		k.b->flags = QS_LINK_BULK_END;
+		k.b->outcome = st;
+		k.b->zero_mask = zero;
+		k.b->crc = ~k.crc;
+		k.b->total = k.total;
+		qs_control(QS_OP_LINK_BULK, k.b, sizeof(*k.b));
+	}
+	kfree(k.b);
+}
+
 static void qs_serve_link_request(void)
 {
 	/* The hv reads and writes these by physical address. */
@@ -1407,6 +1590,13 @@ static void qs_serve_link_request(void)
 	qs_refresh_active();
 	if (qs_control(QS_OP_LINK_REQUEST, q, sizeof(*q)) != QS_OK || !q->op) {
 		mutex_unlock(&qs_lock);
+		goto out;
+	}
+	if (q->op == QS_LINK_OP_READ_META || q->op == QS_LINK_OP_READ_CPU ||
+	    q->op == QS_LINK_OP_READ_PAGES) {
+		/* Answered on the bulk channel, taking qs_lock only where it reads. */
+		mutex_unlock(&qs_lock);
+		qs_serve_link_read(q);
 		goto out;
 	}
 	switch (q->op) {

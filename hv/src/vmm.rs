@@ -375,6 +375,7 @@ impl Hv {
             Op::CheckpointPeriodic => crate::checkpoint::periodic(buf),
             Op::LinkRequest => crate::link::checkpoint::hand_out(buf),
             Op::LinkReply => crate::link::checkpoint::reply(buf),
+            Op::LinkBulk => crate::link::checkpoint::bulk(buf),
             // Checkpoint memory and slots are reached through the identity map: host mode.
             Op::CheckpointRead | Op::CheckpointCpu if !in_guest => Status::NotActive,
             Op::CheckpointRead => crate::checkpoint::export::read_pages(self, buf),

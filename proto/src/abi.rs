@@ -66,6 +66,11 @@ crate::abi_enum! {
         /// One CPU's state in a kept checkpoint: buffer = a [`CheckpointCpu`], then room for
         /// its XSAVE area and local APIC record (`xsave_len`, `lapic_len` bytes).
         CheckpointCpu = 15,
+        /// Bytes for the bridge, answering the read request `LinkRequest` handed out: buffer =
+        /// a [`LinkBulk`], then `len` bytes. The hv sends them on the link's bulk channel as
+        /// frames of its own size; with [`LINK_BULK_END`] it sends the request's end (status,
+        /// zero pages, checksum) and the request is over.
+        LinkBulk = 16,
     }
 }
 
@@ -427,6 +432,17 @@ pub const LINK_OP_TAKE: u32 = 1;
 pub const LINK_OP_ROLLBACK: u32 = 3;
 /// [`LinkRequest::op`]: delete `id` (or [`CHECKPOINT_ALL`]).
 pub const LINK_OP_DELETE: u32 = 4;
+/// [`LinkRequest::op`]: what an export needs of the kernel (an [`ExportMeta`], then its RAM
+/// ranges as pairs of u64), sent with [`Op::LinkBulk`].
+pub const LINK_OP_READ_META: u32 = 5;
+/// [`LinkRequest::op`]: CPU `index`'s state in checkpoint `id` (what `Op::CheckpointCpu`
+/// answers: the header, the XSAVE area, the local APIC record), sent with [`Op::LinkBulk`].
+pub const LINK_OP_READ_CPU: u32 = 6;
+/// [`LinkRequest::op`]: `count` pages of checkpoint `id` from `first_gpa` (all in one RAM
+/// range), each page that is not all zero sent with [`Op::LinkBulk`] as item `i`.
+pub const LINK_OP_READ_PAGES: u32 = 7;
+/// [`LINK_OP_READ_PAGES`]'s `count` at most: one bit each in [`LinkBulk::zero_mask`].
+pub const LINK_READ_MAX_PAGES: u32 = 64;
 
 crate::abi_struct! {
     /// `Op::LinkRequest`'s answer and `Op::LinkReply`'s argument: a bridge's checkpoint
@@ -449,16 +465,72 @@ crate::abi_struct! {
         /// [`CheckpointArgs`]).
         pub busy_cpu: i32,
         pub busy_what: u32,
-        /// Zero.
-        pub _reserved: u32,
+        /// Read a CPU: its index.
+        pub index: u32,
         /// Take: microseconds every CPU was stopped.
         pub pause_us: u64,
         /// Take: pages written since the previous checkpoint.
         pub pages: u64,
         /// Take: bytes of checkpoint memory it holds.
         pub bytes: u64,
+        /// Read pages: the first page's physical address (`count` pages from it).
+        pub first_gpa: u64,
     }
 }
+
+/// [`LinkBulk::flags`]: the read request is over; the end (status, zero pages, checksum) goes
+/// to the bridge and the request is no longer in flight.
+pub const LINK_BULK_END: u32 = 1;
+
+crate::abi_struct! {
+    /// `Op::LinkBulk`'s header: bytes of the read request in flight for the bridge, or its end.
+    #[c_name = "qs_link_bulk"]
+    pub struct LinkBulk {
+        /// Out: a `Status` (`Ok`; a request no longer in flight drops the bytes, and says so
+        /// with `NoSuchRequest`, so that the agent stops serving it).
+        pub status: i64,
+        /// The request's tag.
+        pub tag: u32,
+        /// Data: which item (the page's index in the request; 0 for a CPU or the meta).
+        pub item: u32,
+        /// Data: where in the item these bytes start.
+        pub offset: u32,
+        /// Data: bytes after this header.
+        pub len: u32,
+        /// [`LINK_BULK_END`], or 0 for data.
+        pub flags: u32,
+        /// End: CRC-32 of every data byte of the request, in the order sent.
+        pub crc: u32,
+        /// End: the request's outcome (a `Status`).
+        pub outcome: i64,
+        /// End: bit `i` set: page `i` of the request is all zero (not sent).
+        pub zero_mask: u64,
+        /// End: data bytes sent for the request in all.
+        pub total: u64,
+    }
+}
+
+crate::abi_struct! {
+    /// [`LINK_OP_READ_META`]'s answer: what an export needs of the kernel besides the
+    /// checkpoint (what `qsctl export` reads in the guest). Then `ram_ranges` pairs of u64
+    /// (start, end), then three NUL-terminated strings: the machine's name, the kernel's
+    /// release (`uname -r`) and its boot id (`/proc/sys/kernel/random/boot_id`).
+    #[c_name = "qs_export_meta"]
+    pub struct ExportMeta {
+        /// Where the kernel maps all of RAM (`page_offset_base`).
+        pub page_offset: u64,
+        /// The kernel's VMCOREINFO note: physical address and bytes (`/sys/kernel/vmcoreinfo`).
+        pub vmcoreinfo_pa: u64,
+        pub vmcoreinfo_size: u32,
+        /// CPUs the hv was loaded for (`nr_cpu_ids`).
+        pub cpus: u32,
+        /// RAM ranges that follow.
+        pub ram_ranges: u32,
+        /// Zero.
+        pub _reserved: u32,
+    }
+}
+
 
 /// The message for a status number the hv returned, known or not (the C header's
 /// `qs_status_message` answers the same).
@@ -605,6 +677,9 @@ crate::abi_enum! {
         /// A checkpoint's memory was asked for outside the machine's RAM.
         NotInRam = 30 =>
             "those pages are not in the machine's RAM (System RAM in /proc/iomem): a checkpoint holds RAM only",
+        /// Bytes for a bridge's read request that is no longer in flight.
+        NoSuchRequest = 31 =>
+            "that read request from the bridge is no longer in flight (it was given up after 30 s, or replaced): the bridge asks again",
     }
 }
 

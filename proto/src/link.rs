@@ -310,6 +310,7 @@ impl Session {
 /// (`gdb::TARGET_XML`) gives `cr0`, `cr4` and `efer` flag types.
 pub const LINK_VERSION: u16 = 2;
 
+pub mod bulk;
 pub mod checkpoint;
 
 /// Authentication: the bridge proves it holds the key the agent was loaded with. The hv sends

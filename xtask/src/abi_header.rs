@@ -101,6 +101,8 @@ pub fn generate() -> String {
     structure::<abi::CheckpointDelete>(&mut h);
     structure::<abi::CheckpointPeriodic>(&mut h);
     structure::<abi::LinkRequest>(&mut h);
+    structure::<abi::LinkBulk>(&mut h);
+    structure::<abi::ExportMeta>(&mut h);
     structure::<abi::CheckpointRead>(&mut h);
     structure::<abi::CheckpointCpu>(&mut h);
     defines(
@@ -121,6 +123,11 @@ pub fn generate() -> String {
             ("QS_LINK_OP_TAKE", abi::LINK_OP_TAKE.to_string()),
             ("QS_LINK_OP_ROLLBACK", abi::LINK_OP_ROLLBACK.to_string()),
             ("QS_LINK_OP_DELETE", abi::LINK_OP_DELETE.to_string()),
+            ("QS_LINK_OP_READ_META", abi::LINK_OP_READ_META.to_string()),
+            ("QS_LINK_OP_READ_CPU", abi::LINK_OP_READ_CPU.to_string()),
+            ("QS_LINK_OP_READ_PAGES", abi::LINK_OP_READ_PAGES.to_string()),
+            ("QS_LINK_READ_MAX_PAGES", abi::LINK_READ_MAX_PAGES.to_string()),
+            ("QS_LINK_BULK_END", abi::LINK_BULK_END.to_string()),
             (
                 "QS_CHECKPOINT_READ_DATA",
                 abi::CHECKPOINT_READ_DATA.to_string(),

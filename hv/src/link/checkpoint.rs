@@ -24,9 +24,12 @@ use crate::checkpoint::{read, write};
 use crate::vmm;
 use core::sync::atomic::{AtomicU64, Ordering::*};
 use quicksilver_proto::abi::{
-    CheckpointArgs, LinkRequest, RollbackNotice, Status, CHECKPOINT_PERIODIC,
+    CheckpointArgs, LinkBulk, LinkRequest, RollbackNotice, Status, CHECKPOINT_PERIODIC,
+    LINK_BULK_END,
 };
+use quicksilver_proto::link::bulk::{self, Data};
 use quicksilver_proto::link::checkpoint::{Done, Entry, Event, Happened, Message, Op, Request};
+use quicksilver_proto::link::{Channel, MAX_PAYLOAD};
 use spin::Mutex;
 
 /// The request waiting for the agent's thread, or handed to it (`handed`), and when it came.
@@ -140,6 +143,10 @@ pub fn hand_out(buf: &mut [u8]) -> Status {
         out.tag = p.req.tag;
         out.op = p.req.op.number();
         out.id = p.req.op.id();
+        (out.index, out.first_gpa) = p.req.op.read_args();
+        if let Op::ReadPages { count, .. } = p.req.op {
+            (out.index, out.count) = (0, count);
+        }
     }
     write(buf, &out);
     Status::Ok
@@ -173,6 +180,72 @@ pub fn reply(buf: &mut [u8]) -> Status {
         bytes: a.bytes,
         age_ns: 0,
     }));
+    Status::Ok
+}
+
+/// `Op::LinkBulk`: bytes the agent's thread read for the read request in flight, sent on the
+/// bulk channel in frames of their own; or, with `LINK_BULK_END`, the request's end. Each call
+/// renews the request's time, so a long read being served is never given up as stale. Bytes
+/// for a request no longer in flight are dropped (`NoSuchRequest` in the header tells the agent
+/// to stop).
+pub fn bulk(buf: &mut [u8]) -> Status {
+    let Some(h) = read::<LinkBulk>(buf) else {
+        return Status::BufferTooSmall;
+    };
+    let at = core::mem::size_of::<LinkBulk>();
+    let Some(data) = buf.get(at..at + h.len as usize) else {
+        return Status::BadArgument;
+    };
+    let end = h.flags & LINK_BULK_END != 0;
+    let live = {
+        let mut p = PENDING.lock();
+        match p.as_mut() {
+            Some(q) if q.handed && q.req.tag == h.tag && q.req.op.is_read() => {
+                q.since = now_ms();
+                if end {
+                    *p = None;
+                }
+                true
+            }
+            _ => false,
+        }
+    };
+    if !live {
+        STALE_REPLIES.fetch_add(1, Relaxed);
+        write(buf, &LinkBulk {
+            status: Status::NoSuchRequest as i64,
+            ..h
+        });
+        return Status::Ok;
+    }
+    if end {
+        let mut out = [0u8; bulk::END_LEN];
+        let n = bulk::End {
+            tag: h.tag,
+            status: h.outcome as i32,
+            zero_mask: h.zero_mask,
+            crc: h.crc,
+            total: h.total,
+        }
+        .encode(&mut out);
+        super::send(Channel::Bulk, &out[..n]);
+    } else {
+        let mut out = [0u8; MAX_PAYLOAD];
+        for (k, piece) in data.chunks(bulk::MAX_DATA).enumerate() {
+            let n = Data {
+                tag: h.tag,
+                item: h.item,
+                offset: h.offset + (k * bulk::MAX_DATA) as u32,
+                bytes: piece,
+            }
+            .encode(&mut out);
+            super::send(Channel::Bulk, &out[..n]);
+        }
+    }
+    write(buf, &LinkBulk {
+        status: Status::Ok as i64,
+        ..h
+    });
     Status::Ok
 }
 

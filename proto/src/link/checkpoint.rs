@@ -29,6 +29,14 @@ pub enum Op {
     Rollback { id: u32 },
     /// Delete checkpoint `id`, or every one ([`CHECKPOINT_ALL`]).
     Delete { id: u32 },
+    /// What an export needs of the kernel (an `abi::ExportMeta` and the RAM ranges), on the
+    /// bulk channel ([`super::bulk`]).
+    ReadMeta,
+    /// CPU `cpu`'s state in checkpoint `id`, on the bulk channel.
+    ReadCpu { id: u32, cpu: u32 },
+    /// `count` pages (1 to `abi::LINK_READ_MAX_PAGES`) of checkpoint `id` from `first_gpa`
+    /// (page-aligned), on the bulk channel: the pages that are not all zero.
+    ReadPages { id: u32, first_gpa: u64, count: u32 },
 }
 
 impl Op {
@@ -39,24 +47,54 @@ impl Op {
             Op::List => 2,
             Op::Rollback { .. } => crate::abi::LINK_OP_ROLLBACK,
             Op::Delete { .. } => crate::abi::LINK_OP_DELETE,
+            Op::ReadMeta => crate::abi::LINK_OP_READ_META,
+            Op::ReadCpu { .. } => crate::abi::LINK_OP_READ_CPU,
+            Op::ReadPages { .. } => crate::abi::LINK_OP_READ_PAGES,
         }
     }
 
-    /// The checkpoint the op names (0 for take and list).
+    /// The checkpoint the op names (0 for take, list and the meta).
     pub fn id(self) -> u32 {
         match self {
-            Op::Take | Op::List => 0,
-            Op::Rollback { id } | Op::Delete { id } => id,
+            Op::Take | Op::List | Op::ReadMeta => 0,
+            Op::Rollback { id }
+            | Op::Delete { id }
+            | Op::ReadCpu { id, .. }
+            | Op::ReadPages { id, .. } => id,
         }
     }
 
-    /// The op for a number and an id, if the number is one.
-    pub fn from_number(op: u32, id: u32) -> Option<Op> {
+    /// A read's two more fields: (the CPU or the page count, the first page's address).
+    pub fn read_args(self) -> (u32, u64) {
+        match self {
+            Op::ReadCpu { cpu, .. } => (cpu, 0),
+            Op::ReadPages {
+                first_gpa, count, ..
+            } => (count, first_gpa),
+            _ => (0, 0),
+        }
+    }
+
+    /// Whether this op is a read, answered on the bulk channel.
+    pub fn is_read(self) -> bool {
+        matches!(self, Op::ReadMeta | Op::ReadCpu { .. } | Op::ReadPages { .. })
+    }
+
+    /// The op for a number, an id and a read's fields ([`Op::read_args`]), if the number is
+    /// one.
+    pub fn from_number(op: u32, id: u32, arg: u32, gpa: u64) -> Option<Op> {
         Some(match op {
             crate::abi::LINK_OP_TAKE => Op::Take,
             2 => Op::List,
             crate::abi::LINK_OP_ROLLBACK => Op::Rollback { id },
             crate::abi::LINK_OP_DELETE => Op::Delete { id },
+            crate::abi::LINK_OP_READ_META => Op::ReadMeta,
+            crate::abi::LINK_OP_READ_CPU => Op::ReadCpu { id, cpu: arg },
+            crate::abi::LINK_OP_READ_PAGES => Op::ReadPages {
+                id,
+                first_gpa: gpa,
+                count: arg,
+            },
             _ => return None,
         })
     }
@@ -234,6 +272,10 @@ impl Message {
                     .u32(r.tag)
                     .u8(r.op.number() as u8)
                     .u32(r.op.id());
+                if r.op.is_read() {
+                    let (arg, gpa) = r.op.read_args();
+                    w.u32(arg).u64(gpa);
+                }
             }
             Message::Done(d) => {
                 w.u8(DONE)
@@ -286,11 +328,28 @@ impl Message {
                 let tag = r.u32()?;
                 let op = r.u8()?;
                 let id = r.u32()?;
-                let op = Op::from_number(op.into(), id).ok_or(BadMessage)?;
-                // Take and list name no checkpoint; a rollback needs a real one.
+                let read = matches!(
+                    op.into(),
+                    crate::abi::LINK_OP_READ_META
+                        | crate::abi::LINK_OP_READ_CPU
+                        | crate::abi::LINK_OP_READ_PAGES
+                );
+                let (arg, gpa) = if read { (r.u32()?, r.u64()?) } else { (0, 0) };
+                let op = Op::from_number(op.into(), id, arg, gpa).ok_or(BadMessage)?;
+                // Take, list and the meta name no checkpoint; a rollback or a read needs a
+                // real one; a read of pages, whole pages within its limit.
+                let real = id != 0 && id != CHECKPOINT_ALL;
                 let sound = match op {
                     Op::Take | Op::List => id == 0,
-                    Op::Rollback { id } => id != 0 && id != CHECKPOINT_ALL,
+                    Op::ReadMeta => id == 0 && arg == 0 && gpa == 0,
+                    Op::Rollback { .. } => real,
+                    Op::ReadCpu { .. } => real && gpa == 0,
+                    Op::ReadPages {
+                        first_gpa, count, ..
+                    } => {
+                        real && first_gpa % 4096 == 0
+                            && (1..=crate::abi::LINK_READ_MAX_PAGES).contains(&count)
+                    }
                     Op::Delete { id } => id != 0,
                 };
                 if !sound {
@@ -416,6 +475,22 @@ mod tests {
                 tag: u32::MAX,
                 op: Op::Delete { id: CHECKPOINT_ALL },
             }),
+            Message::Request(Request {
+                tag: 4,
+                op: Op::ReadMeta,
+            }),
+            Message::Request(Request {
+                tag: 5,
+                op: Op::ReadCpu { id: 2, cpu: 3 },
+            }),
+            Message::Request(Request {
+                tag: 6,
+                op: Op::ReadPages {
+                    id: 2,
+                    first_gpa: 0x1_0000_0000,
+                    count: 64,
+                },
+            }),
             Message::Done(done),
             Message::Entry(entry),
             Message::Event(event),
@@ -465,6 +540,21 @@ mod tests {
         );
         assert_eq!(Message::decode(&encode(1, 1, 5)), Err(BadMessage));
         assert_eq!(Message::decode(&encode(1, 4, 0)), Err(BadMessage));
+        // Reads: pages unaligned, too many or none; a CPU of no checkpoint.
+        let read = |id: u32, arg: u32, gpa: u64| {
+            let mut v = encode(1, 7, id);
+            v.extend_from_slice(&arg.to_le_bytes());
+            v.extend_from_slice(&gpa.to_le_bytes());
+            v
+        };
+        assert!(Message::decode(&read(1, 64, 0x1000)).is_ok());
+        assert_eq!(Message::decode(&read(1, 65, 0x1000)), Err(BadMessage));
+        assert_eq!(Message::decode(&read(1, 0, 0x1000)), Err(BadMessage));
+        assert_eq!(Message::decode(&read(1, 1, 0x1001)), Err(BadMessage));
+        assert_eq!(Message::decode(&read(0, 1, 0x1000)), Err(BadMessage));
+        let mut cpu = read(0, 1, 0);
+        cpu[5] = 6;
+        assert_eq!(Message::decode(&cpu), Err(BadMessage));
         // An entry past its list's end; an event of an unknown kind.
         let mut buf = [0u8; MAX_LEN];
         let n = Message::Entry(Entry {
