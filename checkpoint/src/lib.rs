@@ -7,6 +7,8 @@
 extern crate alloc;
 
 #[cfg(feature = "std")]
+pub mod assemble;
+#[cfg(feature = "std")]
 pub mod diff;
 #[cfg(feature = "std")]
 pub mod elf;

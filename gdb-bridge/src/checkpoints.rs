@@ -12,9 +12,9 @@ use quicksilver_proto::abi::{
     self, Status, CHECKPOINT_ALL, CHECKPOINT_CURRENT, CHECKPOINT_PERIODIC,
 };
 use quicksilver_proto::link::checkpoint::{Done, Entry, Event, Happened, Message, Op, Request};
-use quicksilver_proto::link::Channel;
+use quicksilver_proto::link::{bulk, Channel};
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -36,11 +36,49 @@ pub type ClientWriter = Arc<Mutex<UnixStream>>;
 pub struct Checkpoints {
     link: Mutex<Option<Arc<Link>>>,
     next_tag: AtomicU32,
-    waiting: Mutex<HashMap<u32, Sender<Message>>>,
+    waiting: Mutex<HashMap<u32, Sender<Answer>>>,
     subscribers: Mutex<Vec<ClientWriter>>,
     /// Held while a command waits for the machine: the machine serves one request at a time,
     /// so a second client's command waits here rather than being refused there.
     one_at_a_time: Mutex<()>,
+}
+
+/// What the machine sends for a request: a checkpoint message (a reply, a list's entry, a
+/// read refused), or a read's data and end (the bulk channel).
+#[derive(Debug)]
+enum Answer {
+    Message(Message),
+    Data {
+        item: u32,
+        offset: u32,
+        bytes: Vec<u8>,
+    },
+    End(bulk::End),
+}
+
+/// A read's items, each whole (a page each for a read of pages, one for a CPU or the meta),
+/// and which of its pages were all zero (not sent).
+#[derive(Debug, Default)]
+pub struct ReadReply {
+    pub items: BTreeMap<u32, Vec<u8>>,
+    pub zero_mask: u64,
+}
+
+/// Why a read brought nothing.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Asking again will not help: the machine refused (the message says why and what to do).
+    Refused(String),
+    /// Asking again may: the link lost or spoiled something, or the machine was busy.
+    Lost(String),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Refused(m) | ReadError::Lost(m) => f.write_str(m),
+        }
+    }
 }
 
 /// A command the control socket parsed.
@@ -173,7 +211,7 @@ pub fn event_json(e: &Event) -> Value {
 struct Waiter<'a> {
     owner: &'a Checkpoints,
     tag: u32,
-    rx: Receiver<Message>,
+    rx: Receiver<Answer>,
 }
 
 impl Drop for Waiter<'_> {
@@ -199,7 +237,12 @@ impl Checkpoints {
 
     /// Sends `e` to every subscribed client; clients that are gone are forgotten.
     pub fn publish(&self, e: &Event) {
-        let line = format!("{}\n", event_json(e));
+        self.publish_json(&event_json(e));
+    }
+
+    /// Sends an event line to every subscribed client; clients that are gone are forgotten.
+    pub fn publish_json(&self, v: &Value) {
+        let line = format!("{v}\n");
         self.subscribers.lock().expect("subscribers").retain(|c| {
             let mut s = c.lock().expect("client");
             s.write_all(line.as_bytes())
@@ -215,15 +258,39 @@ impl Checkpoints {
             Message::Entry(e) => e.tag,
             Message::Request(_) | Message::Event(_) => return,
         };
+        self.hand(tag, Answer::Message(m));
+    }
+
+    /// A bulk frame from the machine: to the read waiting for its tag, or dropped. False if it
+    /// is no bulk message.
+    pub fn deliver_bulk(&self, payload: &[u8]) -> bool {
+        match bulk::Message::decode(payload) {
+            Ok(bulk::Message::Data(d)) => self.hand(
+                d.tag,
+                Answer::Data {
+                    item: d.item,
+                    offset: d.offset,
+                    bytes: d.bytes.to_vec(),
+                },
+            ),
+            Ok(bulk::Message::End(e)) => self.hand(e.tag, Answer::End(e)),
+            Err(_) => return false,
+        }
+        true
+    }
+
+    fn hand(&self, tag: u32, a: Answer) {
+        let data = matches!(a, Answer::Data { .. });
         let sent = self
             .waiting
             .lock()
             .expect("waiting")
             .get(&tag)
-            .is_some_and(|tx| tx.send(m).is_ok());
-        if !sent {
+            .is_some_and(|tx| tx.send(a).is_ok());
+        // A read given up goes on arriving for a while: one line for its end, not each piece.
+        if !sent && !data {
             eprintln!(
-                "qs-bridge: dropped a checkpoint reply for request {tag}, which nobody waits for any more (timed out, or answered again by a machine rolled back since)"
+                "qs-bridge: dropped a reply for request {tag}, which nobody waits for any more (timed out, or answered again by a machine rolled back since)"
             );
         }
     }
@@ -263,7 +330,7 @@ impl Checkpoints {
             return error(format!("{}: {e:#}", what(cmd)));
         }
         let done = match waiter.rx.recv_timeout(ANSWER_TIMEOUT) {
-            Ok(Message::Done(d)) => d,
+            Ok(Answer::Message(Message::Done(d))) => d,
             Ok(_) | Err(_) => {
                 return error(format!(
                     "{}: the machine did not answer in {} s: is the agent loaded (qsctl status in the guest), and the link up (status)?",
@@ -298,12 +365,100 @@ impl Checkpoints {
     }
 }
 
+impl Checkpoints {
+    /// A read for an export (`Op::ReadMeta`, `ReadCpu`, `ReadPages`): its items once the
+    /// machine's end says they are whole (every piece in place, the count and CRC-32 of the
+    /// bytes as sent). `idle` is how long the machine may stay silent. A piece missing (the
+    /// link dropped a frame) spoils the read, which still waits for the end: a new request
+    /// before it would be refused as the machine is busy with this one.
+    pub fn read(&self, op: Op, idle: Duration) -> Result<ReadReply, ReadError> {
+        let Some(link) = self.link.lock().expect("link").clone() else {
+            return Err(ReadError::Lost(
+                "the link to the machine is not up yet".into(),
+            ));
+        };
+        let _turn = self.one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+        let waiter = self.expect();
+        let mut buf = [0u8; quicksilver_proto::link::checkpoint::MAX_LEN];
+        let n = Message::Request(Request {
+            tag: waiter.tag,
+            op,
+        })
+        .encode(&mut buf);
+        link.send(Channel::Control, &buf[..n])
+            .map_err(|e| ReadError::Lost(format!("{e:#}")))?;
+        let mut reply = ReadReply::default();
+        let mut spoiled = None;
+        loop {
+            match waiter.rx.recv_timeout(idle) {
+                Ok(Answer::Data {
+                    item,
+                    offset,
+                    bytes,
+                }) => {
+                    let v = reply.items.entry(item).or_default();
+                    if offset as usize == v.len() {
+                        v.extend_from_slice(&bytes);
+                    } else {
+                        spoiled.get_or_insert(format!(
+                            "item {item} has a gap at byte {} (the link dropped a frame)",
+                            v.len()
+                        ));
+                    }
+                }
+                Ok(Answer::End(e)) => {
+                    if e.status != Status::Ok as i32 {
+                        return Err(ReadError::Refused(
+                            abi::status_message(e.status.into()).into(),
+                        ));
+                    }
+                    if let Some(why) = spoiled {
+                        return Err(ReadError::Lost(why));
+                    }
+                    let all: Vec<u8> = reply.items.values().flatten().copied().collect();
+                    if all.len() as u64 != e.total || quicksilver_proto::crc32(&all) != e.crc {
+                        return Err(ReadError::Lost(format!(
+                            "the read's checksum does not match ({} bytes came, the machine sent {})",
+                            all.len(),
+                            e.total
+                        )));
+                    }
+                    reply.zero_mask = e.zero_mask;
+                    return Ok(reply);
+                }
+                Ok(Answer::Message(Message::Done(d))) => {
+                    let busy = [
+                        Status::LinkRequestPending,
+                        Status::DebuggerHoldsCpus,
+                        Status::RolledBack,
+                    ]
+                    .iter()
+                    .any(|s| *s as i32 == d.status);
+                    let msg = abi::status_message(d.status.into()).to_string();
+                    return Err(if busy {
+                        ReadError::Lost(msg)
+                    } else {
+                        ReadError::Refused(msg)
+                    });
+                }
+                Ok(Answer::Message(_)) => {}
+                Err(_) => {
+                    return Err(ReadError::Lost(format!(
+                        "the machine sent nothing for {} s",
+                        idle.as_secs()
+                    )))
+                }
+            }
+        }
+    }
+}
+
 /// The entries of a list whose `Done` said `count` follow.
 fn list(waiter: &Waiter<'_>, count: u32) -> Value {
     let mut entries: Vec<Option<Entry>> = vec![None; count as usize];
     while entries.iter().any(Option::is_none) {
         match waiter.rx.recv_timeout(ENTRY_TIMEOUT) {
-            Ok(Message::Entry(e)) if (e.index as usize) < entries.len() => {
+            Ok(Answer::Message(Message::Entry(e))) if (e.index as usize) < entries.len() => {
                 entries[e.index as usize] = Some(e)
             }
             Ok(_) => {}

@@ -92,25 +92,68 @@ pub const HELP: &[(&str, &str)] = &[
     ),
     ("delete ID|all", "delete a checkpoint, or every one: {ok, deleted}"),
     (
+        "export ID PATH [qsc|elf]",
+        "write checkpoint ID into PATH on this machine (an absolute path without spaces; .qsc by default, elf for crash and gdb), read over the link while the machine runs; answers at once {ok, export: {...}}; progress in export-status and the subscribers' export events; asked again after the link or the bridge died, it continues where it stopped",
+    ),
+    ("export-status", "the export of the moment or the last one: {ok, export: {id, path, format, state: running|done|failed|cancelled, phase, done_bytes, total_bytes, link_bytes, link_bytes_per_s, ram_bytes_per_s, eta_s, retries, file_bytes, error} | null}"),
+    ("export-cancel", "stop the running export (what it staged is removed)"),
+    (
         "subscribe",
         "from now on this client also gets an event line whenever a checkpoint is taken (by anyone; the periodic ring's are only counted, in periodic_taken), the machine is rolled back, or checkpoints are deleted: {event: checkpoint|rollback|delete, id, ...}",
     ),
     ("help", "this list"),
 ];
 
+/// `export ID PATH [qsc|elf]`'s arguments.
+fn parse_export<'a>(
+    mut words: impl Iterator<Item = &'a str>,
+) -> Result<(u32, std::path::PathBuf, crate::export::Format), String> {
+    use crate::export::Format;
+    const USAGE: &str = "export ID PATH [qsc|elf]: PATH absolute, without spaces";
+    let id = match words.next().map(str::parse::<u32>) {
+        Some(Ok(id)) if id != 0 => id,
+        _ => return Err(format!("{USAGE}: ID is the number checkpoints lists")),
+    };
+    let path = std::path::PathBuf::from(words.next().ok_or(USAGE)?);
+    if !path.is_absolute() {
+        return Err(format!(
+            "{USAGE}: '{}' is relative, and the bridge's folder is not yours: give the whole path",
+            path.display()
+        ));
+    }
+    let format = match words.next() {
+        None | Some("qsc") => Format::Qsc,
+        Some("elf") => Format::Elf,
+        Some(other) => return Err(format!("{USAGE}: '{other}' is no format")),
+    };
+    if let Some(x) = words.next() {
+        return Err(format!("{USAGE}: '{x}' is one word too many"));
+    }
+    Ok((id, path, format))
+}
+
 /// The JSON reply to one control command. A refusal is `{"ok":false,"error":...}` naming the
 /// cause and what to do; while gdb holds every CPU, checkpoint commands other than the list
 /// are refused (gdb's `monitor checkpoint`, `monitor checkpoints`, `monitor rollback ID` do
 /// the same things then).
-pub fn control_reply(command: &str, state: &State) -> serde_json::Value {
+pub fn control_reply(command: &str, state: &Arc<State>) -> serde_json::Value {
     if let Some(cmd) = Command::parse(command) {
         return match cmd {
             Ok(cmd) => state.checkpoints.run(cmd),
             Err(e) => crate::checkpoints::error(e),
         };
     }
+    let mut words = command.split_whitespace();
+    if words.next() == Some("export") {
+        return match parse_export(words) {
+            Ok((id, path, format)) => state.exports.start(state, id, path, format),
+            Err(e) => crate::checkpoints::error(e),
+        };
+    }
     match command {
         "status" => state.status().to_json(),
+        "export-status" => state.exports.status(),
+        "export-cancel" => state.exports.cancel(),
         "help" => serde_json::json!({
             "commands": HELP.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
             "help": HELP.iter().map(|(c, h)| serde_json::json!({ "command": c, "does": h })).collect::<Vec<_>>(),

@@ -96,9 +96,13 @@ pub fn serve_gdb(
     }
 }
 
-/// A bulk frame from the machine. Its consumer (checkpoint export) does not exist yet: the
-/// frame is dropped, counted in the status (the control socket shows it), and said once.
+/// A bulk frame from the machine: for the read (an export) waiting for it. One that is no
+/// bulk message is dropped, counted in the status (the control socket shows it), and said
+/// once.
 fn on_bulk(payload: &[u8], state: &State) {
+    if state.checkpoints.deliver_bulk(payload) {
+        return;
+    }
     let first = state.update(|st| {
         st.bulk_dropped_frames += 1;
         st.bulk_dropped_bytes += payload.len() as u64;
@@ -106,7 +110,7 @@ fn on_bulk(payload: &[u8], state: &State) {
     });
     if first {
         eprintln!(
-            "qs-bridge: the machine sent bulk data, which this qs-bridge cannot take yet (no checkpoint export): dropping it; the control socket's status counts it (bulk_dropped_frames, bulk_dropped_bytes)"
+            "qs-bridge: the machine sent bulk data that is no read's answer: dropping it; the control socket's status counts it (bulk_dropped_frames, bulk_dropped_bytes)"
         );
     }
 }

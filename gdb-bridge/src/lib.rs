@@ -8,8 +8,9 @@
 //!   time on TCP (attention, wait for every CPU to stop, detach for a gdb that vanished);
 //! - [`rsp`]: the pure filter over gdb's packets (target-description reads answered here);
 //! - [`control`]: the control socket (for `qs-tui`): one request a line, one JSON reply a line;
-//! - [`checkpoints`]: its checkpoint commands, matched with the machine's replies by tag, and
-//!   the machine's events pushed to subscribed clients.
+//! - [`checkpoints`]: its checkpoint commands and reads, matched with the machine's replies by
+//!   tag, and the machine's events pushed to subscribed clients;
+//! - [`export`]: a checkpoint into a file over the link (staged, resumable).
 //!
 //! `main.rs` wires them: open the link, authenticate, serve the control socket and gdb.
 //!
@@ -20,6 +21,7 @@
 pub mod auth;
 pub mod checkpoints;
 pub mod control;
+pub mod export;
 pub mod gdb;
 pub mod link;
 pub mod rsp;

@@ -72,8 +72,8 @@ pub struct Status {
     pub sessions: u64,
     /// Bytes received on the console channel.
     pub console_bytes: u64,
-    /// Frames received on the bulk channel and dropped: nothing in the bridge consumes them
-    /// yet (checkpoint export will). Counted so that a machine that sends them is seen.
+    /// Frames received on the bulk channel that are no read's answer, dropped. Counted so
+    /// that a machine that sends them is seen.
     pub bulk_dropped_frames: u64,
     /// Payload bytes in those frames.
     pub bulk_dropped_bytes: u64,
@@ -105,6 +105,8 @@ pub struct State {
     client: Mutex<Option<TcpStream>>,
     /// The control socket's checkpoint commands waiting for the machine, and its subscribers.
     pub checkpoints: crate::checkpoints::Checkpoints,
+    /// The export over the link of the moment, or the last one.
+    pub exports: crate::export::Exports,
 }
 
 impl State {

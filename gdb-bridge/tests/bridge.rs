@@ -283,7 +283,11 @@ fn checkpoint_answer(e: &mut Endpoint, r: ck::Request, out: &mut Vec<u8>) {
             };
             e.send_checkpoint(ck::Message::Event(rolled), &mut tx);
         }
-        ck::Op::Rollback { .. } | ck::Op::Delete { .. } => {
+        ck::Op::Rollback { .. }
+        | ck::Op::Delete { .. }
+        | ck::Op::ReadMeta
+        | ck::Op::ReadCpu { .. }
+        | ck::Op::ReadPages { .. } => {
             let d = ck::Done {
                 status: abi::Status::NoSuchCheckpoint as i32,
                 ..ok

@@ -531,7 +531,6 @@ crate::abi_struct! {
     }
 }
 
-
 /// The message for a status number the hv returned, known or not (the C header's
 /// `qs_status_message` answers the same).
 pub fn status_message(v: i64) -> &'static str {

@@ -262,6 +262,20 @@ macro_rules! abi_struct {
             ),
             concat!(stringify!($name), " has padding or a field missing from its description"),
         );
+
+        impl $name {
+            /// One read from the start of `bytes` (as the machine wrote it: x86, little-endian),
+            /// if there are enough of them.
+            pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+                if bytes.len() < core::mem::size_of::<Self>() {
+                    return None;
+                }
+                // SAFETY: `bytes` holds size_of::<Self>() readable bytes (checked above); every
+                // field is an integer or an array of integers (`CField::of` takes only a
+                // `CType`), so any bytes are a valid value; read_unaligned needs no alignment.
+                Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+            }
+        }
     };
 }
 

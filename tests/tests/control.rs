@@ -7,9 +7,8 @@
 
 use quicksilver_proto::abi::Status;
 use quicksilver_tests::*;
+use quicksilver_tests::control::Client;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 /// The ledger and the workload; then the host's commands, one per line: `qsctl` takes a
@@ -35,35 +34,6 @@ kill -TERM $LP; wait $LP; echo "ledger-rc=$?"
 qsctl checkpoints
 stop_workload
 "#;
-
-struct Client(BufReader<UnixStream>);
-
-impl Client {
-    fn connect(path: &std::path::Path) -> Client {
-        let s = UnixStream::connect(path).expect("the bridge's control socket");
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        Client(BufReader::new(s))
-    }
-
-    fn line(&mut self) -> Value {
-        let mut line = String::new();
-        self.0.read_line(&mut line).expect("a line from the bridge");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"))
-    }
-
-    fn ask(&mut self, command: &str) -> Value {
-        writeln!(self.0.get_mut(), "{command}").unwrap();
-        self.line()
-    }
-
-    /// The next event line (`event` key), skipping none: a subscriber that sends nothing
-    /// gets only events.
-    fn event(&mut self) -> Value {
-        let v = self.line();
-        assert!(v.get("event").is_some(), "an event, not {v}");
-        v
-    }
-}
 
 /// `checkpoint`, asked again while a CPU happens to be handling an interrupt at every try.
 fn take(c: &mut Client) -> Value {

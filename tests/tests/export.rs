@@ -7,7 +7,9 @@
 use qs_testkit::artifacts::Artifacts;
 use qs_testkit::machine::Machine;
 use quicksilver_checkpoint::qsc::read::Archive;
+use quicksilver_tests::control::Client;
 use quicksilver_tests::*;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -266,5 +268,106 @@ qsctl checkpoints; qsctl stats | head -30"#,
             text.contains(comm),
             "crash walks the task list to {comm}:\n{text}"
         );
+    }
+}
+
+/// The export over the link, to the operator's machine (`qs-bridge`'s `export`), until `done`
+/// says to stop polling; the last status.
+fn export_until(c: &mut Client, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1200);
+    loop {
+        let v = c.ask("export-status");
+        let e = &v["export"];
+        if done(e) || e["state"] != "running" {
+            return e.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export did not end in 20 minutes: {e}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// The same checkpoint read over the link while the machine runs on: `qs-bridge` writes an ELF
+/// core on the operator's side. The bridge is killed halfway (its staging file stays); a new
+/// one, asked again, continues where the first stopped, and gdb reads jiffies from the core as
+/// it was at the checkpoint.
+#[test]
+fn a_checkpoint_exported_over_the_link_continues_after_the_bridge_died_and_gdb_reads_it() {
+    let a = artifacts();
+    let script = r#"
+start_workload
+echo GUEST-READY
+wait_host
+qsctl checkpoint --delete all
+stop_workload
+"#;
+    let mut config = Machine::config("export-link", 2, script, "GUEST-READY");
+    config.memory = Some("256M".into());
+    config.cmdline.push("quicksilver.ckpt_mem=64M".into());
+    let mut m = Machine::start(&a, &config).unwrap_or_else(|e| panic!("{e}"));
+    let mut gdb = m.attach();
+    quicksilver_tests::session::monitor_checkpoint(&m, &mut gdb, 1);
+    let live = m.run(&mut gdb, "print jiffies");
+    let jiffies = live
+        .split("= ")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or_else(|| m.fail(&gdb, "print jiffies", &live))
+        .to_string();
+    let out = m.run(&mut gdb, "detach");
+    if !out.contains("detached") {
+        m.fail(&gdb, "detach", &out);
+    }
+    gdb.quit();
+    let core = a
+        .dir
+        .join("run")
+        .join(format!("export-link-{}.elf", std::process::id()));
+    let _ = std::fs::remove_file(&core);
+    let mut c = Client::connect(m.control_path().unwrap());
+    let r = c.ask(&format!("export 1 {} elf", core.display()));
+    assert_eq!(r["ok"], true, "{r}");
+    // A relative path is refused by name: the bridge's folder is not the operator's.
+    let r = c.ask("export 1 core.elf elf");
+    assert!(r["error"].to_string().contains("relative"), "{r}");
+    let half = export_until(&mut c, |e| {
+        e["done_bytes"].as_u64().unwrap_or(0) * 3 > e["total_bytes"].as_u64().unwrap_or(1)
+    });
+    println!("before the bridge died: {half}");
+    assert_eq!(half["state"], "running", "{half}");
+    m.restart_bridge();
+    let mut c = Client::connect(m.control_path().unwrap());
+    let r = c.ask(&format!("export 1 {} elf", core.display()));
+    assert_eq!(r["ok"], true, "{r}");
+    let end = export_until(&mut c, |_| false);
+    println!("after: {end}\n{}", m.bridge_log());
+    assert_eq!(end["state"], "done", "{end}");
+    assert!(
+        end["resumed_from_bytes"].as_u64().unwrap_or(0) > 0,
+        "the second bridge continued from what the first staged: {end}"
+    );
+    assert!(m.bridge_log().contains("continuing checkpoint 1"));
+    m.send("go");
+    let out = m.finish();
+    assert_success(&out);
+    assert_kernel_clean(&out);
+    let gdb = Command::new("gdb")
+        .args(["-nx", "-batch", "-ex", "print jiffies"])
+        .arg(&a.vmlinux)
+        .arg(&core)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&gdb.stdout).to_string() + &String::from_utf8_lossy(&gdb.stderr);
+    println!("{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("$1 = ") && l.contains(&jiffies)),
+        "gdb on the core prints jiffies = {jiffies} (live at the checkpoint):\n{text}"
+    );
+    if std::env::var_os("QS_KEEP_EXPORTS").is_none() {
+        let _ = std::fs::remove_file(&core);
     }
 }

@@ -8,13 +8,10 @@
 
 use crate::{checkpoint::parse_id, ioctl, open, status_error};
 use anyhow::{bail, Context, Result};
+use quicksilver_checkpoint::assemble::{self, build_id, cpu_record};
 use quicksilver_checkpoint::elf;
-use quicksilver_checkpoint::model::{
-    Blob, CpuRecord, Meta, PendingEvent, RamRange, Segment, TablePointer, PAGE,
-};
-use quicksilver_checkpoint::qsc::format::CheckpointSection;
-use quicksilver_checkpoint::qsc::write::Writer;
-use quicksilver_proto::abi::{self, CheckpointCpu, Status, CHECKPOINT_PERIODIC};
+use quicksilver_checkpoint::model::{Meta, RamRange, PAGE};
+use quicksilver_proto::abi::{Status, CHECKPOINT_PERIODIC};
 use quicksilver_proto::ioctl::READ_MAX_PAGES;
 use std::fs::File;
 use std::io;
@@ -34,6 +31,7 @@ pub fn export(id: &str, path: &str, as_elf: bool) -> Result<()> {
         .collect();
     let t0 = Instant::now();
     let vmcoreinfo = vmcoreinfo(&dev, id, &ram).unwrap_or_default();
+
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -67,7 +65,7 @@ pub fn export(id: &str, path: &str, as_elf: bool) -> Result<()> {
     let written = if as_elf {
         elf::write(&cpus, &meta, &mut pages, &mut out).and_then(|_| out.finish())
     } else {
-        qsc(&cpus, &meta, &mut pages, out)
+        assemble::write_qsc(&cpus, &meta, &mut pages, out).and_then(|mut out| out.finish())
     };
     let bytes = match written {
         Ok(n) => n,
@@ -112,45 +110,6 @@ fn gone(status: i64, id: u32) -> anyhow::Error {
     } else {
         status_error(status).context(format!("reading checkpoint {id}"))
     }
-}
-
-/// A `.qsc` file of one checkpoint: full memory, zero pages left out.
-fn qsc(cpus: &[CpuRecord], meta: &Meta, pages: &mut Live, out: Direct) -> io::Result<u64> {
-    let mut w = Writer::new(out)?;
-    w.checkpoint(&CheckpointSection {
-        meta: meta.clone(),
-        cpus: cpus.len() as u32,
-        devices: 0,
-        delta_of: None,
-    })?;
-    for c in cpus {
-        w.cpu(c)?;
-    }
-    let mut batch: Vec<(u64, Box<[u8; PAGE]>)> = Vec::new();
-    for r in &meta.ram {
-        for gpa in (r.start..r.end).step_by(PAGE) {
-            let mut page = Box::new([0u8; PAGE]);
-            let zero = pages.zero;
-            elf::Pages::read_page(pages, gpa, &mut page)?;
-            // The reader counts zero pages; a zero page is left out (a full image's unlisted
-            // pages are zero).
-            if pages.zero == zero {
-                batch.push((gpa, page));
-            }
-            if batch.len() == 256 {
-                flush(&mut w, &mut batch)?;
-            }
-        }
-    }
-    flush(&mut w, &mut batch)?;
-    w.finish()?.finish()
-}
-
-fn flush(w: &mut Writer<Direct>, batch: &mut Vec<(u64, Box<[u8; PAGE]>)>) -> io::Result<()> {
-    let refs: Vec<(u64, &[u8; PAGE])> = batch.iter().map(|(g, p)| (*g, &**p)).collect();
-    w.pages(&refs)?;
-    batch.clear();
-    Ok(())
 }
 
 /// The output, written around the page cache (`O_DIRECT`) where the file system allows it:
@@ -323,101 +282,6 @@ impl elf::Pages for Live<'_> {
     }
 }
 
-fn cpu_record(index: u32, a: &CheckpointCpu, xsave: Vec<u8>, lapic: Vec<u8>) -> CpuRecord {
-    let seg = |i: usize| Segment {
-        selector: a.seg_selector[i],
-        attrib: a.seg_attrib[i],
-        limit: a.seg_limit[i],
-        base: a.seg_base[i],
-    };
-    let pending = PendingEvent {
-        valid: a.pending & (1 << 31) != 0,
-        kind: ((a.pending >> 8) & 7) as u8,
-        vector: a.pending as u8,
-        error_code: (a.pending & (1 << 11) != 0).then_some((a.pending >> 32) as u32),
-    };
-    CpuRecord {
-        index,
-        apic_id: a.apic_id,
-        gprs: a.gprs,
-        rip: a.rip,
-        rflags: a.rflags,
-        segments: core::array::from_fn(seg),
-        gdtr: TablePointer {
-            base: a.gdtr_base,
-            limit: a.gdtr_limit as u16,
-        },
-        idtr: TablePointer {
-            base: a.idtr_base,
-            limit: a.idtr_limit as u16,
-        },
-        cpl: a.cpl as u8,
-        cr0: a.cr[0],
-        cr2: a.cr[1],
-        cr3: a.cr[2],
-        cr4: a.cr[3],
-        cr8: a.cr[4],
-        xcr0: a.cr[5],
-        efer: a.efer,
-        dr: a.dr,
-        star: a.msrs[0],
-        lstar: a.msrs[1],
-        cstar: a.msrs[2],
-        sfmask: a.msrs[3],
-        kernel_gs_base: a.msrs[4],
-        sysenter_cs: a.msrs[5],
-        sysenter_esp: a.msrs[6],
-        sysenter_eip: a.msrs[7],
-        pat: a.msrs[8],
-        tsc_aux: a.msrs[9],
-        pending,
-        interrupt_shadow: a.flags & abi::CPU_INTERRUPT_SHADOW != 0,
-        xsave: Blob {
-            version: 1,
-            bytes: xsave,
-        },
-        lapic: Blob {
-            version: a.lapic_version,
-            bytes: lapic,
-        },
-    }
-}
-
-/// The kernel's VMCOREINFO note text as the checkpoint holds it: `/sys/kernel/vmcoreinfo`
-/// says where the note is ("PHYS SIZE", both hex), and the note is RAM.
-fn vmcoreinfo(dev: &File, id: u32, ram: &[RamRange]) -> Option<Vec<u8>> {
-    let s = std::fs::read_to_string("/sys/kernel/vmcoreinfo").ok()?;
-    let mut it = s.split_whitespace();
-    let pa = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
-    let size = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
-    let first = pa & !(PAGE as u64 - 1);
-    let end = (pa + size).next_multiple_of(PAGE as u64);
-    let mut live = Live::new(dev, id, ram);
-    let mut bytes = Vec::new();
-    let mut page = [0u8; PAGE];
-    for gpa in (first..end).step_by(PAGE) {
-        elf::Pages::read_page(&mut live, gpa, &mut page).ok()?;
-        bytes.extend_from_slice(&page);
-    }
-    let note = &bytes[(pa - first) as usize..];
-    let word = |at: usize| u32::from_le_bytes(note[at..at + 4].try_into().unwrap_or_default());
-    let (namesz, descsz) = (word(0) as usize, word(4) as usize);
-    let desc = 12 + namesz.next_multiple_of(4);
-    (note.get(12..12 + namesz)? == b"VMCOREINFO\0")
-        .then(|| note.get(desc..desc + descsz).map(<[u8]>::to_vec))?
-}
-
-/// `BUILD-ID=` in VMCOREINFO (hex), as bytes.
-fn build_id(vmcoreinfo: &[u8]) -> Vec<u8> {
-    let text = String::from_utf8_lossy(vmcoreinfo);
-    let Some(hex) = text.lines().find_map(|l| l.strip_prefix("BUILD-ID=")) else {
-        return Vec::new();
-    };
-    (0..hex.len() / 2)
-        .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
-        .collect()
-}
-
 /// The machine's name and the kernel's release.
 fn uname() -> (String, String) {
     let read = |p: &str| {
@@ -429,4 +293,14 @@ fn uname() -> (String, String) {
         read("/proc/sys/kernel/hostname"),
         read("/proc/sys/kernel/osrelease"),
     )
+}
+
+/// The kernel's VMCOREINFO note text as the checkpoint holds it: `/sys/kernel/vmcoreinfo`
+/// says where the note is ("PHYS SIZE", both hex), and the note is RAM.
+fn vmcoreinfo(dev: &File, id: u32, ram: &[RamRange]) -> Option<Vec<u8>> {
+    let s = std::fs::read_to_string("/sys/kernel/vmcoreinfo").ok()?;
+    let mut it = s.split_whitespace();
+    let pa = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
+    let size = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
+    assemble::vmcoreinfo(&mut Live::new(dev, id, ram), pa, size)
 }

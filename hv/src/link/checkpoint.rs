@@ -212,10 +212,13 @@ pub fn bulk(buf: &mut [u8]) -> Status {
     };
     if !live {
         STALE_REPLIES.fetch_add(1, Relaxed);
-        write(buf, &LinkBulk {
-            status: Status::NoSuchRequest as i64,
-            ..h
-        });
+        write(
+            buf,
+            &LinkBulk {
+                status: Status::NoSuchRequest as i64,
+                ..h
+            },
+        );
         return Status::Ok;
     }
     if end {
@@ -242,10 +245,13 @@ pub fn bulk(buf: &mut [u8]) -> Status {
             super::send(Channel::Bulk, &out[..n]);
         }
     }
-    write(buf, &LinkBulk {
-        status: Status::Ok as i64,
-        ..h
-    });
+    write(
+        buf,
+        &LinkBulk {
+            status: Status::Ok as i64,
+            ..h
+        },
+    );
     Status::Ok
 }
 

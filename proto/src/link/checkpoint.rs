@@ -77,7 +77,10 @@ impl Op {
 
     /// Whether this op is a read, answered on the bulk channel.
     pub fn is_read(self) -> bool {
-        matches!(self, Op::ReadMeta | Op::ReadCpu { .. } | Op::ReadPages { .. })
+        matches!(
+            self,
+            Op::ReadMeta | Op::ReadCpu { .. } | Op::ReadPages { .. }
+        )
     }
 
     /// The op for a number, an id and a read's fields ([`Op::read_args`]), if the number is

@@ -139,6 +139,8 @@ pub struct Machine {
     artifacts: Artifacts,
     /// The link's socket (QEMU leaves it behind).
     sock: PathBuf,
+    /// The link's key.
+    key: String,
     running: Running,
     bridge: Option<Bridge>,
     addr: String,
@@ -246,6 +248,7 @@ impl Machine {
             kaslr_offset,
             artifacts: a,
             sock,
+            key: config.key.clone(),
             running,
             bridge,
             addr,
@@ -263,6 +266,29 @@ impl Machine {
     /// `logs/<name>.bridge.log`).
     pub fn bridge_log(&self) -> String {
         self.bridge.as_ref().map(Bridge::log).unwrap_or_default()
+    }
+
+    /// Kills `qs-bridge` (as a crash would) and starts a new one on the same link, which
+    /// authenticates anew; its control socket is another path (`control_path`).
+    pub fn restart_bridge(&mut self) {
+        let Some(old) = self.bridge.take() else {
+            return;
+        };
+        let log = old.log();
+        drop(old);
+        let name = format!("{}-again", self.name);
+        let bridge = Bridge::start(
+            &self.artifacts.bridge,
+            &self.sock,
+            self.key.as_bytes(),
+            &self.artifacts.logs_dir(),
+            &name,
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("a second qs-bridge: {e}
+(the first said:\n{log})"));
+        self.addr = bridge.addr();
+        self.bridge = Some(bridge);
     }
 
     /// The bridge's control socket (none with QEMU's stub).
