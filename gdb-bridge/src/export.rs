@@ -345,13 +345,16 @@ impl Run<'_> {
                 count,
             })?;
             for (&item, bytes) in &r.items {
-                if item >= count || bytes.len() != PAGE || r.zero_mask & (1 << item) != 0 {
-                    return Err(Stop::Failed(format!(
-                        "the machine sent page {item} of a read of {count} wrongly ({} bytes)",
-                        bytes.len()
-                    )));
-                }
-                staged.put(first_gpa + u64::from(item) * PAGE as u64, bytes)?;
+                let page = (item < count && r.zero_mask & (1 << item) == 0)
+                    .then(|| page(bytes))
+                    .flatten()
+                    .ok_or_else(|| {
+                        Stop::Failed(format!(
+                            "the machine sent page {item} of a read of {count} wrongly ({} bytes that are no page, nor one deflated)",
+                            bytes.len()
+                        ))
+                    })?;
+                staged.put(first_gpa + u64::from(item) * PAGE as u64, &page)?;
             }
             staged.done += 1;
             if journaled.elapsed() >= JOURNAL_EVERY {
@@ -457,6 +460,19 @@ fn parse_facts(bytes: &[u8]) -> Option<Facts> {
         release: strings.next()?,
         boot_id: strings.next()?,
     })
+}
+
+/// A page as it crossed the link: whole, or deflated (raw DEFLATE, RFC 1951) when that made
+/// it shorter (the agent's choice, told by the length).
+fn page(bytes: &[u8]) -> Option<Vec<u8>> {
+    if bytes.len() == PAGE {
+        return Some(bytes.to_vec());
+    }
+    let mut out = Vec::with_capacity(PAGE);
+    let mut z = flate2::read::DeflateDecoder::new(bytes);
+    // One byte more than a page, to tell a page from something longer.
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut z, PAGE as u64 + 1), &mut out).ok()?;
+    (out.len() == PAGE).then_some(out)
 }
 
 /// The reads of pages: at most 64 pages each, never across a RAM range's end.
@@ -620,6 +636,29 @@ mod tests {
         assert!(c.iter().all(|&(_, n)| (1..=64).contains(&n)));
         assert_eq!(c.iter().filter(|&&(g, _)| g == 0x100000).count(), 1);
         assert_eq!(*c.last().unwrap(), (0x100000 + 128 * 4096, 2));
+    }
+
+    #[test]
+    fn pages_come_whole_or_deflated_and_nothing_else_passes() {
+        use std::io::Write;
+        let mut original = vec![0u8; PAGE];
+        for (i, b) in original.iter_mut().enumerate() {
+            *b = (i % 7) as u8;
+        }
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(&original).unwrap();
+        let deflated = z.finish().unwrap();
+        assert!(deflated.len() < PAGE);
+        assert_eq!(page(&deflated), Some(original.clone()));
+        assert_eq!(page(&original), Some(original.clone()));
+        // Half a page deflated, a page and a byte, garbage.
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(&original[..PAGE / 2]).unwrap();
+        assert_eq!(page(&z.finish().unwrap()), None);
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(&[original.clone(), vec![1]].concat()).unwrap();
+        assert_eq!(page(&z.finish().unwrap()), None);
+        assert_eq!(page(&[0xFF; 100]), None);
     }
 
     #[test]

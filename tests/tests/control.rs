@@ -6,8 +6,8 @@
 //! bad requests get errors that say what to type.
 
 use quicksilver_proto::abi::Status;
-use quicksilver_tests::*;
 use quicksilver_tests::control::Client;
+use quicksilver_tests::*;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 

@@ -306,6 +306,8 @@ stop_workload
     let mut config = Machine::config("export-link", 2, script, "GUEST-READY");
     config.memory = Some("256M".into());
     config.cmdline.push("quicksilver.ckpt_mem=64M".into());
+    // The export crosses the serial link: minutes under QEMU.
+    config.timeout = std::time::Duration::from_secs(1200);
     let mut m = Machine::start(&a, &config).unwrap_or_else(|e| panic!("{e}"));
     let mut gdb = m.attach();
     quicksilver_tests::session::monitor_checkpoint(&m, &mut gdb, 1);

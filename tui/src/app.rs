@@ -41,6 +41,14 @@ pub enum Request {
     Take,
     Rollback(u32),
     Delete(u32),
+    /// Checkpoint `id` into `path` on this machine, over the link.
+    Export {
+        id: u32,
+        path: String,
+        elf: bool,
+    },
+    ExportStatus,
+    ExportCancel,
 }
 
 impl Request {
@@ -51,6 +59,11 @@ impl Request {
             Request::Take => "checkpoint".into(),
             Request::Rollback(id) => format!("rollback {id}"),
             Request::Delete(id) => format!("delete {id}"),
+            Request::Export { id, path, elf } => {
+                format!("export {id} {path} {}", if *elf { "elf" } else { "qsc" })
+            }
+            Request::ExportStatus => "export-status".into(),
+            Request::ExportCancel => "export-cancel".into(),
         }
     }
 }
@@ -106,6 +119,12 @@ impl Checkpoint {
 pub enum Dialog {
     Rollback(Checkpoint),
     Delete(Checkpoint),
+    /// Where to export a checkpoint (a path on this machine being typed) and in which format.
+    Export {
+        id: u32,
+        path: String,
+        elf: bool,
+    },
 }
 
 /// The whole state.
@@ -132,6 +151,13 @@ pub struct App {
     pub now: u64,
     /// A request in flight, shown in the help bar.
     pub busy: Option<String>,
+    /// The export over the link of the moment, or the last one (the bridge's `export-status`).
+    pub export: Option<Value>,
+    /// The export this TUI asked for, while it runs: asked again if the bridge comes back
+    /// without it (a new bridge continues from what the old one staged).
+    pub export_asked: Option<Request>,
+    /// Where relative export paths are (the TUI's folder; the bridge's may be another).
+    pub dir: std::path::PathBuf,
     pub quit: bool,
 }
 
@@ -158,6 +184,9 @@ impl Default for App {
             log: VecDeque::new(),
             now: 0,
             busy: None,
+            export: None,
+            export_asked: None,
+            dir: std::path::PathBuf::new(),
             quit: false,
         }
     }
@@ -206,7 +235,7 @@ impl App {
                 self.connected = true;
                 self.down_reason = None;
                 self.note("connected to qs-bridge");
-                vec![Request::Status, Request::List]
+                vec![Request::Status, Request::List, Request::ExportStatus]
             }
             Event::Disconnected(why) => {
                 if self.connected || self.down_reason.as_deref() != Some(&why) {
@@ -218,6 +247,10 @@ impl App {
                 Vec::new()
             }
             Event::Answer(req, v) => self.answer(req, v),
+            Event::Pushed(v) if v.get("event").and_then(Value::as_str) == Some("export") => {
+                self.export_progress(v);
+                Vec::new()
+            }
             Event::Pushed(v) => {
                 let what = v.get("event").and_then(Value::as_str).unwrap_or("?");
                 let id = v.get("id").map(|i| i.to_string()).unwrap_or_default();
@@ -232,9 +265,42 @@ impl App {
         }
     }
 
+    /// The export's progress, from an event or `export-status`; an end is logged once.
+    fn export_progress(&mut self, v: Value) {
+        let state = |e: &Option<Value>| {
+            e.as_ref()
+                .and_then(|e| e.get("state"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let (was, now) = (state(&self.export), state(&Some(v.clone())));
+        if was != now {
+            let path = v.get("path").and_then(Value::as_str).unwrap_or("?");
+            let id = v.get("id").and_then(Value::as_u64).unwrap_or(0);
+            match now.as_deref() {
+                Some("done") => self.note(format!(
+                    "exported checkpoint {id} to {path}: {} MiB",
+                    v.get("file_bytes").and_then(Value::as_u64).unwrap_or(0) >> 20
+                )),
+                Some("failed") => self.note(format!(
+                    "the export of checkpoint {id} failed: {}",
+                    v.get("error").and_then(Value::as_str).unwrap_or("?")
+                )),
+                Some("cancelled") => {
+                    self.note(format!("the export of checkpoint {id} was cancelled"))
+                }
+                _ => {}
+            }
+        }
+        if now.as_deref() != Some("running") {
+            self.export_asked = None;
+        }
+        self.export = Some(v);
+    }
+
     fn answer(&mut self, req: Request, v: Value) -> Vec<Request> {
         let ok = v.get("ok").and_then(Value::as_bool).unwrap_or(true);
-        if !matches!(req, Request::Status | Request::List) {
+        if !matches!(req, Request::Status | Request::List | Request::ExportStatus) {
             self.busy = None;
         }
         if !ok {
@@ -273,7 +339,88 @@ impl App {
                 self.note(format!("deleted checkpoint {id}"));
                 vec![Request::List]
             }
+            Request::Export { id, ref path, .. } => {
+                self.note(format!("exporting checkpoint {id} to {path}"));
+                self.export_asked = Some(req.clone());
+                self.export = None;
+                if let Some(e) = v.get("export") {
+                    self.export_progress(e.clone());
+                }
+                Vec::new()
+            }
+            Request::ExportStatus => {
+                let e = v.get("export").filter(|e| !e.is_null()).cloned();
+                let running =
+                    e.as_ref().and_then(|e| e.get("state")) == Some(&Value::from("running"));
+                match self.export_asked.take() {
+                    // The bridge came back without the export this TUI asked for: a new
+                    // bridge continues it from what the last one staged.
+                    Some(again) if !running => {
+                        self.note("qs-bridge came back without the export: asking it to continue");
+                        return vec![again];
+                    }
+                    asked => {
+                        self.export_asked = asked;
+                        if let Some(e) = e {
+                            self.export_progress(e);
+                        }
+                    }
+                }
+                Vec::new()
+            }
+            Request::ExportCancel => {
+                self.note("cancelling the export");
+                self.export_asked = None;
+                Vec::new()
+            }
         }
+    }
+
+    /// Whether an export runs now.
+    pub fn exporting(&self) -> bool {
+        self.export.as_ref().and_then(|e| e.get("state")) == Some(&Value::from("running"))
+    }
+
+    /// The export dialog's keys: typing edits the path, Tab switches the format, Enter asks
+    /// the bridge, Esc cancels.
+    fn export_key(
+        &mut self,
+        k: KeyEvent,
+        id: u32,
+        mut path: String,
+        mut elf: bool,
+    ) -> Vec<Request> {
+        match k.code {
+            KeyCode::Esc => return Vec::new(),
+            KeyCode::Enter => {
+                let p = self.dir.join(path.trim());
+                let path = p.display().to_string();
+                if path.contains(char::is_whitespace) || path.trim().is_empty() {
+                    self.note("the export's path must not contain spaces: type another");
+                    return Vec::new();
+                }
+                self.busy = Some(format!("asking the bridge to export checkpoint {id}"));
+                return vec![Request::Export { id, path, elf }];
+            }
+            KeyCode::Tab => {
+                elf = !elf;
+                let (from, to) = if elf {
+                    (".qsc", ".elf")
+                } else {
+                    (".elf", ".qsc")
+                };
+                if let Some(stem) = path.strip_suffix(from) {
+                    path = format!("{stem}{to}");
+                }
+            }
+            KeyCode::Backspace => {
+                path.pop();
+            }
+            KeyCode::Char(c) => path.push(c),
+            _ => {}
+        }
+        self.dialog = Some(Dialog::Export { id, path, elf });
+        Vec::new()
     }
 
     fn key(&mut self, k: KeyEvent) -> Vec<Request> {
@@ -282,17 +429,25 @@ impl App {
             return Vec::new();
         }
         if let Some(d) = self.dialog.clone() {
-            // Only a deliberate `y` goes ahead; anything else (Enter, Esc, n) is No.
             self.dialog = None;
+            if let Dialog::Export { id, path, elf } = d {
+                return self.export_key(k, id, path, elf);
+            }
+            // Only a deliberate `y` goes ahead; anything else (Enter, Esc, n) is No.
             if k.code == KeyCode::Char('y') {
-                self.busy = Some(match &d {
-                    Dialog::Rollback(c) => format!("rolling back to checkpoint {}", c.id),
-                    Dialog::Delete(c) => format!("deleting checkpoint {}", c.id),
-                });
-                return vec![match d {
-                    Dialog::Rollback(c) => Request::Rollback(c.id),
-                    Dialog::Delete(c) => Request::Delete(c.id),
-                }];
+                let (busy, req) = match d {
+                    Dialog::Rollback(c) => (
+                        format!("rolling back to checkpoint {}", c.id),
+                        Request::Rollback(c.id),
+                    ),
+                    Dialog::Delete(c) => (
+                        format!("deleting checkpoint {}", c.id),
+                        Request::Delete(c.id),
+                    ),
+                    Dialog::Export { .. } => return Vec::new(),
+                };
+                self.busy = Some(busy);
+                return vec![req];
             }
             return Vec::new();
         }
@@ -347,6 +502,22 @@ impl App {
             KeyCode::Char('d') if self.pane == Pane::Checkpoints => {
                 self.dialog = self.selected_checkpoint().map(Dialog::Delete);
             }
+            KeyCode::Char('e') if self.pane == Pane::Checkpoints && self.connected => {
+                if self.exporting() {
+                    self.note("an export is under way: x cancels it");
+                } else if let Some(c) = self.selected_checkpoint() {
+                    self.dialog = Some(Dialog::Export {
+                        id: c.id,
+                        path: self
+                            .dir
+                            .join(format!("checkpoint-{}.qsc", c.id))
+                            .display()
+                            .to_string(),
+                        elf: false,
+                    });
+                }
+            }
+            KeyCode::Char('x') if self.exporting() => return vec![Request::ExportCancel],
             KeyCode::Char('l') => return vec![Request::List],
             KeyCode::Enter if self.pane == Pane::Checkpoints => {
                 self.details = self.selected_checkpoint();

@@ -80,7 +80,10 @@ fn interactive(cli: &Cli) -> Result<()> {
     // ratatui::init puts the terminal in raw mode on the alternate screen, and installs a
     // panic hook that restores it first.
     let mut terminal = ratatui::init();
-    let mut app = App::default();
+    let mut app = App {
+        dir: std::env::current_dir().unwrap_or_default(),
+        ..App::default()
+    };
     let result = (|| -> Result<()> {
         terminal.draw(|f| ui::draw(f, &app))?;
         for ev in &rx {

@@ -96,6 +96,15 @@ fn machine(f: &mut Frame, app: &App, area: Rect) {
 }
 
 fn checkpoints(f: &mut Frame, app: &App, area: Rect) {
+    let area = match &app.export {
+        Some(e) => {
+            let [table, gauge] =
+                Layout::vertical([Constraint::Min(3), Constraint::Length(3)]).areas(area);
+            export_gauge(f, e, gauge);
+            table
+        }
+        None => area,
+    };
     let header = Row::new(["id", "age", "pause", "pages", "KiB", "parent", "kind"])
         .style(Style::default().add_modifier(Modifier::BOLD));
     let rows = app.visible().into_iter().enumerate().map(|(i, c)| {
@@ -158,6 +167,73 @@ fn checkpoints(f: &mut Frame, app: &App, area: Rect) {
     }
 }
 
+/// "12.3 MiB", "640 KiB".
+fn size(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}
+
+/// The export's progress bar: how much of the checkpoint's RAM is read, the link's rate, the
+/// time left; or how it ended.
+fn export_gauge(f: &mut Frame, e: &serde_json::Value, area: Rect) {
+    let n = |k: &str| e.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let s = |k: &str| e.get(k).and_then(serde_json::Value::as_str).unwrap_or("");
+    let (done, total) = (n("done_bytes"), n("total_bytes"));
+    let ratio = if total == 0 {
+        0.0
+    } else {
+        (done as f64 / total as f64).clamp(0.0, 1.0)
+    };
+    let (label, color) = match s("state") {
+        "running" => (
+            format!(
+                "{:.0}% {}: {} of {}, link {}/s, {}  x cancels",
+                ratio * 100.0,
+                s("phase"),
+                size(done),
+                size(total),
+                size(n("link_bytes_per_s")),
+                match e.get("eta_s").and_then(serde_json::Value::as_u64) {
+                    Some(t) => format!("{} left", age(t * 1000)),
+                    None => "time left not known yet".into(),
+                }
+            ),
+            Color::Cyan,
+        ),
+        "done" => (
+            format!(
+                "done: {} written in {}",
+                size(n("file_bytes")),
+                age((e
+                    .get("seconds")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0)
+                    * 1000.0) as u64)
+            ),
+            Color::Green,
+        ),
+        "cancelled" => ("cancelled".into(), Color::Yellow),
+        _ => (format!("failed: {}", s("error")), Color::Red),
+    };
+    let title = format!(
+        " Export of checkpoint {} to {} ({}) ",
+        n("id"),
+        s("path"),
+        s("format")
+    );
+    f.render_widget(
+        ratatui::widgets::Gauge::default()
+            .block(Block::default().borders(Borders::ALL).title(title))
+            .gauge_style(Style::default().fg(color))
+            .ratio(ratio)
+            .label(label),
+        area,
+    );
+}
+
 fn compare(f: &mut Frame, area: Rect) {
     let text = "Comparing needs both checkpoints' memory here. Today: export them in the guest \
                 (qsctl export ID FILE), then run qs-checkpoint diff A B on them. This pane \
@@ -194,7 +270,8 @@ fn help_bar(f: &mut Frame, app: &App, area: Rect) {
     } else {
         match app.pane {
             Pane::Checkpoints => {
-                " c take  r roll back  d delete  Enter details  / filter  ? help  q quit".into()
+                " c take  r rollback  d delete  e export  Enter details  / filter  ? help  q quit"
+                    .into()
             }
             _ => " c take a checkpoint  1-4 panes  ? help  q quit".into(),
         }
@@ -217,29 +294,51 @@ fn centered(area: Rect, w: u16, h: u16) -> Rect {
 }
 
 fn dialog(f: &mut Frame, d: &Dialog) {
-    let (title, text) = match d {
-        Dialog::Rollback(c) => (
-            " Roll back? ",
-            format!(
+    let (title, text) =
+        match d {
+            Dialog::Rollback(c) => (
+                " Roll back? ",
+                format!(
                 "Every process on the machine returns to where it was {} ago, at checkpoint {}. \
                  Checkpoints newer than it are dropped. The kernel logs the rollback.\n\n\
                  y: roll back    any other key: cancel",
                 age(c.age_ms),
                 c.id
             ),
-        ),
-        Dialog::Delete(c) => (
-            " Delete? ",
-            format!(
+            ),
+            Dialog::Export { id, path, elf } => {
+                (
+                    " Export ",
+                    format!(
+                "Checkpoint {id} into a file on this machine, read over the link while the \
+                 machine runs on.\n\nPath: {path}_\nFormat: {}\n\n\
+                 Enter: export   Tab: {}   Esc: cancel",
+                if *elf {
+                    "ELF core (crash vmlinux FILE, gdb vmlinux FILE)"
+                } else {
+                    "Quicksilver's own (.qsc: qs-checkpoint inspect FILE)"
+                },
+                if *elf { ".qsc instead" } else { "an ELF core instead" },
+            ),
+                )
+            }
+            Dialog::Delete(c) => (
+                " Delete? ",
+                format!(
                 "Checkpoint {} ({} old, {} KiB) is deleted: the machine can no longer return to \
                  it.\n\ny: delete    any other key: cancel",
                 c.id,
                 age(c.age_ms),
                 c.bytes >> 10
             ),
-        ),
+            ),
+        };
+    let h = if matches!(d, Dialog::Export { .. }) {
+        12
+    } else {
+        9
     };
-    let area = centered(f.area(), 60, 9);
+    let area = centered(f.area(), 64, h);
     f.render_widget(Clear, area);
     f.render_widget(
         Paragraph::new(text)
@@ -296,6 +395,11 @@ fn help(f: &mut Frame) {
         ("c", "take a checkpoint of the whole machine"),
         ("r", "roll back to the selected checkpoint (asks first)"),
         ("d", "delete the selected checkpoint (asks first)"),
+        (
+            "e",
+            "export the selected checkpoint to a file here, over the link",
+        ),
+        ("x", "cancel the export under way"),
         ("Enter", "the selected checkpoint's details"),
         ("j k, arrows", "move the selection"),
         (
@@ -391,6 +495,9 @@ mod tests {
         filtered: { let mut a = sample(); a.update(key('/')); a.update(key('3')); a },
         disconnected: { let mut a = sample(); a.update(Event::Disconnected("connection refused".into())); a.update(key('1')); a },
         empty: { let mut a = App::default(); a.update(Event::Connected); a },
+        export_dialog: { let mut a = sample(); a.update(key('e')); a },
+        export_running: { let mut a = sample(); a.update(Event::Pushed(json!({"event": "export", "id": 1, "path": "/home/op/checkpoint-1.elf", "format": "elf", "state": "running", "phase": "pages", "done_bytes": 100u64 << 20, "total_bytes": 256u64 << 20, "link_bytes_per_s": 280_000, "eta_s": 130, "seconds": 40.0}))); a },
+        export_failed: { let mut a = sample(); a.update(Event::Pushed(json!({"event": "export", "id": 1, "path": "/home/op/checkpoint-1.qsc", "format": "qsc", "state": "failed", "phase": "pages", "done_bytes": 10u64 << 20, "total_bytes": 256u64 << 20, "error": "the machine sent nothing for 10 s; gave up after 12 tries: ask again to continue where it stopped"}))); a },
     }
 }
 

@@ -285,8 +285,12 @@ impl Machine {
             &name,
             Duration::from_secs(60),
         )
-        .unwrap_or_else(|e| panic!("a second qs-bridge: {e}
-(the first said:\n{log})"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "a second qs-bridge: {e}
+(the first said:\n{log})"
+            )
+        });
         self.addr = bridge.addr();
         self.bridge = Some(bridge);
     }
