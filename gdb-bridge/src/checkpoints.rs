@@ -230,6 +230,27 @@ impl Checkpoints {
         *self.link.lock().expect("link") = Some(link);
     }
 
+    /// Bytes read from the link so far (0 before it is up).
+    pub fn wire_bytes(&self) -> u64 {
+        self.link
+            .lock()
+            .expect("link")
+            .as_ref()
+            .map_or(0, |l| l.wire_bytes())
+    }
+
+    /// Waits (up to `timeout`) until the link is authenticated; whether it is.
+    pub fn wait_link(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.link.lock().expect("link").is_none() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        true
+    }
+
     /// Adds a client that wants every event.
     pub fn subscribe(&self, client: ClientWriter) {
         self.subscribers.lock().expect("subscribers").push(client);

@@ -98,6 +98,10 @@ pub const HELP: &[(&str, &str)] = &[
     ("export-status", "the export of the moment or the last one: {ok, export: {id, path, format, state: running|done|failed|cancelled, phase, done_bytes, total_bytes, link_bytes, link_bytes_per_s, ram_bytes_per_s, eta_s, retries, file_bytes, error} | null}"),
     ("export-cancel", "stop the running export (what it staged is removed)"),
     (
+        "link-test [PAGES]",
+        "the machine sends PAGES pages (256: 1 MiB) that do not compress, as an export's: {ok, payload_bytes, wire_bytes, seconds, payload_bytes_per_s, wire_bytes_per_s}; on a real serial line a page takes a third of a second",
+    ),
+    (
         "subscribe",
         "from now on this client also gets an event line whenever a checkpoint is taken (by anyone; the periodic ring's are only counted, in periodic_taken), the machine is rolled back, or checkpoints are deleted: {event: checkpoint|rollback|delete, id, ...}",
     ),
@@ -144,7 +148,19 @@ pub fn control_reply(command: &str, state: &Arc<State>) -> serde_json::Value {
         };
     }
     let mut words = command.split_whitespace();
-    if words.next() == Some("export") {
+    let verb = words.next();
+    if verb == Some("link-test") {
+        return match words.next().map(str::parse::<u32>) {
+            None => crate::export::link_test(&state.checkpoints, 256),
+            Some(Ok(n)) if (1..=65536).contains(&n) => {
+                crate::export::link_test(&state.checkpoints, n)
+            }
+            _ => crate::checkpoints::error(
+                "link-test [PAGES]: PAGES from 1 to 65536 (256 by default: 1 MiB)",
+            ),
+        };
+    }
+    if verb == Some("export") {
         return match parse_export(words) {
             Ok((id, path, format)) => state.exports.start(state, id, path, format),
             Err(e) => crate::checkpoints::error(e),

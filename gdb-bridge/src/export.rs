@@ -37,6 +37,8 @@ const IDLE: Duration = Duration::from_secs(10);
 /// Reads the link spoiled in a row before the export gives up (it can be asked again, and
 /// continues then).
 const TRIES: u32 = 12;
+/// How long an export waits for the link to come up.
+const LINK_WAIT: Duration = Duration::from_secs(90);
 /// Progress events at most this often.
 const EVENT_EVERY: Duration = Duration::from_millis(500);
 /// The journal at most this often.
@@ -214,6 +216,33 @@ impl Exports {
     }
 }
 
+/// `link-test [PAGES]`: the machine sends `pages` pages of bytes that do not compress, as it
+/// sends an export's, 64 at a time; what crossed and how fast, in payload and on the wire.
+/// What an export of N bytes that do not compress takes is N over `payload_bytes_per_s`.
+pub fn link_test(cps: &Checkpoints, pages: u32) -> Value {
+    let (t0, wire0) = (Instant::now(), cps.wire_bytes());
+    let mut payload = 0u64;
+    let mut left = pages;
+    while left > 0 {
+        let count = left.min(LINK_READ_MAX_PAGES);
+        match cps.read(Op::ReadFill { count }, IDLE) {
+            Ok(r) => payload += r.items.values().map(|v| v.len() as u64).sum::<u64>(),
+            Err(e) => return crate::checkpoints::error(format!("link-test: {e}")),
+        }
+        left -= count;
+    }
+    let secs = t0.elapsed().as_secs_f64().max(1e-6);
+    let wire = cps.wire_bytes() - wire0;
+    json!({
+        "ok": true,
+        "payload_bytes": payload,
+        "wire_bytes": wire,
+        "seconds": secs,
+        "payload_bytes_per_s": (payload as f64 / secs).round() as u64,
+        "wire_bytes_per_s": (wire as f64 / secs).round() as u64,
+    })
+}
+
 fn event(mut v: Value) -> Value {
     v["event"] = json!("export");
     v
@@ -301,6 +330,14 @@ impl Run<'_> {
             let p = self.job.progress.lock().expect("progress");
             (p.id, p.path.clone(), p.format)
         };
+        // A bridge just started serves its control socket before the link is up: an export
+        // asked of it then (a TUI that reconnected, continuing its export) waits for the link.
+        if !self.cps.wait_link(LINK_WAIT) {
+            return Err(Stop::Failed(format!(
+                "the link to the machine did not come up in {} s: status says where it stands",
+                LINK_WAIT.as_secs()
+            )));
+        }
         let entry = self.entry(id)?;
         let facts = self.facts()?;
         self.update(|p| {

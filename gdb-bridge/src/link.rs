@@ -58,6 +58,8 @@ pub struct Link {
     seq: AtomicU32,
     inbound: Mutex<Receiver<Inbound>>,
     drops: Arc<Mutex<DropCounts>>,
+    /// Bytes read from the link, frames or not.
+    wire_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn open_serial(path: &str, baud: u32) -> Result<(Box<dyn Read + Send>, Writer)> {
@@ -113,6 +115,8 @@ impl Link {
         let (tx, rx) = mpsc::channel();
         let drops = Arc::new(Mutex::new(DropCounts::default()));
         let counts = drops.clone();
+        let wire_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let wire = wire_bytes.clone();
         std::thread::spawn(move || {
             let mut decoder = Decoder::default();
             let mut session = Session::default();
@@ -123,7 +127,10 @@ impl Link {
                         let _ = tx.send(Inbound::Closed("the link closed".into()));
                         return;
                     }
-                    Ok(n) => n,
+                    Ok(n) => {
+                        wire.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        n
+                    }
                     Err(e) => {
                         let _ = tx.send(Inbound::Closed(format!("the link failed: {e}")));
                         return;
@@ -156,7 +163,13 @@ impl Link {
             seq: AtomicU32::new(1),
             inbound: Mutex::new(rx),
             drops,
+            wire_bytes,
         }
+    }
+
+    /// Bytes read from the link so far, frames or not.
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sends `payload` on `channel`, split into frames of at most [`link::MAX_PAYLOAD`].

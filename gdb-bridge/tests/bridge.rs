@@ -287,7 +287,8 @@ fn checkpoint_answer(e: &mut Endpoint, r: ck::Request, out: &mut Vec<u8>) {
         | ck::Op::Delete { .. }
         | ck::Op::ReadMeta
         | ck::Op::ReadCpu { .. }
-        | ck::Op::ReadPages { .. } => {
+        | ck::Op::ReadPages { .. }
+        | ck::Op::ReadFill { .. } => {
             let d = ck::Done {
                 status: abi::Status::NoSuchCheckpoint as i32,
                 ..ok

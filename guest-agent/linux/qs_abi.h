@@ -629,6 +629,7 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
 #define QS_LINK_OP_READ_META 5
 #define QS_LINK_OP_READ_CPU 6
 #define QS_LINK_OP_READ_PAGES 7
+#define QS_LINK_OP_READ_FILL 8
 #define QS_LINK_READ_MAX_PAGES 64
 #define QS_LINK_BULK_END 1
 #define QS_CHECKPOINT_READ_DATA 4096

@@ -1588,6 +1588,30 @@ out:
 	return st;
 }
 
+/* Pages of bytes that do not compress (xorshift64), sent as pages are: the link, measured. */
+static long qs_read_fill(struct qs_bulk *k, u32 count)
+{
+	u64 *page, x = ktime_get_ns() | 1;
+	u32 i, w;
+
+	if (!count || count > QS_LINK_READ_MAX_PAGES)
+		return QS_BAD_ARGUMENT;
+	page = kmalloc(PAGE_SIZE, GFP_KERNEL);
+	if (!page)
+		return QS_NOT_ENOUGH_MEMORY;
+	for (i = 0; i < count; i++) {
+		for (w = 0; w < PAGE_SIZE / 8; w++) {
+			x ^= x << 13;
+			x ^= x >> 7;
+			x ^= x << 17;
+			page[w] = x;
+		}
+		qs_bulk_send(k, i, 0, page, PAGE_SIZE);
+	}
+	kfree(page);
+	return QS_OK;
+}
+
 static void qs_serve_link_read(const struct qs_link_request *q)
 {
 	struct qs_bulk k = { .tag = q->tag, .crc = ~0u };
@@ -1603,6 +1627,9 @@ static void qs_serve_link_read(const struct qs_link_request *q)
 		break;
 	case QS_LINK_OP_READ_CPU:
 		st = qs_read_cpu(&k, q->id, q->index);
+		break;
+	case QS_LINK_OP_READ_FILL:
+		st = qs_read_fill(&k, q->count);
 		break;
 	default:
 		st = qs_read_pages(&k, q->id, q->first_gpa, q->count, &zero);
@@ -1637,7 +1664,7 @@ static void qs_serve_link_request(void)
 		goto out;
 	}
 	if (q->op == QS_LINK_OP_READ_META || q->op == QS_LINK_OP_READ_CPU ||
-	    q->op == QS_LINK_OP_READ_PAGES) {
+	    q->op == QS_LINK_OP_READ_PAGES || q->op == QS_LINK_OP_READ_FILL) {
 		/* Answered on the bulk channel, taking qs_lock only where it reads. */
 		mutex_unlock(&qs_lock);
 		qs_serve_link_read(q);

@@ -441,6 +441,9 @@ pub const LINK_OP_READ_CPU: u32 = 6;
 /// [`LinkRequest::op`]: `count` pages of checkpoint `id` from `first_gpa` (all in one RAM
 /// range), each page that is not all zero sent with [`Op::LinkBulk`] as item `i`.
 pub const LINK_OP_READ_PAGES: u32 = 7;
+/// [`LinkRequest::op`]: `count` pages of bytes that do not compress, sent as pages are: the
+/// bridge's measure of what the link carries (`link-test`).
+pub const LINK_OP_READ_FILL: u32 = 8;
 /// [`LINK_OP_READ_PAGES`]'s `count` at most: one bit each in [`LinkBulk::zero_mask`].
 pub const LINK_READ_MAX_PAGES: u32 = 64;
 

@@ -6,7 +6,7 @@
 //! matrix boots each of the others) with the agent loaded and drive Quicksilver through
 //! `qsctl` as a user would. `cargo xtask test` builds everything first.
 
-pub mod control;
+pub use qs_testkit::control;
 pub mod scenarios;
 pub mod session;
 

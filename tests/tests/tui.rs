@@ -1,9 +1,12 @@
 //! qs-tui in a real terminal (tmux) against a running machine, as an operator uses it: it
-//! connects to the bridge's control socket, `c` takes a checkpoint, `r` opens the dialog and
-//! `y` rolls the machine back (the guest's ledger, which counts in memory, in tmpfs and through
-//! a pipe, goes back and stays consistent), `q` quits with the terminal restored.
+//! connects to the bridge's control socket, `c` takes a checkpoint, `e` exports it over the
+//! link with a progress bar (the bridge is killed halfway: the TUI says so, reconnects to the
+//! new one and has it continue; the file opens intact), `r` opens the dialog and `y` rolls the
+//! machine back (the guest's ledger, which counts in memory, in tmpfs and through a pipe, goes
+//! back and stays consistent), `q` quits with the terminal restored.
 
 use qs_testkit::machine::Machine;
+use quicksilver_checkpoint::qsc::read::Archive;
 use quicksilver_tests::*;
 use std::path::PathBuf;
 use std::process::Command;
@@ -96,14 +99,25 @@ impl Drop for Tmux {
 
 #[test]
 fn an_operator_takes_a_checkpoint_and_rolls_the_machine_back_from_the_terminal() {
-    let mut m = Machine::boot("tui", 2, GUEST, "GUEST-READY");
+    let a = artifacts();
+    let mut config = Machine::config("tui", 2, GUEST, "GUEST-READY");
+    // The export crosses the serial link: minutes under QEMU.
+    config.timeout = Duration::from_secs(1200);
+    let mut m = Machine::start(&a, &config).unwrap_or_else(|e| panic!("{e}"));
     let control = m
         .control_path()
         .expect("the bridge's control socket")
         .to_owned();
+    // The operator's folder, where the export lands.
+    let here = a
+        .dir
+        .join("run")
+        .join(format!("tui-{}", std::process::id()));
+    std::fs::create_dir_all(&here).unwrap();
     let tmux = Tmux::start("tui");
     tmux.keys(&format!(
-        "{} --socket {}; echo TUI-EXIT=$?",
+        "cd {} && {} --socket {}; echo TUI-EXIT=$?",
+        here.display(),
         qs_tui().display(),
         control.display()
     ));
@@ -111,6 +125,34 @@ fn an_operator_takes_a_checkpoint_and_rolls_the_machine_back_from_the_terminal()
     tmux.wait_for("link authenticated", 60);
     tmux.keys("c");
     tmux.wait_for("Checkpoints (1)", 120);
+    // Export it here, over the link, as .qsc (the dialog's default path).
+    tmux.keys("e");
+    let s = tmux.wait_for("Enter: export", 10);
+    assert!(s.contains("checkpoint-1.qsc"), "{s}");
+    tmux.keys("Enter");
+    let s = tmux.wait_for("% pages:", 120);
+    println!("{s}");
+    assert!(s.contains("Export of checkpoint 1 to"), "{s}");
+    // The bridge dies halfway (as when its machine reboots or it is killed); a new one comes
+    // up on the same socket, and the TUI has it continue from what was staged.
+    std::thread::sleep(Duration::from_secs(10));
+    m.restart_bridge();
+    let s = tmux.wait_for("done: ", 900);
+    println!("{s}");
+    let file = here.join("checkpoint-1.qsc");
+    let f = Archive::open_path(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let c = &f.checkpoints()[0];
+    assert_eq!(
+        (c.section.meta.id, c.cpus.len()),
+        (1, 2),
+        "{:?}",
+        c.section.meta
+    );
+    assert!(
+        m.bridge_log().contains("continuing checkpoint 1"),
+        "the new bridge continued the export:\n{}",
+        m.bridge_log()
+    );
     // The ledger counts on (it prints every ~100 steps); then back to the checkpoint,
     // through the dialog.
     std::thread::sleep(Duration::from_secs(5));
@@ -121,6 +163,11 @@ fn an_operator_takes_a_checkpoint_and_rolls_the_machine_back_from_the_terminal()
     tmux.keys("4");
     let s = tmux.wait_for("rolled back to checkpoint 1", 120);
     println!("{s}");
+    assert!(
+        s.contains("reconnecting") && s.contains("asking it to continue"),
+        "the event log says the bridge went and the export was continued:\n{s}"
+    );
+    let _ = std::fs::remove_dir_all(&here);
     tmux.keys("q");
     let s = tmux.wait_for("TUI-EXIT=0", 10);
     assert!(

@@ -126,6 +126,7 @@ pub fn generate() -> String {
             ("QS_LINK_OP_READ_META", abi::LINK_OP_READ_META.to_string()),
             ("QS_LINK_OP_READ_CPU", abi::LINK_OP_READ_CPU.to_string()),
             ("QS_LINK_OP_READ_PAGES", abi::LINK_OP_READ_PAGES.to_string()),
+            ("QS_LINK_OP_READ_FILL", abi::LINK_OP_READ_FILL.to_string()),
             (
                 "QS_LINK_READ_MAX_PAGES",
                 abi::LINK_READ_MAX_PAGES.to_string(),

@@ -9,8 +9,12 @@
 //! - **qs-tui**: one redraw at 200x60 with 100 checkpoints listed (its own benchmark test, in a
 //!   release build).
 //!
-//! Export over the link (the `bulk` channel) does not exist yet: the table says so. Results:
-//! `target/bench/export.json` and a Markdown table for BENCHMARKS.md.
+//! - **Over the link** (256 MiB, 2 CPUs, the serial link under QEMU): `qs-bridge`'s `export`
+//!   of a checkpoint of the booted machine, against `link-test` in the same boot (pages that
+//!   do not compress, sent the way an export's are): the link's raw rate, on the wire and in
+//!   payload. From both, what 1 GiB takes on a real 115200-baud line.
+//!
+//! Results: `target/bench/export.json` and a Markdown table for BENCHMARKS.md.
 
 use anyhow::{bail, Context, Result};
 use qs_testkit::Artifacts;
@@ -41,6 +45,104 @@ pub struct Export {
     pub to_elf_vs_cp: f64,
     /// qs-tui: one redraw at 200x60 with 100 checkpoints (µs).
     pub tui_redraw_us: f64,
+    /// Over the link: see [`Link`].
+    pub link: Link,
+}
+
+/// The export over the link, and the link's raw rate in the same boot.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Link {
+    pub memory_mib: u32,
+    /// `link-test`: bytes per second on the wire, and of payload (what an export's pages get).
+    pub raw_wire_bytes_s: f64,
+    pub raw_payload_bytes_s: f64,
+    /// The export: seconds, bytes that crossed (zero pages never do; pages deflate), its
+    /// payload rate while it ran, the RAM it covered per second, the file.
+    pub export_s: f64,
+    pub export_link_bytes: u64,
+    pub export_link_bytes_s: f64,
+    pub export_ram_bytes_s: f64,
+    pub file_bytes: u64,
+    /// The export's payload rate / the link's payload rate (goal 0.8), and its RAM rate / the
+    /// link's payload rate (what zero pages and deflate win).
+    pub link_use: f64,
+    pub ram_vs_raw: f64,
+    /// Hours for 1 GiB over a real 115200-baud line (11 520 bytes/s, 8N1) at this run's
+    /// framing efficiency and link use: pages that do not compress, and this machine's mix.
+    pub gib_115200_worst_h: f64,
+    pub gib_115200_like_this_h: f64,
+}
+
+/// An export of a checkpoint of a booted 256 MiB machine over its link, and `link-test`.
+fn over_the_link(a: &Artifacts) -> Result<Link> {
+    use qs_testkit::control::Client;
+    use qs_testkit::machine::Machine;
+    let memory_mib = 256;
+    let script = r#"
+start_workload
+qsctl checkpoint
+echo GUEST-READY
+wait_host
+qsctl checkpoint --delete all
+stop_workload
+"#;
+    let mut config = Machine::config("bench-export-link", 2, script, "GUEST-READY");
+    config.memory = Some(format!("{memory_mib}M"));
+    config.cmdline.push("quicksilver.ckpt_mem=64M".into());
+    config.timeout = Duration::from_secs(1800);
+    let mut m = Machine::start(a, &config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut c = Client::connect(m.control_path().context("no control socket")?);
+    let raw = c.ask("link-test 512");
+    if raw["ok"] != true {
+        bail!("link-test: {raw}");
+    }
+    let file = a.dir.join("run").join("bench-export-link.qsc");
+    let _ = std::fs::remove_file(&file);
+    let r = c.ask(&format!("export 1 {} qsc", file.display()));
+    if r["ok"] != true {
+        bail!("export: {r}");
+    }
+    let end = loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let e = c.ask("export-status")["export"].clone();
+        if e["state"] != "running" {
+            break e;
+        }
+    };
+    if end["state"] != "done" {
+        bail!("the export over the link did not finish: {end}");
+    }
+    m.send("go");
+    m.finish();
+    let _ = std::fs::remove_file(&file);
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    let (raw_wire, raw_payload) = (f(&raw["wire_bytes_per_s"]), f(&raw["payload_bytes_per_s"]));
+    let export_s = f(&end["seconds"]);
+    let link_bytes = end["link_bytes"].as_u64().unwrap_or(0);
+    let ram = end["total_bytes"].as_u64().unwrap_or(0);
+    let export_link_bytes_s = link_bytes as f64 / export_s.max(1e-9);
+    let export_ram_bytes_s = ram as f64 / export_s.max(1e-9);
+    let link_use = export_link_bytes_s / raw_payload.max(1e-9);
+    // A real line: 11 520 bytes/s on the wire, this run's payload share of the wire, and
+    // this run's link use.
+    let real_payload = 11_520.0 * raw_payload / raw_wire.max(1e-9) * link_use;
+    let gib = (1u64 << 30) as f64;
+    Ok(Link {
+        memory_mib,
+        raw_wire_bytes_s: raw_wire,
+        raw_payload_bytes_s: raw_payload,
+        export_s,
+        export_link_bytes: link_bytes,
+        export_link_bytes_s,
+        export_ram_bytes_s,
+        file_bytes: end["file_bytes"].as_u64().unwrap_or(0),
+        link_use,
+        ram_vs_raw: export_ram_bytes_s / raw_payload.max(1e-9),
+        gib_115200_worst_h: gib / real_payload.max(1e-9) / 3600.0,
+        gib_115200_like_this_h: gib * (link_bytes as f64 / ram.max(1) as f64)
+            / real_payload.max(1e-9)
+            / 3600.0,
+    })
 }
 
 #[derive(Serialize)]
@@ -167,6 +269,7 @@ qsctl checkpoint --delete all
     }
     let cp_bytes = std::fs::metadata(&copy)?.len();
     let tui_redraw_us = tui_redraw()?;
+    let link = over_the_link(a)?;
     for p in disks.iter().chain([&qsc, &core, &copy]) {
         let _ = std::fs::remove_file(p);
     }
@@ -185,7 +288,10 @@ qsctl checkpoint --delete all
         host_cp_mib_s: mib(cp_bytes) / cp_s,
         to_elf_vs_cp: (mib(core_bytes) / to_elf_s) / (mib(cp_bytes) / cp_s),
         tui_redraw_us,
+        link,
     };
+    let l = &e.link;
+    let kib = |b: f64| b / 1024.0;
     let r2 = |v: f64| crate::bench::round(v, 2);
     let md = format!(
         "| what | figure | anchor, same run | ratio |\n| --- | --- | --- | --- |\n\
@@ -193,7 +299,9 @@ qsctl checkpoint --delete all
          | `qsctl export --elf` | {:.1} s, {:.1} MiB/s written | `dd oflag=direct` to the same kind of disk: {:.1} MiB/s | {} |\n\
          | `qs-checkpoint to-elf` (host) | {:.1} MiB/s written | `cp` of the core: {:.1} MiB/s | {} |\n\
          | qs-tui redraw, 200x60, 100 checkpoints | {:.0} µs | | |\n\
-         | export over the link (`bulk`) | not built yet | the link's raw rate | goal 0.8 |\n",
+         | export over the link, {} MiB guest (`.qsc`) | {:.0} s; {:.0} KiB/s of payload crossed ({} MiB: zero pages stay, pages deflate) | `link-test`: {:.0} KiB/s of payload, {:.0} KiB/s on the wire | {} (goal 0.8) |\n\
+         | the same, RAM covered | {:.0} KiB/s of RAM | the link's payload rate | {} |\n\
+         | 1 GiB over a real 115200-baud line (estimate) | {:.1} h for pages that do not compress; {:.1} h for pages like these | 11 520 bytes/s on the wire | |\n",
         e.qsc_s,
         e.qsc_ram_mib_s,
         qsc_bytes >> 20,
@@ -205,13 +313,24 @@ qsctl checkpoint --delete all
         e.host_cp_mib_s,
         r2(e.to_elf_vs_cp),
         e.tui_redraw_us,
+        l.memory_mib,
+        l.export_s,
+        kib(l.export_link_bytes_s),
+        l.export_link_bytes >> 20,
+        kib(l.raw_payload_bytes_s),
+        kib(l.raw_wire_bytes_s),
+        r2(l.link_use),
+        kib(l.export_ram_bytes_s),
+        r2(l.ram_vs_raw),
+        l.gib_115200_worst_h,
+        l.gib_115200_like_this_h,
     );
     crate::bench::write_report(
         "export",
         &Report {
             benchmark: "export",
             anchors:
-                "ELF export vs dd oflag=direct in the same boot; to-elf vs cp on the same host",
+                "ELF export vs dd oflag=direct in the same boot; to-elf vs cp on the same host; export over the link vs link-test in the same boot",
             results: &e,
         },
         &md,

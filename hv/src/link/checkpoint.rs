@@ -144,7 +144,7 @@ pub fn hand_out(buf: &mut [u8]) -> Status {
         out.op = p.req.op.number();
         out.id = p.req.op.id();
         (out.index, out.first_gpa) = p.req.op.read_args();
-        if let Op::ReadPages { count, .. } = p.req.op {
+        if let Op::ReadPages { count, .. } | Op::ReadFill { count } = p.req.op {
             (out.index, out.count) = (0, count);
         }
     }

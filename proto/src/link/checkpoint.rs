@@ -37,6 +37,9 @@ pub enum Op {
     /// `count` pages (1 to `abi::LINK_READ_MAX_PAGES`) of checkpoint `id` from `first_gpa`
     /// (page-aligned), on the bulk channel: the pages that are not all zero.
     ReadPages { id: u32, first_gpa: u64, count: u32 },
+    /// `count` pages (1 to `abi::LINK_READ_MAX_PAGES`) of bytes that do not compress, on the
+    /// bulk channel: what the link carries, measured.
+    ReadFill { count: u32 },
 }
 
 impl Op {
@@ -50,13 +53,14 @@ impl Op {
             Op::ReadMeta => crate::abi::LINK_OP_READ_META,
             Op::ReadCpu { .. } => crate::abi::LINK_OP_READ_CPU,
             Op::ReadPages { .. } => crate::abi::LINK_OP_READ_PAGES,
+            Op::ReadFill { .. } => crate::abi::LINK_OP_READ_FILL,
         }
     }
 
     /// The checkpoint the op names (0 for take, list and the meta).
     pub fn id(self) -> u32 {
         match self {
-            Op::Take | Op::List | Op::ReadMeta => 0,
+            Op::Take | Op::List | Op::ReadMeta | Op::ReadFill { .. } => 0,
             Op::Rollback { id }
             | Op::Delete { id }
             | Op::ReadCpu { id, .. }
@@ -71,6 +75,7 @@ impl Op {
             Op::ReadPages {
                 first_gpa, count, ..
             } => (count, first_gpa),
+            Op::ReadFill { count } => (count, 0),
             _ => (0, 0),
         }
     }
@@ -79,7 +84,7 @@ impl Op {
     pub fn is_read(self) -> bool {
         matches!(
             self,
-            Op::ReadMeta | Op::ReadCpu { .. } | Op::ReadPages { .. }
+            Op::ReadMeta | Op::ReadCpu { .. } | Op::ReadPages { .. } | Op::ReadFill { .. }
         )
     }
 
@@ -98,6 +103,7 @@ impl Op {
                 first_gpa: gpa,
                 count: arg,
             },
+            crate::abi::LINK_OP_READ_FILL => Op::ReadFill { count: arg },
             _ => return None,
         })
     }
@@ -336,6 +342,7 @@ impl Message {
                     crate::abi::LINK_OP_READ_META
                         | crate::abi::LINK_OP_READ_CPU
                         | crate::abi::LINK_OP_READ_PAGES
+                        | crate::abi::LINK_OP_READ_FILL
                 );
                 let (arg, gpa) = if read { (r.u32()?, r.u64()?) } else { (0, 0) };
                 let op = Op::from_number(op.into(), id, arg, gpa).ok_or(BadMessage)?;
@@ -351,6 +358,11 @@ impl Message {
                         first_gpa, count, ..
                     } => {
                         real && first_gpa % 4096 == 0
+                            && (1..=crate::abi::LINK_READ_MAX_PAGES).contains(&count)
+                    }
+                    Op::ReadFill { count } => {
+                        id == 0
+                            && gpa == 0
                             && (1..=crate::abi::LINK_READ_MAX_PAGES).contains(&count)
                     }
                     Op::Delete { id } => id != 0,
@@ -485,6 +497,10 @@ mod tests {
             Message::Request(Request {
                 tag: 5,
                 op: Op::ReadCpu { id: 2, cpu: 3 },
+            }),
+            Message::Request(Request {
+                tag: 7,
+                op: Op::ReadFill { count: 64 },
             }),
             Message::Request(Request {
                 tag: 6,

@@ -54,13 +54,15 @@ impl Bridge {
     /// Runs the bridge `binary` on `link` ([`command`]) with `key` written to
     /// `<dir>/<name>-<pid>.key` (removed with the bridge), gdb on a free port, the machine's
     /// console to `<dir>/<name>.bridge-console` and the bridge's own messages also to
-    /// `<dir>/<name>.bridge.log`, and waits (up to `timeout`) until it says it authenticated.
+    /// `<dir>/<name>.bridge.log`, its control socket at `control` (or a path of its own in the
+    /// temporary folder), and waits (up to `timeout`) until it says it authenticated.
     pub fn start(
         binary: &Path,
         link: &Path,
         key: &[u8],
         dir: &Path,
         name: &str,
+        control: Option<&Path>,
         timeout: Duration,
     ) -> Result<Bridge, GdbError> {
         let spawn_err = |source| GdbError::Spawn {
@@ -79,8 +81,10 @@ impl Bridge {
             &dir.join(format!("{name}.bridge-console")),
         );
         // In the temporary folder: a Unix socket's path is limited to 107 bytes.
-        let control =
-            std::env::temp_dir().join(format!("qs-ctl-{name}-{}.sock", std::process::id()));
+        let control = control.map_or_else(
+            || std::env::temp_dir().join(format!("qs-ctl-{name}-{}.sock", std::process::id())),
+            Path::to_path_buf,
+        );
         command
             .arg("--timeout")
             .arg(timeout.as_secs().max(1).to_string())

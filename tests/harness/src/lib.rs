@@ -28,6 +28,7 @@
 pub mod artifacts;
 pub mod bridge;
 pub mod child;
+pub mod control;
 pub mod gdb;
 pub mod initramfs;
 pub mod machine;

@@ -236,6 +236,7 @@ impl Machine {
                     config.key.as_bytes(),
                     &a.logs_dir(),
                     name,
+                    None,
                     Duration::from_secs(60),
                 )?;
                 let addr = bridge.addr();
@@ -268,13 +269,15 @@ impl Machine {
         self.bridge.as_ref().map(Bridge::log).unwrap_or_default()
     }
 
-    /// Kills `qs-bridge` (as a crash would) and starts a new one on the same link, which
-    /// authenticates anew; its control socket is another path (`control_path`).
+    /// Kills `qs-bridge` (as a crash would) and starts a new one on the same link and control
+    /// socket (its stale file is replaced), which authenticates anew; its messages go to
+    /// `logs/<name>-again.bridge.log`.
     pub fn restart_bridge(&mut self) {
         let Some(old) = self.bridge.take() else {
             return;
         };
         let log = old.log();
+        let control = old.control_path().to_path_buf();
         drop(old);
         let name = format!("{}-again", self.name);
         let bridge = Bridge::start(
@@ -283,6 +286,7 @@ impl Machine {
             self.key.as_bytes(),
             &self.artifacts.logs_dir(),
             &name,
+            Some(&control),
             Duration::from_secs(60),
         )
         .unwrap_or_else(|e| {
