@@ -227,6 +227,15 @@ impl Drop for Waiter<'_> {
 impl Checkpoints {
     /// The link is authenticated: commands go out on it from now on.
     pub fn set_link(&self, link: Arc<Link>) {
+        // Tags start somewhere of this bridge's own: the machine may still be answering a
+        // bridge that died (an export's read) when this one starts, and its frames must not
+        // pass for answers to this one's requests.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| {
+                d.subsec_nanos() ^ (d.as_secs() as u32).rotate_left(16)
+            });
+        self.next_tag.store(seed, Ordering::Relaxed);
         *self.link.lock().expect("link") = Some(link);
     }
 
@@ -317,7 +326,13 @@ impl Checkpoints {
     }
 
     fn expect(&self) -> Waiter<'_> {
-        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut tag = 0;
+        while tag == 0 {
+            tag = self
+                .next_tag
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
+        }
         let (tx, rx) = mpsc::channel();
         self.waiting.lock().expect("waiting").insert(tag, tx);
         Waiter {

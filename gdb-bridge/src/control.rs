@@ -98,6 +98,10 @@ pub const HELP: &[(&str, &str)] = &[
     ("export-status", "the export of the moment or the last one: {ok, export: {id, path, format, state: running|done|failed|cancelled, phase, done_bytes, total_bytes, link_bytes, link_bytes_per_s, ram_bytes_per_s, eta_s, retries, file_bytes, error} | null}"),
     ("export-cancel", "stop the running export (what it staged is removed)"),
     (
+        "cpus ID",
+        "where each CPU of checkpoint ID was: {ok, id, kernel_offset, symbols, cpus: [{cpu, apic_id, rip, rsp, cr3, cpl, interrupts, symbol}]}; symbol needs qs-bridge --vmlinux",
+    ),
+    (
         "link-test [PAGES]",
         "the machine sends PAGES pages (256: 1 MiB) that do not compress, as an export's: {ok, payload_bytes, wire_bytes, seconds, payload_bytes_per_s, wire_bytes_per_s}; on a real serial line a page takes a third of a second",
     ),
@@ -158,6 +162,14 @@ pub fn control_reply(command: &str, state: &Arc<State>) -> serde_json::Value {
             _ => crate::checkpoints::error(
                 "link-test [PAGES]: PAGES from 1 to 65536 (256 by default: 1 MiB)",
             ),
+        };
+    }
+    if verb == Some("cpus") {
+        return match words.next().map(str::parse::<u32>) {
+            Some(Ok(id)) if id != 0 => {
+                crate::inspect::cpus(&state.checkpoints, state.symbols.get(), id)
+            }
+            _ => crate::checkpoints::error("cpus ID: ID is the number checkpoints lists"),
         };
     }
     if verb == Some("export") {

@@ -267,14 +267,14 @@ struct Run<'a> {
 }
 
 /// The kernel's facts from the meta read.
-struct Facts {
-    page_offset: u64,
-    vmcoreinfo: (u64, u64),
-    cpus: u32,
-    ram: Vec<RamRange>,
-    hostname: String,
-    release: String,
-    boot_id: String,
+pub(crate) struct Facts {
+    pub page_offset: u64,
+    pub vmcoreinfo: (u64, u64),
+    pub cpus: u32,
+    pub ram: Vec<RamRange>,
+    pub hostname: String,
+    pub release: String,
+    pub boot_id: String,
 }
 
 impl Run<'_> {
@@ -467,7 +467,7 @@ struct Entry {
 }
 
 /// `abi::ExportMeta`, its RAM ranges, then three NUL-terminated strings.
-fn parse_facts(bytes: &[u8]) -> Option<Facts> {
+pub(crate) fn parse_facts(bytes: &[u8]) -> Option<Facts> {
     let m = ExportMeta::from_bytes(bytes)?;
     let mut at = std::mem::size_of::<ExportMeta>();
     let mut ram = Vec::new();
@@ -501,7 +501,7 @@ fn parse_facts(bytes: &[u8]) -> Option<Facts> {
 
 /// A page as it crossed the link: whole, or deflated (raw DEFLATE, RFC 1951) when that made
 /// it shorter (the agent's choice, told by the length).
-fn page(bytes: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn page(bytes: &[u8]) -> Option<Vec<u8>> {
     if bytes.len() == PAGE {
         return Some(bytes.to_vec());
     }

@@ -10,7 +10,8 @@
 //! - [`control`]: the control socket (for `qs-tui`): one request a line, one JSON reply a line;
 //! - [`checkpoints`]: its checkpoint commands and reads, matched with the machine's replies by
 //!   tag, and the machine's events pushed to subscribed clients;
-//! - [`export`]: a checkpoint into a file over the link (staged, resumable).
+//! - [`export`]: a checkpoint into a file over the link (staged, resumable);
+//! - [`inspect`]: where each CPU of a checkpoint was, with `--vmlinux`'s symbols.
 //!
 //! `main.rs` wires them: open the link, authenticate, serve the control socket and gdb.
 //!
@@ -23,6 +24,7 @@ pub mod checkpoints;
 pub mod control;
 pub mod export;
 pub mod gdb;
+pub mod inspect;
 pub mod link;
 pub mod rsp;
 pub mod state;

@@ -43,6 +43,10 @@ struct Args {
     /// `delete ID|all`, `subscribe`, `help`; one JSON line per request.
     #[arg(long, value_name = "SOCKET")]
     control: Option<std::path::PathBuf>,
+    /// The running kernel's vmlinux (with symbols): the control socket's `cpus ID` then names
+    /// the function each CPU was in.
+    #[arg(long, value_name = "FILE")]
+    vmlinux: Option<std::path::PathBuf>,
     /// Seconds to wait for the machine's answer (the handshake, every CPU stopping).
     #[arg(long, default_value_t = 10)]
     timeout: u64,
@@ -69,6 +73,9 @@ fn run(args: Args) -> Result<()> {
         None => Box::new(std::io::stdout()),
     };
     let state = State::new();
+    if let Some(v) = &args.vmlinux {
+        let _ = state.symbols.set(qs_bridge::inspect::Symbols::load(v)?);
+    }
     let _control = match &args.control {
         Some(path) => {
             serve_control(bind_control(path)?, state.clone());

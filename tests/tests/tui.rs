@@ -103,6 +103,7 @@ fn an_operator_takes_a_checkpoint_and_rolls_the_machine_back_from_the_terminal()
     let mut config = Machine::config("tui", 2, GUEST, "GUEST-READY");
     // The export crosses the serial link: minutes under QEMU.
     config.timeout = Duration::from_secs(1200);
+    config.memory = Some("256M".into());
     let mut m = Machine::start(&a, &config).unwrap_or_else(|e| panic!("{e}"));
     let control = m
         .control_path()
@@ -153,6 +154,13 @@ fn an_operator_takes_a_checkpoint_and_rolls_the_machine_back_from_the_terminal()
         "the new bridge continued the export:\n{}",
         m.bridge_log()
     );
+    // Its details: where each CPU was, by kernel symbol (the bridge has the vmlinux). The CPU
+    // that served the request was in the kernel, in the agent's call.
+    tmux.keys("Enter");
+    let s = tmux.wait_for("CPU 1  0x", 60);
+    println!("{s}");
+    assert!(s.contains("CPU 0  0x") && s.contains("+0x"), "{s}");
+    tmux.keys("Escape");
     // The ledger counts on (it prints every ~100 steps); then back to the checkpoint,
     // through the dialog.
     std::thread::sleep(Duration::from_secs(5));

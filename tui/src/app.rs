@@ -49,6 +49,8 @@ pub enum Request {
     },
     ExportStatus,
     ExportCancel,
+    /// Where each CPU of checkpoint `id` was (for its details).
+    Cpus(u32),
 }
 
 impl Request {
@@ -64,6 +66,7 @@ impl Request {
             }
             Request::ExportStatus => "export-status".into(),
             Request::ExportCancel => "export-cancel".into(),
+            Request::Cpus(id) => format!("cpus {id}"),
         }
     }
 }
@@ -145,6 +148,8 @@ pub struct App {
     pub help: bool,
     /// The checkpoint whose details are shown (Enter).
     pub details: Option<Checkpoint>,
+    /// Its CPUs, once the bridge has read them (`cpus ID`), or why not.
+    pub details_cpus: Option<Value>,
     /// What happened, newest last: (seconds since start, text).
     pub log: VecDeque<(u64, String)>,
     /// Seconds since start (ticks).
@@ -181,6 +186,7 @@ impl Default for App {
             dialog: None,
             help: false,
             details: None,
+            details_cpus: None,
             log: VecDeque::new(),
             now: 0,
             busy: None,
@@ -300,8 +306,18 @@ impl App {
 
     fn answer(&mut self, req: Request, v: Value) -> Vec<Request> {
         let ok = v.get("ok").and_then(Value::as_bool).unwrap_or(true);
-        if !matches!(req, Request::Status | Request::List | Request::ExportStatus) {
+        if !matches!(
+            req,
+            Request::Status | Request::List | Request::ExportStatus | Request::Cpus(_)
+        ) {
             self.busy = None;
+        }
+        if let Request::Cpus(id) = req {
+            // For the details still open on that checkpoint; a refusal is shown there.
+            if self.details.as_ref().is_some_and(|c| c.id == id) {
+                self.details_cpus = Some(v);
+            }
+            return Vec::new();
         }
         if !ok {
             let why = v.get("error").and_then(Value::as_str).unwrap_or("refused");
@@ -373,6 +389,8 @@ impl App {
                 self.export_asked = None;
                 Vec::new()
             }
+            // Answered above.
+            Request::Cpus(_) => Vec::new(),
         }
     }
 
@@ -521,6 +539,12 @@ impl App {
             KeyCode::Char('l') => return vec![Request::List],
             KeyCode::Enter if self.pane == Pane::Checkpoints => {
                 self.details = self.selected_checkpoint();
+                self.details_cpus = None;
+                if let Some(c) = &self.details {
+                    if self.connected {
+                        return vec![Request::Cpus(c.id)];
+                    }
+                }
             }
             _ => {}
         }

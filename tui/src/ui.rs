@@ -26,7 +26,7 @@ pub fn draw(f: &mut Frame, app: &App) {
     if let Some(d) = &app.dialog {
         dialog(f, d);
     } else if let Some(c) = &app.details {
-        details(f, c);
+        details(f, c, app.details_cpus.as_ref());
     } else if app.help {
         help(f);
     }
@@ -348,14 +348,12 @@ fn dialog(f: &mut Frame, d: &Dialog) {
     );
 }
 
-fn details(f: &mut Frame, c: &crate::app::Checkpoint) {
-    let text = format!(
+fn details(f: &mut Frame, c: &crate::app::Checkpoint, cpus: Option<&serde_json::Value>) {
+    let mut text = format!(
         "checkpoint {}: taken {} ago, {}{}\n\
          parent: {}\n\
          every CPU stopped: {:.1} ms ({} CPUs)\n\
-         memory held: {} pages, {} KiB (the pages written since it was taken)\n\n\
-         Per-CPU registers and the devices are in an export: qsctl export {} FILE in the \
-         guest, then qs-checkpoint inspect FILE.\n\nany key: close",
+         memory held: {} pages, {} KiB (the pages written since it was taken)\n\n",
         c.id,
         age(c.age_ms),
         if c.periodic {
@@ -377,9 +375,55 @@ fn details(f: &mut Frame, c: &crate::app::Checkpoint) {
         c.cpus,
         c.pages,
         c.bytes >> 10,
-        c.id
     );
-    let area = centered(f.area(), 70, 12);
+    match cpus {
+        None => text.push_str("reading its CPUs over the link...\n"),
+        Some(v) if v.get("ok") == Some(&serde_json::Value::Bool(false)) => {
+            let why = v
+                .get("error")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("?");
+            text.push_str(&format!("{why}\n"));
+        }
+        Some(v) => {
+            for cpu in v
+                .get("cpus")
+                .and_then(serde_json::Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let s = |k: &str| {
+                    cpu.get(k)
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or("?")
+                };
+                let n = |k: &str| cpu.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+                let place = match cpu.get("symbol").and_then(serde_json::Value::as_str) {
+                    Some(sym) => sym.to_string(),
+                    None if n("cpl") == 3 => "user space".into(),
+                    None => "(no symbol: qs-bridge --vmlinux FILE)".into(),
+                };
+                text.push_str(&format!(
+                    "CPU {}  {}  {}, interrupts {}\n",
+                    n("cpu"),
+                    s("rip"),
+                    place,
+                    if cpu.get("interrupts") == Some(&serde_json::Value::Bool(true)) {
+                        "on"
+                    } else {
+                        "off"
+                    }
+                ));
+            }
+        }
+    }
+    text.push_str(&format!(
+        "\nThe devices and the whole memory are in an export: e here, or qsctl export {} FILE \
+         in the guest; then qs-checkpoint inspect FILE.\n\nany key: close",
+        c.id
+    ));
+    let lines = text.lines().count() as u16;
+    let area = centered(f.area(), 76, lines + 4);
     f.render_widget(Clear, area);
     f.render_widget(
         Paragraph::new(text)
@@ -492,6 +536,15 @@ mod tests {
         delete_dialog: { let mut a = sample(); a.update(key('j')); a.update(key('d')); a },
         help_popup: { let mut a = sample(); a.update(key('?')); a },
         details_popup: { let mut a = sample(); a.update(Event::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE))); a },
+        details_with_cpus: {
+            let mut a = sample();
+            a.update(Event::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE)));
+            a.update(Event::Answer(Request::Cpus(1), json!({"ok": true, "id": 1, "symbols": true, "cpus": [
+                {"cpu": 0, "rip": "0xffffffffb5e3c6d4", "cpl": 0, "interrupts": true, "symbol": "default_idle+0x14"},
+                {"cpu": 1, "rip": "0x401a2c", "cpl": 3, "interrupts": true, "symbol": null}
+            ]})));
+            a
+        },
         filtered: { let mut a = sample(); a.update(key('/')); a.update(key('3')); a },
         disconnected: { let mut a = sample(); a.update(Event::Disconnected("connection refused".into())); a.update(key('1')); a },
         empty: { let mut a = App::default(); a.update(Event::Connected); a },

@@ -120,6 +120,8 @@ impl DemoLink {
             .arg("--control")
             .arg(&self.control)
             .args(["--timeout", "5"])
+            .arg("--vmlinux")
+            .arg(&artifacts.vmlinux)
             .args(["--retry", &patience.as_secs().to_string()]);
         let quiet = Arc::new(AtomicBool::new(false));
         let say = move |text: &str| {

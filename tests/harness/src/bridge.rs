@@ -55,7 +55,9 @@ impl Bridge {
     /// `<dir>/<name>-<pid>.key` (removed with the bridge), gdb on a free port, the machine's
     /// console to `<dir>/<name>.bridge-console` and the bridge's own messages also to
     /// `<dir>/<name>.bridge.log`, its control socket at `control` (or a path of its own in the
-    /// temporary folder), and waits (up to `timeout`) until it says it authenticated.
+    /// temporary folder), the kernel's symbols from `vmlinux`, and waits (up to `timeout`)
+    /// until it says it authenticated.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         binary: &Path,
         link: &Path,
@@ -63,6 +65,7 @@ impl Bridge {
         dir: &Path,
         name: &str,
         control: Option<&Path>,
+        vmlinux: &Path,
         timeout: Duration,
     ) -> Result<Bridge, GdbError> {
         let spawn_err = |source| GdbError::Spawn {
@@ -89,7 +92,9 @@ impl Bridge {
             .arg("--timeout")
             .arg(timeout.as_secs().max(1).to_string())
             .arg("--control")
-            .arg(&control);
+            .arg(&control)
+            .arg("--vmlinux")
+            .arg(vmlinux);
         let mut watch = Watch::new(Stream::Stderr);
         if let Ok(log) = std::fs::File::create(dir.join(format!("{name}.bridge.log"))) {
             let log = Arc::new(Mutex::new(log));

@@ -237,6 +237,7 @@ impl Machine {
                     &a.logs_dir(),
                     name,
                     None,
+                    &a.vmlinux,
                     Duration::from_secs(60),
                 )?;
                 let addr = bridge.addr();
@@ -287,6 +288,7 @@ impl Machine {
             &self.artifacts.logs_dir(),
             &name,
             Some(&control),
+            &self.artifacts.vmlinux,
             Duration::from_secs(60),
         )
         .unwrap_or_else(|e| {

@@ -1,0 +1,184 @@
+//! `cpus ID`: where each CPU of a kept checkpoint was, read over the link without exporting it
+//! (a few KiB: the kernel's facts, each CPU's record, the VMCOREINFO note's page), with the
+//! kernel symbol each RIP is in when the bridge has the kernel's `vmlinux` (`--vmlinux`): the
+//! running kernel is randomized (KASLR), so an address is looked up at its distance from
+//! `KERNELOFFSET=` in the checkpoint's own VMCOREINFO.
+
+use crate::checkpoints::{error, Checkpoints};
+use crate::export::{page, parse_facts};
+use anyhow::{Context, Result};
+use object::{Object, ObjectSymbol, SymbolKind};
+use quicksilver_checkpoint::assemble::{self, cpu_record_from_bytes};
+use quicksilver_checkpoint::elf::Pages;
+use quicksilver_checkpoint::model::PAGE;
+use quicksilver_proto::link::checkpoint::Op;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// How long the machine may stay silent in one of these reads.
+const IDLE: Duration = Duration::from_secs(10);
+
+/// A kernel's functions, by link-time address.
+pub struct Symbols {
+    /// (address, size, name), ascending.
+    text: Vec<(u64, u64, String)>,
+}
+
+impl Symbols {
+    /// The function symbols of `vmlinux` (read through a cache: a vmlinux with its debug
+    /// information is hundreds of MiB, of which the symbol table is a few).
+    pub fn load(vmlinux: &Path) -> Result<Symbols> {
+        let f = std::fs::File::open(vmlinux)
+            .with_context(|| format!("cannot open --vmlinux {}", vmlinux.display()))?;
+        let cache = object::ReadCache::new(f);
+        let file = object::File::parse(&cache)
+            .with_context(|| format!("--vmlinux {} is not an ELF file", vmlinux.display()))?;
+        let mut text: Vec<(u64, u64, String)> = file
+            .symbols()
+            .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
+            .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_string())))
+            .collect();
+        if text.is_empty() {
+            anyhow::bail!(
+                "--vmlinux {} has no function symbols: give the kernel's unstripped vmlinux (Debian: the linux-image-*-dbg package)",
+                vmlinux.display()
+            );
+        }
+        text.sort_unstable();
+        Ok(Symbols { text })
+    }
+
+    /// `name+0xoff` for a link-time address inside a function.
+    pub fn find(&self, addr: u64) -> Option<String> {
+        let i = self.text.partition_point(|s| s.0 <= addr).checked_sub(1)?;
+        let (start, size, name) = &self.text[i];
+        let off = addr - start;
+        (off < (*size).max(1)).then(|| format!("{name}+{off:#x}"))
+    }
+}
+
+/// A few pages of a checkpoint, read over the link.
+struct Fetched<'a> {
+    cps: &'a Checkpoints,
+    id: u32,
+    pages: HashMap<u64, Vec<u8>>,
+}
+
+impl Pages for Fetched<'_> {
+    fn read_page(&mut self, gpa: u64, buf: &mut [u8; PAGE]) -> std::io::Result<()> {
+        if !self.pages.contains_key(&gpa) {
+            let r = self
+                .cps
+                .read(
+                    Op::ReadPages {
+                        id: self.id,
+                        first_gpa: gpa,
+                        count: 1,
+                    },
+                    IDLE,
+                )
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let p = match r.items.get(&0) {
+                Some(bytes) => page(bytes).ok_or_else(|| std::io::Error::other("a bad page"))?,
+                None => vec![0; PAGE],
+            };
+            self.pages.insert(gpa, p);
+        }
+        buf.copy_from_slice(&self.pages[&gpa]);
+        Ok(())
+    }
+}
+
+/// `KERNELOFFSET=` (hex) in VMCOREINFO.
+fn kernel_offset(vmcoreinfo: &[u8]) -> Option<u64> {
+    let text = String::from_utf8_lossy(vmcoreinfo);
+    let hex = text.lines().find_map(|l| l.strip_prefix("KERNELOFFSET="))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// The `cpus ID` reply: each CPU's place, with its symbol where `symbols` knows it.
+pub fn cpus(cps: &Checkpoints, symbols: Option<&Symbols>, id: u32) -> Value {
+    match read_cpus(cps, symbols, id) {
+        Ok(v) => v,
+        Err(e) => error(format!("cannot read checkpoint {id}'s CPUs: {e}")),
+    }
+}
+
+fn read_cpus(cps: &Checkpoints, symbols: Option<&Symbols>, id: u32) -> Result<Value, String> {
+    let meta = cps.read(Op::ReadMeta, IDLE).map_err(|e| e.to_string())?;
+    let facts = parse_facts(meta.items.get(&0).map_or(&[][..], Vec::as_slice))
+        .ok_or("the machine's facts came malformed")?;
+    let mut fetched = Fetched {
+        cps,
+        id,
+        pages: HashMap::new(),
+    };
+    let offset = symbols
+        .and_then(|_| assemble::vmcoreinfo(&mut fetched, facts.vmcoreinfo.0, facts.vmcoreinfo.1))
+        .and_then(|v| kernel_offset(&v));
+    let mut out = Vec::new();
+    for cpu in 0..facts.cpus {
+        let r = cps
+            .read(Op::ReadCpu { id, cpu }, IDLE)
+            .map_err(|e| e.to_string())?;
+        let c = cpu_record_from_bytes(cpu, r.items.get(&0).map_or(&[][..], Vec::as_slice))
+            .ok_or("a CPU's record came shorter than its header says")?;
+        let symbol = match (symbols, offset) {
+            (Some(s), Some(off)) if c.cpl == 0 => s.find(c.rip.wrapping_sub(off)),
+            _ => None,
+        };
+        out.push(json!({
+            "cpu": cpu,
+            "apic_id": c.apic_id,
+            "rip": format!("{:#x}", c.rip),
+            "rsp": format!("{:#x}", c.gprs[4]),
+            "cr3": format!("{:#x}", c.cr3),
+            "cpl": c.cpl,
+            "interrupts": c.rflags & 0x200 != 0,
+            "symbol": symbol,
+        }));
+    }
+    Ok(json!({
+        "ok": true,
+        "id": id,
+        "kernel_offset": offset.map(|o| format!("{o:#x}")),
+        "symbols": symbols.is_some(),
+        "cpus": out,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_is_named_by_the_function_it_is_in() {
+        let s = Symbols {
+            text: vec![
+                (0x1000, 0x20, "a".into()),
+                (0x1020, 0x10, "b".into()),
+                (0x2000, 0, "c".into()),
+            ],
+        };
+        assert_eq!(s.find(0x1000).as_deref(), Some("a+0x0"));
+        assert_eq!(s.find(0x1025).as_deref(), Some("b+0x5"));
+        assert_eq!(s.find(0x1030), None, "past b's end");
+        assert_eq!(s.find(0x2000).as_deref(), Some("c+0x0"));
+        assert_eq!(s.find(0xfff), None);
+        assert_eq!(
+            kernel_offset(b"OSRELEASE=6.1\nKERNELOFFSET=2a000000\n"),
+            Some(0x2a00_0000)
+        );
+    }
+
+    #[test]
+    fn a_real_binary_has_symbols() {
+        // This test binary is an ELF with function symbols of its own.
+        let me = std::env::current_exe().unwrap();
+        let s = Symbols::load(&me).unwrap();
+        assert!(!s.text.is_empty());
+        assert!(Symbols::load(Path::new("/nonexistent")).is_err());
+    }
+}
