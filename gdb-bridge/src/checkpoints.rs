@@ -396,7 +396,17 @@ impl Checkpoints {
                 "dropped": done.count,
             }),
             Command::Delete(_) => json!({ "ok": true, "deleted": done.count }),
-            Command::List => list(&waiter, done.count),
+            Command::List => {
+                let mut v = list(&waiter, done.count);
+                if v["ok"] == true {
+                    v["memory"] = json!({
+                        "capacity_bytes": done.pages * 4096,
+                        "used_bytes": done.bytes,
+                    });
+                    v["active_cpus"] = json!(done.cpus);
+                }
+                v
+            }
         }
     }
 }

@@ -98,14 +98,18 @@ fn exported_bytes(out: &str, dev: &str) -> u64 {
 }
 
 /// Boots `a`'s kernel with `disks`, lets gdb stop every CPU and take checkpoint 1 there, and
-/// returns jiffies at that instant (as gdb reads it live) and how the run ended.
+/// returns jiffies at that instant (as gdb reads it live) and how the run ended. With
+/// `over_link`, the bridge exports checkpoint 1 there first (`.qsc`), while the machine runs.
 fn checkpoint_then_export(
     a: &Artifacts,
     name: &str,
     disks: &Disks,
     exports: &str,
+    over_link: Option<&Path>,
 ) -> (String, RunOutput) {
     let mut config = Machine::config(name, 2, &guest(exports), "GUEST-READY");
+    // An export over the serial link takes minutes under QEMU.
+    config.timeout = std::time::Duration::from_secs(1200);
     config.memory = Some("512M".into());
     // The workload writes on while the export runs: room for its pages' old contents.
     config.cmdline.push("quicksilver.ckpt_mem=128M".into());
@@ -127,6 +131,17 @@ fn checkpoint_then_export(
         m.fail(&gdb, "detach", &out);
     }
     gdb.quit();
+    if let Some(path) = over_link {
+        let mut c = Client::connect(m.control_path().unwrap());
+        let r = c.ask(&format!("export 1 {} qsc", path.display()));
+        assert_eq!(r["ok"], true, "{r}");
+        // A relative path is refused by name: the bridge's folder is not the operator's.
+        let r = c.ask("export 1 core.qsc");
+        assert!(r["error"].to_string().contains("relative"), "{r}");
+        let end = export_until(&mut c, |_| false);
+        println!("over the link: {end}");
+        assert_eq!(end["state"], "done", "{end}\n{}", m.bridge_log());
+    }
     m.send("go");
     let out = m.finish();
     assert_success(&out);
@@ -139,6 +154,10 @@ fn checkpoint_then_export(
 fn a_checkpoint_exported_while_the_machine_runs_opens_intact_and_gdb_reads_its_jiffies() {
     let a = artifacts();
     let disks = Disks::new(&a, "export", 3);
+    let over_link = a
+        .dir
+        .join("run")
+        .join(format!("export-link-{}.qsc", std::process::id()));
     let (jiffies, out) = checkpoint_then_export(
         &a,
         "export",
@@ -147,6 +166,7 @@ fn a_checkpoint_exported_while_the_machine_runs_opens_intact_and_gdb_reads_its_j
 qsctl export 1 /dev/vdb --elf; echo "export-elf-rc=$?"
 qsctl export 1 /dev/vdc; echo "export-again-rc=$?"
 qsctl export 7 /dev/vda; echo "missing-rc=$?""#,
+        Some(&over_link),
     );
     let o = out.script_output();
     assert!(
@@ -188,6 +208,42 @@ qsctl export 7 /dev/vda; echo "missing-rc=$?""#,
     let g = Archive::open_path(again).unwrap_or_else(|e| panic!("{}: {e}", again.display()));
     let d = quicksilver_checkpoint::diff::memory(&f, 0, &g, 0, 32).unwrap();
     assert_eq!(d.total, 0, "two exports of one checkpoint differ: {d:?}");
+    // The export over the link, to the operator's side, before the machine ran on: the same
+    // checkpoint as the guest's own export, page for page, CPU for CPU.
+    let l =
+        Archive::open_path(&over_link).unwrap_or_else(|e| panic!("{}: {e}", over_link.display()));
+    let d = quicksilver_checkpoint::diff::memory(&f, 0, &l, 0, 32).unwrap();
+    assert_eq!(
+        d.total, 0,
+        "the link's export and the guest's differ: {d:?}"
+    );
+    let lc = &l.checkpoints()[0];
+    assert_eq!(lc.cpus, e.cpus, "the CPUs as read over the link");
+    let lm = &lc.section.meta;
+    assert_eq!(
+        (
+            &lm.boot_id,
+            &lm.kernel_release,
+            &lm.hostname,
+            &lm.vmcoreinfo,
+            &lm.build_id,
+            &lm.ram,
+            lm.page_offset
+        ),
+        (
+            &meta.boot_id,
+            &meta.kernel_release,
+            &meta.hostname,
+            &meta.vmcoreinfo,
+            &meta.build_id,
+            &meta.ram,
+            meta.page_offset
+        ),
+        "the machine's facts as read over the link"
+    );
+    if std::env::var_os("QS_KEEP_EXPORTS").is_none() {
+        let _ = std::fs::remove_file(&over_link);
+    }
     // The ELF core: gdb reads jiffies from it as it was at the checkpoint.
     let core = disks.file(1, exported_bytes(&o, "/dev/vdb"));
     let gdb = Command::new("gdb")
@@ -223,6 +279,7 @@ fn crash_opens_an_exported_core_and_lists_the_machines_processes() {
         &disks,
         r#"qsctl export 1 /dev/vda --elf; echo "export-elf-rc=$?"
 qsctl checkpoints; qsctl stats | head -30"#,
+        None,
     );
     let o = out.script_output();
     assert!(o.contains("export-elf-rc=0"), "{o}");
@@ -286,90 +343,5 @@ fn export_until(c: &mut Client, done: impl Fn(&Value) -> bool) -> Value {
             "the export did not end in 20 minutes: {e}"
         );
         std::thread::sleep(std::time::Duration::from_millis(500));
-    }
-}
-
-/// The same checkpoint read over the link while the machine runs on: `qs-bridge` writes an ELF
-/// core on the operator's side. The bridge is killed halfway (its staging file stays); a new
-/// one, asked again, continues where the first stopped, and gdb reads jiffies from the core as
-/// it was at the checkpoint.
-#[test]
-fn a_checkpoint_exported_over_the_link_continues_after_the_bridge_died_and_gdb_reads_it() {
-    let a = artifacts();
-    let script = r#"
-start_workload
-echo GUEST-READY
-wait_host
-qsctl checkpoint --delete all
-stop_workload
-"#;
-    let mut config = Machine::config("export-link", 2, script, "GUEST-READY");
-    config.memory = Some("256M".into());
-    config.cmdline.push("quicksilver.ckpt_mem=64M".into());
-    // The export crosses the serial link: minutes under QEMU.
-    config.timeout = std::time::Duration::from_secs(1200);
-    let mut m = Machine::start(&a, &config).unwrap_or_else(|e| panic!("{e}"));
-    let mut gdb = m.attach();
-    quicksilver_tests::session::monitor_checkpoint(&m, &mut gdb, 1);
-    let live = m.run(&mut gdb, "print jiffies");
-    let jiffies = live
-        .split("= ")
-        .nth(1)
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap_or_else(|| m.fail(&gdb, "print jiffies", &live))
-        .to_string();
-    let out = m.run(&mut gdb, "detach");
-    if !out.contains("detached") {
-        m.fail(&gdb, "detach", &out);
-    }
-    gdb.quit();
-    let core = a
-        .dir
-        .join("run")
-        .join(format!("export-link-{}.elf", std::process::id()));
-    let _ = std::fs::remove_file(&core);
-    let mut c = Client::connect(m.control_path().unwrap());
-    let r = c.ask(&format!("export 1 {} elf", core.display()));
-    assert_eq!(r["ok"], true, "{r}");
-    // A relative path is refused by name: the bridge's folder is not the operator's.
-    let r = c.ask("export 1 core.elf elf");
-    assert!(r["error"].to_string().contains("relative"), "{r}");
-    let half = export_until(&mut c, |e| {
-        e["done_bytes"].as_u64().unwrap_or(0) * 3 > e["total_bytes"].as_u64().unwrap_or(1)
-    });
-    println!("before the bridge died: {half}");
-    assert_eq!(half["state"], "running", "{half}");
-    m.restart_bridge();
-    let mut c = Client::connect(m.control_path().unwrap());
-    let r = c.ask(&format!("export 1 {} elf", core.display()));
-    assert_eq!(r["ok"], true, "{r}");
-    let end = export_until(&mut c, |_| false);
-    println!("after: {end}\n{}", m.bridge_log());
-    assert_eq!(end["state"], "done", "{end}");
-    assert!(
-        end["resumed_from_bytes"].as_u64().unwrap_or(0) > 0,
-        "the second bridge continued from what the first staged: {end}"
-    );
-    assert!(m.bridge_log().contains("continuing checkpoint 1"));
-    m.send("go");
-    let out = m.finish();
-    assert_success(&out);
-    assert_kernel_clean(&out);
-    let gdb = Command::new("gdb")
-        .args(["-nx", "-batch", "-ex", "print jiffies"])
-        .arg(&a.vmlinux)
-        .arg(&core)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&gdb.stdout).to_string() + &String::from_utf8_lossy(&gdb.stderr);
-    println!("{text}");
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("$1 = ") && l.contains(&jiffies)),
-        "gdb on the core prints jiffies = {jiffies} (live at the checkpoint):\n{text}"
-    );
-    if std::env::var_os("QS_KEEP_EXPORTS").is_none() {
-        let _ = std::fs::remove_file(&core);
     }
 }

@@ -140,6 +140,9 @@ pub struct App {
     /// The bridge's `status` answer.
     pub status: Option<Value>,
     pub checkpoints: Vec<Checkpoint>,
+    /// From the last list: checkpoint memory (size, used) and CPUs in guest mode.
+    pub memory: Option<(u64, u64)>,
+    pub active_cpus: Option<u64>,
     /// The selected row of the (filtered) table.
     pub selected: usize,
     pub filter: String,
@@ -180,6 +183,8 @@ impl Default for App {
             down_reason: None,
             status: None,
             checkpoints: Vec::new(),
+            memory: None,
+            active_cpus: None,
             selected: 0,
             filter: String::new(),
             editing_filter: false,
@@ -337,6 +342,9 @@ impl App {
                     .unwrap_or_default();
                 let n = self.visible().len();
                 self.selected = self.selected.min(n.saturating_sub(1));
+                let m = |k: &str| v.get("memory")?.get(k)?.as_u64();
+                self.memory = m("capacity_bytes").zip(m("used_bytes"));
+                self.active_cpus = v.get("active_cpus").and_then(Value::as_u64);
                 Vec::new()
             }
             Request::Take => {

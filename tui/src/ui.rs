@@ -70,11 +70,18 @@ fn machine(f: &mut Frame, app: &App, area: Rect) {
             .unwrap_or_else(|| "unknown".into())
     };
     let held: u64 = app.checkpoints.iter().map(|c| c.bytes).sum();
+    // The hv: stopped for gdb, active (CPUs in guest mode, from the last list), or dormant.
+    let hv = match (field("session").as_str(), app.active_cpus) {
+        ("stopped", _) => "every CPU stopped for gdb".to_string(),
+        (_, Some(0)) => "dormant: the kernel runs natively".to_string(),
+        (_, Some(n)) => format!("active: {n} CPUs run as its guests"),
+        (_, None) => "unknown (no list yet)".to_string(),
+    };
     let mut lines = vec![
         Line::from(format!("link:           {}", field("link"))),
+        Line::from(format!("hv:             {hv}")),
         Line::from(format!("gdb session:    {}", field("session"))),
         Line::from(format!("gdb client:     {}", field("gdb_client"))),
-        Line::from(format!("CPUs:           {}", field("cpus"))),
         Line::from(format!("gdb sessions:   {}", field("sessions"))),
         Line::from(format!("console bytes:  {}", field("console_bytes"))),
         Line::from(format!(
@@ -89,10 +96,32 @@ fn machine(f: &mut Frame, app: &App, area: Rect) {
             Style::default().fg(Color::Red),
         )));
     }
-    f.render_widget(
-        Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" Machine ")),
-        area,
-    );
+    let block = Block::default().borders(Borders::ALL).title(" Machine ");
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    let [text, gauge] = Layout::vertical([Constraint::Min(1), Constraint::Length(1)]).areas(inner);
+    f.render_widget(Paragraph::new(lines), text);
+    // The checkpoint store as a gauge: when it is full the oldest checkpoint goes.
+    if let Some((capacity, used)) = app.memory.filter(|m| m.0 > 0) {
+        let ratio = (used as f64 / capacity as f64).clamp(0.0, 1.0);
+        let color = if ratio > 0.9 {
+            Color::Red
+        } else {
+            Color::Green
+        };
+        f.render_widget(
+            ratatui::widgets::Gauge::default()
+                .gauge_style(Style::default().fg(color))
+                .ratio(ratio)
+                .label(format!(
+                    "checkpoint memory: {} of {} ({:.0}%)",
+                    size(used),
+                    size(capacity),
+                    ratio * 100.0
+                )),
+            gauge,
+        );
+    }
 }
 
 fn checkpoints(f: &mut Frame, app: &App, area: Rect) {
@@ -506,7 +535,7 @@ mod tests {
         ));
         a.update(Event::Answer(
             Request::List,
-            json!({"ok": true, "count": 3, "checkpoints": [
+            json!({"ok": true, "count": 3, "memory": {"capacity_bytes": 67_108_864u64, "used_bytes": 1_470_464u64}, "active_cpus": 2, "checkpoints": [
                 {"id": 1, "parent": 0, "age_ms": 130_000, "pause_us": 1800, "pages": 310, "bytes": 1_269_760, "cpus": 2, "periodic": false, "current": false},
                 {"id": 2, "parent": 1, "age_ms": 12_400, "pause_us": 1500, "pages": 42, "bytes": 172_032, "cpus": 2, "periodic": true, "current": false},
                 {"id": 3, "parent": 2, "age_ms": 850, "pause_us": 1400, "pages": 7, "bytes": 28_672, "cpus": 2, "periodic": true, "current": true}

@@ -774,6 +774,12 @@ pub fn kept_count() -> usize {
     ENGINE.lock().log.kept().count()
 }
 
+/// Checkpoint memory: (its size, what is used), in bytes.
+pub fn memory() -> (u64, u64) {
+    let e = ENGINE.lock();
+    (e.log.capacity() * PAGE as u64, e.log.used() * PAGE as u64)
+}
+
 /// The `n`th checkpoint kept (oldest first), as `Op::Checkpoints` lists it.
 pub fn nth_kept(hv: &Hv, n: usize) -> Option<CheckpointInfo> {
     let e = ENGINE.lock();

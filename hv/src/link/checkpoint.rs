@@ -108,8 +108,12 @@ fn send_list(tag: u32) {
         return;
     };
     let total = crate::checkpoint::kept_count() as u16;
+    let (capacity, used) = crate::checkpoint::memory();
     send_checkpoint(Message::Done(Done {
         count: total.into(),
+        cpus: crate::vmm::COUNTERS.active_cpus.load(Relaxed),
+        bytes: used,
+        pages: capacity / 4096,
         ..done(tag, Status::Ok)
     }));
     for index in 0..total {

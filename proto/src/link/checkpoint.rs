@@ -128,16 +128,17 @@ pub struct Done {
     pub id: u32,
     /// List: entries that follow; delete: checkpoints deleted; rollback: newer ones dropped.
     pub count: u32,
-    /// Take: CPUs in the checkpoint.
+    /// Take: CPUs in the checkpoint; list: CPUs in guest mode now (0: the hv is dormant).
     pub cpus: u32,
     /// Take refused as not quiescent: the CPU and what it was doing (as `CheckpointArgs`).
     pub busy_cpu: i32,
     pub busy_what: u32,
     /// Take, rollback: microseconds every CPU was stopped.
     pub pause_us: u64,
-    /// Take: pages written since the previous checkpoint; rollback: pages restored.
+    /// Take: pages written since the previous checkpoint; rollback: pages restored; list:
+    /// the checkpoint memory's size in pages.
     pub pages: u64,
-    /// Take: bytes of checkpoint memory it holds.
+    /// Take: bytes of checkpoint memory it holds; list: bytes of checkpoint memory used.
     pub bytes: u64,
     /// Rollback: how old the checkpoint was, in nanoseconds.
     pub age_ns: u64,
