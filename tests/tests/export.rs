@@ -2,7 +2,9 @@
 //! Quicksilver's own file and an ELF core onto disks the test hands the guest. On the host the
 //! file opens intact (every checksum), names the kernel, the boot and every CPU, and a second
 //! export of the same checkpoint is the same memory; `gdb vmlinux CORE` prints `jiffies` as gdb
-//! read it live at the instant of the checkpoint, and `crash` lists the machine's processes.
+//! read it live at the instant of the checkpoint, and `crash` lists the machine's processes. The
+//! bridge's export of the same checkpoint over the link, to the operator's side, is the same
+//! checkpoint page for page and CPU for CPU.
 
 use qs_testkit::artifacts::Artifacts;
 use qs_testkit::machine::Machine;

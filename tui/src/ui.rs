@@ -415,6 +415,7 @@ fn details(f: &mut Frame, c: &crate::app::Checkpoint, cpus: Option<&serde_json::
             text.push_str(&format!("{why}\n"));
         }
         Some(v) => {
+            let have_symbols = v.get("symbols") == Some(&serde_json::Value::Bool(true));
             for cpu in v
                 .get("cpus")
                 .and_then(serde_json::Value::as_array)
@@ -430,6 +431,7 @@ fn details(f: &mut Frame, c: &crate::app::Checkpoint, cpus: Option<&serde_json::
                 let place = match cpu.get("symbol").and_then(serde_json::Value::as_str) {
                     Some(sym) => sym.to_string(),
                     None if n("cpl") == 3 => "user space".into(),
+                    None if have_symbols => "outside vmlinux (a module?)".into(),
                     None => "(no symbol: qs-bridge --vmlinux FILE)".into(),
                 };
                 text.push_str(&format!(
