@@ -179,7 +179,11 @@ pub fn control_reply(command: &str, state: &Arc<State>) -> serde_json::Value {
         };
     }
     match command {
-        "status" => state.status().to_json(),
+        "status" => {
+            let mut v = state.status().to_json();
+            v["link_bytes"] = serde_json::json!(state.checkpoints.wire_bytes());
+            v
+        }
         "export-status" => state.exports.status(),
         "export-cancel" => state.exports.cancel(),
         "help" => serde_json::json!({

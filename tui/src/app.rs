@@ -140,6 +140,10 @@ pub struct App {
     /// The bridge's `status` answer.
     pub status: Option<Value>,
     pub checkpoints: Vec<Checkpoint>,
+    /// Bytes per second the link carried to the bridge, one a status (a second), newest last.
+    pub link_rate: VecDeque<u64>,
+    /// The bridge's count of link bytes at the last status.
+    pub last_link_bytes: Option<u64>,
     /// From the last list: checkpoint memory (size, used) and CPUs in guest mode.
     pub memory: Option<(u64, u64)>,
     pub active_cpus: Option<u64>,
@@ -169,6 +173,8 @@ pub struct App {
     pub quit: bool,
 }
 
+/// Seconds of link rate the Activity pane keeps.
+pub const RATE_SAMPLES: usize = 300;
 /// Lines the event log keeps.
 const LOG_LINES: usize = 500;
 /// Seconds between two lists when no event says the list changed: the list crosses the serial
@@ -185,6 +191,8 @@ impl Default for App {
             checkpoints: Vec::new(),
             memory: None,
             active_cpus: None,
+            link_rate: VecDeque::new(),
+            last_link_bytes: None,
             selected: 0,
             filter: String::new(),
             editing_filter: false,
@@ -249,6 +257,8 @@ impl App {
                 vec![Request::Status, Request::List, Request::ExportStatus]
             }
             Event::Disconnected(why) => {
+                // A new bridge counts from zero.
+                self.last_link_bytes = None;
                 if self.connected || self.down_reason.as_deref() != Some(&why) {
                     self.note(format!("qs-bridge: {why}; reconnecting"));
                 }
@@ -331,6 +341,15 @@ impl App {
         }
         match req {
             Request::Status => {
+                if let Some(now) = v.get("link_bytes").and_then(Value::as_u64) {
+                    if let Some(before) = self.last_link_bytes {
+                        self.link_rate.push_back(now.saturating_sub(before));
+                        while self.link_rate.len() > RATE_SAMPLES {
+                            self.link_rate.pop_front();
+                        }
+                    }
+                    self.last_link_bytes = Some(now);
+                }
                 self.status = Some(v);
                 Vec::new()
             }

@@ -275,8 +275,56 @@ fn compare(f: &mut Frame, area: Rect) {
     );
 }
 
+/// The Activity pane: sparklines over what the bridge and the list tell (the link's bytes per
+/// second; each kept checkpoint's pause and the pages written before it), then the event log.
 fn activity(f: &mut Frame, app: &App, area: Rect) {
-    let room = area.height.saturating_sub(2) as usize;
+    let [link, pauses, pages, log] = Layout::vertical([
+        Constraint::Length(3),
+        Constraint::Length(3),
+        Constraint::Length(3),
+        Constraint::Min(3),
+    ])
+    .areas(area);
+    let rate: Vec<u64> = app.link_rate.iter().copied().collect();
+    let last = rate.last().copied().unwrap_or(0);
+    let peak = rate.iter().copied().max().unwrap_or(0);
+    sparkline(
+        f,
+        link,
+        format!(
+            " link to the bridge: {}/s now, {}/s at most (one a second, last {} s) ",
+            size(last),
+            size(peak),
+            rate.len()
+        ),
+        &rate,
+        Color::Cyan,
+    );
+    let pause: Vec<u64> = app.checkpoints.iter().map(|c| c.pause_us).collect();
+    sparkline(
+        f,
+        pauses,
+        format!(
+            " checkpoint pauses: last {:.1} ms, longest {:.1} ms (each kept checkpoint, oldest first) ",
+            pause.last().copied().unwrap_or(0) as f64 / 1000.0,
+            pause.iter().copied().max().unwrap_or(0) as f64 / 1000.0
+        ),
+        &pause,
+        Color::Yellow,
+    );
+    let dirty: Vec<u64> = app.checkpoints.iter().map(|c| c.pages).collect();
+    sparkline(
+        f,
+        pages,
+        format!(
+            " pages written before each checkpoint: last {}, most {} ",
+            dirty.last().copied().unwrap_or(0),
+            dirty.iter().copied().max().unwrap_or(0)
+        ),
+        &dirty,
+        Color::Magenta,
+    );
+    let room = log.height.saturating_sub(2) as usize;
     let lines: Vec<Line> = app
         .log
         .iter()
@@ -286,7 +334,20 @@ fn activity(f: &mut Frame, app: &App, area: Rect) {
         .map(|(t, text)| Line::from(format!("{:>5} s  {text}", t)))
         .collect();
     f.render_widget(
-        Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" Activity ")),
+        Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" Events ")),
+        log,
+    );
+}
+
+/// One sparkline in a box, the newest values that fit.
+fn sparkline(f: &mut Frame, area: Rect, title: String, data: &[u64], color: Color) {
+    let width = area.width.saturating_sub(2) as usize;
+    let shown = &data[data.len().saturating_sub(width)..];
+    f.render_widget(
+        ratatui::widgets::Sparkline::default()
+            .block(Block::default().borders(Borders::ALL).title(title))
+            .style(Style::default().fg(color))
+            .data(shown),
         area,
     );
 }
@@ -531,10 +592,15 @@ mod tests {
     fn sample() -> App {
         let mut a = App::default();
         a.update(Event::Connected);
-        a.update(Event::Answer(
-            Request::Status,
-            json!({"link": "authenticated", "session": "none", "gdb_client": null, "cpus": 2, "sessions": 0, "console_bytes": 5120}),
-        ));
+        for (i, bytes) in [0u64, 1200, 2400, 9000, 60_000, 340_000, 690_000, 700_000]
+            .iter()
+            .enumerate()
+        {
+            a.update(Event::Answer(
+                Request::Status,
+                json!({"link": "authenticated", "session": "none", "gdb_client": null, "cpus": 2, "sessions": 0, "console_bytes": 5120 + i, "link_bytes": bytes}),
+            ));
+        }
         a.update(Event::Answer(
             Request::List,
             json!({"ok": true, "count": 3, "memory": {"capacity_bytes": 67_108_864u64, "used_bytes": 1_470_464u64}, "active_cpus": 2, "checkpoints": [
