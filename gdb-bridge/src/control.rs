@@ -98,6 +98,10 @@ pub const HELP: &[(&str, &str)] = &[
     ("export-status", "the export of the moment or the last one: {ok, export: {id, path, format, state: running|done|failed|cancelled, phase, done_bytes, total_bytes, link_bytes, link_bytes_per_s, ram_bytes_per_s, eta_s, retries, file_bytes, error} | null}"),
     ("export-cancel", "stop the running export (what it staged is removed)"),
     (
+        "compare A B|now",
+        "what changed between checkpoints A and B, or since A: {ok, a, b, pages, runs, truncated, symbols, regions: [{region, pages, flagged, names}], values: [{name, address, size, old, new}]}; regions and names need qs-bridge --vmlinux",
+    ),
+    (
         "cpus ID",
         "where each CPU of checkpoint ID was: {ok, id, kernel_offset, symbols, cpus: [{cpu, apic_id, rip, rsp, cr3, cpl, interrupts, symbol}]}; symbol needs qs-bridge --vmlinux",
     ),
@@ -161,6 +165,21 @@ pub fn control_reply(command: &str, state: &Arc<State>) -> serde_json::Value {
             }
             _ => crate::checkpoints::error(
                 "link-test [PAGES]: PAGES from 1 to 65536 (256 by default: 1 MiB)",
+            ),
+        };
+    }
+    if verb == Some("compare") {
+        let a = words.next().map(str::parse::<u32>);
+        let b = match words.next() {
+            Some("now") | None => Some(None),
+            Some(b) => b.parse::<u32>().ok().filter(|&b| b != 0).map(Some),
+        };
+        return match (a, b) {
+            (Some(Ok(a)), Some(b)) if a != 0 => {
+                crate::compare::compare(&state.checkpoints, state.symbols.get(), a, b)
+            }
+            _ => crate::checkpoints::error(
+                "compare A B|now: two ids checkpoints lists, or one and now",
             ),
         };
     }

@@ -7,7 +7,7 @@
 use crate::checkpoints::{error, Checkpoints};
 use crate::export::{page, parse_facts};
 use anyhow::{Context, Result};
-use object::{Object, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 use quicksilver_checkpoint::assemble::{self, cpu_record_from_bytes};
 use quicksilver_checkpoint::elf::Pages;
 use quicksilver_checkpoint::model::PAGE;
@@ -20,10 +20,13 @@ use std::time::Duration;
 /// How long the machine may stay silent in one of these reads.
 const IDLE: Duration = Duration::from_secs(10);
 
-/// A kernel's functions, by link-time address.
+/// A kernel's functions, variables and sections, by link-time address.
 pub struct Symbols {
     /// (address, size, name), ascending.
     text: Vec<(u64, u64, String)>,
+    pub(crate) data: Vec<(u64, u64, String)>,
+    /// The image's allocated sections: (address, size, name), ascending.
+    pub(crate) sections: Vec<(u64, u64, String)>,
 }
 
 impl Symbols {
@@ -35,19 +38,38 @@ impl Symbols {
         let cache = object::ReadCache::new(f);
         let file = object::File::parse(&cache)
             .with_context(|| format!("--vmlinux {} is not an ELF file", vmlinux.display()))?;
-        let mut text: Vec<(u64, u64, String)> = file
-            .symbols()
-            .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
+        let of = |kind| {
+            let mut v: Vec<(u64, u64, String)> = file
+                .symbols()
+                .filter(|s| s.kind() == kind && s.address() != 0)
+                .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_string())))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let (text, data) = (of(SymbolKind::Text), of(SymbolKind::Data));
+        let mut sections: Vec<(u64, u64, String)> = file
+            .sections()
+            .filter(|s| s.address() != 0 && s.size() != 0)
             .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_string())))
             .collect();
+        sections.sort_unstable();
         if text.is_empty() {
             anyhow::bail!(
                 "--vmlinux {} has no function symbols: give the kernel's unstripped vmlinux (Debian: the linux-image-*-dbg package)",
                 vmlinux.display()
             );
         }
-        text.sort_unstable();
-        Ok(Symbols { text })
+        Ok(Symbols {
+            text,
+            data,
+            sections,
+        })
+    }
+
+    /// The functions: (address, size, name), ascending.
+    pub(crate) fn text_symbols(&self) -> &Vec<(u64, u64, String)> {
+        &self.text
     }
 
     /// `name+0xoff` for a link-time address inside a function.
@@ -60,10 +82,10 @@ impl Symbols {
 }
 
 /// A few pages of a checkpoint, read over the link.
-struct Fetched<'a> {
-    cps: &'a Checkpoints,
-    id: u32,
-    pages: HashMap<u64, Vec<u8>>,
+pub(crate) struct Fetched<'a> {
+    pub cps: &'a Checkpoints,
+    pub id: u32,
+    pub pages: HashMap<u64, Vec<u8>>,
 }
 
 impl Pages for Fetched<'_> {
@@ -92,7 +114,7 @@ impl Pages for Fetched<'_> {
 }
 
 /// `KERNELOFFSET=` (hex) in VMCOREINFO.
-fn kernel_offset(vmcoreinfo: &[u8]) -> Option<u64> {
+pub(crate) fn kernel_offset(vmcoreinfo: &[u8]) -> Option<u64> {
     let text = String::from_utf8_lossy(vmcoreinfo);
     let hex = text.lines().find_map(|l| l.strip_prefix("KERNELOFFSET="))?;
     u64::from_str_radix(hex.trim(), 16).ok()
@@ -161,6 +183,8 @@ mod tests {
                 (0x1020, 0x10, "b".into()),
                 (0x2000, 0, "c".into()),
             ],
+            data: Vec::new(),
+            sections: Vec::new(),
         };
         assert_eq!(s.find(0x1000).as_deref(), Some("a+0x0"));
         assert_eq!(s.find(0x1025).as_deref(), Some("b+0x5"));

@@ -11,7 +11,8 @@
 //! - [`checkpoints`]: its checkpoint commands and reads, matched with the machine's replies by
 //!   tag, and the machine's events pushed to subscribed clients;
 //! - [`export`]: a checkpoint into a file over the link (staged, resumable);
-//! - [`inspect`]: where each CPU of a checkpoint was, with `--vmlinux`'s symbols.
+//! - [`inspect`]: where each CPU of a checkpoint was, with `--vmlinux`'s symbols;
+//! - [`compare`]: what changed between two checkpoints (or since one), by region and symbol.
 //!
 //! `main.rs` wires them: open the link, authenticate, serve the control socket and gdb.
 //!
@@ -21,6 +22,7 @@
 
 pub mod auth;
 pub mod checkpoints;
+pub mod compare;
 pub mod control;
 pub mod export;
 pub mod gdb;

@@ -288,7 +288,8 @@ fn checkpoint_answer(e: &mut Endpoint, r: ck::Request, out: &mut Vec<u8>) {
         | ck::Op::ReadMeta
         | ck::Op::ReadCpu { .. }
         | ck::Op::ReadPages { .. }
-        | ck::Op::ReadFill { .. } => {
+        | ck::Op::ReadFill { .. }
+        | ck::Op::ReadChanged { .. } => {
             let d = ck::Done {
                 status: abi::Status::NoSuchCheckpoint as i32,
                 ..ok

@@ -480,6 +480,32 @@ QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, outcome) == 32);
 QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, zero_mask) == 40);
 QS_ASSERT(__builtin_offsetof(struct qs_link_bulk, total) == 48);
 
+/* `Op::CheckpointChanged`'s header (and, over the link, the answer's). */
+struct qs_checkpoint_changed {
+	/* Out: a `Status`. */
+	__s64 status;
+	/* In: the checkpoints (either older); `b` 0: since `a`. */
+	__u32 a;
+	__u32 b;
+	/* Out: entries the hv had (more than the buffer holds: the first that fit are there). */
+	__u64 count;
+	/*
+	 * Over the link: distinct pages, and the runs that follow (`CHANGED_RUN_PAGES`); 1 in
+	 * `truncated` if the agent's buffer could not hold them all.
+	 */
+	__u64 pages;
+	__u32 runs;
+	__u32 truncated;
+};
+QS_ASSERT(sizeof(struct qs_checkpoint_changed) == 40);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_changed, status) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_changed, a) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_changed, b) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_changed, count) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_changed, pages) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_changed, runs) == 32);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_changed, truncated) == 36);
+
 /*
  * `LINK_OP_READ_META`'s answer: what an export needs of the kernel besides the
  * checkpoint (what `qsctl export` reads in the guest). Then `ram_ranges` pairs of u64
@@ -630,6 +656,8 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
 #define QS_LINK_OP_READ_CPU 6
 #define QS_LINK_OP_READ_PAGES 7
 #define QS_LINK_OP_READ_FILL 8
+#define QS_LINK_OP_READ_CHANGED 9
+#define QS_CHANGED_RUN_PAGES 4096
 #define QS_LINK_READ_MAX_PAGES 64
 #define QS_LINK_BULK_END 1
 #define QS_CHECKPOINT_READ_DATA 4096
@@ -717,6 +745,12 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
  * zero pages, checksum) and the request is over.
  */
 #define QS_OP_LINK_BULK 16
+/*
+ * The pages written between two kept checkpoints, or since one: buffer = a
+ * `CheckpointChanged`, then room for u64 page addresses (unsorted; a page once per
+ * epoch it was logged in).
+ */
+#define QS_OP_CHECKPOINT_CHANGED 17
 
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 #define QS_CPUID_INFO_LEAF 0x40000001u

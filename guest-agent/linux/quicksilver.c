@@ -55,6 +55,7 @@
 /* 6.12 moved the unaligned accessors from asm/ to linux/. */
 #include <linux/utsname.h>
 #include <linux/zlib.h>
+#include <linux/sort.h>
 /* 6.12 moved the VMCOREINFO note's declarations out of crash_core.h. */
 #if __has_include(<linux/vmcore_info.h>)
 #include <linux/vmcore_info.h>
@@ -1612,6 +1613,70 @@ static long qs_read_fill(struct qs_bulk *k, u32 count)
 	return QS_OK;
 }
 
+static int qs_cmp_u64(const void *a, const void *b)
+{
+	u64 x = *(const u64 *)a, y = *(const u64 *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/*
+ * The pages written between two checkpoints (or since one), for the bridge's comparison: the
+ * hv lists what its undo log holds (a page once per epoch), this sorts them and sends each run
+ * of consecutive pages as one u64 (the first page, the run's length less one in the low 12
+ * bits), after a qs_checkpoint_changed. Through the export's buffer, under qs_lock.
+ */
+static long qs_read_changed(struct qs_bulk *k, u32 a, u32 b)
+{
+	const size_t room = (QS_READ_BUF_LEN - sizeof(struct qs_checkpoint_changed)) / 8;
+	struct qs_checkpoint_changed *c;
+	u64 *g, n, i, runs = 0, pages = 0, start = 0, len = 0;
+	long st;
+
+	mutex_lock(&qs_lock);
+	if (!qs_read_buf)
+		qs_read_buf = alloc_pages_exact(QS_READ_BUF_LEN, GFP_KERNEL | __GFP_NOWARN);
+	c = (struct qs_checkpoint_changed *)qs_read_buf;
+	if (!c) {
+		st = QS_NOT_ENOUGH_MEMORY;
+		goto out;
+	}
+	memset(c, 0, sizeof(*c));
+	c->a = a;
+	c->b = b;
+	st = qs_active ? qs_control(QS_OP_CHECKPOINT_CHANGED, c, QS_READ_BUF_LEN) : QS_NOT_ACTIVE;
+	if (st == QS_OK)
+		st = c->status;
+	if (st != QS_OK)
+		goto out;
+	g = (u64 *)(c + 1);
+	n = min_t(u64, c->count, room);
+	c->truncated = c->count > room;
+	sort(g, n, sizeof(*g), qs_cmp_u64, NULL);
+	/* In place: a run is written at an index no greater than the entry being read. */
+	for (i = 0; i < n; i++) {
+		u64 cur = g[i];
+
+		if (pages && cur < start + len * PAGE_SIZE)
+			continue;	/* logged in more than one epoch */
+		pages++;
+		if (runs && cur == start + len * PAGE_SIZE && len < QS_CHANGED_RUN_PAGES) {
+			len++;
+			g[runs - 1] = start | (len - 1);
+		} else {
+			start = cur;
+			len = 1;
+			g[runs++] = start;
+		}
+	}
+	c->pages = pages;
+	c->runs = runs;
+	qs_bulk_item(k, 0, (u8 *)c, sizeof(*c) + runs * sizeof(*g));
+out:
+	mutex_unlock(&qs_lock);
+	return st;
+}
+
 static void qs_serve_link_read(const struct qs_link_request *q)
 {
 	struct qs_bulk k = { .tag = q->tag, .crc = ~0u };
@@ -1630,6 +1695,9 @@ static void qs_serve_link_read(const struct qs_link_request *q)
 		break;
 	case QS_LINK_OP_READ_FILL:
 		st = qs_read_fill(&k, q->count);
+		break;
+	case QS_LINK_OP_READ_CHANGED:
+		st = qs_read_changed(&k, q->id, q->index);
 		break;
 	default:
 		st = qs_read_pages(&k, q->id, q->first_gpa, q->count, &zero);
@@ -1664,7 +1732,8 @@ static void qs_serve_link_request(void)
 		goto out;
 	}
 	if (q->op == QS_LINK_OP_READ_META || q->op == QS_LINK_OP_READ_CPU ||
-	    q->op == QS_LINK_OP_READ_PAGES || q->op == QS_LINK_OP_READ_FILL) {
+	    q->op == QS_LINK_OP_READ_PAGES || q->op == QS_LINK_OP_READ_FILL ||
+	    q->op == QS_LINK_OP_READ_CHANGED) {
 		/* Answered on the bulk channel, taking qs_lock only where it reads. */
 		mutex_unlock(&qs_lock);
 		qs_serve_link_read(q);

@@ -71,6 +71,10 @@ crate::abi_enum! {
         /// frames of its own size; with [`LINK_BULK_END`] it sends the request's end (status,
         /// zero pages, checksum) and the request is over.
         LinkBulk = 16,
+        /// The pages written between two kept checkpoints, or since one: buffer = a
+        /// [`CheckpointChanged`], then room for u64 page addresses (unsorted; a page once per
+        /// epoch it was logged in).
+        CheckpointChanged = 17,
     }
 }
 
@@ -444,6 +448,33 @@ pub const LINK_OP_READ_PAGES: u32 = 7;
 /// [`LinkRequest::op`]: `count` pages of bytes that do not compress, sent as pages are: the
 /// bridge's measure of what the link carries (`link-test`).
 pub const LINK_OP_READ_FILL: u32 = 8;
+/// [`LinkRequest::op`]: the pages written between checkpoints `id` and `index` (0: since
+/// `id`), as runs (`CHANGED_RUN_PAGES`), sent with [`Op::LinkBulk`] after a
+/// [`CheckpointChanged`].
+pub const LINK_OP_READ_CHANGED: u32 = 9;
+/// A run of changed pages as the link carries it: the first page's address, with the run's
+/// length less one in the low 12 bits (at most 4096 pages a run).
+pub const CHANGED_RUN_PAGES: u64 = 4096;
+
+crate::abi_struct! {
+    /// `Op::CheckpointChanged`'s header (and, over the link, the answer's).
+    #[c_name = "qs_checkpoint_changed"]
+    pub struct CheckpointChanged {
+        /// Out: a `Status`.
+        pub status: i64,
+        /// In: the checkpoints (either older); `b` 0: since `a`.
+        pub a: u32,
+        pub b: u32,
+        /// Out: entries the hv had (more than the buffer holds: the first that fit are there).
+        pub count: u64,
+        /// Over the link: distinct pages, and the runs that follow (`CHANGED_RUN_PAGES`); 1 in
+        /// `truncated` if the agent's buffer could not hold them all.
+        pub pages: u64,
+        pub runs: u32,
+        pub truncated: u32,
+    }
+}
+
 /// [`LINK_OP_READ_PAGES`]'s `count` at most: one bit each in [`LinkBulk::zero_mask`].
 pub const LINK_READ_MAX_PAGES: u32 = 64;
 

@@ -161,6 +161,24 @@ fn an_operator_takes_a_checkpoint_and_rolls_the_machine_back_from_the_terminal()
     println!("{s}");
     assert!(s.contains("CPU 0  0x") && s.contains("+0x"), "{s}");
     tmux.keys("Escape");
+    // A second checkpoint, then what changed between the two: by region of the kernel's
+    // memory (the bridge has the vmlinux), and the rest.
+    tmux.keys("c");
+    tmux.wait_for("Checkpoints (2)", 120);
+    tmux.keys("k");
+    tmux.keys("m");
+    tmux.keys("j");
+    tmux.keys("=");
+    let s = tmux.wait_for("written between them", 120);
+    println!("{s}");
+    assert!(
+        s.contains("Compare: checkpoint 1 with checkpoint 2")
+            && s.contains("other RAM")
+            && (s.contains("kernel data") || s.contains("kernel bss")),
+        "{s}"
+    );
+    tmux.keys("2");
+    tmux.keys("k");
     // The ledger counts on (it prints every ~100 steps); then back to the checkpoint,
     // through the dialog.
     std::thread::sleep(Duration::from_secs(5));

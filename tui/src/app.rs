@@ -51,6 +51,11 @@ pub enum Request {
     ExportCancel,
     /// Where each CPU of checkpoint `id` was (for its details).
     Cpus(u32),
+    /// What changed between checkpoints `a` and `b`, or since `a` (`None`).
+    Compare {
+        a: u32,
+        b: Option<u32>,
+    },
 }
 
 impl Request {
@@ -67,6 +72,8 @@ impl Request {
             Request::ExportStatus => "export-status".into(),
             Request::ExportCancel => "export-cancel".into(),
             Request::Cpus(id) => format!("cpus {id}"),
+            Request::Compare { a, b: Some(b) } => format!("compare {a} {b}"),
+            Request::Compare { a, b: None } => format!("compare {a} now"),
         }
     }
 }
@@ -157,6 +164,10 @@ pub struct App {
     pub details: Option<Checkpoint>,
     /// Its CPUs, once the bridge has read them (`cpus ID`), or why not.
     pub details_cpus: Option<Value>,
+    /// The checkpoint marked (`m`) as the first of a comparison.
+    pub marked: Option<u32>,
+    /// The comparison asked for, and its answer once it came.
+    pub compare: Option<(Request, Option<Value>)>,
     /// What happened, newest last: (seconds since start, text).
     pub log: VecDeque<(u64, String)>,
     /// Seconds since start (ticks).
@@ -200,6 +211,8 @@ impl Default for App {
             help: false,
             details: None,
             details_cpus: None,
+            marked: None,
+            compare: None,
             log: VecDeque::new(),
             now: 0,
             busy: None,
@@ -323,9 +336,19 @@ impl App {
         let ok = v.get("ok").and_then(Value::as_bool).unwrap_or(true);
         if !matches!(
             req,
-            Request::Status | Request::List | Request::ExportStatus | Request::Cpus(_)
+            Request::Status
+                | Request::List
+                | Request::ExportStatus
+                | Request::Cpus(_)
+                | Request::Compare { .. }
         ) {
             self.busy = None;
+        }
+        if let Request::Compare { .. } = req {
+            if self.compare.as_ref().is_some_and(|(r, _)| *r == req) {
+                self.compare = Some((req, Some(v)));
+            }
+            return Vec::new();
         }
         if let Request::Cpus(id) = req {
             // For the details still open on that checkpoint; a refusal is shown there.
@@ -417,7 +440,7 @@ impl App {
                 Vec::new()
             }
             // Answered above.
-            Request::Cpus(_) => Vec::new(),
+            Request::Cpus(_) | Request::Compare { .. } => Vec::new(),
         }
     }
 
@@ -563,6 +586,31 @@ impl App {
                 }
             }
             KeyCode::Char('x') if self.exporting() => return vec![Request::ExportCancel],
+            KeyCode::Char('m') if self.pane == Pane::Checkpoints => {
+                self.marked = self.selected_checkpoint().map(|c| c.id);
+                if let Some(id) = self.marked {
+                    self.note(format!(
+                        "checkpoint {id} marked: select another and press = to compare, or n on the Compare pane for now"
+                    ));
+                }
+            }
+            KeyCode::Char('=') | KeyCode::Char('n') if self.connected => {
+                // `=`: the marked checkpoint (or the selected one) with the selected one;
+                // `n`: with now.
+                let sel = self.selected_checkpoint().map(|c| c.id);
+                let (a, b) = match (k.code, self.marked, sel) {
+                    (KeyCode::Char('n'), Some(m), _) => (m, None),
+                    (KeyCode::Char('n'), None, Some(s)) => (s, None),
+                    (_, Some(m), Some(s)) if m != s => (m, Some(s)),
+                    (_, None, Some(s)) => (s, None),
+                    (_, Some(m), _) => (m, None),
+                    _ => return Vec::new(),
+                };
+                let req = Request::Compare { a, b };
+                self.compare = Some((req.clone(), None));
+                self.pane = Pane::Compare;
+                return vec![req];
+            }
             KeyCode::Char('l') => return vec![Request::List],
             KeyCode::Enter if self.pane == Pane::Checkpoints => {
                 self.details = self.selected_checkpoint();

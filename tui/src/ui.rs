@@ -19,7 +19,7 @@ pub fn draw(f: &mut Frame, app: &App) {
     match app.pane {
         Pane::Machine => machine(f, app, body),
         Pane::Checkpoints => checkpoints(f, app, body),
-        Pane::Compare => compare(f, body),
+        Pane::Compare => compare(f, app, body),
         Pane::Activity => activity(f, app, body),
     }
     help_bar(f, app, bottom);
@@ -263,14 +263,139 @@ fn export_gauge(f: &mut Frame, e: &serde_json::Value, area: Rect) {
     );
 }
 
-fn compare(f: &mut Frame, area: Rect) {
-    let text = "Comparing needs both checkpoints' memory here. Today: export them in the guest \
-                (qsctl export ID FILE), then run qs-checkpoint diff A B on them. This pane \
-                does it itself once exports cross the link.";
+/// The Compare pane: what changed between two checkpoints, or since one, by region of
+/// memory and by the kernel's own names (the bridge reads it from the hv's undo log).
+fn compare(f: &mut Frame, app: &App, area: Rect) {
+    let block = |t: String| Block::default().borders(Borders::ALL).title(t);
+    let Some((req, answer)) = &app.compare else {
+        let text = "Nothing compared yet. On the Checkpoints pane: m marks a checkpoint, = \
+                    compares it with the selected one (or the selected one with now), n \
+                    compares it with now. Kernel regions and variables need the bridge to have \
+                    the kernel's vmlinux (qs-bridge --vmlinux FILE; the demo gives it).";
+        f.render_widget(
+            Paragraph::new(text)
+                .wrap(Wrap { trim: true })
+                .block(block(" Compare ".into())),
+            area,
+        );
+        return;
+    };
+    let title = match req {
+        crate::app::Request::Compare { a, b: Some(b) } => {
+            format!(" Compare: checkpoint {a} with checkpoint {b} ")
+        }
+        crate::app::Request::Compare { a, b: None } => {
+            format!(" Compare: checkpoint {a} with now ")
+        }
+        other => format!(" {} ", other.line()),
+    };
+    let Some(v) = answer else {
+        f.render_widget(
+            Paragraph::new("reading the pages written between them over the link...")
+                .block(block(title)),
+            area,
+        );
+        return;
+    };
+    if v.get("ok") == Some(&serde_json::Value::Bool(false)) {
+        let why = v
+            .get("error")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("?");
+        f.render_widget(
+            Paragraph::new(why.to_string())
+                .wrap(Wrap { trim: true })
+                .style(Style::default().fg(Color::Red))
+                .block(block(title)),
+            area,
+        );
+        return;
+    }
+    let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let mut lines = vec![Line::from(format!(
+        "{} pages ({}) written between them{}{}",
+        n("pages"),
+        size(n("pages") * 4096),
+        if v.get("truncated") == Some(&serde_json::Value::Bool(true)) {
+            " (more than the agent's buffer holds: the first ones)"
+        } else {
+            ""
+        },
+        if v.get("symbols") == Some(&serde_json::Value::Bool(true)) {
+            ""
+        } else {
+            "; regions need qs-bridge --vmlinux"
+        }
+    ))];
+    lines.push(Line::from(""));
+    for r in v
+        .get("regions")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let what = r
+            .get("region")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("?");
+        let pages = r
+            .get("pages")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        let names: Vec<&str> = r
+            .get("names")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_str)
+            .collect();
+        let flagged = r.get("flagged") == Some(&serde_json::Value::Bool(true));
+        let style = if flagged {
+            Style::default().fg(Color::Red).add_modifier(Modifier::BOLD)
+        } else {
+            Style::default()
+        };
+        lines.push(Line::from(vec![
+            Span::styled(format!("{what:<32} {pages:>7} pages"), style),
+            Span::raw(if flagged {
+                "  the kernel patches its text only at jump labels, static calls, \
+                 alternatives, ftrace, kprobes: check these"
+                    .to_string()
+            } else {
+                String::new()
+            }),
+        ]));
+        if !names.is_empty() {
+            lines.push(Line::from(format!("    {}", names.join(", "))));
+        }
+    }
+    let values: Vec<&serde_json::Value> = v
+        .get("values")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .collect();
+    if !values.is_empty() {
+        lines.push(Line::from(""));
+        lines.push(Line::from(Span::styled(
+            "small variables that changed (old -> new):",
+            Style::default().add_modifier(Modifier::BOLD),
+        )));
+        for x in values {
+            let s = |k: &str| x.get(k).and_then(serde_json::Value::as_str).unwrap_or("?");
+            let u = |k: &str| x.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            lines.push(Line::from(format!(
+                "    {:<40} {} -> {}",
+                s("name"),
+                u("old"),
+                u("new")
+            )));
+        }
+    }
     f.render_widget(
-        Paragraph::new(text)
-            .wrap(Wrap { trim: true })
-            .block(Block::default().borders(Borders::ALL).title(" Compare ")),
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .block(block(title)),
         area,
     );
 }
@@ -360,7 +485,7 @@ fn help_bar(f: &mut Frame, app: &App, area: Rect) {
     } else {
         match app.pane {
             Pane::Checkpoints => {
-                " c take  r rollback  d delete  e export  Enter details  / filter  ? help  q quit"
+                " c take  r rollback  d delete  e export  m mark  = compare  Enter details  ? help  q quit"
                     .into()
             }
             _ => " c take a checkpoint  1-4 panes  ? help  q quit".into(),
@@ -536,6 +661,10 @@ fn help(f: &mut Frame) {
             "export the selected checkpoint to a file here, over the link",
         ),
         ("x", "cancel the export under way"),
+        (
+            "m, =, n",
+            "mark a checkpoint; compare it with the selected one; with now",
+        ),
         ("Enter", "the selected checkpoint's details"),
         ("j k, arrows", "move the selection"),
         (
@@ -628,6 +757,19 @@ mod tests {
         checkpoints_pane: sample(),
         machine_pane: { let mut a = sample(); a.update(key('1')); a },
         compare_pane: { let mut a = sample(); a.update(key('3')); a },
+        compare_answered: {
+            let mut a = sample();
+            a.update(key('m'));
+            a.update(key('j'));
+            a.update(key('='));
+            a.update(Event::Answer(Request::Compare { a: 1, b: Some(2) }, json!({"ok": true, "a": 1, "b": 2, "pages": 1234, "runs": 300, "truncated": false, "symbols": true, "regions": [
+                {"region": "kernel bss", "pages": 12, "flagged": false, "names": ["jiffies_64", "tick_nohz_full_mask", "nr_context_switches"]},
+                {"region": "kernel data", "pages": 30, "flagged": false, "names": ["init_task", "runqueues"]},
+                {"region": "kernel text", "pages": 1, "flagged": true, "names": ["do_sys_openat2"]},
+                {"region": "other RAM", "pages": 1191, "flagged": false, "names": []}
+            ], "values": [{"name": "jiffies_64", "address": "0xffffffff83205a00", "size": 8, "old": 4294893486u64, "new": 4294895112u64}]})));
+            a
+        },
         activity_pane: { let mut a = sample(); a.update(key('4')); a },
         rollback_dialog: { let mut a = sample(); a.update(key('r')); a },
         delete_dialog: { let mut a = sample(); a.update(key('j')); a.update(key('d')); a },

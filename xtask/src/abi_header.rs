@@ -102,6 +102,7 @@ pub fn generate() -> String {
     structure::<abi::CheckpointPeriodic>(&mut h);
     structure::<abi::LinkRequest>(&mut h);
     structure::<abi::LinkBulk>(&mut h);
+    structure::<abi::CheckpointChanged>(&mut h);
     structure::<abi::ExportMeta>(&mut h);
     structure::<abi::CheckpointRead>(&mut h);
     structure::<abi::CheckpointCpu>(&mut h);
@@ -127,6 +128,11 @@ pub fn generate() -> String {
             ("QS_LINK_OP_READ_CPU", abi::LINK_OP_READ_CPU.to_string()),
             ("QS_LINK_OP_READ_PAGES", abi::LINK_OP_READ_PAGES.to_string()),
             ("QS_LINK_OP_READ_FILL", abi::LINK_OP_READ_FILL.to_string()),
+            (
+                "QS_LINK_OP_READ_CHANGED",
+                abi::LINK_OP_READ_CHANGED.to_string(),
+            ),
+            ("QS_CHANGED_RUN_PAGES", abi::CHANGED_RUN_PAGES.to_string()),
             (
                 "QS_LINK_READ_MAX_PAGES",
                 abi::LINK_READ_MAX_PAGES.to_string(),

@@ -13,8 +13,8 @@ use crate::arch::instr;
 use crate::cpu_state::{CpuState, LocalApic};
 use crate::vmm::Hv;
 use quicksilver_proto::abi::{
-    CheckpointCpu, CheckpointRead, Status, CHECKPOINT_READ_DATA, CPU_INTERRUPT_SHADOW,
-    CPU_NMI_BLOCKED, LAPIC_RECORD_V1,
+    CheckpointChanged, CheckpointCpu, CheckpointRead, Status, CHECKPOINT_READ_DATA,
+    CPU_INTERRUPT_SHADOW, CPU_NMI_BLOCKED, LAPIC_RECORD_V1,
 };
 
 /// Pages one read copies at most: what a 1 MiB buffer holds after its header page.
@@ -22,6 +22,33 @@ const MAX_PAGES: usize = 255;
 
 /// `Op::CheckpointRead`, from a hypercall: `buf` is identity-mapped guest memory (host mode),
 /// already logged as the hv's own write (`Hv::guest_buffer`).
+/// `Op::CheckpointChanged`: the pages written between two checkpoints (or since one), each
+/// entry a u64 after the header, as many as fit; `count` says how many there were.
+pub fn changed(buf: &mut [u8]) -> Status {
+    let Some(mut args) = read::<CheckpointChanged>(buf) else {
+        return Status::BufferTooSmall;
+    };
+    let head = core::mem::size_of::<CheckpointChanged>();
+    let room = (buf.len() - head) / 8;
+    let b = (args.b != 0).then_some(args.b);
+    let out = &mut buf[head..head + room * 8];
+    let n = ENGINE.lock().log.written_between(args.a, b, |i, gpa| {
+        if let Some(o) = out.get_mut(i * 8..i * 8 + 8) {
+            o.copy_from_slice(&gpa.to_le_bytes());
+        }
+    });
+    let status = match n {
+        Ok(n) => {
+            args.count = n as u64;
+            Status::Ok
+        }
+        Err(_) => Status::NoSuchCheckpoint,
+    };
+    args.status = status as i64;
+    write(buf, &args);
+    status
+}
+
 pub fn read_pages(hv: &Hv, buf: &mut [u8]) -> Status {
     let Some(mut args) = read::<CheckpointRead>(buf) else {
         return Status::BufferTooSmall;

@@ -294,6 +294,42 @@ impl<M: Memory> UndoLog<M> {
         Ok(())
     }
 
+    /// The pages written between checkpoints `a` and `b` (either older), or since `a` when `b`
+    /// is `None`: every page logged after the older one's records and before the newer one's
+    /// (a page is logged at its first write after each checkpoint, so this is every page
+    /// written between them). Each to `page`, unsorted, a page once per epoch it was logged
+    /// in; returns how many there were.
+    pub fn written_between(
+        &self,
+        a: u32,
+        b: Option<u32>,
+        mut page: impl FnMut(usize, u64),
+    ) -> Result<usize, UndoError> {
+        let ca = self.get(a).ok_or(UndoError::NoSuch)?;
+        let (from, to) = match b {
+            None => (ca.start + ca.records as u64, self.tail),
+            Some(b) => {
+                let cb = self.get(b).ok_or(UndoError::NoSuch)?;
+                let (old, new) = if ca.start <= cb.start {
+                    (ca, cb)
+                } else {
+                    (cb, ca)
+                };
+                (old.start + old.records as u64, new.start)
+            }
+        };
+        let slots = self.mem.slots();
+        let mut n = 0;
+        for pos in from..to {
+            let e = self.mem.entry(pos % slots);
+            if e & KIND_MASK == KIND_PAGE {
+                page(n, e & !KIND_MASK);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Puts memory back as it was at checkpoint `id`, newest entry first, and drops the
     /// checkpoints after it. The pages that were writable are the caller's to protect again
     /// first ([`UndoLog::writable`]); the restored ones were protected already.
@@ -618,6 +654,37 @@ mod tests {
                 m.check_invariants();
             }
         }
+    }
+
+    #[test]
+    fn the_pages_written_between_two_checkpoints_or_since_one_are_told() {
+        let mut m = Machine::new(32);
+        let a = m.take(1, 0).unwrap();
+        m.write(1, 0, 1);
+        m.write(2, 0, 1);
+        let b = m.take(2, 0).unwrap();
+        m.write(2, 0, 2);
+        m.write(3, 0, 2);
+        let pages = |a, b| {
+            let mut v = Vec::new();
+            let n = m
+                .log
+                .written_between(a, b, |_, g| v.push(g / PAGE as u64))
+                .unwrap();
+            assert_eq!(n, v.len());
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        assert_eq!(pages(a, Some(b)), [1, 2]);
+        assert_eq!(pages(b, Some(a)), [1, 2], "either order");
+        assert_eq!(pages(a, None), [1, 2, 3]);
+        assert_eq!(pages(b, None), [2, 3]);
+        assert_eq!(
+            m.log.written_between(9, None, |_, _| {}),
+            Err(UndoError::NoSuch)
+        );
+        assert_eq!(m.log.written_between(a, None, |_, _| {}), Ok(4), "2 twice");
     }
 
     #[test]

@@ -151,6 +151,7 @@ pub fn hand_out(buf: &mut [u8]) -> Status {
         if let Op::ReadPages { count, .. } | Op::ReadFill { count } = p.req.op {
             (out.index, out.count) = (0, count);
         }
+        // ReadChanged: `id` is a, `index` b (read_args).
     }
     write(buf, &out);
     Status::Ok

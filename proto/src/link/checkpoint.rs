@@ -40,6 +40,9 @@ pub enum Op {
     /// `count` pages (1 to `abi::LINK_READ_MAX_PAGES`) of bytes that do not compress, on the
     /// bulk channel: what the link carries, measured.
     ReadFill { count: u32 },
+    /// The pages written between checkpoints `a` and `b` (either older; 0: since `a`), on the
+    /// bulk channel: an `abi::CheckpointChanged`, then its runs.
+    ReadChanged { a: u32, b: u32 },
 }
 
 impl Op {
@@ -54,6 +57,7 @@ impl Op {
             Op::ReadCpu { .. } => crate::abi::LINK_OP_READ_CPU,
             Op::ReadPages { .. } => crate::abi::LINK_OP_READ_PAGES,
             Op::ReadFill { .. } => crate::abi::LINK_OP_READ_FILL,
+            Op::ReadChanged { .. } => crate::abi::LINK_OP_READ_CHANGED,
         }
     }
 
@@ -64,7 +68,8 @@ impl Op {
             Op::Rollback { id }
             | Op::Delete { id }
             | Op::ReadCpu { id, .. }
-            | Op::ReadPages { id, .. } => id,
+            | Op::ReadPages { id, .. }
+            | Op::ReadChanged { a: id, .. } => id,
         }
     }
 
@@ -76,6 +81,7 @@ impl Op {
                 first_gpa, count, ..
             } => (count, first_gpa),
             Op::ReadFill { count } => (count, 0),
+            Op::ReadChanged { b, .. } => (b, 0),
             _ => (0, 0),
         }
     }
@@ -84,7 +90,11 @@ impl Op {
     pub fn is_read(self) -> bool {
         matches!(
             self,
-            Op::ReadMeta | Op::ReadCpu { .. } | Op::ReadPages { .. } | Op::ReadFill { .. }
+            Op::ReadMeta
+                | Op::ReadCpu { .. }
+                | Op::ReadPages { .. }
+                | Op::ReadFill { .. }
+                | Op::ReadChanged { .. }
         )
     }
 
@@ -104,6 +114,7 @@ impl Op {
                 count: arg,
             },
             crate::abi::LINK_OP_READ_FILL => Op::ReadFill { count: arg },
+            crate::abi::LINK_OP_READ_CHANGED => Op::ReadChanged { a: id, b: arg },
             _ => return None,
         })
     }
@@ -344,6 +355,7 @@ impl Message {
                         | crate::abi::LINK_OP_READ_CPU
                         | crate::abi::LINK_OP_READ_PAGES
                         | crate::abi::LINK_OP_READ_FILL
+                        | crate::abi::LINK_OP_READ_CHANGED
                 );
                 let (arg, gpa) = if read { (r.u32()?, r.u64()?) } else { (0, 0) };
                 let op = Op::from_number(op.into(), id, arg, gpa).ok_or(BadMessage)?;
@@ -366,6 +378,7 @@ impl Message {
                             && gpa == 0
                             && (1..=crate::abi::LINK_READ_MAX_PAGES).contains(&count)
                     }
+                    Op::ReadChanged { b, .. } => real && b != CHECKPOINT_ALL && gpa == 0,
                     Op::Delete { id } => id != 0,
                 };
                 if !sound {
@@ -502,6 +515,10 @@ mod tests {
             Message::Request(Request {
                 tag: 7,
                 op: Op::ReadFill { count: 64 },
+            }),
+            Message::Request(Request {
+                tag: 8,
+                op: Op::ReadChanged { a: 3, b: 0 },
             }),
             Message::Request(Request {
                 tag: 6,
