@@ -112,9 +112,9 @@ fn checkpoint_then_export(
     let mut config = Machine::config(name, 2, &guest(exports), "GUEST-READY");
     // An export over the serial link takes minutes under QEMU.
     config.timeout = std::time::Duration::from_secs(1200);
-    config.memory = Some("512M".into());
+    config.memory = Some("256M".into());
     // The workload writes on while the export runs: room for its pages' old contents.
-    config.cmdline.push("quicksilver.ckpt_mem=128M".into());
+    config.cmdline.push("quicksilver.ckpt_mem=96M".into());
     config.qemu_args = disks.qemu_args();
     let mut m = Machine::start(a, &config).unwrap_or_else(|e| panic!("{e}"));
     // gdb stops every CPU; the checkpoint is taken there (where every CPU can be restored),
