@@ -152,7 +152,7 @@ fn run(
                 out
             };
             let names = if what == "kernel text" {
-                in_page(&s.text_symbols())
+                in_page(s.text_symbols())
             } else {
                 in_page(&s.data)
             };

@@ -706,7 +706,7 @@ mod tests {
         b[24..28].copy_from_slice(&1u32.to_le_bytes()); // ram_ranges
         b.extend_from_slice(&0x1000u64.to_le_bytes());
         b.extend_from_slice(&0x9f000u64.to_le_bytes());
-        b.extend_from_slice(b"qs-guest\06.1.0-41-amd64\0abcd-ef\0");
+        b.extend_from_slice(b"qs-guest\x006.1.0-41-amd64\x00abcd-ef\x00");
         let f = parse_facts(&b).unwrap();
         assert_eq!(f.cpus, 2);
         assert_eq!(
