@@ -3,7 +3,9 @@
 //! chardev would be. The fake machine answers attention with `Stopped` (when told to), echoes
 //! gdb's bytes, answers a detach or kill with `Ended`, sends [`BULK`] bytes on the bulk
 //! channel when gdb's bytes ask for it ([`BULK_PLEASE`]), and injects corrupt, replayed and
-//! garbage frames, which must change nothing. (The real machine is tests/tests/gdb.rs.)
+//! garbage frames, which must change nothing. It also serves an export's reads from a small
+//! RAM of its own ([`fake_page`]), spoiling the first read of pages. (The real machine is
+//! tests/tests/gdb.rs and tests/tests/export.rs.)
 
 use quicksilver_proto::abi;
 use quicksilver_proto::link::checkpoint as ck;
@@ -283,9 +285,11 @@ fn checkpoint_answer(e: &mut Endpoint, r: ck::Request, out: &mut Vec<u8>) {
             };
             e.send_checkpoint(ck::Message::Event(rolled), &mut tx);
         }
+        ck::Op::ReadMeta | ck::Op::ReadCpu { id: 7, .. } | ck::Op::ReadPages { id: 7, .. } => {
+            serve_read(e, r, out)
+        }
         ck::Op::Rollback { .. }
         | ck::Op::Delete { .. }
-        | ck::Op::ReadMeta
         | ck::Op::ReadCpu { .. }
         | ck::Op::ReadPages { .. }
         | ck::Op::ReadFill { .. }
@@ -297,6 +301,137 @@ fn checkpoint_answer(e: &mut Endpoint, r: ck::Request, out: &mut Vec<u8>) {
             e.send_checkpoint(ck::Message::Done(d), &mut tx);
         }
     }
+}
+
+/// The fake machine's RAM for an export: pages from 0x1000, each filled with its number, every
+/// fifth all zero; the VMCOREINFO note on the page at [`NOTE_PA`].
+const RAM: (u64, u64) = (0x1000, 0x1000 + 70 * 4096);
+const NOTE_PA: u64 = 0x3000;
+const VMCOREINFO: &[u8] = b"OSRELEASE=6.1.0-fake\nKERNELOFFSET=0\nBUILD-ID=0aff\n";
+
+fn fake_page(gpa: u64) -> Vec<u8> {
+    let n = gpa / 4096;
+    if n % 5 == 0 {
+        return vec![0; 4096];
+    }
+    let mut p = vec![n as u8; 4096];
+    if gpa == NOTE_PA {
+        // An ELF note: namesz, descsz, type, "VMCOREINFO\0" padded to 4, the text.
+        let mut note = Vec::new();
+        note.extend_from_slice(&11u32.to_le_bytes());
+        note.extend_from_slice(&(VMCOREINFO.len() as u32).to_le_bytes());
+        note.extend_from_slice(&0u32.to_le_bytes());
+        note.extend_from_slice(b"VMCOREINFO\0\0");
+        note.extend_from_slice(VMCOREINFO);
+        p[..note.len()].copy_from_slice(&note);
+    }
+    p
+}
+
+/// Reads of pages answered so far (the first one's end is spoiled).
+static PAGE_READS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// An export's read, answered as the agent does: the items in data frames (pages deflated
+/// where that is shorter, zero pages left out), then the end with the count and CRC-32.
+fn serve_read(e: &mut Endpoint, r: ck::Request, out: &mut Vec<u8>) {
+    use link::bulk;
+    use std::io::Write as _;
+    let mut items: Vec<(u32, Vec<u8>)> = Vec::new();
+    let mut zero_mask = 0u64;
+    let mut spoil = false;
+    match r.op {
+        ck::Op::ReadMeta => {
+            let mut m = vec![0u8; std::mem::size_of::<abi::ExportMeta>()];
+            let mut put = |at: usize, v: &[u8]| m[at..at + v.len()].copy_from_slice(v);
+            put(
+                std::mem::offset_of!(abi::ExportMeta, page_offset),
+                &0xffff_8880_0000_0000u64.to_le_bytes(),
+            );
+            put(
+                std::mem::offset_of!(abi::ExportMeta, vmcoreinfo_pa),
+                &NOTE_PA.to_le_bytes(),
+            );
+            put(
+                std::mem::offset_of!(abi::ExportMeta, vmcoreinfo_size),
+                &1024u32.to_le_bytes(),
+            );
+            put(
+                std::mem::offset_of!(abi::ExportMeta, cpus),
+                &CPUS.to_le_bytes(),
+            );
+            put(
+                std::mem::offset_of!(abi::ExportMeta, ram_ranges),
+                &1u32.to_le_bytes(),
+            );
+            m.extend_from_slice(&RAM.0.to_le_bytes());
+            m.extend_from_slice(&RAM.1.to_le_bytes());
+            m.extend_from_slice(b"fake-machine\x006.1.0-fake\x00f00d-boot\x00");
+            items.push((0, m));
+        }
+        ck::Op::ReadCpu { cpu, .. } => {
+            let mut c = vec![0u8; std::mem::size_of::<abi::CheckpointCpu>()];
+            let mut put = |at: usize, v: &[u8]| c[at..at + v.len()].copy_from_slice(v);
+            put(
+                std::mem::offset_of!(abi::CheckpointCpu, apic_id),
+                &cpu.to_le_bytes(),
+            );
+            put(
+                std::mem::offset_of!(abi::CheckpointCpu, rip),
+                &(0xffff_ffff_8100_0000u64 + u64::from(cpu)).to_le_bytes(),
+            );
+            put(
+                std::mem::offset_of!(abi::CheckpointCpu, xsave_len),
+                &3u32.to_le_bytes(),
+            );
+            c.extend_from_slice(&[1, 2, 3]);
+            items.push((0, c));
+        }
+        ck::Op::ReadPages {
+            first_gpa, count, ..
+        } => {
+            spoil = PAGE_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0;
+            for i in 0..count {
+                let p = fake_page(first_gpa + u64::from(i) * 4096);
+                if p.iter().all(|&b| b == 0) {
+                    zero_mask |= 1 << i;
+                    continue;
+                }
+                let mut z =
+                    flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+                z.write_all(&p).unwrap();
+                let d = z.finish().unwrap();
+                // Every other page deflated, as a page that deflates well would be.
+                items.push((i, if i % 2 == 0 && d.len() < 4096 { d } else { p }));
+            }
+        }
+        _ => unreachable!(),
+    }
+    let mut tx = |w: &[u8]| out.extend_from_slice(w);
+    let mut all = Vec::new();
+    for (item, bytes) in &items {
+        for (k, piece) in bytes.chunks(bulk::MAX_DATA).enumerate() {
+            let mut buf = [0u8; link::MAX_PAYLOAD];
+            let n = bulk::Data {
+                tag: r.tag,
+                item: *item,
+                offset: (k * bulk::MAX_DATA) as u32,
+                bytes: piece,
+            }
+            .encode(&mut buf);
+            e.send(Channel::Bulk, &buf[..n], &mut tx);
+        }
+        all.extend_from_slice(bytes);
+    }
+    let mut end = [0u8; bulk::END_LEN];
+    let n = bulk::End {
+        tag: r.tag,
+        status: 0,
+        zero_mask,
+        crc: quicksilver_proto::crc32(&all) ^ u32::from(spoil),
+        total: all.len() as u64,
+    }
+    .encode(&mut end);
+    e.send(Channel::Bulk, &end[..n], &mut tx);
 }
 
 /// The `qs-bridge` binary; its stderr is collected line by line. Killed when dropped.
@@ -749,6 +884,64 @@ fn control_clients_take_list_and_roll_back_checkpoints_and_subscribers_hear_of_t
     // The link still carries everything after the stale reply.
     assert_eq!(ask(&mut c, "checkpoints")["count"], 2);
     drop(b);
+}
+
+#[test]
+fn an_export_over_the_link_asks_a_spoiled_read_again_and_writes_the_checkpoint() {
+    let dir = tempdir("export");
+    let sock = dir.join("ctl.sock");
+    let _m = machine(UnixListener::bind(dir.join("link")).unwrap(), KEY, None);
+    let b = bridge(&dir, KEY, &["--control", sock.to_str().unwrap()]);
+    b.stderr.wait_for("authenticated", LONG);
+    let mut c = control(&sock);
+    let file = dir.join("seven.qsc");
+    let r = ask(&mut c, &format!("export 7 {}", file.display()));
+    assert_eq!(r["ok"], true, "{r}");
+    let again = ask(&mut c, &format!("export 6 {}", file.display()));
+    assert!(again["error"].to_string().contains("under way"), "{again}");
+    let deadline = Instant::now() + LONG;
+    let end = loop {
+        let s = ask(&mut c, "export-status");
+        if s["export"]["state"] != "running" {
+            break s["export"].clone();
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(end["state"], "done", "{end}");
+    assert!(
+        end["retries"].as_u64().unwrap() >= 1,
+        "the spoiled read was asked again: {end}"
+    );
+    b.stderr.wait_for("checksum does not match", LONG);
+    assert!(
+        !dir.join("seven.qsc.part").exists(),
+        "the staging file is gone"
+    );
+    // The file: the machine's facts, its CPUs, every page (the zero ones too).
+    let f = quicksilver_checkpoint::qsc::read::Archive::open_path(&file).unwrap();
+    let e = &f.checkpoints()[0];
+    let meta = &e.section.meta;
+    assert_eq!(
+        (
+            meta.id,
+            meta.parent,
+            meta.hostname.as_str(),
+            meta.kernel_release.as_str(),
+            meta.boot_id.as_str()
+        ),
+        (7, 6, "fake-machine", "6.1.0-fake", "f00d-boot")
+    );
+    assert_eq!(meta.vmcoreinfo, VMCOREINFO);
+    assert_eq!(meta.build_id, [0x0a, 0xff]);
+    assert_eq!(e.cpus.len(), 2);
+    assert_eq!(e.cpus[1].rip, 0xffff_ffff_8100_0001);
+    assert_eq!(e.cpus[1].xsave.bytes, [1, 2, 3]);
+    for gpa in (RAM.0..RAM.1).step_by(4096) {
+        let mut p = [0u8; 4096];
+        f.read_page(0, gpa, &mut p).unwrap();
+        assert_eq!(p.to_vec(), fake_page(gpa), "page {gpa:#x}");
+    }
 }
 
 #[test]
