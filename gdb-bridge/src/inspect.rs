@@ -72,12 +72,16 @@ impl Symbols {
         &self.text
     }
 
-    /// `name+0xoff` for a link-time address inside a function.
+    /// `name+0xoff` for a link-time address inside a function; as the kernel's own kallsyms
+    /// does, a symbol without a size (the entry code's, written in assembly) runs up to the
+    /// next one.
     pub fn find(&self, addr: u64) -> Option<String> {
         let i = self.text.partition_point(|s| s.0 <= addr).checked_sub(1)?;
         let (start, size, name) = &self.text[i];
         let off = addr - start;
-        (off < (*size).max(1)).then(|| format!("{name}+{off:#x}"))
+        let next = self.text.get(i + 1).map_or(u64::MAX, |s| s.0);
+        let inside = if *size == 0 { addr < next } else { off < *size };
+        inside.then(|| format!("{name}+{off:#x}"))
     }
 }
 
@@ -190,6 +194,7 @@ mod tests {
         assert_eq!(s.find(0x1025).as_deref(), Some("b+0x5"));
         assert_eq!(s.find(0x1030), None, "past b's end");
         assert_eq!(s.find(0x2000).as_deref(), Some("c+0x0"));
+        assert_eq!(s.find(0x2345).as_deref(), Some("c+0x345"), "no size: up to the next");
         assert_eq!(s.find(0xfff), None);
         assert_eq!(
             kernel_offset(b"OSRELEASE=6.1\nKERNELOFFSET=2a000000\n"),
