@@ -5,10 +5,12 @@
 //! a `.qsc` is written from any page source.
 
 use crate::elf::Pages;
-use crate::model::{Blob, CpuRecord, Meta, PendingEvent, RamRange, Segment, TablePointer, PAGE};
+use crate::model::{
+    Blob, CpuRecord, DeviceRecord, Meta, PendingEvent, RamRange, Segment, TablePointer, PAGE,
+};
 use crate::qsc::format::CheckpointSection;
 use crate::qsc::write::Writer;
-use quicksilver_proto::abi::{self, CheckpointCpu};
+use quicksilver_proto::abi::{self, CheckpointCpu, CheckpointDevices};
 use std::io::{self, Write};
 
 /// The model's CPU record from the hv's: its header, XSAVE area and local APIC record.
@@ -83,6 +85,24 @@ pub fn cpu_record_from_bytes(index: u32, bytes: &[u8]) -> Option<CpuRecord> {
     Some(cpu_record(index, &a, xsave, lapic))
 }
 
+/// What the record of the platform's devices is called in a file.
+pub const PLATFORM_DEVICES: &str = "platform: IOAPIC, 8259s, 8254, HPET, RTC, COM1";
+
+/// The model's device record from the hv's answer (an `abi::CheckpointDevices`, then the
+/// record); `None` if shorter than its header says.
+pub fn devices_record_from_bytes(bytes: &[u8]) -> Option<DeviceRecord> {
+    let h = CheckpointDevices::from_bytes(bytes)?;
+    let head = core::mem::size_of::<CheckpointDevices>();
+    let body = bytes.get(head..head.checked_add(usize::try_from(h.len).ok()?)?)?;
+    Some(DeviceRecord {
+        name: PLATFORM_DEVICES.into(),
+        state: Blob {
+            version: h.version,
+            bytes: body.to_vec(),
+        },
+    })
+}
+
 /// The kernel's VMCOREINFO text as the checkpoint holds it: the note at `pa` (`size` bytes,
 /// as `/sys/kernel/vmcoreinfo` gives them) read from the checkpoint's own pages.
 pub fn vmcoreinfo(pages: &mut dyn Pages, pa: u64, size: u64) -> Option<Vec<u8>> {
@@ -116,10 +136,11 @@ pub fn build_id(vmcoreinfo: &[u8]) -> Vec<u8> {
 /// Pages of a `.qsc` written in one section each.
 const BATCH: usize = 256;
 
-/// A `.qsc` of one checkpoint: its CPUs, then every page of its RAM that is not all zero (a
-/// full image's unlisted pages are zero). Returns `out`, every byte written.
+/// A `.qsc` of one checkpoint: its CPUs and devices, then every page of its RAM that is not
+/// all zero (a full image's unlisted pages are zero). Returns `out`, every byte written.
 pub fn write_qsc<W: Write>(
     cpus: &[CpuRecord],
+    devices: &[DeviceRecord],
     meta: &Meta,
     pages: &mut dyn Pages,
     out: W,
@@ -128,11 +149,14 @@ pub fn write_qsc<W: Write>(
     w.checkpoint(&CheckpointSection {
         meta: meta.clone(),
         cpus: cpus.len() as u32,
-        devices: 0,
+        devices: devices.len() as u32,
         delta_of: None,
     })?;
     for c in cpus {
         w.cpu(c)?;
+    }
+    for d in devices {
+        w.device(d)?;
     }
     let mut batch: Vec<(u64, Box<[u8; PAGE]>)> = Vec::with_capacity(BATCH);
     for r in &meta.ram {

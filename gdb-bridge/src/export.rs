@@ -19,7 +19,7 @@ use crate::checkpoints::{Checkpoints, Command, ReadError, ReadReply};
 use crate::state::State;
 use quicksilver_checkpoint::assemble::{self, build_id, cpu_record_from_bytes};
 use quicksilver_checkpoint::elf::{self, Pages};
-use quicksilver_checkpoint::model::{CpuRecord, Meta, RamRange, PAGE};
+use quicksilver_checkpoint::model::{CpuRecord, DeviceRecord, Meta, RamRange, PAGE};
 use quicksilver_proto::abi::{ExportMeta, LINK_READ_MAX_PAGES};
 use quicksilver_proto::link::checkpoint::Op;
 use serde_json::{json, Value};
@@ -354,6 +354,11 @@ impl Run<'_> {
                 ))
             })?);
         }
+        let r = self.read(Op::ReadDevices { id })?;
+        let devices: Vec<_> =
+            assemble::devices_record_from_bytes(r.items.get(&0).map_or(&[][..], Vec::as_slice))
+                .into_iter()
+                .collect();
         let mut staged = Staging::open(&path, id, &facts)?;
         let chunks = chunks(&facts.ram);
         let start = staged.done.min(chunks.len());
@@ -421,7 +426,7 @@ impl Run<'_> {
             page_offset: facts.page_offset,
             vmcoreinfo,
         };
-        let bytes = write_file(&path, format, &cpus, &meta, &mut staged)?;
+        let bytes = write_file(&path, format, &cpus, &devices, &meta, &mut staged)?;
         staged.remove();
         Ok(bytes)
     }
@@ -619,13 +624,14 @@ fn write_file(
     path: &Path,
     format: Format,
     cpus: &[CpuRecord],
+    devices: &[DeviceRecord],
     meta: &Meta,
     pages: &mut Staging,
 ) -> io::Result<u64> {
     let tmp = with_suffix(path, ".new");
     let out = io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
     let file = match format {
-        Format::Qsc => assemble::write_qsc(cpus, meta, pages, out)?,
+        Format::Qsc => assemble::write_qsc(cpus, devices, meta, pages, out)?,
         Format::Elf => {
             let mut out = out;
             elf::write(cpus, meta, pages, &mut out)?;

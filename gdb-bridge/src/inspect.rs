@@ -194,7 +194,11 @@ mod tests {
         assert_eq!(s.find(0x1025).as_deref(), Some("b+0x5"));
         assert_eq!(s.find(0x1030), None, "past b's end");
         assert_eq!(s.find(0x2000).as_deref(), Some("c+0x0"));
-        assert_eq!(s.find(0x2345).as_deref(), Some("c+0x345"), "no size: up to the next");
+        assert_eq!(
+            s.find(0x2345).as_deref(),
+            Some("c+0x345"),
+            "no size: up to the next"
+        );
         assert_eq!(s.find(0xfff), None);
         assert_eq!(
             kernel_offset(b"OSRELEASE=6.1\nKERNELOFFSET=2a000000\n"),

@@ -285,15 +285,17 @@ fn checkpoint_answer(e: &mut Endpoint, r: ck::Request, out: &mut Vec<u8>) {
             };
             e.send_checkpoint(ck::Message::Event(rolled), &mut tx);
         }
-        ck::Op::ReadMeta | ck::Op::ReadCpu { id: 7, .. } | ck::Op::ReadPages { id: 7, .. } => {
-            serve_read(e, r, out)
-        }
+        ck::Op::ReadMeta
+        | ck::Op::ReadCpu { id: 7, .. }
+        | ck::Op::ReadPages { id: 7, .. }
+        | ck::Op::ReadDevices { id: 7 } => serve_read(e, r, out),
         ck::Op::Rollback { .. }
         | ck::Op::Delete { .. }
         | ck::Op::ReadCpu { .. }
         | ck::Op::ReadPages { .. }
         | ck::Op::ReadFill { .. }
-        | ck::Op::ReadChanged { .. } => {
+        | ck::Op::ReadChanged { .. }
+        | ck::Op::ReadDevices { .. } => {
             let d = ck::Done {
                 status: abi::Status::NoSuchCheckpoint as i32,
                 ..ok
@@ -385,6 +387,20 @@ fn serve_read(e: &mut Endpoint, r: ck::Request, out: &mut Vec<u8>) {
             );
             c.extend_from_slice(&[1, 2, 3]);
             items.push((0, c));
+        }
+        ck::Op::ReadDevices { .. } => {
+            let mut d = vec![0u8; std::mem::size_of::<abi::CheckpointDevices>()];
+            let mut put = |at: usize, v: &[u8]| d[at..at + v.len()].copy_from_slice(v);
+            put(
+                std::mem::offset_of!(abi::CheckpointDevices, version),
+                &1u32.to_le_bytes(),
+            );
+            put(
+                std::mem::offset_of!(abi::CheckpointDevices, len),
+                &40u64.to_le_bytes(),
+            );
+            d.extend_from_slice(&[9; 40]);
+            items.push((0, d));
         }
         ck::Op::ReadPages {
             first_gpa, count, ..
@@ -937,6 +953,11 @@ fn an_export_over_the_link_asks_a_spoiled_read_again_and_writes_the_checkpoint()
     assert_eq!(e.cpus.len(), 2);
     assert_eq!(e.cpus[1].rip, 0xffff_ffff_8100_0001);
     assert_eq!(e.cpus[1].xsave.bytes, [1, 2, 3]);
+    assert_eq!(e.devices.len(), 1);
+    assert_eq!(
+        (e.devices[0].state.version, &e.devices[0].state.bytes[..]),
+        (1, &[9u8; 40][..])
+    );
     for gpa in (RAM.0..RAM.1).step_by(4096) {
         let mut p = [0u8; 4096];
         f.read_page(0, gpa, &mut p).unwrap();

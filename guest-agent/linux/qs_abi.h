@@ -507,6 +507,26 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_changed, runs) == 32);
 QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_changed, truncated) == 36);
 
 /*
+ * `Op::CheckpointDevices`: the platform devices' state in checkpoint `id`; the record
+ * follows the header.
+ */
+struct qs_checkpoint_devices {
+	/* Out: a `Status`. */
+	__s64 status;
+	/* In: the checkpoint. */
+	__u32 id;
+	/* Out: the record's layout (`DEVICES_RECORD_V1`). */
+	__u32 version;
+	/* Out: its bytes after the header. */
+	__u64 len;
+};
+QS_ASSERT(sizeof(struct qs_checkpoint_devices) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_devices, status) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_devices, id) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_devices, version) == 12);
+QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_devices, len) == 16);
+
+/*
  * `LINK_OP_READ_META`'s answer: what an export needs of the kernel besides the
  * checkpoint (what `qsctl export` reads in the guest). Then `ram_ranges` pairs of u64
  * (start, end), then three NUL-terminated strings: the machine's name, the kernel's
@@ -658,6 +678,8 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
 #define QS_LINK_OP_READ_FILL 8
 #define QS_LINK_OP_READ_CHANGED 9
 #define QS_CHANGED_RUN_PAGES 4096
+#define QS_LINK_OP_READ_DEVICES 10
+#define QS_DEVICES_RECORD_V1 1
 #define QS_LINK_READ_MAX_PAGES 64
 #define QS_LINK_BULK_END 1
 #define QS_CHECKPOINT_READ_DATA 4096
@@ -751,6 +773,11 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
  * epoch it was logged in).
  */
 #define QS_OP_CHECKPOINT_CHANGED 17
+/*
+ * The platform devices' state in a kept checkpoint: buffer = a
+ * `CheckpointDevices`, then room for the record (`DEVICES_RECORD_V1`).
+ */
+#define QS_OP_CHECKPOINT_DEVICES 18
 
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 #define QS_CPUID_INFO_LEAF 0x40000001u
@@ -1084,5 +1111,11 @@ QS_ASSERT(QS_IOC_CHECKPOINT_CPU == 0xc0185112u);
  */
 #define QS_IOC_EXPORT_INFO _IOWR(QS_IOC_MAGIC, 19, struct qs_buffer_request)
 QS_ASSERT(QS_IOC_EXPORT_INFO == 0xc0185113u);
+/*
+ * The platform devices' state in a kept checkpoint: the buffer holds a
+ * `crate::abi::CheckpointDevices` (its `id` set) and room for the record.
+ */
+#define QS_IOC_CHECKPOINT_DEVICES _IOWR(QS_IOC_MAGIC, 20, struct qs_buffer_request)
+QS_ASSERT(QS_IOC_CHECKPOINT_DEVICES == 0xc0185114u);
 
 #endif /* QS_ABI_H */

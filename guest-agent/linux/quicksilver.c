@@ -1589,6 +1589,26 @@ out:
 	return st;
 }
 
+static long qs_read_devices(struct qs_bulk *k, u32 id)
+{
+	const size_t len = 16u << 10;
+	struct qs_checkpoint_devices *d = kzalloc(len, GFP_KERNEL);
+	long st;
+
+	if (!d)
+		return QS_NOT_ENOUGH_MEMORY;
+	d->id = id;
+	mutex_lock(&qs_lock);
+	st = qs_active ? qs_control(QS_OP_CHECKPOINT_DEVICES, d, len) : QS_NOT_ACTIVE;
+	mutex_unlock(&qs_lock);
+	if (st == QS_OK)
+		st = d->status;
+	if (st == QS_OK && d->len <= len - sizeof(*d))
+		qs_bulk_item(k, 0, (u8 *)d, sizeof(*d) + d->len);
+	kfree(d);
+	return st;
+}
+
 /* Pages of bytes that do not compress (xorshift64), sent as pages are: the link, measured. */
 static long qs_read_fill(struct qs_bulk *k, u32 count)
 {
@@ -1699,6 +1719,9 @@ static void qs_serve_link_read(const struct qs_link_request *q)
 	case QS_LINK_OP_READ_CHANGED:
 		st = qs_read_changed(&k, q->id, q->index);
 		break;
+	case QS_LINK_OP_READ_DEVICES:
+		st = qs_read_devices(&k, q->id);
+		break;
 	default:
 		st = qs_read_pages(&k, q->id, q->first_gpa, q->count, &zero);
 	}
@@ -1733,7 +1756,7 @@ static void qs_serve_link_request(void)
 	}
 	if (q->op == QS_LINK_OP_READ_META || q->op == QS_LINK_OP_READ_CPU ||
 	    q->op == QS_LINK_OP_READ_PAGES || q->op == QS_LINK_OP_READ_FILL ||
-	    q->op == QS_LINK_OP_READ_CHANGED) {
+	    q->op == QS_LINK_OP_READ_CHANGED || q->op == QS_LINK_OP_READ_DEVICES) {
 		/* Answered on the bulk channel, taking qs_lock only where it reads. */
 		mutex_unlock(&qs_lock);
 		qs_serve_link_read(q);
@@ -2085,6 +2108,10 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 	}
 	case QS_IOC_CHECKPOINT_READ:
 		ret = qs_ioc_checkpoint_read(uarg);
+		break;
+	case QS_IOC_CHECKPOINT_DEVICES:
+		ret = qs_ioc_buffer(uarg, QS_OP_CHECKPOINT_DEVICES, sizeof(struct qs_checkpoint_devices),
+				    sizeof(struct qs_checkpoint_devices));
 		break;
 	case QS_IOC_CHECKPOINT_CPU:
 		ret = qs_ioc_buffer(uarg, QS_OP_CHECKPOINT_CPU, sizeof(struct qs_checkpoint_cpu),

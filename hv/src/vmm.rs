@@ -377,12 +377,18 @@ impl Hv {
             Op::LinkReply => crate::link::checkpoint::reply(buf),
             Op::LinkBulk => crate::link::checkpoint::bulk(buf),
             // Checkpoint memory and slots are reached through the identity map: host mode.
-            Op::CheckpointRead | Op::CheckpointCpu | Op::CheckpointChanged if !in_guest => {
+            Op::CheckpointRead
+            | Op::CheckpointCpu
+            | Op::CheckpointChanged
+            | Op::CheckpointDevices
+                if !in_guest =>
+            {
                 Status::NotActive
             }
             Op::CheckpointRead => crate::checkpoint::export::read_pages(self, buf),
             Op::CheckpointCpu => crate::checkpoint::export::read_cpu(self, buf),
             Op::CheckpointChanged => crate::checkpoint::export::changed(buf),
+            Op::CheckpointDevices => crate::checkpoint::export::read_devices(self, buf),
             // Hypercalls only (`freeze_request`, `checkpoint_request`, the run loop).
             Op::Deactivate | Op::Freeze | Op::Checkpoint | Op::Rollback => Status::BadOp,
         };

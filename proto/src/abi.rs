@@ -75,6 +75,9 @@ crate::abi_enum! {
         /// [`CheckpointChanged`], then room for u64 page addresses (unsorted; a page once per
         /// epoch it was logged in).
         CheckpointChanged = 17,
+        /// The platform devices' state in a kept checkpoint: buffer = a
+        /// [`CheckpointDevices`], then room for the record ([`DEVICES_RECORD_V1`]).
+        CheckpointDevices = 18,
     }
 }
 
@@ -472,6 +475,29 @@ crate::abi_struct! {
         pub pages: u64,
         pub runs: u32,
         pub truncated: u32,
+    }
+}
+
+/// [`LinkRequest::op`]: the platform devices' record of checkpoint `id` (what
+/// `Op::CheckpointDevices` answers), sent with [`Op::LinkBulk`].
+pub const LINK_OP_READ_DEVICES: u32 = 10;
+/// [`CheckpointDevices::version`]: the hv's `devices::DeviceState` (IOAPIC, 8259s, 8254, HPET,
+/// RTC, COM1; `hv/src/devices/mod.rs`), version 1.
+pub const DEVICES_RECORD_V1: u32 = 1;
+
+crate::abi_struct! {
+    /// `Op::CheckpointDevices`: the platform devices' state in checkpoint `id`; the record
+    /// follows the header.
+    #[c_name = "qs_checkpoint_devices"]
+    pub struct CheckpointDevices {
+        /// Out: a `Status`.
+        pub status: i64,
+        /// In: the checkpoint.
+        pub id: u32,
+        /// Out: the record's layout ([`DEVICES_RECORD_V1`]).
+        pub version: u32,
+        /// Out: its bytes after the header.
+        pub len: u64,
     }
 }
 

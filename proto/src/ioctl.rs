@@ -161,6 +161,9 @@ requests! {
     /// What an export needs of the kernel besides the checkpoint: an [`ExportInfo`], then
     /// `ram_ranges` pairs of u64 (start, end) of the RAM the hv keeps checkpoints of.
     EXPORT_INFO = ReadWrite(19, BufferRequest);
+    /// The platform devices' state in a kept checkpoint: the buffer holds a
+    /// [`crate::abi::CheckpointDevices`] (its `id` set) and room for the record.
+    CHECKPOINT_DEVICES = ReadWrite(20, BufferRequest);
 }
 
 crate::abi_struct! {

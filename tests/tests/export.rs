@@ -193,6 +193,14 @@ qsctl export 7 /dev/vda; echo "missing-rc=$?""#,
         [0, 1],
         "APIC IDs"
     );
+    // The platform's devices, as the hv captured them (its record, version 1).
+    assert_eq!(e.devices.len(), 1, "{:?}", e.devices);
+    assert_eq!(e.devices[0].state.version, 1);
+    assert!(
+        e.devices[0].state.bytes.len() > 1000,
+        "{}",
+        e.devices[0].state.bytes.len()
+    );
     assert!(meta.kernel_release.contains("deb"), "{meta:?}");
     let boot = o
         .lines()
@@ -221,6 +229,7 @@ qsctl export 7 /dev/vda; echo "missing-rc=$?""#,
     );
     let lc = &l.checkpoints()[0];
     assert_eq!(lc.cpus, e.cpus, "the CPUs as read over the link");
+    assert_eq!(lc.devices, e.devices, "the devices as read over the link");
     let lm = &lc.section.meta;
     assert_eq!(
         (

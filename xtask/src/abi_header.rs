@@ -103,6 +103,7 @@ pub fn generate() -> String {
     structure::<abi::LinkRequest>(&mut h);
     structure::<abi::LinkBulk>(&mut h);
     structure::<abi::CheckpointChanged>(&mut h);
+    structure::<abi::CheckpointDevices>(&mut h);
     structure::<abi::ExportMeta>(&mut h);
     structure::<abi::CheckpointRead>(&mut h);
     structure::<abi::CheckpointCpu>(&mut h);
@@ -133,6 +134,11 @@ pub fn generate() -> String {
                 abi::LINK_OP_READ_CHANGED.to_string(),
             ),
             ("QS_CHANGED_RUN_PAGES", abi::CHANGED_RUN_PAGES.to_string()),
+            (
+                "QS_LINK_OP_READ_DEVICES",
+                abi::LINK_OP_READ_DEVICES.to_string(),
+            ),
+            ("QS_DEVICES_RECORD_V1", abi::DEVICES_RECORD_V1.to_string()),
             (
                 "QS_LINK_READ_MAX_PAGES",
                 abi::LINK_READ_MAX_PAGES.to_string(),

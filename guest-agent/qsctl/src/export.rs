@@ -60,12 +60,20 @@ pub fn export(id: &str, path: &str, as_elf: bool) -> Result<()> {
         }
         cpus.push(cpu_record(cpu, &a, xsave, lapic));
     }
+    let (status, bytes) = ioctl::checkpoint_devices(&dev, id)?;
+    if status != 0 {
+        return Err(gone(status, id));
+    }
+    let devices: Vec<_> = assemble::devices_record_from_bytes(&bytes)
+        .into_iter()
+        .collect();
     let mut out = Direct::create(path)?;
     let mut pages = Live::new(&dev, id, &ram);
     let written = if as_elf {
         elf::write(&cpus, &meta, &mut pages, &mut out).and_then(|_| out.finish())
     } else {
-        assemble::write_qsc(&cpus, &meta, &mut pages, out).and_then(|mut out| out.finish())
+        assemble::write_qsc(&cpus, &devices, &meta, &mut pages, out)
+            .and_then(|mut out| out.finish())
     };
     let bytes = match written {
         Ok(n) => n,

@@ -9,8 +9,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use quicksilver_proto::abi::{
-    self, CheckpointArgs, CheckpointCpu, CheckpointDelete, CheckpointInfo, CheckpointList,
-    CheckpointPeriodic, FreezeArgs, RollbackArgs, RollbackNotice,
+    self, CheckpointArgs, CheckpointCpu, CheckpointDelete, CheckpointDevices, CheckpointInfo,
+    CheckpointList, CheckpointPeriodic, FreezeArgs, RollbackArgs, RollbackNotice,
 };
 use quicksilver_proto::ioctl::{
     self, AgentInfo, BufferRequest, ExportInfo, Peek, Probe, ReadRequest, Request, StatsRequest,
@@ -263,6 +263,28 @@ pub fn checkpoint_cpu(
     let xsave = buf[head..head + x].to_vec();
     let lapic = buf[head + x..head + x + l].to_vec();
     Ok((a, xsave, lapic))
+}
+
+/// The platform devices' record of checkpoint `id`: the hv's answer as it wrote it (an
+/// `abi::CheckpointDevices`, then the record), and its status.
+pub fn checkpoint_devices(dev: &File, id: u32) -> io::Result<(i64, Vec<u8>)> {
+    let mut buf = vec![0u8; 16 << 10];
+    let a = CheckpointDevices {
+        id,
+        ..Default::default()
+    };
+    // SAFETY: the buffer is larger than a CheckpointDevices; write_unaligned needs no
+    // alignment.
+    unsafe { std::ptr::write_unaligned(buf.as_mut_ptr().cast::<CheckpointDevices>(), a) };
+    let mut req = BufferRequest {
+        buf: buf.as_mut_ptr() as u64,
+        len: buf.len() as u64,
+        status: 0,
+    };
+    // SAFETY: `req.buf` points at `buf`, readable and writable for `req.len` bytes until we
+    // return, and the agent reads and writes at most `len` bytes there.
+    unsafe { ioctl(dev, ioctl::CHECKPOINT_DEVICES, &mut req) }?;
+    Ok((req.status, buf))
 }
 
 /// What an export needs of the kernel: where it maps RAM, and the RAM ranges the hv keeps.

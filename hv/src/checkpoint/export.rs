@@ -13,8 +13,9 @@ use crate::arch::instr;
 use crate::cpu_state::{CpuState, LocalApic};
 use crate::vmm::Hv;
 use quicksilver_proto::abi::{
-    CheckpointChanged, CheckpointCpu, CheckpointRead, Status, CHECKPOINT_READ_DATA,
-    CPU_INTERRUPT_SHADOW, CPU_NMI_BLOCKED, LAPIC_RECORD_V1,
+    CheckpointChanged, CheckpointCpu, CheckpointDevices, CheckpointRead, Status,
+    CHECKPOINT_READ_DATA, CPU_INTERRUPT_SHADOW, CPU_NMI_BLOCKED, DEVICES_RECORD_V1,
+    LAPIC_RECORD_V1,
 };
 
 /// Pages one read copies at most: what a 1 MiB buffer holds after its header page.
@@ -112,6 +113,35 @@ fn copy_pages(hv: &Hv, e: &mut Engine, id: u32, first: u64, out: &mut [u8]) -> S
         unsafe { instr::copy_page(dst, src as *const u8) };
     }
     Status::Ok
+}
+
+/// `Op::CheckpointDevices`: the platform devices' record of a kept checkpoint
+/// (`devices::DeviceState`'s bytes, `DEVICES_RECORD_V1`), after the header.
+pub fn read_devices(hv: &Hv, buf: &mut [u8]) -> Status {
+    let Some(mut args) = read::<CheckpointDevices>(buf) else {
+        return Status::BufferTooSmall;
+    };
+    let head = core::mem::size_of::<CheckpointDevices>();
+    let mut d = crate::devices::DeviceState::default();
+    let status = if buf.len() < head + crate::devices::DeviceState::SIZE {
+        Status::BufferTooSmall
+    } else if !record_bytes(
+        &mut ENGINE.lock(),
+        args.id,
+        hv.cpus * CPU_SLOTS,
+        super::plain_bytes_mut(&mut d),
+    ) {
+        Status::NoSuchCheckpoint
+    } else {
+        let bytes = super::plain_bytes(&d);
+        buf[head..head + bytes.len()].copy_from_slice(bytes);
+        args.version = DEVICES_RECORD_V1;
+        args.len = bytes.len() as u64;
+        Status::Ok
+    };
+    args.status = status as i64;
+    write(buf, &args);
+    status
 }
 
 /// `Op::CheckpointCpu`: one CPU's state in a kept checkpoint, its XSAVE area and local APIC

@@ -151,7 +151,7 @@ pub fn hand_out(buf: &mut [u8]) -> Status {
         if let Op::ReadPages { count, .. } | Op::ReadFill { count } = p.req.op {
             (out.index, out.count) = (0, count);
         }
-        // ReadChanged: `id` is a, `index` b (read_args).
+        // ReadChanged: `id` is a, `index` b (read_args); ReadDevices: `id`.
     }
     write(buf, &out);
     Status::Ok

@@ -43,6 +43,8 @@ pub enum Op {
     /// The pages written between checkpoints `a` and `b` (either older; 0: since `a`), on the
     /// bulk channel: an `abi::CheckpointChanged`, then its runs.
     ReadChanged { a: u32, b: u32 },
+    /// The platform devices' record of checkpoint `id`, on the bulk channel.
+    ReadDevices { id: u32 },
 }
 
 impl Op {
@@ -58,6 +60,7 @@ impl Op {
             Op::ReadPages { .. } => crate::abi::LINK_OP_READ_PAGES,
             Op::ReadFill { .. } => crate::abi::LINK_OP_READ_FILL,
             Op::ReadChanged { .. } => crate::abi::LINK_OP_READ_CHANGED,
+            Op::ReadDevices { .. } => crate::abi::LINK_OP_READ_DEVICES,
         }
     }
 
@@ -69,7 +72,8 @@ impl Op {
             | Op::Delete { id }
             | Op::ReadCpu { id, .. }
             | Op::ReadPages { id, .. }
-            | Op::ReadChanged { a: id, .. } => id,
+            | Op::ReadChanged { a: id, .. }
+            | Op::ReadDevices { id } => id,
         }
     }
 
@@ -95,6 +99,7 @@ impl Op {
                 | Op::ReadPages { .. }
                 | Op::ReadFill { .. }
                 | Op::ReadChanged { .. }
+                | Op::ReadDevices { .. }
         )
     }
 
@@ -115,6 +120,7 @@ impl Op {
             },
             crate::abi::LINK_OP_READ_FILL => Op::ReadFill { count: arg },
             crate::abi::LINK_OP_READ_CHANGED => Op::ReadChanged { a: id, b: arg },
+            crate::abi::LINK_OP_READ_DEVICES => Op::ReadDevices { id },
             _ => return None,
         })
     }
@@ -356,6 +362,7 @@ impl Message {
                         | crate::abi::LINK_OP_READ_PAGES
                         | crate::abi::LINK_OP_READ_FILL
                         | crate::abi::LINK_OP_READ_CHANGED
+                        | crate::abi::LINK_OP_READ_DEVICES
                 );
                 let (arg, gpa) = if read { (r.u32()?, r.u64()?) } else { (0, 0) };
                 let op = Op::from_number(op.into(), id, arg, gpa).ok_or(BadMessage)?;
@@ -379,6 +386,7 @@ impl Message {
                             && (1..=crate::abi::LINK_READ_MAX_PAGES).contains(&count)
                     }
                     Op::ReadChanged { b, .. } => real && b != CHECKPOINT_ALL && gpa == 0,
+                    Op::ReadDevices { .. } => real && arg == 0 && gpa == 0,
                     Op::Delete { id } => id != 0,
                 };
                 if !sound {
@@ -519,6 +527,10 @@ mod tests {
             Message::Request(Request {
                 tag: 8,
                 op: Op::ReadChanged { a: 3, b: 0 },
+            }),
+            Message::Request(Request {
+                tag: 9,
+                op: Op::ReadDevices { id: 3 },
             }),
             Message::Request(Request {
                 tag: 6,
