@@ -169,7 +169,7 @@ fn an_operator_takes_a_checkpoint_and_rolls_the_machine_back_from_the_terminal()
     tmux.keys("m");
     tmux.keys("j");
     tmux.keys("=");
-    let s = tmux.wait_for("written between them", 120);
+    let s = tmux.wait_for("other RAM", 120);
     println!("{s}");
     assert!(
         s.contains("Compare: checkpoint 1 with checkpoint 2")
