@@ -9,7 +9,6 @@
 use qs_testkit::artifacts::Artifacts;
 use qs_testkit::machine::Machine;
 use quicksilver_checkpoint::qsc::read::Archive;
-use quicksilver_tests::control::Client;
 use quicksilver_tests::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -134,15 +133,27 @@ fn checkpoint_then_export(
     }
     gdb.quit();
     if let Some(path) = over_link {
-        let mut c = Client::connect(m.control_path().unwrap());
-        let r = c.ask(&format!("export 1 {} qsc", path.display()));
-        assert_eq!(r["ok"], true, "{r}");
+        // As a script does it: qs-tui --run, which prints the reply and then the progress.
+        let run = |command: &str| {
+            let out = Command::new(&a.tui)
+                .args(["--socket"])
+                .arg(m.control_path().unwrap())
+                .args(["--run", command])
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+            )
+        };
+        let (ok, out) = run(&format!("export 1 {} qsc", path.display()));
+        let last: Value = serde_json::from_str(out.lines().last().unwrap_or("null")).unwrap();
+        println!("over the link: {last}");
+        assert!(ok && last["state"] == "done", "{out}\n{}", m.bridge_log());
+        assert!(out.lines().count() > 2, "the progress came as lines: {out}");
         // A relative path is refused by name: the bridge's folder is not the operator's.
-        let r = c.ask("export 1 core.qsc");
-        assert!(r["error"].to_string().contains("relative"), "{r}");
-        let end = export_until(&mut c, |_| false);
-        println!("over the link: {end}");
-        assert_eq!(end["state"], "done", "{end}\n{}", m.bridge_log());
+        let (ok, out) = run("export 1 core.qsc");
+        assert!(!ok && out.contains("relative"), "{out}");
     }
     m.send("go");
     let out = m.finish();
@@ -336,23 +347,5 @@ qsctl checkpoints; qsctl stats | head -30"#,
             text.contains(comm),
             "crash walks the task list to {comm}:\n{text}"
         );
-    }
-}
-
-/// The export over the link, to the operator's machine (`qs-bridge`'s `export`), until `done`
-/// says to stop polling; the last status.
-fn export_until(c: &mut Client, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1200);
-    loop {
-        let v = c.ask("export-status");
-        let e = &v["export"];
-        if done(e) || e["state"] != "running" {
-            return e.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the export did not end in 20 minutes: {e}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }

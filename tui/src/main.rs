@@ -1,7 +1,7 @@
 //! `qs-tui`: the operator's terminal over `qs-bridge`'s control socket. Numbered panes
 //! (Machine, Checkpoints, Compare, Activity), a help bar, `?` for every key, dialogs before
 //! anything destructive; `--batch` prints the same as JSON lines for scripts, as `virt-top -b`
-//! does for `virt-top`.
+//! does for `virt-top`, and `--run COMMAND` does one operation (an export with its progress).
 //!
 //! The shape is ratatui's event-driven template: state changes only in `app::App::update`,
 //! drawing is `ui::draw` of the state, one worker owns the socket (`worker`).
@@ -39,11 +39,19 @@ struct Cli {
     /// Stop --batch after this many lines.
     #[arg(long)]
     count: Option<u64>,
+    /// No screen: send one control-socket command (`checkpoint`, `rollback 3`, `export 3
+    /// /srv/c3.elf elf`, `compare 2 3`, `cpus 3`, ...; `help` lists them) and print its JSON
+    /// reply; an export's progress follows as JSON lines until it ends. Exits non-zero if the
+    /// bridge refused it or the export did not finish.
+    #[arg(long, value_name = "COMMAND", conflicts_with = "batch")]
+    run: Option<String>,
 }
 
 fn main() {
     let cli = Cli::parse();
-    let r = if cli.batch {
+    let r = if let Some(command) = &cli.run {
+        run_one(&cli.socket, command)
+    } else if cli.batch {
         batch(&cli)
     } else {
         interactive(&cli)
@@ -101,13 +109,58 @@ fn interactive(cli: &Cli) -> Result<()> {
     result
 }
 
-fn batch(cli: &Cli) -> Result<()> {
-    let s = UnixStream::connect(&cli.socket).with_context(|| {
+fn connect(socket: &std::path::Path) -> Result<UnixStream> {
+    UnixStream::connect(socket).with_context(|| {
         format!(
             "cannot connect to qs-bridge's control socket {} (is qs-bridge running? it prints the socket's path)",
-            cli.socket.display()
+            socket.display()
         )
-    })?;
+    })
+}
+
+/// `--run COMMAND`: its reply; for an export, its progress until it ends.
+fn run_one(socket: &std::path::Path, command: &str) -> Result<()> {
+    let s = connect(socket)?;
+    let mut out = s.try_clone()?;
+    let mut lines = BufReader::new(s).lines();
+    let export = command.split_whitespace().next() == Some("export");
+    if export {
+        // The progress comes as events; subscribe first, so that none is missed.
+        writeln!(out, "subscribe")?;
+        lines.next().context("qs-bridge closed the connection")??;
+    }
+    writeln!(out, "{command}")?;
+    let reply: serde_json::Value = loop {
+        let l = lines.next().context("qs-bridge closed the connection")??;
+        let v: serde_json::Value = serde_json::from_str(&l)?;
+        if v.get("event").is_none() {
+            break v;
+        }
+    };
+    println!("{reply}");
+    if reply.get("ok") == Some(&serde_json::Value::Bool(false)) {
+        anyhow::bail!("qs-bridge refused it");
+    }
+    if !export {
+        return Ok(());
+    }
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(&l?)?;
+        if v.get("event").and_then(|e| e.as_str()) != Some("export") {
+            continue;
+        }
+        println!("{v}");
+        match v.get("state").and_then(|s| s.as_str()) {
+            Some("running") => {}
+            Some("done") => return Ok(()),
+            other => anyhow::bail!("the export ended {}", other.unwrap_or("?")),
+        }
+    }
+    anyhow::bail!("qs-bridge closed the connection during the export: run the same command again to continue it")
+}
+
+fn batch(cli: &Cli) -> Result<()> {
+    let s = connect(&cli.socket)?;
     let mut out = s.try_clone()?;
     let mut lines = BufReader::new(s).lines();
     let mut ask = |req: Request| -> Result<serde_json::Value> {
