@@ -366,7 +366,24 @@ fn compare(f: &mut Frame, app: &App, area: Rect) {
             }),
         ]));
         if !names.is_empty() {
-            lines.push(Line::from(format!("    {}", names.join(", "))));
+            // One line of names (the bridge sends up to 40 a region): the rest as a count.
+            let room = area.width.saturating_sub(20) as usize;
+            let mut shown = String::new();
+            let mut n = 0;
+            for name in &names {
+                if shown.len() + name.len() + 2 > room {
+                    break;
+                }
+                if n > 0 {
+                    shown.push_str(", ");
+                }
+                shown.push_str(name);
+                n += 1;
+            }
+            if n < names.len() {
+                shown.push_str(&format!(" and {} more", names.len() - n));
+            }
+            lines.push(Line::from(format!("    {shown}")));
         }
     }
     let values: Vec<&serde_json::Value> = v
