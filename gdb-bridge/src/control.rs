@@ -102,6 +102,10 @@ pub const HELP: &[(&str, &str)] = &[
         "what changed between checkpoints A and B, or since A: {ok, a, b, pages, runs, truncated, symbols, regions: [{region, pages, flagged, names}], values: [{name, address, size, old, new}]}; regions and names need qs-bridge --vmlinux",
     ),
     (
+        "stats",
+        "the hv's statistics, read over the link (about 700 bytes for 2 CPUs): {ok, hv_version, active_cpus, activations, unexpected_exits, link_dropped, cpus: [{cpu, active, exits: {cpuid, msr, vmmcall, vmrun, svm-insn, npf, shutdown, other, debug, port-io}, ms_in_hv}]}",
+    ),
+    (
         "cpus ID",
         "where each CPU of checkpoint ID was: {ok, id, kernel_offset, symbols, cpus: [{cpu, apic_id, rip, rsp, cr3, cpl, interrupts, symbol}]}; symbol needs qs-bridge --vmlinux",
     ),
@@ -204,6 +208,7 @@ pub fn control_reply(command: &str, state: &Arc<State>) -> serde_json::Value {
             v
         }
         "export-status" => state.exports.status(),
+        "stats" => crate::inspect::stats(&state.checkpoints),
         "export-cancel" => state.exports.cancel(),
         "help" => serde_json::json!({
             "commands": HELP.iter().map(|(c, _)| *c).collect::<Vec<_>>(),

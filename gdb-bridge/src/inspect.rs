@@ -124,6 +124,48 @@ pub(crate) fn kernel_offset(vmcoreinfo: &[u8]) -> Option<u64> {
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
+/// The `stats` reply: the hv's statistics block (what `qsctl stats` prints), read over the
+/// link: each CPU's mode and exits by reason since load, the time it spent in the hv.
+pub fn stats(cps: &Checkpoints) -> Value {
+    use quicksilver_proto::stats::{ExitKind, Stats};
+    let r = match cps.read(Op::ReadStats, IDLE) {
+        Ok(r) => r,
+        Err(e) => return error(format!("cannot read the hv's statistics: {e}")),
+    };
+    let Ok(s) = Stats::parse(r.items.get(&0).map_or(&[][..], Vec::as_slice)) else {
+        return error(
+            "the hv's statistics came malformed: the hv and qs-bridge come from different trees? rebuild both",
+        );
+    };
+    let khz = s.header.tsc_khz.max(1);
+    let cpus: Vec<Value> = s
+        .cpus
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let exits: serde_json::Map<String, Value> = ExitKind::ALL
+                .iter()
+                .map(|k| (k.name().to_string(), json!(c.exits[*k as usize])))
+                .collect();
+            json!({
+                "cpu": i,
+                "active": c.active != 0,
+                "exits": exits,
+                "ms_in_hv": c.cycles_in_hv / khz,
+            })
+        })
+        .collect();
+    json!({
+        "ok": true,
+        "hv_version": s.hv_version(),
+        "active_cpus": s.header.active_cpus,
+        "activations": s.header.activations,
+        "unexpected_exits": s.header.unexpected_exits,
+        "link_dropped": s.header.link_dropped,
+        "cpus": cpus,
+    })
+}
+
 /// The `cpus ID` reply: each CPU's place, with its symbol where `symbols` knows it.
 pub fn cpus(cps: &Checkpoints, symbols: Option<&Symbols>, id: u32) -> Value {
     match read_cpus(cps, symbols, id) {

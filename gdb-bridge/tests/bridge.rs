@@ -295,7 +295,8 @@ fn checkpoint_answer(e: &mut Endpoint, r: ck::Request, out: &mut Vec<u8>) {
         | ck::Op::ReadPages { .. }
         | ck::Op::ReadFill { .. }
         | ck::Op::ReadChanged { .. }
-        | ck::Op::ReadDevices { .. } => {
+        | ck::Op::ReadDevices { .. }
+        | ck::Op::ReadStats => {
             let d = ck::Done {
                 status: abi::Status::NoSuchCheckpoint as i32,
                 ..ok

@@ -1589,6 +1589,22 @@ out:
 	return st;
 }
 
+/* The hv's statistics block (what qsctl stats prints): each CPU's mode and exits. */
+static long qs_read_stats(struct qs_bulk *k)
+{
+	size_t len = QS_STATS_HEADER_SIZE + (size_t)nr_cpu_ids * QS_CPU_STATS_SIZE;
+	void *buf = kzalloc(len, GFP_KERNEL);	/* physically contiguous: the hv writes by PA */
+	long st;
+
+	if (!buf)
+		return QS_NOT_ENOUGH_MEMORY;
+	st = qs_control(QS_OP_STATS, buf, len);
+	if (st == QS_OK)
+		qs_bulk_item(k, 0, buf, len);
+	kfree(buf);
+	return st;
+}
+
 static long qs_read_devices(struct qs_bulk *k, u32 id)
 {
 	const size_t len = 16u << 10;
@@ -1722,6 +1738,9 @@ static void qs_serve_link_read(const struct qs_link_request *q)
 	case QS_LINK_OP_READ_DEVICES:
 		st = qs_read_devices(&k, q->id);
 		break;
+	case QS_LINK_OP_READ_STATS:
+		st = qs_read_stats(&k);
+		break;
 	default:
 		st = qs_read_pages(&k, q->id, q->first_gpa, q->count, &zero);
 	}
@@ -1756,7 +1775,8 @@ static void qs_serve_link_request(void)
 	}
 	if (q->op == QS_LINK_OP_READ_META || q->op == QS_LINK_OP_READ_CPU ||
 	    q->op == QS_LINK_OP_READ_PAGES || q->op == QS_LINK_OP_READ_FILL ||
-	    q->op == QS_LINK_OP_READ_CHANGED || q->op == QS_LINK_OP_READ_DEVICES) {
+	    q->op == QS_LINK_OP_READ_CHANGED || q->op == QS_LINK_OP_READ_DEVICES ||
+	    q->op == QS_LINK_OP_READ_STATS) {
 		/* Answered on the bulk channel, taking qs_lock only where it reads. */
 		mutex_unlock(&qs_lock);
 		qs_serve_link_read(q);

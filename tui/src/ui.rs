@@ -90,6 +90,44 @@ fn machine(f: &mut Frame, app: &App, area: Rect) {
             held >> 10
         )),
     ];
+    // Each CPU, from the hv's statistics (read over the link every few seconds).
+    for c in app
+        .stats
+        .as_ref()
+        .and_then(|s| s.get("cpus"))
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let n = |k: &str| c.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let mut exits: Vec<(String, u64)> = c
+            .get("exits")
+            .and_then(serde_json::Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        exits.sort_by(|x, y| y.1.cmp(&x.1));
+        let total: u64 = exits.iter().map(|e| e.1).sum();
+        let top: Vec<String> = exits
+            .iter()
+            .take(3)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        lines.push(Line::from(format!(
+            "{:<16}{}, {} exits ({}), {} ms in the hv",
+            format!("CPU {}:", n("cpu")),
+            if c.get("active") == Some(&serde_json::Value::Bool(true)) {
+                "guest mode"
+            } else {
+                "native"
+            },
+            total,
+            top.join(", "),
+            n("ms_in_hv")
+        )));
+    }
     if let Some(why) = &app.down_reason {
         lines.push(Line::from(Span::styled(
             format!("qs-bridge: {why}; retrying every second"),
@@ -420,13 +458,27 @@ fn compare(f: &mut Frame, app: &App, area: Rect) {
 /// The Activity pane: sparklines over what the bridge and the list tell (the link's bytes per
 /// second; each kept checkpoint's pause and the pages written before it), then the event log.
 fn activity(f: &mut Frame, app: &App, area: Rect) {
-    let [link, pauses, pages, log] = Layout::vertical([
+    let [exits, link, pauses, pages, log] = Layout::vertical([
+        Constraint::Length(3),
         Constraint::Length(3),
         Constraint::Length(3),
         Constraint::Length(3),
         Constraint::Min(3),
     ])
     .areas(area);
+    let rate: Vec<u64> = app.exit_rate.iter().copied().collect();
+    sparkline(
+        f,
+        exits,
+        format!(
+            " hv exits per second, all CPUs: {} now, {} at most (every {} s) ",
+            rate.last().copied().unwrap_or(0),
+            rate.iter().copied().max().unwrap_or(0),
+            crate::app::STATS_EVERY
+        ),
+        &rate,
+        Color::Green,
+    );
     let rate: Vec<u64> = app.link_rate.iter().copied().collect();
     let last = rate.last().copied().unwrap_or(0);
     let peak = rate.iter().copied().max().unwrap_or(0);
@@ -756,6 +808,14 @@ mod tests {
             ]}),
         ));
         a.update(Event::Pushed(json!({"event": "checkpoint", "id": 3})));
+        for (t, npf) in [(0u64, 1000u64), (5, 6000), (10, 8000), (15, 30000)] {
+            a.now = t;
+            a.update(Event::Answer(Request::Stats, json!({"ok": true, "active_cpus": 2, "cpus": [
+                {"cpu": 0, "active": true, "exits": {"npf": npf, "msr": 40, "cpuid": 3, "vmmcall": 12}, "ms_in_hv": 31},
+                {"cpu": 1, "active": true, "exits": {"npf": npf / 2, "msr": 9}, "ms_in_hv": 12}
+            ]})));
+        }
+        a.now = 0;
         a
     }
 

@@ -139,6 +139,15 @@ pub fn generate() -> String {
                 abi::LINK_OP_READ_DEVICES.to_string(),
             ),
             ("QS_DEVICES_RECORD_V1", abi::DEVICES_RECORD_V1.to_string()),
+            ("QS_LINK_OP_READ_STATS", abi::LINK_OP_READ_STATS.to_string()),
+            (
+                "QS_STATS_HEADER_SIZE",
+                std::mem::size_of::<quicksilver_proto::stats::StatsHeader>().to_string(),
+            ),
+            (
+                "QS_CPU_STATS_SIZE",
+                std::mem::size_of::<quicksilver_proto::stats::CpuStats>().to_string(),
+            ),
             (
                 "QS_LINK_READ_MAX_PAGES",
                 abi::LINK_READ_MAX_PAGES.to_string(),

@@ -45,6 +45,8 @@ pub enum Op {
     ReadChanged { a: u32, b: u32 },
     /// The platform devices' record of checkpoint `id`, on the bulk channel.
     ReadDevices { id: u32 },
+    /// The hv's statistics block (each CPU's mode, exits by reason), on the bulk channel.
+    ReadStats,
 }
 
 impl Op {
@@ -61,13 +63,14 @@ impl Op {
             Op::ReadFill { .. } => crate::abi::LINK_OP_READ_FILL,
             Op::ReadChanged { .. } => crate::abi::LINK_OP_READ_CHANGED,
             Op::ReadDevices { .. } => crate::abi::LINK_OP_READ_DEVICES,
+            Op::ReadStats => crate::abi::LINK_OP_READ_STATS,
         }
     }
 
     /// The checkpoint the op names (0 for take, list and the meta).
     pub fn id(self) -> u32 {
         match self {
-            Op::Take | Op::List | Op::ReadMeta | Op::ReadFill { .. } => 0,
+            Op::Take | Op::List | Op::ReadMeta | Op::ReadFill { .. } | Op::ReadStats => 0,
             Op::Rollback { id }
             | Op::Delete { id }
             | Op::ReadCpu { id, .. }
@@ -100,6 +103,7 @@ impl Op {
                 | Op::ReadFill { .. }
                 | Op::ReadChanged { .. }
                 | Op::ReadDevices { .. }
+                | Op::ReadStats
         )
     }
 
@@ -121,6 +125,7 @@ impl Op {
             crate::abi::LINK_OP_READ_FILL => Op::ReadFill { count: arg },
             crate::abi::LINK_OP_READ_CHANGED => Op::ReadChanged { a: id, b: arg },
             crate::abi::LINK_OP_READ_DEVICES => Op::ReadDevices { id },
+            crate::abi::LINK_OP_READ_STATS => Op::ReadStats,
             _ => return None,
         })
     }
@@ -363,6 +368,7 @@ impl Message {
                         | crate::abi::LINK_OP_READ_FILL
                         | crate::abi::LINK_OP_READ_CHANGED
                         | crate::abi::LINK_OP_READ_DEVICES
+                        | crate::abi::LINK_OP_READ_STATS
                 );
                 let (arg, gpa) = if read { (r.u32()?, r.u64()?) } else { (0, 0) };
                 let op = Op::from_number(op.into(), id, arg, gpa).ok_or(BadMessage)?;
@@ -371,7 +377,7 @@ impl Message {
                 let real = id != 0 && id != CHECKPOINT_ALL;
                 let sound = match op {
                     Op::Take | Op::List => id == 0,
-                    Op::ReadMeta => id == 0 && arg == 0 && gpa == 0,
+                    Op::ReadMeta | Op::ReadStats => id == 0 && arg == 0 && gpa == 0,
                     Op::Rollback { .. } => real,
                     Op::ReadCpu { .. } => real && gpa == 0,
                     Op::ReadPages {
@@ -531,6 +537,10 @@ mod tests {
             Message::Request(Request {
                 tag: 9,
                 op: Op::ReadDevices { id: 3 },
+            }),
+            Message::Request(Request {
+                tag: 10,
+                op: Op::ReadStats,
             }),
             Message::Request(Request {
                 tag: 6,
