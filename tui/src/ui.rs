@@ -394,7 +394,7 @@ fn compare(f: &mut Frame, app: &App, area: Rect) {
             Style::default()
         };
         lines.push(Line::from(vec![
-            Span::styled(format!("{what:<32} {pages:>7} pages"), style),
+            Span::styled(format!("{what:<44} {pages:>7} pages"), style),
             Span::raw(if flagged {
                 "  the kernel patches its text only at jump labels, static calls, \
                  alternatives, ftrace, kprobes: check these"
