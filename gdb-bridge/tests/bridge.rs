@@ -314,7 +314,7 @@ const VMCOREINFO: &[u8] = b"OSRELEASE=6.1.0-fake\nKERNELOFFSET=0\nBUILD-ID=0aff\
 
 fn fake_page(gpa: u64) -> Vec<u8> {
     let n = gpa / 4096;
-    if n % 5 == 0 {
+    if n.is_multiple_of(5) {
         return vec![0; 4096];
     }
     let mut p = vec![n as u8; 4096];

@@ -108,7 +108,7 @@ fn machine(f: &mut Frame, app: &App, area: Rect) {
             .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
             .filter(|(_, v)| *v > 0)
             .collect();
-        exits.sort_by(|x, y| y.1.cmp(&x.1));
+        exits.sort_by_key(|e| std::cmp::Reverse(e.1));
         let total: u64 = exits.iter().map(|e| e.1).sum();
         let top: Vec<String> = exits
             .iter()
