@@ -88,6 +88,11 @@ pub enum Command {
     List,
     Rollback(u32),
     Delete(u32),
+    /// The periodic ring: every `every_ms` ms (0: off), the last `keep` kept.
+    Periodic {
+        every_ms: u32,
+        keep: u32,
+    },
 }
 
 impl Command {
@@ -110,6 +115,35 @@ impl Command {
                     .into(),
             ),
             ("delete", Some("all")) => Ok(Command::Delete(CHECKPOINT_ALL)),
+            ("periodic", Some("off")) => Ok(Command::Periodic {
+                every_ms: 0,
+                keep: 0,
+            }),
+            ("periodic", arg) => {
+                // `periodic MS [KEEP]`: KEEP is the second argument (20 if not given, as
+                // `qsctl checkpoint --every`).
+                let keep = match extra {
+                    None => Ok(20),
+                    Some(k) => k.parse::<u32>().map_err(|_| format!("'{k}' is not a count")),
+                };
+                let every = arg.map(str::parse::<u32>);
+                return Some(match (every, keep) {
+                    (Some(Ok(ms)), Ok(keep))
+                        if ms >= abi::PERIODIC_MIN_MS
+                            && (1..=abi::MAX_CHECKPOINTS).contains(&keep) =>
+                    {
+                        match words.next() {
+                            None => Ok(Command::Periodic { every_ms: ms, keep }),
+                            Some(x) => Err(format!("'{x}': periodic MS [KEEP] at most")),
+                        }
+                    }
+                    _ => Err(format!(
+                        "periodic MS [KEEP] | periodic off: a checkpoint every MS milliseconds (at least {}), the last KEEP (1 to {}, 20 by default) kept",
+                        abi::PERIODIC_MIN_MS,
+                        abi::MAX_CHECKPOINTS
+                    )),
+                });
+            }
             ("delete", Some(id)) => parse_id(id).map(Command::Delete),
             ("checkpoint" | "checkpoints", Some(a)) => Err(format!(
                 "{verb} takes no argument (got '{a}'): to delete one, delete ID|all; to roll back, rollback ID"
@@ -128,6 +162,7 @@ impl Command {
             Command::List => Op::List,
             Command::Rollback(id) => Op::Rollback { id },
             Command::Delete(id) => Op::Delete { id },
+            Command::Periodic { every_ms, keep } => Op::Periodic { every_ms, keep },
         }
     }
 }
@@ -396,6 +431,9 @@ impl Checkpoints {
                 "dropped": done.count,
             }),
             Command::Delete(_) => json!({ "ok": true, "deleted": done.count }),
+            Command::Periodic { every_ms, keep } => {
+                json!({ "ok": true, "every_ms": every_ms, "keep": keep })
+            }
             Command::List => {
                 let mut v = list(&waiter, done.count);
                 if v["ok"] == true {
@@ -404,6 +442,7 @@ impl Checkpoints {
                         "used_bytes": done.bytes,
                     });
                     v["active_cpus"] = json!(done.cpus);
+                    v["periodic"] = json!({ "every_ms": done.id, "keep": done.busy_what });
                 }
                 v
             }
@@ -527,6 +566,8 @@ fn what(cmd: Command) -> String {
         Command::Rollback(id) => format!("rollback to {id} refused"),
         Command::Delete(CHECKPOINT_ALL) => "cannot delete all checkpoints".into(),
         Command::Delete(id) => format!("cannot delete checkpoint {id}"),
+        Command::Periodic { every_ms: 0, .. } => "cannot stop the periodic ring".into(),
+        Command::Periodic { .. } => "cannot set the periodic ring".into(),
     }
 }
 
@@ -556,6 +597,30 @@ mod tests {
         assert!(err("delete").contains("delete all"));
         assert!(err("rollback 1 2").contains("one argument"));
         assert!(err("checkpoint 5").contains("takes no argument"));
+        assert_eq!(
+            Command::parse("periodic 100 5"),
+            Some(Ok(Command::Periodic {
+                every_ms: 100,
+                keep: 5
+            }))
+        );
+        assert_eq!(
+            Command::parse("periodic 1000"),
+            Some(Ok(Command::Periodic {
+                every_ms: 1000,
+                keep: 20
+            }))
+        );
+        assert_eq!(
+            Command::parse("periodic off"),
+            Some(Ok(Command::Periodic {
+                every_ms: 0,
+                keep: 0
+            }))
+        );
+        assert!(err("periodic 1").contains("at least"));
+        assert!(err("periodic").contains("periodic MS"));
+        assert!(err("periodic 100 0").contains("1 to"));
     }
 
     #[test]

@@ -92,6 +92,10 @@ pub const HELP: &[(&str, &str)] = &[
     ),
     ("delete ID|all", "delete a checkpoint, or every one: {ok, deleted}"),
     (
+        "periodic MS [KEEP] | periodic off",
+        "the periodic ring: a checkpoint every MS ms, the last KEEP (20) kept; activates a dormant hv: {ok, every_ms, keep}; checkpoints says the setting (periodic: {every_ms, keep})",
+    ),
+    (
         "export ID PATH [qsc|elf]",
         "write checkpoint ID into PATH on this machine (an absolute path without spaces; .qsc by default, elf for crash and gdb), read over the link while the machine runs; answers at once {ok, export: {...}}; progress in export-status and the subscribers' export events; asked again after the link or the bridge died, it continues where it stopped",
     ),

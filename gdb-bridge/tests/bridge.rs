@@ -296,7 +296,8 @@ fn checkpoint_answer(e: &mut Endpoint, r: ck::Request, out: &mut Vec<u8>) {
         | ck::Op::ReadFill { .. }
         | ck::Op::ReadChanged { .. }
         | ck::Op::ReadDevices { .. }
-        | ck::Op::ReadStats => {
+        | ck::Op::ReadStats
+        | ck::Op::Periodic { .. } => {
             let d = ck::Done {
                 status: abi::Status::NoSuchCheckpoint as i32,
                 ..ok

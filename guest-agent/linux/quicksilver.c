@@ -1757,6 +1757,22 @@ static void qs_serve_link_read(const struct qs_link_request *q)
 	kfree(k.b);
 }
 
+/* The periodic ring's setting (the ioctl's and the bridge's): a dormant hv is activated for
+ * it, as for a checkpoint. Under qs_lock; p->status says how it went. */
+static void qs_periodic(struct qs_checkpoint_periodic *p)
+{
+	struct qs_switch_result r = { .failed_cpu = -1 };
+
+	if (p->every_ms && !qs_active) {
+		qs_do_activate(&r);
+		if (r.status == QS_OK)
+			qs_ckpt_activated = true;
+	}
+	p->status = r.status != QS_OK ? r.status :
+		qs_control(QS_OP_CHECKPOINT_PERIODIC, p, sizeof(*p));
+	qs_periodic_wake();
+}
+
 static void qs_serve_link_request(void)
 {
 	/* The hv reads and writes these by physical address. */
@@ -1805,6 +1821,21 @@ static void qs_serve_link_request(void)
 		q->status = d->status;
 		q->count = d->deleted;
 		break;
+	case QS_LINK_OP_PERIODIC: {
+		/* The hv reads it by physical address: a kmalloc'ed one, not the stack. */
+		struct qs_checkpoint_periodic *p = kzalloc(sizeof(*p), GFP_KERNEL);
+
+		if (!p) {
+			q->status = QS_NOT_ENOUGH_MEMORY;
+			break;
+		}
+		p->every_ms = q->id;
+		p->keep = q->count;
+		qs_periodic(p);
+		q->status = p->status;
+		kfree(p);
+		break;
+	}
 	default:
 		q->status = QS_BAD_ARGUMENT;
 	}
@@ -2103,7 +2134,6 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 	}
 	case QS_IOC_CHECKPOINT_PERIODIC: {
 		struct qs_checkpoint_periodic *p = kzalloc(sizeof(*p), GFP_KERNEL);
-		struct qs_switch_result r = { .failed_cpu = -1 };
 
 		if (!p) {
 			ret = -ENOMEM;
@@ -2114,13 +2144,7 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 			ret = -EFAULT;
 			break;
 		}
-		if (p->every_ms && !qs_active) {
-			qs_do_activate(&r);
-			if (r.status == QS_OK)
-				qs_ckpt_activated = true;
-		}
-		p->status = r.status != QS_OK ? r.status : qs_control(QS_OP_CHECKPOINT_PERIODIC, p, sizeof(*p));
-		qs_periodic_wake();
+		qs_periodic(p);
 		if (copy_to_user(uarg, p, sizeof(*p)))
 			ret = -EFAULT;
 		kfree(p);

@@ -504,6 +504,9 @@ crate::abi_struct! {
 /// [`LinkRequest::op`]: the hv's statistics block (`Op::Stats`: each CPU's mode and exits
 /// by reason), sent with [`Op::LinkBulk`].
 pub const LINK_OP_READ_STATS: u32 = 11;
+/// [`LinkRequest::op`]: the periodic ring's setting: every `id` milliseconds (0: off), `count`
+/// kept (what `qsctl checkpoint --every` sets; activates a dormant hv).
+pub const LINK_OP_PERIODIC: u32 = 12;
 /// [`LINK_OP_READ_PAGES`]'s `count` at most: one bit each in [`LinkBulk::zero_mask`].
 pub const LINK_READ_MAX_PAGES: u32 = 64;
 

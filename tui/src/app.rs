@@ -58,6 +58,11 @@ pub enum Request {
     },
     /// The hv's statistics (each CPU's mode, exits by reason), read over the link.
     Stats,
+    /// The periodic ring: every `every_ms` ms (0: off), the last `keep` kept.
+    Periodic {
+        every_ms: u32,
+        keep: u32,
+    },
 }
 
 impl Request {
@@ -77,6 +82,8 @@ impl Request {
             Request::Compare { a, b: Some(b) } => format!("compare {a} {b}"),
             Request::Compare { a, b: None } => format!("compare {a} now"),
             Request::Stats => "stats".into(),
+            Request::Periodic { every_ms: 0, .. } => "periodic off".into(),
+            Request::Periodic { every_ms, keep } => format!("periodic {every_ms} {keep}"),
         }
     }
 }
@@ -138,6 +145,8 @@ pub enum Dialog {
         path: String,
         elf: bool,
     },
+    /// The periodic ring's setting being typed: "MS KEEP" or "off".
+    Periodic(String),
 }
 
 /// The whole state.
@@ -160,6 +169,8 @@ pub struct App {
     pub link_rate: VecDeque<u64>,
     /// The bridge's count of link bytes at the last status.
     pub last_link_bytes: Option<u64>,
+    /// From the last list: the periodic ring (interval in ms, 0 = off; how many it keeps).
+    pub periodic: Option<(u64, u64)>,
     /// From the last list: checkpoint memory (size, used) and CPUs in guest mode.
     pub memory: Option<(u64, u64)>,
     pub active_cpus: Option<u64>,
@@ -212,6 +223,7 @@ impl Default for App {
             down_reason: None,
             status: None,
             checkpoints: Vec::new(),
+            periodic: None,
             memory: None,
             active_cpus: None,
             link_rate: VecDeque::new(),
@@ -419,6 +431,8 @@ impl App {
                 let m = |k: &str| v.get("memory")?.get(k)?.as_u64();
                 self.memory = m("capacity_bytes").zip(m("used_bytes"));
                 self.active_cpus = v.get("active_cpus").and_then(Value::as_u64);
+                let p = |k: &str| v.get("periodic")?.get(k)?.as_u64();
+                self.periodic = p("every_ms").zip(p("keep"));
                 Vec::new()
             }
             Request::Take => {
@@ -466,6 +480,16 @@ impl App {
                 }
                 Vec::new()
             }
+            Request::Periodic { every_ms: 0, .. } => {
+                self.note("the periodic ring stopped (its checkpoints stay until deleted)");
+                vec![Request::List]
+            }
+            Request::Periodic { every_ms, keep } => {
+                self.note(format!(
+                    "a checkpoint every {every_ms} ms from now on, the last {keep} kept"
+                ));
+                vec![Request::List]
+            }
             Request::ExportCancel => {
                 self.note("cancelling the export");
                 self.export_asked = None;
@@ -496,6 +520,49 @@ impl App {
         }
         self.last_exits = Some((self.now, total));
         self.stats = Some(v);
+    }
+
+    /// The periodic dialog's keys: digits, a space and `off` edit it, Enter asks, Esc cancels.
+    fn periodic_key(&mut self, k: KeyEvent, mut text: String) -> Vec<Request> {
+        match k.code {
+            KeyCode::Esc => return Vec::new(),
+            KeyCode::Enter => {
+                let words: Vec<&str> = text.split_whitespace().collect();
+                let req = match words.as_slice() {
+                    ["off"] => Some(Request::Periodic {
+                        every_ms: 0,
+                        keep: 0,
+                    }),
+                    [ms] => ms
+                        .parse()
+                        .ok()
+                        .map(|every_ms| Request::Periodic { every_ms, keep: 20 }),
+                    [ms, keep] => ms
+                        .parse()
+                        .ok()
+                        .zip(keep.parse().ok())
+                        .map(|(every_ms, keep)| Request::Periodic { every_ms, keep }),
+                    _ => None,
+                };
+                return match req {
+                    Some(r) => {
+                        self.busy = Some("setting the periodic ring".into());
+                        vec![r]
+                    }
+                    None => {
+                        self.note("periodic: type MS KEEP (1000 20) or off");
+                        Vec::new()
+                    }
+                };
+            }
+            KeyCode::Backspace => {
+                text.pop();
+            }
+            KeyCode::Char(c) if c.is_ascii_alphanumeric() || c == ' ' => text.push(c),
+            _ => {}
+        }
+        self.dialog = Some(Dialog::Periodic(text));
+        Vec::new()
     }
 
     /// Whether an export runs now.
@@ -555,6 +622,9 @@ impl App {
             if let Dialog::Export { id, path, elf } = d {
                 return self.export_key(k, id, path, elf);
             }
+            if let Dialog::Periodic(text) = d {
+                return self.periodic_key(k, text);
+            }
             // Only a deliberate `y` goes ahead; anything else (Enter, Esc, n) is No.
             if k.code == KeyCode::Char('y') {
                 let (busy, req) = match d {
@@ -566,7 +636,7 @@ impl App {
                         format!("deleting checkpoint {}", c.id),
                         Request::Delete(c.id),
                     ),
-                    Dialog::Export { .. } => return Vec::new(),
+                    Dialog::Export { .. } | Dialog::Periodic(_) => return Vec::new(),
                 };
                 self.busy = Some(busy);
                 return vec![req];
@@ -640,6 +710,14 @@ impl App {
                 }
             }
             KeyCode::Char('x') if self.exporting() => return vec![Request::ExportCancel],
+            KeyCode::Char('p') if self.pane == Pane::Checkpoints && self.connected => {
+                // The likely next step: off if it runs, a second's interval if not.
+                let text = match self.periodic {
+                    Some((ms, _)) if ms > 0 => "off".to_string(),
+                    _ => "1000 20".to_string(),
+                };
+                self.dialog = Some(Dialog::Periodic(text));
+            }
             KeyCode::Char('m') if self.pane == Pane::Checkpoints => {
                 self.marked = self.selected_checkpoint().map(|c| c.id);
                 if let Some(id) = self.marked {
@@ -749,6 +827,45 @@ mod tests {
             .log
             .back()
             .is_some_and(|(_, t)| t.contains("took checkpoint 3")));
+    }
+
+    #[test]
+    fn p_sets_the_periodic_ring_or_stops_it() {
+        let mut a = app_with_two();
+        let enter = || Event::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE));
+        // Off (no list said otherwise): the dialog offers a second's interval, 20 kept.
+        a.update(key('p'));
+        assert_eq!(a.dialog, Some(Dialog::Periodic("1000 20".into())));
+        let backspace = || Event::Key(KeyEvent::new(KeyCode::Backspace, KeyModifiers::NONE));
+        a.update(backspace());
+        a.update(backspace());
+        a.update(key('3'));
+        assert_eq!(
+            a.update(enter()),
+            vec![Request::Periodic {
+                every_ms: 1000,
+                keep: 3
+            }]
+        );
+        // On: it offers off.
+        a.periodic = Some((1000, 3));
+        a.update(key('p'));
+        assert_eq!(a.dialog, Some(Dialog::Periodic("off".into())));
+        assert_eq!(
+            a.update(enter()),
+            vec![Request::Periodic {
+                every_ms: 0,
+                keep: 0
+            }]
+        );
+        assert_eq!(
+            Request::Periodic {
+                every_ms: 0,
+                keep: 0
+            }
+            .line(),
+            "periodic off"
+        );
     }
 
     #[test]

@@ -208,7 +208,12 @@ fn checkpoints(f: &mut Frame, app: &App, area: Rect) {
             if app.editing_filter { "_" } else { "" }
         )
     } else {
-        format!(" Checkpoints ({}) ", app.checkpoints.len())
+        let ring = match app.periodic {
+            Some((ms, keep)) if ms > 0 => format!(", periodic every {ms} ms, {keep} kept"),
+            Some(_) => ", periodic off".to_string(),
+            None => String::new(),
+        };
+        format!(" Checkpoints ({}{ring}) ", app.checkpoints.len())
     };
     let table = Table::new(
         rows,
@@ -606,6 +611,14 @@ fn dialog(f: &mut Frame, d: &Dialog) {
             ),
                 )
             }
+            Dialog::Periodic(text) => (
+                " Periodic checkpoints ",
+                format!(
+                    "A checkpoint of the whole machine every MS milliseconds, the last KEEP \
+                     kept (older ones go as new ones come); off stops the ring (its \
+                     checkpoints stay).\n\nMS KEEP or off: {text}_\n\nEnter: set   Esc: cancel"
+                ),
+            ),
             Dialog::Delete(c) => (
                 " Delete? ",
                 format!(
@@ -730,6 +743,7 @@ fn help(f: &mut Frame) {
             "export the selected checkpoint to a file here, over the link",
         ),
         ("x", "cancel the export under way"),
+        ("p", "the periodic ring: on (every MS, KEEP kept) or off"),
         (
             "m, =, n",
             "mark a checkpoint; compare it with the selected one; with now",
@@ -801,7 +815,7 @@ mod tests {
         }
         a.update(Event::Answer(
             Request::List,
-            json!({"ok": true, "count": 3, "memory": {"capacity_bytes": 67_108_864u64, "used_bytes": 1_470_464u64}, "active_cpus": 2, "checkpoints": [
+            json!({"ok": true, "count": 3, "memory": {"capacity_bytes": 67_108_864u64, "used_bytes": 1_470_464u64}, "active_cpus": 2, "periodic": {"every_ms": 1000, "keep": 10}, "checkpoints": [
                 {"id": 1, "parent": 0, "age_ms": 130_000, "pause_us": 1800, "pages": 310, "bytes": 1_269_760, "cpus": 2, "periodic": false, "current": false},
                 {"id": 2, "parent": 1, "age_ms": 12_400, "pause_us": 1500, "pages": 42, "bytes": 172_032, "cpus": 2, "periodic": true, "current": false},
                 {"id": 3, "parent": 2, "age_ms": 850, "pause_us": 1400, "pages": 7, "bytes": 28_672, "cpus": 2, "periodic": true, "current": true}
@@ -834,6 +848,7 @@ mod tests {
         checkpoints_pane: sample(),
         machine_pane: { let mut a = sample(); a.update(key('1')); a },
         compare_pane: { let mut a = sample(); a.update(key('3')); a },
+        periodic_dialog: { let mut a = sample(); a.update(key('p')); a },
         compare_answered: {
             let mut a = sample();
             a.update(key('m'));

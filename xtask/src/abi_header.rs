@@ -140,6 +140,7 @@ pub fn generate() -> String {
             ),
             ("QS_DEVICES_RECORD_V1", abi::DEVICES_RECORD_V1.to_string()),
             ("QS_LINK_OP_READ_STATS", abi::LINK_OP_READ_STATS.to_string()),
+            ("QS_LINK_OP_PERIODIC", abi::LINK_OP_PERIODIC.to_string()),
             (
                 "QS_STATS_HEADER_SIZE",
                 std::mem::size_of::<quicksilver_proto::stats::StatsHeader>().to_string(),

@@ -774,6 +774,11 @@ pub fn kept_count() -> usize {
     ENGINE.lock().log.kept().count()
 }
 
+/// The periodic ring's setting: (interval in milliseconds, 0 = off; how many it keeps).
+pub fn periodic_setting() -> (u32, u32) {
+    (EVERY_MS.load(Relaxed), KEEP.load(Relaxed))
+}
+
 /// Checkpoint memory: (its size, what is used), in bytes.
 pub fn memory() -> (u64, u64) {
     let e = ENGINE.lock();

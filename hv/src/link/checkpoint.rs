@@ -109,8 +109,11 @@ fn send_list(tag: u32) {
     };
     let total = crate::checkpoint::kept_count() as u16;
     let (capacity, used) = crate::checkpoint::memory();
+    let (every_ms, keep) = crate::checkpoint::periodic_setting();
     send_checkpoint(Message::Done(Done {
         count: total.into(),
+        id: every_ms,
+        busy_what: keep,
         cpus: crate::vmm::COUNTERS.active_cpus.load(Relaxed),
         bytes: used,
         pages: capacity / 4096,
@@ -148,7 +151,10 @@ pub fn hand_out(buf: &mut [u8]) -> Status {
         out.op = p.req.op.number();
         out.id = p.req.op.id();
         (out.index, out.first_gpa) = p.req.op.read_args();
-        if let Op::ReadPages { count, .. } | Op::ReadFill { count } = p.req.op {
+        if let Op::ReadPages { count, .. }
+        | Op::ReadFill { count }
+        | Op::Periodic { keep: count, .. } = p.req.op
+        {
             (out.index, out.count) = (0, count);
         }
         // ReadChanged: `id` is a, `index` b (read_args); ReadDevices: `id`.

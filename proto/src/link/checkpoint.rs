@@ -47,6 +47,9 @@ pub enum Op {
     ReadDevices { id: u32 },
     /// The hv's statistics block (each CPU's mode, exits by reason), on the bulk channel.
     ReadStats,
+    /// The periodic ring: a checkpoint every `every_ms` milliseconds (0: off; at least
+    /// `abi::PERIODIC_MIN_MS`), the last `keep` kept. Answered with a [`Done`].
+    Periodic { every_ms: u32, keep: u32 },
 }
 
 impl Op {
@@ -64,6 +67,7 @@ impl Op {
             Op::ReadChanged { .. } => crate::abi::LINK_OP_READ_CHANGED,
             Op::ReadDevices { .. } => crate::abi::LINK_OP_READ_DEVICES,
             Op::ReadStats => crate::abi::LINK_OP_READ_STATS,
+            Op::Periodic { .. } => crate::abi::LINK_OP_PERIODIC,
         }
     }
 
@@ -76,7 +80,8 @@ impl Op {
             | Op::ReadCpu { id, .. }
             | Op::ReadPages { id, .. }
             | Op::ReadChanged { a: id, .. }
-            | Op::ReadDevices { id } => id,
+            | Op::ReadDevices { id }
+            | Op::Periodic { every_ms: id, .. } => id,
         }
     }
 
@@ -89,8 +94,14 @@ impl Op {
             } => (count, first_gpa),
             Op::ReadFill { count } => (count, 0),
             Op::ReadChanged { b, .. } => (b, 0),
+            Op::Periodic { keep, .. } => (keep, 0),
             _ => (0, 0),
         }
+    }
+
+    /// Whether the op carries [`Op::read_args`] on the wire (the reads, and the ring's setting).
+    fn has_args(self) -> bool {
+        self.is_read() || matches!(self, Op::Periodic { .. })
     }
 
     /// Whether this op is a read, answered on the bulk channel.
@@ -126,6 +137,10 @@ impl Op {
             crate::abi::LINK_OP_READ_CHANGED => Op::ReadChanged { a: id, b: arg },
             crate::abi::LINK_OP_READ_DEVICES => Op::ReadDevices { id },
             crate::abi::LINK_OP_READ_STATS => Op::ReadStats,
+            crate::abi::LINK_OP_PERIODIC => Op::Periodic {
+                every_ms: id,
+                keep: arg,
+            },
             _ => return None,
         })
     }
@@ -146,13 +161,15 @@ pub struct Done {
     pub tag: u32,
     /// The hv's `Status` (`abi::status_message` says what it means).
     pub status: i32,
-    /// Take: the new checkpoint; rollback, delete: the one named.
+    /// Take: the new checkpoint; rollback, delete: the one named; list: the periodic ring's
+    /// interval in milliseconds (0: off).
     pub id: u32,
     /// List: entries that follow; delete: checkpoints deleted; rollback: newer ones dropped.
     pub count: u32,
     /// Take: CPUs in the checkpoint; list: CPUs in guest mode now (0: the hv is dormant).
     pub cpus: u32,
-    /// Take refused as not quiescent: the CPU and what it was doing (as `CheckpointArgs`).
+    /// Take refused as not quiescent: the CPU and what it was doing (as `CheckpointArgs`);
+    /// list: `busy_what` is how many periodic checkpoints the ring keeps.
     pub busy_cpu: i32,
     pub busy_what: u32,
     /// Take, rollback: microseconds every CPU was stopped.
@@ -304,7 +321,7 @@ impl Message {
                     .u32(r.tag)
                     .u8(r.op.number() as u8)
                     .u32(r.op.id());
-                if r.op.is_read() {
+                if r.op.has_args() {
                     let (arg, gpa) = r.op.read_args();
                     w.u32(arg).u64(gpa);
                 }
@@ -369,6 +386,7 @@ impl Message {
                         | crate::abi::LINK_OP_READ_CHANGED
                         | crate::abi::LINK_OP_READ_DEVICES
                         | crate::abi::LINK_OP_READ_STATS
+                        | crate::abi::LINK_OP_PERIODIC
                 );
                 let (arg, gpa) = if read { (r.u32()?, r.u64()?) } else { (0, 0) };
                 let op = Op::from_number(op.into(), id, arg, gpa).ok_or(BadMessage)?;
@@ -393,6 +411,12 @@ impl Message {
                     }
                     Op::ReadChanged { b, .. } => real && b != CHECKPOINT_ALL && gpa == 0,
                     Op::ReadDevices { .. } => real && arg == 0 && gpa == 0,
+                    Op::Periodic { every_ms, keep } => {
+                        gpa == 0
+                            && (every_ms == 0
+                                || (every_ms >= crate::abi::PERIODIC_MIN_MS
+                                    && (1..=crate::abi::MAX_CHECKPOINTS).contains(&keep)))
+                    }
                     Op::Delete { id } => id != 0,
                 };
                 if !sound {
@@ -541,6 +565,20 @@ mod tests {
             Message::Request(Request {
                 tag: 10,
                 op: Op::ReadStats,
+            }),
+            Message::Request(Request {
+                tag: 11,
+                op: Op::Periodic {
+                    every_ms: 100,
+                    keep: 10,
+                },
+            }),
+            Message::Request(Request {
+                tag: 12,
+                op: Op::Periodic {
+                    every_ms: 0,
+                    keep: 0,
+                },
             }),
             Message::Request(Request {
                 tag: 6,
