@@ -114,6 +114,9 @@ fn checkpoint_then_export(
     config.memory = Some("256M".into());
     // The workload writes on while the export runs: room for its pages' old contents.
     config.cmdline.push("quicksilver.ckpt_mem=96M".into());
+    // Freed pages zeroed (as hardened kernels do): fewer pages for the export over the slow
+    // serial link to carry.
+    config.cmdline.push("init_on_free=1".into());
     config.qemu_args = disks.qemu_args();
     let mut m = Machine::start(a, &config).unwrap_or_else(|e| panic!("{e}"));
     // gdb stops every CPU; the checkpoint is taken there (where every CPU can be restored),
