@@ -209,11 +209,11 @@ fn checkpoints(f: &mut Frame, app: &App, area: Rect) {
         )
     } else {
         let ring = match app.periodic {
-            Some((ms, keep)) if ms > 0 => format!(", periodic every {ms} ms, {keep} kept"),
-            Some(_) => ", periodic off".to_string(),
+            Some((ms, keep)) if ms > 0 => format!("  periodic every {ms} ms, {keep} kept"),
+            Some(_) => "  periodic off".to_string(),
             None => String::new(),
         };
-        format!(" Checkpoints ({}{ring}) ", app.checkpoints.len())
+        format!(" Checkpoints ({}){ring} ", app.checkpoints.len())
     };
     let table = Table::new(
         rows,
