@@ -1486,6 +1486,21 @@ static long qs_read_meta(struct qs_bulk *k)
 	return QS_OK;
 }
 
+/*
+ * One of the hv's answers about a kept checkpoint (a CPU, the devices) into `buf` of `len`
+ * bytes, whose header the caller filled; every such header starts with the hv's status.
+ * Under qs_lock, which keeps the hv active meanwhile.
+ */
+static long qs_checkpoint_query(u64 op, void *buf, size_t len)
+{
+	long st;
+
+	mutex_lock(&qs_lock);
+	st = qs_active ? qs_control(op, buf, len) : QS_NOT_ACTIVE;
+	mutex_unlock(&qs_lock);
+	return st == QS_OK ? *(s64 *)buf : st;
+}
+
 static long qs_read_cpu(struct qs_bulk *k, u32 id, u32 cpu)
 {
 	const size_t len = 64u << 10;
@@ -1496,11 +1511,7 @@ static long qs_read_cpu(struct qs_bulk *k, u32 id, u32 cpu)
 		return QS_NOT_ENOUGH_MEMORY;
 	c->id = id;
 	c->cpu = cpu;
-	mutex_lock(&qs_lock);
-	st = qs_active ? qs_control(QS_OP_CHECKPOINT_CPU, c, len) : QS_NOT_ACTIVE;
-	mutex_unlock(&qs_lock);
-	if (st == QS_OK)
-		st = c->status;
+	st = qs_checkpoint_query(QS_OP_CHECKPOINT_CPU, c, len);
 	if (st == QS_OK)
 		qs_bulk_item(k, 0, (u8 *)c, sizeof(*c) + c->xsave_len + c->lapic_len);
 	kfree(c);
@@ -1614,11 +1625,7 @@ static long qs_read_devices(struct qs_bulk *k, u32 id)
 	if (!d)
 		return QS_NOT_ENOUGH_MEMORY;
 	d->id = id;
-	mutex_lock(&qs_lock);
-	st = qs_active ? qs_control(QS_OP_CHECKPOINT_DEVICES, d, len) : QS_NOT_ACTIVE;
-	mutex_unlock(&qs_lock);
-	if (st == QS_OK)
-		st = d->status;
+	st = qs_checkpoint_query(QS_OP_CHECKPOINT_DEVICES, d, len);
 	if (st == QS_OK && d->len <= len - sizeof(*d))
 		qs_bulk_item(k, 0, (u8 *)d, sizeof(*d) + d->len);
 	kfree(d);

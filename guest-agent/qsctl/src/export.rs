@@ -8,7 +8,7 @@
 
 use crate::{checkpoint::parse_id, ioctl, open, status_error};
 use anyhow::{bail, Context, Result};
-use quicksilver_checkpoint::assemble::{self, build_id, cpu_record};
+use quicksilver_checkpoint::assemble::{self, build_id, cpu_record_from_bytes};
 use quicksilver_checkpoint::elf;
 use quicksilver_checkpoint::model::{Meta, RamRange, PAGE};
 use quicksilver_proto::abi::{Status, CHECKPOINT_PERIODIC};
@@ -54,11 +54,13 @@ pub fn export(id: &str, path: &str, as_elf: bool) -> Result<()> {
     };
     let mut cpus = Vec::new();
     for cpu in 0..xi.cpus {
-        let (a, xsave, lapic) = ioctl::checkpoint_cpu(&dev, id, cpu)?;
-        if a.status != 0 {
-            return Err(gone(a.status, id));
+        let (status, bytes) = ioctl::checkpoint_cpu(&dev, id, cpu)?;
+        if status != 0 {
+            return Err(gone(status, id));
         }
-        cpus.push(cpu_record(cpu, &a, xsave, lapic));
+        cpus.push(cpu_record_from_bytes(cpu, &bytes).with_context(|| {
+            format!("CPU {cpu}'s record is shorter than its header says: the agent and qsctl come from different trees? rebuild both")
+        })?);
     }
     let (status, bytes) = ioctl::checkpoint_devices(&dev, id)?;
     if status != 0 {

@@ -230,61 +230,47 @@ pub fn checkpoint_read(dev: &File, id: u32, first_gpa: u64, buf: &mut [u8]) -> i
     Ok(req.status)
 }
 
-/// CPU `cpu` of checkpoint `id`: its state, XSAVE area and local APIC record.
-pub fn checkpoint_cpu(
+/// A request the hv answers in a buffer (`BufferRequest`): `head` at its start, room for
+/// `len` bytes in all; the hv's status and the buffer as it wrote it.
+fn buffer_request<T: Copy>(
     dev: &File,
-    id: u32,
-    cpu: u32,
-) -> io::Result<(CheckpointCpu, Vec<u8>, Vec<u8>)> {
-    let head = std::mem::size_of::<CheckpointCpu>();
-    let mut buf = vec![0u8; 16 << 10];
-    let a = CheckpointCpu {
-        id,
-        cpu,
-        ..Default::default()
-    };
-    // SAFETY: the buffer is larger than a CheckpointCpu; write_unaligned needs no alignment.
-    unsafe { std::ptr::write_unaligned(buf.as_mut_ptr().cast::<CheckpointCpu>(), a) };
-    let mut req = BufferRequest {
+    req: Request<BufferRequest>,
+    head: T,
+    len: usize,
+) -> io::Result<(i64, Vec<u8>)> {
+    let mut buf = vec![0u8; len.max(std::mem::size_of::<T>())];
+    // SAFETY: the buffer holds at least a `T`; write_unaligned needs no alignment.
+    unsafe { std::ptr::write_unaligned(buf.as_mut_ptr().cast::<T>(), head) };
+    let mut r = BufferRequest {
         buf: buf.as_mut_ptr() as u64,
         len: buf.len() as u64,
         status: 0,
     };
-    // SAFETY: `req.buf` points at `buf`, readable and writable for `req.len` bytes until we
+    // SAFETY: `r.buf` points at `buf`, readable and writable for `r.len` bytes until we
     // return, and the agent reads and writes at most `len` bytes there.
-    unsafe { ioctl(dev, ioctl::CHECKPOINT_CPU, &mut req) }?;
-    // SAFETY: the buffer holds a CheckpointCpu at its start (plain integers).
-    let mut a = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<CheckpointCpu>()) };
-    a.status = req.status;
-    let (x, l) = (a.xsave_len as usize, a.lapic_len as usize);
-    if req.status != 0 || head + x + l > buf.len() {
-        return Ok((a, Vec::new(), Vec::new()));
-    }
-    let xsave = buf[head..head + x].to_vec();
-    let lapic = buf[head + x..head + x + l].to_vec();
-    Ok((a, xsave, lapic))
+    unsafe { ioctl(dev, req, &mut r) }?;
+    Ok((r.status, buf))
+}
+
+/// CPU `cpu` of checkpoint `id`, as the hv wrote it (a `CheckpointCpu`, then its XSAVE area
+/// and local APIC record: `assemble::cpu_record_from_bytes` reads it), and the hv's status.
+pub fn checkpoint_cpu(dev: &File, id: u32, cpu: u32) -> io::Result<(i64, Vec<u8>)> {
+    let head = CheckpointCpu {
+        id,
+        cpu,
+        ..Default::default()
+    };
+    buffer_request(dev, ioctl::CHECKPOINT_CPU, head, 16 << 10)
 }
 
 /// The platform devices' record of checkpoint `id`: the hv's answer as it wrote it (an
 /// `abi::CheckpointDevices`, then the record), and its status.
 pub fn checkpoint_devices(dev: &File, id: u32) -> io::Result<(i64, Vec<u8>)> {
-    let mut buf = vec![0u8; 16 << 10];
-    let a = CheckpointDevices {
+    let head = CheckpointDevices {
         id,
         ..Default::default()
     };
-    // SAFETY: the buffer is larger than a CheckpointDevices; write_unaligned needs no
-    // alignment.
-    unsafe { std::ptr::write_unaligned(buf.as_mut_ptr().cast::<CheckpointDevices>(), a) };
-    let mut req = BufferRequest {
-        buf: buf.as_mut_ptr() as u64,
-        len: buf.len() as u64,
-        status: 0,
-    };
-    // SAFETY: `req.buf` points at `buf`, readable and writable for `req.len` bytes until we
-    // return, and the agent reads and writes at most `len` bytes there.
-    unsafe { ioctl(dev, ioctl::CHECKPOINT_DEVICES, &mut req) }?;
-    Ok((req.status, buf))
+    buffer_request(dev, ioctl::CHECKPOINT_DEVICES, head, 16 << 10)
 }
 
 /// What an export needs of the kernel: where it maps RAM, and the RAM ranges the hv keeps.
