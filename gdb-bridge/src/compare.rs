@@ -12,7 +12,7 @@
 //! `struct page`s, not read yet).
 
 use crate::checkpoints::{error, Checkpoints};
-use crate::export::parse_facts;
+use crate::facts::parse_facts;
 use crate::inspect::{kernel_offset, Fetched, Symbols};
 use quicksilver_checkpoint::assemble;
 use quicksilver_checkpoint::model::PAGE;
@@ -158,7 +158,7 @@ fn run(
                 out
             };
             let names = if what == "kernel text" {
-                in_page(s.text_symbols())
+                in_page(&s.text)
             } else {
                 in_page(&s.data)
             };

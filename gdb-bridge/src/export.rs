@@ -16,11 +16,11 @@
 //! chunks and removes what it staged.
 
 use crate::checkpoints::{Checkpoints, Command, ReadError, ReadReply};
-use crate::state::State;
+use crate::facts::{page, parse_facts, Facts};
 use quicksilver_checkpoint::assemble::{self, build_id, cpu_record_from_bytes};
 use quicksilver_checkpoint::elf::{self, Pages};
 use quicksilver_checkpoint::model::{CpuRecord, DeviceRecord, Meta, RamRange, PAGE};
-use quicksilver_proto::abi::{ExportMeta, LINK_READ_MAX_PAGES};
+use quicksilver_proto::abi::LINK_READ_MAX_PAGES;
 use quicksilver_proto::link::checkpoint::Op;
 use serde_json::{json, Value};
 use std::fs::File;
@@ -126,7 +126,15 @@ struct Job {
 impl Exports {
     /// Starts exporting checkpoint `id` to `path` (on its own thread); the reply says so, or
     /// why not.
-    pub fn start(&self, state: &Arc<State>, id: u32, path: PathBuf, format: Format) -> Value {
+    /// `owner` is what holds the bridge's checkpoints (its state), kept by the export's
+    /// thread.
+    pub fn start<S: AsRef<Checkpoints> + Send + Sync + 'static>(
+        &self,
+        owner: &Arc<S>,
+        id: u32,
+        path: PathBuf,
+        format: Format,
+    ) -> Value {
         let mut slot = self.job.lock().expect("export");
         if let Some(j) = slot.as_ref() {
             let p = j.progress.lock().expect("progress");
@@ -160,9 +168,9 @@ impl Exports {
         *slot = Some(job.clone());
         let reply =
             json!({ "ok": true, "export": job.progress.lock().expect("progress").to_json() });
-        let state = state.clone();
+        let owner = owner.clone();
         std::thread::spawn(move || {
-            let cps = &state.checkpoints;
+            let cps = (*owner).as_ref();
             let mut run = Run {
                 job: &job,
                 cps,
@@ -264,17 +272,6 @@ struct Run<'a> {
     job: &'a Job,
     cps: &'a Checkpoints,
     last_event: Instant,
-}
-
-/// The kernel's facts from the meta read.
-pub(crate) struct Facts {
-    pub page_offset: u64,
-    pub vmcoreinfo: (u64, u64),
-    pub cpus: u32,
-    pub ram: Vec<RamRange>,
-    pub hostname: String,
-    pub release: String,
-    pub boot_id: String,
 }
 
 impl Run<'_> {
@@ -471,52 +468,6 @@ struct Entry {
     pause_us: u64,
 }
 
-/// `abi::ExportMeta`, its RAM ranges, then three NUL-terminated strings.
-pub(crate) fn parse_facts(bytes: &[u8]) -> Option<Facts> {
-    let m = ExportMeta::from_bytes(bytes)?;
-    let mut at = std::mem::size_of::<ExportMeta>();
-    let mut ram = Vec::new();
-    for _ in 0..m.ram_ranges {
-        let word = |i: usize| Some(u64::from_le_bytes(bytes.get(i..i + 8)?.try_into().ok()?));
-        ram.push(RamRange {
-            start: word(at)?,
-            end: word(at + 8)?,
-        });
-        at += 16;
-    }
-    let mut strings = bytes
-        .get(at..)?
-        .split(|&b| b == 0)
-        .map(|s| String::from_utf8_lossy(s).into_owned());
-    let ascending = ram.windows(2).all(|w| w[0].end <= w[1].start)
-        && ram
-            .iter()
-            .all(|r| r.start < r.end && r.start % PAGE as u64 == 0 && r.end % PAGE as u64 == 0);
-    ascending.then_some(())?;
-    Some(Facts {
-        page_offset: m.page_offset,
-        vmcoreinfo: (m.vmcoreinfo_pa, m.vmcoreinfo_size.into()),
-        cpus: m.cpus,
-        ram,
-        hostname: strings.next()?,
-        release: strings.next()?,
-        boot_id: strings.next()?,
-    })
-}
-
-/// A page as it crossed the link: whole, or deflated (raw DEFLATE, RFC 1951) when that made
-/// it shorter (the agent's choice, told by the length).
-pub(crate) fn page(bytes: &[u8]) -> Option<Vec<u8>> {
-    if bytes.len() == PAGE {
-        return Some(bytes.to_vec());
-    }
-    let mut out = Vec::with_capacity(PAGE);
-    let mut z = flate2::read::DeflateDecoder::new(bytes);
-    // One byte more than a page, to tell a page from something longer.
-    std::io::Read::read_to_end(&mut std::io::Read::take(&mut z, PAGE as u64 + 1), &mut out).ok()?;
-    (out.len() == PAGE).then_some(out)
-}
-
 /// The reads of pages: at most 64 pages each, never across a RAM range's end.
 fn chunks(ram: &[RamRange]) -> Vec<(u64, u32)> {
     let mut out = Vec::new();
@@ -679,57 +630,5 @@ mod tests {
         assert!(c.iter().all(|&(_, n)| (1..=64).contains(&n)));
         assert_eq!(c.iter().filter(|&&(g, _)| g == 0x100000).count(), 1);
         assert_eq!(*c.last().unwrap(), (0x100000 + 128 * 4096, 2));
-    }
-
-    #[test]
-    fn pages_come_whole_or_deflated_and_nothing_else_passes() {
-        use std::io::Write;
-        let mut original = vec![0u8; PAGE];
-        for (i, b) in original.iter_mut().enumerate() {
-            *b = (i % 7) as u8;
-        }
-        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
-        z.write_all(&original).unwrap();
-        let deflated = z.finish().unwrap();
-        assert!(deflated.len() < PAGE);
-        assert_eq!(page(&deflated), Some(original.clone()));
-        assert_eq!(page(&original), Some(original.clone()));
-        // Half a page deflated, a page and a byte, garbage.
-        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
-        z.write_all(&original[..PAGE / 2]).unwrap();
-        assert_eq!(page(&z.finish().unwrap()), None);
-        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
-        z.write_all(&[original.clone(), vec![1]].concat()).unwrap();
-        assert_eq!(page(&z.finish().unwrap()), None);
-        assert_eq!(page(&[0xFF; 100]), None);
-    }
-
-    #[test]
-    fn facts_parse_and_bad_ones_do_not() {
-        let mut b = vec![0u8; std::mem::size_of::<ExportMeta>()];
-        b[0..8].copy_from_slice(&0xffff_8880_0000_0000u64.to_le_bytes());
-        b[20..24].copy_from_slice(&2u32.to_le_bytes()); // cpus
-        b[24..28].copy_from_slice(&1u32.to_le_bytes()); // ram_ranges
-        b.extend_from_slice(&0x1000u64.to_le_bytes());
-        b.extend_from_slice(&0x9f000u64.to_le_bytes());
-        b.extend_from_slice(b"qs-guest\x006.1.0-41-amd64\x00abcd-ef\x00");
-        let f = parse_facts(&b).unwrap();
-        assert_eq!(f.cpus, 2);
-        assert_eq!(
-            f.ram,
-            vec![RamRange {
-                start: 0x1000,
-                end: 0x9f000
-            }]
-        );
-        assert_eq!(
-            (f.hostname.as_str(), f.release.as_str(), f.boot_id.as_str()),
-            ("qs-guest", "6.1.0-41-amd64", "abcd-ef")
-        );
-        // A range that ends before it starts; strings missing.
-        let mut bad = b.clone();
-        bad[std::mem::size_of::<ExportMeta>() + 8..][..8].copy_from_slice(&0u64.to_le_bytes());
-        assert!(parse_facts(&bad).is_none());
-        assert!(parse_facts(&b[..std::mem::size_of::<ExportMeta>() + 16]).is_none());
     }
 }

@@ -5,7 +5,7 @@
 //! `KERNELOFFSET=` in the checkpoint's own VMCOREINFO.
 
 use crate::checkpoints::{error, Checkpoints};
-use crate::export::{page, parse_facts};
+use crate::facts::{page, parse_facts};
 use anyhow::{Context, Result};
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 use quicksilver_checkpoint::assemble::{self, cpu_record_from_bytes};
@@ -23,7 +23,7 @@ const IDLE: Duration = Duration::from_secs(10);
 /// A kernel's functions, variables and sections, by link-time address.
 pub struct Symbols {
     /// (address, size, name), ascending.
-    text: Vec<(u64, u64, String)>,
+    pub(crate) text: Vec<(u64, u64, String)>,
     pub(crate) data: Vec<(u64, u64, String)>,
     /// The image's allocated sections: (address, size, name), ascending.
     pub(crate) sections: Vec<(u64, u64, String)>,
@@ -65,11 +65,6 @@ impl Symbols {
             data,
             sections,
         })
-    }
-
-    /// The functions: (address, size, name), ascending.
-    pub(crate) fn text_symbols(&self) -> &Vec<(u64, u64, String)> {
-        &self.text
     }
 
     /// `name+0xoff` for a link-time address inside a function; as the kernel's own kallsyms

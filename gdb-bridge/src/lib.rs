@@ -11,6 +11,7 @@
 //! - [`checkpoints`]: its checkpoint commands and reads, matched with the machine's replies by
 //!   tag, and the machine's events pushed to subscribed clients;
 //! - [`export`]: a checkpoint into a file over the link (staged, resumable);
+//! - [`facts`]: the machine's facts for those reads, and a page as it crosses the link;
 //! - [`inspect`]: where each CPU of a checkpoint was, with `--vmlinux`'s symbols;
 //! - [`compare`]: what changed between two checkpoints (or since one), by region and symbol.
 //!
@@ -25,6 +26,7 @@ pub mod checkpoints;
 pub mod compare;
 pub mod control;
 pub mod export;
+pub mod facts;
 pub mod gdb;
 pub mod inspect;
 pub mod link;

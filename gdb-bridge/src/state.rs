@@ -182,3 +182,10 @@ impl State {
         }
     }
 }
+
+/// What an export's thread keeps: the checkpoints it reads through.
+impl AsRef<crate::checkpoints::Checkpoints> for State {
+    fn as_ref(&self) -> &crate::checkpoints::Checkpoints {
+        &self.checkpoints
+    }
+}
