@@ -4,17 +4,22 @@
 //! the agent sends them as runs (`Op::ReadChanged`). With the kernel's `vmlinux`
 //! (`--vmlinux`), the pages inside the kernel's image are named by section, and those of its
 //! data by the variables in them; the variables of at most 8 bytes get their old and new values
-//! (between two checkpoints, reading those pages from both). A page of the kernel's text that
-//! changed is flagged: the kernel patches its own text only through jump labels, static calls,
-//! alternatives, ftrace and kprobes, so anything else there is a corruption or a rootkit; this
-//! does not yet tell those apart, it lists the functions. Everything else is "other RAM" (page
-//! tables, slab, page cache, processes, free pages: telling them apart needs the kernel's
-//! `struct page`s, not read yet).
+//! (between two checkpoints, reading those pages from both). The kernel patches its own text
+//! only through jump labels, static calls, alternatives, ftrace and kprobes, so anything else
+//! written there is a corruption, a bad module or a rootkit: between two checkpoints, each
+//! changed page of text (up to [`TEXT_PAGES`]) is read from both and every changed byte range
+//! named by function and by what wrote it ([`crate::patch_sites`]); the text is flagged if one
+//! is no place the kernel patches. Against now the text's pages cannot be read as they are:
+//! changed text is flagged unverified. Everything else is "other RAM" (page tables, slab, page
+//! cache, processes, free pages: telling them apart needs the kernel's `struct page`s, not read
+//! yet).
 
 use crate::checkpoints::{error, Checkpoints};
 use crate::facts::parse_facts;
 use crate::inspect::{kernel_offset, Fetched, Symbols};
+use crate::patch_sites::{differences, Kind};
 use quicksilver_checkpoint::assemble;
+use quicksilver_checkpoint::elf::Pages;
 use quicksilver_checkpoint::model::PAGE;
 use quicksilver_proto::abi::{CheckpointChanged, CHANGED_RUN_PAGES};
 use quicksilver_proto::link::checkpoint::Op;
@@ -29,6 +34,11 @@ const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 const VALUE_PAGES: usize = 16;
 /// Names listed per region, at most.
 const NAMES: usize = 40;
+/// Pages of kernel text read from both checkpoints to tell the kernel's own patching from
+/// other writes, at most (turning on ftrace's function tracer rewrites hundreds).
+const TEXT_PAGES: usize = 64;
+/// Changes to kernel text listed, at most.
+const PATCHES: usize = 40;
 
 /// The runs of `abi::CheckpointChanged`'s answer, as (first page, pages).
 fn runs(bytes: &[u8]) -> Option<(CheckpointChanged, Vec<(u64, u64)>)> {
@@ -113,6 +123,7 @@ fn run(
     // Page by page: its region, and for the kernel's data the variables in it.
     let mut regions: BTreeMap<&'static str, (u64, Vec<String>)> = BTreeMap::new();
     let mut small: Vec<(u64, u64, String, u64)> = Vec::new(); // (link addr, size, name, gpa)
+    let mut text_pages: Vec<(u64, u64)> = Vec::new(); // (gpa, link addr)
     for &(first, n) in &runs {
         for k in 0..n {
             let gpa = first + k * PAGE as u64;
@@ -157,6 +168,9 @@ fn run(
                 }
                 out
             };
+            if what == "kernel text" {
+                text_pages.push((gpa, page_start));
+            }
             let names = if what == "kernel text" {
                 in_page(&s.text)
             } else {
@@ -172,14 +186,46 @@ fn run(
             }
         }
     }
-    // Old and new values of small variables, between two checkpoints: the pages from both.
+    // Old and new values of small variables, and what was written into the kernel's text,
+    // between two checkpoints: the pages from both.
     let mut values = Vec::new();
-    if let Some(b) = b {
-        let mut at_b = Fetched {
-            cps,
-            id: b,
-            pages: HashMap::new(),
-        };
+    let mut patches = Vec::new();
+    let mut unexpected = 0;
+    let mut at_b = b.map(|id| Fetched {
+        cps,
+        id,
+        pages: HashMap::new(),
+    });
+    if let (Some(at_b), Some(s)) = (at_b.as_mut(), symbols) {
+        for &(gpa, link) in text_pages.iter().take(TEXT_PAGES) {
+            let (mut old, mut new) = ([0u8; PAGE], [0u8; PAGE]);
+            if at_a.read_page(gpa, &mut old).is_err() || at_b.read_page(gpa, &mut new).is_err() {
+                continue;
+            }
+            for (at, len) in differences(&old, &new) {
+                let (o, n) = (&old[at..at + len], &new[at..at + len]);
+                let kind = s.sites.classify(link + at as u64, o, n);
+                unexpected += (kind == Kind::Unexpected) as usize;
+                if patches.len() < PATCHES {
+                    let hex = |b: &[u8]| {
+                        b.iter()
+                            .take(16)
+                            .map(|x| format!("{x:02x}"))
+                            .collect::<String>()
+                    };
+                    patches.push(json!({
+                        "at": s.find(link + at as u64).unwrap_or_else(|| format!("{:#x}", link + at as u64)),
+                        "kind": kind.name(),
+                        "expected": kind != Kind::Unexpected,
+                        "bytes": len,
+                        "old": hex(o),
+                        "new": hex(n),
+                    }));
+                }
+            }
+        }
+    }
+    if let Some(at_b) = at_b.as_mut() {
         let mut pages_seen: Vec<u64> = Vec::new();
         for (addr, size, name, gpa) in &small {
             let page_gpa = gpa & !(PAGE as u64 - 1);
@@ -198,7 +244,7 @@ fn run(
                 v[..bytes.len()].copy_from_slice(bytes);
                 Some(u64::from_le_bytes(v))
             };
-            if let (Some(old), Some(new)) = (read(&mut at_a), read(&mut at_b)) {
+            if let (Some(old), Some(new)) = (read(&mut at_a), read(at_b)) {
                 if old != new {
                     values.push(json!({ "name": name, "address": format!("{addr:#x}"), "size": size, "old": old, "new": new }));
                 }
@@ -211,7 +257,9 @@ fn run(
             json!({
                 "region": what,
                 "pages": pages,
-                "flagged": *what == "kernel text",
+                // Between two checkpoints, text is flagged for what is not the kernel's own
+                // patching; since one (against now) every change is, unread.
+                "flagged": *what == "kernel text" && (b.is_none() || symbols.is_none() || unexpected > 0 || text_pages.len() > TEXT_PAGES),
                 "names": names,
             })
         })
@@ -226,6 +274,8 @@ fn run(
         "symbols": symbols.is_some() && place.is_some(),
         "regions": list,
         "values": values,
+        "patches": patches,
+        "unexpected": unexpected,
     }))
 }
 

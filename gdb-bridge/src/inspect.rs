@@ -6,6 +6,7 @@
 
 use crate::checkpoints::{error, Checkpoints};
 use crate::facts::{page, parse_facts};
+use crate::patch_sites::PatchSites;
 use anyhow::{Context, Result};
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 use quicksilver_checkpoint::assemble::{self, cpu_record_from_bytes};
@@ -27,6 +28,8 @@ pub struct Symbols {
     pub(crate) data: Vec<(u64, u64, String)>,
     /// The image's allocated sections: (address, size, name), ascending.
     pub(crate) sections: Vec<(u64, u64, String)>,
+    /// Where the kernel patches its own text.
+    pub(crate) sites: PatchSites,
 }
 
 impl Symbols {
@@ -60,10 +63,12 @@ impl Symbols {
                 vmlinux.display()
             );
         }
+        let sites = PatchSites::load(&file);
         Ok(Symbols {
             text,
             data,
             sections,
+            sites,
         })
     }
 
@@ -226,6 +231,7 @@ mod tests {
             ],
             data: Vec::new(),
             sections: Vec::new(),
+            sites: PatchSites::default(),
         };
         assert_eq!(s.find(0x1000).as_deref(), Some("a+0x0"));
         assert_eq!(s.find(0x1025).as_deref(), Some("b+0x5"));
@@ -250,5 +256,9 @@ mod tests {
         let s = Symbols::load(&me).unwrap();
         assert!(!s.text.is_empty());
         assert!(Symbols::load(Path::new("/nonexistent")).is_err());
+        if let Ok(v) = std::env::var("QS_VMLINUX") {
+            let s = Symbols::load(Path::new(&v)).unwrap();
+            eprintln!("{v}: {} patch sites", s.sites.len());
+        }
     }
 }

@@ -398,15 +398,23 @@ fn compare(f: &mut Frame, app: &App, area: Rect) {
         } else {
             Style::default()
         };
+        let text = what == "kernel text";
+        let unexpected = n("unexpected");
+        let why = match (text, flagged) {
+            (false, _) => String::new(),
+            (true, false) => "  all at places the kernel patches itself".to_string(),
+            (true, true) if unexpected > 0 => format!(
+                "  {unexpected} written where the kernel never patches itself: a corruption, \
+                 a bad module or a rootkit"
+            ),
+            (true, true) => "  compare two checkpoints to tell the kernel's own patching (jump \
+                             labels, static calls, alternatives, ftrace, kprobes) from other \
+                             writes"
+                .to_string(),
+        };
         lines.push(Line::from(vec![
             Span::styled(format!("{what:<44} {pages:>7} pages"), style),
-            Span::raw(if flagged {
-                "  the kernel patches its text only at jump labels, static calls, \
-                 alternatives, ftrace, kprobes: check these"
-                    .to_string()
-            } else {
-                String::new()
-            }),
+            Span::raw(why),
         ]));
         if !names.is_empty() {
             // One line of names (the bridge sends up to 40 a region): the rest as a count.
@@ -427,6 +435,45 @@ fn compare(f: &mut Frame, app: &App, area: Rect) {
                 shown.push_str(&format!(" and {} more", names.len() - n));
             }
             lines.push(Line::from(format!("    {shown}")));
+        }
+        if text {
+            // Each change to the text: where, by whom, its bytes before and after.
+            for p in v
+                .get("patches")
+                .and_then(serde_json::Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let s = |k: &str| p.get(k).and_then(serde_json::Value::as_str).unwrap_or("?");
+                let style = if p.get("expected") == Some(&serde_json::Value::Bool(false)) {
+                    Style::default().fg(Color::Red).add_modifier(Modifier::BOLD)
+                } else {
+                    Style::default()
+                };
+                // Narrow: the first 5 bytes (an instruction the kernel patches is at most 5).
+                let (at_w, bytes) = if area.width >= 120 {
+                    (40, 32)
+                } else {
+                    (18, 10)
+                };
+                let cut = |h: &str| {
+                    if h.len() > bytes {
+                        format!("{}..", &h[..bytes])
+                    } else {
+                        h.to_string()
+                    }
+                };
+                lines.push(Line::from(Span::styled(
+                    format!(
+                        "    {:<27} {:<at_w$} {} -> {}",
+                        s("kind"),
+                        s("at"),
+                        cut(s("old")),
+                        cut(s("new"))
+                    ),
+                    style,
+                )));
+            }
         }
     }
     let values: Vec<&serde_json::Value> = v
@@ -857,9 +904,13 @@ mod tests {
             a.update(Event::Answer(Request::Compare { a: 1, b: Some(2) }, json!({"ok": true, "a": 1, "b": 2, "pages": 1234, "runs": 300, "truncated": false, "symbols": true, "regions": [
                 {"region": "kernel bss", "pages": 12, "flagged": false, "names": ["jiffies_64", "tick_nohz_full_mask", "nr_context_switches"]},
                 {"region": "kernel data", "pages": 30, "flagged": false, "names": ["init_task", "runqueues"]},
-                {"region": "kernel text", "pages": 1, "flagged": true, "names": ["do_sys_openat2"]},
+                {"region": "kernel text", "pages": 2, "flagged": true, "names": ["do_sys_openat2", "schedule"]},
                 {"region": "other RAM", "pages": 1191, "flagged": false, "names": []}
-            ], "values": [{"name": "jiffies_64", "address": "0xffffffff83205a00", "size": 8, "old": 4294893486u64, "new": 4294895112u64}]})));
+            ], "values": [{"name": "jiffies_64", "address": "0xffffffff83205a00", "size": 8, "old": 4294893486u64, "new": 4294895112u64}],
+            "unexpected": 1, "patches": [
+                {"at": "schedule+0x2d", "kind": "jump label", "expected": true, "bytes": 5, "old": "0f1f440000", "new": "e9a1000000"},
+                {"at": "do_sys_openat2+0x4", "kind": "not the kernel's own patch", "expected": false, "bytes": 5, "old": "4889e54155", "new": "e912345678"}
+            ]})));
             a
         },
         activity_pane: { let mut a = sample(); a.update(key('4')); a },
