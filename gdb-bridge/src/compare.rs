@@ -7,16 +7,17 @@
 //! (between two checkpoints, reading those pages from both). The kernel patches its own text
 //! only through jump labels, static calls, alternatives, ftrace and kprobes, so anything else
 //! written there is a corruption, a bad module or a rootkit: between two checkpoints, each
-//! changed page of text (up to [`TEXT_PAGES`]) is read from both and every changed byte range
+//! changed page of text (up to 64) is read from both and every changed byte range
 //! named by function and by what wrote it ([`crate::patch_sites`]); the text is flagged if one
 //! is no place the kernel patches. Against now the text's pages cannot be read as they are:
-//! changed text is flagged unverified. Everything else is "other RAM" (page tables, slab, page
-//! cache, processes, free pages: telling them apart needs the kernel's `struct page`s, not read
-//! yet).
+//! changed text is flagged unverified. The rest of RAM is named by what the kernel used each
+//! page for at the later checkpoint ([`crate::page_kinds`]: modules, page tables, slab, process
+//! memory, page cache, free pages); what cannot be read is "other RAM".
 
 use crate::checkpoints::{error, Checkpoints};
 use crate::facts::parse_facts;
 use crate::inspect::{kernel_offset, Fetched, Symbols};
+use crate::page_kinds::{self, MemMap, Use};
 use crate::patch_sites::{differences, Kind};
 use quicksilver_checkpoint::assemble;
 use quicksilver_checkpoint::elf::Pages;
@@ -39,6 +40,9 @@ const NAMES: usize = 40;
 const TEXT_PAGES: usize = 64;
 /// Changes to kernel text listed, at most.
 const PATCHES: usize = 40;
+/// Pages outside the kernel's image classified by their `struct page`, at most (each 64 cost
+/// up to a page read; the rest are "other RAM").
+const OTHER_PAGES: usize = 16384;
 
 /// The runs of `abi::CheckpointChanged`'s answer, as (first page, pages).
 fn runs(bytes: &[u8]) -> Option<(CheckpointChanged, Vec<(u64, u64)>)> {
@@ -124,6 +128,7 @@ fn run(
     let mut regions: BTreeMap<&'static str, (u64, Vec<String>)> = BTreeMap::new();
     let mut small: Vec<(u64, u64, String, u64)> = Vec::new(); // (link addr, size, name, gpa)
     let mut text_pages: Vec<(u64, u64)> = Vec::new(); // (gpa, link addr)
+    let mut other: Vec<u64> = Vec::new(); // outside the kernel's image
     for &(first, n) in &runs {
         for k in 0..n {
             let gpa = first + k * PAGE as u64;
@@ -139,7 +144,7 @@ fn run(
                     .map(|(_, _, name)| name.as_str())
             });
             let Some(section) = section else {
-                regions.entry("other RAM").or_default().0 += 1;
+                other.push(gpa);
                 continue;
             };
             let what = region(section);
@@ -186,16 +191,39 @@ fn run(
             }
         }
     }
-    // Old and new values of small variables, and what was written into the kernel's text,
-    // between two checkpoints: the pages from both.
-    let mut values = Vec::new();
-    let mut patches = Vec::new();
-    let mut unexpected = 0;
+    // RAM outside the image, by what the kernel used it for (at the later checkpoint).
     let mut at_b = b.map(|id| Fetched {
         cps,
         id,
         pages: HashMap::new(),
     });
+    let layout = page_kinds::Layout::parse(&vmcoreinfo);
+    let vmemmap_base = symbols.and_then(|s| s.data.iter().find(|d| d.2 == "vmemmap_base"));
+    let mut map = match (layout, place, vmemmap_base) {
+        (Some(layout), Some((off, base)), Some(v)) => {
+            let pages: &mut dyn Pages = match at_b.as_mut() {
+                Some(f) => f,
+                None => &mut at_a,
+            };
+            MemMap::new(pages, layout, base, v.0.wrapping_add(off))
+        }
+        _ => None,
+    };
+    let modules = map.as_mut().map(MemMap::module_pages).unwrap_or_default();
+    for (i, &gpa) in other.iter().enumerate() {
+        let kind = match map.as_mut() {
+            _ if modules.binary_search(&gpa).is_ok() => Use::Module,
+            Some(m) if i < OTHER_PAGES => m.classify(gpa),
+            _ => Use::Unknown,
+        };
+        regions.entry(kind.name()).or_default().0 += 1;
+    }
+    drop(map);
+    // Old and new values of small variables, and what was written into the kernel's text,
+    // between two checkpoints: the pages from both.
+    let mut values = Vec::new();
+    let mut patches = Vec::new();
+    let mut unexpected = 0;
     if let (Some(at_b), Some(s)) = (at_b.as_mut(), symbols) {
         for &(gpa, link) in text_pages.iter().take(TEXT_PAGES) {
             let (mut old, mut new) = ([0u8; PAGE], [0u8; PAGE]);

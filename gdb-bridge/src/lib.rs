@@ -30,6 +30,7 @@ pub mod facts;
 pub mod gdb;
 pub mod inspect;
 pub mod link;
+pub mod page_kinds;
 pub mod patch_sites;
 pub mod rsp;
 pub mod state;

@@ -4,7 +4,8 @@
 //! rewrites its jump labels) shows the text changed only at jump labels, nothing flagged; a byte
 //! written into a function by other means (gdb through the hv, as a rootkit or a stray write
 //! would) between the next two is flagged, named by function and offset, its old and new bytes
-//! given.
+//! given. The rest of RAM is told apart by the kernel's own records (struct pages, the module
+//! area's page tables).
 
 use quicksilver_proto::abi::Status;
 use quicksilver_tests::control::Client;
@@ -85,6 +86,29 @@ fn compare_tells_the_kernels_own_text_patching_from_a_foreign_write() {
         "{v:#}"
     );
     assert_eq!(v["unexpected"], 0, "{v:#}");
+    // The rest of RAM by what the kernel used it for, from its own struct pages and page
+    // tables: the workload's anonymous memory and page tables, the kernel's slab, the agent
+    // module's pages.
+    let pages = |region: &str| {
+        v["regions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["region"] == region)
+            .map_or(0, |r| r["pages"].as_u64().unwrap_or(0))
+    };
+    for region in [
+        "process memory (anonymous)",
+        "slab (kernel objects)",
+        "page tables",
+        "modules",
+    ] {
+        assert!(pages(region) > 0, "no {region}:\n{v:#}");
+    }
+    assert!(
+        pages("other RAM") * 100 <= v["pages"].as_u64().unwrap(),
+        "at most 1% not told apart:\n{v:#}"
+    );
 
     // A foreign write: one byte of the victim's text, through gdb and the hv.
     let mut gdb = m.attach();

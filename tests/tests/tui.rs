@@ -185,12 +185,12 @@ fn an_operator_takes_a_checkpoint_and_rolls_the_machine_back_from_the_terminal()
     tmux.keys("m");
     tmux.keys("j");
     tmux.keys("=");
-    let s = tmux.wait_for("other RAM", 120);
+    let s = tmux.wait_for("process memory (anonymous)", 120);
     println!("{s}");
     assert!(
         s.contains("Compare: checkpoint 1 with checkpoint 2")
-            && s.contains("other RAM")
-            && (s.contains("kernel data") || s.contains("kernel bss")),
+            && (s.contains("kernel data") || s.contains("kernel bss"))
+            && s.contains("slab (kernel objects)"),
         "{s}"
     );
     tmux.keys("2");

@@ -905,7 +905,11 @@ mod tests {
                 {"region": "kernel bss", "pages": 12, "flagged": false, "names": ["jiffies_64", "tick_nohz_full_mask", "nr_context_switches"]},
                 {"region": "kernel data", "pages": 30, "flagged": false, "names": ["init_task", "runqueues"]},
                 {"region": "kernel text", "pages": 2, "flagged": true, "names": ["do_sys_openat2", "schedule"]},
-                {"region": "other RAM", "pages": 1191, "flagged": false, "names": []}
+                {"region": "modules", "pages": 1, "flagged": false, "names": []},
+                {"region": "page tables", "pages": 49, "flagged": false, "names": []},
+                {"region": "process memory (anonymous)", "pages": 957, "flagged": false, "names": []},
+                {"region": "slab (kernel objects)", "pages": 159, "flagged": false, "names": []},
+                {"region": "free pages", "pages": 25, "flagged": false, "names": []}
             ], "values": [{"name": "jiffies_64", "address": "0xffffffff83205a00", "size": 8, "old": 4294893486u64, "new": 4294895112u64}],
             "unexpected": 1, "patches": [
                 {"at": "schedule+0x2d", "kind": "jump label", "expected": true, "bytes": 5, "old": "0f1f440000", "new": "e9a1000000"},
