@@ -68,6 +68,9 @@ fn phys_base(vmcoreinfo: &[u8]) -> Option<u64> {
     v.trim().parse::<i64>().ok().map(|v| v as u64)
 }
 
+/// The image's init sections, freed after boot.
+const FREED_INIT: &str = "freed init memory";
+
 /// The region a section's name falls in.
 fn region(section: &str) -> &'static str {
     match section {
@@ -75,9 +78,7 @@ fn region(section: &str) -> &'static str {
         s if s.starts_with(".rodata") || s == "__ex_table" || s.starts_with("__param") => {
             "kernel read-only data"
         }
-        s if s.starts_with(".init") || s.starts_with(".exit") => {
-            "freed init memory (ordinary RAM since boot)"
-        }
+        s if s.starts_with(".init") || s.starts_with(".exit") => FREED_INIT,
         ".bss" | ".brk" => "kernel bss",
         s if s.starts_with(".data..percpu") => "kernel per-CPU data (boot copy)",
         _ => "kernel data",
@@ -148,12 +149,14 @@ fn run(
                 continue;
             };
             let what = region(section);
-            let e = regions.entry(what).or_default();
-            e.0 += 1;
-            if what.starts_with("freed") {
-                // Its symbols name what was there at boot, not what is there now.
+            if what == FREED_INIT {
+                // Ordinary RAM since boot (a module loaded later may live there): named by
+                // what the kernel uses it for, as the rest of RAM.
+                other.push(gpa);
                 continue;
             }
+            let e = regions.entry(what).or_default();
+            e.0 += 1;
             let (Some(s), Some(v)) = (symbols, link) else {
                 continue;
             };
@@ -337,6 +340,6 @@ mod tests {
         assert_eq!(region(".bss"), "kernel bss");
         assert_eq!(region(".data"), "kernel data");
         assert_eq!(region(".rodata"), "kernel read-only data");
-        assert!(region(".init.data").starts_with("freed"));
+        assert_eq!(region(".init.data"), FREED_INIT);
     }
 }

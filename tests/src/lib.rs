@@ -101,3 +101,18 @@ pub fn assert_console_has(out: &RunOutput, needle: &str) {
         out.log
     );
 }
+
+/// `checkpoint` over the control socket, asked again (for up to a minute) while a CPU happens
+/// to be handling an interrupt at every try; the reply.
+pub fn take_checkpoint(c: &mut crate::control::Client) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let v = c.ask("checkpoint");
+        let busy = v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(quicksilver_proto::abi::Status::NotQuiescent.message()));
+        if !busy || std::time::Instant::now() > deadline {
+            return v;
+        }
+    }
+}

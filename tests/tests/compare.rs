@@ -7,11 +7,10 @@
 //! given. The rest of RAM is told apart by the kernel's own records (struct pages, the module
 //! area's page tables).
 
-use quicksilver_proto::abi::Status;
 use quicksilver_tests::control::Client;
 use quicksilver_tests::*;
 use serde_json::Value;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const GUEST: &str = r#"
 start_workload
@@ -19,7 +18,9 @@ echo GUEST-READY
 while true; do
     wait_host
     case "$host_line" in
-    schedstats) echo 1 > /proc/sys/kernel/sched_schedstats; echo "SCHEDSTATS=$(cat /proc/sys/kernel/sched_schedstats)" ;;
+    schedstats)
+        echo 1 > /proc/sys/kernel/sched_schedstats
+        echo "SCHEDSTATS=$(cat /proc/sys/kernel/sched_schedstats)" ;;
     done) break ;;
     esac
 done
@@ -31,18 +32,10 @@ stop_workload
 /// fentry call and a call. The byte is read before it is changed.
 const VICTIM: &str = "sysrq_handle_crash";
 
-fn take(c: &mut Client) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = c.ask("checkpoint");
-        let busy = v["error"]
-            .as_str()
-            .is_some_and(|e| e.contains(Status::NotQuiescent.message()));
-        if !busy || Instant::now() > deadline {
-            assert_eq!(v["ok"], true, "{v}");
-            return v;
-        }
-    }
+/// A checkpoint's id, from the reply that took it.
+fn id(v: Value) -> u64 {
+    assert_eq!(v["ok"], true, "{v}");
+    v["id"].as_u64().unwrap()
 }
 
 fn text_region(v: &Value) -> Value {
@@ -63,10 +56,10 @@ fn compare_tells_the_kernels_own_text_patching_from_a_foreign_write() {
         .expect("the bridge's control socket")
         .to_path_buf();
     let mut c = Client::connect(&path);
-    let one = take(&mut c)["id"].as_u64().unwrap();
+    let one = id(take_checkpoint(&mut c));
     m.send("schedstats");
     m.wait_for("SCHEDSTATS=1", Duration::from_secs(30));
-    let two = take(&mut c)["id"].as_u64().unwrap();
+    let two = id(take_checkpoint(&mut c));
 
     let v = c.ask(&format!("compare {one} {two}"));
     println!("{v:#}");
@@ -87,8 +80,8 @@ fn compare_tells_the_kernels_own_text_patching_from_a_foreign_write() {
     );
     assert_eq!(v["unexpected"], 0, "{v:#}");
     // The rest of RAM by what the kernel used it for, from its own struct pages and page
-    // tables: the workload's anonymous memory and page tables, the kernel's slab, the agent
-    // module's pages.
+    // tables: the workload's anonymous memory and page tables, the kernel's slab. (A page of
+    // the agent module's is among them in most runs, not all: not asserted.)
     let pages = |region: &str| {
         v["regions"]
             .as_array()
@@ -101,7 +94,6 @@ fn compare_tells_the_kernels_own_text_patching_from_a_foreign_write() {
         "process memory (anonymous)",
         "slab (kernel objects)",
         "page tables",
-        "modules",
     ] {
         assert!(pages(region) > 0, "no {region}:\n{v:#}");
     }
@@ -124,7 +116,7 @@ fn compare_tells_the_kernels_own_text_patching_from_a_foreign_write() {
     assert!(out.contains("detached"), "{out}");
     drop(gdb);
     m.await_sessions_ended(1);
-    let three = take(&mut c)["id"].as_u64().unwrap();
+    let three = id(take_checkpoint(&mut c));
 
     let v = c.ask(&format!("compare {two} {three}"));
     println!("{v:#}");

@@ -8,8 +8,7 @@
 use quicksilver_proto::abi::Status;
 use quicksilver_tests::control::Client;
 use quicksilver_tests::*;
-use serde_json::Value;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The ledger and the workload; then the host's commands, one per line: `qsctl` takes a
 /// checkpoint with qsctl and leaves a marker file in tmpfs (a rollback to before it removes
@@ -35,20 +34,6 @@ qsctl checkpoints
 stop_workload
 "#;
 
-/// `checkpoint`, asked again while a CPU happens to be handling an interrupt at every try.
-fn take(c: &mut Client) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = c.ask("checkpoint");
-        let busy = v["error"]
-            .as_str()
-            .is_some_and(|e| e.contains(Status::NotQuiescent.message()));
-        if !busy || Instant::now() > deadline {
-            return v;
-        }
-    }
-}
-
 #[test]
 fn control_clients_checkpoint_list_and_roll_back_a_running_machine_and_hear_of_it() {
     let mut m = Machine::boot("control-checkpoints", 2, GUEST, "GUEST-READY");
@@ -60,7 +45,7 @@ fn control_clients_checkpoint_list_and_roll_back_a_running_machine_and_hear_of_i
     let mut sub = Client::connect(&path);
     assert_eq!(sub.ask("subscribe")["subscribed"], true);
 
-    let t = take(&mut c);
+    let t = take_checkpoint(&mut c);
     assert_eq!(t["ok"], true, "{t}");
     assert_eq!(t["id"], 1, "{t}");
     assert!(t["pause_us"].as_u64().is_some_and(|p| p > 0), "{t}");
@@ -290,7 +275,7 @@ fn the_periodic_ring_is_counted_in_events_not_announced_one_by_one() {
     assert_eq!(sub.ask("subscribe")["subscribed"], true);
     m.send("ring");
     m.wait_for("RING-OFF", Duration::from_secs(120));
-    let t = take(&mut c);
+    let t = take_checkpoint(&mut c);
     assert_eq!(t["ok"], true, "{t}");
     // The first event the subscriber gets is this checkpoint: none came for the ring's.
     let e = sub.event();
