@@ -50,7 +50,10 @@ fn text_region(v: &Value) -> Value {
 
 #[test]
 fn compare_tells_the_kernels_own_text_patching_from_a_foreign_write() {
-    let mut m = Machine::boot("compare-text", 2, GUEST, "GUEST-READY");
+    // One CPU: QEMU's TCG now and then misses one vCPU's write to code another vCPU runs
+    // (README, Limits), and turning schedstats on rewrites a hundred jump labels under the
+    // scheduler's feet (with 2 CPUs: an INT3 oops in 1 of 9 runs).
+    let mut m = Machine::boot("compare-text", 1, GUEST, "GUEST-READY");
     let path = m
         .control_path()
         .expect("the bridge's control socket")
