@@ -225,37 +225,10 @@ fn run(
     // Old and new values of small variables, and what was written into the kernel's text,
     // between two checkpoints: the pages from both.
     let mut values = Vec::new();
-    let mut patches = Vec::new();
-    let mut unexpected = 0;
-    if let (Some(at_b), Some(s)) = (at_b.as_mut(), symbols) {
-        for &(gpa, link) in text_pages.iter().take(TEXT_PAGES) {
-            let (mut old, mut new) = ([0u8; PAGE], [0u8; PAGE]);
-            if at_a.read_page(gpa, &mut old).is_err() || at_b.read_page(gpa, &mut new).is_err() {
-                continue;
-            }
-            for (at, len) in differences(&old, &new) {
-                let (o, n) = (&old[at..at + len], &new[at..at + len]);
-                let kind = s.sites.classify(link + at as u64, o, n);
-                unexpected += (kind == Kind::Unexpected) as usize;
-                if patches.len() < PATCHES {
-                    let hex = |b: &[u8]| {
-                        b.iter()
-                            .take(16)
-                            .map(|x| format!("{x:02x}"))
-                            .collect::<String>()
-                    };
-                    patches.push(json!({
-                        "at": s.find(link + at as u64).unwrap_or_else(|| format!("{:#x}", link + at as u64)),
-                        "kind": kind.name(),
-                        "expected": kind != Kind::Unexpected,
-                        "bytes": len,
-                        "old": hex(o),
-                        "new": hex(n),
-                    }));
-                }
-            }
-        }
-    }
+    let text = match (at_b.as_mut(), symbols) {
+        (Some(at_b), Some(s)) => text_changes(&mut at_a, at_b, s, &text_pages),
+        _ => TextChanges::default(),
+    };
     if let Some(at_b) = at_b.as_mut() {
         let mut pages_seen: Vec<u64> = Vec::new();
         for (addr, size, name, gpa) in &small {
@@ -290,7 +263,7 @@ fn run(
                 "pages": pages,
                 // Between two checkpoints, text is flagged for what is not the kernel's own
                 // patching; since one (against now) every change is, unread.
-                "flagged": *what == "kernel text" && (b.is_none() || symbols.is_none() || unexpected > 0 || text_pages.len() > TEXT_PAGES),
+                "flagged": *what == "kernel text" && (b.is_none() || symbols.is_none() || text.unexpected > 0 || text.unread > 0),
                 "names": names,
             })
         })
@@ -305,9 +278,58 @@ fn run(
         "symbols": symbols.is_some() && place.is_some(),
         "regions": list,
         "values": values,
-        "patches": patches,
-        "unexpected": unexpected,
+        "patches": text.patches,
+        "unexpected": text.unexpected,
     }))
+}
+
+/// What was written into the kernel's text between two checkpoints.
+#[derive(Default)]
+struct TextChanges {
+    /// Each change (at most [`PATCHES`]): where, by whom, its bytes before and after.
+    patches: Vec<Value>,
+    /// Changes at no place the kernel patches itself.
+    unexpected: usize,
+    /// Changed text pages not read (past [`TEXT_PAGES`], or a read that failed).
+    unread: usize,
+}
+
+/// Reads each changed text page (gpa, link address) from both checkpoints and classifies
+/// every changed byte range by the vmlinux's patch sites.
+fn text_changes(
+    at_a: &mut Fetched,
+    at_b: &mut Fetched,
+    s: &Symbols,
+    pages: &[(u64, u64)],
+) -> TextChanges {
+    let mut t = TextChanges {
+        unread: pages.len().saturating_sub(TEXT_PAGES),
+        ..TextChanges::default()
+    };
+    let hex = |b: &[u8]| -> String { b.iter().take(16).map(|x| format!("{x:02x}")).collect() };
+    for &(gpa, link) in pages.iter().take(TEXT_PAGES) {
+        let (mut old, mut new) = ([0u8; PAGE], [0u8; PAGE]);
+        if at_a.read_page(gpa, &mut old).is_err() || at_b.read_page(gpa, &mut new).is_err() {
+            t.unread += 1;
+            continue;
+        }
+        for (at, len) in differences(&old, &new) {
+            let (o, n, addr) = (&old[at..at + len], &new[at..at + len], link + at as u64);
+            let kind = s.sites.classify(addr, o, n);
+            t.unexpected += (kind == Kind::Unexpected) as usize;
+            if t.patches.len() < PATCHES {
+                t.patches.push(json!({
+                    "at": s.find(addr).unwrap_or_else(|| format!("{addr:#x}")),
+                    "kind": kind.name(),
+                    "expected": kind != Kind::Unexpected,
+                    "bytes": len,
+                    "old": hex(o),
+                    "new": hex(n),
+                }));
+            }
+        }
+    }
+    t
 }
 
 #[cfg(test)]
