@@ -91,6 +91,23 @@ impl Tmux {
     }
 }
 
+impl Tmux {
+    /// Escape, then waits until `what` has left the screen: a key sent right after an Escape
+    /// reads as Alt plus that key (the terminal's escape prefix), and is lost.
+    fn escape_from(&self, what: &str) {
+        self.keys("Escape");
+        let t0 = Instant::now();
+        while self.screen().contains(what) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "Escape did not close what showed {what:?}:\n{}",
+                self.screen()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 impl Drop for Tmux {
     fn drop(&mut self) {
         self.run(&["kill-server"]);
@@ -176,7 +193,7 @@ fn an_operator_takes_a_checkpoint_and_rolls_the_machine_back_from_the_terminal()
         };
         assert!(line.contains(says), "CPU {cpu} at {rip:#x}:\n{s}");
     }
-    tmux.keys("Escape");
+    tmux.escape_from("CPU 1  0x");
     // A second checkpoint, then what changed between the two: by region of the kernel's
     // memory (the bridge has the vmlinux), and the rest.
     tmux.keys("c");
