@@ -41,10 +41,24 @@ impl Symbols {
         let cache = object::ReadCache::new(f);
         let file = object::File::parse(&cache)
             .with_context(|| format!("--vmlinux {} is not an ELF file", vmlinux.display()))?;
+        // The entry code (`SYM_CODE_START`: the `asm_*` handlers, `entry_SYSCALL_64`,
+        // `common_interrupt_return`, ...) has untyped symbols: in an executable section they
+        // are code all the same. A CPU interrupted there is in the kernel, not a module.
+        let code: Vec<object::SectionIndex> = file
+            .sections()
+            .filter(|s| s.kind() == object::SectionKind::Text)
+            .map(|s| s.index())
+            .collect();
+        let is = |s: &object::Symbol<'_, '_, _>, kind| {
+            s.kind() == kind
+                || (kind == SymbolKind::Text
+                    && s.kind() == SymbolKind::Unknown
+                    && s.section_index().is_some_and(|i| code.contains(&i)))
+        };
         let of = |kind| {
             let mut v: Vec<(u64, u64, String)> = file
                 .symbols()
-                .filter(|s| s.kind() == kind && s.address() != 0)
+                .filter(|s| is(s, kind) && s.address() != 0)
                 .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_string())))
                 .collect();
             v.sort_unstable();
@@ -246,6 +260,46 @@ mod tests {
         assert_eq!(
             kernel_offset(b"OSRELEASE=6.1\nKERNELOFFSET=2a000000\n"),
             Some(0x2a00_0000)
+        );
+    }
+
+    #[test]
+    fn untyped_symbols_in_code_are_code() {
+        use object::write::{Object as Writer, Symbol, SymbolSection};
+        use object::{Architecture, BinaryFormat, Endianness, SectionKind, SymbolFlags};
+        use object::{SymbolKind, SymbolScope};
+        let mut w = Writer::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+        let text = w.add_section(Vec::new(), b".text".to_vec(), SectionKind::Text);
+        w.append_section_data(text, &[0x90; 0x100], 16);
+        let data = w.add_section(Vec::new(), b".data".to_vec(), SectionKind::Data);
+        w.append_section_data(data, &[0; 0x100], 16);
+        let mut sym = |name: &str, value, size, kind, section| {
+            w.add_symbol(Symbol {
+                name: name.as_bytes().to_vec(),
+                value,
+                size,
+                kind,
+                scope: SymbolScope::Linkage,
+                weak: false,
+                section: SymbolSection::Section(section),
+                flags: SymbolFlags::None,
+            });
+        };
+        sym("f", 0x10, 0x10, SymbolKind::Text, text);
+        // As SYM_CODE_START leaves the entry code: no type.
+        sym("asm_sysvec_x", 0x40, 0x20, SymbolKind::Label, text);
+        sym("a_label_in_data", 0x40, 0, SymbolKind::Label, data);
+        let path = std::env::temp_dir().join(format!("qs-untyped-{}.o", std::process::id()));
+        std::fs::write(&path, w.write().unwrap()).unwrap();
+        let s = Symbols::load(&path);
+        let _ = std::fs::remove_file(&path);
+        let s = s.unwrap();
+        assert_eq!(s.find(0x48).as_deref(), Some("asm_sysvec_x+0x8"));
+        assert_eq!(s.find(0x14).as_deref(), Some("f+0x4"));
+        assert!(
+            s.text.iter().all(|t| t.2 != "a_label_in_data"),
+            "{:?}",
+            s.text
         );
     }
 
