@@ -176,10 +176,8 @@ fn run(
                 }
                 out
             };
-            if what == "kernel text" {
-                text_pages.push((gpa, page_start));
-            }
             let names = if what == "kernel text" {
+                text_pages.push((gpa, page_start));
                 in_page(&s.text)
             } else {
                 in_page(&s.data)

@@ -159,6 +159,14 @@ impl Layout {
     }
 }
 
+/// Where a page-table walk ended.
+enum Walk {
+    /// The table (or, at the last level, the page frame) the last entry points at.
+    To(u64),
+    /// A 1 GiB or 2 MiB page: the physical address of the walked address in it.
+    Large(u64),
+}
+
 /// Reads a checkpoint's pages as its kernel saw its memory.
 pub struct MemMap<'p> {
     pages: &'p mut dyn Pages,
@@ -210,26 +218,33 @@ impl<'p> MemMap<'p> {
         Some(u64::from_le_bytes(p.get(at..at + 8)?.try_into().ok()?))
     }
 
-    /// The kernel's page tables' entries walked for `va`: its physical address.
-    fn translate(&mut self, va: u64) -> Option<u64> {
+    /// The kernel's page tables walked for `va`, through the level whose entries map
+    /// `1 << last` bytes: the table or page that entry points at, or the large page that
+    /// ended the walk early (with `va`'s offset in it), or `None` at a hole.
+    fn walk(&mut self, va: u64, last: u32) -> Option<Walk> {
         let mut table = self.image_pa(self.layout.init_top_pgt);
-        let shifts: &[u32] = if self.layout.l5 {
-            &[48, 39, 30, 21, 12]
-        } else {
-            &[39, 30, 21, 12]
-        };
-        for &shift in shifts {
+        let mut shift = if self.layout.l5 { 48 } else { 39 };
+        while shift >= last {
             let e = self.u64_at(table + ((va >> shift) & 511) * 8)?;
             if e & PRESENT == 0 {
                 return None;
             }
             let size = 1u64 << shift;
             if (shift == 30 || shift == 21) && e & LARGE != 0 {
-                return Some((e & ADDR & !(size - 1)) + (va & (size - 1)));
+                return Some(Walk::Large((e & ADDR & !(size - 1)) + (va & (size - 1))));
             }
             table = e & ADDR;
+            shift -= 9;
         }
-        Some(table + (va & (PAGE as u64 - 1)))
+        Some(Walk::To(table))
+    }
+
+    /// `va`'s physical address.
+    fn translate(&mut self, va: u64) -> Option<u64> {
+        match self.walk(va, 12)? {
+            Walk::To(frame) => Some(frame + (va & (PAGE as u64 - 1))),
+            Walk::Large(pa) => Some(pa),
+        }
     }
 
     /// The physical pages mapped in the module area.
@@ -255,20 +270,10 @@ impl<'p> MemMap<'p> {
 
     /// The page-table page that maps the 2 MiB at `va` (none for a large page or a hole).
     fn pt_of(&mut self, va: u64) -> Option<u64> {
-        let mut table = self.image_pa(self.layout.init_top_pgt);
-        let shifts: &[u32] = if self.layout.l5 {
-            &[48, 39, 30, 21]
-        } else {
-            &[39, 30, 21]
-        };
-        for &shift in shifts {
-            let e = self.u64_at(table + ((va >> shift) & 511) * 8)?;
-            if e & PRESENT == 0 || (shift != 39 && shift != 48 && e & LARGE != 0) {
-                return None;
-            }
-            table = e & ADDR;
+        match self.walk(va, 21)? {
+            Walk::To(pt) => Some(pt),
+            Walk::Large(_) => None,
         }
-        Some(table)
     }
 
     /// What the page at physical address `pa` holds. A compound page's tail pages are what

@@ -89,9 +89,7 @@ impl Tmux {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-}
 
-impl Tmux {
     /// Escape, then waits until `what` has left the screen: a key sent right after an Escape
     /// reads as Alt plus that key (the terminal's escape prefix), and is lost.
     fn escape_from(&self, what: &str) {
