@@ -18,7 +18,7 @@
 /* ---- the hv image (proto/src/image.rs) ---- */
 
 #define QS_IMAGE_MAGIC "QSHVIMG"	/* 8 bytes with the NUL */
-#define QS_ABI_VERSION 3
+#define QS_ABI_VERSION 4
 #define QS_HEADER_SIZE 256
 #define QS_MAX_IMAGE_SIZE 0x400000ull
 #define QS_CHECKSUM_OFFSET 24
@@ -146,6 +146,50 @@ QS_ASSERT(__builtin_offsetof(struct qs_init_args, notice_pa) == 88);
  * the page allocator, aligned to its size.
  */
 #define QS_STORE_CHUNK_SIZE 0x400000ull
+
+/* ---- the fast link's NIC (proto/src/abi.rs) ---- */
+
+/*
+ * `Op::NetConfig`'s argument: the NIC the agent claimed (bound to its stub driver, memory
+ * decoding and bus mastering on, INTx routed to the agent's handler), as Linux's PCI
+ * code left it. The hv never touches PCI configuration space itself: it reads this
+ * snapshot, so it cannot race Linux's own configuration accesses.
+ */
+struct qs_net_config {
+	/* Bus << 8 | device << 3 | function (for messages). */
+	__u32 bdf;
+	/* The hv's IPv4 address, most significant byte first (10.0.2.15 is 0x0a00020f). */
+	__u32 ip;
+	/* The UDP port the hv serves. */
+	__u16 port;
+	/* Zero. */
+	__u8 _reserved[6];
+	/*
+	 * Each BAR's physical address (0: none), length, and where the agent mapped it
+	 * (uncached, `ioremap`): the hv maps the same addresses in its own tables, so that
+	 * one pointer reaches the registers in both modes.
+	 */
+	__u64 bar_pa[6];
+	__u64 bar_len[6];
+	__u64 bar_va[6];
+	/*
+	 * The function's first 256 bytes of configuration space, as 32 little-endian
+	 * quadwords (byte `i` is bits `8 * (i % 8)` up of quadword `i / 8`).
+	 */
+	__u64 config[32];
+};
+QS_ASSERT(sizeof(struct qs_net_config) == 416);
+QS_ASSERT(__builtin_offsetof(struct qs_net_config, bdf) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_net_config, ip) == 4);
+QS_ASSERT(__builtin_offsetof(struct qs_net_config, port) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_net_config, _reserved) == 10);
+QS_ASSERT(__builtin_offsetof(struct qs_net_config, bar_pa) == 16);
+QS_ASSERT(__builtin_offsetof(struct qs_net_config, bar_len) == 64);
+QS_ASSERT(__builtin_offsetof(struct qs_net_config, bar_va) == 112);
+QS_ASSERT(__builtin_offsetof(struct qs_net_config, config) == 160);
+
+#define QS_NET_BARS 6
+#define QS_NET_POLL_OURS 4
 
 /* ---- freeze (proto/src/abi.rs) ---- */
 
@@ -782,6 +826,25 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
  * `CheckpointDevices`, then room for the record (`DEVICES_RECORD_V1`).
  */
 #define QS_OP_CHECKPOINT_DEVICES 18
+/*
+ * Start serving the fast link on the NIC the agent claimed for the hv (dormant, once,
+ * after `LinkConfig`): buffer = a `NetConfig`. The hv maps the NIC's registers at
+ * the agent's addresses in its own tables, hides them from the guest, resets the
+ * device and drives it from then on.
+ */
+#define QS_OP_NET_CONFIG 19
+/*
+ * The NIC raised its interrupt (the agent's handler, by direct call while dormant
+ * and by hypercall while active; no buffer): the hv acknowledges it and serves what
+ * arrived. Returns the same bits as `LinkRx`, with `NET_POLL_OURS` if the NIC had
+ * interrupted (the INTx line may be shared), or a status when the link is down.
+ */
+#define QS_OP_NET_POLL 20
+/*
+ * Stop driving the NIC (dormant, before the agent gives it back to Linux): the hv
+ * resets the device, so that it does no more DMA, and forgets it.
+ */
+#define QS_OP_NET_RELEASE 21
 
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 #define QS_CPUID_INFO_LEAF 0x40000001u
@@ -862,6 +925,12 @@ enum qs_status {
 	QS_NOT_IN_RAM = 30,
 	/* Bytes for a bridge's read request that is no longer in flight. */
 	QS_NO_SUCH_REQUEST = 31,
+	/* The NIC named for the fast link is not one the hv drives. */
+	QS_NET_UNSUPPORTED = 32,
+	/* The NIC did not come up. */
+	QS_NET_DEVICE_FAILED = 33,
+	/* The fast link is not configured. */
+	QS_NET_NOT_CONFIGURED = 34,
 };
 
 /* What went wrong and what to do about it: Status::message() in Rust. */
@@ -898,6 +967,9 @@ static const char *const qs_status_text[] = {
 	[QS_CPU_LEFT_GUEST_MODE] = "a CPU left guest mode while the others stayed (an unexpected exit: qsctl stats shows it), so the machine cannot be checkpointed or rolled back as one: qsctl deactivate, then qsctl activate, and take a new checkpoint",
 	[QS_NOT_IN_RAM] = "those pages are not in the machine's RAM (System RAM in /proc/iomem): a checkpoint holds RAM only",
 	[QS_NO_SUCH_REQUEST] = "that read request from the bridge is no longer in flight (it was given up after 30 s, or replaced): the bridge asks again",
+	[QS_NET_UNSUPPORTED] = "the NIC given for the fast link (net=) is not one the hv drives: use a virtio-net (modern, 1.0) or an Intel 82574L (e1000e) function",
+	[QS_NET_DEVICE_FAILED] = "the NIC given for the fast link did not initialize (reset, queues or link): check the device with lspci -vv; the agent left it unbound",
+	[QS_NET_NOT_CONFIGURED] = "the fast link is not configured: load the agent with net=BDF (and net_ip=, net_port=)",
 };
 
 #define QS_UNKNOWN_STATUS "the hv returned an unknown status: the hv image and the agent come from different trees; rebuild both with cargo xtask build"

@@ -78,6 +78,19 @@ crate::abi_enum! {
         /// The platform devices' state in a kept checkpoint: buffer = a
         /// [`CheckpointDevices`], then room for the record ([`DEVICES_RECORD_V1`]).
         CheckpointDevices = 18,
+        /// Start serving the fast link on the NIC the agent claimed for the hv (dormant, once,
+        /// after `LinkConfig`): buffer = a [`NetConfig`]. The hv maps the NIC's registers at
+        /// the agent's addresses in its own tables, hides them from the guest, resets the
+        /// device and drives it from then on.
+        NetConfig = 19,
+        /// The NIC raised its interrupt (the agent's handler, by direct call while dormant
+        /// and by hypercall while active; no buffer): the hv acknowledges it and serves what
+        /// arrived. Returns the same bits as `LinkRx`, with [`NET_POLL_OURS`] if the NIC had
+        /// interrupted (the INTx line may be shared), or a status when the link is down.
+        NetPoll = 20,
+        /// Stop driving the NIC (dormant, before the agent gives it back to Linux): the hv
+        /// resets the device, so that it does no more DMA, and forgets it.
+        NetRelease = 21,
     }
 }
 
@@ -326,6 +339,40 @@ pub const LINK_RX_ATTENTION: i64 = 1;
 /// `Op::LinkRx`'s answer: a bridge's checkpoint request waits for the agent's thread
 /// (`Op::LinkRequest`).
 pub const LINK_RX_CHECKPOINT: i64 = 2;
+
+/// The BARs of a PCI function.
+pub const NET_BARS: usize = 6;
+
+crate::abi_struct! {
+    /// `Op::NetConfig`'s argument: the NIC the agent claimed (bound to its stub driver, memory
+    /// decoding and bus mastering on, INTx routed to the agent's handler), as Linux's PCI
+    /// code left it. The hv never touches PCI configuration space itself: it reads this
+    /// snapshot, so it cannot race Linux's own configuration accesses.
+    #[c_name = "qs_net_config"]
+    pub struct NetConfig {
+        /// Bus << 8 | device << 3 | function (for messages).
+        pub bdf: u32,
+        /// The hv's IPv4 address, most significant byte first (10.0.2.15 is 0x0a00020f).
+        pub ip: u32,
+        /// The UDP port the hv serves.
+        pub port: u16,
+        /// Zero.
+        pub _reserved: [u8; 6],
+        /// Each BAR's physical address (0: none), length, and where the agent mapped it
+        /// (uncached, `ioremap`): the hv maps the same addresses in its own tables, so that
+        /// one pointer reaches the registers in both modes.
+        pub bar_pa: [u64; 6],
+        pub bar_len: [u64; 6],
+        pub bar_va: [u64; 6],
+        /// The function's first 256 bytes of configuration space, as 32 little-endian
+        /// quadwords (byte `i` is bits `8 * (i % 8)` up of quadword `i / 8`).
+        pub config: [u64; 32],
+    }
+}
+
+/// `Op::NetPoll`'s answer: the NIC had raised its interrupt (the handler returns
+/// `IRQ_HANDLED`; without it, `IRQ_NONE`: the line is shared).
+pub const NET_POLL_OURS: i64 = 4;
 
 /// What a CPU that was not quiescent was doing ([`CheckpointArgs::busy_what`]), in the words
 /// `qsctl`, gdb's `monitor checkpoint` and the bridge's control socket all use: "handling
@@ -745,6 +792,15 @@ crate::abi_enum! {
         /// Bytes for a bridge's read request that is no longer in flight.
         NoSuchRequest = 31 =>
             "that read request from the bridge is no longer in flight (it was given up after 30 s, or replaced): the bridge asks again",
+        /// The NIC named for the fast link is not one the hv drives.
+        NetUnsupported = 32 =>
+            "the NIC given for the fast link (net=) is not one the hv drives: use a virtio-net (modern, 1.0) or an Intel 82574L (e1000e) function",
+        /// The NIC did not come up.
+        NetDeviceFailed = 33 =>
+            "the NIC given for the fast link did not initialize (reset, queues or link): check the device with lspci -vv; the agent left it unbound",
+        /// The fast link is not configured.
+        NetNotConfigured = 34 =>
+            "the fast link is not configured: load the agent with net=BDF (and net_ip=, net_port=)",
     }
 }
 

@@ -82,6 +82,16 @@ pub fn generate() -> String {
         [("QS_STORE_CHUNK_SIZE", u64_hex(abi::STORE_CHUNK_SIZE))],
     );
 
+    section(&mut h, "the fast link's NIC (proto/src/abi.rs)");
+    structure::<abi::NetConfig>(&mut h);
+    defines(
+        &mut h,
+        [
+            ("QS_NET_BARS", abi::NET_BARS.to_string()),
+            ("QS_NET_POLL_OURS", abi::NET_POLL_OURS.to_string()),
+        ],
+    );
+
     section(&mut h, "freeze (proto/src/abi.rs)");
     structure::<abi::FreezeArgs>(&mut h);
     defines(
