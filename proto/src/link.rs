@@ -312,6 +312,7 @@ pub const LINK_VERSION: u16 = 2;
 
 pub mod bulk;
 pub mod checkpoint;
+pub mod net;
 
 /// Authentication: the bridge proves it holds the key the agent was loaded with. The hv sends
 /// a 32-byte challenge; the bridge answers HMAC-SHA256(key, "qs-link-v1" | challenge).
@@ -529,6 +530,11 @@ pub mod control {
         Stopped { cpus: u32 },
         /// Machine to bridge: the debugger session is over and every CPU runs again.
         Ended(End),
+        /// Bridge to machine: are you there? (The fast link's liveness; on the serial link it
+        /// also tells the machine that the bridge speaks there again.)
+        Ping { n: u32 },
+        /// Machine to bridge: the answer to the `Ping` numbered `n`.
+        Pong { n: u32 },
     }
 
     /// How a debugger session ended.
@@ -589,6 +595,16 @@ pub mod control {
                     out[1] = e as u8;
                     2
                 }
+                Message::Ping { n } => {
+                    out[0] = 9;
+                    out[1..5].copy_from_slice(&n.to_le_bytes());
+                    5
+                }
+                Message::Pong { n } => {
+                    out[0] = 10;
+                    out[1..5].copy_from_slice(&n.to_le_bytes());
+                    5
+                }
             }
         }
 
@@ -621,6 +637,12 @@ pub mod control {
                     2 => Ok(Message::Ended(End::Killed)),
                     _ => Err(BadMessage),
                 },
+                (Some(9), 5) => Ok(Message::Ping {
+                    n: u32::from_le_bytes([p[1], p[2], p[3], p[4]]),
+                }),
+                (Some(10), 5) => Ok(Message::Pong {
+                    n: u32::from_le_bytes([p[1], p[2], p[3], p[4]]),
+                }),
                 _ => Err(BadMessage),
             }
         }
@@ -644,6 +666,8 @@ pub mod control {
                 Message::Attention,
                 Message::Stopped { cpus: 4 },
                 Message::Ended(End::Killed),
+                Message::Ping { n: 0xdead_beef },
+                Message::Pong { n: 7 },
             ];
             for m in all {
                 let mut buf = [0u8; 33];
@@ -667,6 +691,10 @@ pub mod control {
 /// The machine's end of the link, without I/O: the agent feeds it received bytes while the hv
 /// is dormant, the hv while it is active. It answers the handshake and reports what an
 /// authenticated bridge asks for; before authentication it serves nothing but the handshake.
+///
+/// The handshake and the decision what a payload means ([`Handshake`]) are shared with the
+/// fast link's endpoint (`net::NetEndpoint`): each endpoint only adds its own framing and
+/// replay guard around it, so that both links serve exactly the same requests.
 pub mod endpoint {
     use super::control::{Message, Refusal, Role};
     use super::{auth, encode, Channel, Decoder, Session, LINK_VERSION, MAX_WIRE};
@@ -692,7 +720,9 @@ pub mod endpoint {
         Attention,
         /// Bytes of GDB's remote protocol.
         Gdb(&'a [u8]),
-        /// A control message other than the handshake and attention.
+        /// A control message other than the handshake and attention. A `Ping` has been
+        /// answered (`Pong`) already; it comes out so that the machine knows the bridge speaks
+        /// on this link.
         Control(Message),
         /// A checkpoint request (take, list, roll back, delete).
         Checkpoint(super::checkpoint::Request),
@@ -709,33 +739,178 @@ pub mod endpoint {
         pub unauthenticated: u64,
     }
 
-    /// The machine's end.
-    pub struct Endpoint {
+    /// The control messages an endpoint sends back for one payload, in order (at most two:
+    /// the machine's hello and its challenge).
+    #[derive(Clone, Copy, Debug, Default)]
+    pub(crate) struct Replies([Option<Message>; 2]);
+
+    impl Replies {
+        fn one(m: Message) -> Replies {
+            Replies([Some(m), None])
+        }
+
+        pub(crate) fn iter(&self) -> impl Iterator<Item = Message> + '_ {
+            self.0.iter().flatten().copied()
+        }
+    }
+
+    /// The handshake's state and the key, and what a payload that got through an endpoint's
+    /// framing means: the part both links share.
+    pub(crate) struct Handshake {
         key: [u8; MAX_KEY],
         key_len: usize,
+        pub(crate) state: State,
+        /// The challenge of the handshake under way (or of the session it opened).
+        pub(crate) nonce: [u8; auth::LEN],
+    }
+
+    impl Handshake {
+        /// Keys longer than [`MAX_KEY`] are cut.
+        pub(crate) fn new(key: &[u8]) -> Handshake {
+            let key_len = key.len().min(MAX_KEY);
+            let mut k = [0u8; MAX_KEY];
+            k[..key_len].copy_from_slice(&key[..key_len]);
+            Handshake {
+                key: k,
+                key_len,
+                state: State::Idle,
+                nonce: [0; auth::LEN],
+            }
+        }
+
+        pub(crate) fn key(&self) -> &[u8] {
+            &self.key[..self.key_len]
+        }
+
+        /// The version in `payload` if it is a bridge's hello.
+        pub(crate) fn bridge_hello(channel: Channel, payload: &[u8]) -> Option<u16> {
+            match (channel, Message::decode(payload)) {
+                (
+                    Channel::Control,
+                    Ok(Message::Hello {
+                        version,
+                        role: Role::Bridge,
+                    }),
+                ) => Some(version),
+                _ => None,
+            }
+        }
+
+        /// A bridge's hello: whatever session ran is over; a fresh challenge (or a refusal of
+        /// the version) goes back.
+        pub(crate) fn hello(
+            &mut self,
+            version: u16,
+            nonce: &mut dyn FnMut() -> [u8; auth::LEN],
+        ) -> Replies {
+            self.state = State::Idle;
+            if version != LINK_VERSION {
+                return Replies::one(Message::Refused(Refusal::Version));
+            }
+            self.nonce = nonce();
+            self.state = State::Challenged;
+            Replies([
+                Some(Message::Hello {
+                    version: LINK_VERSION,
+                    role: Role::Machine,
+                }),
+                Some(Message::Challenge { nonce: self.nonce }),
+            ])
+        }
+
+        /// A payload other than a hello, sound and new on its link: the response to the
+        /// challenge, or (once authenticated) a request. `Ping` is answered here.
+        pub(crate) fn handle<'a>(
+            &mut self,
+            channel: Channel,
+            payload: &'a [u8],
+            counters: &mut Counters,
+        ) -> (Option<Event<'a>>, Replies) {
+            let control = match channel {
+                Channel::Control => Message::decode(payload).ok(),
+                _ => None,
+            };
+            match (self.state, control) {
+                (State::Challenged, Some(Message::Response { mac })) => {
+                    let reply = if self.key_len == 0 {
+                        self.state = State::Idle;
+                        Message::Refused(Refusal::NoKey)
+                    } else if auth::verify(self.key(), &self.nonce, &mac) {
+                        self.state = State::Authenticated;
+                        Message::AuthOk
+                    } else {
+                        counters.wrong_key += 1;
+                        self.state = State::Idle;
+                        Message::Refused(Refusal::WrongKey)
+                    };
+                    (None, Replies::one(reply))
+                }
+                (State::Authenticated, Some(Message::Attention)) => {
+                    (Some(Event::Attention), Replies::default())
+                }
+                (State::Authenticated, Some(Message::Ping { n })) => (
+                    Some(Event::Control(Message::Ping { n })),
+                    Replies::one(Message::Pong { n }),
+                ),
+                (State::Authenticated, Some(m)) => (Some(Event::Control(m)), Replies::default()),
+                (State::Authenticated, None) => {
+                    let ev = match channel {
+                        Channel::Control => match super::checkpoint::Message::decode(payload) {
+                            Ok(super::checkpoint::Message::Request(r)) => {
+                                Some(Event::Checkpoint(r))
+                            }
+                            // Replies and events go the other way: a bridge does not send them.
+                            _ => None,
+                        },
+                        Channel::Gdb => Some(Event::Gdb(payload)),
+                        Channel::Bulk => Some(Event::Bulk(payload)),
+                        Channel::Console => None,
+                    };
+                    (ev, Replies::default())
+                }
+                _ => {
+                    counters.unauthenticated += 1;
+                    (None, Replies::default())
+                }
+            }
+        }
+    }
+
+    /// The machine's end.
+    pub struct Endpoint {
+        handshake: Handshake,
         decoder: Decoder,
         session: Session,
-        state: State,
-        nonce: [u8; auth::LEN],
         tx_seq: u32,
         /// Counters.
         pub counters: Counters,
+    }
+
+    /// Frames `payload` on `channel` with the next sequence numbers, into `tx`.
+    fn send_frames(tx_seq: &mut u32, channel: Channel, payload: &[u8], tx: &mut dyn FnMut(&[u8])) {
+        let mut out = [0u8; MAX_WIRE];
+        for chunk in payload.chunks(super::MAX_PAYLOAD) {
+            if let Ok(n) = encode(channel, *tx_seq, chunk, &mut out) {
+                *tx_seq = tx_seq.wrapping_add(1);
+                tx(&out[..n]);
+            }
+        }
+    }
+
+    fn send_message(tx_seq: &mut u32, m: Message, tx: &mut dyn FnMut(&[u8])) {
+        let mut b = [0u8; 33];
+        let n = m.encode(&mut b);
+        send_frames(tx_seq, Channel::Control, &b[..n], tx);
     }
 
     impl Endpoint {
         /// An endpoint that serves a bridge holding `key` (an empty key serves nobody). Keys
         /// longer than [`MAX_KEY`] are cut.
         pub fn new(key: &[u8]) -> Endpoint {
-            let key_len = key.len().min(MAX_KEY);
-            let mut k = [0u8; MAX_KEY];
-            k[..key_len].copy_from_slice(&key[..key_len]);
             Endpoint {
-                key: k,
-                key_len,
+                handshake: Handshake::new(key),
                 decoder: Decoder::default(),
                 session: Session::default(),
-                state: State::Idle,
-                nonce: [0; auth::LEN],
                 tx_seq: 1,
                 counters: Counters::default(),
             }
@@ -743,7 +918,7 @@ pub mod endpoint {
 
         /// Where the handshake stands.
         pub fn state(&self) -> State {
-            self.state
+            self.handshake.state
         }
 
         /// Frames dropped by the decoder and the replay guard.
@@ -755,20 +930,12 @@ pub mod endpoint {
 
         /// Sends `payload` on `channel` through `tx`.
         pub fn send(&mut self, channel: Channel, payload: &[u8], tx: &mut dyn FnMut(&[u8])) {
-            let mut out = [0u8; MAX_WIRE];
-            for chunk in payload.chunks(super::MAX_PAYLOAD) {
-                if let Ok(n) = encode(channel, self.tx_seq, chunk, &mut out) {
-                    self.tx_seq = self.tx_seq.wrapping_add(1);
-                    tx(&out[..n]);
-                }
-            }
+            send_frames(&mut self.tx_seq, channel, payload, tx);
         }
 
         /// Sends a control message through `tx`.
         pub fn send_control(&mut self, m: Message, tx: &mut dyn FnMut(&[u8])) {
-            let mut b = [0u8; 33];
-            let n = m.encode(&mut b);
-            self.send(Channel::Control, &b[..n], tx);
+            send_message(&mut self.tx_seq, m, tx);
         }
 
         /// Sends a checkpoint message (a reply, a list entry, an event) through `tx`.
@@ -794,84 +961,28 @@ pub mod endpoint {
                 Some(Ok(f)) => f,
                 _ => return None,
             };
-            let (channel, seq, len) = (frame.channel, frame.seq, frame.payload.len());
-            let mut msg = [0u8; 33];
-            let control = if channel == Channel::Control && len <= msg.len() {
-                msg[..len].copy_from_slice(frame.payload);
-                Message::decode(&msg[..len]).ok()
-            } else {
-                None
-            };
-            let checkpoint = match (channel, control) {
-                (Channel::Control, None) => super::checkpoint::Message::decode(frame.payload).ok(),
-                _ => None,
-            };
             // A hello starts a new session: a restarted bridge counts its frames from 1 again.
             // Replaying a captured hello only forces a new handshake with a fresh challenge.
-            if let Some(Message::Hello {
-                version,
-                role: Role::Bridge,
-            }) = control
-            {
+            if let Some(version) = Handshake::bridge_hello(frame.channel, frame.payload) {
                 self.session = Session {
-                    last: Some(seq),
+                    last: Some(frame.seq),
                     replayed: self.session.replayed,
                 };
-                self.state = State::Idle;
-                if version != LINK_VERSION {
-                    self.send_control(Message::Refused(Refusal::Version), tx);
-                    return None;
+                for m in self.handshake.hello(version, nonce).iter() {
+                    send_message(&mut self.tx_seq, m, tx);
                 }
-                self.nonce = nonce();
-                self.send_control(
-                    Message::Hello {
-                        version: LINK_VERSION,
-                        role: Role::Machine,
-                    },
-                    tx,
-                );
-                let n = self.nonce;
-                self.send_control(Message::Challenge { nonce: n }, tx);
-                self.state = State::Challenged;
                 return None;
             }
-            if self.session.accept(seq).is_err() {
+            if self.session.accept(frame.seq).is_err() {
                 return None;
             }
-            match (self.state, control) {
-                (State::Challenged, Some(Message::Response { mac })) => {
-                    let key = &self.key[..self.key_len];
-                    let reply = if key.is_empty() {
-                        self.state = State::Idle;
-                        Message::Refused(Refusal::NoKey)
-                    } else if auth::verify(key, &self.nonce, &mac) {
-                        self.state = State::Authenticated;
-                        Message::AuthOk
-                    } else {
-                        self.counters.wrong_key += 1;
-                        self.state = State::Idle;
-                        Message::Refused(Refusal::WrongKey)
-                    };
-                    self.send_control(reply, tx);
-                    None
-                }
-                (State::Authenticated, Some(Message::Attention)) => Some(Event::Attention),
-                (State::Authenticated, None) => match checkpoint {
-                    Some(super::checkpoint::Message::Request(r)) => Some(Event::Checkpoint(r)),
-                    // Replies and events go the other way: a bridge does not send them.
-                    Some(_) => None,
-                    None if channel == Channel::Gdb => self.decoder.last_payload().map(Event::Gdb),
-                    None if channel == Channel::Bulk => {
-                        self.decoder.last_payload().map(Event::Bulk)
-                    }
-                    None => None,
-                },
-                (State::Authenticated, Some(m)) => Some(Event::Control(m)),
-                _ => {
-                    self.counters.unauthenticated += u64::from(self.state != State::Authenticated);
-                    None
-                }
+            let (event, replies) =
+                self.handshake
+                    .handle(frame.channel, frame.payload, &mut self.counters);
+            for m in replies.iter() {
+                send_message(&mut self.tx_seq, m, tx);
             }
+            event
         }
     }
 
