@@ -202,6 +202,28 @@ impl<'a> FramePool<'a> {
         self.free
     }
 
+    /// Frames free in the first region (the block's work area, which the kernel's tables
+    /// map too: the only frames the hv can take while dormant; `alloc` hands them out first).
+    pub fn free_in_first_region(&self) -> u64 {
+        let Some(r) = self.regions[..self.count].first() else {
+            return 0;
+        };
+        let (first, last) = (r.first_bit, r.first_bit + r.frames);
+        (first / 64..last.div_ceil(64))
+            .map(|w| {
+                let word = self.bitmap[w as usize];
+                let lo = first.saturating_sub(w * 64).min(64);
+                let hi = (last - w * 64).min(64);
+                let mask = if hi - lo == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << (hi - lo)) - 1) << lo
+                };
+                (word & mask).count_ones() as u64
+            })
+            .sum()
+    }
+
     /// Is `pa` inside one of the pool's regions?
     pub fn contains(&self, pa: Hpa) -> bool {
         self.region_of(pa.0).is_some()
@@ -389,6 +411,23 @@ pub(crate) mod tests {
             // declare memory before the pool), and nothing else touches them meanwhile.
             unsafe { pool.add_region(Hpa(self.pa), va, len) }
         }
+    }
+
+    #[test]
+    fn the_first_regions_free_frames_are_counted_apart() {
+        let mut bits = [0u64; 4];
+        let mut a = Memory::new(0x10_0000, 70);
+        let mut b = Memory::new(0x8000_0000, 3);
+        let mut pool = FramePool::new(&mut bits);
+        a.lend(&mut pool).unwrap();
+        b.lend(&mut pool).unwrap();
+        assert_eq!(pool.free_in_first_region(), 70);
+        for left in (0..70).rev() {
+            pool.alloc().unwrap();
+            assert_eq!(pool.free_in_first_region(), left);
+        }
+        pool.alloc().unwrap();
+        assert_eq!((pool.free_in_first_region(), pool.free_frames()), (0, 2));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! - [`vmm`]: global state built by `init`: memory layout, nested and host page tables;
 //! - [`devices`]: the platform's legacy devices, captured and restored (and the port writes
 //!   the hv shadows for them);
-//! - [`link`]: the serial link's hv end;
+//! - [`link`]: the serial link's hv end; [`net`]: the fast link's (a NIC the hv drives);
 //! - [`paging`], [`npt`], [`frames`], [`decode`]: page tables, nested paging, the frame
 //!   pool, instruction lengths (pure logic, unit-tested on the host).
 //!
@@ -30,6 +30,7 @@ pub mod exit;
 pub mod frames;
 pub mod freeze;
 pub mod link;
+pub mod net;
 pub mod npt;
 pub mod paging;
 pub mod rendezvous;

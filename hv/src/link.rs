@@ -7,11 +7,12 @@
 pub mod checkpoint;
 
 use crate::arch::instr;
+use crate::net::Outgoing;
 use core::sync::atomic::{AtomicU64, Ordering::*};
 use quicksilver_proto::abi::{Status, LINK_RX_ATTENTION, LINK_RX_CHECKPOINT};
 use quicksilver_proto::link::auth;
 use quicksilver_proto::link::control::Message;
-use quicksilver_proto::link::endpoint::{Endpoint, Event, State};
+use quicksilver_proto::link::endpoint::{Endpoint, Event, State, MAX_KEY};
 use quicksilver_proto::link::{Channel, MAX_PAYLOAD};
 use quicksilver_proto::stats::StatsHeader;
 use spin::Mutex;
@@ -19,7 +20,25 @@ use spin::Mutex;
 struct Link {
     port: u16,
     endpoint: Endpoint,
+    key: Key,
 }
+
+/// A copy of the link's key, for the fast link's endpoint (which serves the same bridge).
+#[derive(Clone, Copy)]
+pub struct Key {
+    bytes: [u8; MAX_KEY],
+    len: usize,
+}
+
+impl Key {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// Most bytes of gdb's protocol one poll hands the debugger: a datagram's payload on the fast
+/// link (a serial frame's is at most `MAX_PAYLOAD`).
+pub const POLL_MAX: usize = 2048;
 
 static LINK: Mutex<Option<Link>> = Mutex::new(None);
 
@@ -53,7 +72,7 @@ fn uart_write(port: u16, bytes: &[u8]) {
 }
 
 /// A fresh challenge: RDRAND where the CPU has it, mixed with the TSC either way.
-fn nonce() -> [u8; auth::LEN] {
+pub(crate) fn nonce() -> [u8; auth::LEN] {
     let has_rdrand = instr::cpuid(1, 0)[2] & (1 << 30) != 0;
     let mut out = [0u8; auth::LEN];
     for (i, chunk) in out.chunks_mut(8).enumerate() {
@@ -105,11 +124,22 @@ pub fn configure(buf: &[u8]) -> Status {
     if port == 0 {
         return Status::BadArgument;
     }
+    let mut k = Key {
+        bytes: [0; MAX_KEY],
+        len: key.len().min(MAX_KEY),
+    };
+    k.bytes[..k.len].copy_from_slice(&key[..k.len]);
     *LINK.lock() = Some(Link {
         port,
         endpoint: Endpoint::new(key),
+        key: k,
     });
     Status::Ok
+}
+
+/// The link's key, once `LinkConfig` gave it.
+pub fn key() -> Option<Key> {
+    LINK.lock().as_ref().map(|l| l.key)
 }
 
 /// `LinkRx`: feeds received bytes (from the agent's interrupt handler), then routes what they
@@ -132,7 +162,11 @@ pub fn receive(bytes: &[u8], in_guest: bool) -> i64 {
         let port = link.port;
         for &b in bytes {
             let mut tx = |w: &[u8]| uart_write(port, w);
-            match link.endpoint.push(b, &mut nonce, &mut tx) {
+            let event = link.endpoint.push(b, &mut nonce, &mut tx);
+            if event.is_some() {
+                crate::net::spoke_on_serial();
+            }
+            match event {
                 Some(Event::Attention) => attention = true,
                 Some(Event::Gdb(p)) => {
                     let n = p.len().min(gdb.len() - gdb_len);
@@ -146,6 +180,8 @@ pub fn receive(bytes: &[u8], in_guest: bool) -> i64 {
                     }
                     None => unrouted(),
                 },
+                // Answered inside; it only says which link the bridge speaks on.
+                Some(Event::Control(Message::Ping { .. })) => {}
                 Some(Event::Control(_) | Event::Bulk(_)) => unrouted(),
                 None => {}
             }
@@ -177,7 +213,7 @@ pub enum Routed<'a> {
 
 /// The one place that knows which client consumes which channel (bulk and other control
 /// messages have no consumer yet: `unrouted`).
-fn route(r: &Routed<'_>) {
+pub(crate) fn route(r: &Routed<'_>) {
     match r {
         Routed::Attention => crate::debug::session::request_attach(),
         Routed::Gdb([]) => {}
@@ -185,15 +221,29 @@ fn route(r: &Routed<'_>) {
     }
 }
 
-fn unrouted() {
+pub(crate) fn unrouted() {
     UNROUTED.fetch_add(1, Relaxed);
 }
 
 /// Reads the UART directly (host mode, CPUs parked: no interrupt handler runs) until it has
 /// no more bytes or one event for the stopped machine's client (the debugger, which polls) is
-/// complete: gdb's bytes into `out`, or an attention request. A checkpoint request is
-/// answered on the spot (a list) or refused (anything else: gdb holds the CPUs).
-pub fn poll(out: &mut [u8; MAX_PAYLOAD]) -> Option<Routed<'_>> {
+/// complete: gdb's bytes into `out`, or an attention request; then the fast link's NIC the
+/// same way. A checkpoint request is answered on the spot (a list) or refused (anything
+/// else: gdb holds the CPUs).
+pub fn poll(out: &mut [u8; POLL_MAX]) -> Option<Routed<'_>> {
+    match poll_uart(out).or_else(|| crate::net::poll_stopped(out))? {
+        Polled::Attention => Some(Routed::Attention),
+        Polled::Gdb(n) => Some(Routed::Gdb(&out[..n])),
+    }
+}
+
+/// What one poll of a link found for the debugger (gdb's bytes are in the caller's buffer).
+pub(crate) enum Polled {
+    Attention,
+    Gdb(usize),
+}
+
+fn poll_uart(out: &mut [u8; POLL_MAX]) -> Option<Polled> {
     let mut guard = LINK.lock();
     let link = guard.as_mut()?;
     let port = link.port;
@@ -203,19 +253,24 @@ pub fn poll(out: &mut [u8; MAX_PAYLOAD]) -> Option<Routed<'_>> {
         // SAFETY: as above.
         let b = unsafe { instr::inb(port) };
         let mut tx = |w: &[u8]| uart_write(port, w);
-        match link.endpoint.push(b, &mut nonce, &mut tx) {
-            Some(Event::Attention) => return Some(Routed::Attention),
+        let event = link.endpoint.push(b, &mut nonce, &mut tx);
+        if event.is_some() {
+            crate::net::spoke_on_serial();
+        }
+        match event {
+            Some(Event::Attention) => return Some(Polled::Attention),
             Some(Event::Gdb(p)) => {
                 let n = p.len();
                 out[..n].copy_from_slice(p);
-                drop(guard);
-                return Some(Routed::Gdb(&out[..n]));
+                return Some(Polled::Gdb(n));
             }
             Some(Event::Checkpoint(r)) => {
                 drop(guard);
                 checkpoint::request_stopped(r);
                 return None;
             }
+            // Answered inside; it only says which link the bridge speaks on.
+            Some(Event::Control(Message::Ping { .. })) => {}
             Some(Event::Control(_) | Event::Bulk(_)) => unrouted(),
             None => {}
         }
@@ -223,8 +278,11 @@ pub fn poll(out: &mut [u8; MAX_PAYLOAD]) -> Option<Routed<'_>> {
     None
 }
 
-/// Sends `bytes` on `channel` (only to an authenticated bridge).
+/// Sends `bytes` on `channel` (only to an authenticated bridge), on the link it last spoke on.
 pub fn send(channel: Channel, bytes: &[u8]) {
+    if crate::net::preferred() && crate::net::send(Outgoing::Bytes(channel, bytes)) {
+        return;
+    }
     if let Some(link) = LINK.lock().as_mut() {
         if link.endpoint.state() == State::Authenticated {
             let port = link.port;
@@ -236,6 +294,9 @@ pub fn send(channel: Channel, bytes: &[u8]) {
 
 /// Sends a checkpoint message (only to an authenticated bridge).
 pub fn send_checkpoint(m: quicksilver_proto::link::checkpoint::Message) {
+    if crate::net::preferred() && crate::net::send(Outgoing::Checkpoint(m)) {
+        return;
+    }
     if let Some(link) = LINK.lock().as_mut() {
         if link.endpoint.state() == State::Authenticated {
             let port = link.port;
@@ -247,6 +308,9 @@ pub fn send_checkpoint(m: quicksilver_proto::link::checkpoint::Message) {
 
 /// Sends a control message (only to an authenticated bridge).
 pub fn send_control(m: Message) {
+    if crate::net::preferred() && crate::net::send(Outgoing::Control(m)) {
+        return;
+    }
     if let Some(link) = LINK.lock().as_mut() {
         if link.endpoint.state() == State::Authenticated {
             let port = link.port;

@@ -10,6 +10,10 @@
 pub const P: u64 = 1 << 0;
 /// Writable.
 pub const RW: u64 = 1 << 1;
+/// Write-through (with PCD: uncached, PAT entry 3 in every PAT the kernel sets up).
+pub const PWT: u64 = 1 << 3;
+/// Cache disable.
+pub const PCD: u64 = 1 << 4;
 /// User (required at every level of a nested table).
 pub const US: u64 = 1 << 2;
 /// Page size: a leaf at level 3 (1 GiB) or 2 (2 MiB).

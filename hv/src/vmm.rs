@@ -171,6 +171,7 @@ impl Hv {
     pub fn owns(&self, gpa: u64) -> bool {
         (self.base_pa..self.base_pa + self.mem_size).contains(&gpa)
             || self.store().any(|c| c.contains(&gpa))
+            || crate::net::BARS.contains(gpa)
     }
 
     /// Does `r` touch the hv's own memory?
@@ -224,6 +225,11 @@ impl Hv {
         for c in self.store() {
             flush |= npt
                 .unmap(Gpa(c.start), STORE_CHUNK_SIZE)
+                .unwrap_or(Flush::EveryCpu);
+        }
+        for bar in crate::net::BARS.ranges() {
+            flush |= npt
+                .unmap(Gpa(bar.start), bar.end - bar.start)
                 .unwrap_or(Flush::EveryCpu);
         }
         NPT_TLB.publish(flush);
@@ -308,6 +314,10 @@ impl Hv {
         if op == Op::ActiveCpus {
             return COUNTERS.active_cpus.load(Acquire) as i64;
         }
+        // The ops without a buffer (the agent passes none: no slice at address 0).
+        if matches!(op, Op::NetPoll | Op::NetRelease) {
+            return self.control(op, &mut [], true);
+        }
         // SAFETY: a hypercall's buffer, used for this call only.
         match unsafe { self.guest_buffer(gpa, len) } {
             Ok(buf) => self.control(op, buf, true),
@@ -389,6 +399,11 @@ impl Hv {
             Op::CheckpointCpu => crate::checkpoint::export::read_cpu(self, buf),
             Op::CheckpointChanged => crate::checkpoint::export::changed(buf),
             Op::CheckpointDevices => crate::checkpoint::export::read_devices(self, buf),
+            // The NIC's registers and the tables are set up and taken down while dormant.
+            Op::NetConfig | Op::NetRelease if in_guest => Status::Busy,
+            Op::NetConfig => crate::net::configure(self, buf),
+            Op::NetRelease => crate::net::release(self),
+            Op::NetPoll => return crate::net::poll(in_guest),
             // Hypercalls only (`freeze_request`, `checkpoint_request`, the run loop).
             Op::Deactivate | Op::Freeze | Op::Checkpoint | Op::Rollback => Status::BadOp,
         };

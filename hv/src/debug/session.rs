@@ -20,11 +20,12 @@ use gdbstub::conn::Connection;
 use gdbstub::stub::state_machine::GdbStubStateMachine;
 use gdbstub::stub::{DisconnectReason, GdbStubBuilder, MultiThreadStopReason};
 use quicksilver_proto::link::control::{End, Message};
-use quicksilver_proto::link::{Channel, MAX_PAYLOAD};
+use quicksilver_proto::link::Channel;
 
-/// gdb's output, framed on the link's gdb channel when the stub flushes.
+/// gdb's output, framed on the link's gdb channel when the stub flushes or this fills (a few
+/// datagrams' worth: the fast link splits it, the serial link frames it by `MAX_PAYLOAD`).
 pub struct Conn {
-    buf: [u8; MAX_PAYLOAD],
+    buf: [u8; CONN_BUF],
     len: usize,
 }
 
@@ -48,6 +49,8 @@ impl Connection for Conn {
         Ok(())
     }
 }
+
+const CONN_BUF: usize = 4 * 1024;
 
 type Stub = GdbStubStateMachine<'static, Debugger, Conn>;
 
@@ -83,8 +86,11 @@ enum Pending {
 /// An attention request arrived: the next stop begins a new session.
 static ATTACH_REQUESTED: AtomicU8 = AtomicU8::new(0);
 
-/// The packet buffer. gdb reads memory in chunks of half of it.
-const PACKET_SIZE: usize = 8192;
+/// The packet buffer, whose size the stub advertises as `PacketSize`. gdb reads memory in
+/// chunks of half of it (GDB 13 honours any size: fast-link.md §6): 128 KiB makes a 1 MiB
+/// read 16 round trips instead of 256, which is what a fast link needs, and costs a serial
+/// link nothing (the bytes are the same; a reply takes 0.5 s at 270 KiB/s).
+const PACKET_SIZE: usize = 0x20000;
 static mut PACKET_BUF: [u8; PACKET_SIZE] = [0; PACKET_SIZE];
 
 /// The link's attention request: attach gdb at the next hypercall (the CPU making it stops
@@ -280,7 +286,7 @@ pub fn lead(hv: &'static Hv, mut p: Parked) {
 /// parked CPU's release is set before this returns, and the target's `parked` taken back.
 /// True when the session ended.
 fn serve(hv: &'static Hv, s: &mut Session, me: u32) -> bool {
-    let mut buf = [0u8; MAX_PAYLOAD];
+    let mut buf = [0u8; link::POLL_MAX];
     loop {
         match link::poll(&mut buf) {
             None => core::hint::spin_loop(),
@@ -353,7 +359,7 @@ fn start(hv: &'static Hv, p: Parked) -> Result<Session, Parked> {
     let mut target = Debugger::new(hv, p);
     KERNEL_SLOTS.store(target.slots.kernel, Release);
     let conn = Conn {
-        buf: [0; MAX_PAYLOAD],
+        buf: [0; CONN_BUF],
         len: 0,
     };
     // SAFETY: one session at a time, under the session lock, and the caller dropped the

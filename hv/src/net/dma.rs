@@ -1,0 +1,50 @@
+//! Memory the NIC reaches by DMA: a static arena in the image, handed out page by page and
+//! taken back as a whole when the device is reset. In the image because its one virtual
+//! address works in both of the hv's address spaces (the kernel's while dormant, the hv's
+//! own while active) and its physical address is the block's offset away; the frame pool's
+//! store chunks are reached only in host mode.
+
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+/// Pages in the arena: each virtqueue of 16 descriptors takes two (its driver and device
+/// areas); room for an e1000e's two rings too.
+const PAGES: usize = 8;
+
+#[repr(C, align(4096))]
+struct Arena([[u8; 4096]; PAGES]);
+
+/// Pages are handed out once each (`NEXT` only grows) until `reset`.
+static mut ARENA: Arena = Arena([[0; 4096]; PAGES]);
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// `pages` zeroed, contiguous pages: their physical and virtual address.
+pub fn alloc(pages: usize) -> Option<(u64, NonNull<u8>)> {
+    let first = NEXT.fetch_add(pages, Relaxed);
+    if first + pages > PAGES {
+        NEXT.fetch_sub(pages, Relaxed);
+        return None;
+    }
+    // SAFETY: pages [first, first + pages) were handed to nobody since the last reset, so
+    // this is the only reference to them.
+    let va = unsafe { core::ptr::addr_of_mut!(ARENA.0[first]) }.cast::<u8>();
+    // SAFETY: as above; `va` spans `pages` pages of the arena.
+    unsafe { core::ptr::write_bytes(va, 0, pages * 4096) };
+    Some((pa_of(va as u64), NonNull::new(va)?))
+}
+
+/// Takes every page back (the device that used them was reset: no DMA is in flight).
+pub fn reset() {
+    NEXT.store(0, Relaxed);
+}
+
+/// The physical address of `va`, a byte of the image (the block is physically contiguous and
+/// mapped at one offset). 0 outside it, which no device is given.
+pub fn pa_of(va: u64) -> u64 {
+    match crate::vmm::get() {
+        Some(hv) if (hv.base_va..hv.base_va + hv.mem_size).contains(&va) => {
+            va - hv.base_va + hv.base_pa
+        }
+        _ => 0,
+    }
+}

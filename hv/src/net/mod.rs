@@ -1,0 +1,297 @@
+//! The fast link's hv end: a NIC the agent claimed for the hv (`Op::NetConfig`), driven by
+//! polling, carrying the link's channels as authenticated UDP datagrams
+//! (`quicksilver_proto::link::net`). Beside the serial link, not instead of it: the bridge
+//! asks for attention on either, and the hv answers on the one the bridge last spoke on
+//! (`crate::link`'s sending functions ask [`preferred`]), so a bridge that loses the network
+//! goes on over serial.
+//!
+//! While the kernel runs, the NIC's interrupt is the agent's doorbell (`Op::NetPoll`, like
+//! `Op::LinkRx` for the UART); while every CPU is parked the debugger's leader polls it
+//! ([`poll_stopped`]). The device is reset before the hv uses it and when it gives it back
+//! (`Op::NetRelease`), its registers are hidden from the guest (`mapping`), and its rings and
+//! buffers live in the image (`dma`, `virtio`).
+
+mod dma;
+mod mapping;
+mod virtio;
+
+use crate::link::{self, Polled, Routed, POLL_MAX};
+use crate::vmm::Hv;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use quicksilver_proto::abi::{
+    NetConfig, Status, LINK_RX_ATTENTION, LINK_RX_CHECKPOINT, NET_BARS, NET_POLL_OURS,
+};
+use quicksilver_proto::link::endpoint::{Event, State};
+use quicksilver_proto::link::net::NetEndpoint;
+use quicksilver_proto::link::{checkpoint, control, Channel};
+use spin::Mutex;
+
+/// A NIC the hv drives: one Ethernet frame at a time, polled.
+pub trait Nic {
+    /// The device's own address.
+    fn mac(&self) -> [u8; 6];
+    /// Sends one frame (copied into a buffer of the driver's); false if it was dropped.
+    fn send(&mut self, frame: &[u8]) -> bool;
+    /// Passes the next received frame to `f` and gives its buffer back to the device; false
+    /// when none has arrived.
+    fn receive(&mut self, f: &mut dyn FnMut(&[u8])) -> bool;
+    /// Acknowledges the device's interrupt: true if it had raised one.
+    fn ack_interrupt(&mut self) -> bool;
+}
+
+/// The BARs the agent mapped, for the driver's `Hal` (which has no `self`) and for
+/// `Hv::owns`: written by `configure` and `release` while dormant, read anywhere.
+pub struct Bars {
+    pa: [AtomicU64; NET_BARS],
+    len: [AtomicU64; NET_BARS],
+    va: [AtomicU64; NET_BARS],
+}
+
+pub(crate) static BARS: Bars = Bars {
+    pa: [const { AtomicU64::new(0) }; NET_BARS],
+    len: [const { AtomicU64::new(0) }; NET_BARS],
+    va: [const { AtomicU64::new(0) }; NET_BARS],
+};
+
+impl Bars {
+    fn set(&self, cfg: Option<&NetConfig>) {
+        for i in 0..NET_BARS {
+            let (pa, len, va) = cfg.map_or((0, 0, 0), |c| (c.bar_pa[i], c.bar_len[i], c.bar_va[i]));
+            self.len[i].store(0, Release);
+            self.pa[i].store(pa, Release);
+            self.va[i].store(va, Release);
+            self.len[i].store(if va == 0 { 0 } else { len }, Release);
+        }
+    }
+
+    /// Where `[pa, pa + size)` is mapped, if it lies inside one mapped BAR.
+    fn va(&self, pa: u64, size: u64) -> Option<u64> {
+        (0..NET_BARS).find_map(|i| {
+            let (base, len) = (self.pa[i].load(Acquire), self.len[i].load(Acquire));
+            let inside = pa >= base && pa.checked_add(size)? <= base + len && len != 0;
+            inside.then(|| self.va[i].load(Acquire) + (pa - base))
+        })
+    }
+
+    /// The BARs, as whole pages (what the guest's nested tables leave out).
+    pub fn ranges(&self) -> impl Iterator<Item = core::ops::Range<u64>> + '_ {
+        (0..NET_BARS).filter_map(|i| {
+            let (pa, len) = (self.pa[i].load(Acquire), self.len[i].load(Acquire));
+            (len != 0).then(|| (pa & !0xFFF)..(pa + len).next_multiple_of(0x1000))
+        })
+    }
+
+    /// Is `gpa` inside a BAR of the NIC the hv drives?
+    pub fn contains(&self, gpa: u64) -> bool {
+        self.va(gpa, 1).is_some()
+    }
+}
+
+struct Net {
+    cfg: NetConfig,
+    nic: virtio::VirtioNet,
+    endpoint: NetEndpoint,
+}
+
+static NET: Mutex<Option<Net>> = Mutex::new(None);
+
+/// The bridge last spoke on the fast link (not the serial one): answers go there.
+static PREFERRED: AtomicBool = AtomicBool::new(false);
+/// Frames received and sent, for `qsctl stats`.
+static RX_FRAMES: AtomicU64 = AtomicU64::new(0);
+static TX_FRAMES: AtomicU64 = AtomicU64::new(0);
+
+/// `Op::NetConfig` (dormant, after `LinkConfig`: the fast link serves the same key).
+pub fn configure(hv: &Hv, buf: &[u8]) -> Status {
+    if buf.len() < size_of::<NetConfig>() {
+        return Status::BadArgument;
+    }
+    // SAFETY: `buf` holds at least a `NetConfig`, a plain-data struct for which any bytes
+    // are a value; read unaligned (the agent's buffer need not be aligned for u64).
+    let cfg = unsafe { buf.as_ptr().cast::<NetConfig>().read_unaligned() };
+    let Some(key) = link::key() else {
+        return Status::NetNotConfigured;
+    };
+    let mut net = NET.lock();
+    if net.is_some() {
+        return Status::AlreadyActive;
+    }
+    BARS.set(Some(&cfg));
+    if let Err(s) = mapping::map(hv, &cfg) {
+        mapping::unmap(hv, &cfg);
+        BARS.set(None);
+        return s;
+    }
+    let nic = match virtio::VirtioNet::new(&cfg) {
+        Ok(nic) => nic,
+        Err(e) => {
+            mapping::unmap(hv, &cfg);
+            BARS.set(None);
+            dma::reset();
+            return match e {
+                virtio::Error::Unsupported => Status::NetUnsupported,
+                virtio::Error::Device => Status::NetDeviceFailed,
+            };
+        }
+    };
+    let endpoint = NetEndpoint::new(key.as_slice(), nic.mac(), cfg.ip.to_be_bytes(), cfg.port);
+    *net = Some(Net { cfg, nic, endpoint });
+    Status::Ok
+}
+
+/// `Op::NetRelease` (dormant): the device is reset (dropping the driver resets it), its
+/// memory taken back and its registers given back to the guest.
+pub fn release(hv: &Hv) -> Status {
+    let Some(net) = NET.lock().take() else {
+        return Status::NetNotConfigured;
+    };
+    let cfg = net.cfg;
+    drop(net);
+    dma::reset();
+    mapping::unmap(hv, &cfg);
+    BARS.set(None);
+    PREFERRED.store(false, Relaxed);
+    Status::Ok
+}
+
+/// One frame's worth of what the bridge asked for, taken out from under the lock.
+struct Received {
+    gdb: [u8; POLL_MAX],
+    gdb_len: usize,
+    attention: bool,
+    request: Option<checkpoint::Request>,
+}
+
+/// Receives one frame and serves it (ARP, the handshake and pings are answered inside);
+/// `None` when nothing has arrived.
+fn receive_one(net: &mut Net) -> Option<Received> {
+    let mut frame = [0u8; 1514];
+    let mut len = 0;
+    if !net.nic.receive(&mut |f| {
+        len = f.len().min(frame.len());
+        frame[..len].copy_from_slice(&f[..len]);
+    }) {
+        return None;
+    }
+    RX_FRAMES.fetch_add(1, Relaxed);
+    let mut out = Received {
+        gdb: [0; POLL_MAX],
+        gdb_len: 0,
+        attention: false,
+        request: None,
+    };
+    let Net { nic, endpoint, .. } = net;
+    let mut tx = |f: &[u8]| {
+        TX_FRAMES.fetch_add(1, Relaxed);
+        nic.send(f);
+    };
+    let event = endpoint.receive(&frame[..len], &mut link::nonce, &mut tx);
+    if event.is_some() {
+        PREFERRED.store(true, Relaxed);
+    }
+    match event {
+        Some(Event::Attention) => out.attention = true,
+        Some(Event::Gdb(p)) => {
+            out.gdb_len = p.len().min(POLL_MAX);
+            out.gdb[..out.gdb_len].copy_from_slice(&p[..out.gdb_len]);
+        }
+        Some(Event::Checkpoint(r)) => out.request = Some(r),
+        // Answered inside; it only says which link the bridge speaks on.
+        Some(Event::Control(control::Message::Ping { .. })) => {}
+        Some(Event::Control(_) | Event::Bulk(_)) => link::unrouted(),
+        None => {}
+    }
+    Some(out)
+}
+
+/// `Op::NetPoll`, from the agent's interrupt handler (`in_guest`: by hypercall): the same
+/// answer bits as `Op::LinkRx`, with [`NET_POLL_OURS`] when the NIC had interrupted.
+pub fn poll(in_guest: bool) -> i64 {
+    let mut bits = 0;
+    let mut ours = false;
+    // Bounded: a flood must not keep the interrupted CPU here; what is left raises the
+    // interrupt again.
+    for _ in 0..64 {
+        let got = {
+            let mut guard = NET.lock();
+            let Some(net) = guard.as_mut() else {
+                return Status::NetNotConfigured as i64;
+            };
+            ours |= net.nic.ack_interrupt();
+            receive_one(net)
+        };
+        let Some(r) = got else { break };
+        // The net lock is released: the debugger may answer through it.
+        link::route(&Routed::Gdb(&r.gdb[..r.gdb_len]));
+        if r.attention {
+            link::route(&Routed::Attention);
+            if !in_guest {
+                bits |= LINK_RX_ATTENTION;
+            }
+        }
+        if let Some(req) = r.request {
+            if link::checkpoint::request(req) {
+                bits |= LINK_RX_CHECKPOINT;
+            }
+        }
+    }
+    bits | if ours { NET_POLL_OURS } else { 0 }
+}
+
+/// Polls the NIC with every CPU parked (the debugger's leader), as `link::poll` does the
+/// UART: gdb's bytes into `out`, an attention request, or a checkpoint request answered or
+/// refused on the spot.
+pub(crate) fn poll_stopped(out: &mut [u8; POLL_MAX]) -> Option<Polled> {
+    let r = {
+        let mut guard = NET.lock();
+        receive_one(guard.as_mut()?)?
+    };
+    if let Some(req) = r.request {
+        link::checkpoint::request_stopped(req);
+    }
+    if r.attention {
+        return Some(Polled::Attention);
+    }
+    out[..r.gdb_len].copy_from_slice(&r.gdb[..r.gdb_len]);
+    Some(Polled::Gdb(r.gdb_len))
+}
+
+/// Should answers go out on the fast link (the bridge last spoke there, and it is
+/// authenticated)? The serial link marks itself with [`spoke_on_serial`].
+pub fn preferred() -> bool {
+    PREFERRED.load(Relaxed)
+}
+
+/// The bridge spoke on the serial link: answer there from now on.
+pub fn spoke_on_serial() {
+    PREFERRED.store(false, Relaxed);
+}
+
+/// Sends on the fast link; false when it cannot carry it (not configured or no authenticated
+/// bridge), and the caller uses the serial link.
+pub fn send(what: Outgoing<'_>) -> bool {
+    let mut guard = NET.lock();
+    let Some(Net { nic, endpoint, .. }) = guard.as_mut() else {
+        return false;
+    };
+    if endpoint.state() != State::Authenticated {
+        return false;
+    }
+    let mut tx = |f: &[u8]| {
+        TX_FRAMES.fetch_add(1, Relaxed);
+        nic.send(f);
+    };
+    match what {
+        Outgoing::Bytes(channel, bytes) => endpoint.send(channel, bytes, &mut tx),
+        Outgoing::Control(m) => endpoint.send_control(m, &mut tx),
+        Outgoing::Checkpoint(m) => endpoint.send_checkpoint(m, &mut tx),
+    }
+    true
+}
+
+/// What `crate::link` sends.
+pub enum Outgoing<'a> {
+    Bytes(Channel, &'a [u8]),
+    Control(control::Message),
+    Checkpoint(checkpoint::Message),
+}
