@@ -51,6 +51,9 @@
 #include <linux/ioport.h>
 #include <uapi/linux/random.h>
 #include <linux/nmi.h>
+#include <linux/pci.h>
+#include <linux/inet.h>
+#include <linux/device.h>
 #include <asm/nmi.h>
 /* 6.12 moved the unaligned accessors from asm/ to linux/. */
 #include <linux/utsname.h>
@@ -90,6 +93,15 @@ MODULE_PARM_DESC(link_irq, "IRQ of the link UART (3 for COM2)");
 static char *key_file = "";
 module_param(key_file, charp, 0444);
 MODULE_PARM_DESC(key_file, "a file only root may read (mode 0600 or 0400) holding the link key qs-bridge must prove (the same key as qs-bridge's --key FILE); the key itself is never a parameter, which /sys, shell history and ps would show. Without one the link refuses every bridge");
+static char *net = "";
+module_param(net, charp, 0444);
+MODULE_PARM_DESC(net, "PCI address of a NIC for the fast link (0000:00:04.0 or 00:04.0): the agent takes it from Linux's driver and the hv drives it, for gdb and checkpoint export over UDP (needs link_port= and key_file=: the fast link proves the same key); empty = no fast link");
+static char *net_ip = "10.13.0.2";
+module_param(net_ip, charp, 0444);
+MODULE_PARM_DESC(net_ip, "the hv's IPv4 address on the fast link (default 10.13.0.2)");
+static ushort net_port = 50000;
+module_param(net_port, ushort, 0444);
+MODULE_PARM_DESC(net_port, "the UDP port the hv serves on the fast link (default 50000)");
 static char *store_mem = "16M";
 module_param(store_mem, charp, 0444);
 MODULE_PARM_DESC(store_mem, "memory for the hv's own tables (nested page tables split to 4 KiB pages while checkpoints are kept: 2 MiB per GiB of RAM), taken at load in 4 MiB blocks: bytes with an optional K, M or G suffix (default 16M)");
@@ -709,6 +721,18 @@ static void qs_want_link_request(void)
 	wake_up_process(qs_attention_task);
 }
 
+/* What the hv asked for after it took in bytes from the serial link or the fast link
+ * (QS_LINK_RX_* bits): the attention thread does it, in process context. */
+static void qs_link_wanted(long bits)
+{
+	if (bits & QS_LINK_RX_ATTENTION) {
+		atomic_set(&qs_stop_tries, 0);
+		qs_want_attention();
+	}
+	if (bits & QS_LINK_RX_CHECKPOINT)
+		qs_want_link_request();
+}
+
 /* Received bytes go to the hv's link endpoint; an authenticated bridge's attention request
  * wakes the attention thread (activating is for process context: switching waits for every
  * CPU). */
@@ -723,14 +747,8 @@ static irqreturn_t qs_link_irq(int irq, void *dev)
 		return IRQ_NONE;
 	st = qs_control(QS_OP_LINK_RX, qs_link_buf, n);
 	/* A set of QS_LINK_RX_* bits, or a status (all above them) when the link is down. */
-	if (st < 0 || st > (QS_LINK_RX_ATTENTION | QS_LINK_RX_CHECKPOINT))
-		return IRQ_HANDLED;
-	if (st & QS_LINK_RX_ATTENTION) {
-		atomic_set(&qs_stop_tries, 0);
-		qs_want_attention();
-	}
-	if (st & QS_LINK_RX_CHECKPOINT)
-		qs_want_link_request();
+	if (st >= 0 && st <= (QS_LINK_RX_ATTENTION | QS_LINK_RX_CHECKPOINT))
+		qs_link_wanted(st);
 	return IRQ_HANDLED;
 }
 
@@ -967,6 +985,431 @@ static void qs_link_stop(void)
 	release_region(link_port, 8);
 	qs_give_port_back();
 	qs_link_up = false;
+}
+
+/* ---- the fast link: a PCI NIC the hv drives, taken from Linux as Jailhouse does ---- */
+
+/*
+ * Linux does not drive the NIC while the agent is loaded. A stub driver of the agent's holds
+ * it: the device's driver_override names the stub, so that no other driver binds it, and a
+ * bound device keeps its pci_dev, BARs and resources where they are. (Hot-removing it instead
+ * would let Linux move its BARs when it came back; Jailhouse's driver/pci.c says the same.)
+ * The stub turns on memory decoding and bus mastering, turns MSI and MSI-X off (the NIC's
+ * INTx reaches the stub's handler, which tells the hv), maps the BARs and hands them to the
+ * hv with a snapshot of configuration space: the hv never touches configuration space
+ * itself. At unload the hv resets the NIC, so that it does no more DMA, and the device goes
+ * back to whatever driver Linux finds for it.
+ */
+#define QS_NET_DRIVER "quicksilver-net"
+
+static struct {
+	struct pci_dev *pdev;		/* held (pci_get_domain_bus_and_slot) from start to stop */
+	struct qs_net_config *config;	/* kzalloc'd: the hv reads it by physical address */
+	void __iomem *bar[QS_NET_BARS];
+	const char *old_override;	/* the device's driver_override before ours (usually none) */
+	char old_driver[32];		/* the driver it was taken from, for the log */
+	u8 ip[4];			/* net_ip, most significant byte first */
+	int probe_err;			/* the stub's probe's outcome; 1 until it runs */
+	bool irq;			/* the stub's handler is installed */
+	bool configured;		/* the hv drives the NIC */
+	bool stuck;			/* the hv did not let go of it: never give it back */
+} qs_net;
+
+/*
+ * The device's driver_override: a field of struct pci_dev in 6.1, of struct device (with a
+ * lock and a setter of its own) in Debian 13's 6.12 (Kbuild says which, QS_DEVICE_DRIVER_OVERRIDE).
+ * Setting "" clears it.
+ */
+static int qs_net_set_override(struct pci_dev *pdev, const char *s)
+{
+#ifdef QS_DEVICE_DRIVER_OVERRIDE
+	return device_set_driver_override(&pdev->dev, s);
+#else
+	return driver_set_override(&pdev->dev, &pdev->driver_override, s, strlen(s));
+#endif
+}
+
+/* A copy of the device's driver_override, or NULL. */
+static const char *qs_net_get_override(struct pci_dev *pdev)
+{
+	const char *copy = NULL;
+
+#ifdef QS_DEVICE_DRIVER_OVERRIDE
+	spin_lock(&pdev->dev.driver_override.lock);
+	if (pdev->dev.driver_override.name)
+		copy = kstrdup(pdev->dev.driver_override.name, GFP_ATOMIC);
+	spin_unlock(&pdev->dev.driver_override.lock);
+#else
+	device_lock(&pdev->dev);
+	if (pdev->driver_override)
+		copy = kstrdup(pdev->driver_override, GFP_KERNEL);
+	device_unlock(&pdev->dev);
+#endif
+	return copy;
+}
+
+/* net= as lspci -D prints it (0000:00:04.0), or without the domain (00:04.0). */
+static bool qs_net_parse(unsigned int *domain, unsigned int *bus, unsigned int *slot,
+			 unsigned int *fn)
+{
+	int end = 0;
+
+	*domain = 0;
+	if (!(sscanf(net, "%x:%x:%x.%x%n", domain, bus, slot, fn, &end) == 4 && !net[end])) {
+		end = 0;
+		if (!(sscanf(net, "%x:%x.%x%n", bus, slot, fn, &end) == 3 && !net[end]))
+			return false;
+	}
+	return *domain <= 0xffff && *bus <= 0xff && *slot <= 0x1f && *fn <= 7;
+}
+
+/* What the NIC is, for the log: the two kinds the hv drives, else its PCI ids. */
+static const char *qs_net_kind(const struct pci_dev *pdev, char *buf, size_t len)
+{
+	if (pdev->vendor == PCI_VENDOR_ID_REDHAT_QUMRANET &&
+	    (pdev->device == 0x1000 || pdev->device == 0x1041))
+		return "virtio-net";
+	if (pdev->vendor == PCI_VENDOR_ID_INTEL && pdev->device == 0x10d3)
+		return "82574L";
+	snprintf(buf, len, "%04x:%04x", pdev->vendor, pdev->device);
+	return buf;
+}
+
+/* The NIC raised INTx (the line may be shared): the hv looks at the NIC, serves what came in
+ * and says whether the interrupt was the NIC's, and what the agent should do, as for the
+ * serial link. */
+static irqreturn_t qs_net_irq(int irq, void *dev)
+{
+	const long bits = QS_LINK_RX_ATTENTION | QS_LINK_RX_CHECKPOINT | QS_NET_POLL_OURS;
+	long st = qs_control(QS_OP_NET_POLL, NULL, 0);
+
+	/* Above the bits: a status, the fast link is down (not configured, or the NIC failed). */
+	if (st < 0 || st > bits)
+		return IRQ_NONE;
+	qs_link_wanted(st);
+	return st & QS_NET_POLL_OURS ? IRQ_HANDLED : IRQ_NONE;
+}
+
+/*
+ * MSI and MSI-X off in the function itself, not only in Linux's books: the hv relies on INTx
+ * (the last driver freed its vectors, which turns them off, but a driver that failed or a
+ * firmware may have left an enable bit set), then INTx unmasked in the command register.
+ */
+static void qs_net_intx_only(struct pci_dev *pdev)
+{
+	int pos;
+	u16 flags;
+
+	pci_disable_msix(pdev);
+	pci_disable_msi(pdev);
+	pos = pci_find_capability(pdev, PCI_CAP_ID_MSI);
+	if (pos) {
+		pci_read_config_word(pdev, pos + PCI_MSI_FLAGS, &flags);
+		if (flags & PCI_MSI_FLAGS_ENABLE)
+			pci_write_config_word(pdev, pos + PCI_MSI_FLAGS,
+					      flags & ~PCI_MSI_FLAGS_ENABLE);
+	}
+	pos = pci_find_capability(pdev, PCI_CAP_ID_MSIX);
+	if (pos) {
+		pci_read_config_word(pdev, pos + PCI_MSIX_FLAGS, &flags);
+		if (flags & (PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL))
+			pci_write_config_word(pdev, pos + PCI_MSIX_FLAGS,
+					      flags & ~(PCI_MSIX_FLAGS_ENABLE |
+							PCI_MSIX_FLAGS_MASKALL));
+	}
+	pci_intx(pdev, 1);
+}
+
+static void qs_net_unmap(void)
+{
+	int i;
+
+	for (i = 0; i < QS_NET_BARS; i++) {
+		if (qs_net.bar[i])
+			iounmap(qs_net.bar[i]);
+		qs_net.bar[i] = NULL;
+	}
+}
+
+/* The hv stops driving the NIC and resets it (dormant only). False if it would not: then
+ * the device must not go back to Linux. */
+static bool qs_net_release_hv(struct pci_dev *pdev)
+{
+	long st;
+
+	mutex_lock(&qs_lock);
+	st = qs_control(QS_OP_NET_RELEASE, NULL, 0);
+	mutex_unlock(&qs_lock);
+	qs_net.configured = false;
+	if (st == QS_OK)
+		return true;
+	pr_err("fast link: the hv did not let go of %s: %s\n", pci_name(pdev),
+	       qs_status_message(st));
+	return false;
+}
+
+/*
+ * The stub's probe, for the one device net= names (driver_override could name the stub on
+ * another; new_id could add one): it returns -ENODEV whatever went wrong, so that the driver
+ * core says nothing more, and leaves the reason in qs_net.probe_err after saying it.
+ */
+static int qs_net_probe(struct pci_dev *pdev, const struct pci_device_id *id)
+{
+	struct qs_net_config *c = qs_net.config;
+	long st;
+	int err, i;
+
+	if (pdev != qs_net.pdev)
+		return -ENODEV;
+	err = pci_enable_device(pdev);
+	if (err) {
+		pr_err("refusing to load: cannot enable %s for the fast link (error %d)\n",
+		       pci_name(pdev), err);
+		goto out;
+	}
+	err = pci_request_regions(pdev, QS_NET_DRIVER);
+	if (err) {
+		pr_err("refusing to load: the registers of %s are claimed by another driver (error %d): /proc/iomem names it; unload it first\n",
+		       pci_name(pdev), err);
+		goto out_disable;
+	}
+	pci_set_master(pdev);
+	/* Nothing the last driver left running (queues, DMA into Linux's memory) may outlive it:
+	 * a function-level reset where the function has one (the hv resets the NIC itself as
+	 * well). The _locked variant: the driver core holds the device's lock around probe. */
+	err = pci_reset_function_locked(pdev);
+	if (err && err != -ENOTTY)
+		pr_warn("fast link: resetting %s failed (error %d); the hv resets the NIC itself\n",
+			pci_name(pdev), err);
+	qs_net_intx_only(pdev);
+	if (!pdev->irq) {
+		pr_err("refusing to load: %s has no INTx interrupt, which the fast link needs while the hv is dormant: give a NIC with an interrupt pin\n",
+		       pci_name(pdev));
+		err = -ENODEV;
+		goto out_regions;
+	}
+	memset(c, 0, sizeof(*c));
+	for (i = 0; i < QS_NET_BARS; i++) {
+		resource_size_t start = pci_resource_start(pdev, i);
+		resource_size_t len = pci_resource_len(pdev, i);
+
+		if (!(pci_resource_flags(pdev, i) & IORESOURCE_MEM) || !len)
+			continue;
+		/* Uncached: device registers. */
+		qs_net.bar[i] = ioremap(start, len);
+		if (!qs_net.bar[i]) {
+			pr_err("refusing to load: cannot map BAR %d of %s (%pa, %llu bytes)\n", i,
+			       pci_name(pdev), &start, (u64)len);
+			err = -ENOMEM;
+			goto out_unmap;
+		}
+		c->bar_pa[i] = start;
+		c->bar_len[i] = len;
+		c->bar_va[i] = (u64)(unsigned long)qs_net.bar[i];
+	}
+	/* As the function is now: MSI off, INTx on, bus mastering on. */
+	for (i = 0; i < 64; i++) {
+		u32 v = 0;
+
+		pci_read_config_dword(pdev, i * 4, &v);
+		c->config[i / 2] |= (u64)v << (32 * (i % 2));
+	}
+	c->bdf = (u32)pdev->bus->number << 8 | pdev->devfn;
+	c->ip = (u32)qs_net.ip[0] << 24 | (u32)qs_net.ip[1] << 16 | (u32)qs_net.ip[2] << 8 |
+		qs_net.ip[3];
+	c->port = net_port;
+	mutex_lock(&qs_lock);
+	st = qs_control(QS_OP_NET_CONFIG, c, sizeof(*c));
+	mutex_unlock(&qs_lock);
+	if (st != QS_OK) {
+		pr_err("refusing to load: the hv refused %s for the fast link: %s\n",
+		       pci_name(pdev), qs_status_message(st));
+		err = -EIO;
+		goto out_unmap;
+	}
+	qs_net.configured = true;
+	err = request_irq(pdev->irq, qs_net_irq, IRQF_SHARED, QS_NET_DRIVER, &qs_net);
+	if (err) {
+		pr_err("refusing to load: cannot take IRQ %d of %s for the fast link (error %d)\n",
+		       pdev->irq, pci_name(pdev), err);
+		goto out_hv;
+	}
+	qs_net.irq = true;
+	qs_net.probe_err = 0;
+	return 0;
+out_hv:
+	qs_net.stuck = !qs_net_release_hv(pdev);
+out_unmap:
+	qs_net_unmap();
+out_regions:
+	pci_release_regions(pdev);
+out_disable:
+	pci_disable_device(pdev);
+out:
+	qs_net.probe_err = err;
+	return -ENODEV;
+}
+
+/* The stub lets go (rmmod, after the hv went dormant): the hv resets the NIC first. */
+static void qs_net_remove(struct pci_dev *pdev)
+{
+	if (qs_net.irq)
+		free_irq(pdev->irq, &qs_net);
+	qs_net.irq = false;
+	if (qs_net.configured)
+		qs_net.stuck = !qs_net_release_hv(pdev);
+	qs_net_unmap();
+	pci_release_regions(pdev);
+	/* Bus mastering off too: if the hv would not let go, this at least stops its DMA. */
+	pci_disable_device(pdev);
+}
+
+static struct pci_driver qs_net_driver = {
+	.name = QS_NET_DRIVER,
+	.probe = qs_net_probe,
+	.remove = qs_net_remove,
+	/* No unbind through sysfs: the hv would go on driving a device Linux thinks free. */
+	.driver.suppress_bind_attrs = true,
+};
+
+/*
+ * After the stub let go: the device's own driver_override back, and Linux's driver binds it
+ * again (if its module is loaded). A device the hv would not let go of stays overridden to
+ * the stub's name, so that nothing binds it.
+ */
+static void qs_net_give_back(void)
+{
+	struct pci_dev *pdev = qs_net.pdev;
+	struct device_driver *drv;
+	const char *old = qs_net.old_override;
+	int err;
+
+	if (qs_net.stuck) {
+		pr_err("fast link: %s stays unbound (driver_override=%s): the hv may still drive it; reboot before Linux uses it\n",
+		       pci_name(pdev), QS_NET_DRIVER);
+	} else {
+		err = qs_net_set_override(pdev, old ?: "");
+		if (err)
+			pr_warn("fast link: cannot restore the driver_override of %s (error %d)\n",
+				pci_name(pdev), err);
+		err = device_attach(&pdev->dev);
+		drv = READ_ONCE(pdev->dev.driver);
+		if (drv)
+			pr_info("fast link: %s given back to %s\n", pci_name(pdev), drv->name);
+		else
+			pr_info("fast link: %s given back; no driver took it (error %d): load its driver's module\n",
+				pci_name(pdev), err);
+	}
+	pci_dev_put(pdev);
+	kfree(qs_net.old_override);
+	kfree(qs_net.config);
+	memset(&qs_net, 0, sizeof(qs_net));
+}
+
+/* At load, after the link (whose key the fast link proves too): see the section's comment. */
+static int qs_net_start(void)
+{
+	unsigned int domain, bus, slot, fn;
+	struct pci_dev *pdev;
+	bool has_mem = false;
+	char kind[16];
+	int err, i;
+
+	if (!*net)
+		return 0;
+	if (!qs_link_up) {
+		pr_err("refusing to load: net=%s needs the link: the fast link proves the link's key; load with link_port= and key_file= as well\n",
+		       net);
+		return -EINVAL;
+	}
+	if (!qs_net_parse(&domain, &bus, &slot, &fn)) {
+		pr_err("refusing to load: net=%s is not a PCI address: give the NIC's as lspci -D prints it (net=0000:00:04.0)\n",
+		       net);
+		return -EINVAL;
+	}
+	if (in4_pton(net_ip, -1, qs_net.ip, -1, NULL) != 1) {
+		pr_err("refusing to load: net_ip=%s is not an IPv4 address: give a dotted quad (net_ip=10.13.0.2)\n",
+		       net_ip);
+		return -EINVAL;
+	}
+	if (!net_port) {
+		pr_err("refusing to load: net_port=0: give the UDP port the hv should serve (net_port=50000)\n");
+		return -EINVAL;
+	}
+	pdev = pci_get_domain_bus_and_slot(domain, bus, PCI_DEVFN(slot, fn));
+	if (!pdev) {
+		pr_err("refusing to load: no PCI device at net=%s: lspci -D lists this machine's; give the NIC's\n",
+		       net);
+		return -ENODEV;
+	}
+	for (i = 0; i < QS_NET_BARS; i++)
+		has_mem |= (pci_resource_flags(pdev, i) & IORESOURCE_MEM) && pci_resource_len(pdev, i);
+	if (!has_mem) {
+		pr_err("refusing to load: %s (%s) has no memory BAR: the hv drives a NIC through memory-mapped registers; give a virtio-net or Intel 82574L function\n",
+		       pci_name(pdev), qs_net_kind(pdev, kind, sizeof(kind)));
+		pci_dev_put(pdev);
+		return -ENODEV;
+	}
+	qs_net.config = kzalloc(sizeof(*qs_net.config), GFP_KERNEL);
+	if (!qs_net.config) {
+		pci_dev_put(pdev);
+		return -ENOMEM;
+	}
+	qs_net.pdev = pdev;
+	qs_net.probe_err = 1;
+	qs_net.old_override = qs_net_get_override(pdev);
+	device_lock(&pdev->dev);
+	if (pdev->dev.driver)
+		strscpy(qs_net.old_driver, pdev->dev.driver->name, sizeof(qs_net.old_driver));
+	device_unlock(&pdev->dev);
+	/* First the override, so that no other driver takes the device once it is free. */
+	err = qs_net_set_override(pdev, QS_NET_DRIVER);
+	if (err) {
+		pr_err("refusing to load: cannot set the driver_override of %s (error %d)\n",
+		       pci_name(pdev), err);
+		goto out;
+	}
+	device_release_driver(&pdev->dev);
+	/* Registering the stub binds it to the device (driver_override matches its name). */
+	err = pci_register_driver(&qs_net_driver);
+	if (err) {
+		pr_err("refusing to load: cannot register the fast link's stub driver (error %d)\n",
+		       err);
+		goto out;
+	}
+	if (qs_net.probe_err) {
+		if (qs_net.probe_err == 1)
+			pr_err("refusing to load: the stub driver did not get %s (is it a PCI function that can be bound?)\n",
+			       pci_name(pdev));
+		err = qs_net.probe_err == 1 ? -ENODEV : qs_net.probe_err;
+		pci_unregister_driver(&qs_net_driver);
+		goto out;
+	}
+	pr_info("fast link: %s (%s) taken from %s, %pI4:%u\n", pci_name(pdev),
+		qs_net_kind(pdev, kind, sizeof(kind)),
+		qs_net.old_driver[0] ? qs_net.old_driver : "no driver", qs_net.ip, net_port);
+	return 0;
+out:
+	qs_net_give_back();
+	return err;
+}
+
+/* Before the link's thread goes: the handler wakes it. */
+static void qs_net_quiet(void)
+{
+	if (qs_net.pdev && qs_net.irq) {
+		free_irq(qs_net.pdev->irq, &qs_net);
+		qs_net.irq = false;
+	}
+}
+
+/* At unload, with the hv dormant (it lets go of the NIC only then). */
+static void qs_net_stop(void)
+{
+	if (!qs_net.pdev)
+		return;
+	pci_unregister_driver(&qs_net_driver);
+	qs_net_give_back();
 }
 
 /* ---- switching ---- */
@@ -2293,7 +2736,12 @@ static int __init qs_init(void)
 	err = qs_link_start();
 	if (err)
 		goto out_dev;
+	err = qs_net_start();
+	if (err)
+		goto out_link;
 	return 0;
+out_link:
+	qs_link_stop();
 out_dev:
 	misc_deregister(&qs_dev);
 out_periodic:
@@ -2314,6 +2762,7 @@ static void __exit qs_exit(void)
 {
 	struct qs_switch_result r;
 
+	qs_net_quiet();
 	qs_link_stop();
 	misc_deregister(&qs_dev);
 	kthread_stop(qs_periodic_task);
@@ -2335,6 +2784,7 @@ static void __exit qs_exit(void)
 		pr_info("deactivated %u CPUs before unloading\n", r.cpus);
 	}
 	mutex_unlock(&qs_lock);
+	qs_net_stop();
 	cpuhp_remove_state_nocalls(qs_hp_state);
 	unregister_nmi_handler(NMI_LOCAL, "quicksilver");
 	irq_work_sync(&qs_notice->work);
