@@ -36,6 +36,10 @@ pub const KVM_MODULES: &[&str] = &["kvm_amd"];
 /// The guest's disk driver, for tests that hand it a disk to write into (`qsctl export`):
 /// the PCI transport (a module in Debian 12's kernels, built in in 13's), then the driver.
 pub const DISK_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
+/// Linux's own driver for the fast link's NIC (virtio-net-pci under QEMU), which the agent
+/// takes the NIC from and gives it back to: the transport, then the driver (which needs
+/// `net_failover` and `failover`, modules in every supported kernel).
+pub const NET_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
 
 /// Builds every part for `kernel`; see the module documentation.
 pub fn build(kernel: &Kernel) -> anyhow::Result<Artifacts> {
@@ -124,6 +128,7 @@ fn write_initrd(artifacts: &Artifacts) -> anyhow::Result<()> {
         workload: present(&artifacts.workload),
         kvm_modules: initrd::module_load_order(&kernel.modules_dir, KVM_MODULES)?,
         disk_modules: initrd::module_load_order(&kernel.modules_dir, DISK_MODULES)?,
+        net_modules: initrd::module_load_order(&kernel.modules_dir, NET_MODULES)?,
     };
     note(format!(
         "{}: KVM modules in load order: {}",

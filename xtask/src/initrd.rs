@@ -12,7 +12,10 @@
 //! /lib/quicksilver/quicksilver.ko   the agent
 //! /lib/quicksilver/kvm-modules      paths of the KVM modules, one a line, in insmod order
 //! /lib/quicksilver/disk-modules     the same for the disk driver (virtio_blk), for tests
-//! /lib/modules-extra/*.ko           those modules (kvm-amd, virtio_blk, and what they need)
+//! /lib/quicksilver/net-modules      the same for Linux's own NIC driver (virtio_net), for the
+//!                                   fast link's hand-over tests
+//! /lib/modules-extra/*.ko           those modules (kvm-amd, virtio_blk, virtio_net, and what
+//!                                   they need)
 //! /qs/script.sh                     per run: appended by the runner (qs_testkit::qemu)
 //! ```
 //!
@@ -127,6 +130,8 @@ pub const KVM_MODULES_DIR: &str = "lib/modules-extra";
 pub const KVM_MODULES_LIST: &str = "lib/quicksilver/kvm-modules";
 /// Paths of the disk driver's modules, one a line, in insmod order.
 pub const DISK_MODULES_LIST: &str = "lib/quicksilver/disk-modules";
+/// The same for the NIC driver the fast link takes its NIC from and gives it back to.
+pub const NET_MODULES_LIST: &str = "lib/quicksilver/net-modules";
 
 /// A loadable kernel module found in the kernel package.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,6 +160,8 @@ pub struct InitrdInputs {
     pub kvm_modules: Vec<KernelModule>,
     /// The disk driver's modules, in load order (listed in [`DISK_MODULES_LIST`]).
     pub disk_modules: Vec<KernelModule>,
+    /// Linux's own NIC driver's modules, in load order (listed in [`NET_MODULES_LIST`]).
+    pub net_modules: Vec<KernelModule>,
 }
 
 /// Writes the base initramfs to `out` (atomically: a concurrent reader never sees half of it).
@@ -194,9 +201,11 @@ pub fn write_base(inputs: &InitrdInputs, out: &Path) -> anyhow::Result<()> {
             a.file(dest, 0o755, &read(src)?)?;
         }
     }
+    let mut shipped = std::collections::BTreeSet::new();
     for (modules, list_path) in [
         (&inputs.kvm_modules, KVM_MODULES_LIST),
         (&inputs.disk_modules, DISK_MODULES_LIST),
+        (&inputs.net_modules, NET_MODULES_LIST),
     ] {
         let mut list = String::new();
         for m in modules {
@@ -207,11 +216,14 @@ pub fn write_base(inputs: &InitrdInputs, out: &Path) -> anyhow::Result<()> {
                 .to_string_lossy();
             // busybox's insmod hands the kernel the bytes as they are: ship them uncompressed.
             let file = file.strip_suffix(".xz").unwrap_or(&file);
-            a.file(
-                &format!("{KVM_MODULES_DIR}/{file}"),
-                0o644,
-                &read_module(&m.path)?,
-            )?;
+            // Once, if two lists share it (the disk's and the NIC's virtio_pci).
+            if shipped.insert(file.to_string()) {
+                a.file(
+                    &format!("{KVM_MODULES_DIR}/{file}"),
+                    0o644,
+                    &read_module(&m.path)?,
+                )?;
+            }
             list.push_str(&format!("/{KVM_MODULES_DIR}/{file}\n"));
         }
         a.file(list_path, 0o644, list.as_bytes())?;

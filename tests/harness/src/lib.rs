@@ -39,4 +39,4 @@ pub use artifacts::{Artifacts, Kernel, KernelId, LocateError};
 pub use bridge::Bridge;
 pub use gdb::{Gdb, GdbError, Symbols};
 pub use machine::{Machine, MachineConfig, MachineError, Stub};
-pub use qemu::{Qemu, QemuError, RunOutput, Running};
+pub use qemu::{FastLinkNic, Qemu, QemuError, RunOutput, Running};

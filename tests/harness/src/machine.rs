@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::artifacts::{Artifacts, LocateError};
 use crate::bridge::{free_port, Bridge};
 use crate::gdb::{kaslr_offset, thread_lines, Gdb, GdbError, Symbols, TEXT_MARKER};
-use crate::qemu::{QemuError, RunOutput, Running};
+use crate::qemu::{FastLinkNic, QemuError, RunOutput, Running};
 
 /// The link key of the gdb tests' guests.
 pub const GDB_KEY: &str = "the-gdb-test-key";
@@ -79,6 +79,10 @@ pub struct MachineConfig {
     pub qemu_args: Vec<String>,
     /// Guest RAM, if not the default.
     pub memory: Option<String>,
+    /// The fast link's NIC, and the agent loaded with `net=` naming it
+    /// ([`Qemu::fast_link`](crate::Qemu::fast_link)); [`Machine::fast_link_socket`] is where
+    /// a bridge connects (`qs-bridge --net stream:PATH`).
+    pub fast_link: Option<FastLinkNic>,
     /// Deadline of the whole run.
     pub timeout: Duration,
     /// How long the guest may take to print the [`TEXT_MARKER`] line.
@@ -99,6 +103,7 @@ impl MachineConfig {
             cmdline: Vec::new(),
             qemu_args: Vec::new(),
             memory: None,
+            fast_link: None,
             timeout: Duration::from_secs(300),
             boot_timeout: Duration::from_secs(180),
         }
@@ -139,6 +144,8 @@ pub struct Machine {
     artifacts: Artifacts,
     /// The link's socket (QEMU leaves it behind).
     sock: PathBuf,
+    /// The fast link's socket, if the machine has the NIC (QEMU leaves it behind too).
+    fast_sock: Option<PathBuf>,
     /// The link's key.
     key: String,
     running: Running,
@@ -213,6 +220,16 @@ impl Machine {
         if let Some(m) = &config.memory {
             qemu = qemu.memory(m);
         }
+        let mut fast_sock = None;
+        if let Some(nic) = config.fast_link {
+            let path = a
+                .dir
+                .join("run")
+                .join(format!("{name}-{}.net.sock", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            qemu = qemu.fast_link(&path, nic);
+            fast_sock = Some(path);
+        }
         let qemu_port = free_port();
         if config.stub == Stub::Qemu {
             qemu = qemu.args(["-gdb".to_string(), format!("tcp:127.0.0.1:{qemu_port}")]);
@@ -250,6 +267,7 @@ impl Machine {
             kaslr_offset,
             artifacts: a,
             sock,
+            fast_sock,
             key: config.key.clone(),
             running,
             bridge,
@@ -257,6 +275,12 @@ impl Machine {
             symbols,
             gdbs: 0,
         })
+    }
+
+    /// The fast link's stream socket, which QEMU listens on from its start (with
+    /// [`MachineConfig::fast_link`]): a bridge's `--net stream:PATH`.
+    pub fn fast_link_socket(&self) -> Option<&std::path::Path> {
+        self.fast_sock.as_deref()
     }
 
     /// Where gdb connects.
@@ -396,6 +420,9 @@ impl Machine {
         let bridge_log = self.bridge_log();
         let out = self.running.wait();
         let _ = std::fs::remove_file(&self.sock);
+        if let Some(path) = &self.fast_sock {
+            let _ = std::fs::remove_file(path);
+        }
         out.map_err(|e| MachineError::Finish {
             source: Box::new(e),
             bridge_log,

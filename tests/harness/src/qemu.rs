@@ -38,6 +38,9 @@ pub const EPYC_UNDER_TCG: &str =
     "EPYC,-rdseed,-sha-ni,-xsavec,-3dnowprefetch,-misalignsse,-osvw,-topoext,-fxsr-opt,-nrip-save";
 /// Where [`Qemu::link`] puts the link key in the guest.
 pub const LINK_KEY_FILE: &str = "/etc/quicksilver/link.key";
+/// The fast link's NIC's PCI address in the guest: [`Qemu::fast_link_nic`] puts it in slot 4 of
+/// the root bus, so that the agent's `net=` is the same on every run.
+pub const FAST_LINK_BDF: &str = "0000:00:04.0";
 /// The first line of the initramfs' `/init`: the kernel has booted to userspace.
 pub const INIT_MARKER: &str = "QS-INIT";
 /// How long a stock kernel may take to reach userspace before [`Qemu::spawn_script`] takes it
@@ -123,6 +126,26 @@ fn tail_of(text: &str) -> String {
 /// and `-no-reboot` QEMU then exits, and the boot is tried once more ([`Qemu::spawn_script`]).
 fn boot_panicked(console_tail: &str) -> bool {
     console_tail.contains("Kernel panic - not syncing")
+}
+
+/// Which NIC the fast link gets (issue 13): the hv drives either.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FastLinkNic {
+    /// `virtio-net-pci` (modern and transitional), which Linux drives with `virtio_net`.
+    #[default]
+    VirtioNet,
+    /// `e1000e`, QEMU's Intel 82574L, which Linux drives with `e1000e`.
+    E1000e,
+}
+
+impl FastLinkNic {
+    /// QEMU's `-device` name.
+    pub fn device(self) -> &'static str {
+        match self {
+            FastLinkNic::VirtioNet => "virtio-net-pci",
+            FastLinkNic::E1000e => "e1000e",
+        }
+    }
 }
 
 /// A callback that sees each console line as it arrives.
@@ -260,6 +283,32 @@ impl Qemu {
             ),
             "-serial".into(),
             "chardev:qslink".into(),
+        ])
+    }
+
+    /// The fast link: [`fast_link_nic`](Self::fast_link_nic), and the agent told to take that
+    /// NIC (`net=`[`FAST_LINK_BDF`], the default `net_ip` and `net_port`). The agent needs the
+    /// link too ([`link`](Self::link)): the fast link proves the same key.
+    pub fn fast_link(self, path: &Path, nic: FastLinkNic) -> Self {
+        self.fast_link_nic(path, nic)
+            .cmdline(&format!("quicksilver.net={FAST_LINK_BDF}"))
+    }
+
+    /// Adds a second NIC for the fast link at [`FAST_LINK_BDF`], its other end a stream socket
+    /// QEMU listens on at `path` (Ethernet frames, each after its 4-byte big-endian length:
+    /// `qs-bridge --net stream:PATH` connects to it; until something does, what the guest sends
+    /// is dropped). QEMU creates the socket when it starts, before the guest runs. The guest
+    /// has no other NIC (`-nodefaults`), so Linux names this one `eth0` when it drives it.
+    pub fn fast_link_nic(self, path: &Path, nic: FastLinkNic) -> Self {
+        self.args([
+            "-netdev".into(),
+            format!(
+                "stream,id=qsfast,server=on,addr.type=unix,addr.path={}",
+                path.display()
+            ),
+            "-device".into(),
+            // No option ROM: the guest boots with -kernel, never from the network.
+            format!("{},netdev=qsfast,addr=0x4,romfile=", nic.device()),
         ])
     }
 

@@ -1,0 +1,119 @@
+//! The fast link's NIC changes hands (issue 13): the agent loaded with `net=` takes the NIC
+//! from Linux's own driver and hands it to the hv; `rmmod` gives it back, and Linux's driver
+//! drives it again.
+
+use qs_testkit::qemu::{FastLinkNic, FAST_LINK_BDF};
+use quicksilver_tests::scenarios::KO;
+use quicksilver_tests::*;
+
+/// The guest's view of the NIC, one line per step: who drives the PCI function and which
+/// network interfaces Linux has.
+const PRELUDE: &str = r#"
+dev=/sys/bus/pci/devices/$NIC
+driver() { if [ -e $dev/driver ]; then basename "$(readlink $dev/driver)"; else echo none; fi; }
+ifaces() { ls /sys/class/net | grep -v '^lo$' | tr '\n' ' '; }
+show() { echo "$1 driver=$(driver) ifaces=$(ifaces)"; }
+# The agent's parameters from the kernel command line, as /init passes them (qs.noload kept
+# /init from loading it: the NIC's own driver comes first here).
+params=
+for w in $(cat /proc/cmdline); do
+    case "$w" in quicksilver.*=*) params="$params ${w#quicksilver.}" ;; esac
+done
+"#;
+
+#[test]
+fn the_agent_takes_the_nic_from_linuxs_driver_and_rmmod_gives_it_back() {
+    let a = artifacts();
+    let name = "net-handover";
+    let run_dir = a.dir.join("run");
+    let link = run_dir.join(format!("{name}-{}.sock", std::process::id()));
+    let net = run_dir.join(format!("{name}-{}.net.sock", std::process::id()));
+    let _ = std::fs::create_dir_all(&run_dir);
+    let script = format!(
+        r#"NIC={FAST_LINK_BDF}
+{PRELUDE}
+show BOOTED
+for m in $(cat /lib/quicksilver/net-modules); do insmod $m || echo "INSMOD-FAILED $m"; done
+sleep 1
+show LINUX
+insmod {KO} image=/lib/quicksilver/hv.img $params; echo "insmod-rc=$?"
+show TAKEN
+qsctl status | grep "fast link"
+qsctl activate
+rmmod quicksilver; echo "rmmod-rc=$?"
+sleep 1
+show GIVEN
+ip link set eth0 up; echo "up-rc=$?"
+ip addr add 10.13.0.3/24 dev eth0
+# Nothing answers on the other side: the ARP request is traffic enough.
+ping -c 1 -W 2 10.13.0.1 > /dev/null 2>&1
+echo "ETH0 flags=$(cat /sys/class/net/eth0/flags) operstate=$(cat /sys/class/net/eth0/operstate) tx_packets=$(cat /sys/class/net/eth0/statistics/tx_packets)"
+ip link show eth0
+"#
+    );
+    let qemu = guest_on(&a, name, 2)
+        .link(&link, GDB_KEY)
+        .fast_link(&net, FastLinkNic::VirtioNet)
+        .noload();
+    let out = run(qemu, &script);
+    let _ = std::fs::remove_file(&link);
+    let _ = std::fs::remove_file(&net);
+    assert_success(&out);
+    let o = out.script_output();
+    let line = |step: &str| {
+        o.lines()
+            .find(|l| l.starts_with(&format!("{step} ")))
+            .unwrap_or_else(|| panic!("no {step} line in the script's output:\n{o}"))
+            .to_string()
+    };
+    // Linux's own driver has the NIC before the agent loads.
+    assert!(
+        line("LINUX").contains("driver=virtio-pci") && line("LINUX").contains("eth0"),
+        "{o}"
+    );
+    assert!(o.contains("insmod-rc=0"), "the agent did not load:\n{o}");
+    assert_console_has(
+        &out,
+        &format!(
+            "quicksilver: fast link: {FAST_LINK_BDF} (virtio-net) taken from virtio-pci, 10.13.0.2:50000"
+        ),
+    );
+    // The stub holds it, and Linux has no interface for it.
+    assert!(
+        line("TAKEN").contains("driver=quicksilver-net") && !line("TAKEN").contains("eth0"),
+        "{o}"
+    );
+    assert!(
+        o.contains(&format!(
+            "fast link: NIC {FAST_LINK_BDF} (held by quicksilver-net), 10.13.0.2:50000"
+        )),
+        "qsctl status does not show the fast link:\n{o}"
+    );
+    assert!(o.contains("rmmod-rc=0"), "{o}");
+    assert_console_has(
+        &out,
+        &format!("quicksilver: fast link: {FAST_LINK_BDF} given back to virtio-pci"),
+    );
+    // Linux's driver drives it again: the interface is back and comes up.
+    assert!(
+        line("GIVEN").contains("driver=virtio-pci") && line("GIVEN").contains("eth0"),
+        "{o}"
+    );
+    assert!(o.contains("up-rc=0"), "{o}");
+    let eth0 = line("ETH0");
+    let flags = eth0
+        .split("flags=0x")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| u32::from_str_radix(s, 16).ok())
+        .unwrap_or_else(|| panic!("no flags in {eth0:?}"));
+    assert!(flags & 1 != 0, "eth0 is not up (IFF_UP): {eth0}\n{o}");
+    // And sends: the ARP requests went out through Linux's driver.
+    let tx: u64 = eth0
+        .split("tx_packets=")
+        .nth(1)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(tx > 0, "eth0 sent nothing: {eth0}\n{o}");
+    assert_kernel_clean(&out);
+}
