@@ -157,7 +157,40 @@ fn cmd_status() -> Result<()> {
             abi::STORE_CHUNK_SIZE >> 20
         );
     }
+    if let Some(line) = fast_link_line() {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// The fast link as the agent was loaded (`net=`, `net_ip=`, `net_port=`) and who holds the
+/// NIC now (the agent's stub driver, `quicksilver-net`, while the hv drives it); `None`
+/// without `net=`.
+fn fast_link_line() -> Option<String> {
+    let param = |name: &str| {
+        std::fs::read_to_string(format!("/sys/module/quicksilver/parameters/{name}"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let net = param("net");
+    if net.is_empty() {
+        return None;
+    }
+    // The agent takes 00:04.0 as well as 0000:00:04.0; sysfs names the device with its domain.
+    let bdf = if net.matches(':').count() == 1 {
+        format!("0000:{net}")
+    } else {
+        net.clone()
+    };
+    let driver = std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/driver"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "no driver".into());
+    Some(format!(
+        "fast link: NIC {bdf} (held by {driver}), {}:{}",
+        param("net_ip"),
+        param("net_port")
+    ))
 }
 
 fn cmd_switch(activate: bool) -> Result<()> {
