@@ -14,6 +14,32 @@ const PAGES: usize = 8;
 #[repr(C, align(4096))]
 struct Arena([[u8; 4096]; PAGES]);
 
+/// Frames' buffers: the driver's header (virtio's 12 bytes) and a 1514-byte frame, rounded up
+/// (virtio-drivers wants receive buffers of at least 1526 bytes; the 82574L's smallest
+/// receive buffer size is 2048).
+pub const BUF: usize = 2048;
+/// Buffers each way: one per descriptor of a 16-entry ring.
+pub const BUFS: usize = 16;
+
+/// Receive and transmit buffers, for whichever driver runs (the hv drives one NIC).
+#[repr(C, align(4096))]
+pub struct Buffers {
+    pub rx: [[u8; BUF]; BUFS],
+    pub tx: [[u8; BUF]; BUFS],
+}
+
+/// Only the one driver (behind the net lock) touches them.
+static mut BUFFERS: Buffers = Buffers {
+    rx: [[0; BUF]; BUFS],
+    tx: [[0; BUF]; BUFS],
+};
+
+/// The buffers. Only the driver behind the net lock may dereference it, and only a buffer
+/// the device does not own at that moment.
+pub fn buffers() -> *mut Buffers {
+    core::ptr::addr_of_mut!(BUFFERS)
+}
+
 /// Pages are handed out once each (`NEXT` only grows) until `reset`.
 static mut ARENA: Arena = Arena([[0; 4096]; PAGES]);
 static NEXT: AtomicUsize = AtomicUsize::new(0);

@@ -4,7 +4,8 @@
 //! dormant and in the hv's own while active), BARs at the addresses the agent mapped them, and
 //! configuration space read from the agent's snapshot ([`ShadowConfig`]).
 
-use super::{dma, Nic};
+use super::dma::{self, buffers};
+use super::Nic;
 use core::ptr::NonNull;
 use quicksilver_proto::abi::NetConfig;
 use virtio_drivers::device::net::VirtIONetRaw;
@@ -15,10 +16,8 @@ use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 /// Descriptors per queue. QEMU's device completes a transmit during the notifying write
 /// (TCG runs the device model in the vCPU's thread), so a few in flight are enough; 16
 /// receive buffers absorb a burst from the bridge while the hv is busy.
-const QUEUE: usize = 16;
-/// One buffer: the 12-byte `virtio_net_hdr` (VERSION_1) and a 1514-byte frame, rounded up
-/// (the crate wants receive buffers of at least 1526 bytes).
-const BUF: usize = 2048;
+const QUEUE: usize = dma::BUFS;
+const BUF: usize = dma::BUF;
 
 /// The hv's side of `virtio-drivers`.
 pub struct HvHal;
@@ -137,20 +136,6 @@ impl ConfigurationAccess for ShadowConfig {
     }
 }
 
-/// Receive and transmit buffers: in the image, so that the device reaches them at their
-/// physical address and the hv at one virtual address in both modes.
-#[repr(C, align(4096))]
-struct Buffers {
-    rx: [[u8; BUF]; QUEUE],
-    tx: [[u8; BUF]; QUEUE],
-}
-
-/// Only the one `VirtioNet` (behind the net lock) touches them.
-static mut BUFFERS: Buffers = Buffers {
-    rx: [[0; BUF]; QUEUE],
-    tx: [[0; BUF]; QUEUE],
-};
-
 /// The device, its receive buffers posted, transmit slots in a ring.
 pub struct VirtioNet {
     dev: VirtIONetRaw<HvHal, PciTransport, QUEUE>,
@@ -170,10 +155,6 @@ pub enum Error {
     Unsupported,
     /// The transport or the device refused.
     Device,
-}
-
-fn buffers() -> *mut Buffers {
-    core::ptr::addr_of_mut!(BUFFERS)
 }
 
 impl VirtioNet {
