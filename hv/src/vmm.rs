@@ -290,6 +290,7 @@ impl Hv {
             link_unrouted: 0,
             link_stale_replies: 0,
             devices: crate::devices::stats_record(),
+            net: crate::net::stats_record(),
         };
         crate::link::write_stats(&mut h);
         if let Some(hdr) = self.header {

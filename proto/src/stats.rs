@@ -5,7 +5,7 @@
 /// "QSST".
 pub const STATS_MAGIC: u32 = 0x5453_5351;
 /// Layout version of this block.
-pub const STATS_VERSION: u32 = 6;
+pub const STATS_VERSION: u32 = 7;
 
 /// Kinds of #VMEXIT counted per CPU. The numbers index [`CpuStats::exits`].
 #[repr(usize)]
@@ -215,6 +215,40 @@ pub struct StatsHeader {
     pub link_stale_replies: u64,
     /// The legacy devices (`qsctl stats`' devices line).
     pub devices: DevicesRecord,
+    /// The fast link (`qsctl stats`' fast link line).
+    pub net: NetRecord,
+}
+
+/// The fast link's counters: frames through the NIC, and datagrams by what became of them
+/// (`quicksilver_proto::link::net::NetCounters`, field for field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRecord {
+    /// 0: no NIC; 1: the NIC runs, no bridge; 2: a bridge is authenticated; 3: and answers
+    /// go to it on the fast link (it spoke there last).
+    pub state: u64,
+    /// Frames received from and sent to the NIC.
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+    /// Frames the NIC did not take in time (a backend that stopped reading), dropped.
+    pub tx_dropped: u64,
+    /// Datagrams accepted (the handshake's included) and sent; ARP requests answered.
+    pub accepted: u64,
+    pub sent: u64,
+    pub arp_answered: u64,
+    /// Bridges refused for a wrong key.
+    pub wrong_key: u64,
+    /// Datagrams dropped, by reason.
+    pub malformed: u64,
+    pub fragmented: u64,
+    pub oversized: u64,
+    pub not_for_us: u64,
+    pub bad_magic: u64,
+    pub unauthenticated: u64,
+    pub bad_tag: u64,
+    pub wrong_session: u64,
+    pub replayed: u64,
+    pub spoofed: u64,
 }
 
 /// Per-CPU counters.
@@ -236,7 +270,8 @@ pub struct CpuStats {
 }
 
 const _: () = assert!(core::mem::size_of::<DevicesRecord>() == 112);
-const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 48 + 112);
+const _: () = assert!(core::mem::size_of::<NetRecord>() == 144);
+const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 48 + 112 + 144);
 const _: () = assert!(core::mem::size_of::<CpuStats>() == 112);
 
 /// Bytes in a block for `cpus` CPUs.
@@ -331,6 +366,7 @@ mod tests {
             link_unrouted: 0,
             link_stale_replies: 0,
             devices: DevicesRecord::default(),
+            net: NetRecord::default(),
         };
         h.hv_version[..5].copy_from_slice(b"0.1.0");
         // SAFETY: test-only byte copies of repr(C) integer structs into a large enough buffer.

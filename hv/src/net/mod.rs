@@ -25,6 +25,7 @@ use quicksilver_proto::abi::{
 use quicksilver_proto::link::endpoint::{Event, State};
 use quicksilver_proto::link::net::NetEndpoint;
 use quicksilver_proto::link::{checkpoint, control, Channel};
+use quicksilver_proto::stats::NetRecord;
 use spin::Mutex;
 
 /// A NIC the hv drives: one Ethernet frame at a time, polled.
@@ -327,6 +328,43 @@ pub fn send(what: Outgoing<'_>) -> bool {
         Outgoing::Checkpoint(m) => endpoint.send_checkpoint(m, &mut tx),
     }
     true
+}
+
+/// The fast link's part of the statistics block.
+pub fn stats_record() -> NetRecord {
+    let guard = NET.lock();
+    let Some(net) = guard.as_ref() else {
+        return NetRecord::default();
+    };
+    let c = net.endpoint.counters();
+    let tx_dropped = match &net.nic {
+        Driver::Virtio(n) => n.tx_dropped,
+        Driver::E1000e(n) => n.tx_dropped,
+    };
+    NetRecord {
+        state: match net.endpoint.state() {
+            State::Authenticated if preferred() => 3,
+            State::Authenticated => 2,
+            _ => 1,
+        },
+        rx_frames: RX_FRAMES.load(Relaxed),
+        tx_frames: TX_FRAMES.load(Relaxed),
+        tx_dropped,
+        accepted: c.accepted,
+        sent: c.sent,
+        arp_answered: c.arp_answered,
+        wrong_key: c.wrong_key,
+        malformed: c.malformed,
+        fragmented: c.fragmented,
+        oversized: c.oversized,
+        not_for_us: c.not_for_us,
+        bad_magic: c.bad_magic,
+        unauthenticated: c.unauthenticated,
+        bad_tag: c.bad_tag,
+        wrong_session: c.wrong_session,
+        replayed: c.replayed,
+        spoofed: c.spoofed,
+    }
 }
 
 /// What `crate::link` sends.
