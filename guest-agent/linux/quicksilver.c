@@ -1296,9 +1296,12 @@ static void qs_net_give_back(void)
 		drv = READ_ONCE(pdev->dev.driver);
 		if (drv)
 			pr_info("fast link: %s given back to %s\n", pci_name(pdev), drv->name);
-		else
-			pr_info("fast link: %s given back; no driver took it (error %d): load its driver's module\n",
+		else if (err < 0)
+			pr_warn("fast link: %s given back, but binding a driver to it failed (error %d)\n",
 				pci_name(pdev), err);
+		else
+			pr_info("fast link: %s given back; no driver is loaded for it\n",
+				pci_name(pdev));
 	}
 	pci_dev_put(pdev);
 	kfree(qs_net.old_override);

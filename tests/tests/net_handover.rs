@@ -117,3 +117,99 @@ ip link show eth0
     assert!(tx > 0, "eth0 sent nothing: {eth0}\n{o}");
     assert_kernel_clean(&out);
 }
+
+#[test]
+fn a_net_the_fast_link_cannot_use_is_refused_with_cause_and_fix_and_the_nic_stays_linuxs() {
+    let a = artifacts();
+    let name = "net-refusals";
+    let run_dir = a.dir.join("run");
+    let link = run_dir.join(format!("{name}-{}.sock", std::process::id()));
+    let net = run_dir.join(format!("{name}-{}.net.sock", std::process::id()));
+    let other = run_dir.join(format!("{name}-{}.e1000.sock", std::process::id()));
+    let _ = std::fs::create_dir_all(&run_dir);
+    // 00:01.1 is the PIIX3's IDE function (I/O BARs only); 00:05.0 an 82540EM (e1000), a NIC
+    // the hv does not drive.
+    let script = format!(
+        r#"NIC={FAST_LINK_BDF}
+{PRELUDE}
+for m in $(cat /lib/quicksilver/net-modules); do insmod $m || echo "INSMOD-FAILED $m"; done
+try() {{ insmod {KO} image=/lib/quicksilver/hv.img "$@"; echo "rc=$? for $*"; }}
+try $params net=zz:1
+try $params net=0000:00:07.0
+try $params net=00:01.1
+try $params net=00:05.0
+echo "E1000 override=$(cat /sys/bus/pci/devices/0000:00:05.0/driver_override)"
+try net=$NIC
+show STILL
+try $params net=00:04.0
+show TAKEN
+rmmod quicksilver
+show GIVEN
+"#
+    );
+    let qemu = guest_on(&a, name, 2)
+        .link(&link, GDB_KEY)
+        .fast_link_nic(&net, FastLinkNic::VirtioNet)
+        .args([
+            "-netdev".to_string(),
+            format!(
+                "stream,id=other,server=on,addr.type=unix,addr.path={}",
+                other.display()
+            ),
+            "-device".into(),
+            "e1000,netdev=other,addr=0x5,romfile=".into(),
+        ])
+        .noload();
+    let out = run(qemu, &script);
+    for sock in [&link, &net, &other] {
+        let _ = std::fs::remove_file(sock);
+    }
+    assert_success(&out);
+    let o = out.script_output();
+    for (param, said) in [
+        (
+            "net=zz:1",
+            "refusing to load: net=zz:1 is not a PCI address: give the NIC's as lspci -D prints it (net=0000:00:04.0)",
+        ),
+        (
+            "net=0000:00:07.0",
+            "refusing to load: no PCI device at net=0000:00:07.0: lspci -D lists this machine's; give the NIC's",
+        ),
+        (
+            "net=00:01.1",
+            "refusing to load: 0000:00:01.1 (8086:7010) has no memory BAR",
+        ),
+        (
+            "net=00:05.0",
+            "refusing to load: the hv refused 0000:00:05.0 for the fast link: the NIC given for the fast link (net=) is not one the hv drives",
+        ),
+        (
+            "for net=0000:00:04.0",
+            "refusing to load: net=0000:00:04.0 needs the link",
+        ),
+    ] {
+        assert!(
+            o.lines()
+                .any(|l| l.starts_with("rc=") && !l.starts_with("rc=0") && l.ends_with(param)),
+            "insmod with {param} was not refused:\n{o}"
+        );
+        assert_console_has(&out, &format!("quicksilver: {said}"));
+    }
+    // The refused NIC went back as it was: no override left behind.
+    assert!(o.contains("E1000 override=(null)"), "{o}");
+    assert_console_has(
+        &out,
+        "quicksilver: fast link: 0000:00:05.0 given back; no driver is loaded for it",
+    );
+    // The refusals left the fast link's NIC to Linux, and a good net= still takes it.
+    let line = |step: &str| {
+        o.lines()
+            .find(|l| l.starts_with(&format!("{step} ")))
+            .unwrap_or_else(|| panic!("no {step} line in the script's output:\n{o}"))
+            .to_string()
+    };
+    assert!(line("STILL").contains("driver=virtio-pci"), "{o}");
+    assert!(line("TAKEN").contains("driver=quicksilver-net"), "{o}");
+    assert!(line("GIVEN").contains("driver=virtio-pci"), "{o}");
+    assert_kernel_clean(&out);
+}
