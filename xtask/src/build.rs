@@ -36,10 +36,11 @@ pub const KVM_MODULES: &[&str] = &["kvm_amd"];
 /// The guest's disk driver, for tests that hand it a disk to write into (`qsctl export`):
 /// the PCI transport (a module in Debian 12's kernels, built in in 13's), then the driver.
 pub const DISK_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
-/// Linux's own driver for the fast link's NIC (virtio-net-pci under QEMU), which the agent
-/// takes the NIC from and gives it back to: the transport, then the driver (which needs
-/// `net_failover` and `failover`, modules in every supported kernel).
-pub const NET_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
+/// Linux's own drivers for the fast link's NICs, which the agent takes the NIC from and gives
+/// it back to: virtio-net-pci's transport and driver (which needs `net_failover` and
+/// `failover`, modules in every supported kernel), and the 82574L's `e1000e` (which needs
+/// `ptp` and `pps_core`). Each binds only its own NIC.
+pub const NET_MODULES: &[&str] = &["virtio_pci", "virtio_net", "e1000e"];
 
 /// Builds every part for `kernel`; see the module documentation.
 pub fn build(kernel: &Kernel) -> anyhow::Result<Artifacts> {

@@ -12,10 +12,10 @@
 //! /lib/quicksilver/quicksilver.ko   the agent
 //! /lib/quicksilver/kvm-modules      paths of the KVM modules, one a line, in insmod order
 //! /lib/quicksilver/disk-modules     the same for the disk driver (virtio_blk), for tests
-//! /lib/quicksilver/net-modules      the same for Linux's own NIC driver (virtio_net), for the
-//!                                   fast link's hand-over tests
-//! /lib/modules-extra/*.ko           those modules (kvm-amd, virtio_blk, virtio_net, and what
-//!                                   they need)
+//! /lib/quicksilver/net-modules      the same for Linux's own NIC drivers (virtio_net, e1000e),
+//!                                   for the fast link's hand-over tests
+//! /lib/modules-extra/*.ko           those modules (kvm-amd, virtio_blk, virtio_net, e1000e,
+//!                                   and what they need)
 //! /qs/script.sh                     per run: appended by the runner (qs_testkit::qemu)
 //! ```
 //!
@@ -130,7 +130,7 @@ pub const KVM_MODULES_DIR: &str = "lib/modules-extra";
 pub const KVM_MODULES_LIST: &str = "lib/quicksilver/kvm-modules";
 /// Paths of the disk driver's modules, one a line, in insmod order.
 pub const DISK_MODULES_LIST: &str = "lib/quicksilver/disk-modules";
-/// The same for the NIC driver the fast link takes its NIC from and gives it back to.
+/// The same for the NIC drivers the fast link takes its NIC from and gives it back to.
 pub const NET_MODULES_LIST: &str = "lib/quicksilver/net-modules";
 
 /// A loadable kernel module found in the kernel package.
