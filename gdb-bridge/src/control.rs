@@ -77,7 +77,7 @@ pub fn serve_control(listener: UnixListener, state: Arc<State>) {
 
 /// The commands, for `help`.
 pub const HELP: &[(&str, &str)] = &[
-    ("status", "where the link and the debugger session stand, and counts"),
+    ("status", "where the link and the debugger session stand, and counts; fast_link: the fast link's address, state (connecting|up|down), why, rtt_median_us, rates, and datagrams dropped by reason (null without --net)"),
     (
         "checkpoint",
         "take a checkpoint of the whole machine: {ok, id, pause_us, cpus, pages, bytes}",
@@ -209,6 +209,10 @@ pub fn control_reply(command: &str, state: &Arc<State>) -> serde_json::Value {
         "status" => {
             let mut v = state.status().to_json();
             v["link_bytes"] = serde_json::json!(state.checkpoints.wire_bytes());
+            v["fast_link"] = state
+                .fast
+                .get()
+                .map_or(serde_json::Value::Null, |f| f.status_json());
             v
         }
         "export-status" => state.exports.status(),

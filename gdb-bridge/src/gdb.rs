@@ -149,6 +149,8 @@ fn on_control(payload: &[u8], link: &Link, state: &State) -> Result<()> {
                 st.session = SessionState::Ended
             });
         }
+        // The answer to the serial ping that moved the machine back after the fast link fell.
+        Ok(Message::Pong { .. }) => {}
         Ok(other) => eprintln!("qs-bridge: ignored an unexpected {other:?} from the machine"),
         Err(_) => match checkpoint::Message::decode(payload) {
             Ok(checkpoint::Message::Event(e)) => state.checkpoints.publish(&e),
@@ -241,7 +243,7 @@ fn pump_client(mut reader: TcpStream, link: &Link, state: &State) -> bool {
         match reader.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                filter.push(&buf[..n], &mut out);
+                filter.push_answering_link(&buf[..n], &mut out, &|| link.report());
                 for o in out.drain(..) {
                     match o {
                         ToSend::Machine(bytes) => {

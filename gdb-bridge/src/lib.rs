@@ -2,6 +2,8 @@
 //!
 //! - [`link`]: where the link is and the framed link over it (Unix socket, TCP, serial port);
 //!   its reader drops (and counts) anything corrupt, truncated, oversized or replayed;
+//! - [`net`]: the fast link (`--net`): the machine's NIC, UDP datagrams, its handshake,
+//!   pings and the fall back to the serial link; [`rate`]: a byte counter's recent rate;
 //! - [`auth`]: the hello and the challenge/response, with clear refusals;
 //! - [`state`]: what the bridge knows (link, session, counts), shared by the threads below;
 //! - [`gdb`]: the demultiplexer that routes every frame by channel, and one gdb client at a
@@ -30,8 +32,10 @@ pub mod facts;
 pub mod gdb;
 pub mod inspect;
 pub mod link;
+pub mod net;
 pub mod page_kinds;
 pub mod patch_sites;
+pub mod rate;
 pub mod rsp;
 pub mod state;
 
@@ -39,4 +43,5 @@ pub use auth::{authenticate, authenticate_until};
 pub use control::{bind_control, control_reply, serve_control};
 pub use gdb::{serve_gdb, DETACH};
 pub use link::{Inbound, Link, LinkAddr};
+pub use net::{NetAddr, NetOptions};
 pub use state::{LinkState, SessionState, State, Status};

@@ -2,15 +2,22 @@
 //! TCP or a serial port (raw mode, set through termios), and [`Link`]: a writer that splits
 //! payloads into frames, and a reader thread that decodes frames and drops (and counts)
 //! anything corrupt, truncated, oversized or replayed before it reaches a consumer.
+//!
+//! With `--net`, the link also owns the fast link ([`crate::net`]) and routes: gdb's bytes,
+//! checkpoint requests and bulk data go over the fast link while it is up, everything else
+//! (attention, the handshake) over the serial line; what the fast link receives joins the
+//! serial link's inbound queue, so that its consumers need not know which link carried it.
 
+use crate::net::{Fallback, Hooks, NetAddr, NetLink, NetOptions, NetState};
+use crate::rate::Rate;
 use anyhow::{bail, Context, Result};
 use quicksilver_proto::link::{self, control, Channel, Decoder, DropCounts, Session};
 use rustix::termios;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 /// Where the link is.
@@ -25,6 +32,15 @@ pub enum LinkAddr {
 }
 
 impl LinkAddr {
+    /// As the user gave it.
+    pub fn describe(&self) -> String {
+        match self {
+            LinkAddr::Unix(p) => format!("unix:{p}"),
+            LinkAddr::Tcp(a) => format!("tcp:{a}"),
+            LinkAddr::Serial(p) => p.clone(),
+        }
+    }
+
     /// Parses `unix:PATH`, `tcp:HOST:PORT` or `/dev/ttyXXX`.
     pub fn parse(s: &str) -> Result<LinkAddr> {
         if let Some(p) = s.strip_prefix("unix:") {
@@ -57,9 +73,15 @@ pub struct Link {
     writer: Mutex<Writer>,
     seq: AtomicU32,
     inbound: Mutex<Receiver<Inbound>>,
+    /// Where the fast link's payloads join the inbound queue.
+    inbound_tx: Mutex<Sender<Inbound>>,
     drops: Arc<Mutex<DropCounts>>,
-    /// Bytes read from the link, frames or not.
-    wire_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes read from the serial link, frames or not.
+    wire: Arc<Rate>,
+    /// Where the serial link is, for `monitor link`.
+    describe: Mutex<String>,
+    /// The fast link, with `--net`.
+    fast: OnceLock<Arc<NetLink>>,
 }
 
 fn open_serial(path: &str, baud: u32) -> Result<(Box<dyn Read + Send>, Writer)> {
@@ -107,15 +129,21 @@ impl Link {
             }
             LinkAddr::Serial(p) => open_serial(p, baud)?,
         };
-        Ok(Link::over(reader, writer))
+        let link = Link::over(reader, writer);
+        *link.describe.lock().expect("describe") = match addr {
+            LinkAddr::Serial(p) => format!("{p} at {baud} baud"),
+            other => other.describe(),
+        };
+        Ok(link)
     }
 
     /// A link over any byte stream (used by `open`, and by tests over a socket pair).
     pub fn over(mut reader: Box<dyn Read + Send>, writer: Writer) -> Link {
         let (tx, rx) = mpsc::channel();
+        let inbound_tx = Mutex::new(tx.clone());
         let drops = Arc::new(Mutex::new(DropCounts::default()));
         let counts = drops.clone();
-        let wire_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let wire_bytes = Arc::new(Rate::default());
         let wire = wire_bytes.clone();
         std::thread::spawn(move || {
             let mut decoder = Decoder::default();
@@ -128,7 +156,7 @@ impl Link {
                         return;
                     }
                     Ok(n) => {
-                        wire.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        wire.add(n as u64);
                         n
                     }
                     Err(e) => {
@@ -162,18 +190,95 @@ impl Link {
             writer: Mutex::new(writer),
             seq: AtomicU32::new(1),
             inbound: Mutex::new(rx),
+            inbound_tx,
             drops,
-            wire_bytes,
+            wire: wire_bytes,
+            describe: Mutex::new("a byte stream".into()),
+            fast: OnceLock::new(),
         }
     }
 
-    /// Bytes read from the link so far, frames or not.
-    pub fn wire_bytes(&self) -> u64 {
-        self.wire_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    /// Starts the fast link (once the serial link is authenticated): from the moment its
+    /// handshake succeeds it carries gdb's bytes, checkpoint requests and bulk data.
+    pub fn start_fast(
+        self: &Arc<Self>,
+        addr: NetAddr,
+        opts: NetOptions,
+        key: &[u8],
+    ) -> Arc<NetLink> {
+        let to_queue = self.inbound_tx.lock().expect("inbound").clone();
+        let serial: Weak<Link> = Arc::downgrade(self);
+        let hooks = Hooks {
+            deliver: Box::new(move |channel, payload| {
+                let _ = to_queue.send(Inbound::Frame { channel, payload });
+            }),
+            fallback: Box::new(move |f: Fallback| {
+                if let Some(link) = serial.upgrade() {
+                    link.fall_back(f);
+                }
+            }),
+        };
+        let fast = NetLink::start(addr, opts, key, hooks);
+        let _ = self.fast.set(fast.clone());
+        fast
     }
 
-    /// Sends `payload` on `channel`, split into frames of at most [`link::MAX_PAYLOAD`].
+    /// The fast link, if `--net` gave one.
+    pub fn fast(&self) -> Option<&Arc<NetLink>> {
+        self.fast.get()
+    }
+
+    /// The fast link went down: a ping on the serial line makes the machine answer here
+    /// again, and gdb's read whose answer was lost is asked again (a write or a resume is
+    /// not: asking twice could do it twice; gdb hears of those from the stop reply).
+    fn fall_back(&self, f: Fallback) {
+        let _ = self.send_control(control::Message::Ping { n: 0 });
+        if let Some(body) = f.unanswered_read {
+            let _ = self.send_serial(Channel::Gdb, &crate::rsp::packet(&body));
+        }
+    }
+
+    /// Bytes read so far from both links, frames or not.
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire.total() + self.fast().map_or(0, |f| f.rx_bytes())
+    }
+
+    /// Lines for gdb's `monitor link`: which link carries the session, and each link's
+    /// address, round trip and recent rate.
+    pub fn report(&self) -> String {
+        let serial = self.describe.lock().expect("describe").clone();
+        let carrier = match self.fast() {
+            Some(f) if f.state() == NetState::Up => "the fast link",
+            _ => "the serial link",
+        };
+        let mut s = format!("the session is carried by {carrier}\n");
+        if let Some(f) = self.fast() {
+            s += &f.report();
+        }
+        s += &format!(
+            "serial link {serial}: in {} B/s, {} bytes in all; {} frames dropped\n",
+            self.wire.per_second(),
+            self.wire.total(),
+            self.drops().total()
+        );
+        s
+    }
+
+    /// Sends `payload` on `channel`: over the fast link while it is up (gdb, control and
+    /// bulk), else split into frames of at most [`link::MAX_PAYLOAD`] on the serial link.
     pub fn send(&self, channel: Channel, payload: &[u8]) -> Result<()> {
+        if channel != Channel::Console {
+            if let Some(f) = self.fast() {
+                if f.send(channel, payload) {
+                    return Ok(());
+                }
+            }
+        }
+        self.send_serial(channel, payload)
+    }
+
+    /// Sends `payload` on `channel` on the serial link.
+    pub fn send_serial(&self, channel: Channel, payload: &[u8]) -> Result<()> {
         let mut w = self.writer.lock().expect("link writer");
         let mut out = [0u8; link::MAX_WIRE];
         for chunk in payload
@@ -195,11 +300,11 @@ impl Link {
         w.flush().context("writing to the link")
     }
 
-    /// Sends a control message.
+    /// Sends a control message on the serial link (attention and the handshake belong there).
     pub fn send_control(&self, m: control::Message) -> Result<()> {
         let mut buf = [0u8; 33];
         let n = m.encode(&mut buf);
-        self.send(Channel::Control, &buf[..n])
+        self.send_serial(Channel::Control, &buf[..n])
     }
 
     /// The next inbound item, waiting at most `timeout`.

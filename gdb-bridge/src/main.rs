@@ -1,17 +1,21 @@
 //! `qs-bridge --link unix:PATH|tcp:HOST:PORT|/dev/ttyXXX [--baud N] --key FILE --gdb ADDR:PORT
-//! [--console FILE] [--control SOCKET] [--timeout S]`
+//! [--net stream:PATH|udp:HOST:PORT [--net-ip IP] [--net-peer IP:PORT]] [--console FILE]
+//! [--control SOCKET] [--timeout S]`
 //!
 //! Owns the link to a Quicksilver machine: authenticates with the key the agent was loaded
 //! with, then serves GDB's remote protocol on TCP (a client stops every CPU; its bytes flow
 //! once the machine says so) and copies the machine's console to stdout (or `--console FILE`).
 //! `--control` serves a Unix socket, one JSON line per request: `status`, the checkpoint
 //! commands (`checkpoint`, `checkpoints`, `rollback ID`, `delete ID|all`), `subscribe` (events
-//! pushed as they happen) and `help`.
+//! pushed as they happen) and `help`. `--net` adds the fast link (the machine's NIC): after
+//! the serial handshake, gdb's bytes, checkpoint requests and bulk data go over it while it
+//! answers, and back over the serial link when it does not.
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use qs_bridge::{
-    authenticate_until, bind_control, serve_control, serve_gdb, Link, LinkAddr, LinkState, State,
+    authenticate_until, bind_control, serve_control, serve_gdb, Link, LinkAddr, LinkState, NetAddr,
+    NetOptions, State,
 };
 use std::io::Write;
 use std::sync::Arc;
@@ -27,6 +31,18 @@ struct Args {
     /// The link: unix:PATH, tcp:HOST:PORT or a serial device.
     #[arg(long)]
     link: String,
+    /// The fast link, beside the serial one: stream:PATH (QEMU's -netdev
+    /// stream,server=on,addr.type=unix,addr.path=PATH; the bridge is then a host on that
+    /// Ethernet) or udp:HOST:PORT (the machine's net_ip= and net_port=).
+    #[arg(long, value_name = "stream:PATH|udp:HOST:PORT")]
+    net: Option<String>,
+    /// The bridge's IPv4 address on a stream: Ethernet.
+    #[arg(long, value_name = "IP", default_value = "10.13.0.1")]
+    net_ip: std::net::Ipv4Addr,
+    /// The machine's IPv4 address and UDP port on a stream: Ethernet (the agent's net_ip=
+    /// and net_port=).
+    #[arg(long, value_name = "IP:PORT", default_value = "10.13.0.2:50000")]
+    net_peer: std::net::SocketAddrV4,
     /// Baud rate of a serial device.
     #[arg(long, default_value_t = 115200)]
     baud: u32,
@@ -65,6 +81,7 @@ fn run(args: Args) -> Result<()> {
     })?;
     let key = key.trim_ascii_end().to_vec();
     let addr = LinkAddr::parse(&args.link)?;
+    let net = args.net.as_deref().map(NetAddr::parse).transpose()?;
     let mut console: Box<dyn Write + Send> = match &args.console {
         Some(p) => Box::new(
             std::fs::File::create(p)
@@ -102,6 +119,21 @@ fn run(args: Args) -> Result<()> {
         &mut *console,
     )?;
     state.update(|st| st.link = LinkState::Authenticated);
+    if let Some(net) = net {
+        let opts = NetOptions {
+            ip: args.net_ip,
+            peer: args.net_peer,
+        };
+        let described = net.describe();
+        let fast = link.start_fast(net, opts, &key);
+        let _ = state.fast.set(fast.clone());
+        if !fast.wait_up(Duration::from_secs(args.timeout)) {
+            eprintln!(
+                "qs-bridge: the fast link ({described}) did not come up within {} s: is the agent loaded with net= and the hv active? The serial link serves meanwhile; the control socket's status says why (fast_link.why), and the bridge keeps trying",
+                args.timeout
+            );
+        }
+    }
     state.checkpoints.set_link(link.clone());
     let listener = std::net::TcpListener::bind(&args.gdb)
         .with_context(|| format!("cannot listen for gdb on {}: is the port in use?", args.gdb))?;

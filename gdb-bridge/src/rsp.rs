@@ -17,7 +17,8 @@ pub enum ToSend {
 /// link at every attach. Until gdb asks for `QStartNoAckMode` (which the hv's stub grants:
 /// the gdbstub crate's default, and gdb asks before it reads the description), the bridge
 /// acks the packet it answers and takes gdb's ack of its answer (a `-` gets the answer again);
-/// after it, neither side acks. Also notes gdb's detach and kill packets.
+/// after it, neither side acks. Also notes gdb's detach and kill packets, and (with
+/// [`GdbFilter::push_answering_link`]) answers `monitor link`, which only the bridge knows.
 #[derive(Default)]
 pub struct GdbFilter {
     /// The packet being collected, from `$` to the end of its checksum.
@@ -34,10 +35,32 @@ pub struct GdbFilter {
 
 impl GdbFilter {
     const TARGET_XML_READ: &'static [u8] = b"qXfer:features:read:target.xml:";
+    /// `monitor link`: `qRcmd` and "link" in hex.
+    const MONITOR_LINK: &'static [u8] = b"qRcmd,6c696e6b";
 
     /// Takes the next bytes of gdb's stream (any split); appends to `out` what goes where,
     /// in the stream's order.
     pub fn push(&mut self, bytes: &[u8], out: &mut Vec<ToSend>) {
+        self.push_inner(bytes, out, None)
+    }
+
+    /// [`GdbFilter::push`], answering `monitor link` with `report()`'s text; every other
+    /// `monitor` command still goes to the machine.
+    pub fn push_answering_link(
+        &mut self,
+        bytes: &[u8],
+        out: &mut Vec<ToSend>,
+        report: &dyn Fn() -> String,
+    ) {
+        self.push_inner(bytes, out, Some(report))
+    }
+
+    fn push_inner(
+        &mut self,
+        bytes: &[u8],
+        out: &mut Vec<ToSend>,
+        report: Option<&dyn Fn() -> String>,
+    ) {
         let mut machine = Vec::new();
         for &b in bytes {
             if !self.packet.is_empty() {
@@ -48,7 +71,7 @@ impl GdbFilter {
                         if *left == 0 {
                             self.checksum_left = None;
                             let packet = std::mem::take(&mut self.packet);
-                            self.packet_done(packet, &mut machine, out);
+                            self.packet_done(packet, &mut machine, out, report);
                         }
                     }
                     None if b == b'#' => self.checksum_left = Some(2),
@@ -70,12 +93,21 @@ impl GdbFilter {
         flush(&mut machine, out);
     }
 
-    fn packet_done(&mut self, packet: Vec<u8>, machine: &mut Vec<u8>, out: &mut Vec<ToSend>) {
+    fn packet_done(
+        &mut self,
+        packet: Vec<u8>,
+        machine: &mut Vec<u8>,
+        out: &mut Vec<ToSend>,
+        report: Option<&dyn Fn() -> String>,
+    ) {
         let body = &packet[1..packet.len() - 3];
-        if let Some(answer) = body
-            .strip_prefix(Self::TARGET_XML_READ)
-            .and_then(|range| xfer_answer(range, quicksilver_proto::gdb::TARGET_XML.as_bytes()))
-        {
+        let own = match report {
+            Some(report) if body == Self::MONITOR_LINK => Some(monitor_answer(&report())),
+            _ => body.strip_prefix(Self::TARGET_XML_READ).and_then(|range| {
+                xfer_answer(range, quicksilver_proto::gdb::TARGET_XML.as_bytes())
+            }),
+        };
+        if let Some(answer) = own {
             flush(machine, out);
             if self.no_ack {
                 out.push(ToSend::Gdb(answer));
@@ -102,6 +134,34 @@ fn flush(machine: &mut Vec<u8>, out: &mut Vec<ToSend>) {
     }
 }
 
+/// The answer packet to a `qRcmd` whose output is `text` (hex, as gdb prints it).
+pub fn monitor_answer(text: &str) -> Vec<u8> {
+    let hex: String = text.bytes().map(|b| format!("{b:02x}")).collect();
+    packet(hex.as_bytes())
+}
+
+/// The last whole `$...#xx` packet in `bytes`, without `$` and checksum.
+pub fn last_packet(bytes: &[u8]) -> Option<&[u8]> {
+    let hash = bytes.iter().rposition(|&b| b == b'#')?;
+    let dollar = bytes[..hash].iter().rposition(|&b| b == b'$')?;
+    Some(&bytes[dollar + 1..hash])
+}
+
+/// Whether a gdb packet only reads (asking it again changes nothing on the machine).
+pub fn is_read(packet: &[u8]) -> bool {
+    matches!(packet.first(), Some(b'm' | b'g' | b'p' | b'q' | b'?'))
+}
+
+/// A whole packet: `$`, body, `#`, checksum.
+pub fn packet(body: &[u8]) -> Vec<u8> {
+    let sum = body.iter().fold(0u8, |s, &b| s.wrapping_add(b));
+    let mut p = Vec::with_capacity(body.len() + 4);
+    p.push(b'$');
+    p.extend_from_slice(body);
+    p.extend_from_slice(format!("#{sum:02x}").as_bytes());
+    p
+}
+
 /// The answer packet to a `qXfer:...:read` of `doc` for the `OFFSET,LENGTH` (hex) in `range`:
 /// `m` and a part when more follows, `l` and the rest at the end, binary-escaped, at most
 /// LENGTH bytes of data. None if `range` does not parse.
@@ -124,16 +184,57 @@ pub fn xfer_answer(range: &[u8], doc: &[u8]) -> Option<Vec<u8>> {
         taken += 1;
     }
     let kind = if taken < rest.len() { b'm' } else { b'l' };
-    let sum = data.iter().fold(kind, |s, &c| s.wrapping_add(c));
-    let mut packet = vec![b'$', kind];
-    packet.extend_from_slice(&data);
-    packet.extend_from_slice(format!("#{sum:02x}").as_bytes());
-    Some(packet)
+    data.insert(0, kind);
+    Some(packet(&data))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_reads_are_asked_again() {
+        assert_eq!(last_packet(b"+$m1000,4#8d"), Some(&b"m1000,4"[..]));
+        assert_eq!(last_packet(b"$g#67$c#63"), Some(&b"c"[..]));
+        assert_eq!(last_packet(b"+"), None);
+        for read in ["m1000,4", "g", "p10", "qSupported", "?"] {
+            assert!(is_read(read.as_bytes()), "{read}");
+        }
+        for write in [
+            "M1000,1:00",
+            "G00",
+            "P10=0",
+            "c",
+            "s",
+            "Z0,1,1",
+            "D",
+            "vCont;c",
+        ] {
+            assert!(!is_read(write.as_bytes()), "{write}");
+        }
+        assert_eq!(packet(b"g"), b"$g#67");
+    }
+
+    #[test]
+    fn monitor_link_is_answered_by_the_bridge_and_other_monitor_commands_are_not() {
+        let mut f = GdbFilter::default();
+        let mut out = Vec::new();
+        let report = || "fast link up\n".to_string();
+        f.push_answering_link(b"$qRcmd,6c696e6b#af$qRcmd,7374617473#fb", &mut out, &report);
+        let [ToSend::Gdb(answer), ToSend::Machine(rest)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            answer,
+            &[b"+".as_slice(), &monitor_answer("fast link up\n")].concat()
+        );
+        assert!(answer.starts_with(b"+$66617374"), "{answer:?}");
+        assert_eq!(rest, b"$qRcmd,7374617473#fb");
+        // Without a report (the plain push), `monitor link` is the machine's.
+        let mut out = Vec::new();
+        GdbFilter::default().push(b"$qRcmd,6c696e6b#af", &mut out);
+        assert!(matches!(&out[..], [ToSend::Machine(_)]));
+    }
 
     /// Feeds `chunks` to a fresh filter; returns what it sent where, and whether gdb ended.
     fn filter(chunks: &[&[u8]]) -> (Vec<ToSend>, bool) {

@@ -107,6 +107,8 @@ pub struct State {
     pub checkpoints: crate::checkpoints::Checkpoints,
     /// The export over the link of the moment, or the last one.
     pub exports: crate::export::Exports,
+    /// The fast link (`--net`), for the status.
+    pub fast: std::sync::OnceLock<Arc<crate::net::NetLink>>,
     /// The kernel's symbols (`--vmlinux`), for `cpus ID`.
     pub symbols: std::sync::OnceLock<crate::inspect::Symbols>,
 }

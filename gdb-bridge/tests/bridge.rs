@@ -12,13 +12,13 @@ use quicksilver_proto::link::checkpoint as ck;
 use quicksilver_proto::link::control::{End, Message};
 use quicksilver_proto::link::endpoint::{Endpoint, Event};
 use quicksilver_proto::link::{self, auth, Channel};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::*;
 
 const KEY: &[u8] = b"correct horse battery staple";
 const CPUS: u32 = 2;
@@ -34,39 +34,6 @@ fn frame(channel: Channel, seq: u32, payload: &[u8]) -> Vec<u8> {
     let n = link::encode(channel, seq, payload, &mut out).unwrap();
     out.truncate(n);
     out
-}
-
-/// Lines that grow while a test watches, and waiting for one.
-#[derive(Clone, Default)]
-struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
-
-impl Log {
-    fn push(&self, line: String) {
-        self.0 .0.lock().unwrap().push(line);
-        self.0 .1.notify_all();
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.0 .0.lock().unwrap().clone()
-    }
-
-    /// Waits until a line contains `needle`; panics with the whole log after `timeout`.
-    fn wait_for(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self.0 .0.lock().unwrap();
-        loop {
-            if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
-                return l.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no {needle:?} after {timeout:?}; got:\n{}",
-                lines.join("\n")
-            );
-            lines = self.0 .1.wait_timeout(lines, left).unwrap().0;
-        }
-    }
 }
 
 /// The fake machine: the real `Endpoint` with `key`. Its log has "attention", "stopped" (just
@@ -452,74 +419,6 @@ fn serve_read(e: &mut Endpoint, r: ck::Request, out: &mut Vec<u8>) {
     e.send(Channel::Bulk, &end[..n], &mut tx);
 }
 
-/// The `qs-bridge` binary; its stderr is collected line by line. Killed when dropped.
-struct Bridge {
-    child: Child,
-    stderr: Log,
-    reader: Option<std::thread::JoinHandle<()>>,
-    port: u16,
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Bridge {
-    /// Waits for the bridge to exit; returns its status and everything it said.
-    fn finish(mut self) -> (ExitStatus, String) {
-        let status = self.child.wait().unwrap();
-        if let Some(r) = self.reader.take() {
-            r.join().unwrap();
-        }
-        (status, self.stderr.lines().join("\n"))
-    }
-
-    fn gdb(&self) -> TcpStream {
-        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s
-    }
-}
-
-fn bridge(dir: &Path, key: &[u8], extra: &[&str]) -> Bridge {
-    let key_file = dir.join("key");
-    std::fs::write(&key_file, key).unwrap();
-    let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qs-bridge"))
-        .args(["--link", &format!("unix:{}", dir.join("link").display())])
-        .args(["--key", key_file.to_str().unwrap()])
-        .args(["--gdb", &format!("127.0.0.1:{port}")])
-        .args(["--console", dir.join("console.log").to_str().unwrap()])
-        .args(if extra.contains(&"--timeout") {
-            &[][..]
-        } else {
-            &["--timeout", "5"][..]
-        })
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = Log::default();
-    let lines = stderr.clone();
-    let pipe = BufReader::new(child.stderr.take().unwrap());
-    let reader = std::thread::spawn(move || {
-        for line in pipe.lines() {
-            let Ok(line) = line else { return };
-            lines.push(line);
-        }
-    });
-    Bridge {
-        child,
-        stderr,
-        reader: Some(reader),
-        port,
-    }
-}
-
 /// A fake machine that stops at once when asked, and a bridge authenticated to it.
 fn authenticated_to_a_stopping_machine(name: &str) -> (Machine, Bridge) {
     let dir = tempdir(name);
@@ -531,36 +430,6 @@ fn authenticated_to_a_stopping_machine(name: &str) -> (Machine, Bridge) {
     let b = bridge(&dir, KEY, &[]);
     b.stderr.wait_for("authenticated", LONG);
     (m, b)
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qs-bridge-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-const LONG: Duration = Duration::from_secs(15);
-
-/// Reads what comes until `want` bytes have, or the peer closes or times out.
-fn read_some(s: &mut TcpStream, want: usize) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 256];
-    while got.len() < want {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    got
 }
 
 fn gdb_packets(log: &Log) -> Vec<String> {
@@ -757,36 +626,6 @@ fn a_kill_is_a_detach_and_the_bridge_says_so() {
         ["gdb:$k#6b"],
         "no detach after the end"
     );
-}
-
-/// One request on the control socket, its JSON reply.
-fn ask(c: &mut BufReader<UnixStream>, command: &str) -> serde_json::Value {
-    writeln!(c.get_mut(), "{command}").unwrap();
-    let mut line = String::new();
-    c.read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"))
-}
-
-fn control(path: &Path) -> BufReader<UnixStream> {
-    let s = UnixStream::connect(path).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    BufReader::new(s)
-}
-
-/// Asks `status` until `done` holds; returns that status.
-fn status_until(
-    c: &mut BufReader<UnixStream>,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + LONG;
-    loop {
-        let s = ask(c, "status");
-        if done(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "status stayed {s}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -333,10 +333,7 @@ fn every_bad_datagram_is_dropped_for_its_reason_and_changes_nothing() {
         ("unauthenticated", frame_from(BRIDGE, &untagged)),
         ("bad_tag", frame_from(BRIDGE, &bad_tag)),
         ("bad_tag", frame_from(BRIDGE, &forged[..n])),
-        (
-            "wrong_session",
-            frame_from(BRIDGE, &old_session[..m]),
-        ),
+        ("wrong_session", frame_from(BRIDGE, &old_session[..m])),
         ("spoofed", frame_from(spoofer, &good)),
     ];
     for (reason, frame) in cases {
