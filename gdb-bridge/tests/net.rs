@@ -8,12 +8,13 @@
 mod common;
 use common::*;
 
+use quicksilver_proto::link::checkpoint as ck;
 use quicksilver_proto::link::control::{End, Message};
 use quicksilver_proto::link::endpoint::{Endpoint, Event};
 use quicksilver_proto::link::net::{self, Host, NetCounters, NetEndpoint, Packet, MAX_FRAME};
 use quicksilver_proto::link::{auth, Channel};
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpStream, UdpSocket};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,12 +37,21 @@ fn pkt(body: &str) -> Vec<u8> {
     format!("${body}#{sum:02x}").into_bytes()
 }
 
+/// Where the machine's NIC's frames go.
+enum NetOut {
+    /// QEMU's stream: each frame after its length (big-endian).
+    Stream(UnixStream),
+    /// A UDP socket standing for the NIC and the network: the datagram in the frame goes to
+    /// the address in it.
+    Udp(UdpSocket),
+}
+
 /// The hv, as far as the links go.
 struct Hv {
     serial: Endpoint,
     net: NetEndpoint,
     serial_w: Option<UnixStream>,
-    net_w: Option<UnixStream>,
+    net_w: Option<NetOut>,
     /// The link the bridge last spoke on: "serial" or "net".
     last: &'static str,
     /// gdb's bytes until a packet is whole (a long one spans datagrams).
@@ -76,11 +86,36 @@ impl Hv {
         self.send(Channel::Control, &b[..n]);
     }
 
-    /// One frame onto QEMU's stream: its length (big-endian), then the frame.
+    /// One frame out of the NIC.
     fn write_net(&mut self, frame: &[u8]) {
         self.sent_net.push(frame.to_vec());
-        if let Some(w) = self.net_w.as_mut() {
-            let _ = w.write_all(&[&(frame.len() as u32).to_be_bytes()[..], frame].concat());
+        match self.net_w.as_mut() {
+            Some(NetOut::Stream(w)) => {
+                let _ = w.write_all(&[&(frame.len() as u32).to_be_bytes()[..], frame].concat());
+            }
+            Some(NetOut::Udp(u)) => {
+                if let Ok(Packet::Udp(d)) = net::parse_frame(frame, None) {
+                    let to = std::net::SocketAddr::from((d.dst.ip, d.dst.port));
+                    let _ = u.send_to(d.payload, to);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// One frame into the NIC.
+    fn nic_frame(&mut self, frame: &[u8], nonce: &mut dyn FnMut() -> [u8; 32], log: &Log) {
+        self.got_net.push(frame.to_vec());
+        let mut out = Vec::new();
+        let ev = self
+            .net
+            .receive(frame, nonce, &mut |f: &[u8]| out.push(f.to_vec()))
+            .map(Owned::from);
+        for f in out {
+            self.write_net(&f);
+        }
+        if let Some(ev) = ev {
+            act(self, "net", ev, log);
         }
     }
 }
@@ -90,6 +125,7 @@ enum Owned {
     Attention,
     Gdb(Vec<u8>),
     Ping,
+    Checkpoint(ck::Request),
     Other,
 }
 
@@ -99,6 +135,7 @@ impl From<Event<'_>> for Owned {
             Event::Attention => Owned::Attention,
             Event::Gdb(b) => Owned::Gdb(b.to_vec()),
             Event::Control(Message::Ping { .. }) => Owned::Ping,
+            Event::Checkpoint(r) => Owned::Checkpoint(r),
             _ => Owned::Other,
         }
     }
@@ -148,6 +185,18 @@ fn act(hv: &mut Hv, via: &'static str, ev: Owned, log: &Log) {
             }
         }
         Owned::Ping => log.push(format!("ping({via})")),
+        Owned::Checkpoint(r) => {
+            log.push(format!("checkpoint({via}) {:?}", r.op));
+            let mut b = [0u8; ck::MAX_LEN];
+            let n = ck::Message::Done(ck::Done {
+                tag: r.tag,
+                id: 7,
+                cpus: 1,
+                ..ck::Done::default()
+            })
+            .encode(&mut b);
+            hv.send(Channel::Control, &b[..n]);
+        }
         Owned::Other => {}
     }
 }
@@ -155,13 +204,59 @@ fn act(hv: &mut Hv, via: &'static str, ev: Owned, log: &Log) {
 /// Starts the machine: its serial link on `dir/link`, its NIC's stream on `dir/net`, the NIC
 /// serving `net_key`.
 fn machine(dir: &Path, net_key: &'static [u8]) -> Machine {
-    let serial = UnixListener::bind(dir.join("link")).unwrap();
     let nic = UnixListener::bind(dir.join("net")).unwrap();
+    let m = machine_with(
+        dir,
+        NetEndpoint::new(net_key, MACHINE.mac, MACHINE.ip, MACHINE.port),
+    );
+    nic_thread(nic, m.hv.clone(), m.log.clone(), m.deaf.clone());
+    m
+}
+
+/// Starts the machine with its NIC on a UDP socket of 127.0.0.1; returns it and the port.
+fn machine_udp(dir: &Path) -> (Machine, u16) {
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = u.local_addr().unwrap().port();
+    let m = machine_with(
+        dir,
+        NetEndpoint::new(KEY, MACHINE.mac, [127, 0, 0, 1], port),
+    );
+    m.hv.lock().unwrap().net_w = Some(NetOut::Udp(u.try_clone().unwrap()));
+    let (hv, log) = (m.hv.clone(), m.log.clone());
+    std::thread::spawn(move || {
+        let mut nonce = nonce_source();
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = u.recv_from(&mut buf) {
+            let std::net::SocketAddr::V4(from) = from else {
+                continue;
+            };
+            // The frame the network would have brought.
+            let src = Host {
+                mac: [2, 0, 0, 0, 0, 9],
+                ip: from.ip().octets(),
+                port: from.port(),
+            };
+            let dst = Host {
+                ip: [127, 0, 0, 1],
+                port,
+                ..MACHINE
+            };
+            let mut f = [0u8; MAX_FRAME];
+            let len = net::build_udp(&mut f, src, dst, 1, &buf[..n]);
+            hv.lock().unwrap().nic_frame(&f[..len], &mut nonce, &log);
+        }
+    });
+    (m, port)
+}
+
+/// The machine's serial side on `dir/link`, and `net` for its NIC (not connected yet).
+fn machine_with(dir: &Path, net: NetEndpoint) -> Machine {
+    let serial = UnixListener::bind(dir.join("link")).unwrap();
     let log = Log::default();
     let deaf = Arc::new(AtomicBool::new(false));
     let hv = Arc::new(Mutex::new(Hv {
         serial: Endpoint::new(KEY),
-        net: NetEndpoint::new(net_key, MACHINE.mac, MACHINE.ip, MACHINE.port),
+        net,
         serial_w: None,
         net_w: None,
         last: "serial",
@@ -169,7 +264,6 @@ fn machine(dir: &Path, net_key: &'static [u8]) -> Machine {
         sent_net: Vec::new(),
         got_net: Vec::new(),
     }));
-    nic_thread(nic, hv.clone(), log.clone(), deaf.clone());
     let (serial_hv, serial_log) = (hv.clone(), log.clone());
     std::thread::spawn(move || {
         let Ok((s, _)) = serial.accept() else { return };
@@ -220,7 +314,7 @@ fn nic_thread(nic: UnixListener, hv: Arc<Mutex<Hv>>, log: Log, deaf: Arc<AtomicB
         let mut nonce = nonce_source();
         for conn in nic.incoming() {
             let Ok(mut r) = conn else { return };
-            hv.lock().unwrap().net_w = Some(r.try_clone().unwrap());
+            hv.lock().unwrap().net_w = Some(NetOut::Stream(r.try_clone().unwrap()));
             log.push("nic connected".into());
             loop {
                 let mut len = [0u8; 4];
@@ -234,20 +328,7 @@ fn nic_thread(nic: UnixListener, hv: Arc<Mutex<Hv>>, log: Log, deaf: Arc<AtomicB
                 if deaf.load(Ordering::SeqCst) {
                     continue;
                 }
-                let mut guard = hv.lock().unwrap();
-                let hv = &mut *guard;
-                hv.got_net.push(frame.clone());
-                let mut out = Vec::new();
-                let ev = hv
-                    .net
-                    .receive(&frame, &mut nonce, &mut |f: &[u8]| out.push(f.to_vec()))
-                    .map(Owned::from);
-                for f in out {
-                    hv.write_net(&f);
-                }
-                if let Some(ev) = ev {
-                    act(hv, "net", ev, &log);
-                }
+                hv.lock().unwrap().nic_frame(&frame, &mut nonce, &log);
             }
         }
     });
@@ -528,4 +609,41 @@ fn net_addresses_that_are_neither_are_refused_with_what_to_give() {
         all.contains("give stream:PATH") && all.contains("udp:HOST:PORT"),
         "{all}"
     );
+}
+
+#[test]
+fn checkpoint_requests_and_their_answers_travel_on_the_fast_link() {
+    let (dir, m, _b, _gdb) = on_the_fast_link("net-checkpoint");
+    let mut c = control(&dir.join("ctl.sock"));
+    let v = ask(&mut c, "checkpoint");
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["id"], 7, "{v}");
+    assert!(
+        m.log.lines().iter().any(|l| l == "checkpoint(net) Take"),
+        "{:?}",
+        m.log.lines()
+    );
+}
+
+#[test]
+fn over_udp_the_os_carries_the_datagrams() {
+    let dir = tempdir("net-udp");
+    let (m, port) = machine_udp(&dir);
+    let net = format!("udp:127.0.0.1:{port}");
+    let ctl = dir.join("ctl.sock");
+    let b = bridge(
+        &dir,
+        KEY,
+        &["--net", &net, "--control", ctl.to_str().unwrap()],
+    );
+    b.stderr
+        .wait_for("the fast link is up (udp:127.0.0.1:", LONG);
+    let mut gdb = served_gdb(&b);
+    assert_eq!(echo(&mut gdb, "qSupported"), "net");
+    gdb.write_all(&pkt(BIG)).unwrap();
+    assert_eq!(read_some(&mut gdb, BIG_LEN), pkt(&"x".repeat(BIG_LEN - 4)));
+    let mut c = control(&ctl);
+    let s = status_until(&mut c, |s| !s["fast_link"]["rtt_median_us"].is_null());
+    assert_eq!(s["fast_link"]["dropped"]["bad_tag"], 0, "{s}");
+    assert_eq!(m.counters().arp_answered, 0, "the OS does ARP over UDP");
 }
