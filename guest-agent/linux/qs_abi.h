@@ -1041,6 +1041,23 @@ QS_ASSERT(sizeof(struct qs_peek) == 16);
 QS_ASSERT(__builtin_offsetof(struct qs_peek, offset) == 0);
 QS_ASSERT(__builtin_offsetof(struct qs_peek, value) == 8);
 
+/* PEEK_NIC / POKE_NIC: one register of the fast link's NIC, read or written by the kernel. */
+struct qs_nic_peek {
+	/* In: the memory BAR (0-5). */
+	__u32 bar;
+	/* In: the access's width in bytes (1, 2, 4 or 8). */
+	__u32 width;
+	/* In: the offset into the BAR (a multiple of the width). */
+	__u64 offset;
+	/* Out for PEEK_NIC, in for POKE_NIC. */
+	__u64 value;
+};
+QS_ASSERT(sizeof(struct qs_nic_peek) == 24);
+QS_ASSERT(__builtin_offsetof(struct qs_nic_peek, bar) == 0);
+QS_ASSERT(__builtin_offsetof(struct qs_nic_peek, width) == 4);
+QS_ASSERT(__builtin_offsetof(struct qs_nic_peek, offset) == 8);
+QS_ASSERT(__builtin_offsetof(struct qs_nic_peek, value) == 16);
+
 /* AGENT_INFO: what the agent gave the hv at init besides its block. */
 struct qs_agent_info {
 	/* Bytes in the store (the module's `store_mem`, rounded up to whole chunks); 0 if none. */
@@ -1193,5 +1210,17 @@ QS_ASSERT(QS_IOC_EXPORT_INFO == 0xc0185113u);
  */
 #define QS_IOC_CHECKPOINT_DEVICES _IOWR(QS_IOC_MAGIC, 20, struct qs_buffer_request)
 QS_ASSERT(QS_IOC_CHECKPOINT_DEVICES == 0xc0185114u);
+/*
+ * The kernel reads a register of the fast link's NIC through the agent's own mapping of
+ * its BAR, as a driver would (the isolation test: zeros while the hv is active).
+ */
+#define QS_IOC_PEEK_NIC _IOWR(QS_IOC_MAGIC, 21, struct qs_nic_peek)
+QS_ASSERT(QS_IOC_PEEK_NIC == 0xc0185115u);
+/*
+ * The kernel writes a register of the fast link's NIC the same way (the isolation test:
+ * refused while dormant, when the write would reach the device the hv drives).
+ */
+#define QS_IOC_POKE_NIC _IOW(QS_IOC_MAGIC, 22, struct qs_nic_peek)
+QS_ASSERT(QS_IOC_POKE_NIC == 0x40185116u);
 
 #endif /* QS_ABI_H */

@@ -1011,7 +1011,7 @@ static struct {
 	u8 ip[4];			/* net_ip, most significant byte first */
 	int probe_err;			/* the stub's probe's outcome; 1 until it runs */
 	bool irq;			/* the stub's handler is installed */
-	bool configured;		/* the hv drives the NIC */
+	bool configured;		/* the hv drives the NIC (changed under qs_lock) */
 	bool stuck;			/* the hv did not let go of it: never give it back */
 } qs_net;
 
@@ -1139,8 +1139,8 @@ static bool qs_net_release_hv(struct pci_dev *pdev)
 
 	mutex_lock(&qs_lock);
 	st = qs_control(QS_OP_NET_RELEASE, NULL, 0);
+	qs_net.configured = false;	/* under the lock: PEEK_NIC's test before the BARs go */
 	mutex_unlock(&qs_lock);
-	qs_net.configured = false;
 	if (st == QS_OK)
 		return true;
 	pr_err("fast link: the hv did not let go of %s: %s\n", pci_name(pdev),
@@ -1220,6 +1220,7 @@ static int qs_net_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	c->port = net_port;
 	mutex_lock(&qs_lock);
 	st = qs_control(QS_OP_NET_CONFIG, c, sizeof(*c));
+	qs_net.configured = st == QS_OK;
 	mutex_unlock(&qs_lock);
 	if (st != QS_OK) {
 		pr_err("refusing to load: the hv refused %s for the fast link: %s\n",
@@ -1227,7 +1228,6 @@ static int qs_net_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		err = -EIO;
 		goto out_unmap;
 	}
-	qs_net.configured = true;
 	err = request_irq(pdev->irq, qs_net_irq, IRQF_SHARED, QS_NET_DRIVER, &qs_net);
 	if (err) {
 		pr_err("refusing to load: cannot take IRQ %d of %s for the fast link (error %d)\n",
@@ -2670,6 +2670,45 @@ static long qs_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 		iounmap(at);
 		if (copy_to_user(uarg, &p, sizeof(p)))
 			ret = -EFAULT;
+		break;
+	}
+	case QS_IOC_PEEK_NIC:
+	case QS_IOC_POKE_NIC: {
+		struct qs_nic_peek p;
+		void __iomem *at;
+
+		if (copy_from_user(&p, uarg, sizeof(p))) {
+			ret = -EFAULT;
+			break;
+		}
+		/* The NIC's registers as its driver would touch them, through the stub's own
+		 * mapping: read by the device while dormant, refused by the hv's nested page
+		 * tables while active (reads see zeros, writes land in scratch). */
+		if (!qs_net.configured || p.bar >= QS_NET_BARS || !qs_net.bar[p.bar] ||
+		    !(p.width == 1 || p.width == 2 || p.width == 4 || p.width == 8) ||
+		    p.offset % p.width ||
+		    p.offset + p.width > pci_resource_len(qs_net.pdev, p.bar)) {
+			ret = -EINVAL;
+			break;
+		}
+		at = qs_net.bar[p.bar] + p.offset;
+		if (cmd == QS_IOC_PEEK_NIC) {
+			p.value = p.width == 1 ? ioread8(at) :
+				  p.width == 2 ? ioread16(at) :
+				  p.width == 4 ? ioread32(at) : readq(at);
+			if (copy_to_user(uarg, &p, sizeof(p)))
+				ret = -EFAULT;
+		} else if (!qs_active) {
+			ret = -EPERM;	/* never reprogram the device a dormant hv drives */
+		} else if (p.width == 1) {
+			iowrite8(p.value, at);
+		} else if (p.width == 2) {
+			iowrite16(p.value, at);
+		} else if (p.width == 4) {
+			iowrite32(p.value, at);
+		} else {
+			writeq(p.value, at);
+		}
 		break;
 	}
 	default:

@@ -164,6 +164,12 @@ requests! {
     /// The platform devices' state in a kept checkpoint: the buffer holds a
     /// [`crate::abi::CheckpointDevices`] (its `id` set) and room for the record.
     CHECKPOINT_DEVICES = ReadWrite(20, BufferRequest);
+    /// The kernel reads a register of the fast link's NIC through the agent's own mapping of
+    /// its BAR, as a driver would (the isolation test: zeros while the hv is active).
+    PEEK_NIC = ReadWrite(21, NicPeek);
+    /// The kernel writes a register of the fast link's NIC the same way (the isolation test:
+    /// refused while dormant, when the write would reach the device the hv drives).
+    POKE_NIC = Write(22, NicPeek);
 }
 
 crate::abi_struct! {
@@ -260,6 +266,21 @@ crate::abi_struct! {
         /// In: the offset into the hv's block (8-aligned), or for PEEK_PHYS the physical address.
         pub offset: u64,
         /// Out for PEEK and PEEK_PHYS, in for POKE.
+        pub value: u64,
+    }
+}
+
+crate::abi_struct! {
+    /// PEEK_NIC / POKE_NIC: one register of the fast link's NIC, read or written by the kernel.
+    #[c_name = "qs_nic_peek"]
+    pub struct NicPeek {
+        /// In: the memory BAR (0-5).
+        pub bar: u32,
+        /// In: the access's width in bytes (1, 2, 4 or 8).
+        pub width: u32,
+        /// In: the offset into the BAR (a multiple of the width).
+        pub offset: u64,
+        /// Out for PEEK_NIC, in for POKE_NIC.
         pub value: u64,
     }
 }

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use quicksilver_proto::abi::{self, InitArgs, Op, Status};
 use quicksilver_proto::c_abi::{CStruct, CVariant};
 use quicksilver_proto::image::{self, ImageHeader};
-use quicksilver_proto::ioctl::{self, AgentInfo, Peek, Probe, StatsRequest, SwitchResult};
+use quicksilver_proto::ioctl::{self, AgentInfo, NicPeek, Peek, Probe, StatsRequest, SwitchResult};
 
 /// The generated header, relative to the repository's root.
 pub const HEADER: &str = "guest-agent/linux/qs_abi.h";
@@ -235,6 +235,7 @@ pub fn generate() -> String {
     structure::<StatsRequest>(&mut h);
     structure::<Probe>(&mut h);
     structure::<Peek>(&mut h);
+    structure::<NicPeek>(&mut h);
     structure::<AgentInfo>(&mut h);
     structure::<ioctl::BufferRequest>(&mut h);
     structure::<ioctl::ReadRequest>(&mut h);

@@ -13,8 +13,8 @@ use quicksilver_proto::abi::{
     CheckpointList, CheckpointPeriodic, FreezeArgs, RollbackArgs, RollbackNotice,
 };
 use quicksilver_proto::ioctl::{
-    self, AgentInfo, BufferRequest, ExportInfo, Peek, Probe, ReadRequest, Request, StatsRequest,
-    SwitchResult,
+    self, AgentInfo, BufferRequest, ExportInfo, NicPeek, Peek, Probe, ReadRequest, Request,
+    StatsRequest, SwitchResult,
 };
 
 /// Issues `req` with `arg` on the agent's device.
@@ -108,6 +108,32 @@ pub fn peek_phys(dev: &File, address: u64) -> io::Result<u64> {
     // SAFETY: a Peek holds no pointer in our address space (the agent maps `address` itself).
     unsafe { ioctl(dev, ioctl::PEEK_PHYS, &mut p) }?;
     Ok(p.value)
+}
+
+/// The kernel reads `width` bytes at `offset` in memory BAR `bar` of the fast link's NIC.
+pub fn peek_nic(dev: &File, bar: u32, offset: u64, width: u32) -> io::Result<u64> {
+    let mut p = NicPeek {
+        bar,
+        width,
+        offset,
+        value: 0,
+    };
+    // SAFETY: a NicPeek holds no pointer (the agent checks the BAR, offset and width against
+    // its own mapping of the NIC).
+    unsafe { ioctl(dev, ioctl::PEEK_NIC, &mut p) }?;
+    Ok(p.value)
+}
+
+/// The kernel writes `width` bytes of `value` there (refused while dormant).
+pub fn poke_nic(dev: &File, bar: u32, offset: u64, width: u32, value: u64) -> io::Result<()> {
+    let mut p = NicPeek {
+        bar,
+        width,
+        offset,
+        value,
+    };
+    // SAFETY: as for `peek_nic`.
+    unsafe { ioctl(dev, ioctl::POKE_NIC, &mut p) }
 }
 
 /// What the agent gave the hv besides its block (the store).

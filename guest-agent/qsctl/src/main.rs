@@ -9,6 +9,9 @@
 //! qsctl peek OFFSET               the kernel reads 8 bytes of the hv's memory
 //! qsctl poke OFFSET VALUE         the kernel writes 8 bytes of the hv's memory (active only)
 //! qsctl peek-phys ADDRESS         the kernel reads 8 bytes of device memory or a hole
+//! qsctl peek-nic BAR OFFSET [--width N]  the kernel reads a register of the fast link's NIC
+//!                                 through the agent's mapping (N bytes: 1, 2, 4 (default), 8)
+//! qsctl poke-nic BAR OFFSET VALUE [--width N]  the kernel writes one (active only)
 //! qsctl bench-switch N            N activate/deactivate round trips and N of the IPI floor
 //!                                 (two empty calls on every CPU); one JSON line of medians
 //! qsctl checkpoint                checkpoint the whole machine (activates the hv if dormant)
@@ -425,6 +428,36 @@ fn cmd_poke(offset: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// `--width N` after a NIC register's address: 4 bytes unless given.
+fn nic_width(rest: &[&str]) -> Result<u32> {
+    match rest {
+        [] => Ok(4),
+        ["--width", n @ ("1" | "2" | "4" | "8")] => Ok(n.parse()?),
+        _ => bail!("--width takes 1, 2, 4 or 8 (bytes)"),
+    }
+}
+
+fn cmd_peek_nic(bar: &str, offset: &str, rest: &[&str]) -> Result<()> {
+    let dev = open()?;
+    let (bar, offset, width) = (parse_u64(bar)? as u32, parse_u64(offset)?, nic_width(rest)?);
+    let value = ioctl::peek_nic(&dev, bar, offset, width).context(
+        "peek-nic refused (is net= given? a memory BAR of the NIC, the offset inside it and a multiple of the width)",
+    )?;
+    println!("{value:#x} at BAR {bar} offset {offset:#x} ({width}-byte)");
+    Ok(())
+}
+
+fn cmd_poke_nic(bar: &str, offset: &str, value: &str, rest: &[&str]) -> Result<()> {
+    let dev = open()?;
+    let (bar, offset, width) = (parse_u64(bar)? as u32, parse_u64(offset)?, nic_width(rest)?);
+    let value = parse_u64(value)?;
+    ioctl::poke_nic(&dev, bar, offset, width, value).context(
+        "poke-nic refused: only while active (the test of the hv's isolation), on a memory BAR of the NIC",
+    )?;
+    println!("wrote {value:#x} at BAR {bar} offset {offset:#x} ({width}-byte)");
+    Ok(())
+}
+
 /// "0,3" for bits 0 and 3.
 fn cpu_list(mask: u64) -> String {
     let cpus: Vec<String> = (0..64u32)
@@ -614,6 +647,8 @@ fn main() {
             .and_then(|d| store_offset(&d, off))
             .and_then(|o| cmd_poke(&o, v)),
         ["peek-phys", addr] => cmd_peek_phys(addr),
+        ["peek-nic", bar, off, rest @ ..] => cmd_peek_nic(bar, off, rest),
+        ["poke-nic", bar, off, v, rest @ ..] => cmd_poke_nic(bar, off, v, rest),
         ["bench-switch", n] => cmd_bench_switch(n),
         ["freeze", ms] => cmd_freeze(ms, false),
         ["bench-freeze", n] => cmd_bench_freeze(n),
@@ -627,7 +662,7 @@ fn main() {
         ["export", id, file] => export::export(id, file, false),
         ["export", id, file, "--elf"] => export::export(id, file, true),
         _ => {
-            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|checkpoint [--delete ID|all] [--every MS|off [--keep N]]|checkpoints|rollback ID|export ID FILE [--elf]|peek OFFSET|poke OFFSET VALUE|peek-store OFFSET|poke-store OFFSET VALUE|peek-phys ADDRESS|bench-switch N|bench-freeze N");
+            eprintln!("usage: qsctl status|activate|deactivate|stats|probe [--expect active|native]|freeze MS [--check]|checkpoint [--delete ID|all] [--every MS|off [--keep N]]|checkpoints|rollback ID|export ID FILE [--elf]|peek OFFSET|poke OFFSET VALUE|peek-store OFFSET|poke-store OFFSET VALUE|peek-phys ADDRESS|peek-nic BAR OFFSET [--width N]|poke-nic BAR OFFSET VALUE [--width N]|bench-switch N|bench-freeze N");
             std::process::exit(2);
         }
     };

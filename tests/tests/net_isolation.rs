@@ -1,0 +1,135 @@
+//! The fast link's NIC is out of the guest's reach while the hv owns it (issue 13), shown
+//! from the guest as the hv-memory isolation test shows it: the kernel touches the NIC's
+//! registers through the agent's own mapping of its BAR (`qsctl peek-nic`/`poke-nic`), as a
+//! driver would. Dormant it reads the device; active it reads zeros, and a write that would
+//! reset the device is refused and counted; deactivated, the device was not reset.
+
+use qs_testkit::qemu::{FastLinkNic, FAST_LINK_BDF};
+use quicksilver_tests::scenarios::KO;
+use quicksilver_tests::*;
+
+/// virtio 1.x's common configuration (`struct virtio_pci_common_cfg`): offsets of the fields
+/// read and written here, and `device_status`'s DRIVER_OK bit.
+const NUM_QUEUES: u64 = 0x12;
+const DEVICE_STATUS: u64 = 0x14;
+const DRIVER_OK: u64 = 0x04;
+
+#[test]
+fn the_guest_cannot_reach_the_nics_registers_while_the_hv_is_active() {
+    let a = artifacts();
+    let name = "net-isolation";
+    let run_dir = a.dir.join("run");
+    let link = run_dir.join(format!("{name}-{}.sock", std::process::id()));
+    let net = run_dir.join(format!("{name}-{}.net.sock", std::process::id()));
+    let _ = std::fs::create_dir_all(&run_dir);
+    // The common configuration's place comes from the device's virtio capabilities (vendor
+    // capability 0x09, cfg_type 1: BAR at +4, offset at +8), as Linux's virtio-pci finds it.
+    let script = format!(
+        r#"NIC={FAST_LINK_BDF}
+params=
+for w in $(cat /proc/cmdline); do
+    case "$w" in quicksilver.*=*) params="$params ${{w#quicksilver.}}" ;; esac
+done
+cfg=/sys/bus/pci/devices/$NIC/config
+byte() {{ od -An -tu1 -j$1 -N1 $cfg | tr -d ' '; }}
+p=$(byte 52)
+while [ "$p" -ne 0 ]; do
+    if [ "$(byte $p)" -eq 9 ] && [ "$(byte $((p + 3)))" -eq 1 ]; then
+        bar=$(byte $((p + 4)))
+        off=$(od -An -tu4 -j$((p + 8)) -N4 $cfg | tr -d ' ')
+    fi
+    p=$(byte $((p + 1)))
+done
+echo "COMMON-CFG bar=$bar offset=$off"
+echo "BAR-START $(sed -n "$((bar + 1))p" /sys/bus/pci/devices/$NIC/resource | cut -d' ' -f1)"
+for m in $(cat /lib/quicksilver/net-modules); do insmod $m || echo "INSMOD-FAILED $m"; done
+insmod {KO} image=/lib/quicksilver/hv.img $params; echo "insmod-rc=$?"
+numq() {{ echo "$1 num_queues $(qsctl peek-nic $bar $((off + {NUM_QUEUES})) --width 2)"; }}
+status() {{ echo "$1 device_status $(qsctl peek-nic $bar $((off + {DEVICE_STATUS})) --width 1)"; }}
+numq DORMANT
+status DORMANT
+qsctl poke-nic $bar $((off + {DEVICE_STATUS})) 0 --width 1; echo "poke-dormant-rc=$?"
+qsctl activate
+qsctl poke-nic $bar $((off + {DEVICE_STATUS})) 0 --width 1; echo "poke-active-rc=$?"
+numq ACTIVE
+status ACTIVE
+qsctl stats | grep "accesses to hv memory"
+qsctl deactivate
+numq NATIVE
+status NATIVE
+qsctl status | grep "fast link"
+rmmod quicksilver; echo "rmmod-rc=$?"
+"#
+    );
+    let qemu = guest_on(&a, name, 2)
+        .link(&link, GDB_KEY)
+        .fast_link(&net, FastLinkNic::VirtioNet)
+        .noload();
+    let out = run(qemu, &script);
+    let _ = std::fs::remove_file(&link);
+    let _ = std::fs::remove_file(&net);
+    assert_success(&out);
+    let o = out.script_output();
+    // QEMU's layout (hw/virtio/virtio-pci.c: modern_mem_bar_idx = 4, common.offset = 0),
+    // found the way a driver finds it.
+    assert!(o.contains("COMMON-CFG bar=4 offset=0"), "{o}");
+    let bar_start = o
+        .lines()
+        .find_map(|l| l.strip_prefix("BAR-START 0x"))
+        .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+        .filter(|&s| s != 0)
+        .unwrap_or_else(|| panic!("no BAR-START line with the BAR's address:\n{o}"));
+    assert!(o.contains("insmod-rc=0"), "the agent did not load:\n{o}");
+    let value = |step: &str, field: &str| -> u64 {
+        let prefix = format!("{step} {field} 0x");
+        o.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+            .unwrap_or_else(|| panic!("no {step} {field} value in the script's output:\n{o}"))
+    };
+    // Dormant, the kernel reads the device the hv drives: its queues, and DRIVER_OK (the hv's
+    // driver set it up).
+    assert!(value("DORMANT", "num_queues") != 0, "{o}");
+    assert!(value("DORMANT", "device_status") & DRIVER_OK != 0, "{o}");
+    // Writing it while dormant would reach the device: the agent refuses.
+    assert!(o.contains("poke-dormant-rc=1"), "{o}");
+    // Active, the registers are not there for the kernel: the write landed in scratch, the
+    // reads see zeros, and the hv counted the refusal at the register written.
+    assert!(o.contains("poke-active-rc=0"), "{o}");
+    assert_eq!(value("ACTIVE", "num_queues"), 0, "{o}");
+    assert_eq!(value("ACTIVE", "device_status"), 0, "{o}");
+    let refused = o
+        .lines()
+        .find(|l| l.contains("accesses to hv memory"))
+        .unwrap_or_else(|| {
+            panic!("`qsctl stats` printed no \"refused: N accesses to hv memory\" line:\n{o}")
+        });
+    let count = refused
+        .split("refused: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no count in the refusals line: {refused}"));
+    assert!(count >= 1, "the write was not refused: {refused}");
+    assert!(
+        refused.contains(&format!("(last at {:#x})", bar_start + DEVICE_STATUS)),
+        "the refusal was not counted at device_status ({:#x}): {refused}",
+        bar_start + DEVICE_STATUS
+    );
+    // Native again, the device is as the hv left it: not reset (DRIVER_OK still set), and the
+    // fast link still the hv's.
+    assert!(value("NATIVE", "num_queues") != 0, "{o}");
+    assert!(
+        value("NATIVE", "device_status") & DRIVER_OK != 0,
+        "the kernel's write reset the device:\n{o}"
+    );
+    assert!(
+        o.contains(&format!(
+            "fast link: NIC {FAST_LINK_BDF} (held by quicksilver-net), 10.13.0.2:50000"
+        )),
+        "{o}"
+    );
+    assert!(o.contains("rmmod-rc=0"), "{o}");
+    assert_kernel_clean(&out);
+}
