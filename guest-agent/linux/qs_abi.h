@@ -727,7 +727,7 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
 #define QS_LINK_OP_READ_STATS 11
 #define QS_LINK_OP_PERIODIC 12
 #define QS_STATS_HEADER_SIZE 560
-#define QS_CPU_STATS_SIZE 112
+#define QS_CPU_STATS_SIZE 120
 #define QS_LINK_READ_MAX_PAGES 64
 #define QS_LINK_BULK_END 1
 #define QS_CHECKPOINT_READ_DATA 4096

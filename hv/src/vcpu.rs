@@ -75,6 +75,8 @@ impl Shared {
             last_deactivate_cycles: self.last_deactivate_cycles.load(Relaxed),
             active: self.is_active() as u32,
             seen: self.seen.load(Relaxed) as u32,
+            stack_used: 0,
+            stack_size: 0,
         }
     }
 
@@ -128,6 +130,11 @@ pub struct Cpu {
 unsafe impl Sync for Cpu {}
 
 const _: () = assert!(core::mem::size_of::<Cpu>() == 52 * 1024);
+const _: () = assert!(core::mem::offset_of!(Cpu, stack) % 8 == 0);
+
+/// What `init_in_place` paints each stack with ("QSSTACK!"), so that `stack_used` can tell
+/// how deep it has ever been used.
+const STACK_PAINT: u64 = 0x214B_4341_5453_5351;
 
 impl Cpu {
     /// Prepares the area at `cpu` (physical address `pa`) for CPU `index`.
@@ -140,6 +147,10 @@ impl Cpu {
         // vCPU, which `init_in_place` sets up from zero). `vcpu` is the area's first field.
         unsafe {
             core::ptr::write_bytes(cpu, 0, 1);
+            let stack = core::ptr::addr_of_mut!((*cpu).stack).cast::<u64>();
+            for i in 0..STACK_SIZE / 8 {
+                stack.add(i).write(STACK_PAINT);
+            }
             Vcpu::init_in_place((*cpu).vcpu.get(), pa);
             core::ptr::addr_of_mut!((*cpu).shared.index).write(index);
             (*(*cpu).stopped.get()).dbg = debug::PerCpu::new();
@@ -158,6 +169,23 @@ impl Cpu {
                 run: &mut *self.run.get(),
             }
         }
+    }
+
+    /// The most of this CPU's stack ever used, in bytes: the words at its bottom still
+    /// holding the paint were never reached.
+    pub fn stack_used(&self) -> u32 {
+        let base = core::ptr::addr_of!(self.stack).cast::<u64>();
+        let words = STACK_SIZE / 8;
+        let untouched = (0..words)
+            .take_while(|&i| {
+                // SAFETY: word `i` of this CPU's stack (8-aligned: the area is page-aligned
+                // and the stack's offset a multiple of 8, asserted below); its CPU may be
+                // writing it, hence an atomic load, never a reference to the bytes.
+                let w = unsafe { AtomicU64::from_ptr(base.add(i).cast_mut()) };
+                w.load(Relaxed) == STACK_PAINT
+            })
+            .count();
+        ((words - untouched) * 8) as u32
     }
 
     fn stack_top(&self) -> u64 {

@@ -301,7 +301,14 @@ impl Hv {
         // plain integer struct.
         unsafe { core::ptr::write_unaligned(out.as_mut_ptr().cast::<StatsHeader>(), h) };
         for i in 0..self.cpus {
-            let s: CpuStats = self.cpu(i).map(|c| c.shared.stats()).unwrap_or_default();
+            let s: CpuStats = self
+                .cpu(i)
+                .map(|c| CpuStats {
+                    stack_used: c.stack_used(),
+                    stack_size: crate::vcpu::STACK_SIZE as u32,
+                    ..c.shared.stats()
+                })
+                .unwrap_or_default();
             let at = hsize + i as usize * core::mem::size_of::<CpuStats>();
             // SAFETY: `out` has room for every CPU (checked above); as for the header.
             unsafe { core::ptr::write_unaligned(out[at..].as_mut_ptr().cast::<CpuStats>(), s) };

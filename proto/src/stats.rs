@@ -267,12 +267,16 @@ pub struct CpuStats {
     pub active: u32,
     /// 1 if this CPU has been activated at least once.
     pub seen: u32,
+    /// The most of this CPU's hv stack ever used, in bytes (of `stack_size`): the stack has
+    /// no guard page, and one that overflows corrupts the CPU's own captured state.
+    pub stack_used: u32,
+    pub stack_size: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<DevicesRecord>() == 112);
 const _: () = assert!(core::mem::size_of::<NetRecord>() == 144);
 const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 48 + 112 + 144);
-const _: () = assert!(core::mem::size_of::<CpuStats>() == 112);
+const _: () = assert!(core::mem::size_of::<CpuStats>() == 120);
 
 /// Bytes in a block for `cpus` CPUs.
 pub const fn stats_size(cpus: u32) -> usize {

@@ -50,7 +50,7 @@ impl Connection for Conn {
     }
 }
 
-const CONN_BUF: usize = 4 * 1024;
+const CONN_BUF: usize = 1024;
 
 type Stub = GdbStubStateMachine<'static, Debugger, Conn>;
 

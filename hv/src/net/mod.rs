@@ -23,7 +23,7 @@ use quicksilver_proto::abi::{
     NetConfig, Status, LINK_RX_ATTENTION, LINK_RX_CHECKPOINT, NET_BARS, NET_POLL_OURS,
 };
 use quicksilver_proto::link::endpoint::{Event, State};
-use quicksilver_proto::link::net::NetEndpoint;
+use quicksilver_proto::link::net::{NetEndpoint, MAX_FRAME};
 use quicksilver_proto::link::{checkpoint, control, Channel};
 use quicksilver_proto::stats::NetRecord;
 use spin::Mutex;
@@ -132,6 +132,8 @@ struct Net {
     cfg: NetConfig,
     nic: Driver,
     endpoint: NetEndpoint,
+    /// The frame being served (here rather than on a stack: see [`DELIVERY`]).
+    frame: [u8; MAX_FRAME],
 }
 
 static NET: Mutex<Option<Net>> = Mutex::new(None);
@@ -174,7 +176,12 @@ pub fn configure(hv: &Hv, buf: &[u8]) -> Status {
     };
     let mac = nic.nic().mac();
     let endpoint = NetEndpoint::new(key.as_slice(), mac, cfg.ip.to_be_bytes(), cfg.port);
-    *net = Some(Net { cfg, nic, endpoint });
+    *net = Some(Net {
+        cfg,
+        nic,
+        endpoint,
+        frame: [0; MAX_FRAME],
+    });
     Status::Ok
 }
 
@@ -193,20 +200,30 @@ pub fn release(hv: &Hv) -> Status {
     Status::Ok
 }
 
-/// One frame's worth of what the bridge asked for, taken out from under the lock.
+/// What one frame asked for besides gdb's bytes (which go into the caller's buffer).
 struct Received {
-    gdb: [u8; POLL_MAX],
     gdb_len: usize,
     attention: bool,
     request: Option<checkpoint::Request>,
 }
 
-/// Receives one frame and serves it (ARP, the handshake and pings are answered inside);
-/// `None` when nothing has arrived.
-fn receive_one(net: &mut Net) -> Option<Received> {
-    let mut frame = [0u8; 1514];
+/// gdb's bytes from the NIC on their way to the debugger while the kernel runs
+/// (`Op::NetPoll`): not on the stack, which is the kernel's interrupt stack while dormant
+/// (16 KiB, shared with whatever was interrupted) and the hv's 32 KiB without a guard page.
+static DELIVERY: Mutex<[u8; POLL_MAX]> = Mutex::new([0; POLL_MAX]);
+
+/// Receives one frame and serves it (ARP, the handshake and pings are answered inside),
+/// gdb's bytes into `gdb`; `None` when nothing has arrived.
+fn receive_one(net: &mut Net, gdb: &mut [u8; POLL_MAX]) -> Option<Received> {
+    let Net {
+        nic,
+        endpoint,
+        frame,
+        ..
+    } = net;
+    let nic = nic.nic();
     let mut len = 0;
-    if !net.nic.nic().receive(&mut |f| {
+    if !nic.receive(&mut |f| {
         len = f.len().min(frame.len());
         frame[..len].copy_from_slice(&f[..len]);
     }) {
@@ -214,13 +231,10 @@ fn receive_one(net: &mut Net) -> Option<Received> {
     }
     RX_FRAMES.fetch_add(1, Relaxed);
     let mut out = Received {
-        gdb: [0; POLL_MAX],
         gdb_len: 0,
         attention: false,
         request: None,
     };
-    let Net { nic, endpoint, .. } = net;
-    let nic = nic.nic();
     let mut tx = |f: &[u8]| {
         TX_FRAMES.fetch_add(1, Relaxed);
         nic.send(f);
@@ -233,7 +247,7 @@ fn receive_one(net: &mut Net) -> Option<Received> {
         Some(Event::Attention) => out.attention = true,
         Some(Event::Gdb(p)) => {
             out.gdb_len = p.len().min(POLL_MAX);
-            out.gdb[..out.gdb_len].copy_from_slice(&p[..out.gdb_len]);
+            gdb[..out.gdb_len].copy_from_slice(&p[..out.gdb_len]);
         }
         Some(Event::Checkpoint(r)) => out.request = Some(r),
         // Answered inside; it only says which link the bridge speaks on.
@@ -252,17 +266,19 @@ pub fn poll(in_guest: bool) -> i64 {
     // Bounded: a flood must not keep the interrupted CPU here; what is left raises the
     // interrupt again.
     for _ in 0..64 {
+        let mut gdb = DELIVERY.lock();
         let got = {
             let mut guard = NET.lock();
             let Some(net) = guard.as_mut() else {
                 return Status::NetNotConfigured as i64;
             };
             ours |= net.nic.nic().ack_interrupt();
-            receive_one(net)
+            receive_one(net, &mut gdb)
         };
         let Some(r) = got else { break };
         // The net lock is released: the debugger may answer through it.
-        link::route(&Routed::Gdb(&r.gdb[..r.gdb_len]));
+        link::route(&Routed::Gdb(&gdb[..r.gdb_len]));
+        drop(gdb);
         if r.attention {
             link::route(&Routed::Attention);
             if !in_guest {
@@ -284,7 +300,7 @@ pub fn poll(in_guest: bool) -> i64 {
 pub(crate) fn poll_stopped(out: &mut [u8; POLL_MAX]) -> Option<Polled> {
     let r = {
         let mut guard = NET.lock();
-        receive_one(guard.as_mut()?)?
+        receive_one(guard.as_mut()?, out)?
     };
     if let Some(req) = r.request {
         link::checkpoint::request_stopped(req);
@@ -292,7 +308,6 @@ pub(crate) fn poll_stopped(out: &mut [u8; POLL_MAX]) -> Option<Polled> {
     if r.attention {
         return Some(Polled::Attention);
     }
-    out[..r.gdb_len].copy_from_slice(&r.gdb[..r.gdb_len]);
     Some(Polled::Gdb(r.gdb_len))
 }
 

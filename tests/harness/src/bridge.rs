@@ -56,11 +56,13 @@ impl Bridge {
     /// console to `<dir>/<name>.bridge-console` and the bridge's own messages also to
     /// `<dir>/<name>.bridge.log`, its control socket at `control` (or a path of its own in the
     /// temporary folder), the kernel's symbols from `vmlinux`, and waits (up to `timeout`)
-    /// until it says it authenticated.
+    /// until it says it authenticated. With `net` (QEMU's stream socket of the fast link's
+    /// NIC) it also serves the fast link (`--net stream:PATH`) and waits until it is up.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         binary: &Path,
         link: &Path,
+        net: Option<&Path>,
         key: &[u8],
         dir: &Path,
         name: &str,
@@ -95,6 +97,11 @@ impl Bridge {
             .arg(&control)
             .arg("--vmlinux")
             .arg(vmlinux);
+        if let Some(net) = net {
+            command
+                .arg("--net")
+                .arg(format!("stream:{}", net.display()));
+        }
         let mut watch = Watch::new(Stream::Stderr);
         if let Ok(log) = std::fs::File::create(dir.join(format!("{name}.bridge.log"))) {
             let log = Arc::new(Mutex::new(log));
@@ -110,6 +117,9 @@ impl Bridge {
             control,
         };
         bridge.wait_for("authenticated", timeout + Duration::from_secs(10))?;
+        if net.is_some() {
+            bridge.wait_for("the fast link is up", timeout + Duration::from_secs(10))?;
+        }
         Ok(bridge)
     }
 

@@ -165,6 +165,23 @@ impl Machine {
         Machine::boot_on(&artifacts, name, smp, script, ready)
     }
 
+    /// [`Machine::boot`], with the fast link's NIC `fast` (the agent loaded with `net=`, the
+    /// bridge serving it with `--net`) when it is given: every gdb that connects then finds
+    /// the session carried by the fast link ([`Machine::connect`] checks it).
+    pub fn boot_over(
+        name: &str,
+        smp: u32,
+        script: &str,
+        ready: &str,
+        fast: Option<FastLinkNic>,
+    ) -> Machine {
+        let artifacts = Artifacts::locate()
+            .unwrap_or_else(|e| panic!("{e}: run `cargo xtask test` (it builds everything first)"));
+        let mut config = Machine::config(name, smp, script, ready);
+        config.fast_link = fast;
+        Machine::start(&artifacts, &config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// [`Machine::boot`] with the kernel and parts of `artifacts`.
     pub fn boot_on(
         artifacts: &Artifacts,
@@ -250,6 +267,7 @@ impl Machine {
                 let bridge = Bridge::start(
                     &a.bridge,
                     &sock,
+                    fast_sock.as_deref(),
                     config.key.as_bytes(),
                     &a.logs_dir(),
                     name,
@@ -308,6 +326,7 @@ impl Machine {
         let bridge = Bridge::start(
             &self.artifacts.bridge,
             &self.sock,
+            self.fast_sock.as_deref(),
             self.key.as_bytes(),
             &self.artifacts.logs_dir(),
             &name,
@@ -347,12 +366,19 @@ impl Machine {
     }
 
     /// `target remote` in `gdb`; panics (with gdb's and the bridge's words) unless gdb then
-    /// has threads. Returns gdb's output.
+    /// has threads, and, on a machine with the fast link, unless `monitor link` says the
+    /// fast link carries the session. Returns gdb's output.
     pub fn connect(&self, gdb: &mut Gdb) -> String {
         let out = self.run(gdb, &format!("target remote {}", self.addr));
         let threads = self.run(gdb, "info threads");
         if !out.contains("Remote debugging using") || thread_lines(&threads).is_empty() {
             self.fail(gdb, "gdb did not attach", &format!("{out}{threads}"));
+        }
+        if self.fast_sock.is_some() && self.bridge.is_some() {
+            let link = self.run(gdb, "monitor link");
+            if !link.contains("the session is carried by the fast link") {
+                self.fail(gdb, "the fast link does not carry the session", &link);
+            }
         }
         out
     }
