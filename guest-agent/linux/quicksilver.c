@@ -54,6 +54,8 @@
 #include <linux/pci.h>
 #include <linux/inet.h>
 #include <linux/device.h>
+#include <linux/iommu.h>
+#include <linux/version.h>
 #include <asm/nmi.h>
 /* 6.12 moved the unaligned accessors from asm/ to linux/. */
 #include <linux/utsname.h>
@@ -1013,6 +1015,9 @@ static struct {
 	bool irq;			/* the stub's handler is installed */
 	bool configured;		/* the hv drives the NIC (changed under qs_lock) */
 	bool stuck;			/* the hv did not let go of it: never give it back */
+	struct iommu_domain *domain;	/* the device's translating IOMMU domain, if the hv's
+					 * DMA window is mapped into it */
+	u64 window;			/* that window's bytes, from the block's start */
 } qs_net;
 
 /*
@@ -1131,6 +1136,70 @@ static void qs_net_unmap(void)
 	}
 }
 
+/* Counts the devices of an IOMMU group. */
+static int qs_net_count_dev(struct device *dev, void *count)
+{
+	++*(int *)count;
+	return 0;
+}
+
+/*
+ * Behind an IOMMU that translates the NIC's DMA (Linux's default on AMD servers: a DMA
+ * domain, not passthrough), the device's addresses are IOVAs in Linux's domain for it and the
+ * hv's physical addresses would fault: map the hv's DMA window, the image at the block's
+ * start (its rings and buffers are statics there, .bss included in image_size), at IOVA =
+ * physical address. No other DMA-API user may share the domain, whose IOVA allocator does not
+ * know of the window: a NIC alone in its IOMMU group only. Returns 0 or a reason, said.
+ */
+static int qs_net_iommu_map(struct pci_dev *pdev)
+{
+	struct iommu_domain *domain = iommu_get_domain_for_dev(&pdev->dev);
+	struct iommu_group *group;
+	phys_addr_t pa = page_to_phys(hv.pages);
+	u64 len = PAGE_ALIGN(hv.header.image_size);
+	int devices = 0, err;
+
+	if (!domain || !(domain->type & __IOMMU_DOMAIN_PAGING))
+		return 0;	/* no IOMMU, or an identity (passthrough) domain */
+	group = iommu_group_get(&pdev->dev);
+	if (group) {
+		iommu_group_for_each_dev(group, &devices, qs_net_count_dev);
+		iommu_group_put(group);
+	}
+	if (devices > 1) {
+		pr_err("refusing to load: %s shares its IOMMU group with %d other devices, whose DMA addresses could meet the hv's window: give a NIC alone in its group (/sys/kernel/iommu_groups), or boot with iommu=pt\n",
+		       pci_name(pdev), devices - 1);
+		return -EBUSY;
+	}
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+	err = iommu_map(domain, pa, pa, len, IOMMU_READ | IOMMU_WRITE, GFP_KERNEL);
+#else
+	err = iommu_map(domain, pa, pa, len, IOMMU_READ | IOMMU_WRITE);
+#endif
+	if (err) {
+		pr_err("refusing to load: cannot map the hv's DMA window (%pa, %llu KiB) into the IOMMU domain of %s (error %d): boot with iommu=pt, or give a NIC without an IOMMU in its way\n",
+		       &pa, len >> 10, pci_name(pdev), err);
+		return err;
+	}
+	qs_net.domain = domain;
+	qs_net.window = len;
+	pr_info("fast link: the hv's DMA window (%pa, %llu KiB) mapped into the IOMMU domain of %s\n",
+		&pa, len >> 10, pci_name(pdev));
+	return 0;
+}
+
+/* After the device was reset and its bus mastering turned off. */
+static void qs_net_iommu_unmap(void)
+{
+	phys_addr_t pa = page_to_phys(hv.pages);
+
+	if (!qs_net.domain)
+		return;
+	if (iommu_unmap(qs_net.domain, pa, qs_net.window) != qs_net.window)
+		pr_warn("fast link: the hv's DMA window was not wholly unmapped from the IOMMU domain\n");
+	qs_net.domain = NULL;
+}
+
 /* The hv stops driving the NIC and resets it (dormant only). False if it would not: then
  * the device must not go back to Linux. */
 static bool qs_net_release_hv(struct pci_dev *pdev)
@@ -1218,6 +1287,9 @@ static int qs_net_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	c->ip = (u32)qs_net.ip[0] << 24 | (u32)qs_net.ip[1] << 16 | (u32)qs_net.ip[2] << 8 |
 		qs_net.ip[3];
 	c->port = net_port;
+	err = qs_net_iommu_map(pdev);
+	if (err)
+		goto out_unmap;
 	mutex_lock(&qs_lock);
 	st = qs_control(QS_OP_NET_CONFIG, c, sizeof(*c));
 	qs_net.configured = st == QS_OK;
@@ -1245,6 +1317,7 @@ out_regions:
 	pci_release_regions(pdev);
 out_disable:
 	pci_disable_device(pdev);
+	qs_net_iommu_unmap();
 out:
 	qs_net.probe_err = err;
 	return -ENODEV;
@@ -1262,6 +1335,7 @@ static void qs_net_remove(struct pci_dev *pdev)
 	pci_release_regions(pdev);
 	/* Bus mastering off too: if the hv would not let go, this at least stops its DMA. */
 	pci_disable_device(pdev);
+	qs_net_iommu_unmap();
 }
 
 static struct pci_driver qs_net_driver = {
