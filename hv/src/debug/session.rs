@@ -22,35 +22,53 @@ use gdbstub::stub::{DisconnectReason, GdbStubBuilder, MultiThreadStopReason};
 use quicksilver_proto::link::control::{End, Message};
 use quicksilver_proto::link::Channel;
 
-/// gdb's output, framed on the link's gdb channel when the stub flushes or this fills (a few
-/// datagrams' worth: the fast link splits it, the serial link frames it by `MAX_PAYLOAD`).
+/// gdb's output, framed on the link's gdb channel when the stub flushes or [`CONN_OUT`]
+/// fills.
 pub struct Conn {
-    buf: [u8; CONN_BUF],
     len: usize,
 }
+
+/// Where [`Conn`] gathers gdb's output: several datagrams' worth, which the fast link sends
+/// as full datagrams (the serial link frames it by `MAX_PAYLOAD`). A static, not a field of
+/// `Conn`: a session is built on the stack and moved into [`SESSION`], and the hv's 32 KiB
+/// stacks have no guard page (a 4 KiB field overflowed the leader's into its own captured
+/// registers).
+struct ConnOut(core::cell::UnsafeCell<[u8; CONN_BUF]>);
+
+// SAFETY: only a `Conn` touches it, a `Conn` lives only inside the session's stub, and the
+// stub is driven only with `SESSION` locked: one CPU at a time, the lock ordering the
+// accesses. A session being replaced writes nothing meanwhile.
+unsafe impl Sync for ConnOut {}
+
+static CONN_OUT: ConnOut = ConnOut(core::cell::UnsafeCell::new([0; CONN_BUF]));
+
+/// Five datagrams of the fast link (1432 bytes of payload each).
+const CONN_BUF: usize = 5 * 1432;
 
 impl Connection for Conn {
     type Error = ();
 
     fn write(&mut self, byte: u8) -> Result<(), ()> {
-        if self.len == self.buf.len() {
+        if self.len == CONN_BUF {
             self.flush()?;
         }
-        self.buf[self.len] = byte;
+        // SAFETY: see `ConnOut`: this CPU holds `SESSION`'s lock; no reference outlives the
+        // statement.
+        unsafe { (*CONN_OUT.0.get())[self.len] = byte };
         self.len += 1;
         Ok(())
     }
 
     fn flush(&mut self) -> Result<(), ()> {
         if self.len > 0 {
-            link::send(Channel::Gdb, &self.buf[..self.len]);
+            // SAFETY: as in `write`; `link::send` copies the bytes out before returning.
+            let out = unsafe { &(&*CONN_OUT.0.get())[..self.len] };
+            link::send(Channel::Gdb, out);
             self.len = 0;
         }
         Ok(())
     }
 }
-
-const CONN_BUF: usize = 1024;
 
 type Stub = GdbStubStateMachine<'static, Debugger, Conn>;
 
@@ -358,10 +376,7 @@ fn start(hv: &'static Hv, p: Parked) -> Result<Session, Parked> {
     LEAVE_AFTER_DETACH.store(false, Release);
     let mut target = Debugger::new(hv, p);
     KERNEL_SLOTS.store(target.slots.kernel, Release);
-    let conn = Conn {
-        buf: [0; CONN_BUF],
-        len: 0,
-    };
+    let conn = Conn { len: 0 };
     // SAFETY: one session at a time, under the session lock, and the caller dropped the
     // previous stub (the only other borrower of the buffer) before calling.
     let buf: &'static mut [u8] = unsafe { &mut *core::ptr::addr_of_mut!(PACKET_BUF) };
