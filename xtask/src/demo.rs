@@ -1,11 +1,13 @@
-//! The demo's link to the operator: the guest's second UART (ttyS1, port 0x2f8) on a Unix
-//! socket, a fresh random key (in the guest as a root-only file, never on its command line),
-//! and the built `qs-bridge` on the other end, serving gdb on TCP and its control socket for
-//! as long as the demo runs.
+//! The demo's links to the operator: the guest's second UART (ttyS1, port 0x2f8) on a Unix
+//! socket, and the fast link, a second NIC (virtio-net at 0000:00:04.0) the hv drives, on
+//! QEMU's stream socket; a fresh random key (in the guest as a root-only file, never on its
+//! command line), and the built `qs-bridge` on the other ends, serving gdb on TCP and its
+//! control socket for as long as the demo runs.
 //!
 //! Files, all in `<target>/qs`: `demo.key` (the key, mode 0600), `demo-link.sock` (QEMU's end
-//! of the link), `bridge.sock` (the bridge's control socket), `logs/demo-bridge.log` (what the
-//! bridge says) and `logs/demo-bridge-console.log` (the machine's console channel).
+//! of the link), `demo-net.sock` (QEMU's end of the fast link's Ethernet), `bridge.sock` (the
+//! bridge's control socket), `logs/demo-bridge.log` (what the bridge says) and
+//! `logs/demo-bridge-console.log` (the machine's console channel).
 
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use qs_testkit::child::{Process, Stream, Watch};
+use qs_testkit::qemu::FastLinkNic;
 use qs_testkit::{Artifacts, Qemu};
 
 /// Where gdb connects by default.
@@ -28,6 +31,8 @@ pub struct DemoLink {
     pub key_file: PathBuf,
     /// QEMU's Unix socket for ttyS1.
     pub socket: PathBuf,
+    /// QEMU's stream socket for the fast link's NIC.
+    pub net_socket: PathBuf,
     /// The bridge's control socket.
     pub control: PathBuf,
     /// What the bridge says.
@@ -58,15 +63,22 @@ impl DemoLink {
         // An older file keeps its mode through open(): set it.
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         writeln!(f, "{key}")?;
-        let mut socket = artifacts.dir.join("demo-link.sock");
         // sun_path holds 108 bytes.
-        if socket.as_os_str().len() > 100 {
-            socket = std::env::temp_dir().join(format!("qs-demo-link-{}.sock", std::process::id()));
-        }
-        let _ = std::fs::remove_file(&socket);
+        let socket_path = |name: &str| {
+            let path = artifacts.dir.join(format!("demo-{name}.sock"));
+            let path = if path.as_os_str().len() > 100 {
+                std::env::temp_dir().join(format!("qs-demo-{name}-{}.sock", std::process::id()))
+            } else {
+                path
+            };
+            let _ = std::fs::remove_file(&path);
+            path
+        };
+        let (socket, net_socket) = (socket_path("link"), socket_path("net"));
         Ok(DemoLink {
             key_file,
             socket,
+            net_socket,
             control: artifacts.dir.join("bridge.sock"),
             bridge_log: artifacts.logs_dir().join("demo-bridge.log"),
             console_log: artifacts.logs_dir().join("demo-bridge-console.log"),
@@ -75,9 +87,11 @@ impl DemoLink {
         })
     }
 
-    /// `qemu` with ttyS1 on the link socket and the agent told to watch it with the key.
+    /// `qemu` with ttyS1 on the link socket and the agent told to watch it with the key, and
+    /// the fast link's NIC on its stream socket, which the agent hands to the hv (`net=`).
     pub fn configure(&self, qemu: Qemu) -> Qemu {
         qemu.link(&self.socket, &self.key)
+            .fast_link(&self.net_socket, FastLinkNic::VirtioNet)
     }
 
     /// What to type in another terminal to debug the guest's kernel. (The hv answers gdb's
@@ -122,7 +136,9 @@ impl DemoLink {
             .args(["--timeout", "5"])
             .arg("--vmlinux")
             .arg(&artifacts.vmlinux)
-            .args(["--retry", &patience.as_secs().to_string()]);
+            .args(["--retry", &patience.as_secs().to_string()])
+            .arg("--net")
+            .arg(format!("stream:{}", self.net_socket.display()));
         let quiet = Arc::new(AtomicBool::new(false));
         let say = move |text: &str| {
             if raw_terminal {
