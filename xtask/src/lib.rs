@@ -20,6 +20,7 @@ pub mod bench_checkpoint;
 pub mod bench_export;
 pub mod bench_freeze;
 pub mod bench_gdb;
+pub mod bench_link;
 pub mod boot_summary;
 pub mod build;
 pub mod cmd;

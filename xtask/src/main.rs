@@ -55,8 +55,9 @@ enum Cli {
     /// Benchmarks: `mode-switch` (the switch, the overheads and the platform's IPI floor),
     /// `gdb` (Quicksilver's gdbstub against QEMU's), `freeze` (stopping every CPU, with and
     /// without the state check), `checkpoint` (periodic checkpoints' cost, rollbacks), `export`
-    /// (a checkpoint into a file, against the disk's raw rate; qs-tui's redraw); each takes
-    /// `--kernel K` (the default kernel otherwise).
+    /// (a checkpoint into a file, against the disk's raw rate; qs-tui's redraw), `link` (the
+    /// fast link, the serial link and Linux's own NIC driver: bulk each way, round trips); each
+    /// takes `--kernel K` (the default kernel otherwise).
     Bench {
         which: Benchmark,
         #[command(flatten)]
@@ -74,6 +75,7 @@ enum Benchmark {
     Freeze,
     Checkpoint,
     Export,
+    Link,
 }
 
 /// `--kernel K`: which Debian kernel to fetch, build for and boot.
@@ -287,6 +289,10 @@ fn bench(which: Benchmark, id: KernelId, smps: &[u32]) -> anyhow::Result<ExitCod
         Benchmark::Export => {
             let artifacts = xtask::build(&kernel)?;
             xtask::bench_export::export(&artifacts)?;
+        }
+        Benchmark::Link => {
+            let artifacts = xtask::build(&kernel)?;
+            xtask::bench_link::link(&artifacts)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -8,6 +8,8 @@
 //! qs-workload --getpid-loop SECONDS   (gdb tests: the getpid system call, in a loop)
 //! qs-workload --outb PORT VALUE       (device tests: one byte to an I/O port, as root)
 //! qs-workload --copy-twice MIB        (benchmarks: MIB MiB copied twice, timed)
+//! qs-workload --raw-frames tx|rx|echo N SIZE
+//!                                     (benchmarks: raw frames through Linux's NIC driver)
 //! qs-workload --ledger FILE           (checkpoint tests: a count held in memory, a tmpfs
 //!                                      file and a parent/child pipeline, checked each step)
 //! ```
@@ -29,6 +31,7 @@
 //! inconsistency, `WORKLOAD FAIL <what>` (exit 1).
 
 mod ledger;
+mod raw_frames;
 
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,7 +66,7 @@ fn usage() -> ! {
         "usage: qs-workload [--seconds N] [--threads N] [--exec PATH]\n       \
          qs-workload --fixed-work\n       qs-workload --hold-kvm-vm [SECONDS]\n       \
          qs-workload --getpid-loop SECONDS\n       qs-workload --outb PORT VALUE\n       \
-         qs-workload --ledger FILE"
+         qs-workload --ledger FILE\n       qs-workload --raw-frames tx|rx|echo N SIZE"
     );
     std::process::exit(2);
 }
@@ -509,6 +512,9 @@ fn main() {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or_else(|| usage()),
         );
+    }
+    if args.get(1).map(String::as_str) == Some("--raw-frames") {
+        raw_frames::run(&args[2..]);
     }
     if args.get(1).map(String::as_str) == Some("--ledger") {
         ledger::run(args.get(2).map_or_else(|| usage(), String::as_str));
