@@ -70,6 +70,10 @@ pub struct LinuxDriver {
     pub rtt_median_us: Option<f64>,
     pub rtt_p90_us: Option<f64>,
     pub rtt_min_us: Option<f64>,
+    /// SHA-256 in the same guest under TCG (busybox's `sha256sum` of 16 MiB, MiB/s): a proxy
+    /// for what the fast link's per-datagram HMAC-SHA256 costs the hv, whose `sha2` is
+    /// portable code too.
+    pub guest_sha256_mib_s: Option<f64>,
     pub error: Option<String>,
 }
 
@@ -91,6 +95,14 @@ pub struct QsLink {
     pub qc_min_us: Option<f64>,
     /// The bridge's pings of the fast link, the machine running (µs; fast link only).
     pub ping_median_us: Option<f64>,
+    /// Datagrams that crossed the fast link during `link-test`, gdb's read and gdb's write
+    /// (machine → operator, operator → machine), from `status`: where the time per datagram
+    /// goes is the question these answer.
+    pub read_fill_datagrams: Option<[u64; 2]>,
+    pub gdb_read_datagrams: Option<[u64; 2]>,
+    pub gdb_write_datagrams: Option<[u64; 2]>,
+    /// µs of `link-test` per datagram from the machine.
+    pub read_fill_us_per_datagram: Option<f64>,
     /// What `monitor link` said in the session (which link carried it).
     pub monitor_link: String,
     pub error: Option<String>,
@@ -156,6 +168,16 @@ fn raw_result(console: &str, nth: usize) -> Result<serde_json::Value> {
     serde_json::from_str(line.trim()).with_context(|| format!("QS-RAW {line}"))
 }
 
+/// "SHA256 16 MiB from 5.12 to 6.12" (the guest's uptime around `sha256sum`): MiB/s.
+fn sha_rate(console: &str) -> Option<f64> {
+    let l = console
+        .lines()
+        .find_map(|l| l.split("SHA256 16 MiB from ").nth(1))?;
+    let w: Vec<&str> = l.split_whitespace().collect();
+    let (t0, t1): (f64, f64) = (w.first()?.parse().ok()?, w.get(2)?.parse().ok()?);
+    (t1 > t0).then(|| 16.0 / (t1 - t0))
+}
+
 /// Linux's driver for `nic`: frames each way and the echo, measured into `f`.
 fn linux_into(a: &Artifacts, nic: FastLinkNic, f: &mut LinuxDriver) -> Result<()> {
     let name = format!("bench-link-linux-{}", nic.device());
@@ -170,6 +192,9 @@ for m in $(cat /lib/quicksilver/net-modules); do insmod $m; done
 ip link set eth0 up
 i=0; while [ "$(cat /sys/class/net/eth0/operstate)" != up ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i+1)); done
 echo "NET-$(cat /sys/class/net/eth0/operstate)"
+head -c 16777216 /dev/zero > /tmp/z
+t0=$(cut -d' ' -f1 /proc/uptime); sha256sum /tmp/z > /dev/null; t1=$(cut -d' ' -f1 /proc/uptime)
+echo "SHA256 16 MiB from $t0 to $t1"; rm /tmp/z
 sleep 1
 echo PHASE-TX
 qs-workload --raw-frames tx {LINUX_FRAMES} {LINUX_FRAME}
@@ -201,6 +226,7 @@ qs-workload --raw-frames echo {LINUX_PINGS} 64
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || frame_reader(s, tx));
     running.wait_for("NET-up", Duration::from_secs(300))?;
+    running.wait_for("SHA256 16 MiB", Duration::from_secs(120))?;
 
     // Guest → host.
     running.wait_for("RAW-READY", Duration::from_secs(60))?;
@@ -256,6 +282,7 @@ qs-workload --raw-frames echo {LINUX_PINGS} 64
             }
         }
     }
+    f.guest_sha256_mib_s = sha_rate(&running.console());
     let (median, p90, min) = spread_us(&mut rtts);
     (f.rtt_median_us, f.rtt_p90_us, f.rtt_min_us) = (Some(median), Some(p90), Some(min));
     drop(w);
@@ -314,7 +341,12 @@ fn qs_into(a: &Artifacts, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<(
     if r["ok"] != true {
         bail!("checkpoint: {r}");
     }
+    let before = datagrams(&mut c);
     let r = c.ask(&format!("link-test {pages}"));
+    f.read_fill_datagrams = crossed(before, datagrams(&mut c));
+    if let (Some([from, _]), Some(secs)) = (f.read_fill_datagrams, r["seconds"].as_f64()) {
+        f.read_fill_us_per_datagram = Some(secs * 1e6 / from.max(1) as f64);
+    }
     if r["ok"] != true {
         bail!("link-test: {r}");
     }
@@ -359,6 +391,7 @@ fn qs_into(a: &Artifacts, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<(
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("_text: {text}"))?;
     let dump = std::env::temp_dir().join(format!("qs-bench-link-{}.bin", std::process::id()));
+    let before = datagrams(&mut c);
     let secs = timed(
         &mut gdb,
         &format!(
@@ -372,6 +405,8 @@ fn qs_into(a: &Artifacts, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<(
         bail!("dump wrote {len} bytes, not {GDB_BYTES}");
     }
     f.gdb_read_mib_s = Some(GDB_BYTES as f64 / MIB / secs);
+    f.gdb_read_datagrams = crossed(before, datagrams(&mut c));
+    let before = datagrams(&mut c);
     // The same bytes back where they came from: the kernel's text does not change.
     let secs = timed(
         &mut gdb,
@@ -382,6 +417,7 @@ fn qs_into(a: &Artifacts, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<(
     )?;
     let _ = std::fs::remove_file(&dump);
     f.gdb_write_mib_s = Some(GDB_BYTES as f64 / MIB / secs);
+    f.gdb_write_datagrams = crossed(before, datagrams(&mut c));
     let out = gdb.run_timeout(
         &format!(
             "python import time; rtts = [(lambda t0: (gdb.execute('maint packet qC', to_string=True), time.perf_counter() - t0)[1])(time.perf_counter()) for i in range({ROUND_TRIPS})]; print('QS-RTTS ' + ' '.join('%.9f' % r for r in rtts))"
@@ -407,6 +443,19 @@ fn qs_into(a: &Artifacts, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<(
     m.try_send("bench-done")?;
     m.try_finish()?.ensure_success()?;
     Ok(())
+}
+
+/// The fast link's datagrams so far, from the machine and to it (`None` without it).
+fn datagrams(c: &mut Client) -> Option<[u64; 2]> {
+    let s = c.ask("status");
+    let n = &s["fast_link"];
+    Some([n["datagrams_in"].as_u64()?, n["datagrams_out"].as_u64()?])
+}
+
+/// What crossed between `before` and `after` (the pings' few datagrams included).
+fn crossed(before: Option<[u64; 2]>, after: Option<[u64; 2]>) -> Option<[u64; 2]> {
+    let (b, a) = (before?, after?);
+    Some([a[0].saturating_sub(b[0]), a[1].saturating_sub(b[1])])
 }
 
 /// `link.json`.
@@ -539,12 +588,12 @@ fn table(linux: &[LinuxDriver], qs: &[QsLink]) -> String {
         _ => "—".into(),
     };
     let mut md = String::from(
-        "| link | machine → operator MiB/s (`link-test`) | gdb 1 MiB read MiB/s | operator → machine: gdb 1 MiB write MiB/s | round trip µs (`maint packet qC`, median / p90 / min) | fast link's ping µs (running) |\n|---|---|---|---|---|---|\n",
+        "| link | machine → operator MiB/s (`link-test`) | gdb 1 MiB read MiB/s | operator → machine: gdb 1 MiB write MiB/s | round trip µs (`maint packet qC`, median / p90 / min) | fast link's ping µs (running) | datagrams from / to the machine: `link-test`; gdb read; gdb write (µs per `link-test` datagram) |\n|---|---|---|---|---|---|---|\n",
     );
     for q in qs {
         let _ = writeln!(
             md,
-            "| {} | {} ({} on the wire) | {} | {} | {} / {} / {} | {} |",
+            "| {} | {} ({} on the wire) | {} | {} | {} / {} / {} | {} | {} |",
             q.link,
             cell(q.read_fill_mib_s, 3),
             cell(q.read_fill_wire_mib_s, 3),
@@ -554,15 +603,32 @@ fn table(linux: &[LinuxDriver], qs: &[QsLink]) -> String {
             cell(q.qc_p90_us, 0),
             cell(q.qc_min_us, 0),
             cell(q.ping_median_us, 0),
+            match (
+                q.read_fill_datagrams,
+                q.gdb_read_datagrams,
+                q.gdb_write_datagrams
+            ) {
+                (Some(a), Some(b), Some(c)) => format!(
+                    "{}/{}; {}/{}; {}/{} ({} µs)",
+                    a[0],
+                    a[1],
+                    b[0],
+                    b[1],
+                    c[0],
+                    c[1],
+                    cell(q.read_fill_us_per_datagram, 0)
+                ),
+                _ => "—".into(),
+            },
         );
     }
     md.push_str(
-        "\n| NIC | Linux's driver: guest → host MiB/s | host → guest MiB/s | 64-byte round trip µs (median / p90 / min) | fast link / Linux, machine → operator | fast link / Linux, operator → machine (gdb write) | fast link / Linux, round trip (qC) | fast link bulk / 100 MiB/s target | fast link round trip / 150 µs target |\n|---|---|---|---|---|---|---|---|---|\n",
+        "\n| NIC | Linux's driver: guest → host MiB/s | host → guest MiB/s | 64-byte round trip µs (median / p90 / min) | fast link / Linux, machine → operator | fast link / Linux, operator → machine (gdb write) | fast link / Linux, round trip (qC) | fast link bulk / 100 MiB/s target | fast link round trip / 150 µs target | SHA-256 in the guest MiB/s |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (l, q) in linux.iter().zip(qs) {
         let _ = writeln!(
             md,
-            "| {} | {} ({} frames) | {} ({} frames) | {} / {} / {} | {} | {} | {} | {} | {} |",
+            "| {} | {} ({} frames) | {} ({} frames) | {} / {} / {} | {} | {} | {} | {} | {} | {} |",
             l.nic,
             cell(l.tx_mib_s, 1),
             l.tx_frames,
@@ -576,6 +642,7 @@ fn table(linux: &[LinuxDriver], qs: &[QsLink]) -> String {
             ratio(q.qc_median_us, l.rtt_median_us),
             ratio(q.read_fill_mib_s, Some(100.0)),
             ratio(q.qc_median_us, Some(150.0)),
+            cell(l.guest_sha256_mib_s, 1),
         );
     }
     md
@@ -609,5 +676,6 @@ mod tests {
         assert!(raw_result(c, 2).is_err());
         let mut v = vec![5.0, 1.0, 3.0, 2.0, 4.0];
         assert_eq!(spread_us(&mut v), (3.0, 5.0, 1.0));
+        assert_eq!(sha_rate("x SHA256 16 MiB from 5.00 to 7.00\n"), Some(8.0));
     }
 }
