@@ -31,7 +31,9 @@ mod ioctl;
 use anyhow::{bail, Context, Result};
 use quicksilver_proto::abi;
 use quicksilver_proto::ioctl::{SwitchResult, DEVICE};
-use quicksilver_proto::stats::{device, DevicesRecord, ExitKind, Stats, SHADOW_KNOWN};
+use quicksilver_proto::stats::{
+    device, CpuStats, DevicesRecord, ExitKind, NetRecord, Stats, SHADOW_KNOWN,
+};
 use std::fs::{File, OpenOptions};
 
 fn open() -> Result<File> {
@@ -217,7 +219,7 @@ fn cmd_stats() -> Result<()> {
     for k in ExitKind::ALL {
         print!("{:>9}", k.name());
     }
-    println!("  hv-time-us  act-us  deact-us");
+    println!("  hv-time-us  act-us  deact-us  hv stack");
     for (i, c) in s.cpus.iter().enumerate().filter(|(_, c)| c.seen == 1) {
         print!(
             "{i:<4} {:<7} ",
@@ -227,10 +229,11 @@ fn cmd_stats() -> Result<()> {
             print!("{n:>9}");
         }
         println!(
-            "  {:>10}  {:>6}  {:>8}",
+            "  {:>10}  {:>6}  {:>8}  {}",
             c.cycles_in_hv * 1000 / khz,
             c.last_activate_cycles * 1000 / khz,
-            c.last_deactivate_cycles * 1000 / khz
+            c.last_deactivate_cycles * 1000 / khz,
+            stack_figure(c)
         );
     }
     println!(
@@ -254,6 +257,7 @@ fn cmd_stats() -> Result<()> {
         "link: {link}; {} frames dropped, {} wrong keys, {} unauthenticated requests ignored, {} frames with no consumer yet (bulk, other control), {} checkpoint replies from before a rollback dropped",
         h.link_dropped, h.link_wrong_keys, h.link_unauthenticated, h.link_unrouted, h.link_stale_replies
     );
+    println!("{}", fast_link_stats(&h.net));
     if h.breakpoints_left > 0 {
         println!(
             "WARNING: {} gdb breakpoints could not be removed from kernel memory when a gdb session \
@@ -273,6 +277,53 @@ fn cmd_stats() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The deepest this CPU's hv stack has been: it has no guard page, so a figure near the
+/// whole means the next deeper path overwrites the CPU's own state below it.
+fn stack_figure(c: &CpuStats) -> String {
+    if c.stack_size == 0 {
+        return "hv stack: unknown".into();
+    }
+    format!(
+        "hv stack: {} KiB of {} KiB used",
+        c.stack_used.div_ceil(1024),
+        c.stack_size / 1024
+    )
+}
+
+/// The fast link as the hv sees it: whether a bridge is in, what went through the NIC, and
+/// every datagram it dropped, by reason.
+fn fast_link_stats(n: &NetRecord) -> String {
+    let state = match n.state {
+        0 => "off (no NIC)",
+        1 => "waiting for a bridge",
+        2 => "bridge authenticated, answering on the serial link",
+        _ => "bridge authenticated, answering on the fast link",
+    };
+    format!(
+        "fast link: {state}; frames: {} in, {} out ({} not sent); datagrams: {} accepted, {} sent; \
+         {} ARP requests answered; {} wrong keys; dropped: {} malformed, {} fragmented, \
+         {} oversized, {} not for us, {} bad magic, {} unauthenticated, {} bad tag, \
+         {} wrong session, {} replayed, {} spoofed",
+        n.rx_frames,
+        n.tx_frames,
+        n.tx_dropped,
+        n.accepted,
+        n.sent,
+        n.arp_answered,
+        n.wrong_key,
+        n.malformed,
+        n.fragmented,
+        n.oversized,
+        n.not_for_us,
+        n.bad_magic,
+        n.unauthenticated,
+        n.bad_tag,
+        n.wrong_session,
+        n.replayed,
+        n.spoofed
+    )
 }
 
 /// The legacy devices as the hv last captured them (each `freeze --check` does), and the
