@@ -219,7 +219,7 @@ fn cmd_stats() -> Result<()> {
     for k in ExitKind::ALL {
         print!("{:>9}", k.name());
     }
-    println!("  hv-time-us  act-us  deact-us  hv stack");
+    println!("  hv-time-us  act-us  deact-us");
     for (i, c) in s.cpus.iter().enumerate().filter(|(_, c)| c.seen == 1) {
         print!(
             "{i:<4} {:<7} ",
