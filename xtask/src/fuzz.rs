@@ -17,6 +17,7 @@ pub const TARGETS: &[(&str, &[&str])] = &[
     ("link_decoder", &[]),
     ("handshake", &[]),
     ("rsp_filter", &["-dict=rsp.dict", "-max_len=512"]),
+    ("net_endpoint", &[]),
 ];
 
 /// How long a run is.
