@@ -15,9 +15,10 @@ use crate::vmm::{Hv, NPT_TLB};
 use core::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use quicksilver_proto::abi::{NetConfig, Status, NET_BARS};
 
-/// Page-table pages for the host mappings: a PDPT, a PD and a PT for each of two BARs, in
-/// the worst case that they share nothing with the block's own mapping.
-const TABLES: usize = 6;
+/// Page-table pages for the host mappings: a PDPT, a PD and a PT for each of three memory BARs
+/// (the 82574L has three: registers, flash, MSI-X), in the worst case that they share nothing
+/// with the block's own mapping, and one more PT for a BAR that straddles 2 MiB.
+const TABLES: usize = 10;
 
 #[repr(C, align(4096))]
 struct Tables([[u64; 512]; TABLES]);
