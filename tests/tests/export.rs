@@ -4,10 +4,12 @@
 //! export of the same checkpoint is the same memory; `gdb vmlinux CORE` prints `jiffies` as gdb
 //! read it live at the instant of the checkpoint, and `crash` lists the machine's processes. The
 //! bridge's export of the same checkpoint over the link, to the operator's side, is the same
-//! checkpoint page for page and CPU for CPU.
+//! checkpoint page for page and CPU for CPU; with the fast link's NIC too, its bytes then
+//! coming over the fast link rather than the serial one.
 
 use qs_testkit::artifacts::Artifacts;
 use qs_testkit::machine::Machine;
+use qs_testkit::qemu::FastLinkNic;
 use quicksilver_checkpoint::qsc::read::Archive;
 use quicksilver_tests::*;
 use serde_json::Value;
@@ -63,7 +65,8 @@ impl Disks {
                     "-drive".into(),
                     format!("file={},if=none,format=raw,id=disk{i}", p.display()),
                     "-device".into(),
-                    format!("virtio-blk-pci,drive=disk{i}"),
+                    // Slots from 8 on: 4 is the fast link's NIC.
+                    format!("virtio-blk-pci,drive=disk{i},addr={:#x}", 8 + i),
                 ]
             })
             .collect()
@@ -100,15 +103,18 @@ fn exported_bytes(out: &str, dev: &str) -> u64 {
 
 /// Boots `a`'s kernel with `disks`, lets gdb stop every CPU and take checkpoint 1 there, and
 /// returns jiffies at that instant (as gdb reads it live) and how the run ended. With
-/// `over_link`, the bridge exports checkpoint 1 there first (`.qsc`), while the machine runs.
+/// `over_link`, the bridge exports checkpoint 1 there first (`.qsc`), while the machine runs;
+/// with `fast`, the machine has the fast link's NIC and the export's bulk data must go over it.
 fn checkpoint_then_export(
     a: &Artifacts,
     name: &str,
     disks: &Disks,
     exports: &str,
     over_link: Option<&Path>,
+    fast: Option<FastLinkNic>,
 ) -> (String, RunOutput) {
     let mut config = Machine::config(name, 2, &guest(exports), "GUEST-READY");
+    config.fast_link = fast;
     // An export over the serial link takes minutes under QEMU.
     config.timeout = std::time::Duration::from_secs(1200);
     config.memory = Some("256M".into());
@@ -149,11 +155,36 @@ fn checkpoint_then_export(
                 String::from_utf8_lossy(&out.stdout).to_string(),
             )
         };
+        let status = || {
+            let v = control::Client::connect(m.control_path().unwrap()).ask("status");
+            let fast = v["fast_link"]["rx_bytes"].as_u64().unwrap_or(0);
+            let all = v["link_bytes"].as_u64().unwrap_or(0);
+            (fast, all - fast, v)
+        };
+        let (fast_before, serial_before, _) = status();
         let (ok, out) = run(&format!("export 1 {} qsc", path.display()));
         let last: Value = serde_json::from_str(out.lines().last().unwrap_or("null")).unwrap();
         println!("over the link: {last}");
         assert!(ok && last["state"] == "done", "{out}\n{}", m.bridge_log());
         assert!(out.lines().count() > 2, "the progress came as lines: {out}");
+        if fast.is_some() {
+            // The export's bytes came over the fast link; the serial link carried next to
+            // nothing meanwhile (the console, and nothing the fast link should have).
+            let (fast_after, serial_after, v) = status();
+            let (over_fast, over_serial) = (fast_after - fast_before, serial_after - serial_before);
+            // What the export says it moved over the links (compressed pages, framing).
+            let moved = last["link_bytes"].as_u64().unwrap_or(u64::MAX);
+            println!(
+                "the export moved {moved} bytes: {over_fast} came in over the fast link, {over_serial} over serial; fast link: {}",
+                v["fast_link"]
+            );
+            assert_eq!(v["fast_link"]["state"], "up", "{v}");
+            assert!(
+                over_fast >= moved && over_serial * 50 < over_fast,
+                "the export's {moved} bytes did not come over the fast link: {over_fast} bytes \
+                 in over it, {over_serial} over serial\n{v}"
+            );
+        }
         // A relative path is refused by name: the bridge's folder is not the operator's.
         let (ok, out) = run("export 1 core.qsc");
         assert!(!ok && out.contains("relative"), "{out}");
@@ -168,21 +199,32 @@ fn checkpoint_then_export(
 
 #[test]
 fn a_checkpoint_exported_while_the_machine_runs_opens_intact_and_gdb_reads_its_jiffies() {
+    exported_while_running("export", None);
+}
+
+/// The same, with the fast link's NIC: the bridge's export goes over it.
+#[test]
+fn a_checkpoint_exported_over_the_fast_link_is_the_same_checkpoint() {
+    exported_while_running("export-fast", Some(FastLinkNic::VirtioNet));
+}
+
+fn exported_while_running(name: &str, fast: Option<FastLinkNic>) {
     let a = artifacts();
-    let disks = Disks::new(&a, "export", 3);
+    let disks = Disks::new(&a, name, 3);
     let over_link = a
         .dir
         .join("run")
-        .join(format!("export-link-{}.qsc", std::process::id()));
+        .join(format!("{name}-link-{}.qsc", std::process::id()));
     let (jiffies, out) = checkpoint_then_export(
         &a,
-        "export",
+        name,
         &disks,
         r#"qsctl export 1 /dev/vda; echo "export-rc=$?"
 qsctl export 1 /dev/vdb --elf; echo "export-elf-rc=$?"
 qsctl export 1 /dev/vdc; echo "export-again-rc=$?"
 qsctl export 7 /dev/vda; echo "missing-rc=$?""#,
         Some(&over_link),
+        fast,
     );
     let o = out.script_output();
     assert!(
@@ -304,6 +346,7 @@ fn crash_opens_an_exported_core_and_lists_the_machines_processes() {
         &disks,
         r#"qsctl export 1 /dev/vda --elf; echo "export-elf-rc=$?"
 qsctl checkpoints; qsctl stats | head -30"#,
+        None,
         None,
     );
     let o = out.script_output();
