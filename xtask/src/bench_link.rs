@@ -415,8 +415,22 @@ fn qs_into(a: &Artifacts, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<(
             dump.display()
         ),
     )?;
-    let _ = std::fs::remove_file(&dump);
     f.gdb_write_mib_s = Some(GDB_BYTES as f64 / MIB / secs);
+    // What was written must be what is there: read it again and compare.
+    let again = dump.with_extension("again");
+    timed(
+        &mut gdb,
+        &format!(
+            "gdb.execute('dump binary memory {} {text:#x} {:#x}', to_string=True)",
+            again.display(),
+            text + GDB_BYTES
+        ),
+    )?;
+    let same = std::fs::read(&dump)? == std::fs::read(&again)?;
+    let _ = (std::fs::remove_file(&dump), std::fs::remove_file(&again));
+    if !same {
+        bail!("gdb wrote 1 MiB of kernel text back and read different bytes: the write corrupted the kernel's text");
+    }
     f.gdb_write_datagrams = crossed(before, datagrams(&mut c));
     let out = gdb.run_timeout(
         &format!(
