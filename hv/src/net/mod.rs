@@ -132,8 +132,10 @@ struct Net {
     cfg: NetConfig,
     nic: Driver,
     endpoint: NetEndpoint,
-    /// The frame being served (here rather than on a stack: see [`DELIVERY`]).
-    frame: [u8; MAX_FRAME],
+    /// The frame being served (here rather than on a stack: see [`DELIVERY`]); one byte
+    /// longer than a frame may be, so that a longer one reaches the endpoint longer than
+    /// allowed and is dropped as oversized, not cut to size and served.
+    frame: [u8; MAX_FRAME + 1],
 }
 
 static NET: Mutex<Option<Net>> = Mutex::new(None);
@@ -180,7 +182,7 @@ pub fn configure(hv: &Hv, buf: &[u8]) -> Status {
         cfg,
         nic,
         endpoint,
-        frame: [0; MAX_FRAME],
+        frame: [0; MAX_FRAME + 1],
     });
     Status::Ok
 }
