@@ -14,8 +14,13 @@
 //!     [`SERIAL_PAGES`] pages that do not compress, read 64 at a time as an export's are;
 //!     payload per second, and bytes on the wire);
 //!   - operator → machine: no bulk message goes that way, so gdb writes 1 MiB
-//!     (`restore FILE binary ADDR` of the 1 MiB it just read from `_text`: the same bytes
-//!     back, `X` or `M` packets as the stub offers) — the path a debugger's writes take;
+//!     (`restore FILE binary ADDR` of the 1 MiB it just read from `_sdata`, the kernel's
+//!     data: the same bytes back, `X` or `M` packets as the stub offers) — the path a
+//!     debugger's writes take. Not the kernel's text: rewriting a megabyte of code, even
+//!     with the same bytes, makes QEMU's TCG throw away its translations of it, and the
+//!     serial-link machine oopsed once right after such a write (#UD inside an ftrace NOP),
+//!     most likely TCG's stale-code bug (README, Limits): the same write-back, read again
+//!     over either link, gave the same bytes and a clean kernel in every other run;
 //!     gdb reading that 1 MiB (`dump binary memory`) is the other way through the same path;
 //!   - round trip: gdb's `maint packet qC` ([`ROUND_TRIPS`], each timed in gdb's Python; the
 //!     median): gdb → bridge → link → the hv's stub and back, with every CPU stopped; and the
@@ -86,7 +91,7 @@ pub struct QsLink {
     pub read_fill_mib_s: Option<f64>,
     pub read_fill_wire_mib_s: Option<f64>,
     pub read_fill_pages: u32,
-    /// gdb: 1 MiB of `_text` read (`m`) and written back (`X`/`M`), MiB/s.
+    /// gdb: 1 MiB of `_sdata` read (`m`) and written back (`X`/`M`), MiB/s.
     pub gdb_read_mib_s: Option<f64>,
     pub gdb_write_mib_s: Option<f64>,
     /// gdb's `maint packet qC` round trips, every CPU stopped (µs).
@@ -383,13 +388,13 @@ fn qs_into(a: &Artifacts, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<(
         );
     }
     let text =
-        gdb.run("python print('QS-TEXT %d' % int(gdb.parse_and_eval('(unsigned long)&_text')))")?;
+        gdb.run("python print('QS-TEXT %d' % int(gdb.parse_and_eval('(unsigned long)&_sdata')))")?;
     let text: u64 = text
         .split("QS-TEXT ")
         .nth(1)
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
-        .with_context(|| format!("_text: {text}"))?;
+        .with_context(|| format!("_sdata: {text}"))?;
     let dump = std::env::temp_dir().join(format!("qs-bench-link-{}.bin", std::process::id()));
     let before = datagrams(&mut c);
     let secs = timed(
@@ -407,7 +412,7 @@ fn qs_into(a: &Artifacts, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<(
     f.gdb_read_mib_s = Some(GDB_BYTES as f64 / MIB / secs);
     f.gdb_read_datagrams = crossed(before, datagrams(&mut c));
     let before = datagrams(&mut c);
-    // The same bytes back where they came from: the kernel's text does not change.
+    // The same bytes back where they came from: nothing runs to change them meanwhile.
     let secs = timed(
         &mut gdb,
         &format!(
@@ -429,7 +434,7 @@ fn qs_into(a: &Artifacts, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<(
     let same = std::fs::read(&dump)? == std::fs::read(&again)?;
     let _ = (std::fs::remove_file(&dump), std::fs::remove_file(&again));
     if !same {
-        bail!("gdb wrote 1 MiB of kernel text back and read different bytes: the write corrupted the kernel's text");
+        bail!("gdb wrote 1 MiB of the kernel's data back and read different bytes: the write corrupted the kernel's memory");
     }
     f.gdb_write_datagrams = crossed(before, datagrams(&mut c));
     let out = gdb.run_timeout(
