@@ -249,6 +249,11 @@ pub struct NetRecord {
     pub wrong_session: u64,
     pub replayed: u64,
     pub spoofed: u64,
+    /// TSC cycles spent sending datagrams (framing, the MAC, the driver), and the part of
+    /// them in the driver (its copy, and the doorbell, which under QEMU includes the device
+    /// model's own work): where a datagram's time goes.
+    pub send_cycles: u64,
+    pub nic_cycles: u64,
 }
 
 /// Per-CPU counters.
@@ -274,8 +279,8 @@ pub struct CpuStats {
 }
 
 const _: () = assert!(core::mem::size_of::<DevicesRecord>() == 112);
-const _: () = assert!(core::mem::size_of::<NetRecord>() == 144);
-const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 48 + 112 + 144);
+const _: () = assert!(core::mem::size_of::<NetRecord>() == 160);
+const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 48 + 112 + 160);
 const _: () = assert!(core::mem::size_of::<CpuStats>() == 120);
 
 /// Bytes in a block for `cpus` CPUs.

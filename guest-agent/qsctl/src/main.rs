@@ -257,7 +257,7 @@ fn cmd_stats() -> Result<()> {
         "link: {link}; {} frames dropped, {} wrong keys, {} unauthenticated requests ignored, {} frames with no consumer yet (bulk, other control), {} checkpoint replies from before a rollback dropped",
         h.link_dropped, h.link_wrong_keys, h.link_unauthenticated, h.link_unrouted, h.link_stale_replies
     );
-    println!("{}", fast_link_stats(&h.net));
+    println!("{}", fast_link_stats(&h.net, h.tsc_khz));
     if h.breakpoints_left > 0 {
         println!(
             "WARNING: {} gdb breakpoints could not be removed from kernel memory when a gdb session \
@@ -292,17 +292,23 @@ fn stack_figure(c: &CpuStats) -> String {
     )
 }
 
-/// The fast link as the hv sees it: whether a bridge is in, what went through the NIC, and
-/// every datagram it dropped, by reason.
-fn fast_link_stats(n: &NetRecord) -> String {
+/// The fast link as the hv sees it: whether a bridge is in, what went through the NIC, where
+/// a datagram's time goes, and every datagram it dropped, by reason.
+fn fast_link_stats(n: &NetRecord, tsc_khz: u64) -> String {
     let state = match n.state {
         0 => "off (no NIC)",
         1 => "waiting for a bridge",
         2 => "bridge authenticated, answering on the serial link",
         _ => "bridge authenticated, answering on the fast link",
     };
+    // Microseconds per datagram sent: all of sending, and the driver's part.
+    let per = |cycles: u64| match (n.sent, tsc_khz) {
+        (0, _) | (_, 0) => "-".to_string(),
+        (sent, khz) => format!("{:.1}", cycles as f64 * 1000.0 / khz as f64 / sent as f64),
+    };
     format!(
-        "fast link: {state}; frames: {} in, {} out ({} not sent); datagrams: {} accepted, {} sent; \
+        "fast link: {state}; frames: {} in, {} out ({} not sent); datagrams: {} accepted, {} sent \
+         ({} us each, {} us of it in the NIC's driver); \
          {} ARP requests answered; {} wrong keys; dropped: {} malformed, {} fragmented, \
          {} oversized, {} not for us, {} bad magic, {} unauthenticated, {} bad tag, \
          {} wrong session, {} replayed, {} spoofed",
@@ -311,6 +317,8 @@ fn fast_link_stats(n: &NetRecord) -> String {
         n.tx_dropped,
         n.accepted,
         n.sent,
+        per(n.send_cycles),
+        per(n.nic_cycles),
         n.arp_answered,
         n.wrong_key,
         n.malformed,

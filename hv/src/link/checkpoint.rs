@@ -29,7 +29,7 @@ use quicksilver_proto::abi::{
 };
 use quicksilver_proto::link::bulk::{self, Data};
 use quicksilver_proto::link::checkpoint::{Done, Entry, Event, Happened, Message, Op, Request};
-use quicksilver_proto::link::{Channel, MAX_PAYLOAD};
+use quicksilver_proto::link::{net, Channel};
 use spin::Mutex;
 
 /// The request waiting for the agent's thread, or handed to it (`handed`), and when it came.
@@ -244,16 +244,26 @@ pub fn bulk(buf: &mut [u8]) -> Status {
         .encode(&mut out);
         super::send(Channel::Bulk, &out[..n]);
     } else {
-        let mut out = [0u8; MAX_PAYLOAD];
-        for (k, piece) in data.chunks(bulk::MAX_DATA).enumerate() {
-            let n = Data {
+        // Pieces as large as the link that will carry them takes in one frame: a fast link's
+        // datagram holds 1419 bytes of data, a serial frame 1011, so a page is 3 datagrams
+        // instead of 5. (Should the bridge move to the serial link meanwhile, a larger piece
+        // arrives in two frames, the bridge finds the gap, and asks again.)
+        let max = if crate::net::preferred() {
+            net::MAX_PAYLOAD - bulk::DATA_HEADER
+        } else {
+            bulk::MAX_DATA
+        };
+        let mut out = [0u8; net::MAX_PAYLOAD];
+        for (k, piece) in data.chunks(max).enumerate() {
+            let d = Data {
                 tag: h.tag,
                 item: h.item,
-                offset: h.offset + (k * bulk::MAX_DATA) as u32,
+                offset: h.offset + (k * max) as u32,
                 bytes: piece,
+            };
+            if let Some(n) = d.encode_into(&mut out) {
+                super::send(Channel::Bulk, &out[..n]);
             }
-            .encode(&mut out);
-            super::send(Channel::Bulk, &out[..n]);
         }
     }
     write(

@@ -16,6 +16,7 @@ mod e1000e;
 mod mapping;
 mod virtio;
 
+use crate::arch::instr;
 use crate::link::{self, Polled, Routed, POLL_MAX};
 use crate::vmm::Hv;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
@@ -145,6 +146,9 @@ static PREFERRED: AtomicBool = AtomicBool::new(false);
 /// Frames received and sent, for `qsctl stats`.
 static RX_FRAMES: AtomicU64 = AtomicU64::new(0);
 static TX_FRAMES: AtomicU64 = AtomicU64::new(0);
+/// TSC cycles in `send`, and in the driver's part of it.
+static SEND_CYCLES: AtomicU64 = AtomicU64::new(0);
+static NIC_CYCLES: AtomicU64 = AtomicU64::new(0);
 
 /// `Op::NetConfig` (dormant, after `LinkConfig`: the fast link serves the same key).
 pub fn configure(hv: &Hv, buf: &[u8]) -> Status {
@@ -335,15 +339,21 @@ pub fn send(what: Outgoing<'_>) -> bool {
         return false;
     }
     let nic = nic.nic();
+    let t0 = instr::rdtsc();
+    let mut in_nic = 0;
     let mut tx = |f: &[u8]| {
         TX_FRAMES.fetch_add(1, Relaxed);
+        let t = instr::rdtsc();
         nic.send(f);
+        in_nic += instr::rdtsc().wrapping_sub(t);
     };
     match what {
         Outgoing::Bytes(channel, bytes) => endpoint.send(channel, bytes, &mut tx),
         Outgoing::Control(m) => endpoint.send_control(m, &mut tx),
         Outgoing::Checkpoint(m) => endpoint.send_checkpoint(m, &mut tx),
     }
+    SEND_CYCLES.fetch_add(instr::rdtsc().wrapping_sub(t0), Relaxed);
+    NIC_CYCLES.fetch_add(in_nic, Relaxed);
     true
 }
 
@@ -381,6 +391,8 @@ pub fn stats_record() -> NetRecord {
         wrong_session: c.wrong_session,
         replayed: c.replayed,
         spoofed: c.spoofed,
+        send_cycles: SEND_CYCLES.load(Relaxed),
+        nic_cycles: NIC_CYCLES.load(Relaxed),
     }
 }
 

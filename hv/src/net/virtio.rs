@@ -218,13 +218,17 @@ impl Nic for VirtioNet {
 
     fn send(&mut self, frame: &[u8]) -> bool {
         let i = self.tx_next;
-        // The device gives a buffer back as soon as QEMU has sent it; wait for this slot a
-        // bounded while (a backend that stopped reading must not hang the hv).
+        // Completions are taken back only when the slot is wanted again, not after every
+        // send: each one taken moves the ring's `used_event` (EVENT_IDX, virtio 1.1 2.7.10),
+        // which asks the device for an interrupt at its next completion, and each interrupt
+        // costs the kernel an interrupt and the hv a hypercall. So a ring's worth of sends
+        // raises one. The device gives a buffer back as soon as QEMU has sent it; wait for
+        // this slot a bounded while (a backend that stopped reading must not hang the hv).
         for _ in 0..1_000_000 {
-            self.reclaim();
             if self.tx_token[i].is_none() {
                 break;
             }
+            self.reclaim();
             core::hint::spin_loop();
         }
         if self.tx_token[i].is_some() {

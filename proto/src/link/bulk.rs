@@ -74,6 +74,21 @@ impl Data<'_> {
     }
 }
 
+impl Data<'_> {
+    /// Encodes into `out`, whatever its length (a fast link's datagram carries more than a
+    /// serial frame); `None` if the header and bytes do not fit.
+    pub fn encode_into(&self, out: &mut [u8]) -> Option<usize> {
+        let n = DATA_HEADER + self.bytes.len();
+        let out = out.get_mut(..n)?;
+        out[0] = DATA;
+        out[1..5].copy_from_slice(&self.tag.to_le_bytes());
+        out[5..9].copy_from_slice(&self.item.to_le_bytes());
+        out[9..13].copy_from_slice(&self.offset.to_le_bytes());
+        out[DATA_HEADER..].copy_from_slice(self.bytes);
+        Some(n)
+    }
+}
+
 impl End {
     /// Encodes into `out`; returns the length ([`END_LEN`]).
     pub fn encode(&self, out: &mut [u8; END_LEN]) -> usize {
@@ -121,6 +136,22 @@ impl Message<'_> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_longer_piece_encodes_into_a_longer_buffer_and_round_trips() {
+        let bytes = [0x5Au8; 1419];
+        let d = Data {
+            tag: 1,
+            item: 2,
+            offset: 3,
+            bytes: &bytes,
+        };
+        let mut out = [0u8; 1432];
+        let n = d.encode_into(&mut out).unwrap();
+        assert_eq!(n, 1432);
+        assert_eq!(Message::decode(&out[..n]), Ok(Message::Data(d)));
+        assert_eq!(d.encode_into(&mut [0u8; 1431]), None);
+    }
 
     #[test]
     fn data_and_end_round_trip() {
