@@ -7,6 +7,7 @@
 //! `qsctl` as a user would. `cargo xtask test` builds everything first.
 
 pub use qs_testkit::control;
+pub mod fast_link;
 pub mod scenarios;
 pub mod session;
 

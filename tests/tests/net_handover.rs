@@ -3,6 +3,7 @@
 //! drives it again.
 
 use qs_testkit::qemu::{FastLinkNic, FAST_LINK_BDF};
+use quicksilver_tests::fast_link::{self, PARAMS};
 use quicksilver_tests::scenarios::KO;
 use quicksilver_tests::*;
 
@@ -13,12 +14,6 @@ dev=/sys/bus/pci/devices/$NIC
 driver() { if [ -e $dev/driver ]; then basename "$(readlink $dev/driver)"; else echo none; fi; }
 ifaces() { ls /sys/class/net | grep -v '^lo$' | tr '\n' ' '; }
 show() { echo "$1 driver=$(driver) ifaces=$(ifaces)"; }
-# The agent's parameters from the kernel command line, as /init passes them (qs.noload kept
-# /init from loading it: the NIC's own driver comes first here).
-params=
-for w in $(cat /proc/cmdline); do
-    case "$w" in quicksilver.*=*) params="$params ${w#quicksilver.}" ;; esac
-done
 "#;
 
 #[test]
@@ -46,13 +41,11 @@ fn an_82574l_is_taken_from_e1000e_and_given_back_the_same_way() {
 /// driver drives the NIC again.
 fn handover(name: &str, nic: FastLinkNic, kind: &str, driver: &str) {
     let a = artifacts();
-    let run_dir = a.dir.join("run");
-    let link = run_dir.join(format!("{name}-{}.sock", std::process::id()));
-    let net = run_dir.join(format!("{name}-{}.net.sock", std::process::id()));
-    let _ = std::fs::create_dir_all(&run_dir);
+    let (link, net) = fast_link::sockets(&a, name);
     let script = format!(
         r#"NIC={FAST_LINK_BDF}
 {PRELUDE}
+{PARAMS}
 show BOOTED
 for m in $(cat /lib/quicksilver/net-modules); do insmod $m || echo "INSMOD-FAILED $m"; done
 sleep 1
@@ -83,12 +76,7 @@ ip link show eth0
     let _ = std::fs::remove_file(&net);
     assert_success(&out);
     let o = out.script_output();
-    let line = |step: &str| {
-        o.lines()
-            .find(|l| l.starts_with(&format!("{step} ")))
-            .unwrap_or_else(|| panic!("no {step} line in the script's output:\n{o}"))
-            .to_string()
-    };
+    let line = |step: &str| fast_link::step_line(&o, step);
     // Linux's own driver has the NIC before the agent loads.
     assert!(
         line("LINUX").contains(&format!("driver={driver}")) && line("LINUX").contains("eth0"),
@@ -106,12 +94,7 @@ ip link show eth0
         line("TAKEN").contains("driver=quicksilver-net") && !line("TAKEN").contains("eth0"),
         "{o}"
     );
-    assert!(
-        o.contains(&format!(
-            "fast link: NIC {FAST_LINK_BDF} (held by quicksilver-net), 10.13.0.2:50000"
-        )),
-        "qsctl status does not show the fast link:\n{o}"
-    );
+    fast_link::assert_held(&o);
     assert!(o.contains("rmmod-rc=0"), "{o}");
     assert_console_has(
         &out,
@@ -145,16 +128,14 @@ ip link show eth0
 fn a_net_the_fast_link_cannot_use_is_refused_with_cause_and_fix_and_the_nic_stays_linuxs() {
     let a = artifacts();
     let name = "net-refusals";
-    let run_dir = a.dir.join("run");
-    let link = run_dir.join(format!("{name}-{}.sock", std::process::id()));
-    let net = run_dir.join(format!("{name}-{}.net.sock", std::process::id()));
-    let other = run_dir.join(format!("{name}-{}.e1000.sock", std::process::id()));
-    let _ = std::fs::create_dir_all(&run_dir);
+    let (link, net) = fast_link::sockets(&a, name);
+    let other = fast_link::socket(&a, name, ".e1000");
     // 00:01.1 is the PIIX3's IDE function (I/O BARs only); 00:05.0 an 82540EM (e1000), a NIC
     // the hv does not drive.
     let script = format!(
         r#"NIC={FAST_LINK_BDF}
 {PRELUDE}
+{PARAMS}
 for m in $(cat /lib/quicksilver/net-modules); do insmod $m || echo "INSMOD-FAILED $m"; done
 try() {{ insmod {KO} image=/lib/quicksilver/hv.img "$@"; echo "rc=$? for $*"; }}
 try $params net=zz:1
@@ -225,12 +206,7 @@ show GIVEN
         "quicksilver: fast link: 0000:00:05.0 given back; no driver is loaded for it",
     );
     // The refusals left the fast link's NIC to Linux, and a good net= still takes it.
-    let line = |step: &str| {
-        o.lines()
-            .find(|l| l.starts_with(&format!("{step} ")))
-            .unwrap_or_else(|| panic!("no {step} line in the script's output:\n{o}"))
-            .to_string()
-    };
+    let line = |step: &str| fast_link::step_line(&o, step);
     assert!(line("STILL").contains("driver=virtio-pci"), "{o}");
     assert!(line("TAKEN").contains("driver=quicksilver-net"), "{o}");
     assert!(line("GIVEN").contains("driver=virtio-pci"), "{o}");

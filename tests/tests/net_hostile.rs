@@ -15,18 +15,15 @@ use qs_testkit::qemu::FastLinkNic;
 use quicksilver_proto::link::checkpoint::{self, Op, Request};
 use quicksilver_proto::link::control::{Message, Refusal};
 use quicksilver_proto::link::net::{
-    build_arp, build_udp, ip_checksum, parse_frame, Arp, BridgeEvent, BridgeSession, Host, Packet,
-    ETH_HEADER, MAX_DATAGRAM, MAX_FRAME, UDP_PAYLOAD,
+    build_udp, ip_checksum, parse_frame, BridgeEvent, BridgeSession, Host, Packet, ETH_HEADER,
+    MAX_DATAGRAM, MAX_FRAME, UDP_PAYLOAD,
 };
 use quicksilver_proto::link::Channel;
+use quicksilver_tests::fast_link::{self, HV_IP, HV_PORT};
 use quicksilver_tests::*;
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-/// The machine's fast link address (the agent's defaults).
-const HV_IP: [u8; 4] = [10, 13, 0, 2];
-const HV_PORT: u16 = 50000;
 /// The test, as a bridge would be on that Ethernet.
 const US: Host = Host {
     mac: [0x02, 0x51, 0x53, 0x00, 0x00, 0x01],
@@ -78,50 +75,17 @@ impl Peer {
     }
 
     fn send_frame(&mut self, f: &[u8]) {
-        self.s
-            .write_all(&(f.len() as u32).to_be_bytes())
-            .and_then(|()| self.s.write_all(f))
-            .expect("writing to QEMU's stream socket");
+        fast_link::send_frame(&mut self.s, f).expect("writing to QEMU's stream socket");
     }
 
     fn recv_frame(&mut self, timeout: Duration) -> Option<Vec<u8>> {
-        self.s.set_read_timeout(Some(timeout)).unwrap();
-        let mut len = [0u8; 4];
-        match self.s.read_exact(&mut len) {
-            Ok(()) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return None
-            }
-            Err(e) => panic!("reading QEMU's stream socket: {e}"),
-        }
-        // A frame that has begun arrives whole.
-        self.s
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
-        self.s.read_exact(&mut f).expect("a whole frame");
-        Some(f)
+        fast_link::recv_frame(&mut self.s, timeout)
+            .unwrap_or_else(|e| panic!("reading QEMU's stream socket: {e}"))
     }
 
     /// The hv's MAC, from its answer to ARP.
     fn resolve(&mut self) {
-        let mut f = [0u8; MAX_FRAME];
-        let n = build_arp(
-            &mut f,
-            &Arp {
-                op: 1,
-                sender_mac: US.mac,
-                sender_ip: US.ip,
-                target_mac: [0; 6],
-                target_ip: HV_IP,
-            },
-        );
-        self.send_frame(&f[..n]);
+        self.send_frame(&fast_link::arp_request(US.mac, US.ip));
         let give_up = Instant::now() + Duration::from_secs(10);
         while Instant::now() < give_up {
             let Some(f) = self.recv_frame(Duration::from_secs(1)) else {
@@ -303,10 +267,7 @@ fn fast_link_line<'a>(o: &'a str, marker: &str) -> &'a str {
 fn hostile_datagrams_are_dropped_counted_by_reason_and_never_acted_on() {
     let a = artifacts();
     let name = "net-hostile";
-    let run_dir = a.dir.join("run");
-    let _ = std::fs::create_dir_all(&run_dir);
-    let link = run_dir.join(format!("{name}-{}.sock", std::process::id()));
-    let net = run_dir.join(format!("{name}-{}.net.sock", std::process::id()));
+    let (link, net) = fast_link::sockets(&a, name);
     // virtio-net: QEMU's 82574L drops a frame longer than 1522 bytes itself (no long packet
     // enable), so only a virtio-net hands the hv an oversized one to refuse.
     let qemu = guest_on(&a, name, 2)

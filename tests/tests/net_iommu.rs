@@ -7,31 +7,24 @@
 //! from its transmit buffers.
 
 use qs_testkit::qemu::{FastLinkNic, FAST_LINK_BDF};
-use quicksilver_proto::link::net::{build_arp, parse_frame, Arp, Packet, MAX_FRAME};
+use quicksilver_proto::link::net::{parse_frame, Arp, Packet};
+use quicksilver_tests::fast_link::{self, HV_IP, PARAMS};
 use quicksilver_tests::scenarios::KO;
 use quicksilver_tests::*;
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 const BRIDGE_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x13, 0x00, 0x01];
 const BRIDGE_IP: [u8; 4] = [10, 13, 0, 1];
-const HV_IP: [u8; 4] = [10, 13, 0, 2];
 
 #[test]
 fn behind_an_amd_iommu_the_hv_receives_and_sends_through_its_mapped_dma_window() {
     let a = artifacts();
     let name = "net-iommu";
-    let run_dir = a.dir.join("run");
-    let link = run_dir.join(format!("{name}-{}.sock", std::process::id()));
-    let net = run_dir.join(format!("{name}-{}.net.sock", std::process::id()));
-    let _ = std::fs::create_dir_all(&run_dir);
+    let (link, net) = fast_link::sockets(&a, name);
     let script = format!(
         r#"NIC={FAST_LINK_BDF}
-params=
-for w in $(cat /proc/cmdline); do
-    case "$w" in quicksilver.*=*) params="$params ${{w#quicksilver.}}" ;; esac
-done
+{PARAMS}
 echo "IOMMU-DOMAIN $(cat /sys/bus/pci/devices/$NIC/iommu_group/type)"
 for m in $(cat /lib/quicksilver/net-modules); do insmod $m || echo "INSMOD-FAILED $m"; done
 sleep 1
@@ -68,12 +61,7 @@ rmmod quicksilver; echo "rmmod-rc=$?"
         &out,
         &format!("mapped into the IOMMU domain of {FAST_LINK_BDF}"),
     );
-    assert!(
-        o.contains(&format!(
-            "fast link: NIC {FAST_LINK_BDF} (held by quicksilver-net), 10.13.0.2:50000"
-        )),
-        "{o}"
-    );
+    fast_link::assert_held(&o);
     // The request reached the hv and its answer left: DMA both ways through the IOMMU.
     // (Without the agent's mapping no reply comes: QEMU's IOMMU drops the NIC's DMA, though
     // it reports no fault the kernel would log.)
@@ -91,19 +79,7 @@ rmmod quicksilver; echo "rmmod-rc=$?"
 /// after a 4-byte big-endian length) and returns the reply.
 fn arp_exchange(path: &std::path::Path, timeout: Duration) -> Result<Arp, String> {
     let mut s = UnixStream::connect(path).map_err(|e| format!("connect {path:?}: {e}"))?;
-    let mut frame = [0u8; MAX_FRAME];
-    let n = build_arp(
-        &mut frame,
-        &Arp {
-            op: 1,
-            sender_mac: BRIDGE_MAC,
-            sender_ip: BRIDGE_IP,
-            target_mac: [0; 6],
-            target_ip: HV_IP,
-        },
-    );
-    s.write_all(&(n as u32).to_be_bytes())
-        .and_then(|()| s.write_all(&frame[..n]))
+    fast_link::send_frame(&mut s, &fast_link::arp_request(BRIDGE_MAC, BRIDGE_IP))
         .map_err(|e| format!("sending the ARP request: {e}"))?;
     let give_up = Instant::now() + timeout;
     loop {
@@ -111,12 +87,11 @@ fn arp_exchange(path: &std::path::Path, timeout: Duration) -> Result<Arp, String
         if left.is_zero() {
             return Err(format!("no ARP reply from the hv within {timeout:?}"));
         }
-        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len)
-            .map_err(|e| format!("no ARP reply from the hv within {timeout:?}: {e}"))?;
-        let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
-        s.read_exact(&mut f).map_err(|e| e.to_string())?;
+        let Some(f) = fast_link::recv_frame(&mut s, left)
+            .map_err(|e| format!("no ARP reply from the hv within {timeout:?}: {e}"))?
+        else {
+            continue;
+        };
         if let Ok(Packet::Arp(a)) = parse_frame(&f, Some(BRIDGE_MAC)) {
             if a.op == 2 {
                 return Ok(a);

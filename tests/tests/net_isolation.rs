@@ -5,6 +5,7 @@
 //! reset the device is refused and counted; deactivated, the device was not reset.
 
 use qs_testkit::qemu::{FastLinkNic, FAST_LINK_BDF};
+use quicksilver_tests::fast_link::{self, PARAMS};
 use quicksilver_tests::scenarios::KO;
 use quicksilver_tests::*;
 
@@ -18,18 +19,12 @@ const DRIVER_OK: u64 = 0x04;
 fn the_guest_cannot_reach_the_nics_registers_while_the_hv_is_active() {
     let a = artifacts();
     let name = "net-isolation";
-    let run_dir = a.dir.join("run");
-    let link = run_dir.join(format!("{name}-{}.sock", std::process::id()));
-    let net = run_dir.join(format!("{name}-{}.net.sock", std::process::id()));
-    let _ = std::fs::create_dir_all(&run_dir);
+    let (link, net) = fast_link::sockets(&a, name);
     // The common configuration's place comes from the device's virtio capabilities (vendor
     // capability 0x09, cfg_type 1: BAR at +4, offset at +8), as Linux's virtio-pci finds it.
     let script = format!(
         r#"NIC={FAST_LINK_BDF}
-params=
-for w in $(cat /proc/cmdline); do
-    case "$w" in quicksilver.*=*) params="$params ${{w#quicksilver.}}" ;; esac
-done
+{PARAMS}
 cfg=/sys/bus/pci/devices/$NIC/config
 byte() {{ od -An -tu1 -j$1 -N1 $cfg | tr -d ' '; }}
 p=$(byte 52)
@@ -124,12 +119,7 @@ rmmod quicksilver; echo "rmmod-rc=$?"
         value("NATIVE", "device_status") & DRIVER_OK != 0,
         "the kernel's write reset the device:\n{o}"
     );
-    assert!(
-        o.contains(&format!(
-            "fast link: NIC {FAST_LINK_BDF} (held by quicksilver-net), 10.13.0.2:50000"
-        )),
-        "{o}"
-    );
+    fast_link::assert_held(&o);
     assert!(o.contains("rmmod-rc=0"), "{o}");
     assert_kernel_clean(&out);
 }
