@@ -726,7 +726,7 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
 #define QS_DEVICES_RECORD_V1 1
 #define QS_LINK_OP_READ_STATS 11
 #define QS_LINK_OP_PERIODIC 12
-#define QS_STATS_HEADER_SIZE 576
+#define QS_STATS_HEADER_SIZE 584
 #define QS_CPU_STATS_SIZE 120
 #define QS_LINK_READ_MAX_PAGES 64
 #define QS_LINK_BULK_END 1

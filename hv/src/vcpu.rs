@@ -17,6 +17,7 @@ use crate::arch::{self, instr, Vcpu, VcpuSetup, VirtCpu, VmExit};
 use crate::cpu_state::CpuState;
 use crate::decode::{self, Insn};
 use crate::exit::{self, npf, Action, Stop, Then};
+use crate::net::config_space::Ports as _;
 use crate::rendezvous::{ClientId, Gathered, Platform, Release, Rendezvous};
 use crate::vmm::{self, Hv, COUNTERS};
 use crate::{checkpoint, debug, devices, freeze};
@@ -243,6 +244,7 @@ pub unsafe extern "C" fn activate(index: u32, frame: *const EntryFrame) -> i64 {
         COUNTERS.activations.fetch_add(1, Relaxed);
         // While dormant the kernel wrote its devices natively: what the hv shadowed is stale.
         devices::intercept::SHADOWS.forget();
+        crate::net::CONFIG.forget();
     }
     // SAFETY: on the CPU `native` was captured from, on the kernel's address space; SVM is
     // supported (init) and not in use (checked above). qs_enter_host switches to the hv's
@@ -605,10 +607,31 @@ impl exit::Env for HvEnv<'_> {
         COUNTERS.last_refused_gpa.store(gpa, Relaxed);
     }
     fn port_in(&self, port: u16, size: u8) -> u32 {
-        // SAFETY: the guest's own IN, which the CPU checked against the guest's IOPL and TSS
-        // permission bitmap before the intercept (APM vol. 2, 15.10.1), performed on the
-        // same CPU with the guest's operand size: the device sees the access it would have
-        // seen without the hv.
+        if crate::net::config_space::PORTS.contains(&port) {
+            return crate::net::CONFIG.guest_in(self.me as usize, port, size, &mut GuestPorts);
+        }
+        GuestPorts.read(port, size)
+    }
+    fn port_out(&self, port: u16, size: u8, value: u32) {
+        if crate::net::config_space::PORTS.contains(&port) {
+            let cpu = self.me as usize;
+            return crate::net::CONFIG.guest_out(cpu, port, size, value, &mut GuestPorts);
+        }
+        devices::intercept::SHADOWS
+            .guest_write(port, size, value, || GuestPorts.write(port, size, value));
+    }
+}
+
+/// The intercepted ports, accessed on the guest's behalf.
+struct GuestPorts;
+
+impl crate::net::config_space::Ports for GuestPorts {
+    fn read(&mut self, port: u16, size: u8) -> u32 {
+        // SAFETY: the guest's own IN (or, for CONFIG_DATA, the CONFIG_ADDRESS write that
+        // stands for the guest's own before it), which the CPU checked against the guest's
+        // IOPL and TSS permission bitmap before the intercept (APM vol. 2, 15.10.1),
+        // performed on the same CPU with the guest's operand size: the device sees the
+        // access it would have seen without the hv.
         unsafe {
             match size {
                 1 => instr::inb(port) as u32,
@@ -617,18 +640,16 @@ impl exit::Env for HvEnv<'_> {
             }
         }
     }
-    fn port_out(&self, port: u16, size: u8, value: u32) {
-        devices::intercept::SHADOWS.guest_write(port, size, value, || {
-            // SAFETY: as for `port_in`: the guest's own OUT, checked and performed as it
-            // would have been.
-            unsafe {
-                match size {
-                    1 => instr::outb(port, value as u8),
-                    2 => instr::outw(port, value as u16),
-                    _ => instr::outl(port, value),
-                }
+    fn write(&mut self, port: u16, size: u8, value: u32) {
+        // SAFETY: as for `read`: the guest's own OUT, checked and performed as it would have
+        // been.
+        unsafe {
+            match size {
+                1 => instr::outb(port, value as u8),
+                2 => instr::outw(port, value as u16),
+                _ => instr::outl(port, value),
             }
-        });
+        }
     }
 }
 

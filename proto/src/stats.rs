@@ -249,6 +249,8 @@ pub struct NetRecord {
     pub wrong_session: u64,
     pub replayed: u64,
     pub spoofed: u64,
+    /// The guest's PCI configuration-space accesses to the NIC, refused.
+    pub config_refused: u64,
     /// TSC cycles spent sending datagrams (framing, the MAC, the driver), and the part of
     /// them in the driver (its copy, and the doorbell, which under QEMU includes the device
     /// model's own work): where a datagram's time goes.
@@ -279,8 +281,8 @@ pub struct CpuStats {
 }
 
 const _: () = assert!(core::mem::size_of::<DevicesRecord>() == 112);
-const _: () = assert!(core::mem::size_of::<NetRecord>() == 160);
-const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 48 + 112 + 160);
+const _: () = assert!(core::mem::size_of::<NetRecord>() == 168);
+const _: () = assert!(core::mem::size_of::<StatsHeader>() == 128 + 128 + 48 + 112 + 168);
 const _: () = assert!(core::mem::size_of::<CpuStats>() == 120);
 
 /// Bytes in a block for `cpus` CPUs.

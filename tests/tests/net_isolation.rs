@@ -2,7 +2,10 @@
 //! from the guest as the hv-memory isolation test shows it: the kernel touches the NIC's
 //! registers through the agent's own mapping of its BAR (`qsctl peek-nic`/`poke-nic`), as a
 //! driver would. Dormant it reads the device; active it reads zeros, and a write that would
-//! reset the device is refused and counted; deactivated, the device was not reset.
+//! reset the device is refused and counted; deactivated, the device was not reset. Its PCI
+//! configuration space likewise: active, the kernel reads it as a function that is not there
+//! and its write of the command register (memory decoding and bus mastering off) is refused
+//! and counted; deactivated, both are still on.
 
 use qs_testkit::qemu::{FastLinkNic, FAST_LINK_BDF};
 use quicksilver_tests::fast_link::{self, PARAMS};
@@ -49,9 +52,13 @@ qsctl poke-nic $bar $((off + {DEVICE_STATUS})) 0 --width 1; echo "poke-active-rc
 numq ACTIVE
 status ACTIVE
 qsctl stats | grep "accesses to hv memory"
+echo "CFG-ACTIVE $(od -An -tx4 -N4 $cfg | tr -d ' ')"
+printf '\000\000' | dd of=$cfg bs=1 seek=4 count=2 conv=notrunc 2>/dev/null; echo "cfg-write-rc=$?"
+qsctl stats | grep "^fast link:"
 qsctl deactivate
 numq NATIVE
 status NATIVE
+echo "CFG-NATIVE $(od -An -tx4 -N4 $cfg | tr -d ' ') command=$(od -An -tx2 -j4 -N2 $cfg | tr -d ' ')"
 qsctl status | grep "fast link"
 rmmod quicksilver; echo "rmmod-rc=$?"
 "#
@@ -118,6 +125,36 @@ rmmod quicksilver; echo "rmmod-rc=$?"
     assert!(
         value("NATIVE", "device_status") & DRIVER_OK != 0,
         "the kernel's write reset the device:\n{o}"
+    );
+    // Its configuration space: active, the kernel reads no function there (all ones) and
+    // its write of the command register is refused and counted; native again, the IDs read
+    // back and memory decoding and bus mastering (bits 1 and 2) are still on.
+    assert!(o.contains("CFG-ACTIVE ffffffff"), "{o}");
+    let refused_cfg = o
+        .lines()
+        .find(|l| l.starts_with("fast link:"))
+        .and_then(|l| l.split("; ").last())
+        .and_then(|l| l.strip_suffix(" configuration-space accesses to the NIC refused"))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no refused configuration-space accesses count:\n{o}"));
+    assert!(
+        refused_cfg >= 2,
+        "the read and the write were not both refused: {refused_cfg}\n{o}"
+    );
+    let native = o
+        .lines()
+        .find_map(|l| l.strip_prefix("CFG-NATIVE "))
+        .unwrap_or_else(|| panic!("no CFG-NATIVE line:\n{o}"));
+    assert!(native.starts_with("10001af4 "), "{native}\n{o}");
+    let command = native
+        .split("command=")
+        .nth(1)
+        .and_then(|c| u16::from_str_radix(c.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no command register in {native:?}"));
+    assert_eq!(
+        command & 0x6,
+        0x6,
+        "the kernel's write reached the command register: {native}\n{o}"
     );
     fast_link::assert_held(&o);
     assert!(o.contains("rmmod-rc=0"), "{o}");

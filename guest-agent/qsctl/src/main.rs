@@ -311,7 +311,7 @@ fn fast_link_stats(n: &NetRecord, tsc_khz: u64) -> String {
          ({} us each, {} us of it in the NIC's driver); \
          {} ARP requests answered; {} wrong keys; dropped: {} malformed, {} fragmented, \
          {} oversized, {} not for us, {} bad magic, {} unauthenticated, {} bad tag, \
-         {} wrong session, {} replayed, {} spoofed",
+         {} wrong session, {} replayed, {} spoofed; {} configuration-space accesses to the NIC refused",
         n.rx_frames,
         n.tx_frames,
         n.tx_dropped,
@@ -330,7 +330,8 @@ fn fast_link_stats(n: &NetRecord, tsc_khz: u64) -> String {
         n.bad_tag,
         n.wrong_session,
         n.replayed,
-        n.spoofed
+        n.spoofed,
+        n.config_refused
     )
 }
 

@@ -7,8 +7,9 @@
 //! still held, records what a write left in the register, and steps over the instruction
 //! (`crate::exit::io`). The map has no direction bit, so the guest's reads of those ports exit
 //! too and are performed the same way: IIR reads (0x3FA on a read), one per UART interrupt,
-//! and nothing else Linux does at run time. No other port exits: each exit costs about 17 us
-//! under TCG.
+//! and nothing else Linux does at run time. Besides those, only PCI configuration mechanism
+//! #1 exits (0xCF8-0xCFF, `crate::net::config_space`: rare at run time): each exit costs about
+//! 17 us under TCG.
 //!
 //! A shadow is forgotten when the hv becomes active: while it was dormant the guest wrote
 //! natively. (A write made natively by a CPU that is still taking its activation IPI while
@@ -21,13 +22,28 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 pub const COM1_FCR: u16 = super::uart::COM1 + super::uart::IIR_FCR;
 /// The CMOS index.
 pub const RTC_INDEX: u16 = super::rtc::INDEX;
-/// The ports whose accesses exit.
+/// The ports whose accesses exit for the shadows.
 pub const INTERCEPTED_PORTS: [u16; 2] = [COM1_FCR, RTC_INDEX];
+
+/// Every port whose accesses exit: the shadows', and PCI configuration mechanism #1's, which
+/// the hv performs for the guest so that it cannot reach the fast link's NIC
+/// (`crate::net::config_space`).
+const ALL_PORTS: [u16; 10] = {
+    let cfg = crate::net::config_space::PORTS;
+    let mut all = [0u16; 10];
+    all[0] = COM1_FCR;
+    all[1] = RTC_INDEX;
+    let mut i = 0;
+    while i < cfg.len() {
+        all[2 + i] = cfg[i];
+        i += 1;
+    }
+    all
+};
 
 /// The I/O intercept map every vCPU uses (built at compile time; the CPU reads it by
 /// physical address, `crate::vcpu::activate` hands it over).
-pub static IO_INTERCEPTS: crate::arch::IoIntercepts =
-    crate::arch::IoIntercepts::new(&INTERCEPTED_PORTS);
+pub static IO_INTERCEPTS: crate::arch::IoIntercepts = crate::arch::IoIntercepts::new(&ALL_PORTS);
 
 /// A shadow's encoding: bit 8 set when known, the value in bits 7:0.
 const KNOWN: u32 = 1 << 8;
@@ -133,9 +149,13 @@ mod tests {
         for p in [0x3F8, 0x3F9, 0x3FB, 0x3FD, 0x71, 0x2FA, 0x20, 0x40] {
             assert!(!IO_INTERCEPTS.intercepts(p, 1), "port {p:#x}");
         }
+        // And PCI configuration mechanism #1's eight ports, 0xCF8-0xCFF.
+        for p in crate::net::config_space::PORTS {
+            assert!(IO_INTERCEPTS.intercepts(p, 1));
+        }
         assert_eq!(
             IO_INTERCEPTS.0.iter().map(|b| b.count_ones()).sum::<u32>(),
-            2
+            10
         );
     }
 

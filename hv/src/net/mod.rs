@@ -11,6 +11,7 @@
 //! (`Op::NetRelease`), its registers are hidden from the guest (`mapping`), and its rings and
 //! buffers live in the image (`dma`, `virtio`).
 
+pub mod config_space;
 mod dma;
 mod e1000e;
 mod mapping;
@@ -141,6 +142,10 @@ struct Net {
 
 static NET: Mutex<Option<Net>> = Mutex::new(None);
 
+/// The guest's configuration-space accesses, refused for the NIC the hv drives.
+pub static CONFIG: config_space::Guard<{ crate::vmm::MAX_CPUS as usize }> =
+    config_space::Guard::new();
+
 /// The bridge last spoke on the fast link (not the serial one): answers go there.
 static PREFERRED: AtomicBool = AtomicBool::new(false);
 /// Frames received and sent, for `qsctl stats`.
@@ -180,6 +185,7 @@ pub fn configure(hv: &Hv, buf: &[u8]) -> Status {
             return s;
         }
     };
+    CONFIG.guard(Some(cfg.bdf));
     let mac = nic.nic().mac();
     let endpoint = NetEndpoint::new(key.as_slice(), mac, cfg.ip.to_be_bytes(), cfg.port);
     *net = Some(Net {
@@ -199,6 +205,7 @@ pub fn release(hv: &Hv) -> Status {
     };
     let cfg = net.cfg;
     drop(net);
+    CONFIG.guard(None);
     dma::reset();
     mapping::unmap(hv, &cfg);
     BARS.set(None);
@@ -391,6 +398,7 @@ pub fn stats_record() -> NetRecord {
         wrong_session: c.wrong_session,
         replayed: c.replayed,
         spoofed: c.spoofed,
+        config_refused: CONFIG.refused.load(Relaxed),
         send_cycles: SEND_CYCLES.load(Relaxed),
         nic_cycles: NIC_CYCLES.load(Relaxed),
     }
