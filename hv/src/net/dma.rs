@@ -65,12 +65,17 @@ pub fn reset() {
 }
 
 /// The physical address of `va`, a byte of the image (the block is physically contiguous and
-/// mapped at one offset). 0 outside it, which no device is given.
+/// mapped at one offset). 0 outside the image, which no device is given: behind an IOMMU the
+/// agent maps only the image into the NIC's domain, so a DMA address elsewhere in the block
+/// (page tables, per-CPU areas) would fault, and should never be handed out.
 pub fn pa_of(va: u64) -> u64 {
-    match crate::vmm::get() {
-        Some(hv) if (hv.base_va..hv.base_va + hv.mem_size).contains(&va) => {
-            va - hv.base_va + hv.base_pa
-        }
-        _ => 0,
+    let Some(hv) = crate::vmm::get() else {
+        return 0;
+    };
+    let image = hv.header.map_or(0, |h| h.image_size);
+    if (hv.base_va..hv.base_va + image).contains(&va) {
+        va - hv.base_va + hv.base_pa
+    } else {
+        0
     }
 }
