@@ -3,6 +3,9 @@
 //! while dormant and by hypercall while active), answering through the UART itself with
 //! polled port I/O, which works the same in the kernel's context and in host mode.
 //! [`checkpoint`] serves the bridge's checkpoint requests and sends the engine's events.
+//!
+//! Every sending function here answers on the link the bridge last spoke on: the fast link
+//! (`crate::net`) when that was it and it is authenticated, else this one.
 
 pub mod checkpoint;
 
