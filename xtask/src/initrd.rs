@@ -255,6 +255,30 @@ pub fn module_load_order(modules_dir: &Path, wanted: &[&str]) -> anyhow::Result<
     Ok(order)
 }
 
+/// [`module_load_order`] of those of `wanted` this kernel has at all, as a module or built in:
+/// for drivers a test uses only where they exist (Debian's cloud flavours have no `e1000e`).
+pub fn module_load_order_available(
+    modules_dir: &Path,
+    wanted: &[&str],
+) -> anyhow::Result<Vec<KernelModule>> {
+    let index = module_index(modules_dir)?;
+    let builtin = std::fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
+    let present: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|name| {
+            let name = name.replace('-', "_");
+            index.contains_key(&name)
+                || builtin.lines().any(|l| {
+                    Path::new(l)
+                        .file_stem()
+                        .is_some_and(|s| s.to_string_lossy().replace('-', "_") == name)
+                })
+        })
+        .collect();
+    module_load_order(modules_dir, &present)
+}
+
 /// Depth-first, dependencies before dependents; `state` marks modules in progress (false)
 /// and done (true) to catch cycles.
 fn visit(
