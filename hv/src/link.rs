@@ -191,9 +191,9 @@ pub fn receive(bytes: &[u8], in_guest: bool) -> i64 {
         }
     }
     // The link lock is released: the debugger may answer through it.
-    route(&Routed::Gdb(&gdb[..gdb_len]));
+    route(&Routed::Gdb(&gdb[..gdb_len]), in_guest);
     if attention {
-        route(&Routed::Attention);
+        route(&Routed::Attention, in_guest);
     }
     let mut wake = false;
     for r in requests.iter().flatten() {
@@ -216,9 +216,9 @@ pub enum Routed<'a> {
 
 /// The one place that knows which client consumes which channel (bulk and other control
 /// messages have no consumer yet: `unrouted`).
-pub(crate) fn route(r: &Routed<'_>) {
+pub(crate) fn route(r: &Routed<'_>, in_guest: bool) {
     match r {
-        Routed::Attention => crate::debug::session::request_attach(),
+        Routed::Attention => crate::debug::session::request_attach(in_guest),
         Routed::Gdb([]) => {}
         Routed::Gdb(bytes) => crate::debug::session::gdb_input(bytes),
     }

@@ -320,6 +320,8 @@ impl Hv {
     /// tables identity-map guest memory).
     pub fn control_phys(&self, op: Op, gpa: u64, len: u64) -> i64 {
         if op == Op::ActiveCpus {
+            // The agent's stopping hypercall: an attach it was told of stops here.
+            crate::debug::session::agent_stop_hypercall();
             return COUNTERS.active_cpus.load(Acquire) as i64;
         }
         // The ops without a buffer (the agent passes none: no slice at address 0).

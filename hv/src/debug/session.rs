@@ -100,6 +100,13 @@ enum Pending {
     /// gdb detached (or its bridge did so for it) while the kernel ran: the session ends as a
     /// detach does, with every CPU stopped and released by the devirt policy.
     End = 3,
+    /// The bridge asked for attention outside any hypercall (the agent's direct call while
+    /// dormant): the agent activates and makes the stopping hypercall from its timer
+    /// (`Op::ActiveCpus`), and only that one takes it. Another hypercall that came first (the
+    /// fast link's NIC interrupts every few milliseconds) would stop the CPUs from under the
+    /// agent's timer, whose own hypercall then finds them native after the session and asks
+    /// for attention again: a second activation with no debugger.
+    AttachAtAgent = 4,
 }
 /// An attention request arrived: the next stop begins a new session.
 static ATTACH_REQUESTED: AtomicU8 = AtomicU8::new(0);
@@ -114,10 +121,26 @@ static mut PACKET_BUF: [u8; PACKET_SIZE] = [0; PACKET_SIZE];
 /// The link's attention request: attach gdb at the next hypercall (the CPU making it stops
 /// the others). The agent, told of it, activates if the hv is dormant and makes that
 /// hypercall; if the request arrived in a hypercall while active, that one already stopped.
-pub fn request_attach() {
+pub fn request_attach(in_guest: bool) {
     ATTACH_REQUESTED.store(1, Release);
     ATTACH_REQUEST_TSC.store(crate::arch::instr::rdtsc(), Release);
-    PENDING_STOP.store(Pending::Attach as u8, Release);
+    let pending = if in_guest {
+        Pending::Attach
+    } else {
+        Pending::AttachAtAgent
+    };
+    PENDING_STOP.store(pending as u8, Release);
+}
+
+/// The agent's stopping hypercall (`Op::ActiveCpus`, from its timer): an attach the agent was
+/// told of becomes this hypercall's stop.
+pub fn agent_stop_hypercall() {
+    let _ = PENDING_STOP.compare_exchange(
+        Pending::AttachAtAgent as u8,
+        Pending::Attach as u8,
+        AcqRel,
+        Acquire,
+    );
 }
 
 /// When the last attention request came: one older than [`ATTACH_FRESH_SECONDS`] is not
@@ -159,7 +182,16 @@ pub fn gdb_input(bytes: &[u8]) {
 
 /// A stop this CPU must make now that its hypercall is complete.
 pub fn take_pending_stop(hv: &Hv) -> Option<Reason> {
-    match PENDING_STOP.swap(Pending::Nothing as u8, AcqRel) {
+    // An attach for the agent's own hypercall stays for it.
+    let pending = PENDING_STOP.load(Acquire);
+    if pending == Pending::AttachAtAgent as u8
+        || PENDING_STOP
+            .compare_exchange(pending, Pending::Nothing as u8, AcqRel, Acquire)
+            .is_err()
+    {
+        return None;
+    }
+    match pending {
         x if x == Pending::Interrupt as u8 => Some(Reason::Interrupt),
         x if x == Pending::Attach as u8 => {
             let khz = hv.tsc_khz as u64;

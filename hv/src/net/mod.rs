@@ -290,10 +290,10 @@ pub fn poll(in_guest: bool) -> i64 {
         };
         let Some(r) = got else { break };
         // The net lock is released: the debugger may answer through it.
-        link::route(&Routed::Gdb(&gdb[..r.gdb_len]));
+        link::route(&Routed::Gdb(&gdb[..r.gdb_len]), in_guest);
         drop(gdb);
         if r.attention {
-            link::route(&Routed::Attention);
+            link::route(&Routed::Attention, in_guest);
             if !in_guest {
                 bits |= LINK_RX_ATTENTION;
             }
