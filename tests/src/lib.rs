@@ -117,3 +117,21 @@ pub fn take_checkpoint(c: &mut crate::control::Client) -> serde_json::Value {
         }
     }
 }
+
+/// `qsctl stats`' refusals line in `o` ("refused: N accesses to hv memory (last at ...)"), and
+/// its count; panics if either is missing (a missing line is a failure, not a pass).
+pub fn hv_memory_refusals(o: &str) -> (&str, u64) {
+    let line = o
+        .lines()
+        .find(|l| l.contains("accesses to hv memory"))
+        .unwrap_or_else(|| {
+            panic!("`qsctl stats` printed no \"refused: N accesses to hv memory\" line:\n{o}")
+        });
+    let count = line
+        .split("refused: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no count in the refusals line: {line}"));
+    (line, count)
+}

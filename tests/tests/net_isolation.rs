@@ -101,18 +101,7 @@ rmmod quicksilver; echo "rmmod-rc=$?"
     assert!(o.contains("poke-active-rc=0"), "{o}");
     assert_eq!(value("ACTIVE", "num_queues"), 0, "{o}");
     assert_eq!(value("ACTIVE", "device_status"), 0, "{o}");
-    let refused = o
-        .lines()
-        .find(|l| l.contains("accesses to hv memory"))
-        .unwrap_or_else(|| {
-            panic!("`qsctl stats` printed no \"refused: N accesses to hv memory\" line:\n{o}")
-        });
-    let count = refused
-        .split("refused: ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no count in the refusals line: {refused}"));
+    let (refused, count) = hv_memory_refusals(&o);
     assert!(count >= 1, "the write was not refused: {refused}");
     assert!(
         refused.contains(&format!("(last at {:#x})", bar_start + DEVICE_STATUS)),

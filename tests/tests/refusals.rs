@@ -68,18 +68,7 @@ qsctl activate && qsctl probe --expect active && qsctl deactivate
     );
     // The kernel's write went to scratch: refused, counted, and the hv's code is intact.
     // A missing stats line is a failure too, not a pass.
-    let refused = o
-        .lines()
-        .find(|l| l.contains("accesses to hv memory"))
-        .unwrap_or_else(|| {
-            panic!("`qsctl stats` printed no \"refused: N accesses to hv memory\" line:\n{o}")
-        });
-    let count = refused
-        .split("refused: ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no count in the refusals line: {refused}"));
+    let (refused, count) = hv_memory_refusals(&o);
     assert!(
         count >= 2,
         "the writes to the hv's block and its store were not both refused: {refused}"
