@@ -131,14 +131,18 @@ fn on_control(payload: &[u8], link: &Link, state: &State) -> Result<()> {
                 eprintln!(
                     "qs-bridge: the machine stopped ({cpus} CPUs) but no gdb waits for it any more: detaching so that the kernel runs on"
                 );
+                state.update(|st| st.end_asked = true);
                 link.send(Channel::Gdb, DETACH)?;
             }
         }
         Ok(Message::Ended(end)) => {
             match end {
-                End::Detached => {
+                End::Detached if state.status().end_asked => {
                     eprintln!("qs-bridge: gdb detached; the kernel runs natively again")
                 }
+                End::Detached => eprintln!(
+                    "qs-bridge: the machine ended the session though gdb did not detach: gdb's bytes broke the protocol on the way (the machine's console says how); the kernel runs natively again: connect again"
+                ),
                 End::Killed => eprintln!(
                     "qs-bridge: gdb asked to kill the machine: Quicksilver never kills it; detached instead, the kernel keeps running"
                 ),
@@ -178,8 +182,10 @@ fn serve_client(stream: TcpStream, link: &Link, state: &State, stop_timeout: Dur
         st.session = SessionState::Waiting;
         st.cpus = None;
         st.sessions += 1;
+        st.end_asked = false;
     });
     eprintln!("qs-bridge: gdb connected; asking the machine for attention");
+    let asked = std::time::Instant::now();
     if let Err(e) = link.send_control(control::Message::Attention) {
         eprintln!("qs-bridge: cannot ask for attention: {e:#}");
         return;
@@ -206,8 +212,9 @@ fn serve_client(stream: TcpStream, link: &Link, state: &State, stop_timeout: Dur
         return;
     }
     eprintln!(
-        "qs-bridge: every CPU stopped ({} CPUs); gdb is served",
-        st.cpus.unwrap_or(0)
+        "qs-bridge: every CPU stopped ({} CPUs); gdb is served (attention to stop: {:.1} ms)",
+        st.cpus.unwrap_or(0),
+        asked.elapsed().as_secs_f64() * 1e3
     );
     let asked_to_end = pump_client(stream, link, state);
     if state.status().session != SessionState::Stopped {
@@ -226,6 +233,7 @@ fn serve_client(stream: TcpStream, link: &Link, state: &State, stop_timeout: Dur
         eprintln!(
             "qs-bridge: gdb's connection closed mid-session (gdb crashed or was killed?): sent a detach on its behalf so that the kernel runs on"
         );
+        state.update(|st| st.end_asked = true);
         if let Err(e) = link.send(Channel::Gdb, DETACH) {
             eprintln!("qs-bridge: the detach could not be sent: {e:#}");
         }
@@ -244,6 +252,10 @@ fn pump_client(mut reader: TcpStream, link: &Link, state: &State) -> bool {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 filter.push_answering_link(&buf[..n], &mut out, &|| link.report());
+                if filter.ended {
+                    // Before the detach goes: the machine's answer may come at once.
+                    state.update(|st| st.end_asked = true);
+                }
                 for o in out.drain(..) {
                     match o {
                         ToSend::Machine(bytes) => {

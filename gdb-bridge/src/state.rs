@@ -77,6 +77,10 @@ pub struct Status {
     pub bulk_dropped_frames: u64,
     /// Payload bytes in those frames.
     pub bulk_dropped_bytes: u64,
+    /// A detach or kill went to the machine in the current session (gdb's, or the bridge's
+    /// on behalf of a gdb that vanished): an end the machine reports is that one, not the
+    /// machine's own.
+    pub end_asked: bool,
 }
 
 impl Status {

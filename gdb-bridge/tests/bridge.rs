@@ -26,6 +26,9 @@ const ATTENTION_CONSOLE: &[u8] = b"machine: attention received\n";
 /// gdb bytes that make the fake machine send [`BULK`] bytes on the bulk channel (as
 /// checkpoint export will) before it echoes them.
 const BULK_PLEASE: &[u8] = b"$qQsBulk#";
+/// gdb bytes after which the fake machine ends the session by itself, as the hv does when
+/// gdb's stream breaks its protocol (no `OK`, just `Ended`).
+const BREAK_PLEASE: &[u8] = b"$qQsBreak#";
 /// Bytes the fake machine sends per [`BULK_PLEASE`]: three frames (1024 + 1024 + 952).
 const BULK: usize = 3000;
 
@@ -153,6 +156,9 @@ fn machine_deaf_at_first(
                         let mut tx = |w: &[u8]| out.extend_from_slice(w);
                         if p.windows(5).any(|w| w == b"$D#44") {
                             e.send(Channel::Gdb, b"+$OK#9a", &mut tx);
+                            e.send_control(Message::Ended(End::Detached), &mut tx);
+                        } else if p.windows(BREAK_PLEASE.len()).any(|w| w == BREAK_PLEASE) {
+                            // As the hv does when gdb's bytes break the protocol.
                             e.send_control(Message::Ended(End::Detached), &mut tx);
                         } else if p.windows(5).any(|w| w == b"$k#6b") {
                             e.send_control(Message::Ended(End::Killed), &mut tx);
@@ -592,6 +598,26 @@ fn a_machine_that_stops_after_gdb_gave_up_is_let_go() {
         gdb_packets(&m.log),
         ["gdb:+$D#44"],
         "gdb's bytes were dropped"
+    );
+}
+
+#[test]
+fn a_session_the_machine_ends_by_itself_is_not_called_a_detach() {
+    let (_m, b) = authenticated_to_a_stopping_machine("broken");
+    let mut gdb = b.gdb();
+    gdb.write_all(b"$qQsBreak#00").unwrap();
+    b.stderr.wait_for(
+        "the machine ended the session though gdb did not detach",
+        LONG,
+    );
+    // gdb hears of it: its connection closes.
+    let mut rest = Vec::new();
+    let _ = gdb.read_to_end(&mut rest);
+    let said = b.stderr.lines();
+    assert!(
+        !said.iter().any(|l| l.contains("gdb detached")),
+        "the bridge called it a detach:\n{}",
+        said.join("\n")
     );
 }
 

@@ -20,30 +20,8 @@ fn boot(name: &str, smp: u32, script: &str, ready: &str) -> Machine {
     Machine::boot(name, smp, script, ready)
 }
 
-include!("gdb/sessions.rs");
+/// The agent's timer takes the stop in its hypercall; the UART's interrupt (whose hypercall
+/// brought the attention) is over by then: one CPU at most is stopped in the agent.
+const AGENT_CPUS_AT_MOST: usize = 1;
 
-// Over the serial link only, for now: over the fast link, gdb 13.1 hit an internal error
-// (`inferior_thread: Assertion current_thread_ != nullptr`) at the 11th `target remote` of
-// this test in one of five runs (once it died of a bus error instead). Open, in issue 13's
-// notes; the fast link's single reconnect right after a detach passes.
-#[test]
-fn twenty_attach_detach_cycles_leave_the_kernel_unharmed() {
-    let mut m = boot("gdb-cycles", 2, WORKLOAD_UNTIL_HOST, "GUEST-READY");
-    let mut gdb = m.gdb();
-    for cycle in 1..=20 {
-        m.connect(&mut gdb);
-        let out = m.run(&mut gdb, "info threads");
-        if thread_lines(&out).len() != 2 {
-            m.fail(&gdb, &format!("cycle {cycle}: info threads"), &out);
-        }
-        detach(&m, &mut gdb);
-        // Let the kernel and the workload run a little between sessions (and the bridge see
-        // this one end: reconnecting at once has a test of its own).
-        m.await_sessions_ended(cycle);
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    gdb.quit();
-    m.send("detached");
-    let out = m.finish();
-    assert_clean_end(&out);
-}
+include!("gdb/sessions.rs");

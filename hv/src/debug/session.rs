@@ -175,7 +175,13 @@ pub fn gdb_input(bytes: &[u8]) {
                 s.stub = Some(st);
             }
             // The session is broken: the next stop starts over with a new one.
-            Err(_) => ATTACH_REQUESTED.store(1, Release),
+            Err(e) => {
+                let _ = writeln!(
+                    crate::serial::Com1,
+                    "quicksilver hv: the gdb session broke on a protocol error while the kernel ran: {e:?}"
+                );
+                ATTACH_REQUESTED.store(1, Release);
+            }
         }
     }
 }
@@ -457,7 +463,15 @@ fn feed(s: &mut Session, me: u32, b: u8) {
             None
         }
         Ok(st) => Some(st),
-        Err(_) => {
+        Err(e) => {
+            // The stub cannot go on (gdb's `-`, a packet that does not parse): the session
+            // ends like a detach, and the console says why, for whoever reads the bridge's
+            // "gdb detached" without having detached.
+            let _ = writeln!(
+                crate::serial::Com1,
+                "quicksilver hv: the gdb session ended on a protocol error: {e:?}"
+            );
+            crate::net::describe(&mut crate::serial::Com1);
             s.target.remove_all();
             None
         }

@@ -282,11 +282,20 @@ impl Nic for E1000e {
     fn receive(&mut self, f: &mut dyn FnMut(&[u8])) -> bool {
         let i = self.rx_next;
         let d = self.rx_desc(i);
+        // DD first, then the rest: the device writes the length with (or before) DD, and a
+        // descriptor read in one go may take the length before the status, i.e. the length
+        // of the frame this descriptor held a ring ago with today's DD. That cut one gdb
+        // request in some hundreds to another frame's length (Linux's e1000e reads DD, then
+        // `dma_rmb()`, then the descriptor, for the same reason).
         // SAFETY: a descriptor of our ring, written back by the device (volatile).
-        let desc = unsafe { d.read_volatile() };
-        if desc.status & DD == 0 {
+        let status = unsafe { core::ptr::addr_of!((*d).status).read_volatile() };
+        if status & DD == 0 {
             return false;
         }
+        // x86 keeps loads in order; this keeps the compiler from hoisting the next one.
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+        // SAFETY: as above; DD is set, so the device has written the whole descriptor.
+        let desc = unsafe { d.read_volatile() };
         // SAFETY: the device is done with buffer `i` (DD).
         let buf = unsafe { &(*buffers()).rx[i] };
         // A frame larger than a buffer (never sent by the bridge) spans descriptors without
@@ -303,5 +312,21 @@ impl Nic for E1000e {
 
     fn ack_interrupt(&mut self) -> bool {
         self.read(ICR) != 0
+    }
+
+    fn describe_rx(&self, w: &mut dyn core::fmt::Write) {
+        let _ = write!(
+            w,
+            "82574L RDH {} RDT {} next {} status",
+            self.read(RDH),
+            self.read(RDT),
+            self.rx_next
+        );
+        for k in 0..4 {
+            let i = (self.rx_next + k) % BUFS;
+            // SAFETY: a descriptor of our ring (volatile: the device writes it).
+            let st = unsafe { core::ptr::addr_of!((*self.rx_desc(i)).status).read_volatile() };
+            let _ = write!(w, " {st:#x}");
+        }
     }
 }

@@ -26,8 +26,10 @@
 //!
 //! The gdb and bulk channels are byte streams, as on the serial link: one `send` is cut into
 //! as many datagrams as it takes (gdb's packets reach 128 KiB); control messages fit one.
-//! Lost datagrams are gaps, as corrupted frames are on the serial link: the layers above
-//! (gdb's acks and resends, the bulk end's CRC) notice.
+//! Nothing is sent again: a lost datagram is a gap, as a corrupted frame is on the serial
+//! link. The bulk end's CRC notices; a gap in gdb's stream breaks the hv's stub (gdb runs
+//! without acks once it asked `QStartNoAckMode`), which ends the session and says so on
+//! the console, and the bridge tells the user to connect again.
 
 use super::control::Message;
 use super::endpoint::{Counters as HandshakeCounters, Event, Handshake, State};

@@ -102,6 +102,14 @@ impl Gdb {
             .arg(format!("set index-cache directory {}", cache.display()))
             .arg("-iex")
             .arg("set index-cache enabled on");
+        // Every byte of the remote protocol, both ways, beside the transcript: what a
+        // protocol error is made of.
+        if let Some(path) = log {
+            command.arg("-iex").arg(format!(
+                "set remotelogfile {}",
+                path.with_extension("remote").display()
+            ));
+        }
         match symbols {
             Symbols::None => {}
             Symbols::File(path) => {

@@ -146,6 +146,8 @@ pub struct Machine {
     sock: PathBuf,
     /// The fast link's socket, if the machine has the NIC (QEMU leaves it behind too).
     fast_sock: Option<PathBuf>,
+    /// QEMU's human monitor: where each CPU is, when the guest stops answering.
+    monitor: PathBuf,
     /// The link's key.
     key: String,
     running: Running,
@@ -247,6 +249,12 @@ impl Machine {
             qemu = qemu.fast_link(&path, nic);
             fast_sock = Some(path);
         }
+        let monitor = a
+            .dir
+            .join("run")
+            .join(format!("{name}-{}.mon", std::process::id()));
+        let _ = std::fs::remove_file(&monitor);
+        qemu = qemu.monitor_socket(&monitor);
         let qemu_port = free_port();
         if config.stub == Stub::Qemu {
             qemu = qemu.args(["-gdb".to_string(), format!("tcp:127.0.0.1:{qemu_port}")]);
@@ -286,6 +294,7 @@ impl Machine {
             artifacts: a,
             sock,
             fast_sock,
+            monitor,
             key: config.key.clone(),
             running,
             bridge,
@@ -397,13 +406,36 @@ impl Machine {
         })
     }
 
-    /// Panics with `what`, gdb's output `out`, the transcript's path and the bridge's log.
+    /// Each CPU's RIP and CS as QEMU sees them (`info registers -a`), for a failure's
+    /// message: a guest that stopped answering shows where it is.
+    pub fn cpu_states(&self) -> String {
+        match crate::qemu::hmp(&self.monitor, "info registers -a", Duration::from_secs(5)) {
+            Ok(out) => out
+                .lines()
+                .filter(|l| l.starts_with("CPU#") || l.starts_with("RIP=") || l.starts_with("CS ="))
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            Err(e) => format!("(QEMU's monitor did not answer: {e})\n"),
+        }
+    }
+
+    /// Panics with `what`, gdb's output `out`, the transcript's path, the bridge's log, the
+    /// hv's console lines and where the CPUs are.
     pub fn fail(&self, gdb: &Gdb, what: &str, out: &str) -> ! {
+        // The hv's own words (a session it ended, a refusal) are on the machine's console.
+        let hv: String = self
+            .running
+            .console()
+            .lines()
+            .filter(|l| l.contains("quicksilver hv:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
         panic!(
-            "{}: {what}:\n{out}\n(gdb transcript: {:?}; qs-bridge said:\n{})",
+            "{}: {what}:\n{out}\n(gdb transcript: {:?}; qs-bridge said:\n{}the hv said:\n{hv}the CPUs are at:\n{})",
             self.name,
             gdb.log_path(),
-            self.bridge_log()
+            self.bridge_log(),
+            self.cpu_states()
         )
     }
 
@@ -433,7 +465,11 @@ impl Machine {
         // Then for the end of its line: the console may have delivered only part of it.
         for needle in [marker, "\n"] {
             if let Err(e) = self.running.wait_for(needle, timeout) {
-                panic!("{e}\n(qs-bridge said:\n{})", self.bridge_log());
+                panic!(
+                    "{e}\n(qs-bridge said:\n{}the CPUs are at:\n{})",
+                    self.bridge_log(),
+                    self.cpu_states()
+                );
             }
         }
         let console = self.running.console();

@@ -300,7 +300,22 @@ impl Qemu {
     /// is dropped). QEMU creates the socket when it starts, before the guest runs. The guest
     /// has no other NIC (`-nodefaults`), so Linux names this one `eth0` when it drives it.
     pub fn fast_link_nic(self, path: &Path, nic: FastLinkNic) -> Self {
-        self.args([
+        // QS_FAST_LINK_PCAP=DIR: every frame on the fast link, both ways, as QEMU saw it
+        // (`DIR/<socket>.pcap`): which side lost a datagram.
+        let me = match std::env::var_os("QS_FAST_LINK_PCAP") {
+            Some(dir) => self.args([
+                "-object".into(),
+                format!(
+                    "filter-dump,id=qsdump,netdev=qsfast,file={}",
+                    Path::new(&dir)
+                        .join(path.file_name().unwrap_or_default())
+                        .with_extension("pcap")
+                        .display()
+                ),
+            ]),
+            None => self,
+        };
+        me.args([
             "-netdev".into(),
             format!(
                 "stream,id=qsfast,server=on,addr.type=unix,addr.path={}",
