@@ -102,9 +102,10 @@ impl Gdb {
             .arg(format!("set index-cache directory {}", cache.display()))
             .arg("-iex")
             .arg("set index-cache enabled on");
-        // Every byte of the remote protocol, both ways, beside the transcript: what a
-        // protocol error is made of.
-        if let Some(path) = log {
+        // QS_GDB_REMOTE_LOG=1: every byte of the remote protocol, both ways, beside the
+        // transcript (what a protocol error is made of). Not by default: gdb formats each
+        // byte, which slows a megabyte's read four times over (the benches use this too).
+        if let Some(path) = log.filter(|_| std::env::var_os("QS_GDB_REMOTE_LOG").is_some()) {
             command.arg("-iex").arg(format!(
                 "set remotelogfile {}",
                 path.with_extension("remote").display()
