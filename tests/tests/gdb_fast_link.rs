@@ -17,7 +17,7 @@ use std::time::Duration;
 /// and resume most (breakpoints, watchpoints, interrupts, cycles), virtio-net for the rest.
 fn boot(name: &str, smp: u32, script: &str, ready: &str) -> Machine {
     let nic = match name {
-        "gdb-watch" | "gdb-interrupt" | "gdb-kill" | "gdb-long-session" | "gdb-cycles" => {
+        "gdb-watch" | "gdb-interrupt" | "gdb-cycles" | "gdb-kill" | "gdb-long-session" => {
             FastLinkNic::E1000e
         }
         _ => FastLinkNic::VirtioNet,

@@ -188,9 +188,11 @@ pub fn gdb_input(bytes: &[u8]) {
 
 /// A stop this CPU must make now that its hypercall is complete.
 pub fn take_pending_stop(hv: &Hv) -> Option<Reason> {
-    // An attach for the agent's own hypercall stays for it.
+    // Every hypercall comes here: a plain load when nothing is pending (the common case),
+    // and an attach for the agent's own hypercall stays for it.
     let pending = PENDING_STOP.load(Acquire);
-    if pending == Pending::AttachAtAgent as u8
+    if pending == Pending::Nothing as u8
+        || pending == Pending::AttachAtAgent as u8
         || PENDING_STOP
             .compare_exchange(pending, Pending::Nothing as u8, AcqRel, Acquire)
             .is_err()

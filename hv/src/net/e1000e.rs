@@ -313,20 +313,4 @@ impl Nic for E1000e {
     fn ack_interrupt(&mut self) -> bool {
         self.read(ICR) != 0
     }
-
-    fn describe_rx(&self, w: &mut dyn core::fmt::Write) {
-        let _ = write!(
-            w,
-            "82574L RDH {} RDT {} next {} status",
-            self.read(RDH),
-            self.read(RDT),
-            self.rx_next
-        );
-        for k in 0..4 {
-            let i = (self.rx_next + k) % BUFS;
-            // SAFETY: a descriptor of our ring (volatile: the device writes it).
-            let st = unsafe { core::ptr::addr_of!((*self.rx_desc(i)).status).read_volatile() };
-            let _ = write!(w, " {st:#x}");
-        }
-    }
 }

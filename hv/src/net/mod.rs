@@ -41,31 +41,22 @@ pub trait Nic {
     fn receive(&mut self, f: &mut dyn FnMut(&[u8])) -> bool;
     /// Acknowledges the device's interrupt: true if it had raised one.
     fn ack_interrupt(&mut self) -> bool;
-    /// The receive ring as the driver and the device see it, for a diagnosis.
-    fn describe_rx(&self, w: &mut dyn core::fmt::Write) {
-        let _ = w;
-    }
 }
 
-/// One console line on the fast link's receive side: frames taken, what the endpoint made of
-/// them, and the driver's ring. For a gdb session that broke on lost bytes.
+/// One console line on the fast link: frames taken and sent, and what the endpoint made of
+/// them. For a gdb session that broke on lost bytes.
 pub fn describe(w: &mut dyn core::fmt::Write) {
     let guard = NET.lock();
     let Some(net) = guard.as_ref() else { return };
     let c = net.endpoint.counters();
-    let _ = write!(
+    let _ = writeln!(
         w,
-        "quicksilver hv: fast link: {} frames in ({} accepted, {} dropped: `qsctl stats` says why), {} out; ",
+        "quicksilver hv: fast link: {} frames in ({} accepted, {} dropped: `qsctl stats` says why), {} out",
         RX_FRAMES.load(Relaxed),
         c.accepted,
         c.dropped(),
         TX_FRAMES.load(Relaxed)
     );
-    match &net.nic {
-        Driver::Virtio(n) => n.describe_rx(w),
-        Driver::E1000e(n) => n.describe_rx(w),
-    }
-    let _ = writeln!(w);
 }
 
 /// The BARs the agent mapped, for the driver's `Hal` (which has no `self`) and for

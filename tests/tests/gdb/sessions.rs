@@ -359,6 +359,28 @@ check_native
 }
 
 #[test]
+fn twenty_attach_detach_cycles_leave_the_kernel_unharmed() {
+    let mut m = boot("gdb-cycles", 2, WORKLOAD_UNTIL_HOST, "GUEST-READY");
+    let mut gdb = m.gdb();
+    for cycle in 1..=20 {
+        m.connect(&mut gdb);
+        let out = m.run(&mut gdb, "info threads");
+        if thread_lines(&out).len() != 2 {
+            m.fail(&gdb, &format!("cycle {cycle}: info threads"), &out);
+        }
+        detach(&m, &mut gdb);
+        // Let the kernel and the workload run a little between sessions (and the bridge see
+        // this one end: reconnecting at once has a test of its own).
+        m.await_sessions_ended(cycle);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    gdb.quit();
+    m.send("detached");
+    let out = m.finish();
+    assert_clean_end(&out);
+}
+
+#[test]
 fn gdb_can_reconnect_at_once_after_a_detach() {
     // As a gdb script would: `detach`, then `target remote` again straight away.
     let mut m = boot("gdb-reconnect", 2, WORKLOAD_UNTIL_HOST, "GUEST-READY");
@@ -523,24 +545,3 @@ fn a_gdb_killed_mid_continue_with_a_breakpoint_set_ends_like_a_detach() {
     );
 }
 
-#[test]
-fn twenty_attach_detach_cycles_leave_the_kernel_unharmed() {
-    let mut m = boot("gdb-cycles", 2, WORKLOAD_UNTIL_HOST, "GUEST-READY");
-    let mut gdb = m.gdb();
-    for cycle in 1..=20 {
-        m.connect(&mut gdb);
-        let out = m.run(&mut gdb, "info threads");
-        if thread_lines(&out).len() != 2 {
-            m.fail(&gdb, &format!("cycle {cycle}: info threads"), &out);
-        }
-        detach(&m, &mut gdb);
-        // Let the kernel and the workload run a little between sessions (and the bridge see
-        // this one end: reconnecting at once has a test of its own).
-        m.await_sessions_ended(cycle);
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    gdb.quit();
-    m.send("detached");
-    let out = m.finish();
-    assert_clean_end(&out);
-}
