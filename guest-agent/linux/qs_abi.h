@@ -18,7 +18,7 @@
 /* ---- the hv image (proto/src/image.rs) ---- */
 
 #define QS_IMAGE_MAGIC "QSHVIMG"	/* 8 bytes with the NUL */
-#define QS_ABI_VERSION 4
+#define QS_ABI_VERSION 5
 #define QS_HEADER_SIZE 256
 #define QS_MAX_IMAGE_SIZE 0x400000ull
 #define QS_CHECKSUM_OFFSET 24
@@ -190,6 +190,7 @@ QS_ASSERT(__builtin_offsetof(struct qs_net_config, config) == 160);
 
 #define QS_NET_BARS 6
 #define QS_NET_POLL_OURS 4
+#define QS_NET_POLL_STOP 8
 
 /* ---- freeze (proto/src/abi.rs) ---- */
 
@@ -837,7 +838,8 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
  * The NIC raised its interrupt (the agent's handler, by direct call while dormant
  * and by hypercall while active; no buffer): the hv acknowledges it and serves what
  * arrived. Returns the same bits as `LinkRx`, with `NET_POLL_OURS` if the NIC had
- * interrupted (the INTx line may be shared), or a status when the link is down.
+ * interrupted (the INTx line may be shared) and `NET_POLL_STOP` if a stop waits
+ * for the agent's timer, or a status when the link is down.
  */
 #define QS_OP_NET_POLL 20
 /*
@@ -845,6 +847,13 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
  * resets the device, so that it does no more DMA, and forgets it.
  */
 #define QS_OP_NET_RELEASE 21
+/*
+ * The agent's stopping hypercall, from its timer (hypercall only, no buffer): a stop
+ * the hv holds for it (an attach, or gdb's Ctrl-C from the fast link) is made when
+ * it completes, on top of the timer interrupt, which Linux acknowledged first.
+ * Returns how many CPUs are in guest mode, as `ActiveCpus` does.
+ */
+#define QS_OP_AGENT_STOP 22
 
 #define QS_CPUID_SIGNATURE_LEAF 0x40000000u
 #define QS_CPUID_INFO_LEAF 0x40000001u

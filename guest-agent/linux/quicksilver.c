@@ -776,7 +776,7 @@ static enum hrtimer_restart qs_stop_timer_fn(struct hrtimer *t)
 	 * turned out to be native: a gdb that reconnects right after a detach can be faster
 	 * than the detach stepping the CPUs out. Try again (for up to ~0.3 s) until the
 	 * hypercall reaches an active hv. */
-	reached = qs_hypercall(QS_OP_ACTIVE_CPUS, 0, 0) != -EFAULT;
+	reached = qs_hypercall(QS_OP_AGENT_STOP, 0, 0) != -EFAULT;
 	if (!reached && atomic_inc_return(&qs_stop_tries) < 100)
 		qs_want_attention();
 	return HRTIMER_NORESTART;
@@ -1085,12 +1085,21 @@ static const char *qs_net_kind(const struct pci_dev *pdev, char *buf, size_t len
  * serial link. */
 static irqreturn_t qs_net_irq(int irq, void *dev)
 {
-	const long bits = QS_LINK_RX_ATTENTION | QS_LINK_RX_CHECKPOINT | QS_NET_POLL_OURS;
+	const long bits = QS_LINK_RX_ATTENTION | QS_LINK_RX_CHECKPOINT | QS_NET_POLL_OURS |
+			  QS_NET_POLL_STOP;
 	long st = qs_control(QS_OP_NET_POLL, NULL, 0);
 
 	/* Above the bits: a status, the fast link is down (not configured, or the NIC failed). */
 	if (st < 0 || st > bits)
 		return IRQ_NONE;
+	/* gdb's Ctrl-C or an attach, held by the hv for the stop timer: this level-triggered
+	 * interrupt stays in service until the handler returns, and a stop made inside it
+	 * could not be checkpointed. The timer fires right after, acknowledged first. */
+	if (st & QS_NET_POLL_STOP) {
+		atomic_set(&qs_stop_tries, 0);
+		hrtimer_start_range_ns(&qs_stop_timer, 0, 50 * NSEC_PER_USEC,
+				       HRTIMER_MODE_REL_PINNED_HARD);
+	}
 	qs_link_wanted(st);
 	return st & QS_NET_POLL_OURS ? IRQ_HANDLED : IRQ_NONE;
 }

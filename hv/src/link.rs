@@ -191,7 +191,9 @@ pub fn receive(bytes: &[u8], in_guest: bool) -> i64 {
         }
     }
     // The link lock is released: the debugger may answer through it.
-    route(&Routed::Gdb(&gdb[..gdb_len]), in_guest);
+    // The UART's interrupt is edge-triggered: Linux acknowledged it before its handler ran,
+    // so the stop may be made in this hypercall.
+    route(&Routed::Gdb(&gdb[..gdb_len]), true);
     if attention {
         route(&Routed::Attention, in_guest);
     }
@@ -215,12 +217,17 @@ pub enum Routed<'a> {
 }
 
 /// The one place that knows which client consumes which channel (bulk and other control
-/// messages have no consumer yet: `unrouted`).
-pub(crate) fn route(r: &Routed<'_>, in_guest: bool) {
+/// messages have no consumer yet: `unrouted`). A stop they ask for is made when the next
+/// hypercall completes (this one, if it is one) if `any_hypercall`; otherwise the hv holds it
+/// for the agent's `Op::AgentStop`, and true says the agent must be told.
+pub(crate) fn route(r: &Routed<'_>, any_hypercall: bool) -> bool {
     match r {
-        Routed::Attention => crate::debug::session::request_attach(in_guest),
-        Routed::Gdb([]) => {}
-        Routed::Gdb(bytes) => crate::debug::session::gdb_input(bytes),
+        Routed::Attention => {
+            crate::debug::session::request_attach(any_hypercall);
+            !any_hypercall
+        }
+        Routed::Gdb([]) => false,
+        Routed::Gdb(bytes) => crate::debug::session::gdb_input(bytes, any_hypercall),
     }
 }
 

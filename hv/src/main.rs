@@ -102,7 +102,10 @@ unsafe extern "C" fn control(op: u64, buf: *mut u8, len: u64) -> i64 {
     let Some(op) = Op::from_u64(op) else {
         return Status::BadOp as i64;
     };
-    if matches!(op, Op::ActiveCpus | Op::NetPoll | Op::NetRelease) {
+    if matches!(
+        op,
+        Op::ActiveCpus | Op::AgentStop | Op::NetPoll | Op::NetRelease
+    ) {
         return hv.control(op, &mut [], false);
     }
     if buf.is_null() || len > (1 << 20) {

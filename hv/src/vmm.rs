@@ -319,13 +319,13 @@ impl Hv {
     /// A control operation on a buffer given by guest-physical address (host mode: the hv's
     /// tables identity-map guest memory).
     pub fn control_phys(&self, op: Op, gpa: u64, len: u64) -> i64 {
-        if op == Op::ActiveCpus {
-            // The agent's stopping hypercall: an attach it was told of stops here.
+        if op == Op::AgentStop {
+            // The agent's stopping hypercall: a stop held for it is made here.
             crate::debug::session::agent_stop_hypercall();
             return COUNTERS.active_cpus.load(Acquire) as i64;
         }
         // The ops without a buffer (the agent passes none: no slice at address 0).
-        if matches!(op, Op::NetPoll | Op::NetRelease) {
+        if matches!(op, Op::ActiveCpus | Op::NetPoll | Op::NetRelease) {
             return self.control(op, &mut [], true);
         }
         // SAFETY: a hypercall's buffer, used for this call only.
@@ -385,7 +385,8 @@ impl Hv {
             Op::Stats => self.write_stats(buf),
             Op::LinkConfig => crate::link::configure(buf),
             Op::LinkRx => return crate::link::receive(buf, in_guest),
-            Op::ActiveCpus => return COUNTERS.active_cpus.load(Acquire) as i64,
+            // (A direct call: the CPU is native and no stop can be made on it.)
+            Op::ActiveCpus | Op::AgentStop => return COUNTERS.active_cpus.load(Acquire) as i64,
             Op::Checkpoints => crate::checkpoint::list(self, buf),
             // Deleting the last checkpoint gives RAM back to the guest through the nested
             // tables, which only host mode reaches: a CPU that is not in guest mode (the

@@ -86,11 +86,17 @@ crate::abi_enum! {
         /// The NIC raised its interrupt (the agent's handler, by direct call while dormant
         /// and by hypercall while active; no buffer): the hv acknowledges it and serves what
         /// arrived. Returns the same bits as `LinkRx`, with [`NET_POLL_OURS`] if the NIC had
-        /// interrupted (the INTx line may be shared), or a status when the link is down.
+        /// interrupted (the INTx line may be shared) and [`NET_POLL_STOP`] if a stop waits
+        /// for the agent's timer, or a status when the link is down.
         NetPoll = 20,
         /// Stop driving the NIC (dormant, before the agent gives it back to Linux): the hv
         /// resets the device, so that it does no more DMA, and forgets it.
         NetRelease = 21,
+        /// The agent's stopping hypercall, from its timer (hypercall only, no buffer): a stop
+        /// the hv holds for it (an attach, or gdb's Ctrl-C from the fast link) is made when
+        /// it completes, on top of the timer interrupt, which Linux acknowledged first.
+        /// Returns how many CPUs are in guest mode, as `ActiveCpus` does.
+        AgentStop = 22,
     }
 }
 
@@ -373,6 +379,11 @@ crate::abi_struct! {
 /// `Op::NetPoll`'s answer: the NIC had raised its interrupt (the handler returns
 /// `IRQ_HANDLED`; without it, `IRQ_NONE`: the line is shared).
 pub const NET_POLL_OURS: i64 = 4;
+/// `Op::NetPoll`'s answer: gdb's Ctrl-C or an attention request arrived and the hv holds the
+/// stop for `Op::AgentStop`; the agent arms its stop timer. (The stop is not made when the
+/// NIC's hypercall completes: INTx is level-triggered, so Linux acknowledges it only after
+/// its handler returns, and a machine stopped inside the handler cannot be checkpointed.)
+pub const NET_POLL_STOP: i64 = 8;
 
 /// What a CPU that was not quiescent was doing ([`CheckpointArgs::busy_what`]), in the words
 /// `qsctl`, gdb's `monitor checkpoint` and the bridge's control socket all use: "handling

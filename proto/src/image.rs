@@ -21,7 +21,7 @@
 /// "QSHVIMG" and a NUL.
 pub const IMAGE_MAGIC: [u8; 8] = *b"QSHVIMG\0";
 /// The one ABI version this tree speaks.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 /// Size of [`ImageHeader`] in bytes.
 pub const HEADER_SIZE: usize = 256;
 /// Largest image a loader accepts (the hv is small; anything bigger is not ours).

@@ -320,15 +320,19 @@ qsctl rollback x; echo "bad-id-rc=$?"
 # take a fresh one and go on.)
 qsctl checkpoint > /dev/null
 i=0
+stopped=
 while [ $i -lt 400 ]; do
     free=$(qsctl checkpoints | sed -n 's/.*memory \([0-9]*\) of \([0-9]*\) KiB.*/\2 \1/p' | awk '{{print $1 - $2}}')
+    # The ledger stops writing 1 MiB before the end: what is left must outlast the refusal
+    # and the rollback below. (Stopped only at the refusal, on a loaded emulator it ran on
+    # while this script's CPU waited, and its writes alone used the rest and dropped the
+    # last checkpoint before the rollback.)
+    if [ -z "$stopped" ] && [ "$free" -lt 1024 ]; then kill -STOP $LP; stopped=1; fi
     if [ "$free" -lt 200 ]; then
         out=$(qsctl checkpoint 2>&1)
         case "$out" in
         *"rolled back"*) echo "BACK-AT $i"; break ;;
-        # The ledger stops writing: the reserve left must outlast the rollback below (under a
-        # loaded emulator its writes alone filled it and dropped the last checkpoint first).
-        *ckpt_mem*) echo "REFUSED: $out"; kill -STOP $LP; break ;;
+        *ckpt_mem*) echo "REFUSED: $out"; break ;;
         esac
     fi
     [ -z "$(kept_ids)" ] && qsctl checkpoint > /dev/null

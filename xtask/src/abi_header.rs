@@ -89,6 +89,7 @@ pub fn generate() -> String {
         [
             ("QS_NET_BARS", abi::NET_BARS.to_string()),
             ("QS_NET_POLL_OURS", abi::NET_POLL_OURS.to_string()),
+            ("QS_NET_POLL_STOP", abi::NET_POLL_STOP.to_string()),
         ],
     );
 

@@ -2,8 +2,9 @@
 //!
 //! While CPUs are parked, the leader ([`lead`]) polls the link UART itself (GIF = 0, no
 //! interrupts) and feeds gdb's bytes to the stub until gdb resumes or detaches. While they
-//! run, gdb's bytes arrive through the agent's link hypercall ([`gdb_input`]); a Ctrl-C there
-//! becomes a stop on that CPU once its hypercall completes ([`take_pending_stop`]).
+//! run, gdb's bytes arrive through the agent's link hypercalls ([`gdb_input`]); a Ctrl-C there
+//! becomes a stop once that hypercall, or the agent's stopping one, completes
+//! ([`take_pending_stop`]).
 
 use super::target::{Debugger, Devirt, HwKind};
 use super::{regs, Reason};
@@ -100,13 +101,19 @@ enum Pending {
     /// gdb detached (or its bridge did so for it) while the kernel ran: the session ends as a
     /// detach does, with every CPU stopped and released by the devirt policy.
     End = 3,
-    /// The bridge asked for attention outside any hypercall (the agent's direct call while
-    /// dormant): the agent activates and makes the stopping hypercall from its timer
-    /// (`Op::ActiveCpus`), and only that one takes it. Another hypercall that came first (the
-    /// fast link's NIC interrupts every few milliseconds) would stop the CPUs from under the
-    /// agent's timer, whose own hypercall then finds them native after the session and asks
-    /// for attention again: a second activation with no debugger.
+    /// The bridge asked for attention where no stop may be made: outside any hypercall (the
+    /// agent's direct call while dormant), or in the fast link's NIC interrupt. The agent
+    /// makes the stopping hypercall from its timer (`Op::AgentStop`), and only that one takes
+    /// it. Another hypercall that came first (the fast link's NIC interrupts every few
+    /// milliseconds) would stop the CPUs from under the agent's timer, whose own hypercall
+    /// then finds them native after the session and asks for attention again: a second
+    /// activation with no debugger.
     AttachAtAgent = 4,
+    /// gdb's Ctrl-C arrived in the fast link's NIC interrupt: `Op::AgentStop` takes it. The
+    /// INTx line is level-triggered, so Linux acknowledges it only when the handler returns:
+    /// a stop made there finds its vector in service, and every `monitor checkpoint` is
+    /// refused until gdb continues.
+    InterruptAtAgent = 5,
 }
 /// An attention request arrived: the next stop begins a new session.
 static ATTACH_REQUESTED: AtomicU8 = AtomicU8::new(0);
@@ -118,13 +125,14 @@ static ATTACH_REQUESTED: AtomicU8 = AtomicU8::new(0);
 const PACKET_SIZE: usize = 0x20000;
 static mut PACKET_BUF: [u8; PACKET_SIZE] = [0; PACKET_SIZE];
 
-/// The link's attention request: attach gdb at the next hypercall (the CPU making it stops
-/// the others). The agent, told of it, activates if the hv is dormant and makes that
-/// hypercall; if the request arrived in a hypercall while active, that one already stopped.
-pub fn request_attach(in_guest: bool) {
+/// The link's attention request: attach gdb at a hypercall (the CPU making it stops the
+/// others): the next to complete if `any_hypercall` (this one: the request came in the
+/// serial link's interrupt, which Linux acknowledged first), otherwise the agent's
+/// `Op::AgentStop`, once it is told (it activates first if the hv is dormant).
+pub fn request_attach(any_hypercall: bool) {
     ATTACH_REQUESTED.store(1, Release);
     ATTACH_REQUEST_TSC.store(crate::arch::instr::rdtsc(), Release);
-    let pending = if in_guest {
+    let pending = if any_hypercall {
         Pending::Attach
     } else {
         Pending::AttachAtAgent
@@ -132,15 +140,15 @@ pub fn request_attach(in_guest: bool) {
     PENDING_STOP.store(pending as u8, Release);
 }
 
-/// The agent's stopping hypercall (`Op::ActiveCpus`, from its timer): an attach the agent was
-/// told of becomes this hypercall's stop.
+/// The agent's stopping hypercall (`Op::AgentStop`, from its timer): a stop held for it
+/// becomes this hypercall's.
 pub fn agent_stop_hypercall() {
-    let _ = PENDING_STOP.compare_exchange(
-        Pending::AttachAtAgent as u8,
-        Pending::Attach as u8,
-        AcqRel,
-        Acquire,
-    );
+    for (held, now) in [
+        (Pending::AttachAtAgent, Pending::Attach),
+        (Pending::InterruptAtAgent, Pending::Interrupt),
+    ] {
+        let _ = PENDING_STOP.compare_exchange(held as u8, now as u8, AcqRel, Acquire);
+    }
 }
 
 /// When the last attention request came: one older than [`ATTACH_FRESH_SECONDS`] is not
@@ -149,12 +157,19 @@ pub fn agent_stop_hypercall() {
 static ATTACH_REQUEST_TSC: AtomicU64 = AtomicU64::new(0);
 const ATTACH_FRESH_SECONDS: u64 = 10;
 
-/// Bytes of gdb's protocol that arrived while CPUs run (the agent's hypercall).
-pub fn gdb_input(bytes: &[u8]) {
+/// Bytes of gdb's protocol that arrived while CPUs run (the agent's hypercall). A Ctrl-C
+/// stops every CPU when the next hypercall completes if `any_hypercall`, otherwise at the
+/// agent's `Op::AgentStop`: true is returned then, and the agent must be told.
+pub fn gdb_input(bytes: &[u8], any_hypercall: bool) -> bool {
     let mut guard = SESSION.lock();
-    let Some(s) = guard.as_mut() else { return };
+    let Some(s) = guard.as_mut() else {
+        return false;
+    };
+    let mut for_agent = false;
     for &b in bytes {
-        let Some(stub) = s.stub.take() else { return };
+        let Some(stub) = s.stub.take() else {
+            return for_agent;
+        };
         let next = match stub {
             GdbStubStateMachine::Running(g) => g.incoming_data(&mut s.target, b),
             GdbStubStateMachine::Idle(g) => g.incoming_data(&mut s.target, b),
@@ -166,11 +181,17 @@ pub fn gdb_input(bytes: &[u8]) {
                 // whose hypercall this is stops everyone to finish it (`lead`).
                 disconnected(s, g.get_reason());
                 PENDING_STOP.store(Pending::End as u8, Release);
-                return;
+                return false;
             }
             Ok(st) => {
                 if matches!(st, GdbStubStateMachine::CtrlCInterrupt(_)) {
-                    PENDING_STOP.store(Pending::Interrupt as u8, Release);
+                    let pending = if any_hypercall {
+                        Pending::Interrupt
+                    } else {
+                        Pending::InterruptAtAgent
+                    };
+                    PENDING_STOP.store(pending as u8, Release);
+                    for_agent = !any_hypercall;
                 }
                 s.stub = Some(st);
             }
@@ -184,15 +205,17 @@ pub fn gdb_input(bytes: &[u8]) {
             }
         }
     }
+    for_agent
 }
 
 /// A stop this CPU must make now that its hypercall is complete.
 pub fn take_pending_stop(hv: &Hv) -> Option<Reason> {
     // Every hypercall comes here: a plain load when nothing is pending (the common case),
-    // and an attach for the agent's own hypercall stays for it.
+    // and a stop held for the agent's own hypercall stays for it.
     let pending = PENDING_STOP.load(Acquire);
     if pending == Pending::Nothing as u8
         || pending == Pending::AttachAtAgent as u8
+        || pending == Pending::InterruptAtAgent as u8
         || PENDING_STOP
             .compare_exchange(pending, Pending::Nothing as u8, AcqRel, Acquire)
             .is_err()

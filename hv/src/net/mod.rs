@@ -23,6 +23,7 @@ use crate::vmm::Hv;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use quicksilver_proto::abi::{
     NetConfig, Status, LINK_RX_ATTENTION, LINK_RX_CHECKPOINT, NET_BARS, NET_POLL_OURS,
+    NET_POLL_STOP,
 };
 use quicksilver_proto::link::endpoint::{Event, State};
 use quicksilver_proto::link::net::{NetEndpoint, MAX_FRAME};
@@ -288,7 +289,8 @@ fn receive_one(net: &mut Net, gdb: &mut [u8; POLL_MAX]) -> Option<Received> {
 }
 
 /// `Op::NetPoll`, from the agent's interrupt handler (`in_guest`: by hypercall): the same
-/// answer bits as `Op::LinkRx`, with [`NET_POLL_OURS`] when the NIC had interrupted.
+/// answer bits as `Op::LinkRx`, with [`NET_POLL_OURS`] when the NIC had interrupted and
+/// [`NET_POLL_STOP`] when a stop waits for the agent's timer.
 pub fn poll(in_guest: bool) -> i64 {
     let mut bits = 0;
     let mut ours = false;
@@ -305,14 +307,16 @@ pub fn poll(in_guest: bool) -> i64 {
             receive_one(net, &mut gdb)
         };
         let Some(r) = got else { break };
-        // The net lock is released: the debugger may answer through it.
-        link::route(&Routed::Gdb(&gdb[..r.gdb_len]), in_guest);
+        // The net lock is released: the debugger may answer through it. INTx is
+        // level-triggered: Linux acknowledges it when this handler returns, so a stop is not
+        // made here (it could not be checkpointed) but held for the agent's timer.
+        let stop = link::route(&Routed::Gdb(&gdb[..r.gdb_len]), false);
         drop(gdb);
-        if r.attention {
-            link::route(&Routed::Attention, in_guest);
-            if !in_guest {
-                bits |= LINK_RX_ATTENTION;
-            }
+        let attention = r.attention && link::route(&Routed::Attention, false);
+        if in_guest && (stop || attention) {
+            bits |= NET_POLL_STOP;
+        } else if attention {
+            bits |= LINK_RX_ATTENTION;
         }
         if let Some(req) = r.request {
             if link::checkpoint::request(req) {
