@@ -91,7 +91,7 @@ fuzz_target!(|steps: Vec<Step>| {
                 let n = net::write_datagram(
                     &mut d,
                     Channel::from_u8(channel % 4).expect("four channels"),
-                    tagged.then_some(&key),
+                    tagged.then_some((&key, net::Sender::Bridge)),
                     session,
                     seq,
                     &payload,

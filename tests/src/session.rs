@@ -64,7 +64,7 @@ pub fn detach(m: &Machine, gdb: &mut Gdb) {
 /// interrupt handler cannot be checkpointed ("machine not quiescent"), so the kernel runs a
 /// moment and gdb stops it again, up to 10 times. Anything else fails the test.
 pub fn monitor_checkpoint(m: &Machine, gdb: &mut Gdb, id: u32) {
-    for _ in 0..10 {
+    for tries in 0..10 {
         let mut out = m.run(gdb, "monitor checkpoint");
         // `interrupt` returns before the stop is in: wait for it.
         for _ in 0..50 {
@@ -75,11 +75,15 @@ pub fn monitor_checkpoint(m: &Machine, gdb: &mut Gdb, id: u32) {
             out = m.run(gdb, "monitor checkpoint");
         }
         if out.contains(&format!("checkpoint {id}:")) {
+            if tries > 0 {
+                eprintln!("monitor checkpoint: taken after {tries} refusal(s)");
+            }
             return;
         }
         if !out.contains("machine not quiescent") {
             m.fail(gdb, "monitor checkpoint", &out);
         }
+        eprintln!("monitor checkpoint refused: {}", out.trim());
         m.run(gdb, "continue &");
         std::thread::sleep(std::time::Duration::from_millis(300));
         m.run(gdb, "interrupt");

@@ -180,6 +180,7 @@ pub fn build_hv_image(out: &Path) -> anyhow::Result<()> {
     let elf = crate::target_dir()
         .join(crate::setup::HV_TARGET)
         .join("release/qs-hv");
+    refuse_vector_registers(&elf)?;
     let header = crate::image::build_image_file(&elf, out)?;
     note(format!(
         "hv image {} v{}: {} bytes, code [{:#x}, {:#x}), {} relocations",
@@ -190,6 +191,41 @@ pub fn build_hv_image(out: &Path) -> anyhow::Result<()> {
         header.code_end,
         header.reloc_count
     ));
+    Ok(())
+}
+
+/// The hv runs with the guest's vector registers live and saves none of them: an instruction
+/// that names one would corrupt the kernel it carries. The usual cause is a crate choosing
+/// SSE2 or AVX2 code at run time from CPUID (the target's soft-float only governs what the
+/// compiler itself emits). objdump names them `%xmm`, `%ymm`, `%zmm`.
+fn refuse_vector_registers(elf: &Path) -> anyhow::Result<()> {
+    let out = Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(elf)
+        .output()
+        .context("objdump checks the hv image for vector instructions: apt-get install binutils")?;
+    if !out.status.success() {
+        bail!(
+            "objdump -d {} failed: {}",
+            elf.display(),
+            tail(&String::from_utf8_lossy(&out.stderr))
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hits: Vec<&str> = text
+        .lines()
+        .filter(|l| ["%xmm", "%ymm", "%zmm"].iter().any(|r| l.contains(r)))
+        .collect();
+    if let Some(first) = hits.first() {
+        bail!(
+            "the hv image uses vector registers ({} instructions, the first: {}), which it does \
+             not save for the guest: force the crate's portable backend for {} in \
+             .cargo/config.toml",
+            hits.len(),
+            first.trim(),
+            crate::setup::HV_TARGET
+        );
+    }
     Ok(())
 }
 

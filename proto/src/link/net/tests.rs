@@ -183,6 +183,34 @@ fn the_key_opens_a_session_whose_datagrams_carry_gdb_bytes_both_ways() {
     assert_eq!(e.counters().dropped(), 0);
 }
 
+/// Each direction has its own key: a datagram of the machine's sent back to it (its sequence
+/// number above any the bridge used) does not pass for the bridge's, nor the bridge's own for
+/// the machine's.
+#[test]
+fn a_datagram_sent_back_to_its_sender_is_refused() {
+    let mut e = machine();
+    let mut b = authenticated(&mut e, BRIDGE);
+    let mut sent = Vec::new();
+    for _ in 0..5 {
+        e.send(Channel::Gdb, b"$OK#9a", &mut |f: &[u8]| {
+            sent.push(f.to_vec())
+        });
+    }
+    let reflected = datagrams(&sent, BRIDGE).pop().expect("datagrams");
+    let (ev, replies) = feed(&mut e, &frame_from(BRIDGE, &reflected));
+    assert_eq!((ev, replies.len()), (None, 0));
+    assert_eq!(e.counters().bad_tag, 1);
+    let own = wrap(&mut b, Channel::Gdb, b"$g#67");
+    let mut out = [0u8; MAX_DATAGRAM];
+    assert_eq!(b.receive(&own, &mut out), Err(Drop::BadTag));
+    // The session goes on.
+    let (ev, _) = feed(
+        &mut e,
+        &frame_from(BRIDGE, &wrap(&mut b, Channel::Gdb, b"$g#67")),
+    );
+    assert_eq!(ev, Some(format!("{:?}", Event::Gdb(b"$g#67"))));
+}
+
 #[test]
 fn a_ping_is_answered_with_its_pong_and_reported() {
     let mut e = machine();
@@ -234,7 +262,14 @@ fn a_wrong_key_is_refused_and_serves_nothing() {
     let forged = {
         let key = SessionKey::derive(b"another key", &[0x42; 32]);
         let mut f = [0u8; MAX_DATAGRAM];
-        let n = write_datagram(&mut f, Channel::Gdb, Some(&key), key.id, 1, b"$g#67");
+        let n = write_datagram(
+            &mut f,
+            Channel::Gdb,
+            Some((&key, Sender::Bridge)),
+            key.id,
+            1,
+            b"$g#67",
+        );
         f[..n].to_vec()
     };
     let (ev, sent) = feed(&mut e, &frame_from(BRIDGE, &forged));
@@ -294,7 +329,7 @@ fn every_bad_datagram_is_dropped_for_its_reason_and_changes_nothing() {
     let n = write_datagram(
         &mut forged,
         Channel::Gdb,
-        Some(&other_key),
+        Some((&other_key, Sender::Bridge)),
         other_key.id,
         99,
         b"$g#67",
@@ -304,7 +339,7 @@ fn every_bad_datagram_is_dropped_for_its_reason_and_changes_nothing() {
     let m = write_datagram(
         &mut old_session,
         Channel::Gdb,
-        Some(&real),
+        Some((&real, Sender::Bridge)),
         real.id ^ 1,
         99,
         b"$g#67",
