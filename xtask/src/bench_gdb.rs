@@ -248,6 +248,11 @@ pub fn fast_link_stub(a: &Artifacts) -> Figures {
     figures(a, fast_link_stub_into)
 }
 
+/// Quicksilver's gdbstub, through `qs-bridge` and the fast link on the 82574L (`e1000e`).
+pub fn fast_link_e1000e_stub(a: &Artifacts) -> Figures {
+    figures(a, fast_link_e1000e_stub_into)
+}
+
 /// What `measure_into` measured, with its error if it stopped early.
 fn figures(a: &Artifacts, measure_into: fn(&Artifacts, &mut Figures) -> Result<()>) -> Figures {
     let mut f = Figures::default();
@@ -268,6 +273,17 @@ fn fast_link_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
         Some(FastLinkNic::VirtioNet),
         "bench-gdb-fast",
         "Quicksilver's gdbstub over the fast link",
+        f,
+    )
+}
+
+fn fast_link_e1000e_stub_into(a: &Artifacts, f: &mut Figures) -> Result<()> {
+    stub_into(
+        a,
+        Stub::Quicksilver,
+        Some(FastLinkNic::E1000e),
+        "bench-gdb-e1000e",
+        "Quicksilver's gdbstub over the fast link (e1000e)",
         f,
     )
 }
@@ -312,8 +328,8 @@ fn stub_into(
 }
 
 /// `gdb.json`: every stub's figures, Quicksilver's over the serial link plain, over the fast
-/// link with `_fast`, QEMU's with `_qemu`; a figure not measured is `null`, and `error` says
-/// why.
+/// link (virtio-net) with `_fast`, QEMU's with `_qemu`, and over the fast link on the 82574L
+/// in `fast_e1000e`; a figure not measured is `null`, and `error` says why.
 #[derive(Debug, Serialize)]
 struct Report {
     benchmark: &'static str,
@@ -347,6 +363,35 @@ struct Report {
     error: Option<String>,
     error_fast: Option<String>,
     error_qemu: Option<String>,
+    fast_e1000e: StubReport,
+}
+
+/// One stub's figures, as [`Report`] has them for the others.
+#[derive(Debug, Serialize)]
+struct StubReport {
+    stepi_per_s: Option<f64>,
+    bp_hits_per_s: Option<f64>,
+    read_kib_s: Option<f64>,
+    attach_ms: Option<f64>,
+    detach_ms: Option<f64>,
+    attaches_ms: Vec<f64>,
+    detaches_ms: Vec<f64>,
+    error: Option<String>,
+}
+
+impl StubReport {
+    fn new(f: &Figures) -> StubReport {
+        StubReport {
+            stepi_per_s: f.stepi_per_s.map(|v| round(v, 1)),
+            bp_hits_per_s: f.bp_hits_per_s.map(|v| round(v, 1)),
+            read_kib_s: f.read_kib_s.map(|v| round(v, 1)),
+            attach_ms: f.attach_ms.map(|v| round(v, 2)),
+            detach_ms: f.detach_ms.map(|v| round(v, 2)),
+            attaches_ms: f.attaches_ms.iter().map(|&v| round(v, 2)).collect(),
+            detaches_ms: f.detaches_ms.iter().map(|&v| round(v, 2)).collect(),
+            error: f.error.clone(),
+        }
+    }
 }
 
 /// What the figures should reach (BENCHMARKS.md): the serial link's (issue 9), and the fast
@@ -361,9 +406,10 @@ struct Targets {
 }
 
 impl Report {
-    /// The report of Quicksilver's figures over the serial link `s` and the fast link `f`,
-    /// and QEMU's `q`, rounded to the precision they have (rates to 0.1, times to 0.01 ms).
-    fn new(s: &Figures, f: &Figures, q: &Figures) -> Report {
+    /// The report of Quicksilver's figures over the serial link `s`, the fast link `f` and
+    /// the fast link on the 82574L `e`, and QEMU's `q`, rounded to the precision they have
+    /// (rates to 0.1, times to 0.01 ms).
+    fn new(s: &Figures, f: &Figures, e: &Figures, q: &Figures) -> Report {
         let r = |v: Option<f64>, d| v.map(|v| round(v, d));
         let all = |v: &[f64]| v.iter().map(|&v| round(v, 2)).collect();
         Report {
@@ -404,19 +450,21 @@ impl Report {
             error: s.error.clone(),
             error_fast: f.error.clone(),
             error_qemu: q.error.clone(),
+            fast_e1000e: StubReport::new(e),
         }
     }
 }
 
-/// The Markdown table of the serial link's `s`, the fast link's `f` and QEMU's `q`.
-fn table(s: &Figures, f: &Figures, q: &Figures) -> String {
+/// The Markdown table of the serial link's `s`, the fast link's `f` (virtio-net) and `e`
+/// (82574L), and QEMU's `q`.
+fn table(s: &Figures, f: &Figures, e: &Figures, q: &Figures) -> String {
     let cell = |v: Option<f64>, p: usize| v.map_or("—".into(), |v| format!("{v:.p$}"));
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) => format!("{:.2}", a / b),
         _ => "—".into(),
     };
     let mut md = String::from(
-        "| measure | Quicksilver, serial link | Quicksilver, fast link (virtio-net) | QEMU's gdbstub | serial / QEMU | fast / QEMU | target: serial; fast |\n|---|---|---|---|---|---|---|\n",
+        "| measure | Quicksilver, serial link | Quicksilver, fast link (virtio-net) | Quicksilver, fast link (e1000e) | QEMU's gdbstub | serial / QEMU | fast virtio-net / QEMU | fast e1000e / QEMU | target: serial; fast |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     type Pick = fn(&Figures) -> Option<f64>;
     let rows: [(String, Pick, usize, &str); 5] = [
@@ -454,12 +502,14 @@ fn table(s: &Figures, f: &Figures, q: &Figures) -> String {
     for (what, pick, p, target) in rows {
         let _ = writeln!(
             md,
-            "| {what} | {} | {} | {} | {} | {} | {target} |",
+            "| {what} | {} | {} | {} | {} | {} | {} | {} | {target} |",
             cell(pick(s), p),
             cell(pick(f), p),
+            cell(pick(e), p),
             cell(pick(q), p),
             ratio(pick(s), pick(q)),
             ratio(pick(f), pick(q)),
+            ratio(pick(e), pick(q)),
         );
     }
     md
@@ -477,11 +527,14 @@ pub fn gdb(a: &Artifacts) -> Result<()> {
     eprintln!("xtask bench: gdb, Quicksilver's gdbstub over the fast link");
     let f = fast_link_stub(a);
     eprintln!("xtask bench: Quicksilver, fast link: {f:?}");
+    eprintln!("xtask bench: gdb, Quicksilver's gdbstub over the fast link on the 82574L");
+    let e = fast_link_e1000e_stub(a);
+    eprintln!("xtask bench: Quicksilver, fast link (e1000e): {e:?}");
     let dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
-    let mut json = serde_json::to_string_pretty(&Report::new(&s, &f, &q))?;
+    let mut json = serde_json::to_string_pretty(&Report::new(&s, &f, &e, &q))?;
     json.push('\n');
-    let md = table(&s, &f, &q);
+    let md = table(&s, &f, &e, &q);
     std::fs::write(dir.join("gdb.json"), json)?;
     std::fs::write(dir.join("gdb.md"), &md)?;
     println!("{md}");
@@ -491,6 +544,7 @@ pub fn gdb(a: &Artifacts) -> Result<()> {
         ("QEMU's gdbstub", &q.error),
         ("Quicksilver's gdbstub, serial link", &s.error),
         ("Quicksilver's gdbstub, fast link", &f.error),
+        ("Quicksilver's gdbstub, fast link (e1000e)", &e.error),
     ] {
         if let Some(e) = e {
             let _ = writeln!(why, "{who}: {e}");
@@ -523,11 +577,12 @@ mod tests {
             error: Some("a \"quoted\"\nerror".into()),
             ..Figures::default()
         };
-        let json = serde_json::to_value(Report::new(&s, &Figures::default(), &Figures::default()))
-            .unwrap();
+        let none = Figures::default();
+        let json = serde_json::to_value(Report::new(&s, &none, &none, &none)).unwrap();
         assert_eq!(json["stepi_per_s"], 275.0);
         assert_eq!(json["attaches_ms"], serde_json::json!([23.46, 24.0]));
         assert!(json["read_kib_s"].is_null() && json["error_qemu"].is_null());
+        assert!(json["fast_e1000e"]["stepi_per_s"].is_null());
         assert_eq!(json["error"], "a \"quoted\"\nerror");
         assert_eq!(json["targets"]["attach_ms_max"], 50);
         // The fields the hand-written JSON had, and the fast link's and breakpoint hits'.
@@ -561,6 +616,7 @@ mod tests {
                 "error",
                 "error_fast",
                 "error_qemu",
+                "fast_e1000e",
                 "hits",
                 "read_bytes",
                 "read_kib_s",
