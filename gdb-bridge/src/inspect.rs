@@ -176,6 +176,13 @@ pub fn stats(cps: &Checkpoints) -> Value {
         "activations": s.header.activations,
         "unexpected_exits": s.header.unexpected_exits,
         "link_dropped": s.header.link_dropped,
+        // What the hv spent sending on the fast link: the whole of it and its NIC driver's
+        // part (the rest builds the datagram: headers, tag), in µs over every datagram sent.
+        "fast_link": {
+            "datagrams_sent": s.header.net.sent,
+            "send_us": s.header.net.send_cycles as f64 * 1000.0 / khz as f64,
+            "nic_us": s.header.net.nic_cycles as f64 * 1000.0 / khz as f64,
+        },
         "cpus": cpus,
     })
 }

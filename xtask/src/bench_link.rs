@@ -108,6 +108,8 @@ pub struct QsLink {
     pub gdb_write_datagrams: Option<[u64; 2]>,
     /// µs of `link-test` per datagram from the machine.
     pub read_fill_us_per_datagram: Option<f64>,
+    /// Of those, the hv's own sending (`stats`): all of it, and its NIC driver's part.
+    pub read_fill_hv_us_per_datagram: Option<[f64; 2]>,
     /// What `monitor link` said in the session (which link carried it).
     pub monitor_link: String,
     pub error: Option<String>,
@@ -347,10 +349,15 @@ fn qs_into(a: &Artifacts, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<(
         bail!("checkpoint: {r}");
     }
     let before = datagrams(&mut c);
+    let hv_before = hv_sending(&mut c);
     let r = c.ask(&format!("link-test {pages}"));
     f.read_fill_datagrams = crossed(before, datagrams(&mut c));
     if let (Some([from, _]), Some(secs)) = (f.read_fill_datagrams, r["seconds"].as_f64()) {
         f.read_fill_us_per_datagram = Some(secs * 1e6 / from.max(1) as f64);
+    }
+    if let (Some(b), Some(a)) = (hv_before, hv_sending(&mut c)) {
+        let n = (a[0] - b[0]).max(1.0);
+        f.read_fill_hv_us_per_datagram = Some([(a[1] - b[1]) / n, (a[2] - b[2]) / n]);
     }
     if r["ok"] != true {
         bail!("link-test: {r}");
@@ -469,6 +476,18 @@ fn datagrams(c: &mut Client) -> Option<[u64; 2]> {
     let s = c.ask("status");
     let n = &s["fast_link"];
     Some([n["datagrams_in"].as_u64()?, n["datagrams_out"].as_u64()?])
+}
+
+/// The hv's own account of its fast link sending (the bridge's `stats`): datagrams sent, µs
+/// spent sending them, µs of that in the NIC's driver.
+fn hv_sending(c: &mut Client) -> Option<[f64; 3]> {
+    let s = c.ask("stats");
+    let n = &s["fast_link"];
+    Some([
+        n["datagrams_sent"].as_u64()? as f64,
+        n["send_us"].as_f64()?,
+        n["nic_us"].as_f64()?,
+    ])
 }
 
 /// What crossed between `before` and `after` (the pings' few datagrams included).
@@ -607,12 +626,12 @@ fn table(linux: &[LinuxDriver], qs: &[QsLink]) -> String {
         _ => "—".into(),
     };
     let mut md = String::from(
-        "| link | machine → operator MiB/s (`link-test`) | gdb 1 MiB read MiB/s | operator → machine: gdb 1 MiB write MiB/s | round trip µs (`maint packet qC`, median / p90 / min) | fast link's ping µs (running) | datagrams from / to the machine: `link-test`; gdb read; gdb write (µs per `link-test` datagram) |\n|---|---|---|---|---|---|---|\n",
+        "| link | machine → operator MiB/s (`link-test`) | gdb 1 MiB read MiB/s | operator → machine: gdb 1 MiB write MiB/s | round trip µs (`maint packet qC`, median / p90 / min) | fast link's ping µs (running) | datagrams from / to the machine: `link-test`; gdb read; gdb write (µs per `link-test` datagram) | of which the hv's sending, µs per datagram: all / in the NIC's driver |\n|---|---|---|---|---|---|---|---|\n",
     );
     for q in qs {
         let _ = writeln!(
             md,
-            "| {} | {} ({} on the wire) | {} | {} | {} / {} / {} | {} | {} |",
+            "| {} | {} ({} on the wire) | {} | {} | {} / {} / {} | {} | {} | {} |",
             q.link,
             cell(q.read_fill_mib_s, 3),
             cell(q.read_fill_wire_mib_s, 3),
@@ -638,6 +657,10 @@ fn table(linux: &[LinuxDriver], qs: &[QsLink]) -> String {
                     cell(q.read_fill_us_per_datagram, 0)
                 ),
                 _ => "—".into(),
+            },
+            match q.read_fill_hv_us_per_datagram {
+                Some([all, nic]) => format!("{all:.1} / {nic:.1}"),
+                None => "—".into(),
             },
         );
     }
