@@ -6,6 +6,7 @@
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use quicksilver_proto::link::net::MAX_FRAME;
 
 /// Pages in the arena: each virtqueue of 16 descriptors takes two (its driver and device
 /// areas); room for an e1000e's two rings too.
@@ -18,6 +19,7 @@ struct Arena([[u8; 4096]; PAGES]);
 /// (virtio-drivers wants receive buffers of at least 1526 bytes; the 82574L's smallest
 /// receive buffer size is 2048).
 pub const BUF: usize = 2048;
+const _: () = assert!(BUF >= 12 + MAX_FRAME);
 /// Buffers each way: one per descriptor of a 16-entry ring.
 pub const BUFS: usize = 16;
 
@@ -78,4 +80,11 @@ pub fn pa_of(va: u64) -> u64 {
     } else {
         0
     }
+}
+
+/// The first [`MAX_FRAME`] bytes of a buffer, where a frame is built in place.
+pub fn frame_room(buf: &mut [u8]) -> &mut [u8; MAX_FRAME] {
+    (&mut buf[..MAX_FRAME])
+        .try_into()
+        .expect("every buffer holds a whole frame after the device's header")
 }

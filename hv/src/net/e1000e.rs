@@ -8,6 +8,7 @@
 use super::dma::{self, buffers, BUF, BUFS};
 use super::Nic;
 use quicksilver_proto::abi::NetConfig;
+use quicksilver_proto::link::net::{Build, MAX_FRAME};
 
 /// Device Control: Set Link Up, Global Reset.
 const CTRL: usize = 0x0000;
@@ -244,7 +245,7 @@ impl Nic for E1000e {
         self.mac
     }
 
-    fn send(&mut self, frame: &[u8]) -> bool {
+    fn send_in_place(&mut self, build: &mut Build<'_>) -> bool {
         let i = self.tx_next;
         let d = self.tx_desc(i);
         // The device writes DD back once it has sent the descriptor's frame (RS); QEMU
@@ -263,8 +264,7 @@ impl Nic for E1000e {
         }
         // SAFETY: the descriptor is done, so its buffer is ours again.
         let buf = unsafe { &mut (*buffers()).tx[i] };
-        let n = frame.len().min(BUF);
-        buf[..n].copy_from_slice(&frame[..n]);
+        let n = build(dma::frame_room(buf)).min(MAX_FRAME);
         // SAFETY: the descriptor is ours until the tail moves past it.
         unsafe {
             d.write_volatile(Desc {

@@ -8,16 +8,17 @@ use super::dma::{self, buffers};
 use super::Nic;
 use core::ptr::NonNull;
 use quicksilver_proto::abi::NetConfig;
+use quicksilver_proto::link::net::{Build, MAX_FRAME};
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, PciRoot};
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 
-/// Descriptors per queue. QEMU's device completes a transmit during the notifying write
-/// (TCG runs the device model in the vCPU's thread), so a few in flight are enough; 16
-/// receive buffers absorb a burst from the bridge while the hv is busy.
+/// Descriptors per queue. QEMU's virtio-net sends from a bottom half of its main loop (its
+/// default `tx=bh`), so a transmit completes some time after the notifying write, not in it
+/// (the 82574L's does, in the vCPU's thread); 16 in flight cover a 128 KiB gdb reply's pace,
+/// and 16 receive buffers absorb a burst from the bridge while the hv is busy.
 const QUEUE: usize = dma::BUFS;
-const BUF: usize = dma::BUF;
 
 /// The hv's side of `virtio-drivers`.
 pub struct HvHal;
@@ -216,7 +217,7 @@ impl Nic for VirtioNet {
         self.dev.mac_address()
     }
 
-    fn send(&mut self, frame: &[u8]) -> bool {
+    fn send_in_place(&mut self, build: &mut Build<'_>) -> bool {
         let i = self.tx_next;
         // Completions are taken back only when the slot is wanted again, not after every
         // send: each one taken moves the ring's `used_event` (EVENT_IDX, virtio 1.1 2.7.10),
@@ -240,8 +241,7 @@ impl Nic for VirtioNet {
         let Ok(hdr) = self.dev.fill_buffer_header(buf) else {
             return false;
         };
-        let n = frame.len().min(BUF - hdr);
-        buf[hdr..hdr + n].copy_from_slice(&frame[..n]);
+        let n = build(dma::frame_room(&mut buf[hdr..])).min(MAX_FRAME);
         // SAFETY: the buffer stays untouched until `reclaim` sees its token come back.
         match unsafe { self.dev.transmit_begin(&buf[..hdr + n]) } {
             Ok(token) => {
