@@ -769,7 +769,7 @@ static enum hrtimer_restart qs_stop_timer_fn(struct hrtimer *t)
 
 	/* The thread is still finishing: let it go to sleep first. */
 	if (current == qs_attention_task) {
-		hrtimer_forward_now(t, ms_to_ktime(1));
+		hrtimer_forward_now(t, ns_to_ktime(100 * NSEC_PER_USEC));
 		return HRTIMER_RESTART;
 	}
 	/* The hypercall at which the hv stops every CPU for the debugger; -EFAULT if this CPU
@@ -786,22 +786,26 @@ static enum hrtimer_restart qs_stop_timer_fn(struct hrtimer *t)
 static void qs_attention(void)
 {
 	struct qs_switch_result r = { .failed_cpu = -1 };
+	bool activated = false;
 
 	mutex_lock(&qs_lock);
 	qs_refresh_active();
 	if (!qs_active) {
 		qs_do_activate(&r);
-		if (r.status == QS_OK)
+		activated = r.status == QS_OK;
+		if (activated)
 			pr_info("activated on %u CPUs at the link's request (qs-bridge)\n", r.cpus);
 	}
 	mutex_unlock(&qs_lock);
 	if (r.status != QS_OK)
 		return;
-	/* The hv stops every CPU at the next hypercall (unless the request came in a hypercall
-	 * while active: then that one stopped them). Let the others get back from the
-	 * activation IPI to where it found them first, so that gdb sees them there. */
-	hrtimer_start_range_ns(&qs_stop_timer, ms_to_ktime(2), NSEC_PER_MSEC,
-			       HRTIMER_MODE_REL_PINNED_HARD);
+	/* The hv stops every CPU at the timer's hypercall (unless the request came in the
+	 * UART's hypercall while active: then that one stopped them). After an activation, let
+	 * the others get back from its IPI to where it found them first, so that gdb sees them
+	 * there: they ran the IPI's function before qs_do_activate returned, and have only its
+	 * return left, microseconds even under emulation. (It was 2 ms: a fifth of an attach.) */
+	hrtimer_start_range_ns(&qs_stop_timer, activated ? ns_to_ktime(300 * NSEC_PER_USEC) : 0,
+			       200 * NSEC_PER_USEC, HRTIMER_MODE_REL_PINNED_HARD);
 }
 
 static int qs_attention_thread(void *unused)
