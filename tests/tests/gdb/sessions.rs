@@ -36,6 +36,7 @@ fn attach_and_look_around(smp: u32) {
         m.fail(&gdb, "registers of every thread", &out);
     }
     let mut in_kernel = Vec::new();
+    let mut at_entry_stub = Vec::new();
     for (thread, regs) in &blocks {
         let reg = |name: &str| {
             register(regs, name)
@@ -68,6 +69,9 @@ fn attach_and_look_around(smp: u32) {
             });
             if gs_base < 0xffff_8000_0000_0000 && !at_entry {
                 m.fail(&gdb, &format!("{thread}: gs_base in the kernel"), regs);
+            }
+            if at_entry {
+                at_entry_stub.push(thread.clone());
             }
         }
     }
@@ -120,8 +124,9 @@ fn attach_and_look_around(smp: u32) {
         let named = |l: &&str| l.starts_with('#') && !l.contains(" ?? (") && l.contains(" (");
         let frames = bt.lines().filter(named).count();
         // Frame #0 must be a kernel function; how deep gdb can walk depends on where the CPU
-        // was (from the system-call entry's assembly it cannot go further): the depth is
-        // required of one CPU at least, below.
+        // was (from an entry's assembly, `asm_exc_page_fault` or `entry_SYSCALL_64`, it
+        // cannot go further: what is above is the user's frame): the depth is required of
+        // one CPU at least, below.
         if !bt.lines().next().is_some_and(|l| named(&l)) {
             m.fail(
                 &gdb,
@@ -129,11 +134,14 @@ fn attach_and_look_around(smp: u32) {
                 &bt,
             );
         }
-        deepest = deepest.max(frames);
+        if !at_entry_stub.contains(&thread) {
+            deepest = deepest.max(frames);
+        }
     }
-    // Every CPU but the agent's may be in user mode at the moment of the stop: then there is
-    // no kernel stack to walk.
-    if in_kernel.len() > in_agent && (deepest < 3 || !out.contains(".c:")) {
+    // Every CPU but the agent's may be in user mode, or just entering the kernel from it, at
+    // the moment of the stop: then there is no kernel stack to walk.
+    let walkable = in_kernel.len().saturating_sub(in_agent + at_entry_stub.len());
+    if walkable > 0 && (deepest < 3 || !out.contains(".c:")) {
         m.fail(
             &gdb,
             "no backtrace goes three kernel functions deep with source lines",
