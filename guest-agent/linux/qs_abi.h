@@ -471,8 +471,12 @@ struct qs_link_request {
 	__u64 bytes;
 	/* Read pages: the first page's physical address (`count` pages from it). */
 	__u64 first_gpa;
+	/* `LINK_REQUEST_FAST`, or 0. */
+	__u32 flags;
+	/* Zero. */
+	__u32 _reserved;
 };
-QS_ASSERT(sizeof(struct qs_link_request) == 72);
+QS_ASSERT(sizeof(struct qs_link_request) == 80);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, status) == 0);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, tag) == 8);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, op) == 12);
@@ -486,8 +490,14 @@ QS_ASSERT(__builtin_offsetof(struct qs_link_request, pause_us) == 40);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, pages) == 48);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, bytes) == 56);
 QS_ASSERT(__builtin_offsetof(struct qs_link_request, first_gpa) == 64);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, flags) == 72);
+QS_ASSERT(__builtin_offsetof(struct qs_link_request, _reserved) == 76);
 
-/* `Op::LinkBulk`'s header: bytes of the read request in flight for the bridge, or its end. */
+/*
+ * `Op::LinkBulk`'s record: bytes of the read request in flight for the bridge, or its end.
+ * A call's buffer holds one record or more, back to back: each this header, then `len`
+ * bytes, then zeros to the next multiple of 8. The hv answers in each header.
+ */
 struct qs_link_bulk {
 	/*
 	 * Out: a `Status` (`Ok`; a request no longer in flight drops the bytes, and says so
@@ -731,6 +741,8 @@ QS_ASSERT(__builtin_offsetof(struct qs_checkpoint_cpu, lapic_version) == 524);
 #define QS_CPU_STATS_SIZE 120
 #define QS_LINK_READ_MAX_PAGES 64
 #define QS_LINK_BULK_END 1
+#define QS_LINK_REQUEST_FAST 1
+#define QS_LINK_BULK_BATCH 65536
 #define QS_CHECKPOINT_READ_DATA 4096
 #define QS_NOTICE_HOT_PAGES_OFFSET 512
 #define QS_NOTICE_WATCHDOG_RESET_OFFSET 1024

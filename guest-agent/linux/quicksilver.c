@@ -1943,30 +1943,67 @@ static void qs_checkpoint_delete(struct qs_checkpoint_delete *d)
  * which pages were all zero (not sent) and the CRC-32 of what was.
  */
 struct qs_bulk {
-	struct qs_link_bulk *b;	/* the header, then room for a page */
+	u8 *buf;		/* records: a qs_link_bulk, its bytes, zeros to a multiple of 8 */
+	size_t used;		/* bytes of records not yet handed to the hv */
+	size_t cap;		/* room in buf: one page's record, or a batch on the fast link */
+	bool fast;		/* QS_LINK_REQUEST_FAST: pages go as they are */
 	u32 tag;
 	u32 crc;
 	u64 total;
 	bool gone;		/* the hv no longer has the request in flight */
 };
 
+#define QS_BULK_RECORD(len) (sizeof(struct qs_link_bulk) + ALIGN((size_t)(len), 8))
+
+/* The records so far to the hv, in one hypercall. */
+static void qs_bulk_flush(struct qs_bulk *k)
+{
+	size_t at;
+
+	if (k->used && !k->gone) {
+		if (qs_control(QS_OP_LINK_BULK, k->buf, k->used) != QS_OK)
+			k->gone = true;
+		for (at = 0; at < k->used && !k->gone;) {
+			struct qs_link_bulk *b = (void *)(k->buf + at);
+
+			k->gone = b->status != QS_OK;
+			at += QS_BULK_RECORD(b->len);
+		}
+		cond_resched();
+	}
+	k->used = 0;
+}
+
+/* A record for the hv: it goes at once over the serial link, when the batch is full over the
+ * fast link. */
+static struct qs_link_bulk *qs_bulk_record(struct qs_bulk *k, u32 len)
+{
+	struct qs_link_bulk *b;
+
+	if (k->used + QS_BULK_RECORD(len) > k->cap)
+		qs_bulk_flush(k);
+	b = (void *)(k->buf + k->used);
+	memset(b, 0, QS_BULK_RECORD(len));
+	b->tag = k->tag;
+	b->len = len;
+	k->used += QS_BULK_RECORD(len);
+	return b;
+}
+
 static void qs_bulk_send(struct qs_bulk *k, u32 item, u32 offset, const void *data, u32 len)
 {
-	struct qs_link_bulk *b = k->b;
+	struct qs_link_bulk *b;
 
 	if (k->gone)
 		return;
-	memset(b, 0, sizeof(*b));
-	b->tag = k->tag;
+	b = qs_bulk_record(k, len);
 	b->item = item;
 	b->offset = offset;
-	b->len = len;
 	memcpy(b + 1, data, len);
-	if (qs_control(QS_OP_LINK_BULK, b, sizeof(*b) + len) != QS_OK || b->status != QS_OK)
-		k->gone = true;
 	k->crc = crc32_le(k->crc, data, len);
 	k->total += len;
-	cond_resched();
+	if (!k->fast)
+		qs_bulk_flush(k);
 }
 
 /* One item of any length, a page at a time. */
@@ -2122,7 +2159,7 @@ static long qs_read_pages(struct qs_bulk *k, u32 id, u64 first_gpa, u32 count, u
 			*zero |= 1ull << i;
 			continue;
 		}
-		n = qs_deflate(page);
+		n = k->fast ? 0 : qs_deflate(page);
 		if (n)
 			qs_bulk_send(k, i, 0, qs_z_out, n);
 		else
@@ -2256,11 +2293,20 @@ out:
 static void qs_serve_link_read(const struct qs_link_request *q)
 {
 	struct qs_bulk k = { .tag = q->tag, .crc = ~0u };
+	struct qs_link_bulk *end;
 	u64 zero = 0;
 	long st;
 
-	k.b = kmalloc(sizeof(*k.b) + PAGE_SIZE, GFP_KERNEL);
-	if (!k.b)
+	/* Physically contiguous: the hv reads it by physical address. Without room for a batch
+	 * (memory in pieces), one page at a time serves as well, only slower. */
+	k.fast = q->flags & QS_LINK_REQUEST_FAST;
+	k.cap = k.fast ? QS_LINK_BULK_BATCH : QS_BULK_RECORD(PAGE_SIZE);
+	k.buf = kmalloc(k.cap, GFP_KERNEL | (k.fast ? __GFP_NOWARN : 0));
+	if (!k.buf && k.fast) {
+		k.cap = QS_BULK_RECORD(PAGE_SIZE);
+		k.buf = kmalloc(k.cap, GFP_KERNEL);
+	}
+	if (!k.buf)
 		return;	/* the bridge times out and asks again */
 	switch (q->op) {
 	case QS_LINK_OP_READ_META:
@@ -2285,16 +2331,15 @@ static void qs_serve_link_read(const struct qs_link_request *q)
 		st = qs_read_pages(&k, q->id, q->first_gpa, q->count, &zero);
 	}
 	if (!k.gone) {
-		memset(k.b, 0, sizeof(*k.b));
-		k.b->tag = k.tag;
-		k.b->flags = QS_LINK_BULK_END;
-		k.b->outcome = st;
-		k.b->zero_mask = zero;
-		k.b->crc = ~k.crc;
-		k.b->total = k.total;
-		qs_control(QS_OP_LINK_BULK, k.b, sizeof(*k.b));
+		end = qs_bulk_record(&k, 0);
+		end->flags = QS_LINK_BULK_END;
+		end->outcome = st;
+		end->zero_mask = zero;
+		end->crc = ~k.crc;
+		end->total = k.total;
+		qs_bulk_flush(&k);
 	}
-	kfree(k.b);
+	kfree(k.buf);
 }
 
 /* The periodic ring's setting (the ioctl's and the bridge's): a dormant hv is activated for

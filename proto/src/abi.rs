@@ -599,15 +599,31 @@ crate::abi_struct! {
         pub bytes: u64,
         /// Read pages: the first page's physical address (`count` pages from it).
         pub first_gpa: u64,
+        /// [`LINK_REQUEST_FAST`], or 0.
+        pub flags: u32,
+        /// Zero.
+        pub _reserved: u32,
     }
 }
+
+/// [`LinkRequest::flags`]: the bridge asked over the fast link. The agent then hands a read's
+/// bytes to the hv in batches (several [`LinkBulk`] records per `Op::LinkBulk`, up to
+/// [`LINK_BULK_BATCH`] bytes: under emulation a hypercall costs as much as sending a page) and
+/// sends pages as they are (deflating one costs ~2 ms under emulation, far more than the fast
+/// link saves by it). Over the serial link each call carries one page: the hv sends what it
+/// is given before it returns, and a page is a third of a second on a real line.
+pub const LINK_REQUEST_FAST: u32 = 1;
+/// Bytes of records the agent gives one `Op::LinkBulk` at most on the fast link.
+pub const LINK_BULK_BATCH: u32 = 64 << 10;
 
 /// [`LinkBulk::flags`]: the read request is over; the end (status, zero pages, checksum) goes
 /// to the bridge and the request is no longer in flight.
 pub const LINK_BULK_END: u32 = 1;
 
 crate::abi_struct! {
-    /// `Op::LinkBulk`'s header: bytes of the read request in flight for the bridge, or its end.
+    /// `Op::LinkBulk`'s record: bytes of the read request in flight for the bridge, or its end.
+    /// A call's buffer holds one record or more, back to back: each this header, then `len`
+    /// bytes, then zeros to the next multiple of 8. The hv answers in each header.
     #[c_name = "qs_link_bulk"]
     pub struct LinkBulk {
         /// Out: a `Status` (`Ok`; a request no longer in flight drops the bytes, and says so

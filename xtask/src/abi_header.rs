@@ -165,6 +165,8 @@ pub fn generate() -> String {
                 abi::LINK_READ_MAX_PAGES.to_string(),
             ),
             ("QS_LINK_BULK_END", abi::LINK_BULK_END.to_string()),
+            ("QS_LINK_REQUEST_FAST", abi::LINK_REQUEST_FAST.to_string()),
+            ("QS_LINK_BULK_BATCH", abi::LINK_BULK_BATCH.to_string()),
             (
                 "QS_CHECKPOINT_READ_DATA",
                 abi::CHECKPOINT_READ_DATA.to_string(),

@@ -25,7 +25,7 @@ use crate::vmm;
 use core::sync::atomic::{AtomicU64, Ordering::*};
 use quicksilver_proto::abi::{
     CheckpointArgs, LinkBulk, LinkRequest, RollbackNotice, Status, CHECKPOINT_PERIODIC,
-    LINK_BULK_END,
+    LINK_BULK_END, LINK_REQUEST_FAST,
 };
 use quicksilver_proto::link::bulk::{self, Data};
 use quicksilver_proto::link::checkpoint::{Done, Entry, Event, Happened, Message, Op, Request};
@@ -158,6 +158,9 @@ pub fn hand_out(buf: &mut [u8]) -> Status {
             (out.index, out.count) = (0, count);
         }
         // ReadChanged: `id` is a, `index` b (read_args); ReadDevices: `id`.
+        if crate::net::preferred() {
+            out.flags = LINK_REQUEST_FAST;
+        }
     }
     write(buf, &out);
     Status::Ok
@@ -194,19 +197,33 @@ pub fn reply(buf: &mut [u8]) -> Status {
     Status::Ok
 }
 
-/// `Op::LinkBulk`: bytes the agent's thread read for the read request in flight, sent on the
-/// bulk channel in frames of their own; or, with `LINK_BULK_END`, the request's end. Each call
-/// renews the request's time, so a long read being served is never given up as stale. Bytes
-/// for a request no longer in flight are dropped (`NoSuchRequest` in the header tells the agent
-/// to stop).
+/// `Op::LinkBulk`: its records ([`LinkBulk`], each followed by its bytes and padded to 8), one
+/// after the other; the first that does not parse ends the call with `BadArgument`.
 pub fn bulk(buf: &mut [u8]) -> Status {
+    let mut at = 0;
+    while at < buf.len() {
+        match bulk_record(&mut buf[at..]) {
+            Ok(n) => at += n,
+            Err(s) => return s,
+        }
+    }
+    Status::Ok
+}
+
+/// One `Op::LinkBulk` record: bytes the agent's thread read for the read request in flight,
+/// sent on the bulk channel in frames of their own; or, with `LINK_BULK_END`, the request's
+/// end. Each renews the request's time, so a long read being served is never given up as
+/// stale. Bytes for a request no longer in flight are dropped (`NoSuchRequest` in the header
+/// tells the agent to stop). Returns the record's length.
+fn bulk_record(buf: &mut [u8]) -> Result<usize, Status> {
     let Some(h) = read::<LinkBulk>(buf) else {
-        return Status::BufferTooSmall;
+        return Err(Status::BufferTooSmall);
     };
     let at = core::mem::size_of::<LinkBulk>();
     let Some(data) = buf.get(at..at + h.len as usize) else {
-        return Status::BadArgument;
+        return Err(Status::BadArgument);
     };
+    let record = (at + h.len as usize).next_multiple_of(8).min(buf.len());
     let end = h.flags & LINK_BULK_END != 0;
     let live = {
         let mut p = PENDING.lock();
@@ -230,7 +247,7 @@ pub fn bulk(buf: &mut [u8]) -> Status {
                 ..h
             },
         );
-        return Status::Ok;
+        return Ok(record);
     }
     if end {
         let mut out = [0u8; bulk::END_LEN];
@@ -273,7 +290,7 @@ pub fn bulk(buf: &mut [u8]) -> Status {
             ..h
         },
     );
-    Status::Ok
+    Ok(record)
 }
 
 fn event(what: Happened, id: u32) -> Event {
