@@ -318,8 +318,13 @@ fn stub_into(
     let mut machine = Machine::start(a, &config)?;
     let mut gdb = machine.try_gdb()?;
     let addr = machine.addr().to_string();
-    measure(&mut gdb, &addr, label, fast.is_some(), f)
-        .with_context(|| format!("qs-bridge said:\n{}", machine.bridge_log()))?;
+    measure(&mut gdb, &addr, label, fast.is_some(), f).with_context(|| {
+        format!(
+            "qs-bridge said:\n{}\nthe CPUs are at:\n{}",
+            machine.bridge_log(),
+            machine.cpu_states()
+        )
+    })?;
     gdb.quit();
     machine.try_send("bench-done")?;
     // The script checked the getpid loops and that every CPU is native again.

@@ -337,6 +337,20 @@ fn qs_into(a: &Artifacts, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<(
     config.timeout = Duration::from_secs(1800);
     config.boot_timeout = Duration::from_secs(300);
     let mut m = Machine::start(a, &config)?;
+    if let Err(e) = measure_qs(&mut m, fast, f) {
+        // A machine that went silent says where its CPUs were (QEMU's monitor).
+        return Err(e.context(format!(
+            "qs-bridge said:\n{}\nthe CPUs are at:\n{}",
+            m.bridge_log(),
+            m.cpu_states()
+        )));
+    }
+    m.try_finish()?.ensure_success()?;
+    Ok(())
+}
+
+/// The measurements of [`qs_into`] on its booted machine `m`.
+fn measure_qs(m: &mut Machine, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<()> {
     let mut c = Client::connect(m.control_path().context("no control socket")?);
     let pages = if fast.is_some() {
         FAST_PAGES
@@ -467,7 +481,6 @@ fn qs_into(a: &Artifacts, fast: Option<FastLinkNic>, f: &mut QsLink) -> Result<(
     gdb.run_timeout("detach", Duration::from_secs(60))?;
     gdb.quit();
     m.try_send("bench-done")?;
-    m.try_finish()?.ensure_success()?;
     Ok(())
 }
 
