@@ -40,17 +40,22 @@ pub trait Nic {
     fn send_in_place(&mut self, build: &mut Build<'_>) -> bool;
     /// Sends one frame (copied into a buffer of the driver's); false if it was dropped.
     fn send(&mut self, frame: &[u8]) -> bool {
-        let n = frame.len().min(MAX_FRAME);
-        self.send_in_place(&mut |buf: &mut [u8; MAX_FRAME]| {
-            buf[..n].copy_from_slice(&frame[..n]);
-            n
-        })
+        self.send_in_place(&mut copy_of(frame))
     }
     /// Passes the next received frame to `f` and gives its buffer back to the device; false
     /// when none has arrived.
     fn receive(&mut self, f: &mut dyn FnMut(&[u8])) -> bool;
     /// Acknowledges the device's interrupt: true if it had raised one.
     fn ack_interrupt(&mut self) -> bool;
+}
+
+/// A builder that copies a frame already built elsewhere (an ARP answer, a control message).
+fn copy_of(frame: &[u8]) -> impl FnMut(&mut [u8; MAX_FRAME]) -> usize + '_ {
+    let n = frame.len().min(MAX_FRAME);
+    move |buf: &mut [u8; MAX_FRAME]| {
+        buf[..n].copy_from_slice(&frame[..n]);
+        n
+    }
 }
 
 /// One console line on the fast link: frames taken and sent, and what the endpoint made of
@@ -392,18 +397,9 @@ pub fn send(what: Outgoing<'_>) -> bool {
     };
     match what {
         Outgoing::Bytes(channel, bytes) => endpoint.send_in_place(channel, bytes, &mut tx),
-        Outgoing::Control(m) => endpoint.send_control(m, &mut |f: &[u8]| {
-            tx(&mut |buf: &mut [u8; MAX_FRAME]| {
-                buf[..f.len()].copy_from_slice(f);
-                f.len()
-            })
-        }),
-        Outgoing::Checkpoint(m) => endpoint.send_checkpoint(m, &mut |f: &[u8]| {
-            tx(&mut |buf: &mut [u8; MAX_FRAME]| {
-                buf[..f.len()].copy_from_slice(f);
-                f.len()
-            })
-        }),
+        // Control messages are small: built on the stack, then copied.
+        Outgoing::Control(m) => endpoint.send_control(m, &mut |f: &[u8]| tx(&mut copy_of(f))),
+        Outgoing::Checkpoint(m) => endpoint.send_checkpoint(m, &mut |f: &[u8]| tx(&mut copy_of(f))),
     }
     SEND_CYCLES.fetch_add(instr::rdtsc().wrapping_sub(t0), Relaxed);
     NIC_CYCLES.fetch_add(in_nic, Relaxed);
